@@ -1,0 +1,59 @@
+// Package agent is the channel between the host and the guest agent: the wire
+// protocol, the host-side Client and the guest-side Server.
+//
+// One channel is a byte stream (a virtio-serial port or a vsock connection in the
+// guest; a unix socket or vsock connection on the host). A session starts with a
+// line handshake and then carries multiplexed streams, so several commands, file
+// transfers and TCP streams run at once. A session can be dropped (Quiesce, before a
+// snapshot) and a new one established on the same channel after a restore.
+package agent
+
+import "time"
+
+// Stream names which output stream a chunk of exec output came from.
+type Stream string
+
+// The output streams of a command.
+const (
+	Stdout Stream = "stdout"
+	Stderr Stream = "stderr"
+)
+
+// ExecRequest asks the guest to run one command with /bin/sh -lc inside the
+// sandbox's root file system.
+type ExecRequest struct {
+	Command string            `json:"command"`
+	Env     map[string]string `json:"env,omitempty"`
+	Cwd     string            `json:"cwd,omitempty"`  // default "/"
+	User    string            `json:"user,omitempty"` // name, uid or uid:gid; default root
+	Stdin   []byte            `json:"stdin,omitempty"`
+	// Timeout, when positive, makes the guest kill the command's process group
+	// after this long; the result then has TimedOut set.
+	Timeout time.Duration `json:"timeout,omitempty"`
+	// Detach starts the command in the background and returns as soon as it has
+	// started (template start commands). Its output is discarded.
+	Detach bool `json:"detach,omitempty"`
+}
+
+// ExecResult is how a command ended.
+type ExecResult struct {
+	ExitCode int    `json:"exit_code"`
+	Signal   string `json:"signal,omitempty"` // e.g. "killed" when ended by a signal
+	TimedOut bool   `json:"timed_out,omitempty"`
+	PID      int    `json:"pid,omitempty"`
+}
+
+// InitRequest re-initialises the guest's identity after a boot or a restore.
+type InitRequest struct {
+	SandboxID string            `json:"sandbox_id"`
+	Hostname  string            `json:"hostname"`
+	Env       map[string]string `json:"env,omitempty"` // default env for every later exec
+	// UnixNano is the host's clock; the guest sets its clock to it.
+	UnixNano int64 `json:"unix_nano"`
+	// Entropy is mixed into the guest's random pool (and credited).
+	Entropy []byte `json:"entropy,omitempty"`
+}
+
+// OutputFunc receives exec output as it is produced. It is called from one
+// goroutine at a time for a given exec; data is only valid during the call.
+type OutputFunc func(stream Stream, data []byte)
