@@ -91,8 +91,28 @@ type Snapshot struct {
 // Saver is implemented by drivers that can snapshot a running machine.
 type Saver interface {
 	// Save pauses m, freezes its disk (m goes on writing to a new overlay),
-	// writes its state into dir (which exists and is empty) and resumes m.
-	Save(ctx context.Context, m Machine, dir string) (Snapshot, error)
+	// writes its state into dir (which exists and is empty) and then resumes
+	// m, or stops it when opts.Stop is set.
+	Save(ctx context.Context, m Machine, dir string, opts SaveOptions) (Snapshot, error)
+}
+
+// SnapshotKind says what a snapshot is for.
+type SnapshotKind string
+
+// The snapshot kinds.
+const (
+	// Continuation resumes one session later: the whole machine state.
+	Continuation SnapshotKind = "continuation"
+	// Template is a reusable root that many clones restore from; drivers keep
+	// its memory in a form that clones can share copy-on-write.
+	Template SnapshotKind = "template"
+)
+
+// SaveOptions tune a Save.
+type SaveOptions struct {
+	Kind SnapshotKind
+	// Stop stops the source machine after the save instead of resuming it.
+	Stop bool
 }
 
 // Reattacher is implemented by drivers whose machines outlive the worker
