@@ -18,6 +18,7 @@ var (
 	ErrTemplateBuild      = errors.New("template build failed") // a step or ready check failed
 	ErrIntegrity          = errors.New("integrity check failed")
 	ErrFailedPrecondition = errors.New("failed precondition") // wrong state for the operation
+	ErrInternalFailure    = errors.New("runtime failed")      // anything else
 )
 
 // classed is an error that belongs to a class while keeping its own message.

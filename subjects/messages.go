@@ -1,0 +1,295 @@
+package subjects
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+)
+
+// Resources is the machine size a create asks for.
+type Resources struct {
+	VCPUs    int `json:"vcpus,omitempty"`
+	MemoryMB int `json:"memory_mb,omitempty"`
+}
+
+// CreateSandboxRequest is the body of firkin.sandbox.create.
+type CreateSandboxRequest struct {
+	TemplateID    string            `json:"template_id,omitempty"`
+	SnapshotID    string            `json:"snapshot_id,omitempty"`
+	SandboxID     string            `json:"sandbox_id,omitempty"`
+	Resources     *Resources        `json:"resources,omitempty"`
+	TimeoutS      int               `json:"timeout_s,omitempty"`
+	Env           map[string]string `json:"env,omitempty"`
+	Metadata      map[string]string `json:"metadata,omitempty"`
+	PublicTraffic *bool             `json:"public_traffic,omitempty"`
+	Network       *bool             `json:"network,omitempty"`
+}
+
+// Sandbox states.
+const (
+	StateRunning  = "running"
+	StateStopping = "stopping"
+	StateStopped  = "stopped"
+)
+
+// Sandbox sources: how a create got its machine.
+const (
+	SourcePool    = "pool"
+	SourceRestore = "restore"
+	SourceBoot    = "boot"
+)
+
+// Sandbox describes one sandbox: the reply of create, get and timeout, the
+// items of list, and the value of the firkin_sessions KV bucket.
+type Sandbox struct {
+	SandboxID          string            `json:"sandbox_id"`
+	TemplateID         string            `json:"template_id,omitempty"`
+	SnapshotID         string            `json:"snapshot_id,omitempty"`
+	ClientID           string            `json:"client_id"`
+	EnvdAccessToken    string            `json:"envd_access_token,omitempty"`
+	TrafficAccessToken string            `json:"traffic_access_token,omitempty"`
+	State              string            `json:"state"`
+	StartedAt          time.Time         `json:"started_at"`
+	EndAt              time.Time         `json:"end_at"`
+	Source             string            `json:"source"`
+	Resources          Resources         `json:"resources"`
+	Metadata           map[string]string `json:"metadata,omitempty"`
+	PublicTraffic      bool              `json:"public_traffic"`
+	Network            bool              `json:"network"`
+	Driver             string            `json:"driver,omitempty"`
+	Dir                string            `json:"dir,omitempty"`
+}
+
+// ListSandboxesReply is the reply of firkin.sandbox.list.
+type ListSandboxesReply struct {
+	Sandboxes []Sandbox `json:"sandboxes"`
+}
+
+// ExecRequest is the body of firkin.sandbox.<id>.exec.
+type ExecRequest struct {
+	Command   string            `json:"command"`
+	Cwd       string            `json:"cwd,omitempty"`
+	Env       map[string]string `json:"env,omitempty"`
+	User      string            `json:"user,omitempty"`
+	Stdin     string            `json:"stdin,omitempty"`
+	TimeoutMS int               `json:"timeout_ms,omitempty"`
+}
+
+// ExecReply is the reply of exec. Output that is not valid UTF-8 comes base64
+// encoded in StdoutB64/StderrB64 instead of Stdout/Stderr. Output over the reply
+// cap is cut and Truncated is set; the full output is in the log stream under
+// CommandID.
+type ExecReply struct {
+	Stdout     string `json:"stdout"`
+	Stderr     string `json:"stderr"`
+	StdoutB64  string `json:"stdout_b64,omitempty"`
+	StderrB64  string `json:"stderr_b64,omitempty"`
+	ExitCode   int    `json:"exit_code"`
+	Signal     string `json:"signal,omitempty"`
+	TimedOut   bool   `json:"timed_out,omitempty"`
+	DurationMS int64  `json:"duration_ms"`
+	Truncated  bool   `json:"truncated,omitempty"`
+	CommandID  string `json:"command_id,omitempty"`
+}
+
+// KillReply is the reply of kill.
+type KillReply struct {
+	SandboxID string `json:"sandbox_id"`
+	State     string `json:"state"`
+}
+
+// TimeoutRequest is the body of firkin.sandbox.<id>.timeout: the new deadline
+// is now + timeout_s.
+type TimeoutRequest struct {
+	TimeoutS int `json:"timeout_s"`
+}
+
+// Snapshot kinds.
+const (
+	KindContinuation = "continuation"
+	KindTemplate     = "template"
+)
+
+// TemplateMetadata is kept with template snapshots.
+type TemplateMetadata struct {
+	Envs     map[string]string `json:"envs"`
+	StartCmd string            `json:"start_cmd,omitempty"`
+	ReadyCmd string            `json:"ready_cmd,omitempty"`
+}
+
+// SnapshotRequest is the body of firkin.sandbox.<id>.snapshot.
+type SnapshotRequest struct {
+	Name             string            `json:"name,omitempty"`
+	Kind             string            `json:"kind,omitempty"`
+	TemplateMetadata *TemplateMetadata `json:"template_metadata,omitempty"`
+	// Stop stops the source sandbox after the save.
+	Stop bool `json:"stop,omitempty"`
+}
+
+// SnapshotRecord is the reply of snapshot and template.build and the value of
+// the firkin_snapshots KV bucket: the seed's fields plus kind, created_at,
+// size_bytes, sha256, worker_id and driver.
+type SnapshotRecord struct {
+	SnapshotID        string           `json:"snapshot_id"`
+	SourceSandboxID   string           `json:"source_sandbox_id"`
+	Names             []string         `json:"names"`
+	Location          string           `json:"location,omitempty"`
+	StagingDir        string           `json:"staging_dir,omitempty"`
+	MachineIdentifier []byte           `json:"machine_identifier,omitempty"`
+	NetworkMACs       []string         `json:"network_macs,omitempty"`
+	TemplateMetadata  TemplateMetadata `json:"template_metadata"`
+	Kind              string           `json:"kind"`
+	CreatedAt         time.Time        `json:"created_at"`
+	SizeBytes         int64            `json:"size_bytes"`
+	SHA256            string           `json:"sha256"`
+	WorkerID          string           `json:"worker_id"`
+	Driver            string           `json:"driver"`
+	TemplateID        string           `json:"template_id,omitempty"`
+	Parent            string           `json:"parent,omitempty"`
+	Format            string           `json:"format,omitempty"`
+	Resources         Resources        `json:"resources"`
+	Artifacts         []Artifact       `json:"artifacts,omitempty"`
+}
+
+// Artifact is one file of a snapshot with its integrity data.
+type Artifact struct {
+	Name      string `json:"name"`
+	SizeBytes int64  `json:"size_bytes"`
+	SHA256    string `json:"sha256"`
+}
+
+// ListSnapshotsReply is the reply of firkin.snapshot.list.
+type ListSnapshotsReply struct {
+	Snapshots []SnapshotRecord `json:"snapshots"`
+}
+
+// DeleteSnapshotReply is the reply of firkin.snapshot.<sid>.delete.
+type DeleteSnapshotReply struct {
+	SnapshotID string `json:"snapshot_id"`
+	Deleted    bool   `json:"deleted"`
+}
+
+// BuildTemplateRequest is the body of firkin.template.build.
+type BuildTemplateRequest struct {
+	TemplateID string            `json:"template_id"`
+	From       string            `json:"from,omitempty"`
+	Steps      []string          `json:"steps,omitempty"`
+	Envs       map[string]string `json:"envs,omitempty"`
+	StartCmd   string            `json:"start_cmd,omitempty"`
+	ReadyCmd   string            `json:"ready_cmd,omitempty"`
+	Resources  *Resources        `json:"resources,omitempty"`
+	// ReadyTimeoutS bounds how long ready_cmd is polled (default 60).
+	ReadyTimeoutS int `json:"ready_timeout_s,omitempty"`
+}
+
+// RouteRequest is the body of firkin.sandbox.<id>.route.
+type RouteRequest struct {
+	Port int `json:"port"`
+}
+
+// RouteReply tells where a guest port is reachable.
+type RouteReply struct {
+	SandboxID string `json:"sandbox_id"`
+	Port      int    `json:"port"`
+	Host      string `json:"host"`
+	URL       string `json:"url"`
+	TCP       string `json:"tcp"`
+}
+
+// Log event sources.
+const (
+	SourceStdout = "stdout"
+	SourceStderr = "stderr"
+	SourceSystem = "system"
+	SourceBuild  = "build"
+)
+
+// LogEvent is one message of the FIRKIN_LOGS stream.
+type LogEvent struct {
+	TimestampUnixSeconds int64  `json:"timestamp_unix_seconds"`
+	Timestamp            string `json:"timestamp"`
+	Message              string `json:"message"`
+	Source               string `json:"source"`
+	SandboxID            string `json:"sandbox_id,omitempty"`
+	TemplateID           string `json:"template_id,omitempty"`
+	CommandID            string `json:"command_id,omitempty"`
+	// MessageB64 carries output that is not valid UTF-8.
+	MessageB64 string `json:"message_b64,omitempty"`
+}
+
+// LogsRequest is the body of firkin.sandbox.<id>.logs: events after cursor
+// (0 = from the start), at most limit (default 100, at most 1000).
+type LogsRequest struct {
+	Cursor uint64 `json:"cursor,omitempty"`
+	Limit  int    `json:"limit,omitempty"`
+}
+
+// LogsReply is a page of log events; pass NextCursor to get the next page.
+type LogsReply struct {
+	Events     []LogEvent `json:"events"`
+	NextCursor uint64     `json:"next_cursor"`
+}
+
+// LifecycleEvent is published on firkin.events.<kind>.<id>.
+type LifecycleEvent struct {
+	Kind      string    `json:"kind"`
+	SandboxID string    `json:"sandbox_id"`
+	WorkerID  string    `json:"worker_id"`
+	Time      time.Time `json:"time"`
+	Reason    string    `json:"reason,omitempty"`
+}
+
+// PoolSetRequest is the body of firkin.pool.set.
+type PoolSetRequest struct {
+	TemplateID string `json:"template_id"`
+	Target     int    `json:"target"`
+}
+
+// PoolTemplateStatus is one template's warm pool on one worker.
+type PoolTemplateStatus struct {
+	TemplateID string `json:"template_id"`
+	Target     int    `json:"target"`
+	Ready      int    `json:"ready"`
+	InProgress int    `json:"in_progress"`
+}
+
+// PoolStatusReply is one worker's reply to firkin.pool.status and pool.set.
+type PoolStatusReply struct {
+	WorkerID  string               `json:"worker_id"`
+	Templates []PoolTemplateStatus `json:"templates"`
+}
+
+// Decode parses a request body strictly: unknown fields and trailing data are
+// invalid requests. An empty body decodes as {}.
+func Decode(data []byte, v any) error {
+	data = bytes.TrimSpace(data)
+	if len(data) == 0 {
+		data = []byte("{}")
+	}
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return invalid("malformed request: %s", jsonErrorText(err))
+	}
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
+		return invalid("malformed request: data after the JSON object")
+	}
+	return nil
+}
+
+func jsonErrorText(err error) string {
+	var syn *json.SyntaxError
+	var typ *json.UnmarshalTypeError
+	switch {
+	case errors.As(err, &syn):
+		return fmt.Sprintf("invalid JSON at byte %d: %v", syn.Offset, syn)
+	case errors.As(err, &typ):
+		return fmt.Sprintf("field %q: want %s, got %s", typ.Field, typ.Type, typ.Value)
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		return "truncated JSON"
+	}
+	return err.Error()
+}
