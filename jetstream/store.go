@@ -1,0 +1,222 @@
+// Package jetstream keeps the worker's durable state in NATS JetStream: the
+// FIRKIN_LOGS stream of log events, the FIRKIN_EVENTS stream of lifecycle
+// events, and the firkin_sessions and firkin_snapshots KV buckets. Set-up is
+// idempotent, so every worker of a cluster runs it at start.
+package jetstream
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	js "github.com/nats-io/nats.go/jetstream"
+
+	"github.com/firkin-dev/firkin-worker/errdefs"
+	"github.com/firkin-dev/firkin-worker/subjects"
+)
+
+// Stream and bucket names.
+const (
+	LogStream       = "FIRKIN_LOGS"
+	EventStream     = "FIRKIN_EVENTS"
+	SessionsBucket  = "firkin_sessions"
+	SnapshotsBucket = "firkin_snapshots"
+)
+
+// Config bounds the retention of the streams.
+type Config struct {
+	Subjects subjects.Subjects
+	// LogMaxAge drops log events older than this (default 24h).
+	LogMaxAge time.Duration
+	// LogMaxBytes bounds the log stream (default 1 GiB).
+	LogMaxBytes int64
+	// LogMaxMsgsPerSubject bounds the events kept per sandbox (default 100000).
+	LogMaxMsgsPerSubject int64
+	// Replicas for streams and buckets in a cluster (default 1).
+	Replicas int
+}
+
+// Store is the worker's handle on its streams and buckets.
+type Store struct {
+	subj      subjects.Subjects
+	js        js.JetStream
+	nc        *nats.Conn
+	sessions  js.KeyValue
+	snapshots js.KeyValue
+}
+
+// Open creates or updates the streams and buckets and returns a Store.
+func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Store, error) {
+	if cfg.Subjects.Prefix == "" {
+		cfg.Subjects = subjects.Default
+	}
+	if cfg.LogMaxAge == 0 {
+		cfg.LogMaxAge = 24 * time.Hour
+	}
+	if cfg.LogMaxBytes == 0 {
+		cfg.LogMaxBytes = 1 << 30
+	}
+	if cfg.LogMaxMsgsPerSubject == 0 {
+		cfg.LogMaxMsgsPerSubject = 100_000
+	}
+	if cfg.Replicas == 0 {
+		cfg.Replicas = 1
+	}
+	j, err := js.New(nc)
+	if err != nil {
+		return nil, fmt.Errorf("jetstream: %w", err)
+	}
+	if _, err := j.CreateOrUpdateStream(ctx, js.StreamConfig{
+		Name:              LogStream,
+		Description:       "firkin sandbox and build log events",
+		Subjects:          []string{cfg.Subjects.LogsAll()},
+		MaxAge:            cfg.LogMaxAge,
+		MaxBytes:          cfg.LogMaxBytes,
+		MaxMsgsPerSubject: cfg.LogMaxMsgsPerSubject,
+		MaxMsgSize:        1 << 20,
+		Discard:           js.DiscardOld,
+		Replicas:          cfg.Replicas,
+	}); err != nil {
+		return nil, fmt.Errorf("jetstream: stream %s: %w", LogStream, err)
+	}
+	if _, err := j.CreateOrUpdateStream(ctx, js.StreamConfig{
+		Name:        EventStream,
+		Description: "firkin sandbox lifecycle events",
+		Subjects:    []string{cfg.Subjects.EventsAll()},
+		MaxAge:      cfg.LogMaxAge,
+		MaxMsgs:     100_000,
+		Discard:     js.DiscardOld,
+		Replicas:    cfg.Replicas,
+	}); err != nil {
+		return nil, fmt.Errorf("jetstream: stream %s: %w", EventStream, err)
+	}
+	s := &Store{subj: cfg.Subjects, js: j, nc: nc}
+	if s.sessions, err = j.CreateOrUpdateKeyValue(ctx, js.KeyValueConfig{Bucket: SessionsBucket, Description: "active firkin sandboxes", Replicas: cfg.Replicas}); err != nil {
+		return nil, fmt.Errorf("jetstream: bucket %s: %w", SessionsBucket, err)
+	}
+	if s.snapshots, err = j.CreateOrUpdateKeyValue(ctx, js.KeyValueConfig{Bucket: SnapshotsBucket, Description: "firkin snapshot records", Replicas: cfg.Replicas}); err != nil {
+		return nil, fmt.Errorf("jetstream: bucket %s: %w", SnapshotsBucket, err)
+	}
+	return s, nil
+}
+
+// PutSession stores a sandbox's session record.
+func (s *Store) PutSession(ctx context.Context, sb subjects.Sandbox) error {
+	return putJSON(ctx, s.sessions, sb.SandboxID, sb)
+}
+
+// DeleteSession removes a sandbox's session record (no error when absent).
+func (s *Store) DeleteSession(ctx context.Context, id string) error {
+	if err := s.sessions.Delete(ctx, id); err != nil && !errors.Is(err, js.ErrKeyNotFound) {
+		return fmt.Errorf("delete session %s: %w", id, err)
+	}
+	return nil
+}
+
+// GetSession returns a sandbox's session record; errdefs.ErrNotFound if absent.
+func (s *Store) GetSession(ctx context.Context, id string) (subjects.Sandbox, error) {
+	var sb subjects.Sandbox
+	err := getJSON(ctx, s.sessions, id, &sb)
+	if errors.Is(err, errdefs.ErrNotFound) {
+		return sb, errdefs.Wrap(errdefs.ErrNotFound, fmt.Errorf("sandbox %s not found", id))
+	}
+	return sb, err
+}
+
+// ListSessions returns every session record of the cluster.
+func (s *Store) ListSessions(ctx context.Context) ([]subjects.Sandbox, error) {
+	return listJSON[subjects.Sandbox](ctx, s.sessions)
+}
+
+// CreateSnapshot stores a new snapshot record; errdefs.ErrConflict when the
+// id is taken.
+func (s *Store) CreateSnapshot(ctx context.Context, rec subjects.SnapshotRecord) error {
+	data, err := json.Marshal(rec)
+	if err != nil {
+		return fmt.Errorf("encode snapshot %s: %w", rec.SnapshotID, err)
+	}
+	if _, err := s.snapshots.Create(ctx, rec.SnapshotID, data); err != nil {
+		if errors.Is(err, js.ErrKeyExists) {
+			return errdefs.Wrap(errdefs.ErrConflict, fmt.Errorf("snapshot %s already exists", rec.SnapshotID))
+		}
+		return fmt.Errorf("store snapshot %s: %w", rec.SnapshotID, err)
+	}
+	return nil
+}
+
+// PutSnapshot stores or replaces a snapshot record.
+func (s *Store) PutSnapshot(ctx context.Context, rec subjects.SnapshotRecord) error {
+	return putJSON(ctx, s.snapshots, rec.SnapshotID, rec)
+}
+
+// GetSnapshot returns a snapshot record; subjects.ErrSnapshotNotFound if absent.
+func (s *Store) GetSnapshot(ctx context.Context, id string) (subjects.SnapshotRecord, error) {
+	var rec subjects.SnapshotRecord
+	err := getJSON(ctx, s.snapshots, id, &rec)
+	if errors.Is(err, errdefs.ErrNotFound) {
+		return rec, fmt.Errorf("%w: %s", subjects.ErrSnapshotNotFound, id)
+	}
+	return rec, err
+}
+
+// DeleteSnapshot removes a snapshot record (no error when absent).
+func (s *Store) DeleteSnapshot(ctx context.Context, id string) error {
+	if err := s.snapshots.Delete(ctx, id); err != nil && !errors.Is(err, js.ErrKeyNotFound) {
+		return fmt.Errorf("delete snapshot %s: %w", id, err)
+	}
+	return nil
+}
+
+// ListSnapshots returns every snapshot record.
+func (s *Store) ListSnapshots(ctx context.Context) ([]subjects.SnapshotRecord, error) {
+	return listJSON[subjects.SnapshotRecord](ctx, s.snapshots)
+}
+
+func putJSON(ctx context.Context, kv js.KeyValue, key string, v any) error {
+	data, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("encode %s/%s: %w", kv.Bucket(), key, err)
+	}
+	if _, err := kv.Put(ctx, key, data); err != nil {
+		return fmt.Errorf("put %s/%s: %w", kv.Bucket(), key, err)
+	}
+	return nil
+}
+
+func getJSON(ctx context.Context, kv js.KeyValue, key string, v any) error {
+	e, err := kv.Get(ctx, key)
+	if errors.Is(err, js.ErrKeyNotFound) {
+		return errdefs.ErrNotFound
+	}
+	if err != nil {
+		return fmt.Errorf("get %s/%s: %w", kv.Bucket(), key, err)
+	}
+	if err := json.Unmarshal(e.Value(), v); err != nil {
+		return fmt.Errorf("decode %s/%s: %w", kv.Bucket(), key, err)
+	}
+	return nil
+}
+
+func listJSON[T any](ctx context.Context, kv js.KeyValue) ([]T, error) {
+	lister, err := kv.ListKeys(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("list %s: %w", kv.Bucket(), err)
+	}
+	defer lister.Stop()
+	out := []T{}
+	for key := range lister.Keys() {
+		var v T
+		err := getJSON(ctx, kv, key, &v)
+		if errors.Is(err, errdefs.ErrNotFound) {
+			continue // deleted meanwhile
+		}
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, v)
+	}
+	return out, nil
+}
