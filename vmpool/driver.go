@@ -129,6 +129,10 @@ type RestoreSpec struct {
 	Dir      string
 	Snapshot Snapshot
 	Network  bool
+	// SnapshotReady gives the restored machine guest RAM of its own in a
+	// shared file (a copy of the snapshot's memory), so it can itself be saved
+	// as a template snapshot whose memory clones share (template builds).
+	SnapshotReady bool
 }
 
 // Restorer is implemented by drivers that can restore a machine from a snapshot.
