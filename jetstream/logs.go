@@ -17,25 +17,6 @@ import (
 // is split over several events.
 const MaxLogChunk = 64 << 10
 
-// LogEvent builds a log event stamped now. Output that is not valid UTF-8 goes
-// into MessageB64.
-func LogEvent(source, sandboxID, commandID string, data []byte) subjects.LogEvent {
-	now := time.Now().UTC()
-	ev := subjects.LogEvent{
-		TimestampUnixSeconds: now.Unix(),
-		Timestamp:            now.Format(time.RFC3339Nano),
-		Source:               source,
-		SandboxID:            sandboxID,
-		CommandID:            commandID,
-	}
-	if utf8.Valid(data) {
-		ev.Message = string(data)
-	} else {
-		ev.MessageB64 = base64.StdEncoding.EncodeToString(data)
-	}
-	return ev
-}
-
 // LogPublisher publishes log events of one subject asynchronously, in order,
 // and waits for their acknowledgements in Flush.
 type LogPublisher struct {

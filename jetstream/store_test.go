@@ -80,15 +80,15 @@ func TestLogsPaging(t *testing.T) {
 	ctx := context.Background()
 	p := s.Logs("sb1")
 	for i := 0; i < 5; i++ {
-		p.Publish(LogEvent(subjects.SourceStdout, "sb1", "c1", []byte{byte('a' + i)}))
+		p.Publish(subjects.NewLogEvent(subjects.SourceStdout, "sb1", "c1", []byte{byte('a' + i)}))
 	}
 	big := strings.Repeat("x", 3*MaxLogChunk+10)
-	p.Publish(LogEvent(subjects.SourceStdout, "sb1", "c2", []byte(big)))
-	p.Publish(LogEvent(subjects.SourceStderr, "sb1", "c3", []byte{0xff, 0xfe}))
+	p.Publish(subjects.NewLogEvent(subjects.SourceStdout, "sb1", "c2", []byte(big)))
+	p.Publish(subjects.NewLogEvent(subjects.SourceStderr, "sb1", "c3", []byte{0xff, 0xfe}))
 	if err := p.Flush(ctx); err != nil {
 		t.Fatal(err)
 	}
-	s.Logs("other").Publish(LogEvent(subjects.SourceSystem, "other", "", []byte("noise")))
+	s.Logs("other").Publish(subjects.NewLogEvent(subjects.SourceSystem, "other", "", []byte("noise")))
 
 	page, err := s.ReadLogs(ctx, "sb1", 0, 3)
 	if err != nil || len(page.Events) != 3 || page.Events[0].Message != "a" {

@@ -2,11 +2,13 @@ package subjects
 
 import (
 	"bytes"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"time"
+	"unicode/utf8"
 )
 
 // Resources is the machine size a create asks for.
@@ -61,6 +63,11 @@ type Sandbox struct {
 	Network            bool              `json:"network"`
 	Driver             string            `json:"driver,omitempty"`
 	Dir                string            `json:"dir,omitempty"`
+	// DiskParent is the snapshot whose frozen disk the sandbox's overlay
+	// sits on (it may not be deleted while the sandbox lives).
+	DiskParent string `json:"disk_parent,omitempty"`
+	// DiskParentLocation is where that snapshot's files are on the owner.
+	DiskParentLocation string `json:"disk_parent_location,omitempty"`
 }
 
 // ListSandboxesReply is the reply of firkin.sandbox.list.
@@ -149,6 +156,7 @@ type SnapshotRecord struct {
 	Driver            string           `json:"driver"`
 	TemplateID        string           `json:"template_id,omitempty"`
 	Parent            string           `json:"parent,omitempty"`
+	ParentLocation    string           `json:"parent_location,omitempty"`
 	Format            string           `json:"format,omitempty"`
 	Resources         Resources        `json:"resources"`
 	Artifacts         []Artifact       `json:"artifacts,omitempty"`
@@ -254,6 +262,7 @@ type PoolTemplateStatus struct {
 	Target     int    `json:"target"`
 	Ready      int    `json:"ready"`
 	InProgress int    `json:"in_progress"`
+	LastError  string `json:"last_error,omitempty"`
 }
 
 // PoolStatusReply is one worker's reply to firkin.pool.status and pool.set.
@@ -292,4 +301,23 @@ func jsonErrorText(err error) string {
 		return "truncated JSON"
 	}
 	return err.Error()
+}
+
+// NewLogEvent builds a log event stamped now. Output that is not valid UTF-8
+// goes into MessageB64.
+func NewLogEvent(source, sandboxID, commandID string, data []byte) LogEvent {
+	now := time.Now().UTC()
+	ev := LogEvent{
+		TimestampUnixSeconds: now.Unix(),
+		Timestamp:            now.Format(time.RFC3339Nano),
+		Source:               source,
+		SandboxID:            sandboxID,
+		CommandID:            commandID,
+	}
+	if utf8.Valid(data) {
+		ev.Message = string(data)
+	} else {
+		ev.MessageB64 = base64.StdEncoding.EncodeToString(data)
+	}
+	return ev
 }

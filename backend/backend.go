@@ -1,0 +1,401 @@
+// Package backend is the worker's runtime between the NATS handlers and the
+// machine drivers (the seed's SingleNodeBackend): it owns the sandboxes of this
+// worker — admission, creation and undo, exec with streamed logs, deadlines
+// enforced while running, snapshots, the warm pool, and recovery after a restart.
+package backend
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/firkin-dev/firkin-worker/errdefs"
+	"github.com/firkin-dev/firkin-worker/subjects"
+	"github.com/firkin-dev/firkin-worker/vmpool"
+)
+
+// LogWriter publishes the log events of one sandbox or build in order.
+type LogWriter interface {
+	Publish(ev subjects.LogEvent)
+	Flush(ctx context.Context) error
+}
+
+// Store is the durable state the backend needs (JetStream in the worker).
+type Store interface {
+	PutSession(ctx context.Context, sb subjects.Sandbox) error
+	DeleteSession(ctx context.Context, id string) error
+	GetSession(ctx context.Context, id string) (subjects.Sandbox, error)
+	ListSessions(ctx context.Context) ([]subjects.Sandbox, error)
+
+	CreateSnapshot(ctx context.Context, rec subjects.SnapshotRecord) error
+	PutSnapshot(ctx context.Context, rec subjects.SnapshotRecord) error
+	GetSnapshot(ctx context.Context, id string) (subjects.SnapshotRecord, error)
+	DeleteSnapshot(ctx context.Context, id string) error
+	ListSnapshots(ctx context.Context) ([]subjects.SnapshotRecord, error)
+
+	Logs(sandboxID string) LogWriter
+	BuildLogs(templateID string) LogWriter
+	PublishEvent(ctx context.Context, ev subjects.LifecycleEvent) error
+}
+
+// Tokens mints the access tokens handed out with a sandbox.
+type Tokens interface {
+	EnvdToken(sandboxID string) string
+	TrafficToken(sandboxID string) string
+}
+
+// Config configures a Backend.
+type Config struct {
+	WorkerID string
+	Driver   vmpool.Driver
+	Store    Store
+	Tokens   Tokens
+	// StateDir holds sandboxes/<id> and snapshots/<sid>.
+	StateDir string
+	// Images are the built-in templates that boot from an image ("tiny").
+	Images map[string]vmpool.Image
+	Limits Limits
+	// PoolTargets are the warm pool targets per template at start.
+	PoolTargets map[string]int
+	// DefaultResources apply when a create names none (1 vCPU, 256 MiB).
+	DefaultResources vmpool.Resources
+	// DefaultTimeout is a sandbox's lifetime when a create names none (5 min);
+	// MaxTimeout bounds what a request may ask for (24 h).
+	DefaultTimeout, MaxTimeout time.Duration
+	// ExecDefaultTimeout (60 s) and ExecMaxTimeout (1 h) bound a command.
+	ExecDefaultTimeout, ExecMaxTimeout time.Duration
+	// ReplyOutputCap is the most bytes of each output stream an exec reply
+	// carries (256 KiB); the rest is only in the log stream.
+	ReplyOutputCap int
+	// MinFreeDiskBytes refuses creates and snapshots with disk_pressure when
+	// the state directory's file system has less free space (1 GiB).
+	MinFreeDiskBytes uint64
+	Logger           *slog.Logger
+}
+
+func (c *Config) setDefaults() error {
+	if c.WorkerID == "" || c.Driver == nil || c.Store == nil || c.Tokens == nil || c.StateDir == "" {
+		return errors.New("backend: worker id, driver, store, tokens and state dir are required")
+	}
+	if c.Limits.MaxSessions == 0 {
+		c.Limits.MaxSessions = 64
+	}
+	if c.Limits.MaxVCPUs == 0 {
+		c.Limits.MaxVCPUs = 256
+	}
+	if c.Limits.MaxMemoryMB == 0 {
+		c.Limits.MaxMemoryMB = 768 << 10
+	}
+	if c.DefaultResources.VCPUs == 0 {
+		c.DefaultResources.VCPUs = 1
+	}
+	if c.DefaultResources.MemoryMB == 0 {
+		c.DefaultResources.MemoryMB = 256
+	}
+	if c.DefaultTimeout == 0 {
+		c.DefaultTimeout = 5 * time.Minute
+	}
+	if c.MaxTimeout == 0 {
+		c.MaxTimeout = 24 * time.Hour
+	}
+	if c.ExecDefaultTimeout == 0 {
+		c.ExecDefaultTimeout = 60 * time.Second
+	}
+	if c.ExecMaxTimeout == 0 {
+		c.ExecMaxTimeout = time.Hour
+	}
+	if c.ReplyOutputCap == 0 {
+		c.ReplyOutputCap = 256 << 10
+	}
+	if c.MinFreeDiskBytes == 0 {
+		c.MinFreeDiskBytes = 1 << 30
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	return nil
+}
+
+// Hooks tell the NATS layer when this worker starts and stops owning a sandbox.
+type Hooks struct {
+	Owned    func(id string)
+	Released func(id string)
+}
+
+// Backend runs the sandboxes of one worker. It is safe for concurrent use.
+type Backend struct {
+	cfg       Config
+	log       *slog.Logger
+	admission *Admission
+	hooks     Hooks
+	templates *templates
+	pool      *vmpool.Pool
+
+	// ctx owns the machines' lifetimes (not any request's context).
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	mu       sync.Mutex
+	sessions map[string]*session
+	creating map[string]bool
+	closed   bool
+	wg       sync.WaitGroup
+}
+
+// session is one sandbox owned by this worker.
+type session struct {
+	mu      sync.Mutex
+	rec     subjects.Sandbox
+	machine vmpool.Machine
+	timer   *time.Timer
+	ending  bool
+}
+
+func (s *session) record() subjects.Sandbox {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.rec
+}
+
+// New validates cfg and returns a Backend; call Start before use.
+func New(cfg Config) (*Backend, error) {
+	if err := cfg.setDefaults(); err != nil {
+		return nil, err
+	}
+	for _, dir := range []string{filepath.Join(cfg.StateDir, "sandboxes"), filepath.Join(cfg.StateDir, "snapshots")} {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return nil, fmt.Errorf("backend: %w", err)
+		}
+	}
+	tpl, err := loadTemplates(filepath.Join(cfg.StateDir, "templates"))
+	if err != nil {
+		return nil, fmt.Errorf("backend: %w", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	b := &Backend{
+		cfg:       cfg,
+		log:       cfg.Logger,
+		admission: NewAdmission(cfg.Limits),
+		ctx:       ctx,
+		cancel:    cancel,
+		templates: tpl,
+		sessions:  map[string]*session{},
+		creating:  map[string]bool{},
+	}
+	b.pool = b.newPool()
+	return b, nil
+}
+
+// SetHooks installs the ownership hooks; call it before Start.
+func (b *Backend) SetHooks(h Hooks) { b.hooks = h }
+
+// WorkerID is this worker's id (the client_id of its sandboxes).
+func (b *Backend) WorkerID() string { return b.cfg.WorkerID }
+
+// DriverName is the name of the machine driver in use.
+func (b *Backend) DriverName() string { return b.cfg.Driver.Name() }
+
+// Start recovers the sandboxes this worker owned before a restart (machines
+// still running are reattached, the rest cleaned up) and starts the warm
+// pool. Call EnsureBuiltinTemplates afterwards to make template snapshots of
+// the built-in images that lack one.
+func (b *Backend) Start(ctx context.Context) error {
+	if err := b.recover(ctx); err != nil {
+		b.log.Warn("recovery was incomplete", "err", err)
+	}
+	b.pool.Start()
+	for id, n := range b.cfg.PoolTargets {
+		b.pool.SetTarget(id, n)
+	}
+	return nil
+}
+
+// Stop stops every sandbox of this worker and waits for background work.
+func (b *Backend) Stop(ctx context.Context) error {
+	b.mu.Lock()
+	b.closed = true
+	ids := make([]string, 0, len(b.sessions))
+	for id := range b.sessions {
+		ids = append(ids, id)
+	}
+	b.mu.Unlock()
+	var errs []error
+	for _, id := range ids {
+		if err := b.end(ctx, id, subjects.EventKilled, "worker shutting down"); err != nil && !errors.Is(err, errdefs.ErrNotFound) {
+			errs = append(errs, err)
+		}
+	}
+	b.pool.Stop()
+	b.cancel()
+	b.wg.Wait()
+	return errors.Join(errs...)
+}
+
+// lookup returns the session of a sandbox owned by this worker.
+func (b *Backend) lookup(id string) (*session, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	s, ok := b.sessions[id]
+	if !ok {
+		return nil, errdefs.Wrap(errdefs.ErrNotFound, fmt.Errorf("sandbox %s not found", id))
+	}
+	return s, nil
+}
+
+// Owns reports whether this worker owns sandbox id.
+func (b *Backend) Owns(id string) bool {
+	_, err := b.lookup(id)
+	return err == nil
+}
+
+// Get returns the record of a sandbox this worker owns.
+func (b *Backend) Get(_ context.Context, id string) (subjects.Sandbox, error) {
+	s, err := b.lookup(id)
+	if err != nil {
+		return subjects.Sandbox{}, err
+	}
+	return s.record(), nil
+}
+
+// List returns the sandboxes of the whole cluster, from the sessions bucket.
+func (b *Backend) List(ctx context.Context) ([]subjects.Sandbox, error) {
+	return b.cfg.Store.ListSessions(ctx)
+}
+
+// Kill stops and deletes a sandbox.
+func (b *Backend) Kill(ctx context.Context, id string) (subjects.KillReply, error) {
+	if err := b.end(ctx, id, subjects.EventKilled, "killed on request"); err != nil {
+		return subjects.KillReply{}, err
+	}
+	return subjects.KillReply{SandboxID: id, State: subjects.StateStopped}, nil
+}
+
+// SetTimeout moves a sandbox's deadline to now + timeout.
+func (b *Backend) SetTimeout(ctx context.Context, id string, req subjects.TimeoutRequest) (subjects.Sandbox, error) {
+	if req.TimeoutS <= 0 || time.Duration(req.TimeoutS)*time.Second > b.cfg.MaxTimeout {
+		return subjects.Sandbox{}, invalid("timeout_s %d: want 1..%d", req.TimeoutS, int(b.cfg.MaxTimeout/time.Second))
+	}
+	s, err := b.lookup(id)
+	if err != nil {
+		return subjects.Sandbox{}, err
+	}
+	s.mu.Lock()
+	s.rec.EndAt = time.Now().UTC().Add(time.Duration(req.TimeoutS) * time.Second).Truncate(time.Second)
+	rec := s.rec
+	s.mu.Unlock()
+	b.armDeadline(s)
+	if err := b.cfg.Store.PutSession(ctx, rec); err != nil {
+		return rec, fmt.Errorf("store session %s: %w", id, err)
+	}
+	return rec, nil
+}
+
+// armDeadline (re)starts the timer that ends the sandbox at its end_at.
+func (b *Backend) armDeadline(s *session) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.timer != nil {
+		s.timer.Stop()
+	}
+	id := s.rec.SandboxID
+	s.timer = time.AfterFunc(time.Until(s.rec.EndAt), func() {
+		ctx, cancel := context.WithTimeout(b.ctx, time.Minute)
+		defer cancel()
+		if err := b.end(ctx, id, subjects.EventExpired, "deadline reached"); err != nil && !errors.Is(err, errdefs.ErrNotFound) {
+			b.log.Warn("expire sandbox", "sandbox", id, "err", err)
+		}
+	})
+}
+
+// end stops a sandbox, removes its record and tells the NATS layer.
+func (b *Backend) end(ctx context.Context, id, kind, reason string) error {
+	b.mu.Lock()
+	s, ok := b.sessions[id]
+	if ok {
+		delete(b.sessions, id)
+	}
+	b.mu.Unlock()
+	if !ok {
+		return errdefs.Wrap(errdefs.ErrNotFound, fmt.Errorf("sandbox %s not found", id))
+	}
+	s.mu.Lock()
+	s.ending = true
+	if s.timer != nil {
+		s.timer.Stop()
+	}
+	s.mu.Unlock()
+	if b.hooks.Released != nil {
+		b.hooks.Released(id)
+	}
+	var errs []error
+	if err := s.machine.Stop(ctx); err != nil {
+		errs = append(errs, fmt.Errorf("stop machine: %w", err))
+	}
+	b.admission.Release(id)
+	if err := b.cfg.Store.DeleteSession(ctx, id); err != nil {
+		errs = append(errs, err)
+	}
+	b.systemLog(ctx, id, fmt.Sprintf("sandbox %s: %s", kind, reason))
+	b.event(ctx, kind, id, reason)
+	b.log.Info("sandbox ended", "sandbox", id, "kind", kind, "reason", reason)
+	return errors.Join(errs...)
+}
+
+// systemLog writes one system event to the sandbox's log stream.
+func (b *Backend) systemLog(ctx context.Context, id, msg string) {
+	w := b.cfg.Store.Logs(id)
+	w.Publish(subjects.NewLogEvent(subjects.SourceSystem, id, "", []byte(msg)))
+	if err := w.Flush(ctx); err != nil {
+		b.log.Warn("write system log", "sandbox", id, "err", err)
+	}
+}
+
+func (b *Backend) event(ctx context.Context, kind, id, reason string) {
+	ev := subjects.LifecycleEvent{Kind: kind, SandboxID: id, WorkerID: b.cfg.WorkerID, Time: time.Now().UTC(), Reason: reason}
+	if err := b.cfg.Store.PublishEvent(ctx, ev); err != nil {
+		b.log.Warn("publish lifecycle event", "sandbox", id, "kind", kind, "err", err)
+	}
+}
+
+// checkDisk fails with disk_pressure when the state dir's file system is
+// short of space.
+func (b *Backend) checkDisk() error {
+	var st unix.Statfs_t
+	if err := unix.Statfs(b.cfg.StateDir, &st); err != nil {
+		return fmt.Errorf("statfs %s: %w", b.cfg.StateDir, err)
+	}
+	free := st.Bavail * uint64(st.Bsize)
+	if free < b.cfg.MinFreeDiskBytes {
+		return errdefs.Wrap(errdefs.ErrDiskPressure, fmt.Errorf("only %d MiB free under %s (need %d MiB)", free>>20, b.cfg.StateDir, b.cfg.MinFreeDiskBytes>>20))
+	}
+	return nil
+}
+
+// NewID returns a random lowercase alphanumeric id of n characters that
+// starts with a letter (a DNS label and a subject token).
+func NewID(n int) string {
+	const letters = "abcdefghijklmnopqrstuvwxyz"
+	const alnum = letters + "0123456789"
+	buf := make([]byte, n)
+	_, _ = rand.Read(buf)
+	for i := range buf {
+		set := alnum
+		if i == 0 {
+			set = letters
+		}
+		buf[i] = set[int(buf[i])%len(set)]
+	}
+	return string(buf)
+}
+
+func invalid(format string, args ...any) error {
+	return errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf(format, args...))
+}

@@ -1,0 +1,320 @@
+package backend
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"time"
+
+	"github.com/firkin-dev/firkin-worker/agent"
+	"github.com/firkin-dev/firkin-worker/errdefs"
+	"github.com/firkin-dev/firkin-worker/subjects"
+	"github.com/firkin-dev/firkin-worker/vmpool"
+)
+
+// Resource bounds of one sandbox.
+const (
+	MaxVCPUs    = 16
+	MinMemoryMB = 128
+	MaxMemoryMB = 32 << 10
+)
+
+// createPlan is a validated create request with its source resolved.
+type createPlan struct {
+	id         string
+	templateID string
+	snapshot   *subjects.SnapshotRecord // restore from this, or nil
+	image      vmpool.Image             // boot from this when snapshot is nil
+	resources  vmpool.Resources
+	timeout    time.Duration
+	env        map[string]string
+	metadata   map[string]string
+	public     bool
+	network    bool
+}
+
+func (b *Backend) plan(ctx context.Context, req subjects.CreateSandboxRequest) (createPlan, error) {
+	p := createPlan{id: req.SandboxID, templateID: req.TemplateID, metadata: req.Metadata, public: true, network: true}
+	if p.id == "" {
+		p.id = NewID(20)
+	} else if err := subjects.ValidateSandboxID(p.id); err != nil {
+		return p, err
+	}
+	switch {
+	case req.TemplateID == "" && req.SnapshotID == "":
+		return p, invalid("template_id or snapshot_id is required")
+	case req.TemplateID != "" && req.SnapshotID != "":
+		return p, invalid("give template_id or snapshot_id, not both")
+	}
+	p.resources = b.cfg.DefaultResources
+	if r := req.Resources; r != nil {
+		if r.VCPUs != 0 {
+			p.resources.VCPUs = r.VCPUs
+		}
+		if r.MemoryMB != 0 {
+			p.resources.MemoryMB = r.MemoryMB
+		}
+	}
+	if p.resources.VCPUs < 1 || p.resources.VCPUs > MaxVCPUs {
+		return p, invalid("resources.vcpus %d: want 1..%d", p.resources.VCPUs, MaxVCPUs)
+	}
+	if p.resources.MemoryMB < MinMemoryMB || p.resources.MemoryMB > MaxMemoryMB {
+		return p, invalid("resources.memory_mb %d: want %d..%d", p.resources.MemoryMB, MinMemoryMB, MaxMemoryMB)
+	}
+	switch {
+	case req.TimeoutS < 0 || time.Duration(req.TimeoutS)*time.Second > b.cfg.MaxTimeout:
+		return p, invalid("timeout_s %d: want 0..%d", req.TimeoutS, int(b.cfg.MaxTimeout/time.Second))
+	case req.TimeoutS == 0:
+		p.timeout = b.cfg.DefaultTimeout
+	default:
+		p.timeout = time.Duration(req.TimeoutS) * time.Second
+	}
+	if req.PublicTraffic != nil {
+		p.public = *req.PublicTraffic
+	}
+	if req.Network != nil {
+		p.network = *req.Network
+	}
+	for k := range req.Env {
+		if k == "" || len(k) > 256 {
+			return p, invalid("env: key %q: want 1..256 characters", k)
+		}
+	}
+	if err := b.resolveSource(ctx, req, &p); err != nil {
+		return p, err
+	}
+	p.env = mergeEnv(p.env, req.Env)
+	return p, nil
+}
+
+// resolveSource decides where the machine comes from: a snapshot named by
+// snapshot_id, a template snapshot named by template_id, or a built-in image.
+func (b *Backend) resolveSource(ctx context.Context, req subjects.CreateSandboxRequest, p *createPlan) error {
+	if req.SnapshotID != "" {
+		if err := subjects.ValidateSnapshotName(req.SnapshotID); err != nil {
+			return err
+		}
+		rec, err := b.cfg.Store.GetSnapshot(ctx, req.SnapshotID)
+		if err != nil {
+			return err
+		}
+		p.snapshot = &rec
+		p.templateID = rec.TemplateID
+		p.env = rec.TemplateMetadata.Envs
+		if req.Resources == nil {
+			p.resources = vmpool.Resources{VCPUs: rec.Resources.VCPUs, MemoryMB: rec.Resources.MemoryMB}
+		}
+		return nil
+	}
+	if err := subjects.ValidateTemplateID(req.TemplateID); err != nil {
+		return err
+	}
+	if rec, ok := b.templateSnapshot(ctx, req.TemplateID); ok {
+		p.snapshot = &rec
+		p.env = rec.TemplateMetadata.Envs
+		if req.Resources == nil {
+			p.resources = vmpool.Resources{VCPUs: rec.Resources.VCPUs, MemoryMB: rec.Resources.MemoryMB}
+		}
+		return nil
+	}
+	img, ok := b.cfg.Images[req.TemplateID]
+	if !ok {
+		return errdefs.Wrap(errdefs.ErrNotFound, fmt.Errorf("template %q not found", req.TemplateID))
+	}
+	p.image = img
+	return nil
+}
+
+// Create makes a sandbox: admission, disk check, a machine (from the warm
+// pool, a snapshot restore or a cold boot), guest init, session record and
+// deadline. Any failure after the machine exists undoes what was made.
+func (b *Backend) Create(ctx context.Context, req subjects.CreateSandboxRequest) (subjects.Sandbox, error) {
+	p, err := b.plan(ctx, req)
+	if err != nil {
+		return subjects.Sandbox{}, err
+	}
+	if err := b.claimID(ctx, p.id); err != nil {
+		return subjects.Sandbox{}, err
+	}
+	defer b.unclaimID(p.id)
+
+	evict, err := b.admission.Admit(p.id, p.resources)
+	if err != nil {
+		return subjects.Sandbox{}, err
+	}
+	var undo undoStack
+	undo.push("release admission", func(context.Context) error { b.admission.Release(p.id); return nil })
+	fail := func(err error) (subjects.Sandbox, error) {
+		undo.run(b.ctx, b.log)
+		return subjects.Sandbox{}, err
+	}
+	b.evictWarm(ctx, evict)
+	if err := b.checkDisk(); err != nil {
+		return fail(err)
+	}
+
+	m, source, err := b.startMachine(ctx, p)
+	if err != nil {
+		return fail(fmt.Errorf("create sandbox %s: %w", p.id, err))
+	}
+	undo.push("stop machine", m.Stop)
+
+	if err := m.Init(ctx, initRequest(p.id, p.env)); err != nil {
+		return fail(fmt.Errorf("create sandbox %s: init guest: %w", p.id, err))
+	}
+	now := time.Now().UTC().Truncate(time.Second)
+	rec := subjects.Sandbox{
+		SandboxID:          p.id,
+		TemplateID:         p.templateID,
+		ClientID:           b.cfg.WorkerID,
+		EnvdAccessToken:    b.cfg.Tokens.EnvdToken(p.id),
+		TrafficAccessToken: b.cfg.Tokens.TrafficToken(p.id),
+		State:              subjects.StateRunning,
+		StartedAt:          now,
+		EndAt:              now.Add(p.timeout),
+		Source:             source,
+		Resources:          subjects.Resources{VCPUs: p.resources.VCPUs, MemoryMB: p.resources.MemoryMB},
+		Metadata:           p.metadata,
+		PublicTraffic:      p.public,
+		Network:            p.network,
+		Driver:             b.cfg.Driver.Name(),
+		Dir:                m.Dir(),
+	}
+	if p.snapshot != nil {
+		rec.SnapshotID = p.snapshot.SnapshotID
+		rec.DiskParent, rec.DiskParentLocation = p.snapshot.SnapshotID, p.snapshot.Location
+	}
+	if err := b.cfg.Store.PutSession(ctx, rec); err != nil {
+		return fail(fmt.Errorf("create sandbox %s: store session: %w", p.id, err))
+	}
+	undo.push("delete session", func(ctx context.Context) error { return b.cfg.Store.DeleteSession(ctx, p.id) })
+
+	if err := b.adopt(rec, m); err != nil {
+		return fail(err)
+	}
+	if p.snapshot != nil && p.snapshot.TemplateMetadata.StartCmd != "" && p.snapshot.Kind == subjects.KindTemplate {
+		b.startTemplateCommand(p.id, m, p.snapshot.TemplateMetadata.StartCmd)
+	}
+	b.systemLog(ctx, p.id, fmt.Sprintf("sandbox created from %s (source %s) on worker %s", sourceName(p), source, b.cfg.WorkerID))
+	b.event(ctx, subjects.EventCreated, p.id, source)
+	b.log.Info("sandbox created", "sandbox", p.id, "template", p.templateID, "source", source)
+	return rec, nil
+}
+
+// adopt registers a running sandbox: session map, deadline, NATS ownership.
+func (b *Backend) adopt(rec subjects.Sandbox, m vmpool.Machine) error {
+	s := &session{rec: rec, machine: m}
+	b.mu.Lock()
+	if b.closed {
+		b.mu.Unlock()
+		return errdefs.Wrap(errdefs.ErrFailedPrecondition, errors.New("worker is shutting down"))
+	}
+	b.sessions[rec.SandboxID] = s
+	b.mu.Unlock()
+	b.armDeadline(s)
+	b.watchMachine(s)
+	if b.hooks.Owned != nil {
+		b.hooks.Owned(rec.SandboxID)
+	}
+	return nil
+}
+
+// watchMachine ends the session when its machine dies on its own.
+func (b *Backend) watchMachine(s *session) {
+	b.wg.Add(1)
+	go func() {
+		defer b.wg.Done()
+		select {
+		case <-s.machine.Done():
+		case <-b.ctx.Done():
+			return
+		}
+		s.mu.Lock()
+		ending := s.ending
+		s.mu.Unlock()
+		if ending {
+			return
+		}
+		ctx, cancel := context.WithTimeout(b.ctx, 30*time.Second)
+		defer cancel()
+		if err := b.end(ctx, s.rec.SandboxID, subjects.EventFailed, "machine stopped unexpectedly"); err != nil && !errors.Is(err, errdefs.ErrNotFound) {
+			b.log.Warn("clean up dead machine", "sandbox", s.rec.SandboxID, "err", err)
+		}
+	}()
+}
+
+// claimID reserves id for a create in flight; a taken id is a conflict.
+func (b *Backend) claimID(ctx context.Context, id string) error {
+	b.mu.Lock()
+	_, active := b.sessions[id]
+	busy := active || b.creating[id]
+	closed := b.closed
+	if !busy && !closed {
+		b.creating[id] = true
+	}
+	b.mu.Unlock()
+	switch {
+	case closed:
+		return errdefs.Wrap(errdefs.ErrFailedPrecondition, errors.New("worker is shutting down"))
+	case busy:
+		return errdefs.Wrap(errdefs.ErrConflict, fmt.Errorf("sandbox %s already exists", id))
+	}
+	if _, err := b.cfg.Store.GetSession(ctx, id); err == nil {
+		b.unclaimID(id)
+		return errdefs.Wrap(errdefs.ErrConflict, fmt.Errorf("sandbox %s already exists on another worker", id))
+	}
+	return nil
+}
+
+func (b *Backend) unclaimID(id string) {
+	b.mu.Lock()
+	delete(b.creating, id)
+	b.mu.Unlock()
+}
+
+// startMachine gets a running machine for p: from the warm pool, by restoring
+// a snapshot, or by a cold boot. It returns the source used.
+func (b *Backend) startMachine(ctx context.Context, p createPlan) (vmpool.Machine, string, error) {
+	dir := filepath.Join(b.cfg.StateDir, "sandboxes", p.id)
+	if p.snapshot != nil {
+		if m, ok := b.takeWarm(ctx, p); ok {
+			return m, subjects.SourcePool, nil
+		}
+		m, err := b.restore(ctx, p.id, dir, *p.snapshot, p.network, false)
+		if err != nil {
+			return nil, "", err
+		}
+		return m, subjects.SourceRestore, nil
+	}
+	m, err := b.cfg.Driver.Boot(ctx, vmpool.BootSpec{ID: p.id, Dir: dir, Image: p.image, Resources: p.resources, Network: p.network})
+	if err != nil {
+		return nil, "", err
+	}
+	return m, subjects.SourceBoot, nil
+}
+
+func initRequest(id string, env map[string]string) agent.InitRequest {
+	entropy := make([]byte, 64)
+	_, _ = rand.Read(entropy)
+	return agent.InitRequest{SandboxID: id, Hostname: id, Env: env, UnixNano: time.Now().UnixNano(), Entropy: entropy}
+}
+
+func sourceName(p createPlan) string {
+	if p.snapshot != nil {
+		return "snapshot " + p.snapshot.SnapshotID
+	}
+	return "template " + p.templateID
+}
+
+func mergeEnv(base, over map[string]string) map[string]string {
+	out := make(map[string]string, len(base)+len(over))
+	for k, v := range base {
+		out[k] = v
+	}
+	for k, v := range over {
+		out[k] = v
+	}
+	return out
+}

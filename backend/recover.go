@@ -1,0 +1,100 @@
+package backend
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/firkin-dev/firkin-worker/subjects"
+	"github.com/firkin-dev/firkin-worker/vmpool"
+)
+
+// recover runs at start: sandboxes this worker owned before a restart are
+// reattached when their machine still runs (and their deadline has not
+// passed), otherwise cleaned up; machine directories nobody owns (warm
+// machines, builds, crashed creates) are stopped and removed.
+func (b *Backend) recover(ctx context.Context) error {
+	sessions, err := b.cfg.Store.ListSessions(ctx)
+	if err != nil {
+		return fmt.Errorf("recover: %w", err)
+	}
+	kept := map[string]bool{}
+	for _, rec := range sessions {
+		if rec.ClientID != b.cfg.WorkerID {
+			continue
+		}
+		m, err := b.reattach(ctx, rec)
+		if err != nil {
+			b.log.Warn("sandbox not recovered; cleaning up", "sandbox", rec.SandboxID, "err", err)
+			if rec.Dir != "" {
+				kept[filepath.Clean(rec.Dir)] = false
+			}
+			_ = b.cfg.Store.DeleteSession(ctx, rec.SandboxID)
+			b.event(ctx, subjects.EventFailed, rec.SandboxID, "not recovered after worker restart: "+err.Error())
+			continue
+		}
+		if _, err := b.admission.Admit(rec.SandboxID, vmpool.Resources{VCPUs: rec.Resources.VCPUs, MemoryMB: rec.Resources.MemoryMB}); err != nil {
+			b.log.Warn("recovered sandbox over capacity", "sandbox", rec.SandboxID, "err", err)
+		}
+		if err := b.adopt(rec, m); err != nil {
+			_ = m.Stop(ctx)
+			continue
+		}
+		kept[filepath.Clean(m.Dir())] = true
+		b.systemLog(ctx, rec.SandboxID, "sandbox reattached after worker restart")
+		b.log.Info("sandbox reattached", "sandbox", rec.SandboxID)
+	}
+	return b.sweep(ctx, kept)
+}
+
+func (b *Backend) reattach(ctx context.Context, rec subjects.Sandbox) (vmpool.Machine, error) {
+	if !rec.EndAt.IsZero() && time.Now().After(rec.EndAt) {
+		return nil, errors.New("deadline passed while the worker was down")
+	}
+	r, ok := b.cfg.Driver.(vmpool.Reattacher)
+	if !ok || rec.Dir == "" {
+		return nil, fmt.Errorf("driver %s cannot reattach", b.cfg.Driver.Name())
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	return r.Reattach(ctx, rec.Dir)
+}
+
+// sweep stops and removes every machine directory not kept.
+func (b *Backend) sweep(ctx context.Context, kept map[string]bool) error {
+	root := filepath.Join(b.cfg.StateDir, "sandboxes")
+	entries, err := os.ReadDir(root)
+	if err != nil {
+		return fmt.Errorf("sweep %s: %w", root, err)
+	}
+	r, canReattach := b.cfg.Driver.(vmpool.Reattacher)
+	var errs []error
+	for _, e := range entries {
+		dir := filepath.Join(root, e.Name())
+		if kept[dir] || !e.IsDir() {
+			continue
+		}
+		if canReattach {
+			// A machine may still run there: attach to it only to stop it.
+			actx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			if m, err := r.Reattach(actx, dir); err == nil {
+				if err := m.Stop(actx); err != nil {
+					errs = append(errs, err)
+				}
+			}
+			cancel()
+		}
+		if err := os.RemoveAll(dir); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if !strings.HasPrefix(e.Name(), "warm-") {
+			b.log.Info("removed orphaned machine directory", "dir", dir)
+		}
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,330 @@
+package backend
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/firkin-dev/firkin-worker/errdefs"
+	"github.com/firkin-dev/firkin-worker/subjects"
+	"github.com/firkin-dev/firkin-worker/vmpool"
+)
+
+// snapshotMetaFile is the driver's description of a snapshot, kept beside its
+// artifacts (and covered by the record's integrity data).
+const snapshotMetaFile = "snapshot.json"
+
+// Snapshot saves a sandbox as a continuation or template snapshot. The disk
+// is frozen at the moment of the save; the sandbox goes on running (on a new
+// overlay) unless the request says to stop it.
+func (b *Backend) Snapshot(ctx context.Context, id string, req subjects.SnapshotRequest) (subjects.SnapshotRecord, error) {
+	kind := req.Kind
+	switch kind {
+	case "":
+		kind = subjects.KindContinuation
+	case subjects.KindContinuation, subjects.KindTemplate:
+	default:
+		return subjects.SnapshotRecord{}, invalid("kind %q: want continuation or template", req.Kind)
+	}
+	sid := req.Name
+	if sid == "" {
+		sid = id + "-" + NewID(6)
+	}
+	if err := subjects.ValidateSnapshotName(sid); err != nil {
+		return subjects.SnapshotRecord{}, err
+	}
+	if kind == subjects.KindTemplate {
+		if err := subjects.ValidateTemplateID(sid); err != nil {
+			return subjects.SnapshotRecord{}, fmt.Errorf("a template snapshot's name is its template id: %w", err)
+		}
+	}
+	s, err := b.lookup(id)
+	if err != nil {
+		return subjects.SnapshotRecord{}, err
+	}
+	if _, err := b.cfg.Store.GetSnapshot(ctx, sid); err == nil {
+		return subjects.SnapshotRecord{}, errdefs.Wrap(errdefs.ErrConflict, fmt.Errorf("snapshot %s already exists", sid))
+	}
+	meta := subjects.TemplateMetadata{Envs: map[string]string{}}
+	if req.TemplateMetadata != nil {
+		meta = *req.TemplateMetadata
+		if meta.Envs == nil {
+			meta.Envs = map[string]string{}
+		}
+	}
+	src := s.record()
+	rec, err := b.save(ctx, s, sid, vmpool.SaveOptions{Kind: vmpool.SnapshotKind(kind), Stop: req.Stop}, meta)
+	if err != nil {
+		return rec, err
+	}
+	if kind == subjects.KindTemplate {
+		rec.TemplateID = sid
+	}
+	if err := b.cfg.Store.CreateSnapshot(ctx, rec); err != nil {
+		_ = os.RemoveAll(rec.Location)
+		return subjects.SnapshotRecord{}, err
+	}
+	if kind == subjects.KindTemplate {
+		if _, _, err := b.templates.put(sid, rec); err != nil {
+			b.log.Warn("record template", "template", sid, "err", err)
+		}
+		b.pool.Drain(sid)
+	}
+	b.systemLog(ctx, id, fmt.Sprintf("%s snapshot %s saved (%d bytes)", kind, sid, rec.SizeBytes))
+	b.event(ctx, subjects.EventSnapshotted, id, sid)
+	if req.Stop {
+		if err := b.end(ctx, id, subjects.EventKilled, "stopped after snapshot "+sid); err != nil && !errors.Is(err, errdefs.ErrNotFound) {
+			b.log.Warn("stop sandbox after snapshot", "sandbox", id, "err", err)
+		}
+	} else {
+		s.mu.Lock()
+		s.rec.DiskParent, s.rec.DiskParentLocation = sid, rec.Location
+		updated := s.rec
+		s.mu.Unlock()
+		if err := b.cfg.Store.PutSession(ctx, updated); err != nil {
+			b.log.Warn("update session after snapshot", "sandbox", id, "err", err)
+		}
+	}
+	b.log.Info("snapshot saved", "sandbox", id, "snapshot", sid, "kind", kind, "source_disk_parent", src.DiskParent)
+	return rec, nil
+}
+
+// save runs the driver's Save into a new snapshot directory and describes
+// the result as a record (not yet stored).
+func (b *Backend) save(ctx context.Context, s *session, sid string, opts vmpool.SaveOptions, meta subjects.TemplateMetadata) (subjects.SnapshotRecord, error) {
+	saver, ok := b.cfg.Driver.(vmpool.Saver)
+	if !ok {
+		return subjects.SnapshotRecord{}, errdefs.Wrap(errdefs.ErrUnsupported, fmt.Errorf("driver %s cannot save snapshots", b.cfg.Driver.Name()))
+	}
+	if err := b.checkDisk(); err != nil {
+		return subjects.SnapshotRecord{}, err
+	}
+	dir := filepath.Join(b.cfg.StateDir, "snapshots", sid+"."+NewID(6))
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return subjects.SnapshotRecord{}, fmt.Errorf("snapshot dir: %w", err)
+	}
+	src := s.record()
+	snap, err := saver.Save(ctx, s.machine, dir, opts)
+	if err != nil {
+		_ = os.RemoveAll(dir)
+		return subjects.SnapshotRecord{}, fmt.Errorf("save sandbox %s: %w", src.SandboxID, err)
+	}
+	rec, err := b.describe(snap, sid, src, opts.Kind, meta)
+	if err != nil {
+		_ = os.RemoveAll(dir)
+		return subjects.SnapshotRecord{}, err
+	}
+	return rec, nil
+}
+
+// describe writes the snapshot's metadata file and builds its record with
+// the size and sha256 of every artifact.
+func (b *Backend) describe(snap vmpool.Snapshot, sid string, src subjects.Sandbox, kind vmpool.SnapshotKind, meta subjects.TemplateMetadata) (subjects.SnapshotRecord, error) {
+	data, err := json.MarshalIndent(snap, "", "  ")
+	if err != nil {
+		return subjects.SnapshotRecord{}, fmt.Errorf("encode snapshot metadata: %w", err)
+	}
+	if err := os.WriteFile(filepath.Join(snap.Dir, snapshotMetaFile), data, 0o644); err != nil {
+		return subjects.SnapshotRecord{}, fmt.Errorf("write snapshot metadata: %w", err)
+	}
+	names := append(append([]string(nil), snap.Artifacts...), snapshotMetaFile)
+	arts, total, sum, err := hashArtifacts(snap.Dir, names)
+	if err != nil {
+		return subjects.SnapshotRecord{}, err
+	}
+	return subjects.SnapshotRecord{
+		SnapshotID:        sid,
+		SourceSandboxID:   src.SandboxID,
+		Names:             []string{sid},
+		Location:          snap.Dir,
+		StagingDir:        src.Dir,
+		MachineIdentifier: snap.MachineIdentifier,
+		NetworkMACs:       snap.NetworkMACs,
+		TemplateMetadata:  meta,
+		Kind:              string(kind),
+		CreatedAt:         time.Now().UTC(),
+		SizeBytes:         total,
+		SHA256:            sum,
+		WorkerID:          b.cfg.WorkerID,
+		Driver:            b.cfg.Driver.Name(),
+		TemplateID:        src.TemplateID,
+		Parent:            src.DiskParent,
+		ParentLocation:    src.DiskParentLocation,
+		Format:            snap.Format,
+		Resources:         subjects.Resources{VCPUs: snap.Resources.VCPUs, MemoryMB: snap.Resources.MemoryMB},
+		Artifacts:         arts,
+	}, nil
+}
+
+// hashArtifacts returns each file's size and sha256, their total size, and
+// one sha256 over the list (name, size, digest) that stands for the snapshot.
+func hashArtifacts(dir string, names []string) ([]subjects.Artifact, int64, string, error) {
+	arts := make([]subjects.Artifact, len(names))
+	errs := make([]error, len(names))
+	var wg sync.WaitGroup
+	for i, name := range names {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			size, sum, err := hashFile(filepath.Join(dir, name))
+			arts[i], errs[i] = subjects.Artifact{Name: name, SizeBytes: size, SHA256: sum}, err
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return nil, 0, "", fmt.Errorf("hash snapshot artifacts: %w", err)
+	}
+	var total int64
+	all := sha256.New()
+	for _, a := range arts {
+		total += a.SizeBytes
+		fmt.Fprintf(all, "%s %d %s\n", a.Name, a.SizeBytes, a.SHA256)
+	}
+	return arts, total, hex.EncodeToString(all.Sum(nil)), nil
+}
+
+func hashFile(path string) (int64, string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, "", err
+	}
+	defer f.Close()
+	h := sha256.New()
+	n, err := io.Copy(h, f)
+	if err != nil {
+		return 0, "", fmt.Errorf("read %s: %w", path, err)
+	}
+	return n, hex.EncodeToString(h.Sum(nil)), nil
+}
+
+// verified remembers artifacts whose sha256 matched, by path, size and
+// modification time, so a snapshot is hashed once per process rather than on
+// every restore. Sizes are checked on every restore.
+var verified sync.Map // string -> struct{}
+
+// loadSnapshot checks a record's artifacts against their sizes and digests
+// and returns the driver's description of the snapshot.
+func (b *Backend) loadSnapshot(rec subjects.SnapshotRecord) (vmpool.Snapshot, error) {
+	if rec.WorkerID != "" && rec.WorkerID != b.cfg.WorkerID {
+		return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrUnsupported, fmt.Errorf("snapshot %s lives on worker %s; snapshots are restored on the worker that saved them", rec.SnapshotID, rec.WorkerID))
+	}
+	if len(rec.Artifacts) == 0 || rec.Location == "" {
+		return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("snapshot %s has no artifacts in its record", rec.SnapshotID))
+	}
+	for _, a := range rec.Artifacts {
+		path := filepath.Join(rec.Location, a.Name)
+		st, err := os.Stat(path)
+		if err != nil {
+			return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("snapshot %s: artifact %s: %w", rec.SnapshotID, a.Name, err))
+		}
+		if st.Size() != a.SizeBytes {
+			return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("snapshot %s: artifact %s is %d bytes, its record says %d: refusing to restore", rec.SnapshotID, a.Name, st.Size(), a.SizeBytes))
+		}
+		key := fmt.Sprintf("%s|%d|%d|%s", path, st.Size(), st.ModTime().UnixNano(), a.SHA256)
+		if _, ok := verified.Load(key); ok {
+			continue
+		}
+		_, sum, err := hashFile(path)
+		if err != nil {
+			return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("snapshot %s: %w", rec.SnapshotID, err))
+		}
+		if sum != a.SHA256 {
+			return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("snapshot %s: artifact %s has sha256 %s, its record says %s: refusing to restore", rec.SnapshotID, a.Name, sum, a.SHA256))
+		}
+		verified.Store(key, struct{}{})
+	}
+	data, err := os.ReadFile(filepath.Join(rec.Location, snapshotMetaFile))
+	if err != nil {
+		return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("snapshot %s: %w", rec.SnapshotID, err))
+	}
+	var snap vmpool.Snapshot
+	if err := json.Unmarshal(data, &snap); err != nil {
+		return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("snapshot %s: metadata: %w", rec.SnapshotID, err))
+	}
+	return snap, nil
+}
+
+// restore starts a machine from a snapshot record.
+func (b *Backend) restore(ctx context.Context, id, dir string, rec subjects.SnapshotRecord, network, snapshotReady bool) (vmpool.Machine, error) {
+	r, ok := b.cfg.Driver.(vmpool.Restorer)
+	if !ok {
+		return nil, errdefs.Wrap(errdefs.ErrUnsupported, fmt.Errorf("driver %s cannot restore snapshots", b.cfg.Driver.Name()))
+	}
+	snap, err := b.loadSnapshot(rec)
+	if err != nil {
+		return nil, err
+	}
+	return r.Restore(ctx, vmpool.RestoreSpec{ID: id, Dir: dir, Snapshot: snap, Network: network, SnapshotReady: snapshotReady})
+}
+
+// GetSnapshot returns a snapshot record.
+func (b *Backend) GetSnapshot(ctx context.Context, sid string) (subjects.SnapshotRecord, error) {
+	return b.cfg.Store.GetSnapshot(ctx, sid)
+}
+
+// ListSnapshots returns every snapshot record.
+func (b *Backend) ListSnapshots(ctx context.Context) ([]subjects.SnapshotRecord, error) {
+	return b.cfg.Store.ListSnapshots(ctx)
+}
+
+// DeleteSnapshot deletes a snapshot and its artifacts. A snapshot that others
+// depend on — a warm pool target, a sandbox whose disk sits on it, another
+// snapshot whose frozen disk is layered on it — is refused with conflict.
+func (b *Backend) DeleteSnapshot(ctx context.Context, sid string) (subjects.DeleteSnapshotReply, error) {
+	rec, err := b.cfg.Store.GetSnapshot(ctx, sid)
+	if err != nil {
+		return subjects.DeleteSnapshotReply{}, err
+	}
+	if users, err := b.snapshotUsers(ctx, sid); err != nil {
+		return subjects.DeleteSnapshotReply{}, err
+	} else if len(users) > 0 {
+		return subjects.DeleteSnapshotReply{}, errdefs.Wrap(errdefs.ErrConflict, fmt.Errorf("snapshot %s is in use by %v", sid, users))
+	}
+	if err := b.cfg.Store.DeleteSnapshot(ctx, sid); err != nil {
+		return subjects.DeleteSnapshotReply{}, err
+	}
+	if cur, ok := b.templates.get(sid); ok && cur.Location == rec.Location {
+		b.templates.remove(sid)
+	}
+	if rec.WorkerID == b.cfg.WorkerID && rec.Location != "" {
+		if err := os.RemoveAll(rec.Location); err != nil {
+			b.log.Warn("remove snapshot artifacts", "snapshot", sid, "err", err)
+		}
+	}
+	return subjects.DeleteSnapshotReply{SnapshotID: sid, Deleted: true}, nil
+}
+
+// snapshotUsers lists what depends on snapshot sid.
+func (b *Backend) snapshotUsers(ctx context.Context, sid string) ([]string, error) {
+	var users []string
+	if b.pool.Target(sid) > 0 {
+		users = append(users, "warm pool of worker "+b.cfg.WorkerID)
+	}
+	sessions, err := b.cfg.Store.ListSessions(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for _, s := range sessions {
+		if s.DiskParent == sid || s.SnapshotID == sid {
+			users = append(users, "sandbox "+s.SandboxID)
+		}
+	}
+	snaps, err := b.cfg.Store.ListSnapshots(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for _, r := range snaps {
+		if r.Parent == sid && r.SnapshotID != sid {
+			users = append(users, "snapshot "+r.SnapshotID)
+		}
+	}
+	return users, nil
+}

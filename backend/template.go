@@ -1,0 +1,346 @@
+package backend
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+
+	"github.com/firkin-dev/firkin-worker/agent"
+	"github.com/firkin-dev/firkin-worker/errdefs"
+	"github.com/firkin-dev/firkin-worker/subjects"
+	"github.com/firkin-dev/firkin-worker/vmpool"
+)
+
+// templates is this worker's registry of template snapshots: template id →
+// the record of the snapshot it restores from. Snapshot files are local to
+// the worker that saved them, so the registry is kept in the state directory
+// (the KV bucket holds the same records for the cluster to see).
+type templates struct {
+	dir string
+	mu  sync.Mutex
+	m   map[string]subjects.SnapshotRecord
+	// building serialises builds of one template id.
+	building map[string]*sync.Mutex
+}
+
+func loadTemplates(dir string) (*templates, error) {
+	t := &templates{dir: dir, m: map[string]subjects.SnapshotRecord{}, building: map[string]*sync.Mutex{}}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("templates dir: %w", err)
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("templates dir: %w", err)
+	}
+	for _, e := range entries {
+		if !strings.HasSuffix(e.Name(), ".json") {
+			continue
+		}
+		data, err := os.ReadFile(filepath.Join(dir, e.Name()))
+		if err != nil {
+			return nil, err
+		}
+		var rec subjects.SnapshotRecord
+		if err := json.Unmarshal(data, &rec); err != nil {
+			continue // a torn write; the template is rebuilt
+		}
+		t.m[rec.TemplateID] = rec
+	}
+	return t, nil
+}
+
+func (t *templates) get(id string) (subjects.SnapshotRecord, bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	rec, ok := t.m[id]
+	return rec, ok
+}
+
+// put records id's new snapshot and returns the one it replaces, if any.
+func (t *templates) put(id string, rec subjects.SnapshotRecord) (subjects.SnapshotRecord, bool, error) {
+	data, err := json.MarshalIndent(rec, "", "  ")
+	if err != nil {
+		return subjects.SnapshotRecord{}, false, err
+	}
+	tmp := filepath.Join(t.dir, id+".json.tmp")
+	if err := os.WriteFile(tmp, data, 0o644); err != nil {
+		return subjects.SnapshotRecord{}, false, err
+	}
+	if err := os.Rename(tmp, filepath.Join(t.dir, id+".json")); err != nil {
+		return subjects.SnapshotRecord{}, false, err
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	old, had := t.m[id]
+	t.m[id] = rec
+	return old, had, nil
+}
+
+func (t *templates) remove(id string) {
+	t.mu.Lock()
+	delete(t.m, id)
+	t.mu.Unlock()
+	_ = os.Remove(filepath.Join(t.dir, id+".json"))
+}
+
+func (t *templates) lock(id string) func() {
+	t.mu.Lock()
+	mu, ok := t.building[id]
+	if !ok {
+		mu = &sync.Mutex{}
+		t.building[id] = mu
+	}
+	t.mu.Unlock()
+	mu.Lock()
+	return mu.Unlock
+}
+
+// templateSnapshot returns the snapshot a template id restores from on this worker.
+func (b *Backend) templateSnapshot(_ context.Context, id string) (subjects.SnapshotRecord, bool) {
+	return b.templates.get(id)
+}
+
+// EnsureBuiltinTemplates turns every built-in image template that has no
+// template snapshot on this worker yet into one (boot, init, save), so that
+// creates restore instead of cold-booting.
+func (b *Backend) EnsureBuiltinTemplates(ctx context.Context) error {
+	var errs []error
+	for id := range b.cfg.Images {
+		if rec, ok := b.templates.get(id); ok {
+			if _, err := b.loadSnapshot(rec); err == nil {
+				continue
+			}
+		}
+		if _, err := b.BuildTemplate(ctx, subjects.BuildTemplateRequest{TemplateID: id, From: id}); err != nil {
+			errs = append(errs, fmt.Errorf("template %s: %w", id, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// BuildTemplate makes a template snapshot: it starts a machine from the
+// template `from` (restore, or boot of a built-in image), runs the steps,
+// starts start_cmd detached, polls ready_cmd until it succeeds, and saves the
+// machine as the template snapshot named template_id. Warm machines of the
+// previous version of the template are drained.
+func (b *Backend) BuildTemplate(ctx context.Context, req subjects.BuildTemplateRequest) (subjects.SnapshotRecord, error) {
+	if err := subjects.ValidateTemplateID(req.TemplateID); err != nil {
+		return subjects.SnapshotRecord{}, err
+	}
+	from := req.From
+	if from == "" {
+		from = "tiny"
+	}
+	if err := subjects.ValidateTemplateID(from); err != nil {
+		return subjects.SnapshotRecord{}, fmt.Errorf("from: %w", err)
+	}
+	readyTimeout := 60 * time.Second
+	if req.ReadyTimeoutS < 0 || req.ReadyTimeoutS > 1800 {
+		return subjects.SnapshotRecord{}, invalid("ready_timeout_s %d: want 0..1800", req.ReadyTimeoutS)
+	} else if req.ReadyTimeoutS > 0 {
+		readyTimeout = time.Duration(req.ReadyTimeoutS) * time.Second
+	}
+	if req.ReadyCmd == "" && req.StartCmd != "" {
+		// Nothing says when the start command is up; one no-op check.
+		req.ReadyCmd = "true"
+	}
+	res := b.cfg.DefaultResources
+	if r := req.Resources; r != nil {
+		if r.VCPUs != 0 {
+			res.VCPUs = r.VCPUs
+		}
+		if r.MemoryMB != 0 {
+			res.MemoryMB = r.MemoryMB
+		}
+	}
+	if res.VCPUs < 1 || res.VCPUs > MaxVCPUs || res.MemoryMB < MinMemoryMB || res.MemoryMB > MaxMemoryMB {
+		return subjects.SnapshotRecord{}, invalid("resources %d vCPUs / %d MiB out of range", res.VCPUs, res.MemoryMB)
+	}
+	unlock := b.templates.lock(req.TemplateID)
+	defer unlock()
+
+	logs := b.cfg.Store.BuildLogs(req.TemplateID)
+	progress := func(format string, args ...any) {
+		msg := fmt.Sprintf(format, args...)
+		ev := subjects.NewLogEvent(subjects.SourceBuild, "", "", []byte(msg))
+		ev.TemplateID = req.TemplateID
+		logs.Publish(ev)
+		b.log.Info("template build", "template", req.TemplateID, "step", msg)
+	}
+	defer func() {
+		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		_ = logs.Flush(fctx)
+	}()
+	fail := func(err error) (subjects.SnapshotRecord, error) {
+		progress("build failed: %v", err)
+		return subjects.SnapshotRecord{}, err
+	}
+
+	id := "build-" + NewID(12)
+	evict, err := b.admission.Admit(id, res)
+	if err != nil {
+		return fail(err)
+	}
+	b.evictWarm(ctx, evict)
+	defer b.admission.Release(id)
+	if err := b.checkDisk(); err != nil {
+		return fail(err)
+	}
+	dir := filepath.Join(b.cfg.StateDir, "sandboxes", id)
+	envs := mergeEnv(nil, req.Envs)
+	var m vmpool.Machine
+	if base, ok := b.templates.get(from); ok && from != req.TemplateID {
+		progress("restoring %s from its template snapshot", from)
+		envs = mergeEnv(base.TemplateMetadata.Envs, req.Envs)
+		m, err = b.restore(ctx, id, dir, base, true, true)
+	} else if img, ok := b.cfg.Images[from]; ok {
+		progress("booting image %s", from)
+		m, err = b.cfg.Driver.Boot(ctx, vmpool.BootSpec{ID: id, Dir: dir, Image: img, Resources: res, Network: true, SnapshotReady: true})
+	} else {
+		return fail(errdefs.Wrap(errdefs.ErrNotFound, fmt.Errorf("template %q not found", from)))
+	}
+	if err != nil {
+		return fail(fmt.Errorf("start build machine: %w", err))
+	}
+	defer func() {
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		defer cancel()
+		if err := m.Stop(sctx); err != nil {
+			b.log.Warn("stop build machine", "template", req.TemplateID, "err", err)
+		}
+	}()
+	if err := m.Init(ctx, initRequest(id, envs)); err != nil {
+		return fail(fmt.Errorf("init build machine: %w", err))
+	}
+	out := func(stream agent.Stream, data []byte) {
+		ev := subjects.NewLogEvent(subjects.SourceBuild, "", "", data)
+		ev.TemplateID = req.TemplateID
+		logs.Publish(ev)
+	}
+	for i, step := range req.Steps {
+		progress("step %d/%d: %s", i+1, len(req.Steps), step)
+		res, err := m.Exec(ctx, agent.ExecRequest{Command: step, Timeout: 30 * time.Minute}, out)
+		if err != nil {
+			return fail(errdefs.Wrap(errdefs.ErrTemplateBuild, fmt.Errorf("step %d (%q): %w", i+1, step, err)))
+		}
+		if res.ExitCode != 0 {
+			return fail(errdefs.Wrap(errdefs.ErrTemplateBuild, fmt.Errorf("step %d (%q) exited with %d", i+1, step, res.ExitCode)))
+		}
+	}
+	if req.StartCmd != "" {
+		progress("starting %q", req.StartCmd)
+		if _, err := m.Exec(ctx, agent.ExecRequest{Command: req.StartCmd, Detach: true}, nil); err != nil {
+			return fail(errdefs.Wrap(errdefs.ErrTemplateBuild, fmt.Errorf("start command %q: %w", req.StartCmd, err)))
+		}
+	}
+	if req.ReadyCmd != "" {
+		progress("waiting up to %s for %q to succeed", readyTimeout, req.ReadyCmd)
+		if err := waitReady(ctx, m, req.ReadyCmd, readyTimeout); err != nil {
+			return fail(errdefs.Wrap(errdefs.ErrTemplateBuild, err))
+		}
+	}
+	progress("saving template snapshot")
+	meta := subjects.TemplateMetadata{Envs: envs, StartCmd: req.StartCmd, ReadyCmd: req.ReadyCmd}
+	if meta.Envs == nil {
+		meta.Envs = map[string]string{}
+	}
+	src := subjects.Sandbox{SandboxID: id, TemplateID: req.TemplateID, Dir: dir}
+	s := &session{rec: src, machine: m}
+	rec, err := b.save(ctx, s, req.TemplateID, vmpool.SaveOptions{Kind: vmpool.Template, Stop: true}, meta)
+	if err != nil {
+		return fail(err)
+	}
+	rec.TemplateID = req.TemplateID
+	rec.Resources = subjects.Resources{VCPUs: res.VCPUs, MemoryMB: res.MemoryMB}
+	if err := b.cfg.Store.PutSnapshot(ctx, rec); err != nil {
+		_ = os.RemoveAll(rec.Location)
+		return fail(fmt.Errorf("store snapshot record: %w", err))
+	}
+	old, had, err := b.templates.put(req.TemplateID, rec)
+	if err != nil {
+		return fail(fmt.Errorf("record template: %w", err))
+	}
+	b.pool.Drain(req.TemplateID)
+	if had && old.Location != rec.Location {
+		b.retire(old)
+	}
+	progress("template %s ready: snapshot %s, %d bytes", req.TemplateID, rec.SnapshotID, rec.SizeBytes)
+	return rec, nil
+}
+
+// waitReady runs cmd until it exits 0, with backoff, for at most timeout.
+func waitReady(ctx context.Context, m vmpool.Machine, cmd string, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	bo := backoff.WithContext(backoff.NewExponentialBackOff(
+		backoff.WithInitialInterval(100*time.Millisecond), backoff.WithMaxInterval(2*time.Second), backoff.WithMaxElapsedTime(0)), ctx)
+	var last string
+	err := backoff.Retry(func() error {
+		var stderr strings.Builder
+		res, err := m.Exec(ctx, agent.ExecRequest{Command: cmd, Timeout: 10 * time.Second}, func(s agent.Stream, d []byte) {
+			if s == agent.Stderr && stderr.Len() < 512 {
+				stderr.Write(d)
+			}
+		})
+		switch {
+		case err != nil:
+			last = err.Error()
+		case res.ExitCode != 0:
+			last = fmt.Sprintf("exit code %d %s", res.ExitCode, strings.TrimSpace(stderr.String()))
+		default:
+			return nil
+		}
+		return errors.New(last)
+	}, bo)
+	if err != nil {
+		return fmt.Errorf("ready command %q did not succeed within %s (last: %s)", cmd, timeout, last)
+	}
+	return nil
+}
+
+// startTemplateCommand starts a template's start command in a new sandbox.
+func (b *Backend) startTemplateCommand(id string, m vmpool.Machine, cmd string) {
+	ctx, cancel := context.WithTimeout(b.ctx, 30*time.Second)
+	defer cancel()
+	if _, err := m.Exec(ctx, agent.ExecRequest{Command: cmd, Detach: true}, nil); err != nil {
+		b.log.Warn("start template command", "sandbox", id, "err", err)
+	}
+}
+
+// retire removes a replaced template snapshot's files once nothing uses them.
+func (b *Backend) retire(old subjects.SnapshotRecord) {
+	ctx, cancel := context.WithTimeout(b.ctx, 10*time.Second)
+	defer cancel()
+	sessions, err := b.cfg.Store.ListSessions(ctx)
+	if err != nil {
+		return
+	}
+	for _, s := range sessions {
+		if s.DiskParentLocation == old.Location {
+			b.log.Info("replaced template kept: a sandbox's disk sits on it", "template", old.TemplateID, "sandbox", s.SandboxID)
+			return
+		}
+	}
+	snaps, err := b.cfg.Store.ListSnapshots(ctx)
+	if err != nil {
+		return
+	}
+	for _, r := range snaps {
+		if r.ParentLocation == old.Location {
+			b.log.Info("replaced template kept: a snapshot is layered on it", "template", old.TemplateID, "snapshot", r.SnapshotID)
+			return
+		}
+	}
+	if err := os.RemoveAll(old.Location); err != nil {
+		b.log.Warn("remove replaced template", "template", old.TemplateID, "err", err)
+	}
+}
