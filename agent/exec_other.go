@@ -1,0 +1,15 @@
+//go:build !unix
+
+package agent
+
+import (
+	"context"
+	"errors"
+	"io"
+
+	"github.com/firkin-dev/firkin-worker/errdefs"
+)
+
+func (s *Server) exec(ctx context.Context, st io.ReadWriter, req ExecRequest) {
+	sendError(st, errdefs.Wrap(errdefs.ErrUnsupported, errors.New("exec is only supported on unix guests")))
+}
