@@ -1,0 +1,59 @@
+# firkin-worker — build, run, test and benchmark.
+#
+#   make run     build and run a worker (embedded NATS, default driver, tiny)
+#   make test    everything CI checks: vet, the darwin type-check, all tests
+#   make bench   the benchmark through the real NATS path (JSON + table)
+
+GO        ?= go
+ARCH      := $(shell $(GO) env GOARCH)
+BIN       := bin
+STATE_DIR ?= $(if $(filter 0,$(shell id -u)),/var/lib/firkin,$(HOME)/.firkin)
+TEST_FLAGS ?= -race -count=1 -timeout 30m
+AGENT_SRC := $(shell find agent cmd/firkin-agent -name '*.go' -not -name '*_test.go')
+
+.PHONY: all build deps images run test vet fmt bench sign clean
+
+all: build
+
+## build: the worker and the guest agents (static, amd64 and arm64)
+build: $(BIN)/firkin-worker $(BIN)/firkin-agent-linux-amd64 $(BIN)/firkin-agent-linux-arm64
+
+$(BIN)/firkin-worker: FORCE
+	$(GO) build -o $@ ./cmd/firkin-worker
+
+$(BIN)/firkin-agent-linux-%: $(AGENT_SRC) go.mod go.sum
+	CGO_ENABLED=0 GOOS=linux GOARCH=$* $(GO) build -trimpath -ldflags='-s -w' -o $@ ./cmd/firkin-agent
+
+## deps: install QEMU, busybox-static, e2fsprogs... when missing (apt-get)
+deps:
+	@if [ "$$(id -u)" = 0 ]; then scripts/deps.sh; else echo "deps: not root; skipping scripts/deps.sh (run it with sudo if QEMU is missing)"; fi
+
+## images: the guest kernel, initramfs and tiny root disk (rebuilt when an input changes)
+images: deps build
+	$(BIN)/firkin-worker images --state-dir $(STATE_DIR)
+
+## run: a worker with embedded NATS on 127.0.0.1:4222
+run: deps build
+	$(BIN)/firkin-worker --state-dir $(STATE_DIR) $(ARGS)
+
+vet:
+	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$unformatted" ]; then echo "gofmt needed:"; echo "$$unformatted"; exit 1; fi
+	$(GO) vet ./...
+
+## test: vet, the darwin type-check of the VZ driver, and every test (real NATS, real QEMU)
+test: deps build vet
+	$(GO) run ./tools/darwincheck
+	$(GO) test $(TEST_FLAGS) ./...
+
+## bench: cold boot, restore, pool, exec, snapshot, RSS and the NATS floor
+bench: deps build
+	$(GO) run ./cmd/firkin-bench -out bench-results.json
+
+## sign: codesign the worker with the virtualization entitlement (macOS)
+sign: $(BIN)/firkin-worker
+	codesign --force --sign - --entitlements deploy/darwin/entitlements.plist $(BIN)/firkin-worker
+
+clean:
+	rm -rf $(BIN)
+
+FORCE:

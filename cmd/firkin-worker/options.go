@@ -1,0 +1,165 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/firkin-dev/firkin-worker/backend"
+	"github.com/firkin-dev/firkin-worker/worker"
+)
+
+// options are the command line's settings.
+type options struct {
+	stateDir, natsURL, natsListen, prefix, driver, accel, kernel, agent string
+	pool, proxyListen, domain, logFormat, logLevel, tokenSecret         string
+	maxSessions, maxVCPUs, maxMemoryMB                                  int
+	minFreeDiskMB                                                       int
+	logMaxAge                                                           time.Duration
+}
+
+func defaultStateDir() string {
+	if os.Geteuid() == 0 {
+		return "/var/lib/firkin"
+	}
+	if home, err := os.UserHomeDir(); err == nil {
+		return filepath.Join(home, ".firkin")
+	}
+	return ".firkin"
+}
+
+// parseOptions reads flags, then fills every flag not given from
+// FIRKIN_<NAME>, then from the --config file.
+func parseOptions(args []string, getenv func(string) string, readFile func(string) ([]byte, error)) (options, error) {
+	var o options
+	var configPath string
+	fs := flag.NewFlagSet("firkin-worker", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	fs.StringVar(&configPath, "config", "", "JSON file of settings: {\"flag-name\": \"value\", ...}")
+	fs.StringVar(&o.stateDir, "state-dir", defaultStateDir(), "images, snapshots, overlays and the embedded server's JetStream store")
+	fs.StringVar(&o.natsURL, "nats-url", "", "connect to this NATS server or cluster instead of embedding one")
+	fs.StringVar(&o.natsListen, "nats-listen", "127.0.0.1:4222", "the embedded server's client address")
+	fs.StringVar(&o.prefix, "prefix", "firkin", "subject prefix")
+	fs.StringVar(&o.driver, "driver", "auto", "machine driver: auto, qemu or vz")
+	fs.StringVar(&o.accel, "accel", "auto", "qemu accelerator: auto (KVM when a probe proves it works), kvm or tcg")
+	fs.StringVar(&o.kernel, "kernel", "", "guest kernel to use instead of the one the image builder extracts")
+	fs.StringVar(&o.agent, "agent", "", "guest agent binary (default: firkin-agent-linux-<arch> beside this binary)")
+	fs.StringVar(&o.pool, "pool", "tiny=1", "warm pool targets, e.g. tiny=2,py=1")
+	fs.StringVar(&o.proxyListen, "proxy-listen", "127.0.0.1:8080", "the port-routing proxy's address")
+	fs.StringVar(&o.domain, "domain", "localhost", "domain of routed hosts: <port>-<sandbox>.<domain>")
+	fs.StringVar(&o.logFormat, "log-format", "auto", "text (tint, default on a terminal) or json")
+	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&o.tokenSecret, "token-secret", "", "secret for access tokens (default: made and kept in the state dir)")
+	fs.IntVar(&o.maxSessions, "max-sandboxes", 64, "most sandboxes (active and warm) at once")
+	fs.IntVar(&o.maxVCPUs, "max-vcpus", 256, "most vCPUs handed out at once")
+	fs.IntVar(&o.maxMemoryMB, "max-memory-mb", 768<<10, "most guest memory handed out at once, MiB")
+	fs.IntVar(&o.minFreeDiskMB, "min-free-disk-mb", 1024, "refuse creates and snapshots below this much free disk, MiB")
+	fs.DurationVar(&o.logMaxAge, "log-max-age", 24*time.Hour, "how long log events are kept")
+	fs.Usage = func() {
+		out := fs.Output()
+		fmt.Fprintln(out, "usage: firkin-worker [flags]\n\nEvery flag may also be set as FIRKIN_<NAME> (e.g. FIRKIN_STATE_DIR) or in --config.")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fs.SetOutput(os.Stdout)
+			fs.Usage()
+		}
+		return o, err
+	}
+	if fs.NArg() > 0 {
+		return o, fmt.Errorf("unexpected arguments %q (the worker takes flags only)", fs.Args())
+	}
+	given := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
+	if configPath == "" {
+		configPath = getenv("FIRKIN_CONFIG")
+	}
+	var file map[string]any
+	if configPath != "" {
+		data, err := readFile(configPath)
+		if err != nil {
+			return o, fmt.Errorf("--config: %w", err)
+		}
+		if err := json.Unmarshal(data, &file); err != nil {
+			return o, fmt.Errorf("--config %s: %w", configPath, err)
+		}
+	}
+	var errs []error
+	fs.VisitAll(func(f *flag.Flag) {
+		if given[f.Name] || f.Name == "config" {
+			return
+		}
+		if v := getenv(EnvName(f.Name)); v != "" {
+			if err := f.Value.Set(v); err != nil {
+				errs = append(errs, fmt.Errorf("%s=%q: %w", EnvName(f.Name), v, err))
+			}
+			return
+		}
+		if v, ok := file[f.Name]; ok {
+			if err := f.Value.Set(fmt.Sprint(v)); err != nil {
+				errs = append(errs, fmt.Errorf("--config %s: %s=%v: %w", configPath, f.Name, v, err))
+			}
+			delete(file, f.Name)
+		}
+	})
+	for k := range file {
+		if fs.Lookup(k) == nil {
+			errs = append(errs, fmt.Errorf("--config %s: unknown setting %q", configPath, k))
+		}
+	}
+	if _, err := parsePool(o.pool); err != nil {
+		errs = append(errs, err)
+	}
+	return o, errors.Join(errs...)
+}
+
+// EnvName is the environment variable of a flag: FIRKIN_ + upper case, - → _.
+func EnvName(flagName string) string {
+	return "FIRKIN_" + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
+}
+
+// parsePool parses "tiny=2,py=1".
+func parsePool(s string) (map[string]int, error) {
+	out := map[string]int{}
+	if strings.TrimSpace(s) == "" {
+		return out, nil
+	}
+	for _, part := range strings.Split(s, ",") {
+		name, num, ok := strings.Cut(strings.TrimSpace(part), "=")
+		n, err := strconv.Atoi(num)
+		if !ok || name == "" || err != nil || n < 0 {
+			return nil, fmt.Errorf("--pool %q: want template=count[,template=count...]", s)
+		}
+		out[name] = n
+	}
+	return out, nil
+}
+
+func (o options) workerConfig() worker.Config {
+	pool, _ := parsePool(o.pool)
+	return worker.Config{
+		StateDir:         o.stateDir,
+		NATSURL:          o.natsURL,
+		NATSListen:       o.natsListen,
+		Prefix:           o.prefix,
+		Driver:           o.driver,
+		Accel:            o.accel,
+		Kernel:           o.kernel,
+		AgentBinary:      o.agent,
+		Pool:             pool,
+		ProxyListen:      o.proxyListen,
+		Domain:           o.domain,
+		TokenSecret:      o.tokenSecret,
+		LogMaxAge:        o.logMaxAge,
+		MinFreeDiskBytes: uint64(o.minFreeDiskMB) << 20,
+		Limits:           backend.Limits{MaxSessions: o.maxSessions, MaxVCPUs: o.maxVCPUs, MaxMemoryMB: o.maxMemoryMB},
+	}
+}
