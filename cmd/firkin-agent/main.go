@@ -43,6 +43,9 @@ const rootMount = "/mnt/root"
 // console is where the agent logs: /dev/console once /dev is mounted.
 var console io.Writer = os.Stderr
 
+// logLevel is raised to debug by firkin.debug on the command line.
+var logLevel slog.LevelVar
+
 func main() {
 	if os.Getpid() != 1 {
 		fmt.Fprintln(os.Stderr, "firkin-agent: must run as PID 1 of a guest (it mounts, loads modules and powers off)")
@@ -52,7 +55,7 @@ func main() {
 	ignoreSignals()
 	reaper := agent.NewReaper(ctx)
 
-	log := slog.New(slog.NewTextHandler(prefixWriter{&console}, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	log := slog.New(slog.NewTextHandler(prefixWriter{&console}, &slog.HandlerOptions{Level: &logLevel}))
 	start := time.Now()
 	cfg, err := boot(ctx, log)
 	if err != nil {
@@ -169,6 +172,9 @@ func boot(ctx context.Context, log *slog.Logger) (*config, error) {
 				return err
 			}
 			*cfg = parseCmdline(string(b))
+			if cfg.debug {
+				logLevel.Set(slog.LevelDebug)
+			}
 			return nil
 		}},
 		{"load modules", func() error { return loadModules(log, modulesList) }},

@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/firkin-dev/firkin-worker/agent"
 )
 
 // modulesList names the modules to load, one absolute path a line, in order.
@@ -218,10 +220,7 @@ func vsockDevice() bool {
 }
 
 // serve finds the channel and serves it forever.
-func serve(ctx context.Context, log *slog.Logger, srv interface {
-	Serve(context.Context, ioReadWriter) error
-	ServeConn(context.Context, ioReadWriter) error
-}, cfg *config) error {
+func serve(ctx context.Context, log *slog.Logger, srv *agent.Server, cfg *config) error {
 	ch, err := findChannel(cfg)
 	if err != nil {
 		return err
