@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -36,9 +37,21 @@ func (b *builder) resolve(ctx context.Context) error {
 		return nil
 	}
 	stamp := listsStamp()
-	if old := b.old.Apt; old.ListsStamp != "" && old.ListsStamp == stamp && old.KernelPackage != "" && old.BusyboxVersion != "" {
-		b.apt = old
+	valid := func(r AptResolution) bool {
+		return r.ListsStamp != "" && r.ListsStamp == stamp && r.KernelPackage != "" && r.BusyboxVersion != ""
+	}
+	if valid(b.old.Apt) {
+		b.apt = b.old.Apt
 		return nil
+	}
+	// Another image directory sharing the cache may have asked already.
+	shared := filepath.Join(b.cfg.CacheDir, "apt-"+b.cfg.Arch+".json")
+	if data, err := os.ReadFile(shared); err == nil {
+		var r AptResolution
+		if json.Unmarshal(data, &r) == nil && valid(r) {
+			b.apt = r
+			return nil
+		}
 	}
 	if err := ensureForeignArch(ctx, b.cfg.Arch, b.log); err != nil {
 		return err
@@ -61,6 +74,11 @@ func (b *builder) resolve(ctx context.Context) error {
 	}
 	res.ListsStamp = listsStamp()
 	b.apt = res
+	if data, err := json.Marshal(res); err == nil {
+		if err := writeFileAtomic(shared, data); err != nil {
+			b.log.Warn("caching the package resolution", "err", err)
+		}
+	}
 	return nil
 }
 

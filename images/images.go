@@ -8,8 +8,16 @@
 //	vmlinuz          amd64 kernel (bzImage), or
 //	Image            arm64 kernel (raw, uncompressed: VZ needs it so)
 //	initramfs.cpio   newc cpio, uncompressed: /init is the agent
-//	tiny.ext4        the tiny template's root disk (sparse, 1 GiB by default)
+//	tiny-<key>.ext4  the tiny template's root disk (sparse, 1 GiB by default)
 //	manifest.json    the inputs every file was built from
+//
+// The root disk is named after its inputs (<key> is a hash of them) and old
+// ones are never replaced or removed by Build: overlays and frozen snapshot
+// disks name their backing file by path, so a disk must not change under
+// them. Deleting root disks that nothing references any more is up to the
+// caller. The kernel and initramfs are replaced in place (atomically): a
+// running machine has read them already, and a restore does not re-read them
+// into guest memory.
 //
 // Build is incremental: it compares the inputs of each file with the manifest
 // and rebuilds only the files whose inputs changed. Every file is written to a
@@ -34,6 +42,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"time"
 
@@ -55,7 +64,7 @@ const (
 	KernelAMD64   = "vmlinuz"
 	KernelARM64   = "Image"
 	InitramfsFile = "initramfs.cpio"
-	RootDiskFile  = "tiny.ext4"
+	RootDiskBase  = "tiny" // root disk: tiny-<key>.ext4
 	ManifestFile  = "manifest.json"
 	lockFileName  = ".lock"
 	tmpPrefix     = ".tmp-"
@@ -296,6 +305,9 @@ func (b *builder) build(ctx context.Context) (vmpool.Image, error) {
 		kernelFile = KernelARM64
 	}
 	if b.cfg.Kernel != "" {
+		if !fileExists(b.cfg.Kernel) {
+			return vmpool.Image{}, fmt.Errorf("kernel %s: not a regular file", b.cfg.Kernel)
+		}
 		img.Kernel = b.cfg.Kernel
 		m.Kernel = Artifact{File: b.cfg.Kernel, Inputs: map[string]string{"override": b.cfg.Kernel}}
 	} else {
@@ -357,11 +369,12 @@ func (b *builder) build(ctx context.Context) (vmpool.Image, error) {
 		"busybox":         bb.key,
 		"disk_size":       fmt.Sprint(b.cfg.DiskSize),
 	}
-	a, ok = b.reuse(b.old.RootDisk, RootDiskFile, in)
+	diskFile := RootDiskBase + "-" + inputsKey(in) + ".ext4"
+	a, ok = b.reuse(b.old.RootDisk, diskFile, in)
 	if !ok {
 		if err := b.step("root disk", func() error {
 			var err error
-			a, err = b.buildRootDisk(ctx, bb, in)
+			a, err = b.buildRootDisk(ctx, bb, diskFile, in)
 			return err
 		}); err != nil {
 			return vmpool.Image{}, err
@@ -369,7 +382,7 @@ func (b *builder) build(ctx context.Context) (vmpool.Image, error) {
 		built++
 	}
 	m.RootDisk = a
-	img.RootDisk = filepath.Join(b.dir, RootDiskFile)
+	img.RootDisk = filepath.Join(b.dir, diskFile)
 	if err := save(); err != nil {
 		return vmpool.Image{}, err
 	}
@@ -441,6 +454,15 @@ func writeFileAtomic(path string, data []byte) error {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
 	return nil
+}
+
+// inputsKey is a short stable hash of an inputs map.
+func inputsKey(in map[string]string) string {
+	h := sha256.New()
+	for _, k := range slices.Sorted(maps.Keys(in)) {
+		fmt.Fprintf(h, "%s=%s\n", k, in[k])
+	}
+	return hex.EncodeToString(h.Sum(nil))[:12]
 }
 
 func sha256File(path string) (string, error) {

@@ -108,7 +108,7 @@ func TestBuildAMD64(t *testing.T) {
 	t.Logf("first build (downloads cached in %s): %v", cfg.CacheDir, first)
 	dir := images.Dir(cfg)
 	if img.Kernel != filepath.Join(dir, images.KernelAMD64) || img.Initramfs != filepath.Join(dir, images.InitramfsFile) ||
-		img.RootDisk != filepath.Join(dir, images.RootDiskFile) || img.Arch != "amd64" {
+		filepath.Dir(img.RootDisk) != dir || !strings.HasPrefix(filepath.Base(img.RootDisk), images.RootDiskBase+"-") || img.Arch != "amd64" {
 		t.Fatalf("image paths: %+v", img)
 	}
 	for _, p := range []string{img.Kernel, img.Initramfs, img.RootDisk} {
@@ -172,6 +172,101 @@ func TestBuildAMD64(t *testing.T) {
 	}
 	if m3.Kernel.SHA256 != m1.Kernel.SHA256 || !modtime(t, img.Kernel).Equal(kt) || !modtime(t, img.RootDisk).Equal(rt) {
 		t.Errorf("kernel or root disk rebuilt after only the agent changed")
+	}
+	if d > 2*time.Second {
+		t.Errorf("initramfs rebuild took %v: kept modules not used?", d)
+	}
+	if m3.Initramfs.Modules[0] != "virtio_ring" || len(m3.Initramfs.Modules) != len(m1.Initramfs.Modules) {
+		t.Errorf("modules after rebuild: %v, want %v", m3.Initramfs.Modules, m1.Initramfs.Modules)
+	}
+
+	// A kernel override with a modules directory needs no kernel package:
+	// use the built kernel and the modules the builder kept in the cache.
+	kept, err := filepath.Glob(filepath.Join(cfg.CacheDir, "modules", "linux-image-*-amd64_*", "lib", "modules", "*"))
+	if err != nil || len(kept) == 0 {
+		t.Fatalf("no kept modules in %s: %v", cfg.CacheDir, err)
+	}
+	ocfg := config(t, "amd64", agent)
+	ocfg.Kernel = img.Kernel
+	ocfg.ModulesDir = kept[0]
+	oimg, d := build(t, ocfg)
+	t.Logf("build with kernel override: %v", d)
+	if oimg.Kernel != img.Kernel {
+		t.Errorf("override: kernel %s, want %s", oimg.Kernel, img.Kernel)
+	}
+	if _, err := os.Stat(filepath.Join(images.Dir(ocfg), images.KernelAMD64)); !os.IsNotExist(err) {
+		t.Errorf("override: the builder still extracted a kernel (%v)", err)
+	}
+	files, _ := readCPIO(t, oimg.Initramfs)
+	if got, want := string(files[images.ModulesListPath].data), string(mustCPIO(t, img.Initramfs)[images.ModulesListPath].data); got != want {
+		t.Errorf("override: module list\n%s\nwant\n%s", got, want)
+	}
+}
+
+func mustCPIO(t *testing.T, path string) map[string]cpioFile {
+	files, _ := readCPIO(t, path)
+	return files
+}
+
+// TestBuildConcurrent runs two builds of one directory at once: the lock
+// makes one wait, and both return the same image.
+func TestBuildConcurrent(t *testing.T) {
+	agent := smokeInit(t, "amd64")
+	cfg := config(t, "amd64", agent)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	type result struct {
+		img vmpool.Image
+		err error
+	}
+	results := make(chan result, 2)
+	for range 2 {
+		go func() {
+			img, err := images.Build(ctx, cfg)
+			results <- result{img, err}
+		}()
+	}
+	a, b := <-results, <-results
+	if a.err != nil || b.err != nil {
+		t.Fatalf("builds: %v, %v", a.err, b.err)
+	}
+	if a.img != b.img {
+		t.Errorf("concurrent builds disagree: %+v vs %+v", a.img, b.img)
+	}
+	m, err := images.ReadManifest(images.Dir(cfg))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if filepath.Base(a.img.RootDisk) != m.RootDisk.File {
+		t.Errorf("manifest root disk %s, image %s", m.RootDisk.File, a.img.RootDisk)
+	}
+	ents, err := os.ReadDir(images.Dir(cfg))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		if strings.HasPrefix(e.Name(), ".tmp-") {
+			t.Errorf("leftover %s", e.Name())
+		}
+	}
+}
+
+func TestValidate(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		cfg  images.Config
+		ok   bool
+	}{
+		{"ok", images.Config{StateDir: "/s", Arch: "amd64", AgentBinary: "/a", DiskSize: 1 << 30}, true},
+		{"no state", images.Config{Arch: "amd64", AgentBinary: "/a", DiskSize: 1 << 30}, false},
+		{"bad arch", images.Config{StateDir: "/s", Arch: "riscv64", AgentBinary: "/a", DiskSize: 1 << 30}, false},
+		{"no agent", images.Config{StateDir: "/s", Arch: "arm64", DiskSize: 1 << 30}, false},
+		{"tiny disk", images.Config{StateDir: "/s", Arch: "arm64", AgentBinary: "/a", DiskSize: 1 << 20}, false},
+		{"bad module", images.Config{StateDir: "/s", Arch: "arm64", AgentBinary: "/a", DiskSize: 1 << 30, ExtraModules: []string{"../x"}}, false},
+	} {
+		if err := tc.cfg.Validate(); (err == nil) != tc.ok {
+			t.Errorf("%s: Validate() = %v", tc.name, err)
+		}
 	}
 }
 

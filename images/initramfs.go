@@ -106,13 +106,16 @@ func (t cpioTree) write(w io.Writer) error {
 // buildInitramfs writes the agent as /init, the directories it needs, the
 // modules and the list of modules in load order.
 func (b *builder) buildInitramfs(ctx context.Context, in map[string]string) (Artifact, error) {
-	root, config, err := b.modulesRoot(ctx)
+	root, config, keep, err := b.modulesRoot(ctx)
 	if err != nil {
 		return Artifact{}, err
 	}
 	mods, err := resolveModules(root, config, b.wantModules())
 	if err != nil {
 		return Artifact{}, err
+	}
+	if keep != nil {
+		keep(mods)
 	}
 	kver := path.Base(root)
 	t := cpioTree{}

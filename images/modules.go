@@ -59,9 +59,13 @@ func (b *builder) wantModules() []string {
 	return want
 }
 
-// modulesRoot returns the lib/modules/<version> directory and the kernel
-// config path ("" when unknown).
-func (b *builder) modulesRoot(ctx context.Context) (root, config string, err error) {
+// modulesRoot returns the lib/modules/<version> directory to take modules
+// from and the kernel config path ("" when unknown). From the Debian package
+// it first looks for the modules a previous build kept in the cache (see
+// keepModules), which spares extracting the package when only the agent
+// changed; otherwise it extracts the package and returns a keep function
+// that saves the chosen modules for next time.
+func (b *builder) modulesRoot(ctx context.Context) (root, config string, keep func([]module), err error) {
 	if b.cfg.ModulesDir != "" {
 		root = b.cfg.ModulesDir
 		for _, c := range []string{
@@ -70,22 +74,42 @@ func (b *builder) modulesRoot(ctx context.Context) (root, config string, err err
 			filepath.Join("/boot", "config-"+filepath.Base(root)),
 		} {
 			if fileExists(c) {
-				return root, c, nil
+				return root, c, nil, nil
 			}
 		}
-		return root, "", nil
+		return root, "", nil, nil
+	}
+	kept := filepath.Join(b.cfg.CacheDir, "modules",
+		strings.TrimSuffix(b.kernelDeb(), ".deb")+"-"+inputsKey(map[string]string{"modules": strings.Join(b.wantModules(), ",")}))
+	if root, config, err := treeRoot(kept); err == nil && fileExists(filepath.Join(kept, ".complete")) {
+		return root, config, nil, nil
 	}
 	tree, err := b.kernelTree(ctx)
 	if err != nil {
-		return "", "", err
+		return "", "", nil, err
 	}
+	root, config, err = treeRoot(tree)
+	if err != nil {
+		return "", "", nil, fmt.Errorf("kernel package: %w", err)
+	}
+	keep = func(mods []module) {
+		if err := keepModules(kept, root, config, mods); err != nil {
+			b.log.Warn("keeping modules in the cache", "dir", kept, "err", err)
+		}
+	}
+	return root, config, keep, nil
+}
+
+// treeRoot finds lib/modules/<version> and boot/config-<version> in an
+// extracted kernel package (or a kept copy of one).
+func treeRoot(tree string) (root, config string, err error) {
 	var roots []string
 	for _, pat := range []string{"lib/modules/*", "usr/lib/modules/*"} {
 		m, _ := filepath.Glob(filepath.Join(tree, pat))
 		roots = append(roots, m...)
 	}
 	if len(roots) != 1 {
-		return "", "", fmt.Errorf("kernel package: want one lib/modules/<version>, found %v", roots)
+		return "", "", fmt.Errorf("want one lib/modules/<version> in %s, found %v", tree, roots)
 	}
 	root = roots[0]
 	config = filepath.Join(tree, "boot", "config-"+filepath.Base(root))
@@ -93,6 +117,53 @@ func (b *builder) modulesRoot(ctx context.Context) (root, config string, err err
 		config = ""
 	}
 	return root, config, nil
+}
+
+// keepModules saves the chosen (uncompressed) modules with modules.builtin
+// and the kernel config as a small tree at dir, renamed into place whole.
+func keepModules(dir, root, config string, mods []module) error {
+	if err := os.MkdirAll(filepath.Dir(dir), 0o755); err != nil {
+		return err
+	}
+	tmp, err := os.MkdirTemp(filepath.Dir(dir), tmpPrefix)
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(tmp)
+	kver := filepath.Base(root)
+	mroot := filepath.Join(tmp, "lib", "modules", kver)
+	for _, m := range mods {
+		p := filepath.Join(mroot, m.Rel)
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			return err
+		}
+		if err := os.WriteFile(p, m.Data, 0o644); err != nil {
+			return err
+		}
+	}
+	if err := os.MkdirAll(filepath.Join(mroot, "kernel"), 0o755); err != nil {
+		return err
+	}
+	if fileExists(filepath.Join(root, "modules.builtin")) {
+		if err := copyFile(filepath.Join(root, "modules.builtin"), filepath.Join(mroot, "modules.builtin"), 0o644); err != nil {
+			return err
+		}
+	}
+	if config != "" {
+		if err := os.MkdirAll(filepath.Join(tmp, "boot"), 0o755); err != nil {
+			return err
+		}
+		if err := copyFile(config, filepath.Join(tmp, "boot", "config-"+kver), 0o644); err != nil {
+			return err
+		}
+	}
+	if err := os.WriteFile(filepath.Join(tmp, ".complete"), nil, 0o644); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, dir); err != nil && !fileExists(filepath.Join(dir, ".complete")) {
+		return err
+	}
+	return nil
 }
 
 // module is one kernel module to put into the initramfs.

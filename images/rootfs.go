@@ -117,7 +117,7 @@ var rootfsDirs = map[string]os.FileMode{
 
 // buildRootDisk lays out busybox, its applet links and a minimal /etc in a
 // staging directory and makes a sparse ext4 image of it.
-func (b *builder) buildRootDisk(ctx context.Context, src busyboxSource, in map[string]string) (Artifact, error) {
+func (b *builder) buildRootDisk(ctx context.Context, src busyboxSource, name string, in map[string]string) (Artifact, error) {
 	bbPath, err := b.busyboxPath(ctx, src)
 	if err != nil {
 		return Artifact{}, err
@@ -175,7 +175,7 @@ func (b *builder) buildRootDisk(ctx context.Context, src busyboxSource, in map[s
 		}
 	}
 
-	disk := filepath.Join(tmp, RootDiskFile)
+	disk := filepath.Join(tmp, name)
 	if err := b.step("mkfs.ext4", func() error {
 		f, err := os.Create(disk)
 		if err != nil {
@@ -190,8 +190,11 @@ func (b *builder) buildRootDisk(ctx context.Context, src busyboxSource, in map[s
 		}
 		// lazy_itable_init=0: initialise inode tables now, not in the guest
 		// (which would write them into every sandbox's overlay).
+		// lazy_journal_init=1: the file is new and sparse, so the journal
+		// reads as zeros without writing 32 MiB of them (2.6 MB on disk
+		// instead of 35 MB).
 		_, err = run(ctx, "", "mkfs.ext4", "-q", "-F", "-L", "firkin-tiny", "-m", "0",
-			"-d", stage, "-E", "root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0", disk)
+			"-d", stage, "-E", "root_owner=0:0,lazy_itable_init=0,lazy_journal_init=1", disk)
 		return err
 	}); err != nil {
 		return Artifact{}, err
@@ -201,7 +204,12 @@ func (b *builder) buildRootDisk(ctx context.Context, src busyboxSource, in map[s
 			return Artifact{}, err
 		}
 	}
-	return b.install(disk, RootDiskFile, in, false)
+	a, err := b.install(disk, name, in, false)
+	if err != nil {
+		return a, err
+	}
+	// The base disk is read-only from now on.
+	return a, os.Chmod(filepath.Join(b.dir, name), 0o444)
 }
 
 // fixOwners sets every inode of the image to root, and /home/user to 1000,
