@@ -140,7 +140,13 @@ func mountRoot(log *slog.Logger, cfg *config) error {
 		return fmt.Errorf("root disk %s did not appear within %v", cfg.rootDev, rootDiskWait)
 	}
 	if err := doMount(mount{cfg.rootDev, rootMount, cfg.rootFSType, unix.MS_NOATIME, ""}); err != nil {
-		return err
+		if !errors.Is(err, unix.EROFS) && !errors.Is(err, unix.EACCES) {
+			return err
+		}
+		log.Warn("root disk is read-only", "dev", cfg.rootDev)
+		if err := doMount(mount{cfg.rootDev, rootMount, cfg.rootFSType, unix.MS_RDONLY, ""}); err != nil {
+			return err
+		}
 	}
 	inner := []mount{
 		{"proc", rootMount + "/proc", "proc", unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC, ""},
