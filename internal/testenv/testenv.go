@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -25,6 +26,13 @@ import (
 
 // CacheEnv names the environment variable that overrides the cache directory.
 const CacheEnv = "FIRKIN_TEST_CACHE"
+
+// Per test binary memo of what was built.
+var (
+	mu       sync.Mutex
+	binaries = map[string]string{}       // "arch pkg" -> path
+	built    = map[string]vmpool.Image{} // "arch agent name" -> image
+)
 
 // buildTimeout bounds an image build (a first build downloads about 30 MB).
 const buildTimeout = 10 * time.Minute
@@ -71,9 +79,18 @@ func CheckArch(t testing.TB, arch string) {
 // unchanged package costs well under a second, and a changed one is never
 // stale. The binary is renamed into place, so parallel test binaries share it
 // safely.
+//
+// Within one test binary the result is remembered: the sources do not change
+// while it runs.
 func StaticBinary(t testing.TB, arch, pkg string) string {
 	t.Helper()
 	CheckArch(t, arch)
+	key := arch + " " + pkg
+	mu.Lock()
+	defer mu.Unlock()
+	if p, ok := binaries[key]; ok {
+		return p
+	}
 	dir := filepath.Join(CacheDir(t), "bin", arch)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatalf("testenv: %v", err)
@@ -102,6 +119,7 @@ func StaticBinary(t testing.TB, arch, pkg string) string {
 	if err := os.Rename(tmp.Name(), out); err != nil {
 		t.Fatalf("testenv: %v", err)
 	}
+	binaries[key] = out
 	return out
 }
 
@@ -125,6 +143,13 @@ func Image(t testing.TB, arch string) vmpool.Image {
 func ImageWithAgent(t testing.TB, arch, agent, name string) vmpool.Image {
 	t.Helper()
 	CheckArch(t, arch)
+	key := arch + " " + agent + " " + name
+	mu.Lock()
+	img, ok := built[key]
+	mu.Unlock()
+	if ok {
+		return img
+	}
 	cache := CacheDir(t)
 	ctx, cancel := context.WithTimeout(context.Background(), buildTimeout)
 	defer cancel()
@@ -138,6 +163,9 @@ func ImageWithAgent(t testing.TB, arch, agent, name string) vmpool.Image {
 	if err != nil {
 		t.Fatalf("testenv: build %s image: %v\n(missing tools? run scripts/deps.sh as root)", arch, err)
 	}
+	mu.Lock()
+	built[key] = img
+	mu.Unlock()
 	return img
 }
 
