@@ -6,6 +6,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -44,65 +45,160 @@ func (b *consoleBuffer) tail() string {
 	return s
 }
 
-// bootVM boots the real image with the current agent under TCG and returns
-// the host end of the agent channel.
-func bootVM(t *testing.T) (net.Conn, *consoleBuffer) {
+// vm is one QEMU process running the real image with the current agent.
+type vm struct {
+	cmd     *exec.Cmd
+	exited  chan struct{}
+	console *consoleBuffer
+	sock    string // agent channel
+	qmp     string // QMP socket
+}
+
+// vmArgs are the QEMU arguments for a machine whose files live in dir; a
+// restore uses the same ones plus -incoming.
+func vmArgs(t *testing.T, dir string) []string {
+	t.Helper()
+	img := testenv.Image(t, "amd64")
+	overlay := filepath.Join(dir, "root.qcow2")
+	if _, err := os.Stat(overlay); err != nil {
+		b, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", img.RootDisk, overlay).CombinedOutput()
+		if err != nil {
+			t.Fatalf("qemu-img: %v %s", err, b)
+		}
+	}
+	return []string{"-M", "q35", "-accel", "tcg", "-cpu", "max", "-m", "256", "-smp", "1",
+		"-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot", "-nodefaults",
+		"-kernel", img.Kernel, "-initrd", img.Initramfs,
+		"-append", "console=ttyS0 panic=-1 loglevel=4 firkin.ip=10.0.2.15/24 firkin.gw=10.0.2.2 firkin.dns=10.0.2.3",
+		"-drive", "if=none,id=root,format=qcow2,file=" + overlay,
+		"-device", "virtio-blk-pci,drive=root",
+		"-device", "virtio-serial-pci",
+		"-chardev", "socket,id=agent,path=" + filepath.Join(dir, "agent.sock") + ",server=on,wait=off",
+		"-device", "virtserialport,chardev=agent,name=firkin.agent",
+		"-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0",
+		"-qmp", "unix:" + filepath.Join(dir, "qmp.sock") + ",server=on,wait=off",
+	}
+}
+
+// startVM starts QEMU with args and kills it when the test ends.
+func startVM(t *testing.T, dir string, args []string) *vm {
 	t.Helper()
 	qemu := testenv.RequireQEMU(t, "amd64")
-	img := testenv.Image(t, "amd64")
+	v := &vm{exited: make(chan struct{}), console: &consoleBuffer{},
+		sock: filepath.Join(dir, "agent.sock"), qmp: filepath.Join(dir, "qmp.sock")}
+	os.Remove(v.sock)
+	os.Remove(v.qmp)
+	v.cmd = exec.Command(qemu, args...)
+	v.cmd.Stdout, v.cmd.Stderr = v.console, v.console
+	v.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := v.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = v.cmd.Wait(); close(v.exited) }()
+	t.Cleanup(func() {
+		v.kill()
+		if t.Failed() {
+			t.Logf("guest console tail:\n%s", v.console.tail())
+		}
+	})
+	return v
+}
+
+func (v *vm) kill() {
+	_ = v.cmd.Process.Kill()
+	<-v.exited
+}
+
+// dial connects to a unix socket of the VM, waiting for QEMU to make it.
+func (v *vm) dial(t *testing.T, path string) net.Conn {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		c, err := net.Dial("unix", path)
+		if err == nil {
+			t.Cleanup(func() { c.Close() })
+			return c
+		}
+		select {
+		case <-v.exited:
+			t.Fatalf("qemu exited; console:\n%s", v.console.tail())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no socket %s: %v", path, err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// tempDir returns a short private directory (unix socket paths are limited).
+func tempDir(t *testing.T) string {
+	t.Helper()
 	dir, err := os.MkdirTemp("", "fa-")
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	sock := filepath.Join(dir, "agent.sock")
-	args := []string{"-M", "q35", "-accel", "tcg", "-cpu", "max", "-m", "256", "-smp", "1",
-		"-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot", "-nodefaults",
-		"-kernel", img.Kernel, "-initrd", img.Initramfs,
-		"-append", "console=ttyS0 panic=-1 loglevel=4 firkin.ip=10.0.2.15/24 firkin.gw=10.0.2.2 firkin.dns=10.0.2.3",
-		"-drive", "if=none,id=root,format=raw,snapshot=on,file=" + img.RootDisk,
-		"-device", "virtio-blk-pci,drive=root",
-		"-device", "virtio-serial-pci",
-		"-chardev", "socket,id=agent,path=" + sock + ",server=on,wait=off",
-		"-device", "virtserialport,chardev=agent,name=firkin.agent",
-		"-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0",
+	return dir
+}
+
+// bootVM boots the real image with the current agent under TCG and returns
+// the host end of the agent channel.
+func bootVM(t *testing.T) (net.Conn, *consoleBuffer) {
+	t.Helper()
+	dir := tempDir(t)
+	v := startVM(t, dir, vmArgs(t, dir))
+	return v.dial(t, v.sock), v.console
+}
+
+// qmp runs QMP commands on the VM.
+type qmp struct {
+	conn net.Conn
+	dec  *json.Decoder
+}
+
+func (v *vm) qmpConnect(t *testing.T) *qmp {
+	t.Helper()
+	c := v.dial(t, v.qmp)
+	q := &qmp{conn: c, dec: json.NewDecoder(c)}
+	var greeting map[string]any
+	if err := q.dec.Decode(&greeting); err != nil {
+		t.Fatalf("qmp greeting: %v", err)
 	}
-	var out consoleBuffer
-	cmd := exec.Command(qemu, args...)
-	cmd.Stdout, cmd.Stderr = &out, &out
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
+	q.run(t, "qmp_capabilities", nil)
+	return q
+}
+
+// run executes one command and returns its "return" value, skipping events.
+func (q *qmp) run(t *testing.T, cmd string, args any) json.RawMessage {
+	t.Helper()
+	req := map[string]any{"execute": cmd}
+	if args != nil {
+		req["arguments"] = args
 	}
-	exited := make(chan struct{})
-	go func() { _ = cmd.Wait(); close(exited) }()
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		<-exited
-		if t.Failed() {
-			t.Logf("guest console tail:\n%s", out.tail())
-		}
-	})
-	var conn net.Conn
-	deadline := time.Now().Add(10 * time.Second)
-	for conn == nil {
-		c, err := net.Dial("unix", sock)
-		if err == nil {
-			conn = c
-			break
-		}
-		select {
-		case <-exited:
-			t.Fatalf("qemu exited; console:\n%s", out.tail())
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no agent socket: %v", err)
-		}
-		time.Sleep(10 * time.Millisecond)
+	if err := json.NewEncoder(q.conn).Encode(req); err != nil {
+		t.Fatalf("qmp %s: %v", cmd, err)
 	}
-	t.Cleanup(func() { conn.Close() })
-	return conn, &out
+	_ = q.conn.SetReadDeadline(time.Now().Add(60 * time.Second))
+	for {
+		var msg struct {
+			Return json.RawMessage `json:"return"`
+			Error  *struct {
+				Desc string `json:"desc"`
+			} `json:"error"`
+			Event string `json:"event"`
+		}
+		if err := q.dec.Decode(&msg); err != nil {
+			t.Fatalf("qmp %s: %v", cmd, err)
+		}
+		if msg.Event != "" {
+			continue
+		}
+		if msg.Error != nil {
+			t.Fatalf("qmp %s: %s", cmd, msg.Error.Desc)
+		}
+		return msg.Return
+	}
 }
 
 func execOut(t *testing.T, c *agent.Client, req agent.ExecRequest) (string, agent.ExecResult) {
@@ -205,6 +301,90 @@ func TestAgentInVM(t *testing.T) {
 	}
 	if b, err := c2.ReadFile(ctx, "/root/x/y.txt"); err != nil || string(b) != "data" {
 		t.Errorf("ReadFile: %q %v", b, err)
+	}
+	c2.Close()
+}
+
+// TestAgentSurvivesRestore saves a guest with QMP migrate, restores it in a
+// new QEMU and starts a new session on the new channel: after a Quiesce (the
+// normal way), and without one (the host lost the session: the guest must
+// notice the old channel's end and wait for a hello).
+func TestAgentSurvivesRestore(t *testing.T) {
+	for _, quiesce := range []bool{true, false} {
+		t.Run(fmt.Sprintf("quiesce=%v", quiesce), func(t *testing.T) { testRestore(t, quiesce) })
+	}
+}
+
+func testRestore(t *testing.T, quiesce bool) {
+	dir := tempDir(t)
+	args := vmArgs(t, dir)
+	v := startVM(t, dir, args)
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+	c, err := agent.Connect(ctx, v.dial(t, v.sock))
+	if err != nil {
+		t.Fatalf("Connect: %v", err)
+	}
+	// State that must survive: a file in tmpfs and a detached process.
+	execOut(t, c, agent.ExecRequest{Command: "echo before > /tmp/state; sleep 1000 >/dev/null 2>&1 &"})
+	if quiesce {
+		if err := c.Quiesce(ctx); err != nil {
+			t.Fatalf("Quiesce: %v", err)
+		}
+	}
+	q := v.qmpConnect(t)
+	q.run(t, "stop", nil)
+	state := filepath.Join(dir, "state")
+	t0 := time.Now()
+	q.run(t, "migrate", map[string]any{"uri": "exec:cat > " + state})
+	for {
+		var st struct {
+			Status string `json:"status"`
+		}
+		_ = json.Unmarshal(q.run(t, "query-migrate", nil), &st)
+		if st.Status == "completed" {
+			break
+		}
+		if st.Status == "failed" || time.Now().After(t0.Add(60*time.Second)) {
+			t.Fatalf("migrate: %s", st.Status)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Logf("saved in %v", time.Since(t0).Round(time.Millisecond))
+	v.kill()
+
+	t0 = time.Now()
+	r := startVM(t, dir, append(args, "-incoming", "exec:cat "+state))
+	conn := r.dial(t, r.sock)
+	// The source was stopped, so the restored machine stays paused until
+	// cont, which is only accepted once the incoming migration is done.
+	rq := r.qmpConnect(t)
+	for {
+		var st struct {
+			Status string `json:"status"`
+		}
+		_ = json.Unmarshal(rq.run(t, "query-status", nil), &st)
+		if st.Status != "inmigrate" {
+			break
+		}
+		if time.Since(t0) > 60*time.Second {
+			t.Fatalf("restore still %s", st.Status)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	rq.run(t, "cont", nil)
+	c2, err := agent.Connect(ctx, conn)
+	if err != nil {
+		t.Fatalf("Connect to the restored guest: %v", err)
+	}
+	t.Logf("restored guest answered in %v", time.Since(t0).Round(time.Millisecond))
+	when := time.Now()
+	if err := c2.Init(ctx, agent.InitRequest{SandboxID: "restored", Hostname: "restored", UnixNano: when.UnixNano()}); err != nil {
+		t.Fatalf("Init: %v", err)
+	}
+	out, _ := execOut(t, c2, agent.ExecRequest{Command: "cat /tmp/state; hostname; pgrep -c sleep || ps | grep -c 'sleep 1000'"})
+	if !strings.HasPrefix(out, "before\nrestored\n") {
+		t.Errorf("after restore: %q", out)
 	}
 	c2.Close()
 }
