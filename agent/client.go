@@ -293,11 +293,13 @@ func (c *Client) WriteFile(ctx context.Context, path string, data []byte, mode f
 	return nil
 }
 
-// DialGuest opens a TCP connection to 127.0.0.1:port inside the guest. The
-// returned conn carries raw bytes; its CloseWrite-less Close half-closes
-// toward the guest, which then shuts down writing to the guest socket. ctx
-// bounds the dial only. When nothing listens on the port the error matches
-// ErrRefused and errdefs.ErrProtocol.
+// DialGuest opens a TCP connection to 127.0.0.1:port inside the guest (or
+// [::1]:port when only that listens). The returned conn carries raw bytes.
+// Close and CloseWrite both send end-of-stream to the guest, which then shuts
+// down writing to the guest socket and closes once the guest side is done;
+// a stream left unread after Close is reset after a minute. ctx bounds the
+// dial only. When nothing listens on the port the error matches ErrRefused
+// and errdefs.ErrProtocol.
 func (c *Client) DialGuest(ctx context.Context, port int) (net.Conn, error) {
 	if port <= 0 || port > 65535 {
 		return nil, errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf("agent: dial guest: bad port %d", port))
@@ -339,6 +341,10 @@ type guestConn struct {
 	r *bufio.Reader
 }
 
+// CloseWrite sends end-of-stream to the guest (a yamux close is a
+// half-close).
+func (g *guestConn) CloseWrite() error { return g.Stream.Close() }
+
 func (g *guestConn) Read(p []byte) (int, error) {
 	if g.r.Buffered() > 0 {
 		return g.r.Read(p)
@@ -352,8 +358,12 @@ func (g *guestConn) Read(p []byte) (int, error) {
 // errdefs.ErrTimeout for a deadline) together with whatever result arrived.
 // A detached command returns as soon as it started, with its PID.
 func (c *Client) Exec(ctx context.Context, req ExecRequest, out OutputFunc) (ExecResult, error) {
+	if err := ctx.Err(); err != nil {
+		return ExecResult{}, ctxError("agent: exec", ctx, err)
+	}
 	stdin := req.Stdin
 	req.Stdin = nil
+	// The stream must outlive ctx long enough to carry the kill.
 	st, stop, err := c.open(context.WithoutCancel(ctx), request{Op: opExec, Exec: &req})
 	if err != nil {
 		return ExecResult{}, err

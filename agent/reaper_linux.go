@@ -19,6 +19,7 @@ type Reaper struct {
 	mu      sync.Mutex
 	waiters map[int]chan syscall.WaitStatus
 	sig     chan os.Signal
+	done    chan struct{} // closed when reaping has stopped
 }
 
 // NewReaper starts reaping until ctx ends.
@@ -26,6 +27,7 @@ func NewReaper(ctx context.Context) *Reaper {
 	r := &Reaper{
 		waiters: map[int]chan syscall.WaitStatus{},
 		sig:     make(chan os.Signal, 1),
+		done:    make(chan struct{}),
 	}
 	signal.Notify(r.sig, syscall.SIGCHLD)
 	go r.loop(ctx)
@@ -33,6 +35,7 @@ func NewReaper(ctx context.Context) *Reaper {
 }
 
 func (r *Reaper) loop(ctx context.Context) {
+	defer close(r.done)
 	defer signal.Stop(r.sig)
 	for {
 		r.reapAll()

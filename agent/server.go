@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -130,14 +131,14 @@ func (s *Server) serve(ctx context.Context, dev io.ReadWriter, eofFinal bool) er
 func pump(ctx context.Context, dev io.Reader, out chan<- chunk, eofFinal bool) error {
 	backoff := minEOFBackoff
 	connected := true
+	buf := make([]byte, readSize)
 	for {
-		b := make([]byte, readSize)
-		n, err := dev.Read(b)
+		n, err := dev.Read(buf)
 		if n > 0 {
 			connected = true
 			backoff = minEOFBackoff
 			select {
-			case out <- chunk{b: b[:n]}:
+			case out <- chunk{b: bytes.Clone(buf[:n])}:
 			case <-ctx.Done():
 				return ctx.Err()
 			}
