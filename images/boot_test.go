@@ -89,9 +89,14 @@ func TestSmokeBootARM64(t *testing.T) {
 // TestAgentBootAMD64 boots the image with the real agent (testenv.Image) and
 // the channel the qemu driver uses (a virtio-serial port named firkin.agent
 // on a unix socket) and waits for the agent's ready line on the console.
-func TestAgentBootAMD64(t *testing.T) {
-	qemu := testenv.RequireQEMU(t, "amd64")
-	img := testenv.Image(t, "amd64")
+func TestAgentBootAMD64(t *testing.T) { agentBoot(t, "amd64", 2*time.Minute) }
+
+// TestAgentBootARM64 does the same for arm64 on QEMU's virt machine.
+func TestAgentBootARM64(t *testing.T) { agentBoot(t, "arm64", 4*time.Minute) }
+
+func agentBoot(t *testing.T, arch string, timeout time.Duration) {
+	qemu := testenv.RequireQEMU(t, arch)
+	img := testenv.Image(t, arch)
 	// Short socket path: sun_path holds 108 bytes.
 	dir, err := os.MkdirTemp("", "fk")
 	if err != nil {
@@ -99,13 +104,17 @@ func TestAgentBootAMD64(t *testing.T) {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	sock := filepath.Join(dir, "a.sock")
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
+	machine, console := "q35", "ttyS0"
+	if arch == "arm64" {
+		machine, console = "virt", "ttyAMA0"
+	}
 	var out lockedBuffer
-	cmd := exec.CommandContext(ctx, qemu, "-M", "q35", "-accel", "tcg", "-cpu", "max", "-m", "256", "-smp", "1",
+	cmd := exec.CommandContext(ctx, qemu, "-M", machine, "-accel", "tcg", "-cpu", "max", "-m", "256", "-smp", "1",
 		"-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot", "-nodefaults",
 		"-kernel", img.Kernel, "-initrd", img.Initramfs,
-		"-append", "console=ttyS0 panic=-1 loglevel=4",
+		"-append", "console="+console+" panic=-1 loglevel=4",
 		// The agent mounts the root disk read-write: give it a throw-away
 		// overlay, as the driver's qcow2 overlays do.
 		"-drive", "if=none,id=root,format=raw,snapshot=on,file="+img.RootDisk,
@@ -138,5 +147,5 @@ func TestAgentBootAMD64(t *testing.T) {
 		case <-tick.C:
 		}
 	}
-	t.Logf("amd64 boot to a ready agent: %v", time.Since(start))
+	t.Logf("%s boot to a ready agent: %v", arch, time.Since(start))
 }

@@ -197,6 +197,13 @@ func TestBuildAMD64(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(images.Dir(ocfg), images.KernelAMD64)); !os.IsNotExist(err) {
 		t.Errorf("override: the builder still extracted a kernel (%v)", err)
 	}
+	om, err := images.ReadManifest(images.Dir(ocfg))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if om.Initramfs.SHA256 != m1.Initramfs.SHA256 {
+		t.Errorf("initramfs not reproducible: same agent and modules gave %s, then %s", m1.Initramfs.SHA256, om.Initramfs.SHA256)
+	}
 	files, _ := readCPIO(t, oimg.Initramfs)
 	if got, want := string(files[images.ModulesListPath].data), string(mustCPIO(t, img.Initramfs)[images.ModulesListPath].data); got != want {
 		t.Errorf("override: module list\n%s\nwant\n%s", got, want)
