@@ -94,8 +94,9 @@ type Config struct {
 	Kernel string
 	// ModulesDir is a lib/modules/<version> directory to take modules from
 	// instead of the Debian package (it needs modules.builtin beside the
-	// kernel/ tree). Changes inside it are not detected: change the path or
-	// bump nothing and delete the initramfs to rebuild.
+	// kernel/ tree). Only the path is recorded in the manifest: changes
+	// inside the directory are not detected (delete the initramfs, or use a
+	// new path, to rebuild).
 	ModulesDir string
 	// ExtraModules are loaded after the standard set (their dependencies
 	// are resolved too).

@@ -39,11 +39,10 @@ func (b *builder) busybox(ctx context.Context) (busyboxSource, error) {
 		v := strings.TrimSpace(string(out))
 		return busyboxSource{path: hostBusyboxPath, version: v, key: "installed:" + sum}, nil
 	}
+	// The package is downloaded and extracted only when the root disk is
+	// rebuilt (busyboxPath); its file name identifies it until then.
 	v := b.apt.BusyboxVersion
-	src := busyboxSource{version: v, key: "deb:" + debFileName("busybox-static", v, b.cfg.Arch)}
-	// The extraction is needed only for a rebuild; reuse decides first.
-	src.path = "" // filled by busyboxPath
-	return src, nil
+	return busyboxSource{version: v, key: "deb:" + debFileName("busybox-static", v, b.cfg.Arch)}, nil
 }
 
 // busyboxPath returns a path to the busybox binary, extracting the package
