@@ -55,18 +55,39 @@ if installed busybox-static && ! [ -x /bin/busybox ]; then
 	missing+=("busybox-static")
 fi
 
-if [ "${#missing[@]}" -eq 0 ]; then
+# The image builder takes arm64 guests' kernel and busybox from Debian's arm64
+# packages, so dpkg must know the architecture (the builder adds it on demand
+# too; doing it here keeps the apt-get update out of the tests).
+need_arch=0
+if [ "$want_arm" = 1 ] && [ "$(dpkg --print-architecture)" != arm64 ] &&
+	! dpkg --print-foreign-architectures | grep -qx arm64; then
+	need_arch=1
+fi
+
+if [ "${#missing[@]}" -eq 0 ] && [ "$need_arch" = 0 ]; then
 	echo "deps.sh: all dependencies present"
+	exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+	what="${missing[*]:-}"
+	if [ "$need_arch" = 1 ]; then what="${what:+$what, }dpkg architecture arm64"; fi
+	echo "deps.sh: missing: $what; run as root (sudo $0)" >&2
+	exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+if [ "$need_arch" = 1 ]; then
+	echo "deps.sh: dpkg --add-architecture arm64"
+	dpkg --add-architecture arm64
+fi
+if [ "${#missing[@]}" -eq 0 ]; then
+	echo "deps.sh: apt-get update (for arm64 package lists)"
+	apt-get -q update
+	echo "deps.sh: done"
 	exit 0
 fi
 # unique, order kept
 mapfile -t missing < <(printf '%s\n' "${missing[@]}" | awk '!seen[$0]++')
 
-if [ "$(id -u)" -ne 0 ]; then
-	echo "deps.sh: missing: ${missing[*]}; run as root (sudo $0)" >&2
-	exit 1
-fi
-export DEBIAN_FRONTEND=noninteractive
 echo "deps.sh: missing: ${missing[*]}"
 echo "deps.sh: apt-get update"
 apt-get -q update
