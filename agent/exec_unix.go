@@ -119,6 +119,7 @@ func (s *Server) exec(ctx context.Context, st io.ReadWriter, req ExecRequest) {
 		defer wmu.Unlock()
 		return writeFrame(st, typ, p)
 	}
+	t0 := time.Now()
 	cmd, err := s.command(req)
 	if err != nil {
 		sendError(st, err)
@@ -162,6 +163,7 @@ func (s *Server) exec(ctx context.Context, st io.ReadWriter, req ExecRequest) {
 		return
 	}
 	defer closeAll()
+	started := time.Since(t0)
 	pid := cmd.Process.Pid
 	if b, err := json.Marshal(startedMsg{PID: pid}); err == nil {
 		_ = send(frameStarted, b)
@@ -254,6 +256,7 @@ func (s *Server) exec(ctx context.Context, st io.ReadWriter, req ExecRequest) {
 	go copyOut(errR, frameStderr)
 
 	ws := <-wait
+	ran := time.Since(t0)
 	pmu.Lock()
 	exited = true
 	pmu.Unlock()
@@ -281,6 +284,8 @@ func (s *Server) exec(ctx context.Context, st io.ReadWriter, req ExecRequest) {
 	if b, err := json.Marshal(res); err == nil {
 		_ = send(frameExit, b)
 	}
+	s.log().Debug("exec", "pid", pid, "exit", res.ExitCode, "signal", res.Signal, "timed_out", res.TimedOut,
+		"start", started, "exited", ran, "total", time.Since(t0))
 }
 
 // execDetached starts cmd in the background with no stdio and reports its

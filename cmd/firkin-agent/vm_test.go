@@ -247,6 +247,21 @@ func TestAgentInVM(t *testing.T) {
 		t.Errorf("exec output %q", out)
 	}
 
+	// Round trips: a trivial command, and a ping.
+	const n = 20
+	t0 := time.Now()
+	for range n {
+		execOut(t, c, agent.ExecRequest{Command: "true"})
+	}
+	perExec := time.Since(t0) / n
+	t0 = time.Now()
+	for range n {
+		if err := c.Ping(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Logf("exec of true: %v; ping: %v (mean of %d, TCG)", perExec.Round(time.Microsecond), (time.Since(t0) / n).Round(time.Microsecond), n)
+
 	// Orphans are reaped by PID 1.
 	out, _ = execOut(t, c, agent.ExecRequest{Command: `(sleep 0.2 &) ; sleep 1; grep -l '^State:.*Z' /proc/[0-9]*/status 2>/dev/null | wc -l`})
 	if strings.TrimSpace(out) != "0" {
@@ -285,7 +300,7 @@ func TestAgentInVM(t *testing.T) {
 	if err := c.Quiesce(ctx); err != nil {
 		t.Fatalf("Quiesce: %v", err)
 	}
-	t0 := time.Now()
+	t0 = time.Now()
 	c2, err := agent.Connect(ctx, conn)
 	if err != nil {
 		t.Fatalf("Connect after Quiesce: %v", err)
