@@ -36,6 +36,7 @@ const closeQuiesceTimeout = time.Second
 // Client is the host's end of one agent session. It is safe for concurrent
 // use. A Client is good until Quiesce, Close or the loss of the session
 // (Done); a new session is started with Connect, on the same conn or another.
+// Only one Client may use a conn at a time.
 type Client struct {
 	conn    net.Conn
 	sc      *sessConn

@@ -11,6 +11,7 @@ import (
 	"maps"
 	"net"
 	"os"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -364,6 +365,13 @@ func (ss *session) feed(ctx context.Context, chunks <-chan chunk, readErr <-chan
 // handle serves one stream.
 func (s *Server) handle(ss *session, st *yamux.Stream) {
 	defer st.Close()
+	defer func() {
+		// A bug in one operation must not take PID 1 (and the VM) down.
+		if r := recover(); r != nil {
+			s.log().Error("panic serving a stream", "panic", r, "stack", string(debug.Stack()))
+			sendError(st, fmt.Errorf("internal error: %v", r))
+		}
+	}()
 	typ, payload, err := readFrame(st)
 	if err != nil {
 		return
