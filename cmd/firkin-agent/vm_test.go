@@ -56,9 +56,9 @@ type vm struct {
 
 // vmArgs are the QEMU arguments for a machine whose files live in dir; a
 // restore uses the same ones plus -incoming.
-func vmArgs(t *testing.T, dir string) []string {
+func vmArgs(t *testing.T, arch, dir string) []string {
 	t.Helper()
-	img := testenv.Image(t, "amd64")
+	img := testenv.Image(t, arch)
 	overlay := filepath.Join(dir, "root.qcow2")
 	if _, err := os.Stat(overlay); err != nil {
 		b, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", img.RootDisk, overlay).CombinedOutput()
@@ -66,10 +66,14 @@ func vmArgs(t *testing.T, dir string) []string {
 			t.Fatalf("qemu-img: %v %s", err, b)
 		}
 	}
-	return []string{"-M", "q35", "-accel", "tcg", "-cpu", "max", "-m", "256", "-smp", "1",
+	machine, console := "q35", "ttyS0"
+	if arch == "arm64" {
+		machine, console = "virt", "ttyAMA0"
+	}
+	return []string{"-M", machine, "-accel", "tcg", "-cpu", "max", "-m", "256", "-smp", "1",
 		"-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot", "-nodefaults",
 		"-kernel", img.Kernel, "-initrd", img.Initramfs,
-		"-append", "console=ttyS0 panic=-1 loglevel=4 firkin.ip=10.0.2.15/24 firkin.gw=10.0.2.2 firkin.dns=10.0.2.3",
+		"-append", "console=" + console + " panic=-1 loglevel=4 firkin.ip=10.0.2.15/24 firkin.gw=10.0.2.2 firkin.dns=10.0.2.3",
 		"-drive", "if=none,id=root,format=qcow2,file=" + overlay,
 		"-device", "virtio-blk-pci,drive=root",
 		"-device", "virtio-serial-pci",
@@ -81,9 +85,9 @@ func vmArgs(t *testing.T, dir string) []string {
 }
 
 // startVM starts QEMU with args and kills it when the test ends.
-func startVM(t *testing.T, dir string, args []string) *vm {
+func startVM(t *testing.T, arch, dir string, args []string) *vm {
 	t.Helper()
-	qemu := testenv.RequireQEMU(t, "amd64")
+	qemu := testenv.RequireQEMU(t, arch)
 	v := &vm{exited: make(chan struct{}), console: &consoleBuffer{},
 		sock: filepath.Join(dir, "agent.sock"), qmp: filepath.Join(dir, "qmp.sock")}
 	os.Remove(v.sock)
@@ -144,10 +148,10 @@ func tempDir(t *testing.T) string {
 
 // bootVM boots the real image with the current agent under TCG and returns
 // the host end of the agent channel.
-func bootVM(t *testing.T) (net.Conn, *consoleBuffer) {
+func bootVM(t *testing.T, arch string) (net.Conn, *consoleBuffer) {
 	t.Helper()
 	dir := tempDir(t)
-	v := startVM(t, dir, vmArgs(t, dir))
+	v := startVM(t, arch, dir, vmArgs(t, arch, dir))
 	return v.dial(t, v.sock), v.console
 }
 
@@ -221,7 +225,7 @@ func execOut(t *testing.T, c *agent.Client, req agent.ExecRequest) (string, agen
 }
 
 func TestAgentInVM(t *testing.T) {
-	conn, console := bootVM(t)
+	conn, console := bootVM(t, "amd64")
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
@@ -332,8 +336,8 @@ func TestAgentSurvivesRestore(t *testing.T) {
 
 func testRestore(t *testing.T, quiesce bool) {
 	dir := tempDir(t)
-	args := vmArgs(t, dir)
-	v := startVM(t, dir, args)
+	args := vmArgs(t, "amd64", dir)
+	v := startVM(t, "amd64", dir, args)
 	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
 	defer cancel()
 	c, err := agent.Connect(ctx, v.dial(t, v.sock))
@@ -369,7 +373,7 @@ func testRestore(t *testing.T, quiesce bool) {
 	v.kill()
 
 	t0 = time.Now()
-	r := startVM(t, dir, append(args, "-incoming", "exec:cat "+state))
+	r := startVM(t, "amd64", dir, append(args, "-incoming", "exec:cat "+state))
 	conn := r.dial(t, r.sock)
 	// The source was stopped, so the restored machine stays paused until
 	// cont, which is only accepted once the incoming migration is done.
@@ -400,6 +404,35 @@ func testRestore(t *testing.T, quiesce bool) {
 	out, _ := execOut(t, c2, agent.ExecRequest{Command: "cat /tmp/state; hostname; pgrep -c sleep || ps | grep -c 'sleep 1000'"})
 	if !strings.HasPrefix(out, "before\nrestored\n") {
 		t.Errorf("after restore: %q", out)
+	}
+	c2.Close()
+}
+
+// TestAgentInVMARM64 runs the arm64 agent in an emulated arm64 guest: the
+// handshake, an exec as another user, a quiesce and a new session.
+func TestAgentInVMARM64(t *testing.T) {
+	conn, _ := bootVM(t, "arm64")
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	start := time.Now()
+	c, err := agent.Connect(ctx, conn)
+	if err != nil {
+		t.Fatalf("Connect: %v", err)
+	}
+	t.Logf("arm64 agent answered %v after QEMU start", time.Since(start).Round(time.Millisecond))
+	out, _ := execOut(t, c, agent.ExecRequest{Command: "uname -m; id -u", User: "nobody"})
+	if out != "aarch64\n65534\n" {
+		t.Errorf("exec: %q", out)
+	}
+	if err := c.Quiesce(ctx); err != nil {
+		t.Fatalf("Quiesce: %v", err)
+	}
+	c2, err := agent.Connect(ctx, conn)
+	if err != nil {
+		t.Fatalf("Connect after Quiesce: %v", err)
+	}
+	if err := c2.Ping(ctx); err != nil {
+		t.Fatal(err)
 	}
 	c2.Close()
 }
