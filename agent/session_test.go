@@ -273,3 +273,66 @@ func TestConnectTimeout(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+func TestServeConnEndsAtEOF(t *testing.T) {
+	t.Parallel()
+	host, guest := socketPair(t)
+	done := make(chan error, 1)
+	go func() { done <- (&Server{}).ServeConn(context.Background(), guest) }()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := Connect(ctx, host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Ping(ctx); err != nil {
+		t.Fatal(err)
+	}
+	host.Close()
+	select {
+	case err := <-done:
+		if !errors.Is(err, io.EOF) {
+			t.Errorf("ServeConn = %v, want EOF", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("ServeConn did not return when the host closed")
+	}
+}
+
+func TestDialGuestHalfClose(t *testing.T) {
+	t.Parallel()
+	c, _, _ := newTestClient(t)
+	// A server that reads a request to EOF, then answers and closes.
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		s, err := l.Accept()
+		if err != nil {
+			return
+		}
+		defer s.Close()
+		b, _ := io.ReadAll(s)
+		_, _ = io.WriteString(s, "got "+string(b))
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	conn, err := c.DialGuest(ctx, l.Addr().(*net.TCPAddr).Port)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := io.WriteString(conn, "request"); err != nil {
+		t.Fatal(err)
+	}
+	if err := conn.(interface{ CloseWrite() error }).CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	b, err := io.ReadAll(conn)
+	if err != nil || string(b) != "got request" {
+		t.Fatalf("answer %q, %v", b, err)
+	}
+}
