@@ -54,10 +54,15 @@ func Connect(ctx context.Context, conn net.Conn) (*Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Now()) })
+	fired := make(chan struct{})
+	stop := context.AfterFunc(ctx, func() {
+		_ = conn.SetDeadline(time.Now())
+		close(fired)
+	})
 	pending, err := handshake(conn, nonce)
 	if !stop() {
 		// ctx ended during the handshake; the deadline it set must go.
+		<-fired
 		_ = conn.SetDeadline(time.Time{})
 		if err == nil {
 			err = ctx.Err()
@@ -459,6 +464,8 @@ func (c *Client) Exec(ctx context.Context, req ExecRequest, out OutputFunc) (Exe
 	cancelled.Lock()
 	stopOut = true
 	cancelled.Unlock()
+	// Bound the kill's write too: the guest may be gone or paused.
+	_ = st.SetWriteDeadline(time.Now().Add(killGrace))
 	_ = send(frameKill, nil)
 	timer := time.NewTimer(killGrace)
 	defer timer.Stop()
