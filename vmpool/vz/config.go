@@ -104,6 +104,32 @@ type machineConfig struct {
 	// MACs has one entry per NAT network device, in device order.
 	MACs      []string `json:"network_macs"`
 	VsockPort uint32   `json:"vsock_port"`
+	// Entropy and Console add the virtio entropy device and the virtio
+	// console. Both are optional: Boot leaves out what would keep the
+	// machine from being saved (see chooseDevices).
+	Entropy bool `json:"entropy"`
+	Console bool `json:"console"`
+}
+
+// deviceChoices are the optional device sets, richest first. The console
+// goes before entropy: the agent seeds the guest's entropy at every Init,
+// while the console is how a failed boot is understood.
+var deviceChoices = []struct{ entropy, console bool }{{true, true}, {false, true}, {true, false}, {false, false}}
+
+// chooseDevices returns mc with the richest optional device set that this
+// host can save and restore, so that every machine can be snapshotted. When
+// the host cannot save at all (older macOS, Intel), or no set can be saved,
+// every device is kept.
+func chooseDevices(hv hypervisor, mc machineConfig) machineConfig {
+	for _, ds := range deviceChoices {
+		c := mc
+		c.Entropy, c.Console = ds.entropy, ds.console
+		if hv.SaveRestoreSupported(c) == nil {
+			return c
+		}
+	}
+	mc.Entropy, mc.Console = true, true
+	return mc
 }
 
 // Validate checks a machine configuration against the host's limits.

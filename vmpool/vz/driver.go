@@ -84,6 +84,7 @@ func (d *Driver) Boot(ctx context.Context, spec vmpool.BootSpec) (vmpool.Machine
 			return mc.Validate(d.hv.Limits())
 		}},
 		{"stage disk", func() error { return stageDisk(d.hv, spec.Image.RootDisk, mc.Disk) }},
+		{"choose devices", func() error { mc = chooseDevices(d.hv, mc); return nil }},
 		{"configure", func() (err error) {
 			if v, err = d.hv.NewVM(mc); err == nil {
 				undo.push("stop", func() error { return v.Stop() })
@@ -171,13 +172,13 @@ func (d *Driver) Restore(ctx context.Context, spec vmpool.RestoreSpec) (vmpool.M
 			return writeIdentity(spec.Dir, identity{MachineIdentifier: mc.MachineIdentifier, MACs: mc.MACs})
 		}},
 		{"stage disk", func() error { return stageDisk(d.hv, spec.Snapshot.Disk, mc.Disk) }},
+		{"check save/restore support", func() error { return unsupported(d.hv.SaveRestoreSupported(mc)) }},
 		{"configure", func() (err error) {
 			if v, err = d.hv.NewVM(mc); err == nil {
 				undo.push("stop", func() error { return v.Stop() })
 			}
 			return err
 		}},
-		{"check save/restore support", func() error { return unsupported(v.SaveRestoreSupported()) }},
 		{"restore machine state", func() error {
 			if err := v.RestoreState(filepath.Join(spec.Snapshot.Dir, stateFile)); err != nil {
 				return err

@@ -414,3 +414,47 @@ func TestMachineDoneWhenTheVMStops(t *testing.T) {
 	_ = hv.vms[0].Stop()
 	waitClosed(t, m.Done(), time.Second, "Done")
 }
+
+// TestBootChoosesSaveableDevices: optional devices that would keep the
+// machine from being saved are left out (the console is kept before
+// entropy), the choice is part of the saved configuration, and a host that
+// cannot save at all gets every device.
+func TestBootChoosesSaveableDevices(t *testing.T) {
+	tests := []struct {
+		name                 string
+		unsaveable           map[string]bool
+		unsupported          error
+		wantEntropy, wantCon bool
+	}{
+		{"all saveable", nil, nil, true, true},
+		{"entropy blocks", map[string]bool{"entropy": true}, nil, false, true},
+		{"console blocks", map[string]bool{"console": true}, nil, true, false},
+		{"both block", map[string]bool{"entropy": true, "console": true}, nil, false, false},
+		{"cannot save at all", nil, errors.New("macOS 13"), true, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			d, hv := testDriver(t)
+			hv.unsaveable, hv.unsupported = tt.unsaveable, tt.unsupported
+			m := bootTest(t, d, "m", false)
+			if c := hv.vms[0].cfg; c.Entropy != tt.wantEntropy || c.Console != tt.wantCon {
+				t.Fatalf("entropy %v console %v, want %v %v", c.Entropy, c.Console, tt.wantEntropy, tt.wantCon)
+			}
+			if tt.unsupported != nil {
+				return
+			}
+			snap, err := d.Save(context.Background(), m, t.TempDir(), vmpool.SaveOptions{})
+			if err != nil {
+				t.Fatalf("save: %v", err)
+			}
+			r, err := d.Restore(context.Background(), vmpool.RestoreSpec{ID: "r", Dir: filepath.Join(t.TempDir(), "r"), Snapshot: snap})
+			if err != nil {
+				t.Fatalf("restore: %v", err)
+			}
+			defer r.Stop(context.Background())
+			if c := hv.vms[len(hv.vms)-1].cfg; c.Entropy != tt.wantEntropy || c.Console != tt.wantCon {
+				t.Fatalf("restored with entropy %v console %v", c.Entropy, c.Console)
+			}
+		})
+	}
+}

@@ -35,6 +35,9 @@ type fakeHV struct {
 	fail map[string]error
 	// unsupported is what SaveRestoreSupported returns.
 	unsupported error
+	// unsaveable names optional devices ("entropy", "console") that keep
+	// a configuration from being saved.
+	unsaveable map[string]bool
 }
 
 func newFakeHV(t *testing.T) *fakeHV {
@@ -77,6 +80,21 @@ func (h *fakeHV) CloneFile(src, dst string) error {
 		return err
 	}
 	return copyFile(src, dst)
+}
+
+func (h *fakeHV) SaveRestoreSupported(cfg machineConfig) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.unsupported != nil {
+		return h.unsupported
+	}
+	if cfg.Entropy && h.unsaveable["entropy"] {
+		return errors.New("unsupported entropy device in configuration")
+	}
+	if cfg.Console && h.unsaveable["console"] {
+		return errors.New("unsupported console device in configuration")
+	}
+	return nil
 }
 
 func (h *fakeHV) NewVM(cfg machineConfig) (vm, error) {
@@ -160,8 +178,6 @@ func (v *fakeVM) Stop() error {
 	})
 	return nil
 }
-
-func (v *fakeVM) SaveRestoreSupported() error { return v.hv.unsupported }
 
 // savedImage is what the fake writes as a machine state: the
 // configuration that must match at restore.

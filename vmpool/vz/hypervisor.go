@@ -19,6 +19,11 @@ type hypervisor interface {
 	// falling back to a plain copy where the file system cannot clone. dst
 	// must not exist.
 	CloneFile(src, dst string) error
+	// SaveRestoreSupported returns nil when this host can save and restore
+	// a machine of configuration cfg, else an error saying why not (macOS
+	// older than 14, an Intel Mac, a device that cannot be saved). It makes
+	// no machine.
+	SaveRestoreSupported(cfg machineConfig) error
 	// NewVM builds and validates the configuration cfg describes and creates
 	// a stopped virtual machine from it. Two calls with equal configs give
 	// machines that can restore each other's saved state.
@@ -37,10 +42,6 @@ type vm interface {
 	// Stop stops the machine at once (no guest shutdown) and releases it;
 	// on a machine that never started it only releases it.
 	Stop() error
-	// SaveRestoreSupported returns nil when this machine can be saved and
-	// restored, else an error saying why not (macOS older than 14, an Intel
-	// Mac, a device that cannot be saved).
-	SaveRestoreSupported() error
 	// SaveState writes the state of the paused machine to path.
 	SaveState(path string) error
 	// RestoreState loads a state saved by a machine of the same

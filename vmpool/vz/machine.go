@@ -218,7 +218,7 @@ func (m *machine) save(ctx context.Context, dir string, opts vmpool.SaveOptions)
 		return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrFailedPrecondition, fmt.Errorf("vz: save %s: the machine has stopped", m.id))
 	default:
 	}
-	if err := m.vm.SaveRestoreSupported(); err != nil {
+	if err := m.d.hv.SaveRestoreSupported(m.cfg); err != nil {
 		return vmpool.Snapshot{}, unsupported(fmt.Errorf("vz: save %s: %w", m.id, err))
 	}
 	statePath := filepath.Join(dir, stateFile)

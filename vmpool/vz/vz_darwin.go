@@ -68,7 +68,7 @@ func (vzHypervisor) NewVM(cfg machineConfig) (vm, error) {
 	if err != nil {
 		return nil, vzError("new virtual machine", err)
 	}
-	m := &vzVM{vm: v, config: config, done: make(chan struct{})}
+	m := &vzVM{vm: v, done: make(chan struct{})}
 	go m.watch(v.StateChangedNotify())
 	return m, nil
 }
@@ -76,8 +76,8 @@ func (vzHypervisor) NewVM(cfg machineConfig) (vm, error) {
 // configuration builds the VZ configuration: Linux boot loader (kernel,
 // initramfs, command line), CPUs and memory, a generic platform with the
 // machine identifier, the virtio-blk raw disk, NAT network devices with
-// fixed MACs, the virtio socket device (agent channel), an entropy device
-// and a virtio console written to a file.
+// fixed MACs, the virtio socket device (agent channel), and when cfg asks
+// for them an entropy device and a virtio console written to a file.
 func configuration(cfg machineConfig) (*vz.VirtualMachineConfiguration, error) {
 	boot, err := vz.NewLinuxBootLoader(cfg.Kernel, vz.WithCommandLine(cfg.Cmdline), vz.WithInitrd(cfg.Initramfs))
 	if err != nil {
@@ -137,29 +137,32 @@ func configuration(cfg machineConfig) (*vz.VirtualMachineConfiguration, error) {
 	}
 	config.SetSocketDevicesVirtualMachineConfiguration([]vz.SocketDeviceConfiguration{vsock})
 
-	entropy, err := vz.NewVirtioEntropyDeviceConfiguration()
-	if err != nil {
-		return nil, vzError("entropy device", err)
+	if cfg.Entropy {
+		entropy, err := vz.NewVirtioEntropyDeviceConfiguration()
+		if err != nil {
+			return nil, vzError("entropy device", err)
+		}
+		config.SetEntropyDevicesVirtualMachineConfiguration([]*vz.VirtioEntropyDeviceConfiguration{entropy})
 	}
-	config.SetEntropyDevicesVirtualMachineConfiguration([]*vz.VirtioEntropyDeviceConfiguration{entropy})
 
-	// The console goes to a file (output only): nothing on the host side
-	// can block the guest, and a file attachment does not stand in the
-	// way of a save.
-	f, err := os.OpenFile(cfg.ConsoleLog, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("console log: %w", err)
+	if cfg.Console {
+		// The console goes to a file, output only: nothing on the host
+		// side can block the guest.
+		f, err := os.OpenFile(cfg.ConsoleLog, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+		if err != nil {
+			return nil, fmt.Errorf("console log: %w", err)
+		}
+		f.Close()
+		out, err := vz.NewFileSerialPortAttachment(cfg.ConsoleLog, true)
+		if err != nil {
+			return nil, vzError("console attachment", err)
+		}
+		console, err := vz.NewVirtioConsoleDeviceSerialPortConfiguration(out)
+		if err != nil {
+			return nil, vzError("virtio console", err)
+		}
+		config.SetSerialPortsVirtualMachineConfiguration([]*vz.VirtioConsoleDeviceSerialPortConfiguration{console})
 	}
-	f.Close()
-	consoleOut, err := vz.NewFileSerialPortAttachment(cfg.ConsoleLog, true)
-	if err != nil {
-		return nil, vzError("console attachment", err)
-	}
-	console, err := vz.NewVirtioConsoleDeviceSerialPortConfiguration(consoleOut)
-	if err != nil {
-		return nil, vzError("virtio console", err)
-	}
-	config.SetSerialPortsVirtualMachineConfiguration([]*vz.VirtioConsoleDeviceSerialPortConfiguration{console})
 
 	if ok, err := config.Validate(); err != nil || !ok {
 		if err == nil {
@@ -172,10 +175,9 @@ func configuration(cfg machineConfig) (*vz.VirtualMachineConfiguration, error) {
 
 // vzVM is a running (or startable) Virtualization.framework machine.
 type vzVM struct {
-	vm     *vz.VirtualMachine
-	config *vz.VirtualMachineConfiguration
-	done   chan struct{}
-	once   sync.Once
+	vm   *vz.VirtualMachine
+	done chan struct{}
+	once sync.Once
 }
 
 // watch closes done when the machine stops after it had started.

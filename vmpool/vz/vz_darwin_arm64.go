@@ -9,13 +9,18 @@ import (
 	"github.com/firkin-dev/firkin-worker/errdefs"
 )
 
-// SaveRestoreSupported returns nil when the machine can be saved and
-// restored: macOS 14 or later, and a configuration the framework can save.
-func (m *vzVM) SaveRestoreSupported() error {
+// SaveRestoreSupported returns nil when a machine of configuration cfg can
+// be saved and restored: macOS 14 or later, and a configuration the
+// framework can save (ValidateSaveRestoreSupport).
+func (vzHypervisor) SaveRestoreSupported(cfg machineConfig) error {
 	if v := macOSVersion(); !macOSAtLeast(v, 14) {
 		return errdefs.Wrap(errdefs.ErrUnsupported, fmt.Errorf("VZ save and restore need macOS 14 or later on Apple silicon; this Mac runs macOS %s", v))
 	}
-	ok, err := m.config.ValidateSaveRestoreSupport()
+	config, err := configuration(cfg)
+	if err != nil {
+		return err
+	}
+	ok, err := config.ValidateSaveRestoreSupport()
 	if err != nil {
 		return errdefs.Wrap(errdefs.ErrUnsupported, fmt.Errorf("VZ cannot save this machine's configuration: %w", err))
 	}

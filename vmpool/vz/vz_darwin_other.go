@@ -13,7 +13,7 @@ import (
 var errSaveNeedsARM64 = errdefs.Wrap(errdefs.ErrUnsupported, errors.New("VZ save and restore need macOS 14 or later on Apple silicon (arm64); this Mac is not arm64"))
 
 // SaveRestoreSupported always fails on an Intel Mac.
-func (m *vzVM) SaveRestoreSupported() error { return errSaveNeedsARM64 }
+func (vzHypervisor) SaveRestoreSupported(machineConfig) error { return errSaveNeedsARM64 }
 
 // SaveState always fails on an Intel Mac.
 func (m *vzVM) SaveState(string) error { return errSaveNeedsARM64 }
