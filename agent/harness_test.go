@@ -1,3 +1,5 @@
+//go:build unix
+
 package agent
 
 import (
@@ -17,7 +19,13 @@ import (
 // and the guest end (a file, like the virtio port) of a unix socket pair.
 func socketPair(t *testing.T) (net.Conn, *os.File) {
 	t.Helper()
-	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	syscall.ForkLock.RLock()
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
+	if err == nil {
+		syscall.CloseOnExec(fds[0])
+		syscall.CloseOnExec(fds[1])
+	}
+	syscall.ForkLock.RUnlock()
 	if err != nil {
 		t.Fatalf("socketpair: %v", err)
 	}
