@@ -28,6 +28,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"strings"
 	"syscall"
 	"time"
@@ -56,6 +57,11 @@ func main() {
 	reaper := agent.NewReaper(ctx)
 
 	log := slog.New(slog.NewTextHandler(prefixWriter{&console}, &slog.HandlerOptions{Level: &logLevel}))
+	defer func() {
+		if r := recover(); r != nil {
+			fatal(log, fmt.Errorf("panic: %v\n%s", r, debug.Stack()))
+		}
+	}()
 	start := time.Now()
 	cfg, err := boot(ctx, log)
 	if err != nil {
