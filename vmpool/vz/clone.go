@@ -56,10 +56,30 @@ func stageDisk(hv hypervisor, src, dst string) error {
 }
 
 // freezeDisk makes dst a clone of the machine's disk src, read-only from now
-// on: the disk as it was when the machine was paused.
+// on: the disk as it was when the machine was paused. The framework writes
+// the disk through the host's page cache, so src is synced first: the clone
+// must see every write the paused guest made.
 func freezeDisk(hv hypervisor, src, dst string) error {
+	if err := syncFile(src); err != nil {
+		return err
+	}
 	if err := hv.CloneFile(src, dst); err != nil {
 		return fmt.Errorf("clone %s: %w", src, err)
 	}
 	return os.Chmod(dst, 0o444)
+}
+
+// syncFile flushes the cached writes of the file at path (whoever made
+// them) to the file system.
+func syncFile(path string) error {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	serr := f.Sync()
+	cerr := f.Close()
+	if err := errors.Join(serr, cerr); err != nil {
+		return fmt.Errorf("sync %s: %w", path, err)
+	}
+	return nil
 }
