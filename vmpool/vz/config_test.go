@@ -175,13 +175,24 @@ func TestIdentityPersistence(t *testing.T) {
 	if len(a.MachineIdentifier) == 0 || len(a.MACs) != 1 {
 		t.Fatalf("identity %+v", a)
 	}
-	// The second call (same directory) reads it back, whatever is asked.
-	b, err := loadOrCreateIdentity(dir, hv, 3)
+	// The second call (same directory) reads it back.
+	b, err := loadOrCreateIdentity(dir, hv, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !bytes.Equal(a.MachineIdentifier, b.MachineIdentifier) || !slices.Equal(a.MACs, b.MACs) {
 		t.Fatalf("identity changed: %+v then %+v", a, b)
+	}
+	// More devices: the MACs it has stay, new ones follow, persisted.
+	c, err := loadOrCreateIdentity(dir, hv, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(a.MachineIdentifier, c.MachineIdentifier) || len(c.MACs) != 3 || c.MACs[0] != a.MACs[0] {
+		t.Fatalf("identity grown: %+v then %+v", a, c)
+	}
+	if back, err := loadIdentity(dir); err != nil || !slices.Equal(back.MACs, c.MACs) {
+		t.Fatalf("grown identity not persisted: %+v %v", back, err)
 	}
 	// On disk: base64 identifier bytes and the MACs, as in the record.
 	var onDisk map[string]any

@@ -86,13 +86,23 @@ func (id identity) validate() error {
 }
 
 // loadOrCreateIdentity returns the identity persisted in dir, or generates
-// one with nics MACs and persists it. An identity on disk is kept as it is,
-// even if it has another number of MACs than asked for: identity never
-// changes for a machine.
+// one with nics MACs and persists it. What is on disk never changes: a
+// machine that needs more network devices than its identity has MACs for
+// gets new MACs added after the ones it has.
 func loadOrCreateIdentity(dir string, hv hypervisor, nics int) (identity, error) {
 	id, err := loadIdentity(dir)
 	if err == nil {
-		return id, nil
+		if len(id.MACs) >= nics {
+			return id, nil
+		}
+		for len(id.MACs) < nics {
+			mac, err := newMAC(rand.Reader)
+			if err != nil {
+				return identity{}, err
+			}
+			id.MACs = append(id.MACs, mac)
+		}
+		return id, writeIdentity(dir, id)
 	}
 	if !errors.Is(err, fs.ErrNotExist) {
 		return identity{}, err
