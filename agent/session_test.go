@@ -338,3 +338,42 @@ func TestDialGuestHalfClose(t *testing.T) {
 		t.Fatalf("answer %q, %v", b, err)
 	}
 }
+
+// TestQuiesceUnderLoad drops sessions while commands stream output and
+// stdin flows, and checks that every next session comes up.
+func TestQuiesceUnderLoad(t *testing.T) {
+	t.Parallel()
+	host, guest := socketPair(t)
+	serve(t, &Server{}, guest)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for round := range 10 {
+		c, err := Connect(ctx, host)
+		if err != nil {
+			t.Fatalf("round %d: Connect: %v", round, err)
+		}
+		var wg sync.WaitGroup
+		for range 4 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				_, _ = c.Exec(ctx, ExecRequest{Command: "cat; yes | head -c 5000000", Stdin: make([]byte, 1<<20)}, func(Stream, []byte) {})
+			}()
+		}
+		if err := c.Ping(ctx); err != nil {
+			t.Fatalf("round %d: Ping: %v", round, err)
+		}
+		if err := c.Quiesce(ctx); err != nil {
+			t.Fatalf("round %d: Quiesce: %v", round, err)
+		}
+		wg.Wait()
+	}
+	c, err := Connect(ctx, host)
+	if err != nil {
+		t.Fatalf("final Connect: %v", err)
+	}
+	o, _ := mustRun(t, c, ExecRequest{Command: "echo alive"})
+	if o.Stdout() != "alive\n" {
+		t.Fatalf("stdout %q", o.Stdout())
+	}
+}
