@@ -20,9 +20,6 @@ import (
 	"github.com/firkin-dev/firkin-worker/errdefs"
 )
 
-// DefaultPath is the PATH commands get unless the request or Init sets one.
-const DefaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
 // outputGrace is how long a command's output may keep flowing after the
 // command exited (from children it left behind holding its stdout).
 const outputGrace = 500 * time.Millisecond

@@ -14,26 +14,6 @@ import (
 	"github.com/firkin-dev/firkin-worker/errdefs"
 )
 
-// Protocol summary.
-//
-// A session starts with a line handshake on the raw channel:
-//
-//	host:  FIRKIN/1 HELLO <nonce>\n
-//	guest: FIRKIN/1 READY <nonce>\n
-//
-// The guest skips any bytes before a complete hello line (it answers the last
-// one it finds); the host skips any bytes before the READY line carrying its
-// own nonce. Then the host is a yamux client and the guest a yamux server.
-//
-// Every yamux stream opened by the host starts with one request frame (a JSON
-// request naming the operation). Frames are
-//
-//	type (1 byte) | payload length (4 bytes, big endian) | payload
-//
-// with a payload of at most MaxFramePayload bytes. A DialGuest stream answers
-// its request frame with one status line ("OK\n" or "ERR <message>\n") and then
-// carries raw bytes.
-
 // Handshake lines.
 const (
 	helloPrefix = "FIRKIN/1 HELLO "

@@ -32,6 +32,9 @@ const (
 	readSize = 64 << 10
 )
 
+// DefaultPath is the PATH commands get unless the request or Init sets one.
+const DefaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
 // Server is the guest agent: it serves sessions on a channel and runs the
 // operations they ask for. Set its fields before the first Serve.
 type Server struct {

@@ -6,6 +6,41 @@
 // line handshake and then carries multiplexed streams, so several commands, file
 // transfers and TCP streams run at once. A session can be dropped (Quiesce, before a
 // snapshot) and a new one established on the same channel after a restore.
+//
+// # Protocol
+//
+// A session starts with a line handshake on the raw channel:
+//
+//	host:  FIRKIN/1 HELLO <nonce>\n
+//	guest: FIRKIN/1 READY <nonce>\n
+//
+// The guest skips any bytes before a complete hello line (it answers the last
+// one it finds); the host skips any bytes before the READY line carrying its
+// own nonce. Then the host is a yamux client and the guest a yamux server.
+//
+// Every yamux stream opened by the host starts with one request frame (a JSON
+// request naming the operation). Frames are
+//
+//	type (1 byte) | payload length (4 bytes, big endian) | payload
+//
+// with a payload of at most MaxFramePayload bytes. The operations:
+//
+//	ping        R{op}                                   → O
+//	init        R{op, init}                             → O | E
+//	quiesce     R{op}                                   → O, then the guest drops the session
+//	read_file   R{op, path}                             → D* O | E
+//	write_file  R{op, path, mode} D* F                  → O | E
+//	exec        R{op, exec} (0* c)? k?                  → S (1|2)* X | E
+//	dial        R{op, port}                             → "OK\n" raw bytes... | "ERR <msg>\n"
+//
+// An exec stream carries stdin as '0' frames closed by 'c'; 'k' kills the
+// command's process group, and so does the end of the stream. The guest
+// reports the start ('S', with the pid), output as it comes ('1' stdout, '2'
+// stderr) and the end ('X', an ExecResult). A detached exec answers X (with
+// the pid) at once. Errors are 'E' frames carrying a RemoteError.
+//
+// After a quiesce, or when the host side of the channel goes away, the guest
+// waits for the next hello on the same channel.
 package agent
 
 import "time"
@@ -35,7 +70,8 @@ type ExecRequest struct {
 	Detach bool `json:"detach,omitempty"`
 }
 
-// ExecResult is how a command ended.
+// ExecResult is how a command ended. A command ended by a signal has
+// ExitCode 128+signal (as a shell reports it) and Signal set.
 type ExecResult struct {
 	ExitCode int    `json:"exit_code"`
 	Signal   string `json:"signal,omitempty"` // e.g. "killed" when ended by a signal
