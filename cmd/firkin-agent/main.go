@@ -15,8 +15,8 @@
 //	firkin.port=firkin.agent   name of the virtio-serial port
 //	firkin.channel=auto        "virtio-serial", "vsock" or "auto"
 //	firkin.vsock_port=1024     vsock port to listen on
-//	firkin.ip=10.0.2.15/24     address of the first ethernet interface
-//	firkin.gw=10.0.2.2         default gateway
+//	firkin.ip=10.0.2.15/24     address of the first ethernet interface, or "dhcp"
+//	firkin.gw=10.0.2.2         default gateway (with a static address)
 //	firkin.dns=10.0.2.3        name server written to the root's /etc/resolv.conf
 //	firkin.debug=1             debug logging
 package main

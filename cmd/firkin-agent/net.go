@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -19,9 +20,13 @@ import (
 // ethernetWait bounds the wait for the first ethernet interface.
 const ethernetWait = 3 * time.Second
 
+// dhcpTimeout bounds firkin.ip=dhcp.
+const dhcpTimeout = 5 * time.Second
+
 // configureNetwork brings up loopback (DialGuest needs it) and, when the
-// command line asks, the first ethernet interface with a static address,
-// a default route and a name server.
+// command line asks, the first ethernet interface: with a static address
+// (firkin.ip=A/N, firkin.gw, firkin.dns) or by DHCP (firkin.ip=dhcp). A
+// missing interface or DHCP server leaves the network down with a warning.
 func configureNetwork(log *slog.Logger, cfg *config) error {
 	if err := linkUp("lo"); err != nil {
 		return fmt.Errorf("loopback: %w", err)
@@ -29,9 +34,25 @@ func configureNetwork(log *slog.Logger, cfg *config) error {
 	if cfg.ip == "" {
 		return nil
 	}
-	prefix, err := netip.ParsePrefix(cfg.ip)
-	if err != nil || !prefix.Addr().Is4() {
-		return fmt.Errorf("firkin.ip=%q: want an IPv4 address with a prefix length", cfg.ip)
+	var l dhcpLease
+	if cfg.ip != "dhcp" {
+		prefix, err := netip.ParsePrefix(cfg.ip)
+		if err != nil || !prefix.Addr().Is4() {
+			return fmt.Errorf("firkin.ip=%q: want dhcp or an IPv4 address with a prefix length", cfg.ip)
+		}
+		l.addr = prefix
+		if cfg.gw != "" {
+			if l.router, err = netip.ParseAddr(cfg.gw); err != nil || !l.router.Is4() {
+				return fmt.Errorf("firkin.gw=%q: want an IPv4 address", cfg.gw)
+			}
+		}
+	}
+	if cfg.dns != "" {
+		d, err := netip.ParseAddr(cfg.dns)
+		if err != nil {
+			return fmt.Errorf("firkin.dns=%q: %w", cfg.dns, err)
+		}
+		l.dns = []netip.Addr{d}
 	}
 	var ifname string
 	if !waitFor(ethernetWait, func() bool { ifname = firstEthernet(); return ifname != "" }) {
@@ -42,27 +63,34 @@ func configureNetwork(log *slog.Logger, cfg *config) error {
 	if err != nil {
 		return err
 	}
-	if err := addAddress(ifi.Index, prefix); err != nil {
-		return fmt.Errorf("%s: address %s: %w", ifname, prefix, err)
-	}
 	if err := linkUp(ifname); err != nil {
 		return fmt.Errorf("%s: up: %w", ifname, err)
 	}
-	if cfg.gw != "" {
-		gw, err := netip.ParseAddr(cfg.gw)
-		if err != nil || !gw.Is4() {
-			return fmt.Errorf("firkin.gw=%q: want an IPv4 address", cfg.gw)
+	if cfg.ip == "dhcp" {
+		got, err := dhcp(ifname, ifi.HardwareAddr, dhcpTimeout)
+		if err != nil {
+			log.Warn("network left down", "interface", ifname, "err", err)
+			return nil
 		}
-		if err := addDefaultRoute(ifi.Index, gw); err != nil {
-			return fmt.Errorf("%s: default route via %s: %w", ifname, gw, err)
+		if len(l.dns) == 0 {
+			l.dns = got.dns
+		}
+		l.addr, l.router = got.addr, got.router
+	}
+	if err := addAddress(ifi.Index, l.addr); err != nil {
+		return fmt.Errorf("%s: address %s: %w", ifname, l.addr, err)
+	}
+	if l.router.IsValid() {
+		if err := addDefaultRoute(ifi.Index, l.router); err != nil {
+			return fmt.Errorf("%s: default route via %s: %w", ifname, l.router, err)
 		}
 	}
-	if cfg.dns != "" && cfg.root != "" {
-		if err := writeResolvConf(filepath.Join(cfg.root, "etc"), cfg.dns); err != nil {
+	if len(l.dns) > 0 && cfg.root != "" {
+		if err := writeResolvConf(filepath.Join(cfg.root, "etc"), l.dns); err != nil {
 			log.Warn("resolv.conf", "err", err)
 		}
 	}
-	log.Info("network", "interface", ifname, "address", prefix.String(), "gateway", cfg.gw)
+	log.Info("network", "interface", ifname, "address", l.addr.String(), "gateway", l.router.String(), "dhcp", cfg.ip == "dhcp")
 	return nil
 }
 
@@ -173,12 +201,9 @@ func netlinkRequest(typ uint16, flags uint16, body []byte) error {
 	return nil
 }
 
-// writeResolvConf writes a resolv.conf naming server into etcDir, replacing
-// a symlink rather than following it out of the root.
-func writeResolvConf(etcDir, server string) error {
-	if _, err := netip.ParseAddr(server); err != nil {
-		return fmt.Errorf("firkin.dns=%q: %w", server, err)
-	}
+// writeResolvConf writes a resolv.conf naming servers into etcDir,
+// replacing a symlink rather than following it out of the root.
+func writeResolvConf(etcDir string, servers []netip.Addr) error {
 	p := filepath.Join(etcDir, "resolv.conf")
 	if fi, err := os.Lstat(p); err == nil && fi.Mode()&os.ModeSymlink != 0 {
 		if err := os.Remove(p); err != nil {
@@ -188,5 +213,9 @@ func writeResolvConf(etcDir, server string) error {
 	if err := os.MkdirAll(etcDir, 0o755); err != nil {
 		return err
 	}
-	return os.WriteFile(p, []byte("nameserver "+server+"\n"), 0o644)
+	var b strings.Builder
+	for _, s := range servers {
+		b.WriteString("nameserver " + s.String() + "\n")
+	}
+	return os.WriteFile(p, []byte(b.String()), 0o644)
 }

@@ -54,9 +54,13 @@ type vm struct {
 	qmp     string // QMP socket
 }
 
-// vmArgs are the QEMU arguments for a machine whose files live in dir; a
-// restore uses the same ones plus -incoming.
-func vmArgs(t *testing.T, arch, dir string) []string {
+// staticNet is the kernel command line for QEMU's user network.
+const staticNet = "firkin.ip=10.0.2.15/24 firkin.gw=10.0.2.2 firkin.dns=10.0.2.3"
+
+// vmArgs are the QEMU arguments for a machine whose files live in dir, with
+// network (firkin.* keys) on the kernel command line; a restore uses the
+// same ones plus -incoming.
+func vmArgs(t *testing.T, arch, dir, network string) []string {
 	t.Helper()
 	img := testenv.Image(t, arch)
 	overlay := filepath.Join(dir, "root.qcow2")
@@ -73,7 +77,7 @@ func vmArgs(t *testing.T, arch, dir string) []string {
 	return []string{"-M", machine, "-accel", "tcg", "-cpu", "max", "-m", "256", "-smp", "1",
 		"-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot", "-nodefaults",
 		"-kernel", img.Kernel, "-initrd", img.Initramfs,
-		"-append", "console=" + console + " panic=-1 loglevel=4 firkin.ip=10.0.2.15/24 firkin.gw=10.0.2.2 firkin.dns=10.0.2.3",
+		"-append", "console=" + console + " panic=-1 loglevel=4 " + network,
 		"-drive", "if=none,id=root,format=qcow2,file=" + overlay,
 		"-device", "virtio-blk-pci,drive=root",
 		"-device", "virtio-serial-pci",
@@ -148,10 +152,10 @@ func tempDir(t *testing.T) string {
 
 // bootVM boots the real image with the current agent under TCG and returns
 // the host end of the agent channel.
-func bootVM(t *testing.T, arch string) (net.Conn, *consoleBuffer) {
+func bootVM(t *testing.T, arch, network string) (net.Conn, *consoleBuffer) {
 	t.Helper()
 	dir := tempDir(t)
-	v := startVM(t, arch, dir, vmArgs(t, arch, dir))
+	v := startVM(t, arch, dir, vmArgs(t, arch, dir, network))
 	return v.dial(t, v.sock), v.console
 }
 
@@ -225,7 +229,7 @@ func execOut(t *testing.T, c *agent.Client, req agent.ExecRequest) (string, agen
 }
 
 func TestAgentInVM(t *testing.T) {
-	conn, console := bootVM(t, "amd64")
+	conn, console := bootVM(t, "amd64", "firkin.ip=dhcp")
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
@@ -249,6 +253,37 @@ func TestAgentInVM(t *testing.T) {
 	t.Logf("exec: %q %+v", out, res)
 	if !strings.HasPrefix(out, "hi\nvmtest\n2030\n") {
 		t.Errorf("exec output %q", out)
+	}
+
+	// The network came up by DHCP: the guest reaches a listener on the
+	// host through QEMU's user network (10.0.2.2 is the host).
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	got := make(chan string, 1)
+	go func() {
+		s, err := l.Accept()
+		if err != nil {
+			return
+		}
+		defer s.Close()
+		_ = s.SetReadDeadline(time.Now().Add(20 * time.Second))
+		b, _ := io.ReadAll(s)
+		got <- string(b)
+	}()
+	out, _ = execOut(t, c, agent.ExecRequest{Command: fmt.Sprintf("cat /etc/resolv.conf; echo from-guest | nc 10.0.2.2 %d", l.Addr().(*net.TCPAddr).Port)})
+	if !strings.Contains(out, "nameserver 10.0.2.3") {
+		t.Errorf("resolv.conf from DHCP: %q", out)
+	}
+	select {
+	case b := <-got:
+		if b != "from-guest\n" {
+			t.Errorf("host got %q from the guest", b)
+		}
+	case <-time.After(20 * time.Second):
+		t.Errorf("no connection from the guest (network down?): %q", out)
 	}
 
 	// Round trips: a trivial command, and a ping.
@@ -336,7 +371,7 @@ func TestAgentSurvivesRestore(t *testing.T) {
 
 func testRestore(t *testing.T, quiesce bool) {
 	dir := tempDir(t)
-	args := vmArgs(t, "amd64", dir)
+	args := vmArgs(t, "amd64", dir, staticNet)
 	v := startVM(t, "amd64", dir, args)
 	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
 	defer cancel()
@@ -411,7 +446,7 @@ func testRestore(t *testing.T, quiesce bool) {
 // TestAgentInVMARM64 runs the arm64 agent in an emulated arm64 guest: the
 // handshake, an exec as another user, a quiesce and a new session.
 func TestAgentInVMARM64(t *testing.T) {
-	conn, _ := bootVM(t, "arm64")
+	conn, _ := bootVM(t, "arm64", staticNet)
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	start := time.Now()
