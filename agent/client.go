@@ -258,6 +258,15 @@ func (c *Client) quiesce(ctx context.Context) error {
 	return err
 }
 
+// Shutdown asks the guest to sync its file systems and power off: a polite
+// stop that ends the machine's process within moments, where an ACPI power
+// button would go unheard. The call returns once the guest has accepted;
+// wait for the machine's process to exit, and force it after a timeout.
+func (c *Client) Shutdown(ctx context.Context) error {
+	_, err := c.call(ctx, request{Op: opShutdown}, nil)
+	return err
+}
+
 // ReadFile returns the content of the file at path in the guest's root.
 func (c *Client) ReadFile(ctx context.Context, path string) ([]byte, error) {
 	var buf bytes.Buffer

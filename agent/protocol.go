@@ -53,6 +53,7 @@ const (
 	opQuiesce   = "quiesce"
 	opReadFile  = "read_file"
 	opWriteFile = "write_file"
+	opShutdown  = "shutdown"
 )
 
 // request is the JSON payload of the first frame of every stream.

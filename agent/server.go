@@ -50,6 +50,9 @@ type Server struct {
 	Reaper *Reaper
 	// Logger receives diagnostics; nil discards them.
 	Logger *slog.Logger
+	// PowerOff, when set, serves Client.Shutdown: it is called after the
+	// host has been answered, and should sync and power the machine off.
+	PowerOff func()
 
 	mu        sync.Mutex
 	env       map[string]string // defaults for every exec, from Init
@@ -408,6 +411,14 @@ func (s *Server) handle(ss *session, st *yamux.Stream) {
 		ss.conn.detach.Do(func() { close(ss.conn.detached) })
 		_ = writeFrame(st, frameOK, nil) // returns once written to the channel
 		ss.close()
+	case opShutdown:
+		if s.PowerOff == nil {
+			sendError(st, errdefs.Wrap(errdefs.ErrUnsupported, errors.New("shutdown: this agent cannot power off")))
+			return
+		}
+		_ = writeFrame(st, frameOK, nil)
+		s.log().Info("shutdown requested by the host")
+		go s.PowerOff()
 	case opExec:
 		if req.Exec == nil {
 			sendError(st, errdefs.Wrap(errdefs.ErrInvalidArgument, errors.New("exec: no request")))

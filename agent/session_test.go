@@ -377,3 +377,25 @@ func TestQuiesceUnderLoad(t *testing.T) {
 		t.Fatalf("stdout %q", o.Stdout())
 	}
 }
+
+func TestShutdown(t *testing.T) {
+	t.Parallel()
+	host, guest := socketPair(t)
+	off := make(chan struct{})
+	serve(t, &Server{PowerOff: func() { close(off) }}, guest)
+	c := connect(t, host)
+	if err := c.Shutdown(context.Background()); err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+	select {
+	case <-off:
+	case <-time.After(5 * time.Second):
+		t.Fatal("PowerOff not called")
+	}
+
+	// Without a PowerOff hook the agent says it cannot.
+	c2, _, _ := newTestClient(t)
+	if err := c2.Shutdown(context.Background()); !errors.Is(err, errdefs.ErrUnsupported) {
+		t.Errorf("Shutdown without a hook: %v", err)
+	}
+}

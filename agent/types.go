@@ -28,6 +28,7 @@
 //	ping        R{op}                                   → O
 //	init        R{op, init}                             → O | E
 //	quiesce     R{op}                                   → O, then the guest drops the session
+//	shutdown    R{op}                                   → O, then the guest syncs and powers off
 //	read_file   R{op, path}                             → D* O | E
 //	write_file  R{op, path, mode} D* F                  → O | E
 //	exec        R{op, exec} (0* c)? k?                  → S (1|2)* X | E

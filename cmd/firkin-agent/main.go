@@ -69,7 +69,8 @@ func main() {
 	}
 	log.Info("booted", "elapsed", time.Since(start).Round(time.Millisecond))
 
-	srv := &agent.Server{Root: cfg.root, ManageSystem: true, Reaper: reaper, Logger: log}
+	srv := &agent.Server{Root: cfg.root, ManageSystem: true, Reaper: reaper, Logger: log,
+		PowerOff: func() { powerOff(log) }}
 	err = serve(ctx, log, srv, cfg)
 	fatal(log, fmt.Errorf("serve: %w", err))
 }
@@ -91,11 +92,36 @@ func ignoreSignals() {
 // kernel would panic).
 func fatal(log *slog.Logger, err error) {
 	log.Error("fatal: powering off", "err", err)
-	unix.Sync()
-	if perr := unix.Reboot(unix.LINUX_REBOOT_CMD_POWER_OFF); perr != nil {
-		log.Error("power off", "err", perr)
-	}
+	powerOff(log)
 	select {}
+}
+
+// powerOff syncs and powers the machine off. On success it does not return.
+func powerOff(log *slog.Logger) {
+	// Kill every other process first so that nothing writes after the sync.
+	_ = unix.Kill(-1, unix.SIGKILL)
+	unix.Sync()
+	if mounted(rootMount) {
+		// Read-only, so that the file system is clean on the disk.
+		_ = unix.Mount("", rootMount, "", unix.MS_REMOUNT|unix.MS_RDONLY, "")
+	}
+	if err := unix.Reboot(unix.LINUX_REBOOT_CMD_POWER_OFF); err != nil {
+		log.Error("power off", "err", err)
+	}
+}
+
+// mounted reports whether dir is a mount point.
+func mounted(dir string) bool {
+	b, err := os.ReadFile("/proc/self/mounts")
+	if err != nil {
+		return false
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(l); len(f) > 1 && f[1] == dir {
+			return true
+		}
+	}
+	return false
 }
 
 // prefixWriter prefixes every log record (one Write each) with the agent's

@@ -152,11 +152,11 @@ func tempDir(t *testing.T) string {
 
 // bootVM boots the real image with the current agent under TCG and returns
 // the host end of the agent channel.
-func bootVM(t *testing.T, arch, network string) (net.Conn, *consoleBuffer) {
+func bootVM(t *testing.T, arch, network string) (*vm, net.Conn) {
 	t.Helper()
 	dir := tempDir(t)
 	v := startVM(t, arch, dir, vmArgs(t, arch, dir, network))
-	return v.dial(t, v.sock), v.console
+	return v, v.dial(t, v.sock)
 }
 
 // qmp runs QMP commands on the VM.
@@ -229,7 +229,8 @@ func execOut(t *testing.T, c *agent.Client, req agent.ExecRequest) (string, agen
 }
 
 func TestAgentInVM(t *testing.T) {
-	conn, console := bootVM(t, "amd64", "firkin.ip=dhcp")
+	v, conn := bootVM(t, "amd64", "firkin.ip=dhcp")
+	console := v.console
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
@@ -356,7 +357,18 @@ func TestAgentInVM(t *testing.T) {
 	if b, err := c2.ReadFile(ctx, "/root/x/y.txt"); err != nil || string(b) != "data" {
 		t.Errorf("ReadFile: %q %v", b, err)
 	}
-	c2.Close()
+
+	// A polite stop: QEMU exits by itself.
+	t0 = time.Now()
+	if err := c2.Shutdown(ctx); err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+	select {
+	case <-v.exited:
+		t.Logf("guest powered off in %v", time.Since(t0).Round(time.Millisecond))
+	case <-time.After(30 * time.Second):
+		t.Fatal("QEMU still running 30 s after Shutdown")
+	}
 }
 
 // TestAgentSurvivesRestore saves a guest with QMP migrate, restores it in a
@@ -446,7 +458,7 @@ func testRestore(t *testing.T, quiesce bool) {
 // TestAgentInVMARM64 runs the arm64 agent in an emulated arm64 guest: the
 // handshake, an exec as another user, a quiesce and a new session.
 func TestAgentInVMARM64(t *testing.T) {
-	conn, _ := bootVM(t, "arm64", staticNet)
+	_, conn := bootVM(t, "arm64", staticNet)
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	start := time.Now()
