@@ -45,9 +45,10 @@ const (
 type Config struct {
 	// VsockPort is the guest agent's vsock port (default 1024).
 	VsockPort uint32
-	// ExtraCmdline is appended to the guest kernel command line (e.g.
-	// "firkin.debug=1", or firkin.ip=/firkin.gw= for a static address on
-	// the NAT network).
+	// ExtraCmdline is appended to the guest kernel command line, after the
+	// driver's own keys, so it can override them (e.g. "firkin.debug=1",
+	// or firkin.ip=/firkin.gw=/firkin.dns= for a static address instead of
+	// DHCP on the NAT network).
 	ExtraCmdline string
 	// StopTimeout bounds Machine.Stop (default 10s).
 	StopTimeout time.Duration
@@ -169,8 +170,10 @@ func (m machineConfig) Validate(l limits) error {
 }
 
 // cmdline is the guest kernel command line: the console on the virtio
-// console (hvc0), the root disk on virtio-blk, and the agent on vsock.
-func cmdline(vsockPort uint32, extra string) string {
+// console (hvc0), the root disk on virtio-blk, the agent on vsock, and with
+// a network device an address from the NAT network's DHCP server. extra
+// comes last, so its keys win (e.g. a static firkin.ip=).
+func cmdline(vsockPort uint32, network bool, extra string) string {
 	parts := []string{
 		"console=hvc0",
 		"panic=-1",
@@ -178,6 +181,9 @@ func cmdline(vsockPort uint32, extra string) string {
 		"firkin.rootfstype=ext4",
 		"firkin.channel=vsock",
 		fmt.Sprintf("firkin.vsock_port=%d", vsockPort),
+	}
+	if network {
+		parts = append(parts, "firkin.ip=dhcp")
 	}
 	if extra = strings.TrimSpace(extra); extra != "" {
 		parts = append(parts, extra)
@@ -249,7 +255,7 @@ func bootConfig(c Config, spec vmpool.BootSpec, id identity) machineConfig {
 	return machineConfig{
 		Kernel:            spec.Image.Kernel,
 		Initramfs:         spec.Image.Initramfs,
-		Cmdline:           cmdline(c.VsockPort, c.ExtraCmdline),
+		Cmdline:           cmdline(c.VsockPort, len(macs) > 0, c.ExtraCmdline),
 		VCPUs:             r.VCPUs,
 		MemoryMB:          r.MemoryMB,
 		Disk:              filepath.Join(spec.Dir, diskFile),

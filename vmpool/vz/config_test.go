@@ -17,17 +17,21 @@ import (
 )
 
 func TestCmdline(t *testing.T) {
+	const base = "console=hvc0 panic=-1 firkin.root=/dev/vda firkin.rootfstype=ext4 firkin.channel=vsock"
 	tests := []struct {
-		port  uint32
-		extra string
-		want  string
+		port    uint32
+		network bool
+		extra   string
+		want    string
 	}{
-		{1024, "", "console=hvc0 panic=-1 firkin.root=/dev/vda firkin.rootfstype=ext4 firkin.channel=vsock firkin.vsock_port=1024"},
-		{5000, "  firkin.debug=1 ", "console=hvc0 panic=-1 firkin.root=/dev/vda firkin.rootfstype=ext4 firkin.channel=vsock firkin.vsock_port=5000 firkin.debug=1"},
+		{1024, false, "", base + " firkin.vsock_port=1024"},
+		{1024, true, "", base + " firkin.vsock_port=1024 firkin.ip=dhcp"},
+		{5000, false, "  firkin.debug=1 ", base + " firkin.vsock_port=5000 firkin.debug=1"},
+		{1024, true, "firkin.ip=192.168.64.9/24", base + " firkin.vsock_port=1024 firkin.ip=dhcp firkin.ip=192.168.64.9/24"},
 	}
 	for _, tt := range tests {
-		if got := cmdline(tt.port, tt.extra); got != tt.want {
-			t.Errorf("cmdline(%d, %q):\n got %q\nwant %q", tt.port, tt.extra, got, tt.want)
+		if got := cmdline(tt.port, tt.network, tt.extra); got != tt.want {
+			t.Errorf("cmdline(%d, %v, %q):\n got %q\nwant %q", tt.port, tt.network, tt.extra, got, tt.want)
 		}
 	}
 }
@@ -38,7 +42,7 @@ func TestBootConfig(t *testing.T) {
 	cfg := Config{}.withDefaults()
 	got := bootConfig(cfg, spec, id)
 	want := machineConfig{
-		Kernel: "/img/Image", Initramfs: "/img/initrd", Cmdline: cmdline(1024, ""),
+		Kernel: "/img/Image", Initramfs: "/img/initrd", Cmdline: cmdline(1024, false, ""),
 		VCPUs: DefaultVCPUs, MemoryMB: DefaultMemoryMB,
 		Disk: "/state/m/disk.raw", ConsoleLog: "/state/m/console.log",
 		MachineIdentifier: []byte{1, 2, 3}, VsockPort: 1024,
@@ -48,7 +52,7 @@ func TestBootConfig(t *testing.T) {
 	}
 	spec.Network, spec.Resources = true, vmpool.Resources{VCPUs: 4, MemoryMB: 1024}
 	got = bootConfig(cfg, spec, id)
-	if !slices.Equal(got.MACs, id.MACs) || got.VCPUs != 4 || got.MemoryMB != 1024 {
+	if !slices.Equal(got.MACs, id.MACs) || got.VCPUs != 4 || got.MemoryMB != 1024 || !strings.HasSuffix(got.Cmdline, " firkin.ip=dhcp") {
 		t.Fatalf("with network: %+v", got)
 	}
 
