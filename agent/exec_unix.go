@@ -20,6 +20,10 @@ import (
 	"github.com/firkin-dev/firkin-worker/errdefs"
 )
 
+// outputChunk is the most output one frame carries. The command's pipes
+// are enlarged too: fewer, larger frames cost much less in an emulated guest.
+const outputChunk = 256<<10 - frameHeaderSize
+
 // outputGrace is how long a command's output may keep flowing after the
 // command exited (from children it left behind holding its stdout).
 const outputGrace = 500 * time.Millisecond
@@ -116,6 +120,13 @@ func (s *Server) exec(ctx context.Context, st io.ReadWriter, req ExecRequest) {
 		defer wmu.Unlock()
 		return writeFrame(st, typ, p)
 	}
+	// sendFramed writes a frame already laid out by readFrameFrom.
+	sendFramed := func(frame []byte) error {
+		wmu.Lock()
+		defer wmu.Unlock()
+		_, err := st.Write(frame)
+		return err
+	}
 	t0 := time.Now()
 	cmd, err := s.command(req)
 	if err != nil {
@@ -143,6 +154,10 @@ func (s *Server) exec(ctx context.Context, st io.ReadWriter, req ExecRequest) {
 	stdinR, stdinW, err1 := pipe()
 	outR, outW, err2 := pipe()
 	errR, errW, err3 := pipe()
+	if err1 == nil && err2 == nil && err3 == nil {
+		growPipe(outW)
+		growPipe(errW)
+	}
 	if err := errors.Join(err1, err2, err3); err != nil {
 		closeAll()
 		sendError(st, fmt.Errorf("pipes: %w", err))
@@ -233,12 +248,12 @@ func (s *Server) exec(ctx context.Context, st io.ReadWriter, req ExecRequest) {
 	var outWG sync.WaitGroup
 	copyOut := func(r *os.File, typ byte) {
 		defer outWG.Done()
-		buf := make([]byte, 32<<10)
+		buf := make([]byte, frameHeaderSize+outputChunk)
 		broken := false
 		for {
-			n, err := r.Read(buf)
+			frame, n, err := readFrameFrom(r, typ, buf)
 			if n > 0 && !broken {
-				if send(typ, buf[:n]) != nil {
+				if sendFramed(frame) != nil {
 					broken = true
 					kill()
 				}

@@ -99,3 +99,15 @@ func TestFindHandshake(t *testing.T) {
 		}
 	}
 }
+
+func TestReadFrameFrom(t *testing.T) {
+	buf := make([]byte, frameHeaderSize+4)
+	frame, n, err := readFrameFrom(bytes.NewReader([]byte("abcdefgh")), frameStdout, buf)
+	if err != nil || n != 4 {
+		t.Fatalf("readFrameFrom: %d %v", n, err)
+	}
+	typ, payload, err := readFrame(bytes.NewReader(frame))
+	if err != nil || typ != frameStdout || string(payload) != "abcd" {
+		t.Fatalf("round trip: %q %q %v", typ, payload, err)
+	}
+}

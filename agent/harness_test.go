@@ -35,6 +35,11 @@ func socketPair(t *testing.T) (net.Conn, *os.File) {
 	if err != nil {
 		t.Fatalf("file conn: %v", err)
 	}
+	// Non-blocking, like the agent's virtio port: os.NewFile then uses the
+	// poller, and Serve its batching reads.
+	if err := syscall.SetNonblock(fds[1], true); err != nil {
+		t.Fatalf("nonblock: %v", err)
+	}
 	guest := os.NewFile(uintptr(fds[1]), "guest")
 	t.Cleanup(func() {
 		host.Close()

@@ -21,7 +21,7 @@ import (
 const dialTimeout = 5 * time.Second
 
 // fileChunk is the size of the data frames of ReadFile.
-const fileChunk = 256 << 10
+const fileChunk = 256<<10 - frameHeaderSize
 
 // dial connects the stream to 127.0.0.1:port (or [::1]:port when only that
 // listens) and copies bytes both ways after a status line.
@@ -126,11 +126,11 @@ func (s *Server) readFile(st io.Writer, p string) {
 		if fi, err := f.Stat(); err == nil && fi.IsDir() {
 			return fileError("read", p, syscall.EISDIR)
 		}
-		buf := make([]byte, fileChunk)
+		buf := make([]byte, frameHeaderSize+fileChunk)
 		for {
-			n, err := f.Read(buf)
+			frame, n, err := readFrameFrom(f, frameData, buf)
 			if n > 0 {
-				if werr := writeFrame(st, frameData, buf[:n]); werr != nil {
+				if _, werr := st.Write(frame); werr != nil {
 					return werr
 				}
 			}

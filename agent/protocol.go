@@ -146,6 +146,17 @@ func writeJSONFrame(w io.Writer, typ byte, v any) error {
 	return writeFrame(w, typ, b)
 }
 
+// readFrameFrom reads up to len(buf)-frameHeaderSize bytes from r straight
+// into buf's payload area and returns the frame of type typ that holds them,
+// ready to write, and the payload size (0 when nothing was read).
+func readFrameFrom(r io.Reader, typ byte, buf []byte) ([]byte, int, error) {
+	limit := min(len(buf)-frameHeaderSize, MaxFramePayload)
+	n, err := r.Read(buf[frameHeaderSize : frameHeaderSize+limit])
+	buf[0] = typ
+	binary.BigEndian.PutUint32(buf[1:frameHeaderSize], uint32(n))
+	return buf[:frameHeaderSize+n], n, err
+}
+
 // readFrame reads one frame. It returns io.EOF only when the stream ended
 // cleanly before a frame started; a frame cut short is io.ErrUnexpectedEOF.
 func readFrame(r io.Reader) (typ byte, payload []byte, err error) {

@@ -139,8 +139,9 @@ func pump(ctx context.Context, dev io.Reader, out chan<- chunk, eofFinal bool) e
 	backoff := minEOFBackoff
 	connected := true
 	buf := make([]byte, readSize)
+	read := batchReader(dev)
 	for {
-		n, err := dev.Read(buf)
+		n, err := read(buf)
 		if n > 0 {
 			connected = true
 			backoff = minEOFBackoff
