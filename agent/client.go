@@ -267,7 +267,8 @@ func (c *Client) Shutdown(ctx context.Context) error {
 	return err
 }
 
-// ReadFile returns the content of the file at path in the guest's root.
+// ReadFile returns the content of the file at path in the guest's root,
+// read whole into memory.
 func (c *Client) ReadFile(ctx context.Context, path string) ([]byte, error) {
 	var buf bytes.Buffer
 	_, err := c.call(ctx, request{Op: opReadFile, Path: path}, func(b []byte) error {

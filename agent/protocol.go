@@ -87,6 +87,7 @@ type RemoteError struct {
 	Message string `json:"message"`
 }
 
+// Error returns the guest's message.
 func (e *RemoteError) Error() string { return "guest: " + e.Message }
 
 // Unwrap returns the errdefs class of the error.
