@@ -183,11 +183,19 @@ func findChannel(cfg *config) (channel, error) {
 				return true
 			}
 		}
+		if cfg.channel == "vsock" {
+			// Asked for explicitly: /dev/vsock is enough.
+			if _, err := os.Stat("/dev/vsock"); err == nil {
+				ch = channel{vsock: true}
+				return true
+			}
+			return false
+		}
 		if cfg.channel != "virtio-serial" && vsockDevice() {
 			if vsockSeen.IsZero() {
 				vsockSeen = time.Now()
 			}
-			if cfg.channel == "vsock" || time.Since(vsockSeen) > 300*time.Millisecond {
+			if time.Since(vsockSeen) > 300*time.Millisecond {
 				ch = channel{vsock: true}
 				return true
 			}
