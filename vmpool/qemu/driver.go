@@ -1,0 +1,303 @@
+// Package qemu is the Linux machine driver: every sandbox is a QEMU process
+// (qemu-system-x86_64 or qemu-system-aarch64) with the guest agent on a
+// virtio-serial port, controlled over QMP.
+//
+// A machine boots a kernel and initramfs directly, with its root disk as a
+// qcow2 overlay on the template's read-only base disk. KVM is used when it
+// really works on the host (a bounded probe decides, once, and the verdict is
+// cached on disk); TCG otherwise.
+//
+// Snapshots freeze the disk (the current overlay becomes a read-only backing
+// file in the snapshot directory and the machine goes on writing to a new
+// overlay) and save the device and CPU state with a migration stream. A
+// template machine keeps its RAM in a shared file, so its snapshot holds the
+// RAM file itself and clones map it copy-on-write.
+package qemu
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/firkin-dev/firkin-worker/errdefs"
+	"github.com/firkin-dev/firkin-worker/vmpool"
+)
+
+// The driver implements the contract and its optional parts.
+var (
+	_ vmpool.Driver     = (*Driver)(nil)
+	_ vmpool.Saver      = (*Driver)(nil)
+	_ vmpool.Restorer   = (*Driver)(nil)
+	_ vmpool.Reattacher = (*Driver)(nil)
+	_ vmpool.Machine    = (*Machine)(nil)
+)
+
+// Accelerator choices.
+const (
+	AccelAuto = "auto" // KVM when it works (probed), else TCG
+	AccelKVM  = "kvm"
+	AccelTCG  = "tcg"
+)
+
+// Defaults.
+const (
+	// DefaultTBSizeMB is the TCG translation cache size. QEMU's own default
+	// (1 GiB) costs RSS as the cache fills; 64 MiB holds the working set of a
+	// busybox and Go agent guest.
+	DefaultTBSizeMB     = 64
+	DefaultProbeTimeout = 8 * time.Second
+	DefaultStopTimeout  = 5 * time.Second
+)
+
+// Config configures a Driver. The zero value plus a StateDir is usable:
+// binaries are looked up in $PATH.
+type Config struct {
+	// QEMU maps an arch ("amd64", "arm64") to its system emulator; missing
+	// entries are looked up in $PATH (qemu-system-x86_64,
+	// qemu-system-aarch64).
+	QEMU map[string]string
+	// QEMUImg is the qemu-img binary; default from $PATH.
+	QEMUImg string
+	// Accel is "auto" (default), "kvm" or "tcg".
+	Accel string
+	// TBSizeMB is the TCG translation cache in MiB (default DefaultTBSizeMB).
+	TBSizeMB int
+	// StateDir holds the driver's caches (the accelerator verdicts).
+	StateDir string
+	// SocketDir is where machines whose directory path is too long for unix
+	// sockets get a short directory for them (default /run/firkin when
+	// writable, else os.TempDir()).
+	SocketDir string
+	// Logger receives the driver's logs (default: discard).
+	Logger *slog.Logger
+	// KeepOnExit keeps QEMU running when the process that started it exits,
+	// so a restarted worker can Reattach. When false QEMU gets SIGKILL as soon
+	// as its parent dies (tests never leak machines).
+	KeepOnExit bool
+	// ProbeTimeout bounds the KVM probe (default DefaultProbeTimeout).
+	ProbeTimeout time.Duration
+	// StopTimeout is how long Stop waits for QEMU to quit before SIGKILL
+	// (default DefaultStopTimeout).
+	StopTimeout time.Duration
+}
+
+// Option changes a Config.
+type Option func(*Config)
+
+// WithQEMU sets the system emulator for arch.
+func WithQEMU(arch, path string) Option {
+	return func(c *Config) {
+		if c.QEMU == nil {
+			c.QEMU = map[string]string{}
+		}
+		c.QEMU[arch] = path
+	}
+}
+
+// WithQEMUImg sets the qemu-img binary.
+func WithQEMUImg(path string) Option { return func(c *Config) { c.QEMUImg = path } }
+
+// WithAccel sets the accelerator: "auto", "kvm" or "tcg".
+func WithAccel(accel string) Option { return func(c *Config) { c.Accel = accel } }
+
+// WithTBSize sets the TCG translation cache size in MiB.
+func WithTBSize(mb int) Option { return func(c *Config) { c.TBSizeMB = mb } }
+
+// WithStateDir sets the directory for the driver's caches.
+func WithStateDir(dir string) Option { return func(c *Config) { c.StateDir = dir } }
+
+// WithSocketDir sets where short socket directories are made.
+func WithSocketDir(dir string) Option { return func(c *Config) { c.SocketDir = dir } }
+
+// WithLogger sets the logger.
+func WithLogger(l *slog.Logger) Option { return func(c *Config) { c.Logger = l } }
+
+// WithKeepOnExit keeps machines running when this process exits.
+func WithKeepOnExit(keep bool) Option { return func(c *Config) { c.KeepOnExit = keep } }
+
+// WithProbeTimeout bounds the KVM probe.
+func WithProbeTimeout(d time.Duration) Option { return func(c *Config) { c.ProbeTimeout = d } }
+
+// WithStopTimeout sets how long Stop waits before it kills QEMU.
+func WithStopTimeout(d time.Duration) Option { return func(c *Config) { c.StopTimeout = d } }
+
+// Arches are the guest architectures the driver runs.
+var Arches = []string{"amd64", "arm64"}
+
+func defaultBinary(arch string) string {
+	if arch == "arm64" {
+		return "qemu-system-aarch64"
+	}
+	return "qemu-system-x86_64"
+}
+
+// setDefaults fills in what is missing; binaries that are not found stay
+// empty and fail only when a machine of that arch is wanted.
+func (c *Config) setDefaults() {
+	if c.Accel == "" {
+		c.Accel = AccelAuto
+	}
+	if c.TBSizeMB == 0 {
+		c.TBSizeMB = DefaultTBSizeMB
+	}
+	if c.ProbeTimeout == 0 {
+		c.ProbeTimeout = DefaultProbeTimeout
+	}
+	if c.StopTimeout == 0 {
+		c.StopTimeout = DefaultStopTimeout
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	qemu := map[string]string{}
+	for k, v := range c.QEMU {
+		qemu[k] = v
+	}
+	for _, arch := range Arches {
+		if qemu[arch] == "" {
+			if p, err := exec.LookPath(defaultBinary(arch)); err == nil {
+				qemu[arch] = p
+			}
+		}
+	}
+	c.QEMU = qemu
+	if c.QEMUImg == "" {
+		if p, err := exec.LookPath("qemu-img"); err == nil {
+			c.QEMUImg = p
+		}
+	}
+	if c.SocketDir == "" {
+		c.SocketDir = os.TempDir()
+		if err := os.MkdirAll("/run/firkin", 0o700); err == nil && unixWritable("/run/firkin") {
+			c.SocketDir = "/run/firkin"
+		}
+	}
+}
+
+func unixWritable(dir string) bool {
+	f, err := os.CreateTemp(dir, ".w")
+	if err != nil {
+		return false
+	}
+	f.Close()
+	os.Remove(f.Name())
+	return true
+}
+
+// Validate checks the configuration and joins every problem found.
+func (c *Config) Validate() error {
+	var errs []error
+	switch c.Accel {
+	case AccelAuto, AccelKVM, AccelTCG:
+	default:
+		errs = append(errs, fmt.Errorf("accel %q: want auto, kvm or tcg", c.Accel))
+	}
+	if c.TBSizeMB < 0 || c.TBSizeMB > 2048 {
+		errs = append(errs, fmt.Errorf("tb-size %d MiB: want 1..2048", c.TBSizeMB))
+	}
+	if c.StateDir == "" {
+		errs = append(errs, errors.New("no state dir"))
+	} else if !filepath.IsAbs(c.StateDir) {
+		errs = append(errs, fmt.Errorf("state dir %q is not absolute", c.StateDir))
+	}
+	if c.SocketDir != "" && len(c.SocketDir) > 60 {
+		errs = append(errs, fmt.Errorf("socket dir %q: too long for unix sockets", c.SocketDir))
+	}
+	for arch, p := range c.QEMU {
+		if arch != "amd64" && arch != "arm64" {
+			errs = append(errs, fmt.Errorf("qemu binary for arch %q: want amd64 or arm64", arch))
+		}
+		if p != "" && !filepath.IsAbs(p) {
+			errs = append(errs, fmt.Errorf("qemu binary %q is not an absolute path", p))
+		}
+	}
+	if c.QEMUImg == "" {
+		errs = append(errs, errors.New("qemu-img not found: apt-get install -y qemu-utils"))
+	}
+	if c.ProbeTimeout < 0 || c.StopTimeout < 0 {
+		errs = append(errs, errors.New("negative timeout"))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf("qemu: config: %w", err))
+	}
+	return nil
+}
+
+// Driver starts QEMU machines. It is safe for concurrent use.
+type Driver struct {
+	cfg Config
+	log *slog.Logger
+
+	accelMu sync.Mutex
+	accels  map[string]string // probe key -> verdict
+}
+
+// New returns a Driver configured by opts.
+func New(opts ...Option) (*Driver, error) {
+	var cfg Config
+	for _, o := range opts {
+		o(&cfg)
+	}
+	return NewFromConfig(cfg)
+}
+
+// NewFromConfig returns a Driver for cfg (defaults filled in, then validated).
+func NewFromConfig(cfg Config) (*Driver, error) {
+	cfg.setDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(cfg.StateDir, 0o755); err != nil {
+		return nil, fmt.Errorf("qemu: state dir: %w", err)
+	}
+	return &Driver{cfg: cfg, log: cfg.Logger, accels: map[string]string{}}, nil
+}
+
+// Name returns "qemu".
+func (d *Driver) Name() string { return "qemu" }
+
+// binary returns the system emulator for arch.
+func (d *Driver) binary(arch string) (string, error) {
+	p := d.cfg.QEMU[arch]
+	if p == "" {
+		return "", errdefs.Wrap(errdefs.ErrUnsupported, fmt.Errorf("qemu: no %s found for %s guests: apt-get install -y qemu-system-%s", defaultBinary(arch), arch, map[string]string{"amd64": "x86", "arm64": "arm"}[arch]))
+	}
+	return p, nil
+}
+
+// hostArch returns the arch of an Image ("" means the host's).
+func imageArch(img vmpool.Image) (string, error) {
+	arch := img.Arch
+	if arch == "" {
+		arch = runtime.GOARCH
+	}
+	if arch != "amd64" && arch != "arm64" {
+		return "", invalid("qemu: image arch %q: want amd64 or arm64", arch)
+	}
+	return arch, nil
+}
+
+// machineType returns the machine type and console device for arch.
+func machineType(arch string) (machine, console string) {
+	if arch == "arm64" {
+		return "virt", "ttyAMA0"
+	}
+	return "q35", "ttyS0"
+}
+
+// kernelArgs returns the guest kernel command line.
+func kernelArgs(arch string, network bool) string {
+	_, console := machineType(arch)
+	args := []string{"console=" + console, "quiet", "panic=-1"}
+	if network {
+		args = append(args, "firkin.ip=10.0.2.15/24", "firkin.gw=10.0.2.2", "firkin.dns=10.0.2.3")
+	}
+	return strings.Join(args, " ")
+}
