@@ -52,7 +52,8 @@ type vmConfig struct {
 	Console  string `json:"console"`  // serial console log file
 	Agent    string `json:"agent"`    // agent channel socket
 	QMP      string `json:"qmp"`      // QMP socket
-	Network  bool   `json:"network"`  // user-mode network + virtio-net
+	Network  bool   `json:"network"`  // a virtio-net device
+	NetOff   bool   `json:"net_off"`  // user network restricted to nothing (a restore without network)
 	MAC      string `json:"mac"`      // the NIC's address when Network
 	Memory   string `json:"memory"`   // MemoryRAM, MemoryShared, MemoryPrivate
 	MemPath  string `json:"mem_path"` // the RAM file unless MemoryRAM
@@ -235,8 +236,12 @@ func (c *vmConfig) args() ([]string, error) {
 		"-device", "virtserialport,id=agentport,bus=vser.0,chardev=agent,name=firkin.agent",
 	)
 	if c.Network {
+		netdev := "user,id=net0"
+		if c.NetOff {
+			netdev = "user,id=net0,restrict=on"
+		}
 		a = append(a,
-			"-netdev", "user,id=net0",
+			"-netdev", netdev,
 			"-device", dev("virtio-net")+",id=nic0,netdev=net0,mac="+c.MAC+",romfile=",
 		)
 	}

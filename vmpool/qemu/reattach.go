@@ -1,0 +1,130 @@
+package qemu
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/firkin-dev/firkin-worker/errdefs"
+	"github.com/firkin-dev/firkin-worker/vmpool"
+)
+
+// Reattach connects to the machine whose private directory is dir: a QEMU
+// started by this or an earlier worker process (with KeepOnExit). It checks
+// that the pid recorded in dir/machine.json is still that QEMU (command line
+// and start time), then connects QMP and starts a new agent session. It
+// fails with errdefs.ErrNotFound when the machine is gone.
+func (d *Driver) Reattach(ctx context.Context, dir string) (vmpool.Machine, error) {
+	m, err := d.reattach(ctx, dir)
+	if err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+func (d *Driver) reattach(ctx context.Context, dir string) (*Machine, error) {
+	var st machineState
+	if err := readJSON(filepath.Join(dir, stateFile), &st); err != nil {
+		return nil, fmt.Errorf("qemu: reattach %s: %w", dir, err)
+	}
+	if filepath.Clean(st.Dir) != filepath.Clean(dir) {
+		return nil, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("qemu: reattach %s: machine.json is for %s", dir, st.Dir))
+	}
+	gone := func(why string) error {
+		return errdefs.Wrap(errdefs.ErrNotFound, fmt.Errorf("qemu: reattach %s: machine %s is gone: %s", dir, st.ID, why))
+	}
+	if st.PID <= 0 {
+		return nil, gone("no pid")
+	}
+	// Open a pidfd first, then check the process behind it: a pid reused
+	// after this check cannot be signalled by mistake.
+	pidfd, err := unix.PidfdOpen(st.PID, 0)
+	if err != nil {
+		return nil, gone(fmt.Sprintf("pid %d: %v", st.PID, err))
+	}
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", st.PID))
+	want := append([]string{st.Binary}, st.Args...)
+	if err != nil || !bytes.Equal(cmdline, []byte(joinNUL(want))) {
+		unix.Close(pidfd)
+		return nil, gone(fmt.Sprintf("pid %d is not its QEMU", st.PID))
+	}
+	if t, err := procStartTime(st.PID); err != nil || t != st.StartTime {
+		unix.Close(pidfd)
+		return nil, gone(fmt.Sprintf("pid %d was started at another time", st.PID))
+	}
+	m := &Machine{d: d, log: d.log.With("machine", st.ID), id: st.ID, dir: st.Dir, sockDir: st.SockDir,
+		binary: st.Binary, args: st.Args, cfg: st.Config, image: st.Image, pid: st.PID, started: st.StartTime,
+		done: make(chan struct{}), top: st.Top, topNode: st.TopNode, layer: st.Layer, diskSize: st.DiskSize}
+	m.kill = func() error { return unix.PidfdSendSignal(pidfd, syscall.SIGKILL, nil, 0) }
+	go func() {
+		defer close(m.done)
+		defer unix.Close(pidfd)
+		fds := []unix.PollFd{{Fd: int32(pidfd), Events: unix.POLLIN}}
+		for {
+			_, err := unix.Poll(fds, -1)
+			if err == nil || !errors.Is(err, syscall.EINTR) {
+				return
+			}
+		}
+	}()
+	fail := func(step string, err error) (*Machine, error) {
+		_ = m.closeAll()
+		return nil, stepError("reattach", st.ID, step, err, st.Config.Console, filepath.Join(dir, qemuLogFile))
+	}
+	q, err := dialQMP(ctx, st.Config.QMP, m.done)
+	if err != nil {
+		return fail("connect qmp", err)
+	}
+	m.qmp = q
+	var status struct {
+		Status  string `json:"status"`
+		Running bool   `json:"running"`
+	}
+	if err := q.Run(ctx, "query-status", nil, &status); err != nil {
+		return fail("query status", err)
+	}
+	if !status.Running {
+		// A save that was cut short leaves the machine paused.
+		m.log.Warn("machine was paused; continuing it", "status", status.Status)
+		if _, err := q.Execute(ctx, "cont", nil); err != nil {
+			return fail("continue", err)
+		}
+	}
+	conn, err := dialUnix(ctx, st.Config.Agent, m.done)
+	if err != nil {
+		return fail("connect agent", err)
+	}
+	m.agentConn = conn
+	c, err := connectAgent(ctx, conn, m.done)
+	if err != nil {
+		return fail("agent handshake", err)
+	}
+	m.agent = c
+	if err := c.Ping(ctx); err != nil {
+		return fail("ping agent", err)
+	}
+	m.log.Info("machine reattached", "pid", m.pid)
+	return m, nil
+}
+
+// closeAll closes the connections of a machine that failed to reattach,
+// leaving the process alone (the caller decides whether to Stop it).
+func (m *Machine) closeAll() error {
+	m.closeConns()
+	return nil
+}
+
+func joinNUL(args []string) string {
+	var b bytes.Buffer
+	for _, a := range args {
+		b.WriteString(a)
+		b.WriteByte(0)
+	}
+	return b.String()
+}

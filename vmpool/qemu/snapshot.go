@@ -1,0 +1,408 @@
+package qemu
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/firkin-dev/firkin-worker/errdefs"
+	"github.com/firkin-dev/firkin-worker/vmpool"
+	"github.com/firkin-dev/firkin-worker/vmpool/qemu/qmp"
+)
+
+// Snapshot formats (vmpool.Snapshot.Format).
+const (
+	FormatSharedMemory = "shared-memory"
+	FormatStream       = "stream"
+)
+
+// Files inside a snapshot directory.
+const (
+	snapConfig = "config.json"
+	snapState  = "state"
+	snapDisk   = "disk.qcow2"
+	snapMem    = "mem"
+)
+
+// migrationTimeout bounds a save's or restore's migration when ctx has no
+// deadline of its own.
+const migrationTimeout = 5 * time.Minute
+
+// snapshotMeta is config.json in a snapshot directory: what a restore needs
+// to build the same machine.
+type snapshotMeta struct {
+	Version  int          `json:"version"`
+	Format   string       `json:"format"`
+	Kind     string       `json:"kind"`
+	Config   vmConfig     `json:"config"`
+	DiskSize int64        `json:"disk_size"`
+	Image    vmpool.Image `json:"image"`
+	Created  time.Time    `json:"created"`
+	SaveTime string       `json:"save_time"`
+}
+
+// Save pauses m, freezes its disk, writes its state into dir and resumes m
+// (or stops it when opts.Stop). See the package doc for the layout.
+func (d *Driver) Save(ctx context.Context, vm vmpool.Machine, dir string, opts vmpool.SaveOptions) (vmpool.Snapshot, error) {
+	m, ok := vm.(*Machine)
+	if !ok {
+		return vmpool.Snapshot{}, invalid("qemu: save: %T is not a qemu machine", vm)
+	}
+	switch opts.Kind {
+	case vmpool.Continuation, vmpool.Template:
+	case "":
+		opts.Kind = vmpool.Continuation
+	default:
+		return vmpool.Snapshot{}, invalid("qemu: save: snapshot kind %q", opts.Kind)
+	}
+	if !filepath.IsAbs(dir) {
+		return vmpool.Snapshot{}, invalid("qemu: save: snapshot dir %q is not absolute", dir)
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return vmpool.Snapshot{}, fmt.Errorf("qemu: save: %w", err)
+	}
+	if ents, err := os.ReadDir(dir); err != nil || len(ents) > 0 {
+		return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrConflict, fmt.Errorf("qemu: save: snapshot dir %s is not empty (%v)", dir, err))
+	}
+	m.opMu.Lock()
+	defer m.opMu.Unlock()
+	if m.stopped || m.released {
+		return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrFailedPrecondition, fmt.Errorf("qemu: save: machine %s is stopped", m.id))
+	}
+	select {
+	case <-m.done:
+		return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrFailedPrecondition, fmt.Errorf("qemu: save: machine %s has exited", m.id))
+	default:
+	}
+	return m.save(ctx, dir, opts)
+}
+
+func (m *Machine) save(ctx context.Context, dir string, opts vmpool.SaveOptions) (snap vmpool.Snapshot, err error) {
+	start := time.Now()
+	m.mu.Lock()
+	c, q := m.agent, m.qmp
+	m.agent, m.saving = nil, true
+	m.mu.Unlock()
+	defer func() {
+		m.mu.Lock()
+		m.saving = false
+		m.mu.Unlock()
+	}()
+	step := ""
+	paused := false
+	defer func() {
+		if err == nil {
+			return
+		}
+		err = stepError("save", m.id, step, err, m.cfg.Console, filepath.Join(m.dir, qemuLogFile))
+		// Leave the source usable: running, with a new agent session.
+		if rerr := m.resume(context.WithoutCancel(ctx), q, paused); rerr != nil {
+			m.log.Warn("cannot resume the machine after a failed save", "err", rerr)
+		}
+	}()
+
+	step = "quiesce agent"
+	if c != nil {
+		if err := c.Quiesce(ctx); err != nil {
+			return snap, err
+		}
+	}
+	step = "pause"
+	if _, err := q.Execute(ctx, "stop", nil); err != nil {
+		return snap, err
+	}
+	paused = true
+	tPaused := time.Now()
+
+	step = "freeze disk"
+	if err := m.freezeDisk(ctx, q, filepath.Join(dir, snapDisk)); err != nil {
+		return snap, err
+	}
+
+	format := FormatStream
+	if opts.Kind == vmpool.Template && m.cfg.Memory == MemoryShared {
+		format = FormatSharedMemory
+	}
+	step = "migrate"
+	if err := migrateOut(ctx, q, format == FormatSharedMemory, filepath.Join(dir, snapState)); err != nil {
+		return snap, err
+	}
+	artifacts := []string{snapConfig, snapState, snapDisk}
+	if format == FormatSharedMemory {
+		step = "save memory file"
+		dst := filepath.Join(dir, snapMem)
+		if opts.Stop {
+			err = linkOrCopy(m.cfg.MemPath, dst)
+		} else {
+			err = copySparse(m.cfg.MemPath, dst)
+		}
+		if err != nil {
+			return snap, err
+		}
+		artifacts = append(artifacts, snapMem)
+	}
+	elapsed := time.Since(tPaused)
+	step = "write config"
+	meta := snapshotMeta{Version: 1, Format: format, Kind: string(opts.Kind), Config: m.cfg,
+		DiskSize: m.diskSize, Image: m.image, Created: time.Now().UTC(), SaveTime: elapsed.Round(time.Microsecond).String()}
+	if err := writeJSON(filepath.Join(dir, snapConfig), meta); err != nil {
+		return snap, err
+	}
+	snap = vmpool.Snapshot{Dir: dir, Artifacts: artifacts, Disk: filepath.Join(dir, snapDisk), Format: format,
+		Resources: vmpool.Resources{VCPUs: m.cfg.VCPUs, MemoryMB: m.cfg.MemoryMB}, Image: m.image}
+	if m.cfg.Network {
+		snap.NetworkMACs = []string{m.cfg.MAC}
+	}
+	if opts.Stop {
+		step = "stop"
+		if err := m.stopLocked(ctx); err != nil {
+			m.log.Warn("stop after save", "err", err)
+		}
+	} else {
+		step = "resume"
+		if err := m.resume(ctx, q, true); err != nil {
+			return snap, err
+		}
+	}
+	m.log.Info("machine saved", "dir", dir, "format", format, "kind", opts.Kind, "paused", elapsed.Round(time.Microsecond),
+		"total", time.Since(start).Round(time.Millisecond), "stop", opts.Stop)
+	return snap, nil
+}
+
+// freezeDisk makes the current top overlay read-only and puts a new overlay
+// above it (blockdev-add + blockdev-snapshot, as libvirt does for external
+// snapshots): the new overlay's header names frozen as its backing file,
+// and the old top is hard-linked there, so every file in the chain is
+// reached by a stable path that outlives this machine.
+func (m *Machine) freezeDisk(ctx context.Context, q *qmp.Client, frozen string) error {
+	m.mu.Lock()
+	layer, oldTop, oldNode, size := m.layer+1, m.top, m.topNode, m.diskSize
+	m.mu.Unlock()
+	overlay := filepath.Join(m.dir, fmt.Sprintf("overlay-%d.qcow2", layer))
+	node := fmt.Sprintf("ov%d", layer)
+	if err := m.d.createOverlay(ctx, overlay, frozen, "qcow2", size); err != nil {
+		return err
+	}
+	add := map[string]any{"driver": "qcow2", "node-name": node, "backing": nil,
+		"file": map[string]any{"driver": "file", "filename": overlay}}
+	if _, err := q.Execute(ctx, "blockdev-add", add); err != nil {
+		os.Remove(overlay)
+		return err
+	}
+	if _, err := q.Execute(ctx, "blockdev-snapshot", map[string]any{"node": oldNode, "overlay": node}); err != nil {
+		_, _ = q.Execute(ctx, "blockdev-del", map[string]any{"node-name": node})
+		os.Remove(overlay)
+		return err
+	}
+	// The old top is now a read-only backing node (QEMU flushed it when it
+	// reopened it), and its content is what the guest had at the pause.
+	if err := linkOrCopy(oldTop, frozen); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	m.top, m.topNode, m.layer = overlay, node, layer
+	m.mu.Unlock()
+	return m.saveState()
+}
+
+// resume continues a paused machine and starts a new agent session.
+func (m *Machine) resume(ctx context.Context, q *qmp.Client, paused bool) error {
+	if paused {
+		if _, err := q.Execute(ctx, "cont", nil); err != nil {
+			return err
+		}
+	}
+	m.mu.Lock()
+	conn := m.agentConn
+	m.mu.Unlock()
+	if conn == nil {
+		return errdefs.Wrap(errdefs.ErrFailedPrecondition, errors.New("no agent channel"))
+	}
+	c, err := connectAgent(ctx, conn, m.done)
+	if err != nil {
+		return err
+	}
+	m.mu.Lock()
+	m.agent = c
+	m.mu.Unlock()
+	return nil
+}
+
+// setIgnoreShared sets the x-ignore-shared migration capability (RAM in a
+// shared file is not sent: the file is the memory) and the speed limit.
+func setMigration(ctx context.Context, q *qmp.Client, ignoreShared bool) error {
+	caps := map[string]any{"capabilities": []map[string]any{{"capability": "x-ignore-shared", "state": ignoreShared}}}
+	if _, err := q.Execute(ctx, "migrate-set-capabilities", caps); err != nil {
+		return err
+	}
+	// The default limit (32 MiB/s) would make a stream save of 1 GiB take
+	// half a minute.
+	_, err := q.Execute(ctx, "migrate-set-parameters", map[string]any{"max-bandwidth": int64(64) << 30})
+	return err
+}
+
+// migrateOut writes the machine's state to path and waits for the end.
+func migrateOut(ctx context.Context, q *qmp.Client, ignoreShared bool, path string) error {
+	if err := setMigration(ctx, q, ignoreShared); err != nil {
+		return err
+	}
+	if _, err := q.Execute(ctx, "migrate", map[string]any{"uri": "exec:cat > " + shellQuote(path)}); err != nil {
+		return err
+	}
+	return waitMigration(ctx, q)
+}
+
+// waitMigration polls query-migrate until the migration completed or failed.
+func waitMigration(ctx context.Context, q *qmp.Client) error {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, migrationTimeout)
+		defer cancel()
+	}
+	tick := time.NewTicker(2 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		var st struct {
+			Status    string `json:"status"`
+			ErrorDesc string `json:"error-desc"`
+		}
+		if err := q.Run(ctx, "query-migrate", nil, &st); err != nil {
+			return err
+		}
+		switch st.Status {
+		case "completed":
+			return nil
+		case "failed", "cancelled":
+			return errdefs.Wrap(errdefs.ErrFailedPrecondition, fmt.Errorf("migration %s: %s", st.Status, st.ErrorDesc))
+		}
+		select {
+		case <-ctx.Done():
+			return errdefs.Wrap(errdefs.ErrTimeout, fmt.Errorf("migration still %q: %w", st.Status, ctx.Err()))
+		case <-q.Done():
+			return errdefs.Wrap(errdefs.ErrFailedPrecondition, errors.New("qemu exited during migration"))
+		case <-tick.C:
+		}
+	}
+}
+
+// Restore starts a machine from a snapshot made by Save and returns it once
+// a new agent session answered.
+func (d *Driver) Restore(ctx context.Context, spec vmpool.RestoreSpec) (vmpool.Machine, error) {
+	m, err := d.restore(ctx, spec)
+	if err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+func (d *Driver) restore(ctx context.Context, spec vmpool.RestoreSpec) (*Machine, error) {
+	if err := checkID(spec.ID); err != nil {
+		return nil, err
+	}
+	snapDir := spec.Snapshot.Dir
+	if !filepath.IsAbs(snapDir) {
+		return nil, invalid("qemu: restore: snapshot dir %q is not absolute", snapDir)
+	}
+	var meta snapshotMeta
+	if err := readJSON(filepath.Join(snapDir, snapConfig), &meta); err != nil {
+		return nil, fmt.Errorf("qemu: restore %s: snapshot %s: %w", spec.ID, snapDir, err)
+	}
+	if meta.Format != FormatStream && meta.Format != FormatSharedMemory {
+		return nil, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("qemu: restore %s: snapshot format %q", spec.ID, meta.Format))
+	}
+	disk := spec.Snapshot.Disk
+	if disk == "" {
+		disk = filepath.Join(snapDir, snapDisk)
+	}
+	for _, f := range []string{disk, filepath.Join(snapDir, snapState)} {
+		if _, err := os.Stat(f); err != nil {
+			return nil, errdefs.Wrap(errdefs.ErrNotFound, fmt.Errorf("qemu: restore %s: %w", spec.ID, err))
+		}
+	}
+	src := meta.Config
+	accel, err := d.accel(ctx, src.Arch, vmpool.Image{Kernel: src.Kernel, Initramfs: src.Initramfs, Arch: src.Arch})
+	if err != nil {
+		return nil, fmt.Errorf("qemu: restore %s: accelerator: %w", spec.ID, err)
+	}
+	if accel != src.Accel {
+		return nil, errdefs.Wrap(errdefs.ErrUnsupported, fmt.Errorf("qemu: restore %s: snapshot was made under %s, this host runs %s", spec.ID, src.Accel, accel))
+	}
+
+	u := &undo{log: d.log}
+	fail := func(step string, err error) (*Machine, error) {
+		u.run()
+		return nil, fmt.Errorf("qemu: restore %s: %s: %w", spec.ID, step, err)
+	}
+	sockDir, cleanup, err := d.prepareDir(spec.ID, spec.Dir)
+	if err != nil {
+		return fail("create dir", err)
+	}
+	u.add("remove dir", cleanup)
+	overlay := filepath.Join(spec.Dir, "overlay-0.qcow2")
+	if err := d.createOverlay(ctx, overlay, disk, "qcow2", meta.DiskSize); err != nil {
+		return fail("create overlay", err)
+	}
+	cfg := d.baseConfig(src.Arch, accel, vmpool.Resources{VCPUs: src.VCPUs, MemoryMB: src.MemoryMB},
+		meta.Image, spec.Dir, sockDir, src.Network)
+	// The devices are the source's.
+	cfg.Machine, cfg.Kernel, cfg.Initramfs, cfg.Append, cfg.BIOS, cfg.MAC = src.Machine, src.Kernel, src.Initramfs, src.Append, src.BIOS, src.MAC
+	cfg.Disk, cfg.Node, cfg.Incoming = overlay, "ov0", true
+	switch {
+	case src.Network && !spec.Network:
+		cfg.NetOff = true
+	case !src.Network && spec.Network:
+		d.log.Warn("snapshot has no network device; the restored machine runs without network", "machine", spec.ID, "snapshot", snapDir)
+	}
+	memDst := filepath.Join(spec.Dir, memFile)
+	switch {
+	case meta.Format == FormatSharedMemory && spec.SnapshotReady:
+		if err := copySparse(filepath.Join(snapDir, snapMem), memDst); err != nil {
+			return fail("copy memory file", err)
+		}
+		cfg.Memory, cfg.MemPath = MemoryShared, memDst
+	case meta.Format == FormatSharedMemory:
+		cfg.Memory, cfg.MemPath = MemoryPrivate, filepath.Join(snapDir, snapMem)
+	case spec.SnapshotReady:
+		cfg.Memory, cfg.MemPath = MemoryShared, memDst
+	default:
+		cfg.Memory = MemoryRAM
+	}
+	state := filepath.Join(snapDir, snapState)
+	load := func(ctx context.Context, m *Machine) error {
+		t0 := time.Now()
+		if err := setMigration(ctx, m.qmp, meta.Format == FormatSharedMemory); err != nil {
+			return err
+		}
+		if _, err := m.qmp.Execute(ctx, "migrate-incoming", map[string]any{"uri": "exec:cat " + shellQuote(state)}); err != nil {
+			return err
+		}
+		if err := waitMigration(ctx, m.qmp); err != nil {
+			return err
+		}
+		var st struct {
+			Running bool `json:"running"`
+		}
+		if err := m.qmp.Run(ctx, "query-status", nil, &st); err != nil {
+			return err
+		}
+		if !st.Running {
+			if _, err := m.qmp.Execute(ctx, "cont", nil); err != nil {
+				return err
+			}
+		}
+		m.log.Debug("state loaded", "elapsed", time.Since(t0).Round(time.Microsecond))
+		return nil
+	}
+	return d.start(ctx, &launch{op: "restore", id: spec.ID, dir: spec.Dir, cfg: cfg, image: meta.Image,
+		setup: load, diskSize: meta.DiskSize}, u)
+}
+
+// readSnapshotMeta reads config.json of the snapshot in dir.
+func readSnapshotMeta(dir string) (snapshotMeta, error) {
+	var meta snapshotMeta
+	err := readJSON(filepath.Join(dir, snapConfig), &meta)
+	return meta, err
+}

@@ -1,0 +1,137 @@
+package qemu
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/firkin-dev/firkin-worker/vmpool"
+)
+
+func save(t *testing.T, d *Driver, m *Machine, opts vmpool.SaveOptions) vmpool.Snapshot {
+	t.Helper()
+	dir := filepath.Join(shortDir(t), "snap")
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+	t0 := time.Now()
+	snap, err := d.Save(ctx, m, dir, opts)
+	if err != nil {
+		t.Fatalf("Save(%+v): %v", opts, err)
+	}
+	meta, err := readSnapshotMeta(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var size int64
+	for _, a := range snap.Artifacts {
+		if st, err := os.Stat(filepath.Join(dir, a)); err == nil {
+			size += st.Size()
+		}
+	}
+	st, _ := os.Stat(filepath.Join(dir, snapState))
+	t.Logf("save %s of %s (%s, stop=%v): %v paused, %v in all; state file %d KiB",
+		opts.Kind, m.ID(), snap.Format, opts.Stop, meta.SaveTime, time.Since(t0).Round(time.Millisecond), st.Size()>>10)
+	return snap
+}
+
+func restore(t *testing.T, d *Driver, id string, snap vmpool.Snapshot, network bool) *Machine {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	t0 := time.Now()
+	vm, err := d.Restore(ctx, vmpool.RestoreSpec{ID: id, Dir: filepath.Join(shortDir(t), id), Snapshot: snap, Network: network})
+	if err != nil {
+		t.Fatalf("Restore %s: %v", id, err)
+	}
+	m := vm.(*Machine)
+	t.Logf("%s: restore → agent answered in %v", id, time.Since(t0).Round(time.Millisecond))
+	cleanupMachine(t, m)
+	return m
+}
+
+func rssKB(t *testing.T, pid int) int {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(l, "VmRSS:") {
+			return atoi(strings.Fields(l)[1])
+		}
+	}
+	return 0
+}
+
+// A continuation save freezes the disk: a restore sees what was written
+// before the save and not what the source wrote after it. The source goes
+// on, saves again, stops, and the second snapshot (two frozen layers) still
+// restores.
+func TestSaveRestoreContinuation(t *testing.T) {
+	d := testDriver(t)
+	src := bootTest(t, d, vmpool.BootSpec{ID: "src", Network: true})
+	run(t, src, "echo before > /root/before; echo mem-before > /tmp/mem")
+	snap1 := save(t, d, src, vmpool.SaveOptions{Kind: vmpool.Continuation})
+	if snap1.Format != FormatStream {
+		t.Errorf("format %q", snap1.Format)
+	}
+	run(t, src, "echo after > /root/after; echo mem-after > /tmp/mem")
+
+	r1 := restore(t, d, "r1", snap1, false)
+	if out := run(t, r1, "cat /root/before /tmp/mem; ls /root"); out != "before\nmem-before\nbefore\n" {
+		t.Errorf("restored machine sees %q", out)
+	}
+	run(t, r1, "echo r1 > /root/r1")
+
+	// The source saves again and stops; its chain is two frozen layers.
+	snap2 := save(t, d, src, vmpool.SaveOptions{Kind: vmpool.Continuation, Stop: true})
+	select {
+	case <-src.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("source still running after a save with Stop")
+	}
+	if _, err := os.Stat(src.Dir()); !os.IsNotExist(err) {
+		t.Errorf("source dir left after a save with Stop: %v", err)
+	}
+	r2 := restore(t, d, "r2", snap2, true)
+	if out := run(t, r2, "cat /root/before /root/after /tmp/mem; ls /root"); out != "before\nafter\nmem-after\nafter\nbefore\n" {
+		t.Errorf("second restore sees %q", out)
+	}
+	// The first restore still runs on its own layer.
+	if out := run(t, r1, "ls /root"); out != "before\nr1\n" {
+		t.Errorf("r1 sees %q", out)
+	}
+}
+
+// Clones of one template snapshot share its memory file copy-on-write and
+// never see each other's writes, in memory or on disk.
+func TestTemplateClones(t *testing.T) {
+	d := testDriver(t)
+	tmpl := bootTest(t, d, vmpool.BootSpec{ID: "tmpl", SnapshotReady: true})
+	run(t, tmpl, "echo template > /root/t; echo tmem > /tmp/t")
+	snap := save(t, d, tmpl, vmpool.SaveOptions{Kind: vmpool.Template, Stop: true})
+	if snap.Format != FormatSharedMemory {
+		t.Fatalf("format %q", snap.Format)
+	}
+	a := restore(t, d, "ca", snap, false)
+	b := restore(t, d, "cb", snap, false)
+	run(t, a, "echo a > /root/a; echo amem > /tmp/t")
+	run(t, b, "echo b > /root/b")
+	if out := run(t, b, "ls /root; cat /tmp/t"); out != "b\nt\ntmem\n" {
+		t.Errorf("clone b sees %q", out)
+	}
+	if out := run(t, a, "ls /root; cat /tmp/t"); out != "a\nt\namem\n" {
+		t.Errorf("clone a sees %q", out)
+	}
+	const n = 10
+	t0 := time.Now()
+	for range n {
+		run(t, a, "true")
+	}
+	t.Logf("exec round trip on a clone: %v; RSS a=%d MiB b=%d MiB", (time.Since(t0) / n).Round(time.Microsecond),
+		rssKB(t, a.PID())>>10, rssKB(t, b.PID())>>10)
+}
