@@ -1,0 +1,149 @@
+package proxy
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"strings"
+	"time"
+
+	"github.com/firkin-dev/firkin-worker/errdefs"
+)
+
+// Defaults of the options.
+const (
+	DefaultDialTimeout     = 10 * time.Second
+	DefaultMaxIdlePerRoute = 16
+	DefaultIdleTimeout     = 60 * time.Second
+	DefaultTCPHost         = "127.0.0.1"
+)
+
+// options configure a Server or TCPRoutes; each takes the ones it uses.
+type options struct {
+	domain          string
+	log             *slog.Logger
+	dialTimeout     time.Duration
+	maxIdlePerRoute int
+	idleTimeout     time.Duration
+	tcpHost         string
+}
+
+// Option configures a Server or TCPRoutes.
+type Option func(*options) error
+
+// WithDomain sets the domain route host names end with (Server; default
+// "localhost").
+func WithDomain(domain string) Option {
+	return func(o *options) error {
+		d := strings.TrimSuffix(strings.ToLower(domain), ".")
+		if d == "" || net.ParseIP(d) != nil || !validDomain(d) {
+			return fmt.Errorf("domain %q: want a DNS name", domain)
+		}
+		o.domain = d
+		return nil
+	}
+}
+
+// WithLogger sets the logger (default: slog.Default()).
+func WithLogger(l *slog.Logger) Option {
+	return func(o *options) error {
+		if l == nil {
+			return errors.New("nil logger")
+		}
+		o.log = l
+		return nil
+	}
+}
+
+// WithDialTimeout bounds how long opening a stream to a guest port may take
+// (default 10s).
+func WithDialTimeout(d time.Duration) Option {
+	return func(o *options) error {
+		if d <= 0 {
+			return fmt.Errorf("dial timeout %v: want > 0", d)
+		}
+		o.dialTimeout = d
+		return nil
+	}
+}
+
+// WithMaxIdlePerRoute sets how many idle keep-alive conns the HTTP proxy
+// keeps per (sandbox, port) (Server; default 16). 0 turns keep-alive to the
+// guest off: one stream per request.
+func WithMaxIdlePerRoute(n int) Option {
+	return func(o *options) error {
+		if n < 0 {
+			return fmt.Errorf("max idle per route %d: want >= 0", n)
+		}
+		o.maxIdlePerRoute = n
+		return nil
+	}
+}
+
+// WithIdleTimeout sets how long an idle keep-alive conn to a guest is kept
+// (Server; default 60s).
+func WithIdleTimeout(d time.Duration) Option {
+	return func(o *options) error {
+		if d <= 0 {
+			return fmt.Errorf("idle timeout %v: want > 0", d)
+		}
+		o.idleTimeout = d
+		return nil
+	}
+}
+
+// WithTCPHost sets the host address raw TCP route listeners bind to
+// (TCPRoutes; default 127.0.0.1). Raw routes carry no token check: bind them
+// beyond loopback only on a trusted network.
+func WithTCPHost(host string) Option {
+	return func(o *options) error {
+		if host != "" && net.ParseIP(host) == nil && host != "localhost" {
+			return fmt.Errorf("tcp host %q: want an IP address", host)
+		}
+		o.tcpHost = host
+		return nil
+	}
+}
+
+// buildOptions applies opts over the defaults and joins their errors.
+func buildOptions(what string, opts []Option) (options, error) {
+	o := options{
+		domain:          DefaultDomain,
+		log:             slog.Default(),
+		dialTimeout:     DefaultDialTimeout,
+		maxIdlePerRoute: DefaultMaxIdlePerRoute,
+		idleTimeout:     DefaultIdleTimeout,
+		tcpHost:         DefaultTCPHost,
+	}
+	var errs []error
+	for _, opt := range opts {
+		if err := opt(&o); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return o, errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf("proxy: %s: %w", what, err))
+	}
+	return o, nil
+}
+
+// validDomain reports whether d is dot-separated labels of [a-z0-9-], none
+// empty, none starting or ending with '-'.
+func validDomain(d string) bool {
+	if len(d) > 253 {
+		return false
+	}
+	for _, label := range strings.Split(d, ".") {
+		if label == "" || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
+			return false
+		}
+		for i := 0; i < len(label); i++ {
+			c := label[i]
+			if (c < 'a' || c > 'z') && (c < '0' || c > '9') && c != '-' {
+				return false
+			}
+		}
+	}
+	return true
+}

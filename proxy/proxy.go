@@ -1,0 +1,59 @@
+// Package proxy routes traffic from the host into sandboxes' guest ports.
+//
+// Server is an HTTP reverse proxy that picks the sandbox and port from the
+// request's Host, <port>-<sandbox id>.<domain>, or, when the Host is a bare
+// address, from the e2b-sandbox-id and e2b-sandbox-port headers. It carries
+// HTTP/1.1 with streamed bodies, server-sent events and WebSocket upgrades,
+// and enforces the traffic access token of private sandboxes. TCPRoutes
+// opens a host listener per (sandbox, port) that carries any protocol.
+//
+// Both reach the guest through a Resolver, the seam to the runtime: it
+// returns a Target whose Dial opens a stream to the guest's 127.0.0.1:port
+// (through the guest agent), so no guest network is needed.
+//
+// Errors a client sees from Server, each with a one-line text body:
+//
+//	400 malformed host, port or headers
+//	401 private sandbox, no e2b-traffic-access-token
+//	403 private sandbox, wrong e2b-traffic-access-token
+//	404 unknown sandbox
+//	502 nothing listening on the guest port, or no HTTP answer from it
+//	504 dialling the guest port timed out
+//
+// Nothing reaches the guest when the token check fails, and the token
+// header is removed before a request is forwarded.
+package proxy
+
+import (
+	"context"
+	"net"
+)
+
+// Resolver finds where a sandbox's guest ports are.
+type Resolver interface {
+	// Resolve returns the sandbox's route target. Errors are classed with
+	// errdefs: errdefs.ErrNotFound for an unknown sandbox.
+	Resolve(ctx context.Context, sandboxID string) (Target, error)
+}
+
+// ResolverFunc adapts a function to Resolver.
+type ResolverFunc func(ctx context.Context, sandboxID string) (Target, error)
+
+// Resolve calls f.
+func (f ResolverFunc) Resolve(ctx context.Context, sandboxID string) (Target, error) {
+	return f(ctx, sandboxID)
+}
+
+// Target is where a sandbox's traffic goes and who may send it.
+type Target struct {
+	// Dial opens a stream to the guest's 127.0.0.1:port. ctx bounds the dial
+	// only. Returning a conn that implements CloseWrite lets raw TCP routes
+	// pass half-closes on.
+	Dial func(ctx context.Context, port int) (net.Conn, error)
+	// Public sandboxes take any request. Requests to others must carry
+	// TrafficToken in the e2b-traffic-access-token header.
+	Public bool
+	// TrafficToken is the token a private sandbox's requests must carry
+	// (compared in constant time). Empty on a private sandbox refuses all.
+	TrafficToken string
+}

@@ -1,0 +1,346 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/firkin-dev/firkin-worker/errdefs"
+	"github.com/firkin-dev/firkin-worker/subjects"
+	"github.com/firkin-dev/firkin-worker/tokens"
+)
+
+// Server is the HTTP port-routing proxy. Construct it with NewServer, then
+// Start (or Serve a listener), and Shutdown when done. It is also an
+// http.Handler, so it can be mounted in another server.
+type Server struct {
+	resolver  Resolver
+	opts      options
+	log       *slog.Logger
+	transport *http.Transport
+	rp        *httputil.ReverseProxy
+	http      *http.Server
+	conns     connSet // streams to guests, by sandbox
+
+	mu      sync.Mutex
+	ln      net.Listener
+	serving bool
+	done    chan struct{} // closed when Serve returns
+}
+
+var _ http.Handler = (*Server)(nil)
+
+// NewServer makes a proxy that finds sandboxes through r. It takes
+// WithDomain, WithLogger, WithDialTimeout, WithMaxIdlePerRoute and
+// WithIdleTimeout.
+func NewServer(r Resolver, opts ...Option) (*Server, error) {
+	if r == nil {
+		return nil, errdefs.Wrap(errdefs.ErrInvalidArgument, errors.New("proxy: server: nil resolver"))
+	}
+	o, err := buildOptions("server", opts)
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{resolver: r, opts: o, log: o.log.With("component", "proxy"), done: make(chan struct{})}
+	s.transport = &http.Transport{
+		Proxy:                 nil, // never an environment proxy
+		DialContext:           s.dialGuest,
+		MaxIdleConns:          0, // no global cap; per route below
+		MaxIdleConnsPerHost:   o.maxIdlePerRoute,
+		DisableKeepAlives:     o.maxIdlePerRoute == 0,
+		IdleConnTimeout:       o.idleTimeout,
+		DisableCompression:    true, // pass bodies through as they are
+		ExpectContinueTimeout: time.Second,
+	}
+	s.rp = &httputil.ReverseProxy{
+		Rewrite:       s.rewrite,
+		Transport:     s.transport,
+		FlushInterval: -1, // flush every write: server-sent events stream
+		ErrorLog:      slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+		ErrorHandler:  s.proxyError,
+	}
+	s.http = &http.Server{
+		Handler:           s,
+		ReadHeaderTimeout: 30 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+	}
+	return s, nil
+}
+
+// Domain returns the domain route host names end with.
+func (s *Server) Domain() string { return s.opts.domain }
+
+// Start listens on addr (host:port; port 0 picks one) and serves in the
+// background until Shutdown. ctx bounds the listen only.
+func (s *Server) Start(ctx context.Context, addr string) error {
+	var lc net.ListenConfig
+	ln, err := lc.Listen(ctx, "tcp", addr)
+	if err != nil {
+		return errdefs.Wrap(errdefs.ErrInternalFailure, fmt.Errorf("proxy: listen %s: %w", addr, err))
+	}
+	if err := s.claim(ln); err != nil {
+		_ = ln.Close()
+		return err
+	}
+	go func() {
+		if err := s.serve(ln); err != nil {
+			s.log.Error("proxy stopped serving", "addr", ln.Addr().String(), "err", err)
+		}
+	}()
+	s.log.Info("proxy listening", "addr", ln.Addr().String(), "domain", s.opts.domain)
+	return nil
+}
+
+// Serve serves on ln until Shutdown, then returns nil. A Server serves one
+// listener.
+func (s *Server) Serve(ln net.Listener) error {
+	if err := s.claim(ln); err != nil {
+		return err
+	}
+	return s.serve(ln)
+}
+
+// claim records ln as the one listener.
+func (s *Server) claim(ln net.Listener) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.serving {
+		return errdefs.Wrap(errdefs.ErrFailedPrecondition, errors.New("proxy: server already started"))
+	}
+	s.serving, s.ln = true, ln
+	return nil
+}
+
+// serve runs the HTTP server on ln.
+func (s *Server) serve(ln net.Listener) error {
+	defer close(s.done)
+	err := s.http.Serve(ln)
+	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	return errdefs.Wrap(errdefs.ErrInternalFailure, fmt.Errorf("proxy: serve: %w", err))
+}
+
+// Addr returns the listening address, or nil before Start or Serve.
+func (s *Server) Addr() net.Addr {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ln == nil {
+		return nil
+	}
+	return s.ln.Addr()
+}
+
+// Shutdown stops accepting, waits for requests in flight until ctx ends
+// (a long stream, such as server-sent events, holds it to ctx's end), then
+// closes every remaining connection, WebSockets included. It can be called
+// more than once.
+func (s *Server) Shutdown(ctx context.Context) error {
+	err := s.http.Shutdown(ctx)
+	if err != nil {
+		_ = s.http.Close()
+		err = errdefs.Wrap(errdefs.ErrTimeout, fmt.Errorf("proxy: shutdown: %w", err))
+	}
+	s.conns.closeAll() // ends upgraded (hijacked) conns, which Shutdown leaves alone
+	s.transport.CloseIdleConnections()
+	s.mu.Lock()
+	serving := s.serving
+	s.mu.Unlock()
+	if serving {
+		select {
+		case <-s.done:
+		case <-ctx.Done():
+		}
+	}
+	return err
+}
+
+// CloseSandbox closes every stream the proxy holds open to a sandbox: idle
+// keep-alive conns as well as requests and WebSockets in flight. Call it
+// when the sandbox goes away.
+func (s *Server) CloseSandbox(sandboxID string) {
+	s.conns.closeSandbox(sandboxID)
+}
+
+// RouteReply builds the reply to firkin.sandbox.<id>.route for a route
+// through this proxy, with tcpAddr the route's raw TCP address (from
+// TCPRoutes.Open; may be empty).
+func (s *Server) RouteReply(r Route, tcpAddr string) subjects.RouteReply {
+	addr := ""
+	if a := s.Addr(); a != nil {
+		addr = a.String()
+	}
+	return NewRouteReply(r, s.opts.domain, addr, tcpAddr)
+}
+
+// RouteOf returns the route a request asks for: by Host when it is a name
+// under the domain, by the e2b-sandbox-id/e2b-sandbox-port headers
+// otherwise. Errors are classed errdefs.ErrInvalidArgument.
+func (s *Server) RouteOf(r *http.Request) (Route, error) {
+	rt, ok, err := ParseHost(r.Host, s.opts.domain)
+	if err != nil {
+		return Route{}, err
+	}
+	if ok {
+		return rt, nil
+	}
+	return RouteFromHeaders(r.Header)
+}
+
+// ctxKey keys the request's dial target in its context.
+type ctxKey struct{}
+
+// dialTarget is what the transport's dial needs: which route and how.
+type dialTarget struct {
+	route Route
+	dial  func(ctx context.Context, port int) (net.Conn, error)
+}
+
+// ServeHTTP routes one request: find the route, resolve the sandbox, check
+// the token, forward.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	rt, err := s.RouteOf(r)
+	if err != nil {
+		s.fail(w, r, http.StatusBadRequest, "bad route: "+errorText(err))
+		return
+	}
+	target, err := s.resolver.Resolve(r.Context(), rt.SandboxID)
+	if err != nil {
+		status, msg := resolveFailure(rt, err)
+		s.fail(w, r, status, msg, "sandbox", rt.SandboxID, "err", err)
+		return
+	}
+	if !target.Public {
+		tok := r.Header.Get(TrafficTokenHeader)
+		if tok == "" {
+			s.fail(w, r, http.StatusUnauthorized,
+				fmt.Sprintf("sandbox %s is private: missing e2b-traffic-access-token header", rt.SandboxID))
+			return
+		}
+		if !tokens.Equal(tok, target.TrafficToken) {
+			s.fail(w, r, http.StatusForbidden,
+				fmt.Sprintf("wrong e2b-traffic-access-token for sandbox %s", rt.SandboxID))
+			return
+		}
+	}
+	if target.Dial == nil {
+		s.fail(w, r, http.StatusBadGateway, fmt.Sprintf("sandbox %s cannot be reached", rt.SandboxID), "err", "resolver returned no Dial")
+		return
+	}
+	ctx := context.WithValue(r.Context(), ctxKey{}, &dialTarget{route: rt, dial: target.Dial})
+	s.rp.ServeHTTP(w, r.WithContext(ctx))
+}
+
+// rewrite points the outbound request at the route. The URL's host is the
+// route's first label, so the transport keeps a keep-alive pool per
+// (sandbox, port); the Host header stays as the client sent it.
+func (s *Server) rewrite(pr *httputil.ProxyRequest) {
+	dt, _ := pr.In.Context().Value(ctxKey{}).(*dialTarget)
+	pr.Out.URL.Scheme = "http"
+	if dt != nil {
+		pr.Out.URL.Host = dt.route.String()
+	}
+	pr.Out.Host = pr.In.Host
+	pr.SetXForwarded()
+	pr.Out.Header.Del(TrafficTokenHeader)
+}
+
+// dialError marks a failure to open a stream to the guest port.
+type dialError struct {
+	route Route
+	err   error
+}
+
+func (e *dialError) Error() string {
+	return fmt.Sprintf("proxy: dial port %d of sandbox %s: %v", e.route.Port, e.route.SandboxID, e.err)
+}
+
+func (e *dialError) Unwrap() error { return e.err }
+
+// dialGuest is the transport's DialContext: it opens a stream to the route
+// carried in ctx (the request's values survive into the dial context).
+func (s *Server) dialGuest(ctx context.Context, _, addr string) (net.Conn, error) {
+	dt, _ := ctx.Value(ctxKey{}).(*dialTarget)
+	if dt == nil || addr != dt.route.String()+":80" {
+		return nil, errdefs.Wrap(errdefs.ErrInternalFailure, fmt.Errorf("proxy: dial %s: no route in the request", addr))
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.opts.dialTimeout)
+	defer cancel()
+	c, err := dt.dial(ctx, dt.route.Port)
+	if err != nil {
+		if ctx.Err() != nil && !errors.Is(err, errdefs.ErrTimeout) {
+			err = errdefs.Wrap(errdefs.ErrTimeout, err)
+		}
+		return nil, &dialError{route: dt.route, err: err}
+	}
+	tc, err := s.conns.track(dt.route.SandboxID, c)
+	if err != nil {
+		return nil, &dialError{route: dt.route, err: err}
+	}
+	return tc, nil
+}
+
+// proxyError answers a request the transport could not carry.
+func (s *Server) proxyError(w http.ResponseWriter, r *http.Request, err error) {
+	dt, _ := r.Context().Value(ctxKey{}).(*dialTarget)
+	var rt Route
+	if dt != nil {
+		rt = dt.route
+	}
+	var de *dialError
+	switch {
+	case errors.As(err, &de) && errors.Is(err, errdefs.ErrTimeout):
+		s.fail(w, r, http.StatusGatewayTimeout,
+			fmt.Sprintf("timed out reaching port %d in sandbox %s", rt.Port, rt.SandboxID), "err", err)
+	case errors.As(err, &de):
+		s.fail(w, r, http.StatusBadGateway,
+			fmt.Sprintf("nothing listening on port %d in sandbox %s", rt.Port, rt.SandboxID), "err", err)
+	case r.Context().Err() != nil:
+		// The client went away; nobody reads the answer.
+		w.WriteHeader(http.StatusBadGateway)
+	default:
+		s.fail(w, r, http.StatusBadGateway,
+			fmt.Sprintf("no HTTP answer from port %d in sandbox %s", rt.Port, rt.SandboxID), "err", err)
+	}
+}
+
+// resolveFailure maps a Resolve error to a status and a client message.
+// Internal details stay in the log.
+func resolveFailure(rt Route, err error) (int, string) {
+	switch {
+	case errors.Is(err, errdefs.ErrNotFound):
+		return http.StatusNotFound, fmt.Sprintf("sandbox %s not found", rt.SandboxID)
+	case errors.Is(err, errdefs.ErrInvalidArgument):
+		return http.StatusBadRequest, "bad route: " + errorText(err)
+	case errors.Is(err, errdefs.ErrTimeout):
+		return http.StatusGatewayTimeout, fmt.Sprintf("timed out finding sandbox %s", rt.SandboxID)
+	case errors.Is(err, errdefs.ErrFailedPrecondition):
+		return http.StatusServiceUnavailable, fmt.Sprintf("sandbox %s is not running", rt.SandboxID)
+	default:
+		return http.StatusBadGateway, fmt.Sprintf("sandbox %s cannot be reached", rt.SandboxID)
+	}
+}
+
+// fail writes a plain-text error answer and logs it at debug level.
+func (s *Server) fail(w http.ResponseWriter, r *http.Request, status int, msg string, logArgs ...any) {
+	s.log.Debug("proxy request refused", append([]any{"status", status, "host", r.Host, "path", r.URL.Path, "msg", msg}, logArgs...)...)
+	h := w.Header()
+	h.Set("Content-Type", "text/plain; charset=utf-8")
+	h.Set("X-Content-Type-Options", "nosniff")
+	h.Set("Content-Length", strconv.Itoa(len(msg)+1))
+	w.WriteHeader(status)
+	_, _ = w.Write([]byte(msg + "\n"))
+}
+
+// errorText is an error's message for a client.
+func errorText(err error) string {
+	return err.Error()
+}

@@ -1,0 +1,215 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+
+	"github.com/firkin-dev/firkin-worker/errdefs"
+)
+
+// TCPRoutes keeps raw TCP routes: a host listener per (sandbox, port) whose
+// connections are piped to the guest port, whatever the protocol (ssh,
+// postgres, redis). A raw route carries no token check; its listener binds
+// to loopback unless WithTCPHost says otherwise.
+type TCPRoutes struct {
+	resolver Resolver
+	opts     options
+	log      *slog.Logger
+	ctx      context.Context // ends at Close; bounds dials
+	cancel   context.CancelFunc
+	conns    connSet // client and guest conns, by sandbox
+	wg       sync.WaitGroup
+
+	mu     sync.Mutex
+	closed bool
+	routes map[Route]*tcpRoute
+}
+
+// tcpRoute is one open route.
+type tcpRoute struct {
+	route Route
+	ln    net.Listener
+}
+
+// NewTCPRoutes makes an empty set of raw routes that finds sandboxes through
+// r. It takes WithTCPHost, WithDialTimeout and WithLogger.
+func NewTCPRoutes(r Resolver, opts ...Option) (*TCPRoutes, error) {
+	if r == nil {
+		return nil, errdefs.Wrap(errdefs.ErrInvalidArgument, errors.New("proxy: tcp routes: nil resolver"))
+	}
+	o, err := buildOptions("tcp routes", opts)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &TCPRoutes{
+		resolver: r,
+		opts:     o,
+		log:      o.log.With("component", "proxy-tcp"),
+		ctx:      ctx,
+		cancel:   cancel,
+		routes:   make(map[Route]*tcpRoute),
+	}, nil
+}
+
+// Open exposes a guest port on a host listener and returns its address
+// (host:port). It is idempotent: a route already open returns its address.
+// The sandbox must resolve (errdefs.ErrNotFound otherwise); ctx bounds that
+// check.
+func (t *TCPRoutes) Open(ctx context.Context, sandboxID string, port int) (string, error) {
+	rt := Route{SandboxID: sandboxID, Port: port}
+	if err := rt.Validate(); err != nil {
+		return "", err
+	}
+	if addr, ok := t.Addr(sandboxID, port); ok {
+		return addr, nil
+	}
+	if _, err := t.resolver.Resolve(ctx, sandboxID); err != nil {
+		return "", fmt.Errorf("proxy: open tcp route %s: %w", rt, err)
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.closed {
+		return "", errdefs.Wrap(errdefs.ErrFailedPrecondition, fmt.Errorf("proxy: open tcp route %s: closed", rt))
+	}
+	if r := t.routes[rt]; r != nil {
+		return r.ln.Addr().String(), nil
+	}
+	var lc net.ListenConfig
+	ln, err := lc.Listen(ctx, "tcp", net.JoinHostPort(t.opts.tcpHost, "0"))
+	if err != nil {
+		return "", errdefs.Wrap(errdefs.ErrInternalFailure, fmt.Errorf("proxy: open tcp route %s: %w", rt, err))
+	}
+	r := &tcpRoute{route: rt, ln: ln}
+	t.routes[rt] = r
+	t.wg.Add(1)
+	go t.accept(r)
+	t.log.Debug("tcp route open", "sandbox", sandboxID, "port", port, "addr", ln.Addr().String())
+	return ln.Addr().String(), nil
+}
+
+// Addr returns the address of an open route.
+func (t *TCPRoutes) Addr(sandboxID string, port int) (string, bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	r := t.routes[Route{SandboxID: sandboxID, Port: port}]
+	if r == nil {
+		return "", false
+	}
+	return r.ln.Addr().String(), true
+}
+
+// CloseSandbox closes a sandbox's listeners and its live connections. Call
+// it when the sandbox goes away: routes end with their sandbox.
+func (t *TCPRoutes) CloseSandbox(sandboxID string) {
+	t.mu.Lock()
+	var lns []net.Listener
+	for rt, r := range t.routes {
+		if rt.SandboxID == sandboxID {
+			lns = append(lns, r.ln)
+			delete(t.routes, rt)
+		}
+	}
+	t.mu.Unlock()
+	for _, ln := range lns {
+		_ = ln.Close()
+	}
+	t.conns.closeSandbox(sandboxID)
+}
+
+// Close closes every route and connection and waits for their goroutines.
+func (t *TCPRoutes) Close() error {
+	t.mu.Lock()
+	t.closed = true
+	routes := t.routes
+	t.routes = make(map[Route]*tcpRoute)
+	t.mu.Unlock()
+	t.cancel()
+	for _, r := range routes {
+		_ = r.ln.Close()
+	}
+	t.conns.closeAll()
+	t.wg.Wait()
+	return nil
+}
+
+// accept serves a route's listener until it is closed.
+func (t *TCPRoutes) accept(r *tcpRoute) {
+	defer t.wg.Done()
+	for {
+		c, err := r.ln.Accept()
+		if err != nil {
+			if !errors.Is(err, net.ErrClosed) {
+				t.log.Warn("tcp route accept failed; route closed", "route", r.route.String(), "err", err)
+				t.drop(r)
+			}
+			return
+		}
+		tc, err := t.conns.track(r.route.SandboxID, c)
+		if err != nil {
+			return // closed
+		}
+		t.wg.Add(1)
+		go t.serveConn(r, tc)
+	}
+}
+
+// isOpen reports whether r is still an open route.
+func (t *TCPRoutes) isOpen(r *tcpRoute) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.routes[r.route] == r
+}
+
+// drop removes a failed route.
+func (t *TCPRoutes) drop(r *tcpRoute) {
+	t.mu.Lock()
+	if t.routes[r.route] == r {
+		delete(t.routes, r.route)
+	}
+	t.mu.Unlock()
+	_ = r.ln.Close()
+}
+
+// serveConn pipes one accepted client conn to the guest port. The sandbox
+// is resolved afresh for each conn; when it is gone, the route closes.
+func (t *TCPRoutes) serveConn(r *tcpRoute, client net.Conn) {
+	defer t.wg.Done()
+	rt := r.route
+	ctx, cancel := context.WithTimeout(t.ctx, t.opts.dialTimeout)
+	target, err := t.resolver.Resolve(ctx, rt.SandboxID)
+	if err == nil && target.Dial == nil {
+		err = errdefs.Wrap(errdefs.ErrInternalFailure, errors.New("resolver returned no Dial"))
+	}
+	var guest net.Conn
+	if err == nil {
+		guest, err = target.Dial(ctx, rt.Port)
+	}
+	cancel()
+	if err != nil {
+		_ = client.Close()
+		if errors.Is(err, errdefs.ErrNotFound) {
+			t.log.Debug("tcp route's sandbox is gone; closing its routes", "route", rt.String())
+			t.CloseSandbox(rt.SandboxID)
+			return
+		}
+		t.log.Debug("tcp route: dial guest failed", "route", rt.String(), "err", err)
+		return
+	}
+	gc, err := t.conns.track(rt.SandboxID, guest)
+	if err != nil {
+		_ = client.Close()
+		return
+	}
+	if !t.isOpen(r) {
+		// CloseSandbox ran while this conn was dialling.
+		_ = client.Close()
+		_ = gc.Close()
+		return
+	}
+	pipe(client, gc)
+}
