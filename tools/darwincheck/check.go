@@ -11,12 +11,14 @@ import (
 	"go/token"
 	"go/types"
 	"io"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
 	"sort"
 	"strings"
+	"sync"
 )
 
 // platform is a GOOS/GOARCH pair to check for.
@@ -76,18 +78,55 @@ func check(ctx context.Context, opts options) ([]typeError, error) {
 	return all, nil
 }
 
+// depsKey names one go list run.
+type depsKey struct {
+	dir      string
+	platform platform
+	patterns string
+}
+
+// checkedDeps are the dependencies of one go list run, type-checked; a
+// second check of the same packages (the tests plant several mistakes)
+// reuses them and checks only the target packages again.
+type checkedDeps struct {
+	pkgs []listedPackage
+	fset *token.FileSet
+	done map[string]*types.Package // dependencies only
+}
+
+var (
+	depsMu    sync.Mutex
+	depsCache = map[depsKey]*checkedDeps{}
+)
+
 func checkPlatform(ctx context.Context, opts options, p platform) ([]typeError, error) {
-	pkgs, err := goList(ctx, opts.Dir, p, opts.Patterns)
-	if err != nil {
-		return nil, err
+	key := depsKey{opts.Dir, p, strings.Join(opts.Patterns, "\x00")}
+	depsMu.Lock()
+	cached := depsCache[key]
+	depsMu.Unlock()
+	var (
+		pkgs []listedPackage
+		fset *token.FileSet
+		done map[string]*types.Package
+	)
+	if cached != nil {
+		pkgs, fset, done = cached.pkgs, cached.fset, maps.Clone(cached.done)
+	} else {
+		var err error
+		if pkgs, err = goList(ctx, opts.Dir, p, opts.Patterns); err != nil {
+			return nil, err
+		}
+		fset = token.NewFileSet()
+		done = map[string]*types.Package{"unsafe": types.Unsafe}
 	}
-	fset := token.NewFileSet()
-	done := map[string]*types.Package{"unsafe": types.Unsafe}
 	sizes := types.SizesFor("gc", p.GOARCH)
 	var out []typeError
 	targets := 0
 	for _, lp := range pkgs {
 		if lp.ImportPath == "unsafe" {
+			continue
+		}
+		if lp.DepOnly && cached != nil {
 			continue
 		}
 		if lp.Error != nil {
@@ -154,6 +193,17 @@ func checkPlatform(ctx context.Context, opts options, p platform) ([]typeError, 
 	}
 	if targets == 0 {
 		return nil, fmt.Errorf("no packages match %v", opts.Patterns)
+	}
+	if cached == nil {
+		deps := map[string]*types.Package{}
+		for _, lp := range pkgs {
+			if lp.DepOnly || lp.ImportPath == "unsafe" {
+				deps[lp.ImportPath] = done[lp.ImportPath]
+			}
+		}
+		depsMu.Lock()
+		depsCache[key] = &checkedDeps{pkgs: pkgs, fset: fset, done: deps}
+		depsMu.Unlock()
 	}
 	return out, nil
 }
