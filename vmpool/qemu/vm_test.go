@@ -3,6 +3,7 @@ package qemu
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"github.com/firkin-dev/firkin-worker/agent"
+	"github.com/firkin-dev/firkin-worker/errdefs"
 	"github.com/firkin-dev/firkin-worker/internal/testenv"
 	"github.com/firkin-dev/firkin-worker/vmpool"
 )
@@ -153,5 +155,127 @@ func TestBootExecStop(t *testing.T) {
 	}
 	if _, err := m.Exec(ctx, agent.ExecRequest{Command: "true"}, nil); err == nil {
 		t.Error("Exec after Stop succeeded")
+	}
+}
+
+// Two machines run at once, each with its own disk.
+func TestTwoMachines(t *testing.T) {
+	d := testDriver(t)
+	img := testenv.Image(t, "amd64")
+	ms := make([]*Machine, 2)
+	errs := make([]error, 2)
+	var wg sync.WaitGroup
+	for i := range ms {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+			defer cancel()
+			id := fmt.Sprintf("two%d", i)
+			vm, err := d.Boot(ctx, vmpool.BootSpec{ID: id, Dir: filepath.Join(shortDir(t), id), Image: img})
+			if err == nil {
+				ms[i] = vm.(*Machine)
+			}
+			errs[i] = err
+		}()
+	}
+	wg.Wait()
+	for i, m := range ms {
+		if m != nil {
+			cleanupMachine(t, m)
+		}
+		if errs[i] != nil {
+			t.Fatalf("Boot %d: %v", i, errs[i])
+		}
+	}
+	run(t, ms[0], "echo zero > /root/who")
+	run(t, ms[1], "echo one > /root/who")
+	if a, b := run(t, ms[0], "cat /root/who"), run(t, ms[1], "cat /root/who"); a != "zero\n" || b != "one\n" {
+		t.Errorf("disks shared: %q %q", a, b)
+	}
+}
+
+// A boot that fails says which step failed and shows the console's tail, and
+// leaves nothing behind.
+func TestBootFailureShowsConsole(t *testing.T) {
+	d := testDriver(t)
+	img := testenv.Image(t, "amd64")
+	empty := filepath.Join(t.TempDir(), "empty.cpio")
+	if err := os.WriteFile(empty, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	img.Initramfs = empty // the kernel finds no init and panics
+	dir := filepath.Join(shortDir(t), "bad")
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	_, err := d.Boot(ctx, vmpool.BootSpec{ID: "bad", Dir: dir, Image: img})
+	if err == nil {
+		t.Fatal("Boot with an empty initramfs succeeded")
+	}
+	msg := err.Error()
+	t.Logf("boot error:\n%s", msg)
+	if !strings.Contains(msg, "console tail:") || !strings.Contains(msg, "Kernel panic") {
+		t.Errorf("no console tail with the panic in the error")
+	}
+	if !strings.Contains(msg, "qemu: boot bad: agent handshake:") && !strings.Contains(msg, "qemu: boot bad: connect agent:") {
+		t.Errorf("error does not name the step")
+	}
+	if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("failed boot left its dir: %v", err)
+	}
+}
+
+// A second Driver (a restarted worker) reattaches to a running machine.
+func TestReattach(t *testing.T) {
+	d1 := testDriver(t)
+	m := bootTest(t, d1, vmpool.BootSpec{ID: "re1"})
+	run(t, m, "echo kept > /tmp/k")
+	if err := m.Release(); err != nil {
+		t.Fatal(err)
+	}
+	d2 := testDriver(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	t0 := time.Now()
+	vm, err := d2.Reattach(ctx, m.Dir())
+	if err != nil {
+		t.Fatalf("Reattach: %v", err)
+	}
+	m2 := vm.(*Machine)
+	cleanupMachine(t, m2)
+	t.Logf("reattached in %v", time.Since(t0).Round(time.Millisecond))
+	if out := run(t, m2, "cat /tmp/k"); out != "kept\n" {
+		t.Errorf("after reattach: %q", out)
+	}
+	if err := m2.Stop(ctx); err != nil {
+		t.Fatalf("Stop: %v", err)
+	}
+	select {
+	case <-m2.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("Done not closed after Stop of a reattached machine")
+	}
+	if processAlive(m2.PID()) {
+		// The first driver's Wait reaps it; give it a moment.
+		deadline := time.Now().Add(5 * time.Second)
+		for processAlive(m2.PID()) && time.Now().Before(deadline) {
+			time.Sleep(20 * time.Millisecond)
+		}
+		if processAlive(m2.PID()) {
+			t.Errorf("qemu %d still there", m2.PID())
+		}
+	}
+	if _, err := d2.Reattach(ctx, m.Dir()); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("Reattach to a stopped machine: %v", err)
+	}
+}
+
+// The arm64 image boots through the same driver (TCG).
+func TestBootArm64(t *testing.T) {
+	testenv.RequireQEMU(t, "arm64")
+	d := testDriver(t)
+	m := bootTest(t, d, vmpool.BootSpec{ID: "arm", Image: testenv.Image(t, "arm64")})
+	if out := run(t, m, "uname -m; cat /proc/cmdline"); !strings.HasPrefix(out, "aarch64\n") || !strings.Contains(out, "ttyAMA0") {
+		t.Errorf("arm64 guest: %q", out)
 	}
 }
