@@ -1,0 +1,225 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/firkin-dev/firkin-worker/errdefs"
+)
+
+// lineServer is a loopback line protocol server: it answers each line with
+// "echo: <line>" and, when the client half-closes, with "bye" before it
+// closes.
+func lineServer(t *testing.T) int {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	conns := map[net.Conn]struct{}{}
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns[c] = struct{}{}
+			mu.Unlock()
+			wg.Go(func() {
+				defer c.Close()
+				sc := bufio.NewScanner(c)
+				for sc.Scan() {
+					if _, err := io.WriteString(c, "echo: "+sc.Text()+"\n"); err != nil {
+						return
+					}
+				}
+				if sc.Err() == nil {
+					_, _ = io.WriteString(c, "bye\n")
+				}
+			})
+		}
+	})
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+func newTCPRoutes(t *testing.T, r Resolver) *TCPRoutes {
+	routes, err := NewTCPRoutes(r, WithLogger(testLogger(t)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { routes.Close() })
+	return routes
+}
+
+func TestTCPRoute(t *testing.T) {
+	sbx := newFakeSandboxes()
+	sbx.add("sbx1", "")
+	port := lineServer(t)
+	routes := newTCPRoutes(t, sbx)
+	ctx := context.Background()
+
+	addr, err := routes.Open(ctx, "sbx1", port)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if host, _, _ := net.SplitHostPort(addr); host != "127.0.0.1" {
+		t.Errorf("route listens on %s, want 127.0.0.1", addr)
+	}
+	again, err := routes.Open(ctx, "sbx1", port)
+	if err != nil || again != addr {
+		t.Errorf("second Open = %q, %v; want %q", again, err, addr)
+	}
+
+	// A line protocol both ways, then a half-close passed on to the guest.
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	br := bufio.NewReader(c)
+	for _, line := range []string{"hello", "world"} {
+		if _, err := io.WriteString(c, line+"\n"); err != nil {
+			t.Fatal(err)
+		}
+		got, err := br.ReadString('\n')
+		if err != nil || got != "echo: "+line+"\n" {
+			t.Fatalf("got %q, %v", got, err)
+		}
+	}
+	if err := c.(*net.TCPConn).CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	if rest, err := io.ReadAll(br); err != nil || string(rest) != "bye\n" {
+		t.Fatalf("after half-close: %q, %v; want bye", rest, err)
+	}
+
+	// CloseSandbox ends live conns and the listener.
+	live, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer live.Close()
+	lr := bufio.NewReader(live)
+	if _, err := io.WriteString(live, "still here\n"); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := lr.ReadString('\n'); err != nil || got != "echo: still here\n" {
+		t.Fatalf("got %q, %v", got, err)
+	}
+	routes.CloseSandbox("sbx1")
+	if err := live.SetReadDeadline(time.Now().Add(10 * time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := lr.ReadString('\n'); err == nil || isTimeout(err) {
+		t.Fatalf("read after CloseSandbox: %v, want the conn closed", err)
+	}
+	if c, err := net.Dial("tcp", addr); err == nil {
+		c.Close()
+		t.Error("route still accepts after CloseSandbox")
+	}
+	if _, ok := routes.Addr("sbx1", port); ok {
+		t.Error("route still listed after CloseSandbox")
+	}
+	waitFor(t, "conns to close", 10*time.Second, func() bool { return routes.conns.count("sbx1") == 0 })
+}
+
+// isTimeout reports a read deadline that passed.
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+func TestTCPRouteErrors(t *testing.T) {
+	sbx := newFakeSandboxes()
+	sbx.add("sbx1", "")
+	routes := newTCPRoutes(t, sbx)
+	ctx := context.Background()
+
+	if _, err := routes.Open(ctx, "nosuch", 22); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("unknown sandbox: %v, want ErrNotFound", err)
+	}
+	if _, err := routes.Open(ctx, "sbx1", 0); !errors.Is(err, errdefs.ErrInvalidArgument) {
+		t.Errorf("port 0: %v, want ErrInvalidArgument", err)
+	}
+	if _, err := routes.Open(ctx, "Bad/Id", 22); !errors.Is(err, errdefs.ErrInvalidArgument) {
+		t.Errorf("bad id: %v, want ErrInvalidArgument", err)
+	}
+
+	// Nothing listening on the guest port: the client's conn is closed.
+	addr, err := routes.Open(ctx, "sbx1", freePort(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.SetReadDeadline(time.Now().Add(10 * time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := c.Read(make([]byte, 1)); n != 0 || err == nil || isTimeout(err) {
+		t.Errorf("read from a route with no guest listener: %d, %v; want the conn closed", n, err)
+	}
+
+	// A sandbox that went away without CloseSandbox: its routes close at the
+	// next connection.
+	port := lineServer(t)
+	addr, err = routes.Open(ctx, "sbx1", port)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sbx.remove("sbx1")
+	if c, err := net.Dial("tcp", addr); err == nil {
+		c.Close()
+	}
+	waitFor(t, "the gone sandbox's route to close", 10*time.Second, func() bool {
+		_, ok := routes.Addr("sbx1", port)
+		return !ok
+	})
+
+	if err := routes.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := routes.Open(ctx, "sbx1", port); err == nil {
+		t.Error("Open after Close succeeded")
+	}
+}
+
+func TestTCPRouteConcurrentOpen(t *testing.T) {
+	sbx := newFakeSandboxes()
+	sbx.add("sbx1", "")
+	port := lineServer(t)
+	routes := newTCPRoutes(t, sbx)
+
+	const n = 10
+	addrs := make([]string, n)
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() { addrs[i], errs[i] = routes.Open(context.Background(), "sbx1", port) })
+	}
+	wg.Wait()
+	for i := range n {
+		if errs[i] != nil || addrs[i] != addrs[0] {
+			t.Fatalf("open %d: %q, %v; want %q", i, addrs[i], errs[i], addrs[0])
+		}
+	}
+}
