@@ -142,9 +142,9 @@ func (d *Driver) probe(ctx context.Context, arch string, img vmpool.Image) (acce
 	m, err := d.boot(ctx, vmpool.BootSpec{ID: "kvm-probe", Dir: filepath.Join(dir, "m"), Image: img,
 		Resources: vmpool.Resources{VCPUs: 1, MemoryMB: 256}}, d.cfg.ProbeTimeout)
 	if err != nil {
-		msg := err.Error()
-		if i := strings.IndexByte(msg, '\n'); i > 0 {
-			msg = msg[:i]
+		msg := strings.Join(strings.Fields(strings.ReplaceAll(err.Error(), "\n", " | ")), " ")
+		if len(msg) > 600 {
+			msg = msg[:600] + "..."
 		}
 		return AccelTCG, "a KVM guest did not answer: " + msg
 	}

@@ -242,7 +242,7 @@ func (c *vmConfig) args() ([]string, error) {
 		}
 		a = append(a,
 			"-netdev", netdev,
-			"-device", dev("virtio-net")+",id=nic0,netdev=net0,mac="+c.MAC+",romfile=",
+			"-device", dev("virtio-net")+",id=nic0,netdev=net0,mac="+strings.ToLower(c.MAC)+",romfile=",
 		)
 	}
 	if c.Incoming {
