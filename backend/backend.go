@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"sync"
@@ -42,6 +43,7 @@ type Store interface {
 	ListSnapshots(ctx context.Context) ([]subjects.SnapshotRecord, error)
 
 	Logs(sandboxID string) LogWriter
+	ReadLogs(ctx context.Context, sandboxID string, cursor uint64, limit int) (subjects.LogsReply, error)
 	BuildLogs(templateID string) LogWriter
 	PublishEvent(ctx context.Context, ev subjects.LifecycleEvent) error
 }
@@ -148,6 +150,8 @@ type Backend struct {
 	creating map[string]bool
 	closed   bool
 	wg       sync.WaitGroup
+	// lastAccel is the accelerator of the last machine adopted.
+	lastAccel string
 }
 
 // session is one sandbox owned by this worker.
@@ -398,4 +402,40 @@ func NewID(n int) string {
 
 func invalid(format string, args ...any) error {
 	return errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf(format, args...))
+}
+
+// Logs returns a page of a sandbox's log events (they outlive the sandbox).
+func (b *Backend) Logs(ctx context.Context, id string, req subjects.LogsRequest) (subjects.LogsReply, error) {
+	return b.cfg.Store.ReadLogs(ctx, id, req.Cursor, req.Limit)
+}
+
+// RouteTarget is how the port proxy reaches a sandbox's guest ports.
+type RouteTarget struct {
+	Dial         func(ctx context.Context, port int) (net.Conn, error)
+	Public       bool
+	TrafficToken string
+}
+
+// Target returns the route target of a sandbox this worker owns.
+func (b *Backend) Target(_ context.Context, id string) (RouteTarget, error) {
+	s, err := b.lookup(id)
+	if err != nil {
+		return RouteTarget{}, err
+	}
+	rec := s.record()
+	return RouteTarget{Dial: s.machine.DialGuest, Public: rec.PublicTraffic, TrafficToken: rec.TrafficAccessToken}, nil
+}
+
+// Accelerator names the accelerator of the machines of this worker (e.g.
+// "kvm" or "tcg"), as reported by the last machine started; empty before
+// that or when the driver does not say.
+func (b *Backend) Accelerator() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for _, s := range b.sessions {
+		if a, ok := s.machine.(interface{ Accel() string }); ok {
+			return a.Accel()
+		}
+	}
+	return b.lastAccel
 }

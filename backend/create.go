@@ -111,7 +111,7 @@ func (b *Backend) resolveSource(ctx context.Context, req subjects.CreateSandboxR
 	if err := subjects.ValidateTemplateID(req.TemplateID); err != nil {
 		return err
 	}
-	if rec, ok := b.templateSnapshot(ctx, req.TemplateID); ok {
+	if rec, ok := b.templateSnapshot(ctx, req.TemplateID); ok && !req.ColdBoot {
 		p.snapshot = &rec
 		p.env = rec.TemplateMetadata.Envs
 		if req.Resources == nil {
@@ -120,8 +120,11 @@ func (b *Backend) resolveSource(ctx context.Context, req subjects.CreateSandboxR
 		return nil
 	}
 	img, ok := b.cfg.Images[req.TemplateID]
+	if !ok && req.ColdBoot {
+		return invalid("cold_boot: template %q is not a built-in image template", req.TemplateID)
+	}
 	if !ok {
-		return errdefs.Wrap(errdefs.ErrNotFound, fmt.Errorf("template %q not found", req.TemplateID))
+		return invalid("template %q not found on worker %s", req.TemplateID, b.cfg.WorkerID)
 	}
 	p.image = img
 	return nil
@@ -212,6 +215,9 @@ func (b *Backend) adopt(rec subjects.Sandbox, m vmpool.Machine) error {
 		return errdefs.Wrap(errdefs.ErrFailedPrecondition, errors.New("worker is shutting down"))
 	}
 	b.sessions[rec.SandboxID] = s
+	if a, ok := m.(interface{ Accel() string }); ok {
+		b.lastAccel = a.Accel()
+	}
 	b.mu.Unlock()
 	b.armDeadline(s)
 	b.watchMachine(s)

@@ -78,7 +78,7 @@ func (b *Backend) SetPool(_ context.Context, req subjects.PoolSetRequest) (subje
 		return subjects.PoolStatusReply{}, invalid("target %d: want 0..%d", req.Target, b.cfg.Limits.MaxSessions)
 	}
 	if _, ok := b.templates.get(req.TemplateID); !ok && req.Target > 0 {
-		return subjects.PoolStatusReply{}, errdefs.Wrap(errdefs.ErrNotFound, fmt.Errorf("template %q has no template snapshot on worker %s", req.TemplateID, b.cfg.WorkerID))
+		return subjects.PoolStatusReply{}, invalid("template %q has no template snapshot on worker %s", req.TemplateID, b.cfg.WorkerID)
 	}
 	b.pool.SetTarget(req.TemplateID, req.Target)
 	return b.PoolStatus(), nil

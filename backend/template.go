@@ -206,7 +206,7 @@ func (b *Backend) BuildTemplate(ctx context.Context, req subjects.BuildTemplateR
 		progress("booting image %s", from)
 		m, err = b.cfg.Driver.Boot(ctx, vmpool.BootSpec{ID: id, Dir: dir, Image: img, Resources: res, Network: true, SnapshotReady: true})
 	} else {
-		return fail(errdefs.Wrap(errdefs.ErrNotFound, fmt.Errorf("template %q not found", from)))
+		return fail(invalid("from: template %q not found on worker %s", from, b.cfg.WorkerID))
 	}
 	if err != nil {
 		return fail(fmt.Errorf("start build machine: %w", err))

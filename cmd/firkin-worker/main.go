@@ -28,6 +28,9 @@ func main() {
 }
 
 func run(args []string) error {
+	if len(args) > 0 && args[0] == "images" {
+		return runImages(args[1:])
+	}
 	opts, err := parseOptions(args, os.Getenv, os.ReadFile)
 	if errors.Is(err, flag.ErrHelp) {
 		return nil

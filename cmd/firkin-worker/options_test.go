@@ -53,4 +53,3 @@ func TestOptionsErrors(t *testing.T) {
 		t.Errorf("bad format: %v", err)
 	}
 }
-

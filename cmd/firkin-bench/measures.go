@@ -1,0 +1,315 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/firkin-dev/firkin-worker/subjects"
+)
+
+// coldBoot is (a): a create that boots the tiny image, to first stdout.
+func (b *bench) coldBoot() (Result, error) {
+	var samples []float64
+	for range b.n {
+		d, src, err := b.firstStdout(subjects.CreateSandboxRequest{TemplateID: "tiny", ColdBoot: true})
+		if err != nil {
+			return Result{}, err
+		}
+		if src != subjects.SourceBoot {
+			return Result{}, fmt.Errorf("cold boot create came from %s", src)
+		}
+		samples = append(samples, ms(d))
+	}
+	return summarize("(a) cold boot create -> first stdout", "ms", samples, "", nil), nil
+}
+
+// restoreCreate is (b): a create restored from the template snapshot with an
+// empty pool, to first stdout.
+func (b *bench) restoreCreate() (Result, error) {
+	if _, err := b.c.SetPool(b.ctx, "tiny", 0); err != nil {
+		return Result{}, err
+	}
+	var samples []float64
+	for range b.n {
+		d, src, err := b.firstStdout(subjects.CreateSandboxRequest{TemplateID: "tiny"})
+		if err != nil {
+			return Result{}, err
+		}
+		if src != subjects.SourceRestore {
+			return Result{}, fmt.Errorf("restore create came from %s", src)
+		}
+		samples = append(samples, ms(d))
+	}
+	return summarize("(b) restore create (empty pool) -> first stdout", "ms", samples, "p50 <= 300",
+		func(r Result) bool { return r.P50 <= 300 }), nil
+}
+
+// poolCreate is (c): a create served by the warm pool, to first stdout. The
+// pool is allowed to refill between samples.
+func (b *bench) poolCreate() (Result, error) {
+	if _, err := b.c.SetPool(b.ctx, "tiny", 2); err != nil {
+		return Result{}, err
+	}
+	var samples []float64
+	for range b.n {
+		if err := b.waitPool("tiny", 2); err != nil {
+			return Result{}, err
+		}
+		d, src, err := b.firstStdout(subjects.CreateSandboxRequest{TemplateID: "tiny"})
+		if err != nil {
+			return Result{}, err
+		}
+		if src != subjects.SourcePool {
+			return Result{}, fmt.Errorf("pool create came from %s", src)
+		}
+		samples = append(samples, ms(d))
+	}
+	return summarize("(c) pool create -> first stdout", "ms", samples, "p50 <= 25, p95 <= 60",
+		func(r Result) bool { return r.P50 <= 25 && r.P95 <= 60 }), nil
+}
+
+func (b *bench) waitPool(tid string, ready int) error {
+	deadline := time.Now().Add(2 * time.Minute)
+	for time.Now().Before(deadline) {
+		st, err := b.c.PoolStatus(b.ctx)
+		if err != nil {
+			return err
+		}
+		for _, t := range st.Templates {
+			if t.TemplateID == tid && t.Ready >= ready {
+				return nil
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return fmt.Errorf("pool of %s did not reach %d ready", tid, ready)
+}
+
+// withSandbox runs fn with a fresh tiny sandbox and kills it afterwards.
+func (b *bench) withSandbox(fn func(id string) error) error {
+	ctx, cancel := context.WithTimeout(b.ctx, 3*time.Minute)
+	defer cancel()
+	sb, err := b.c.Create(ctx, subjects.CreateSandboxRequest{TemplateID: "tiny"})
+	if err != nil {
+		return err
+	}
+	defer func() { _ = b.c.Kill(context.Background(), sb.SandboxID) }()
+	return fn(sb.SandboxID)
+}
+
+// execRoundTrip is (d): exec of `echo hi` in a running sandbox.
+func (b *bench) execRoundTrip(n int) (Result, error) {
+	var samples []float64
+	err := b.withSandbox(func(id string) error {
+		for i := 0; i < n+10; i++ { // the first few warm the translation cache
+			start := time.Now()
+			r, err := b.c.Exec(b.ctx, id, subjects.ExecRequest{Command: "echo hi"})
+			if err != nil {
+				return err
+			}
+			if r.Stdout != "hi\n" {
+				return fmt.Errorf("echo hi gave %q", r.Stdout)
+			}
+			if i >= 10 {
+				samples = append(samples, ms(time.Since(start)))
+			}
+		}
+		return nil
+	})
+	return summarize("(d) exec round trip (echo hi)", "ms", samples, "p50 <= 5", func(r Result) bool { return r.P50 <= 5 }), err
+}
+
+// snapshotSave is (e): a continuation snapshot of a running sandbox.
+func (b *bench) snapshotSave() (Result, error) {
+	var samples []float64
+	err := b.withSandbox(func(id string) error {
+		for i := range b.n {
+			name := fmt.Sprintf("bench-%d-%d", time.Now().UnixNano(), i)
+			start := time.Now()
+			if _, err := b.c.Snapshot(b.ctx, id, subjects.SnapshotRequest{Name: name}); err != nil {
+				return err
+			}
+			samples = append(samples, ms(time.Since(start)))
+			defer func() { _ = b.c.DeleteSnapshot(context.Background(), name) }()
+		}
+		return nil
+	})
+	return summarize("(e) continuation snapshot save", "ms", samples, "p95 <= 150", func(r Result) bool { return r.P95 <= 150 }), err
+}
+
+// idleRSS is (f): the host memory of idle sandboxes' QEMU processes, as PSS
+// (shared template pages counted once across the clones).
+func (b *bench) idleRSS() (Result, error) {
+	const count = 4
+	var ids []string
+	defer func() {
+		for _, id := range ids {
+			_ = b.c.Kill(context.Background(), id)
+		}
+	}()
+	if _, err := b.c.SetPool(b.ctx, "tiny", 0); err != nil {
+		return Result{}, err
+	}
+	for range count {
+		sb, err := b.c.Create(b.ctx, subjects.CreateSandboxRequest{TemplateID: "tiny"})
+		if err != nil {
+			return Result{}, err
+		}
+		ids = append(ids, sb.SandboxID)
+		if _, err := b.c.Exec(b.ctx, sb.SandboxID, subjects.ExecRequest{Command: "true"}); err != nil {
+			return Result{}, err
+		}
+	}
+	time.Sleep(2 * time.Second) // idle
+	var samples []float64
+	for _, id := range ids {
+		sb, err := b.c.Get(b.ctx, id)
+		if err != nil {
+			return Result{}, err
+		}
+		pid, err := qemuPID(sb.Dir)
+		if err != nil {
+			return Result{}, err
+		}
+		pss, err := pssKiB(pid)
+		if err != nil {
+			return Result{}, err
+		}
+		samples = append(samples, float64(pss)/1024)
+	}
+	return summarize("(f) host PSS per idle sandbox", "MiB", samples, "<= 64", func(r Result) bool { return r.P95 <= 64 }), nil
+}
+
+// natsFloor is (g): a raw request round trip on the same connection.
+func (b *bench) natsFloor(n int) (Result, error) {
+	sub, err := b.nc.Subscribe("firkin-bench.echo", func(m *nats.Msg) { _ = m.Respond(m.Data) })
+	if err != nil {
+		return Result{}, err
+	}
+	defer sub.Unsubscribe()
+	var samples []float64
+	for i := 0; i < n+10; i++ {
+		start := time.Now()
+		if _, err := b.nc.Request("firkin-bench.echo", []byte("hi"), 5*time.Second); err != nil {
+			return Result{}, err
+		}
+		if i >= 10 {
+			samples = append(samples, ms(time.Since(start)))
+		}
+	}
+	return summarize("(g) raw NATS request round trip", "ms", samples, "", nil), nil
+}
+
+// proxyThroughput is (h): requests through the port proxy to busybox httpd
+// in a sandbox, against the same server fetched inside the guest with wget.
+func (b *bench) proxyThroughput() (Result, error) {
+	var res Result
+	err := b.withSandbox(func(id string) error {
+		if _, err := b.c.Exec(b.ctx, id, subjects.ExecRequest{Command: "mkdir -p /srv && echo hello > /srv/index.html && httpd -p 8000 -h /srv"}); err != nil {
+			return err
+		}
+		route, err := b.c.Route(b.ctx, id, 8000)
+		if err != nil {
+			return err
+		}
+		hc := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 16}}
+		get := func() error {
+			req, _ := http.NewRequest("GET", route.URL, nil)
+			resp, err := hc.Do(req)
+			if err != nil {
+				return err
+			}
+			defer resp.Body.Close()
+			if _, err := io.Copy(io.Discard, resp.Body); err != nil {
+				return err
+			}
+			if resp.StatusCode != 200 {
+				return fmt.Errorf("proxy answered %s", resp.Status)
+			}
+			return nil
+		}
+		for range 10 {
+			if err := get(); err != nil {
+				return err
+			}
+		}
+		var samples []float64
+		for range 200 {
+			start := time.Now()
+			if err := get(); err != nil {
+				return err
+			}
+			samples = append(samples, ms(time.Since(start)))
+		}
+		// Throughput with 8 clients for 3 s.
+		var mu sync.Mutex
+		count := 0
+		stop := time.Now().Add(3 * time.Second)
+		var wg sync.WaitGroup
+		for range 8 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for time.Now().Before(stop) {
+					if get() == nil {
+						mu.Lock()
+						count++
+						mu.Unlock()
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		// The same server from inside the guest: 50 wget fetches in one exec.
+		r, err := b.c.Exec(b.ctx, id, subjects.ExecRequest{Command: "s=$(date +%s%N); i=0; while [ $i -lt 50 ]; do wget -q -O /dev/null http://127.0.0.1:8000/; i=$((i+1)); done; e=$(date +%s%N); echo $(( (e-s)/50000 ))"})
+		if err != nil {
+			return err
+		}
+		inGuestUS, _ := strconv.Atoi(strings.TrimSpace(r.Stdout))
+		res = summarize(fmt.Sprintf("(h) HTTP GET through the proxy (%.0f req/s with 8 clients; wget inside the guest %.2f ms/req)",
+			float64(count)/3, float64(inGuestUS)/1000), "ms", samples, "", nil)
+		return nil
+	})
+	return res, err
+}
+
+func qemuPID(dir string) (int, error) {
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		cmd, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err == nil && strings.Contains(string(cmd), "qemu-system") && strings.Contains(string(cmd), dir) {
+			return pid, nil
+		}
+	}
+	return 0, fmt.Errorf("no QEMU process for %s", dir)
+}
+
+func pssKiB(pid int) (int, error) {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if fields := strings.Fields(sc.Text()); len(fields) >= 2 && fields[0] == "Pss:" {
+			return strconv.Atoi(fields[1])
+		}
+	}
+	return 0, fmt.Errorf("no Pss in smaps_rollup of %d", pid)
+}

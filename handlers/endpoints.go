@@ -1,0 +1,190 @@
+package handlers
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go/micro"
+
+	"github.com/firkin-dev/firkin-worker/errdefs"
+	"github.com/firkin-dev/firkin-worker/subjects"
+)
+
+// Bounds on how long one request may take, by kind.
+const (
+	quickTimeout    = 30 * time.Second
+	createTimeout   = 3 * time.Minute
+	snapshotTimeout = 3 * time.Minute
+	buildTimeout    = 40 * time.Minute
+)
+
+func decode[T any](req micro.Request) (T, error) {
+	var v T
+	err := subjects.Decode(req.Data(), &v)
+	return v, err
+}
+
+// createSandbox answers firkin.sandbox.create.
+func (s *Service) createSandbox(ctx context.Context, req micro.Request) (any, error) {
+	in, err := decode[subjects.CreateSandboxRequest](req)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, createTimeout)
+	defer cancel()
+	return s.rt.Create(ctx, in)
+}
+
+// listSandboxes answers firkin.sandbox.list.
+func (s *Service) listSandboxes(ctx context.Context, req micro.Request) (any, error) {
+	if _, err := decode[struct{}](req); err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, quickTimeout)
+	defer cancel()
+	list, err := s.rt.List(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return subjects.ListSandboxesReply{Sandboxes: list}, nil
+}
+
+// sandboxLogs answers firkin.sandbox.<id>.logs (any worker: logs outlive
+// their sandbox).
+func (s *Service) sandboxLogs(ctx context.Context, req micro.Request) (any, error) {
+	id, _, err := s.subj.ParseSandbox(req.Subject())
+	if err != nil {
+		return nil, err
+	}
+	in, err := decode[subjects.LogsRequest](req)
+	if err != nil {
+		return nil, err
+	}
+	switch {
+	case in.Limit == 0:
+		in.Limit = 100
+	case in.Limit < 0 || in.Limit > 1000:
+		return nil, errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf("limit %d: want 1..1000", in.Limit))
+	}
+	ctx, cancel := context.WithTimeout(ctx, quickTimeout)
+	defer cancel()
+	return s.rt.Logs(ctx, id, in)
+}
+
+// sandboxVerb answers firkin.sandbox.<id>.<verb> for a sandbox this worker owns.
+func (s *Service) sandboxVerb(ctx context.Context, req micro.Request) (any, error) {
+	id, verb, err := s.subj.ParseSandbox(req.Subject())
+	if err != nil {
+		return nil, err
+	}
+	switch verb {
+	case subjects.VerbGet:
+		if _, err := decode[struct{}](req); err != nil {
+			return nil, err
+		}
+		return s.rt.Get(ctx, id)
+	case subjects.VerbExec:
+		in, err := decode[subjects.ExecRequest](req)
+		if err != nil {
+			return nil, err
+		}
+		return s.rt.Exec(ctx, id, in) // bounded by the request's timeout_ms
+	case subjects.VerbKill:
+		if _, err := decode[struct{}](req); err != nil {
+			return nil, err
+		}
+		ctx, cancel := context.WithTimeout(ctx, quickTimeout)
+		defer cancel()
+		return s.rt.Kill(ctx, id)
+	case subjects.VerbSnapshot:
+		in, err := decode[subjects.SnapshotRequest](req)
+		if err != nil {
+			return nil, err
+		}
+		ctx, cancel := context.WithTimeout(ctx, snapshotTimeout)
+		defer cancel()
+		return s.rt.Snapshot(ctx, id, in)
+	case subjects.VerbRoute:
+		in, err := decode[subjects.RouteRequest](req)
+		if err != nil {
+			return nil, err
+		}
+		ctx, cancel := context.WithTimeout(ctx, quickTimeout)
+		defer cancel()
+		return s.rt.Route(ctx, id, in)
+	case subjects.VerbTimeout:
+		in, err := decode[subjects.TimeoutRequest](req)
+		if err != nil {
+			return nil, err
+		}
+		ctx, cancel := context.WithTimeout(ctx, quickTimeout)
+		defer cancel()
+		return s.rt.SetTimeout(ctx, id, in)
+	}
+	return nil, errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf("unknown sandbox verb %q: want one of %v", verb, subjects.SandboxVerbs))
+}
+
+// buildTemplate answers firkin.template.build.
+func (s *Service) buildTemplate(ctx context.Context, req micro.Request) (any, error) {
+	in, err := decode[subjects.BuildTemplateRequest](req)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, buildTimeout)
+	defer cancel()
+	return s.rt.BuildTemplate(ctx, in)
+}
+
+// snapshots answers firkin.snapshot.list, firkin.snapshot.<sid>.get and
+// firkin.snapshot.<sid>.delete. Snapshot ids may contain dots, so one
+// endpoint takes the whole firkin.snapshot.> space and splits off the verb.
+func (s *Service) snapshots(ctx context.Context, req micro.Request) (any, error) {
+	ctx, cancel := context.WithTimeout(ctx, quickTimeout)
+	defer cancel()
+	if req.Subject() == s.subj.ListSnapshots() {
+		if _, err := decode[struct{}](req); err != nil {
+			return nil, err
+		}
+		list, err := s.rt.ListSnapshots(ctx)
+		if err != nil {
+			return nil, err
+		}
+		return subjects.ListSnapshotsReply{Snapshots: list}, nil
+	}
+	sid, verb, err := s.subj.ParseSnapshot(req.Subject())
+	if err != nil {
+		return nil, err
+	}
+	if _, err := decode[struct{}](req); err != nil {
+		return nil, err
+	}
+	switch verb {
+	case "get":
+		return s.rt.GetSnapshot(ctx, sid)
+	case "delete":
+		return s.rt.DeleteSnapshot(ctx, sid)
+	}
+	return nil, errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf("unknown snapshot verb %q: want get or delete", verb))
+}
+
+// poolStatus answers firkin.pool.status (every worker replies).
+func (s *Service) poolStatus(_ context.Context, req micro.Request) (any, error) {
+	if _, err := decode[struct{}](req); err != nil {
+		return nil, err
+	}
+	return s.rt.PoolStatus(), nil
+}
+
+// setPool answers firkin.pool.set (every worker applies it and replies).
+func (s *Service) setPool(ctx context.Context, req micro.Request) (any, error) {
+	in, err := decode[subjects.PoolSetRequest](req)
+	if err != nil {
+		return nil, err
+	}
+	return s.rt.SetPool(ctx, in)
+}
+
+func capacityError(msg string) error {
+	return errdefs.Wrap(errdefs.ErrCapacity, fmt.Errorf("%s", msg))
+}

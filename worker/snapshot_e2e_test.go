@@ -1,0 +1,327 @@
+package worker_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/firkin-dev/firkin-worker/subjects"
+	"github.com/firkin-dev/firkin-worker/worker"
+)
+
+// withPool sets warm pool targets and waits for templates before returning.
+func withPool(targets map[string]int) envOption {
+	return func(c *worker.Config) {
+		c.Pool = targets
+		c.WaitTemplates = true
+	}
+}
+
+func waitTemplates() envOption { return func(c *worker.Config) { c.WaitTemplates = true } }
+
+// TestSnapshotSoakLoop is the seed's soak loop through NATS: a file written
+// before the snapshot is in the restored sandbox, one written after is not.
+func TestSnapshotSoakLoop(t *testing.T) {
+	e := startWorker(t, waitTemplates())
+	src := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny"})
+	if src.Source != subjects.SourceRestore {
+		t.Errorf("create with a template snapshot and no pool: source %q, want restore", src.Source)
+	}
+	e.exec(src.SandboxID, "echo before > /tmp/marker; echo disk-before > /root/disk-marker; sync")
+	rec, err := e.c.Snapshot(e.ctx(2*time.Minute), src.SandboxID, subjects.SnapshotRequest{Name: "soak-1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rec.SnapshotID != "soak-1" || rec.Kind != subjects.KindContinuation || rec.SizeBytes <= 0 || len(rec.SHA256) != 64 ||
+		rec.WorkerID != e.w.ID() || rec.Driver != "qemu" || rec.SourceSandboxID != src.SandboxID || rec.CreatedAt.IsZero() {
+		t.Fatalf("snapshot record = %+v", rec)
+	}
+	// The record is in the KV bucket as it was returned.
+	js, _ := jetstream.New(e.nc)
+	kv, err := js.KeyValue(e.ctx(10*time.Second), "firkin_snapshots")
+	if err != nil {
+		t.Fatal(err)
+	}
+	entry, err := kv.Get(e.ctx(10*time.Second), "soak-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stored subjects.SnapshotRecord
+	if err := json.Unmarshal(entry.Value(), &stored); err != nil || stored.SHA256 != rec.SHA256 || stored.Location != rec.Location {
+		t.Fatalf("KV record = %+v, %v", stored, err)
+	}
+	// The source keeps running; what it writes now is not in the snapshot.
+	e.exec(src.SandboxID, "echo after > /tmp/marker; echo disk-after > /root/disk-marker; echo new > /root/late; sync")
+	if _, err := e.c.Snapshot(e.ctx(time.Minute), src.SandboxID, subjects.SnapshotRequest{Name: "soak-1"}); subjects.CodeOf(err) != subjects.CodeConflict {
+		t.Errorf("taken name: %v, want conflict", err)
+	}
+	if err := e.c.Kill(e.ctx(time.Minute), src.SandboxID); err != nil {
+		t.Fatal(err)
+	}
+	clone := e.create(subjects.CreateSandboxRequest{SnapshotID: "soak-1"})
+	if clone.Source != subjects.SourceRestore {
+		t.Errorf("source %q, want restore", clone.Source)
+	}
+	r := e.exec(clone.SandboxID, "cat /tmp/marker /root/disk-marker; test -e /root/late && echo LATE; hostname")
+	if want := "before\ndisk-before\n" + clone.SandboxID + "\n"; r.Stdout != want {
+		t.Fatalf("restored sandbox sees %q, want %q", r.Stdout, want)
+	}
+	// The clone's clock was set from the host's after the restore.
+	r = e.exec(clone.SandboxID, "date +%s")
+	var guest int64
+	fmt.Sscan(r.Stdout, &guest)
+	if d := time.Now().Unix() - guest; d < -5 || d > 5 {
+		t.Errorf("guest clock off by %ds after restore", d)
+	}
+	// A snapshot a live sandbox sits on cannot be deleted.
+	if err := e.c.DeleteSnapshot(e.ctx(10*time.Second), "soak-1"); subjects.CodeOf(err) != subjects.CodeConflict {
+		t.Errorf("delete snapshot in use: %v, want conflict", err)
+	}
+	if err := e.c.Kill(e.ctx(time.Minute), clone.SandboxID); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.c.DeleteSnapshot(e.ctx(10*time.Second), "soak-1"); err != nil {
+		t.Fatalf("delete unused snapshot: %v", err)
+	}
+	if _, err := os.Stat(rec.Location); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("snapshot files left after delete: %v", err)
+	}
+	if _, err := e.c.GetSnapshot(e.ctx(10*time.Second), "soak-1"); subjects.CodeOf(err) != subjects.CodeSnapshotNotFound {
+		t.Errorf("get deleted snapshot: %v", err)
+	}
+}
+
+// TestClonesAreIndependent restores two sandboxes from one snapshot: neither
+// sees the other's writes, on disk or in memory.
+func TestClonesAreIndependent(t *testing.T) {
+	e := startWorker(t, waitTemplates())
+	a := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny"})
+	b := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny"})
+	e.exec(a.SandboxID, "echo a > /root/who; echo a > /tmp/who; sync")
+	e.exec(b.SandboxID, "echo b > /root/who; echo b > /tmp/who; sync")
+	for _, sb := range []subjects.Sandbox{a, b} {
+		want := map[string]string{a.SandboxID: "a\na\n", b.SandboxID: "b\nb\n"}[sb.SandboxID]
+		if r := e.exec(sb.SandboxID, "cat /root/who /tmp/who"); r.Stdout != want {
+			t.Errorf("%s sees %q, want %q", sb.SandboxID, r.Stdout, want)
+		}
+	}
+	// Entropy was reseeded: the two clones draw different random numbers.
+	ra := e.exec(a.SandboxID, "head -c 16 /dev/urandom | od -An -tx1")
+	rb := e.exec(b.SandboxID, "head -c 16 /dev/urandom | od -An -tx1")
+	if ra.Stdout == rb.Stdout {
+		t.Errorf("clones drew the same random bytes %q", ra.Stdout)
+	}
+}
+
+// TestContinuationWhileWriting snapshots a sandbox whose source keeps writing
+// and restores a consistent file system.
+func TestContinuationWhileWriting(t *testing.T) {
+	e := startWorker(t, waitTemplates())
+	src := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny"})
+	e.exec(src.SandboxID, `cat > /root/writer.sh <<'EOF'
+i=0
+while true; do i=$((i+1)); echo $i > /root/counter.tmp; mv /root/counter.tmp /root/counter; echo $i >> /root/log; done
+EOF`)
+	r, err := e.c.Exec(e.ctx(time.Minute), src.SandboxID, subjects.ExecRequest{Command: "sh /root/writer.sh >/dev/null 2>&1 & echo started"})
+	if err != nil || r.Stdout != "started\n" {
+		t.Fatalf("start writer: %+v %v", r, err)
+	}
+	eventually(t, 20*time.Second, "writer running", func() error {
+		if r := e.exec(src.SandboxID, "cat /root/counter"); strings.TrimSpace(r.Stdout) == "" {
+			return errors.New("no counter yet")
+		}
+		return nil
+	})
+	for i := range 2 {
+		name := fmt.Sprintf("busy-%d", i)
+		if _, err := e.c.Snapshot(e.ctx(2*time.Minute), src.SandboxID, subjects.SnapshotRequest{Name: name}); err != nil {
+			t.Fatal(err)
+		}
+		clone := e.create(subjects.CreateSandboxRequest{SnapshotID: name})
+		// The writer goes on in the clone (its memory came along); stop it
+		// and check that the counter and the log agree.
+		r := e.exec(clone.SandboxID, "pkill -f writer.sh; sleep 0.2; c=$(cat /root/counter); l=$(tail -n1 /root/log); n=$(wc -l < /root/log); echo $c $l $n")
+		var c, l, n int
+		if _, err := fmt.Sscan(r.Stdout, &c, &l, &n); err != nil || c <= 0 || l < c || n != l {
+			t.Fatalf("clone of %s: counter/log inconsistent: %q (%v)", name, r.Stdout, err)
+		}
+		if err := e.c.Kill(e.ctx(time.Minute), clone.SandboxID); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The source is still alive and writing.
+	r1 := e.exec(src.SandboxID, "cat /root/counter")
+	eventually(t, 10*time.Second, "source keeps writing", func() error {
+		if r2 := e.exec(src.SandboxID, "cat /root/counter"); r2.Stdout == r1.Stdout {
+			return errors.New("counter did not move")
+		}
+		return nil
+	})
+}
+
+// TestWarmPool serves creates from the pool, refills it, never hands out a
+// machine whose agent does not answer, and drains on pool.set 0.
+func TestWarmPool(t *testing.T) {
+	e := startWorker(t, withPool(map[string]int{"tiny": 2}))
+	poolReady := func(want int) func() error {
+		return func() error {
+			st, err := e.c.PoolStatus(e.ctx(5 * time.Second))
+			if err != nil {
+				return err
+			}
+			for _, tpl := range st.Templates {
+				if tpl.TemplateID == "tiny" && tpl.Ready == want && tpl.InProgress == 0 {
+					return nil
+				}
+			}
+			return fmt.Errorf("pool status %+v, want %d ready", st, want)
+		}
+	}
+	eventually(t, 2*time.Minute, "pool filled", poolReady(2))
+	sb := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny"})
+	if sb.Source != subjects.SourcePool {
+		t.Fatalf("source %q, want pool", sb.Source)
+	}
+	if r := e.exec(sb.SandboxID, "hostname"); r.Stdout != sb.SandboxID+"\n" {
+		t.Errorf("pooled sandbox hostname %q, want its id", r.Stdout)
+	}
+	eventually(t, 2*time.Minute, "pool refilled", poolReady(2))
+
+	// Freeze both warm machines: their agents cannot answer, so a create
+	// must not get one of them.
+	warm := qemuProcesses(filepath.Join(e.state, "sandboxes", "warm-"))
+	if len(warm) != 2 {
+		t.Fatalf("want 2 warm QEMU processes, have %v", warm)
+	}
+	for _, p := range warm {
+		var pid int
+		fmt.Sscan(strings.SplitN(p, ":", 2)[0], &pid)
+		if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = syscall.Kill(pid, syscall.SIGCONT) })
+	}
+	sb2 := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny"})
+	if sb2.Source == subjects.SourcePool {
+		t.Fatalf("a frozen warm machine reached a caller")
+	}
+	if r := e.exec(sb2.SandboxID, "echo ok"); r.Stdout != "ok\n" {
+		t.Fatalf("sandbox after discarded warm machines: %+v", r)
+	}
+	eventually(t, 2*time.Minute, "pool refilled after discarding", poolReady(2))
+
+	if _, err := e.c.SetPool(e.ctx(10*time.Second), "tiny", 0); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 30*time.Second, "pool drained", poolReady(0))
+	eventually(t, 30*time.Second, "warm machines stopped", func() error {
+		if procs := qemuProcesses(filepath.Join(e.state, "sandboxes", "warm-")); len(procs) > 0 {
+			return fmt.Errorf("still running: %v", procs)
+		}
+		return nil
+	})
+}
+
+// TestTemplateBuild builds a template whose ready command succeeds and one
+// whose ready command never does.
+func TestTemplateBuild(t *testing.T) {
+	e := startWorker(t, waitTemplates())
+	rec, err := e.c.BuildTemplate(e.ctx(5*time.Minute), subjects.BuildTemplateRequest{
+		TemplateID: "web",
+		Steps:      []string{"mkdir -p /srv && echo '<h1>hi</h1>' > /srv/index.html", "echo built > /root/built"},
+		Envs:       map[string]string{"APP_MODE": "prod"},
+		StartCmd:   "httpd -p 8000 -h /srv",
+		ReadyCmd:   "wget -q -O- http://127.0.0.1:8000/ | grep -q hi",
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rec.Kind != subjects.KindTemplate || rec.TemplateMetadata.StartCmd == "" || rec.TemplateMetadata.Envs["APP_MODE"] != "prod" {
+		t.Fatalf("template record = %+v", rec)
+	}
+	sb := e.create(subjects.CreateSandboxRequest{TemplateID: "web"})
+	r := e.exec(sb.SandboxID, `cat /root/built; echo $APP_MODE; wget -q -O- http://127.0.0.1:8000/`)
+	if r.Stdout != "built\nprod\n<h1>hi</h1>\n" {
+		t.Fatalf("sandbox from template sees %q", r.Stdout)
+	}
+	// The build's progress is in the log stream under firkin.logs.build.web.
+	js, _ := jetstream.New(e.nc)
+	stream, err := js.Stream(e.ctx(10*time.Second), "FIRKIN_LOGS")
+	if err != nil {
+		t.Fatal(err)
+	}
+	last, err := stream.GetLastMsgForSubject(e.ctx(10*time.Second), "firkin.logs.build.web")
+	if err != nil || !strings.Contains(string(last.Data), "template web ready") {
+		t.Errorf("last build log event: %v, %v", last, err)
+	}
+
+	start := time.Now()
+	_, err = e.c.BuildTemplate(e.ctx(5*time.Minute), subjects.BuildTemplateRequest{
+		TemplateID: "never", ReadyCmd: "false", ReadyTimeoutS: 3,
+	})
+	wantCode(t, "ready command that never succeeds", err, subjects.CodeTemplateBuildFailed)
+	if err != nil && !strings.Contains(err.Error(), "ready command") {
+		t.Errorf("error does not say what failed: %v", err)
+	}
+	if d := time.Since(start); d > time.Minute {
+		t.Errorf("failed build took %s", d)
+	}
+	_, err = e.c.BuildTemplate(e.ctx(5*time.Minute), subjects.BuildTemplateRequest{TemplateID: "broken", Steps: []string{"exit 7"}})
+	wantCode(t, "failing step", err, subjects.CodeTemplateBuildFailed)
+	if procs := qemuProcesses(filepath.Join(e.state, "sandboxes", "build-")); len(procs) != 0 {
+		t.Errorf("build machines left running: %v", procs)
+	}
+}
+
+// TestSnapshotIntegrity refuses to restore an artifact that no longer
+// matches its record.
+func TestSnapshotIntegrity(t *testing.T) {
+	e := startWorker(t, waitTemplates())
+	src := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny"})
+	rec, err := e.c.Snapshot(e.ctx(2*time.Minute), src.SandboxID, subjects.SnapshotRequest{Name: "tamper"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var state string
+	for _, a := range rec.Artifacts {
+		if a.Name != "snapshot.json" && a.SizeBytes > 0 {
+			state = filepath.Join(rec.Location, a.Name)
+			break
+		}
+	}
+	f, err := os.OpenFile(state, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Same size, one byte changed: only the sha256 can tell.
+	b := make([]byte, 1)
+	if _, err := f.ReadAt(b, 100); err != nil {
+		t.Fatal(err)
+	}
+	b[0] ^= 0xff
+	if _, err := f.WriteAt(b, 100); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	_, err = e.c.Create(e.ctx(time.Minute), subjects.CreateSandboxRequest{SnapshotID: "tamper"})
+	wantCode(t, "restore of a tampered snapshot", err, subjects.CodeInvalidRequest)
+	if err != nil && !strings.Contains(err.Error(), "sha256") {
+		t.Errorf("error does not name the check: %v", err)
+	}
+	if err := os.Truncate(state, 10); err != nil {
+		t.Fatal(err)
+	}
+	_, err = e.c.Create(context.Background(), subjects.CreateSandboxRequest{SnapshotID: "tamper"})
+	if err == nil || !strings.Contains(err.Error(), "bytes") {
+		t.Errorf("restore of a truncated snapshot: %v", err)
+	}
+}

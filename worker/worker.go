@@ -1,0 +1,335 @@
+// Package worker assembles a firkin worker from its parts — NATS (embedded or
+// remote), JetStream state, guest images, the machine driver, the runtime, the
+// NATS handlers and the port proxy — and runs it until stopped. The binary and
+// the end-to-end tests both start workers through it.
+package worker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	"github.com/nats-io/nats.go"
+
+	"github.com/firkin-dev/firkin-worker/backend"
+	"github.com/firkin-dev/firkin-worker/embedded"
+	"github.com/firkin-dev/firkin-worker/handlers"
+	"github.com/firkin-dev/firkin-worker/images"
+	"github.com/firkin-dev/firkin-worker/jetstream"
+	"github.com/firkin-dev/firkin-worker/subjects"
+	"github.com/firkin-dev/firkin-worker/vmpool"
+)
+
+// Config is everything a worker is started with.
+type Config struct {
+	StateDir   string
+	NATSURL    string // join this server or cluster; empty embeds one
+	NATSListen string // the embedded server's client address
+	Prefix     string // subject prefix (default "firkin")
+	Driver     string // auto, qemu, vz
+	Accel      string // qemu accelerator: auto, kvm, tcg
+	Kernel     string // guest kernel override
+	// AgentBinary is the static guest agent for the host's arch; default:
+	// firkin-agent-linux-<arch> beside the worker's executable.
+	AgentBinary string
+	// Image, when set, is used as the tiny template's image instead of
+	// building one (tests pass a cached image).
+	Image       *vmpool.Image
+	Pool        map[string]int // warm pool targets per template
+	ProxyListen string
+	Domain      string
+	Limits      backend.Limits
+	// MinFreeDiskBytes overrides the free-disk floor (see backend.Config).
+	MinFreeDiskBytes uint64
+	// LogMaxAge bounds the log stream's retention.
+	LogMaxAge time.Duration
+	// TokenSecret overrides the token secret kept in the state directory.
+	TokenSecret string
+	// KeepMachinesOnExit lets machines outlive a crashed worker process, so
+	// the restarted worker reattaches to them.
+	KeepMachinesOnExit bool
+	// WaitTemplates makes Start return only once the built-in templates have
+	// template snapshots and the warm pool targets are set (tests).
+	WaitTemplates bool
+	Logger        *slog.Logger
+}
+
+// Worker is a running worker.
+type Worker struct {
+	cfg     Config
+	log     *slog.Logger
+	id      string
+	srv     *embedded.Server
+	nc      *nats.Conn
+	backend *backend.Backend
+	svc     *handlers.Service
+	rt      *runtimeFacade
+	stopped chan struct{}
+	bg      context.CancelFunc
+	bgDone  chan struct{}
+}
+
+// ID is the worker's id (the client_id of its sandboxes).
+func (w *Worker) ID() string { return w.id }
+
+// NATSURL is the address the worker's NATS connection uses.
+func (w *Worker) NATSURL() string { return w.nc.ConnectedUrl() }
+
+// Backend is the worker's runtime (for tests and benchmarks).
+func (w *Worker) Backend() *backend.Backend { return w.backend }
+
+// step runs one named start-up step so a failure says which step failed.
+func step(name string, fn func() error) error {
+	if err := fn(); err != nil {
+		return fmt.Errorf("%s: %w", name, err)
+	}
+	return nil
+}
+
+// Start starts a worker. On failure everything started so far is stopped.
+func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
+	if err := cfg.setDefaults(); err != nil {
+		return nil, err
+	}
+	w := &Worker{cfg: cfg, log: cfg.Logger, stopped: make(chan struct{}), bgDone: make(chan struct{})}
+	var cleanups []func()
+	defer func() {
+		if err != nil {
+			for i := len(cleanups) - 1; i >= 0; i-- {
+				cleanups[i]()
+			}
+		}
+	}()
+	subj, err := subjects.New(cfg.Prefix)
+	if err != nil {
+		return nil, err
+	}
+	if err := step("state dir", func() error { return os.MkdirAll(cfg.StateDir, 0o755) }); err != nil {
+		return nil, err
+	}
+	if err := step("worker id", func() (err error) { w.id, err = loadOrCreateID(filepath.Join(cfg.StateDir, "worker-id")); return }); err != nil {
+		return nil, err
+	}
+	w.log = w.log.With("worker", w.id)
+	if err := step("nats", func() error { return w.connect() }); err != nil {
+		return nil, err
+	}
+	cleanups = append(cleanups, w.closeNATS)
+
+	var store *jetstream.Store
+	if err := step("jetstream", func() (err error) {
+		store, err = jetstream.Open(ctx, w.nc, jetstream.Config{Subjects: subj, LogMaxAge: cfg.LogMaxAge})
+		return err
+	}); err != nil {
+		return nil, err
+	}
+	var img vmpool.Image
+	if err := step("guest images", func() (err error) {
+		if cfg.Image != nil {
+			img = *cfg.Image
+			return nil
+		}
+		img, err = images.Build(ctx, images.Config{
+			StateDir:    cfg.StateDir,
+			AgentBinary: cfg.AgentBinary,
+			Kernel:      cfg.Kernel,
+			Logger:      w.log.With("component", "images"),
+		})
+		return err
+	}); err != nil {
+		return nil, err
+	}
+	var driver vmpool.Driver
+	if err := step("driver", func() (err error) { driver, err = newDriver(ctx, cfg, w.log); return }); err != nil {
+		return nil, err
+	}
+	var tok *tokenMinter
+	if err := step("tokens", func() (err error) { tok, err = newTokenMinter(cfg); return }); err != nil {
+		return nil, err
+	}
+	if err := step("runtime", func() (err error) {
+		w.backend, err = backend.New(backend.Config{
+			WorkerID:         w.id,
+			Driver:           driver,
+			Store:            storeAdapter{store},
+			Tokens:           tok,
+			StateDir:         cfg.StateDir,
+			Images:           map[string]vmpool.Image{"tiny": img},
+			Limits:           cfg.Limits,
+			MinFreeDiskBytes: cfg.MinFreeDiskBytes,
+			Logger:           w.log.With("component", "runtime"),
+		})
+		return err
+	}); err != nil {
+		return nil, err
+	}
+	w.rt = &runtimeFacade{Backend: w.backend}
+	if err := step("port proxy", func() error { return w.startProxy(tok) }); err != nil {
+		return nil, err
+	}
+	cleanups = append(cleanups, w.stopProxy)
+	if err := step("handlers", func() (err error) {
+		w.svc, err = handlers.New(w.nc, handlers.Config{Subjects: subj, WorkerID: w.id, Runtime: w.rt, Logger: w.log.With("component", "handlers")})
+		return err
+	}); err != nil {
+		return nil, err
+	}
+	w.backend.SetHooks(backend.Hooks{Owned: w.svc.Own, Released: w.released})
+	if err := step("recover sandboxes", func() error { return w.backend.Start(ctx) }); err != nil {
+		return nil, err
+	}
+	cleanups = append(cleanups, func() {
+		sctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		_ = w.backend.Stop(sctx)
+	})
+	if err := step("micro service", w.svc.Start); err != nil {
+		return nil, err
+	}
+	w.log.Info("firkin-worker ready", "nats", w.nc.ConnectedUrl(), "driver", driver.Name(), "state_dir", cfg.StateDir, "proxy", w.rt.proxyAddr())
+
+	bgCtx, cancel := context.WithCancel(context.Background())
+	w.bg = cancel
+	warm := func() {
+		defer close(w.bgDone)
+		if err := w.backend.EnsureBuiltinTemplates(bgCtx); err != nil {
+			w.log.Error("built-in templates", "err", err)
+			return
+		}
+		for id, n := range cfg.Pool {
+			if _, err := w.backend.SetPool(bgCtx, subjects.PoolSetRequest{TemplateID: id, Target: n}); err != nil {
+				w.log.Warn("warm pool target", "template", id, "err", err)
+			}
+		}
+		w.log.Info("templates ready", "pool", cfg.Pool)
+	}
+	if cfg.WaitTemplates {
+		warm()
+	} else {
+		go warm()
+	}
+	return w, nil
+}
+
+func (w *Worker) released(id string) {
+	w.svc.Release(id)
+	w.rt.closeRoutes(id)
+}
+
+// Stop answers the requests in flight, stops every sandbox and the warm
+// pool, and disconnects (and stops the embedded server).
+func (w *Worker) Stop(ctx context.Context) error {
+	if w.bg != nil {
+		w.bg()
+		<-w.bgDone
+	}
+	errs := []error{w.svc.Stop(ctx), w.backend.Stop(ctx)}
+	w.stopProxy()
+	w.closeNATS()
+	return errors.Join(errs...)
+}
+
+func (w *Worker) connect() error {
+	url := w.cfg.NATSURL
+	if url == "" {
+		srv, err := embedded.Start(embedded.Config{
+			Listen:   w.cfg.NATSListen,
+			StoreDir: filepath.Join(w.cfg.StateDir, "nats"),
+			Logger:   w.log,
+		})
+		if err != nil {
+			return err
+		}
+		w.srv = srv
+		url = srv.ClientURL()
+	}
+	bo := backoff.NewExponentialBackOff(backoff.WithInitialInterval(250*time.Millisecond), backoff.WithMaxInterval(10*time.Second))
+	nc, err := nats.Connect(url,
+		nats.Name("firkin-worker "+w.id),
+		nats.MaxReconnects(-1),
+		nats.RetryOnFailedConnect(false),
+		nats.CustomReconnectDelay(func(int) time.Duration { return bo.NextBackOff() }),
+		nats.ReconnectHandler(func(nc *nats.Conn) { bo.Reset(); w.log.Info("reconnected to NATS", "url", nc.ConnectedUrl()) }),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			if err != nil {
+				w.log.Warn("disconnected from NATS", "err", err)
+			}
+		}),
+	)
+	if err != nil {
+		if w.srv != nil {
+			w.srv.Shutdown()
+		}
+		return fmt.Errorf("connect to %s: %w", url, err)
+	}
+	w.nc = nc
+	return nil
+}
+
+func (w *Worker) closeNATS() {
+	if w.nc != nil {
+		_ = w.nc.Drain()
+		w.nc.Close()
+	}
+	if w.srv != nil {
+		w.srv.Shutdown()
+		w.srv = nil
+	}
+}
+
+func (c *Config) setDefaults() error {
+	if c.StateDir == "" {
+		return errors.New("worker: state dir is required")
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.NATSListen == "" {
+		c.NATSListen = "127.0.0.1:4222"
+	}
+	if c.Driver == "" {
+		c.Driver = "auto"
+	}
+	if c.ProxyListen == "" {
+		c.ProxyListen = "127.0.0.1:8080"
+	}
+	if c.Domain == "" {
+		c.Domain = "localhost"
+	}
+	if c.Pool == nil {
+		c.Pool = map[string]int{"tiny": 1}
+	}
+	if c.AgentBinary == "" {
+		exe, err := os.Executable()
+		if err == nil {
+			c.AgentBinary = filepath.Join(filepath.Dir(exe), "firkin-agent-linux-"+runtime.GOARCH)
+		}
+	}
+	if _, err := os.Stat(c.AgentBinary); err != nil {
+		return fmt.Errorf("worker: guest agent binary %q: %w (build it with `make build`, or pass --agent)", c.AgentBinary, err)
+	}
+	return nil
+}
+
+// loadOrCreateID returns the worker id kept in path, making one on first start.
+func loadOrCreateID(path string) (string, error) {
+	data, err := os.ReadFile(path)
+	if err == nil {
+		id := strings.TrimSpace(string(data))
+		if subjects.ValidateSandboxID(id) == nil {
+			return id, nil
+		}
+	}
+	id := "w" + backend.NewID(11)
+	if err := os.WriteFile(path, []byte(id+"\n"), 0o644); err != nil {
+		return "", err
+	}
+	return id, nil
+}
