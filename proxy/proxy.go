@@ -4,8 +4,10 @@
 // request's Host, <port>-<sandbox id>.<domain>, or, when the Host is a bare
 // address, from the e2b-sandbox-id and e2b-sandbox-port headers. It carries
 // HTTP/1.1 with streamed bodies, server-sent events and WebSocket upgrades,
-// and enforces the traffic access token of private sandboxes. TCPRoutes
-// opens a host listener per (sandbox, port) that carries any protocol.
+// and enforces the traffic access token of private sandboxes. A CONNECT
+// request to <port>-<sandbox id>.<domain> opens a raw tunnel to the guest
+// port through the same checks. TCPRoutes opens a host listener per
+// (sandbox, port) that carries any protocol.
 //
 // Both reach the guest through a Resolver, the seam to the runtime: it
 // returns a Target whose Dial opens a stream to the guest's 127.0.0.1:port

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -235,8 +236,60 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, http.StatusBadGateway, fmt.Sprintf("sandbox %s cannot be reached", rt.SandboxID), "err", "resolver returned no Dial")
 		return
 	}
+	if r.Method == http.MethodConnect {
+		s.tunnel(w, r, rt, target)
+		return
+	}
 	ctx := context.WithValue(r.Context(), ctxKey{}, &dialTarget{route: rt, dial: target.Dial})
 	s.rp.ServeHTTP(w, r.WithContext(ctx))
+}
+
+// tunnel answers a CONNECT request with a raw stream to the guest port, for
+// protocols other than HTTP (curl -p, ssh's ProxyCommand through an HTTP
+// proxy). The authority names the route like a Host (its port is ignored).
+func (s *Server) tunnel(w http.ResponseWriter, r *http.Request, rt Route, target Target) {
+	ctx, cancel := context.WithTimeout(r.Context(), s.opts.dialTimeout)
+	guest, err := target.Dial(ctx, rt.Port)
+	timedOut := ctx.Err() != nil
+	cancel()
+	if err != nil {
+		if timedOut {
+			err = errdefs.Wrap(errdefs.ErrTimeout, err)
+		}
+		s.proxyError(w, r, &dialError{route: rt, err: err})
+		return
+	}
+	gc, err := s.conns.track(rt.SandboxID, guest)
+	if err != nil {
+		s.fail(w, r, http.StatusServiceUnavailable, "proxy shutting down")
+		return
+	}
+	client, brw, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		_ = gc.Close()
+		s.fail(w, r, http.StatusInternalServerError, "CONNECT is not supported on this connection", "err", err)
+		return
+	}
+	if _, err := io.WriteString(client, "HTTP/1.1 200 Connection Established\r\n\r\n"); err != nil {
+		_ = gc.Close()
+		_ = client.Close()
+		return
+	}
+	if n := brw.Reader.Buffered(); n > 0 {
+		// Bytes the client sent right after the CONNECT request.
+		early, _ := brw.Reader.Peek(n)
+		if _, err := gc.Write(early); err != nil {
+			_ = gc.Close()
+			_ = client.Close()
+			return
+		}
+	}
+	cc, err := s.conns.track(rt.SandboxID, client)
+	if err != nil {
+		_ = gc.Close()
+		return
+	}
+	pipe(cc, gc)
 }
 
 // rewrite points the outbound request at the route. The URL's host is the
@@ -290,12 +343,14 @@ func (s *Server) dialGuest(ctx context.Context, _, addr string) (net.Conn, error
 
 // proxyError answers a request the transport could not carry.
 func (s *Server) proxyError(w http.ResponseWriter, r *http.Request, err error) {
-	dt, _ := r.Context().Value(ctxKey{}).(*dialTarget)
 	var rt Route
-	if dt != nil {
+	if dt, _ := r.Context().Value(ctxKey{}).(*dialTarget); dt != nil {
 		rt = dt.route
 	}
 	var de *dialError
+	if errors.As(err, &de) {
+		rt = de.route
+	}
 	switch {
 	case errors.As(err, &de) && errors.Is(err, errdefs.ErrTimeout):
 		s.fail(w, r, http.StatusGatewayTimeout,

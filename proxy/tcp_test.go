@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -222,4 +223,74 @@ func TestTCPRouteConcurrentOpen(t *testing.T) {
 			t.Fatalf("open %d: %q, %v; want %q", i, addrs[i], errs[i], addrs[0])
 		}
 	}
+}
+
+func TestProxyConnect(t *testing.T) {
+	const token = "0123456789abcdef0123456789abcdef"
+	sbx := newFakeSandboxes()
+	sbx.add("sbx1", "")
+	sbx.add("priv", token)
+	port := lineServer(t)
+	s := startProxy(t, sbx)
+
+	connect := func(t *testing.T, id, extra, early string) (net.Conn, *bufio.Reader, string) {
+		c, err := net.Dial("tcp", s.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		if err := c.SetDeadline(time.Now().Add(10 * time.Second)); err != nil {
+			t.Fatal(err)
+		}
+		authority := Route{SandboxID: id, Port: port}.Host(s.Domain()) + ":443"
+		req := "CONNECT " + authority + " HTTP/1.1\r\nHost: " + authority + "\r\n" + extra + "\r\n" + early
+		if _, err := io.WriteString(c, req); err != nil {
+			t.Fatal(err)
+		}
+		br := bufio.NewReader(c)
+		status, err := br.ReadString('\n')
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c, br, status
+	}
+
+	t.Run("tunnel", func(t *testing.T) {
+		c, br, status := connect(t, "sbx1", "", "early\n")
+		if status != "HTTP/1.1 200 Connection Established\r\n" {
+			t.Fatalf("status line %q", status)
+		}
+		if blank, err := br.ReadString('\n'); err != nil || blank != "\r\n" {
+			t.Fatalf("after the status line: %q, %v", blank, err)
+		}
+		if got, err := br.ReadString('\n'); err != nil || got != "echo: early\n" {
+			t.Fatalf("early bytes: %q, %v", got, err)
+		}
+		if _, err := io.WriteString(c, "late\n"); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := br.ReadString('\n'); err != nil || got != "echo: late\n" {
+			t.Fatalf("got %q, %v", got, err)
+		}
+		s.CloseSandbox("sbx1")
+		if _, err := br.ReadString('\n'); err == nil || isTimeout(err) {
+			t.Fatalf("read after CloseSandbox: %v, want the tunnel closed", err)
+		}
+	})
+	t.Run("private without token", func(t *testing.T) {
+		before := sbx.dials.Load()
+		_, _, status := connect(t, "priv", "", "")
+		if !strings.HasPrefix(status, "HTTP/1.1 401") {
+			t.Fatalf("status line %q, want 401", status)
+		}
+		if sbx.dials.Load() != before {
+			t.Error("the guest was dialled")
+		}
+	})
+	t.Run("private with token", func(t *testing.T) {
+		_, _, status := connect(t, "priv", "e2b-traffic-access-token: "+token+"\r\n", "")
+		if !strings.HasPrefix(status, "HTTP/1.1 200") {
+			t.Fatalf("status line %q, want 200", status)
+		}
+	})
 }
