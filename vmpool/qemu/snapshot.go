@@ -104,6 +104,19 @@ func (m *Machine) save(ctx context.Context, dir string, opts vmpool.SaveOptions)
 		}
 	}()
 
+	// The next overlay is made before the pause: its header only names
+	// the frozen file, which need not exist yet.
+	step = "create overlay"
+	frozen := filepath.Join(dir, snapDisk)
+	next, err := m.nextOverlay(ctx, frozen)
+	if err != nil {
+		return snap, err
+	}
+	defer func() {
+		if err != nil && !next.used {
+			os.Remove(next.path)
+		}
+	}()
 	step = "quiesce agent"
 	if c != nil {
 		if err := c.Quiesce(ctx); err != nil {
@@ -118,9 +131,10 @@ func (m *Machine) save(ctx context.Context, dir string, opts vmpool.SaveOptions)
 	tPaused := time.Now()
 
 	step = "freeze disk"
-	if err := m.freezeDisk(ctx, q, filepath.Join(dir, snapDisk)); err != nil {
+	if err := m.freezeDisk(ctx, q, next, frozen); err != nil {
 		return snap, err
 	}
+	tFrozen := time.Now()
 
 	format := FormatStream
 	if opts.Kind == vmpool.Template && m.cfg.Memory == MemoryShared {
@@ -130,6 +144,7 @@ func (m *Machine) save(ctx context.Context, dir string, opts vmpool.SaveOptions)
 	if err := migrateOut(ctx, q, format == FormatSharedMemory, filepath.Join(dir, snapState)); err != nil {
 		return snap, err
 	}
+	tMigrated := time.Now()
 	artifacts := []string{snapConfig, snapState, snapDisk}
 	if format == FormatSharedMemory {
 		step = "save memory file"
@@ -168,43 +183,59 @@ func (m *Machine) save(ctx context.Context, dir string, opts vmpool.SaveOptions)
 		}
 	}
 	m.log.Info("machine saved", "dir", dir, "format", format, "kind", opts.Kind, "paused", elapsed.Round(time.Microsecond),
+		"freeze", tFrozen.Sub(tPaused).Round(time.Microsecond), "migrate", tMigrated.Sub(tFrozen).Round(time.Microsecond), "memory_file", tPaused.Add(elapsed).Sub(tMigrated).Round(time.Microsecond),
 		"total", time.Since(start).Round(time.Millisecond), "stop", opts.Stop)
 	return snap, nil
 }
 
-// freezeDisk makes the current top overlay read-only and puts a new overlay
-// above it (blockdev-add + blockdev-snapshot, as libvirt does for external
-// snapshots): the new overlay's header names frozen as its backing file,
-// and the old top is hard-linked there, so every file in the chain is
-// reached by a stable path that outlives this machine.
-func (m *Machine) freezeDisk(ctx context.Context, q *qmp.Client, frozen string) error {
+// overlay is a new top overlay made ahead of a freeze.
+type overlay struct {
+	path, node string
+	layer      int
+	used       bool
+}
+
+// nextOverlay creates the overlay that goes on top at the next freeze; its
+// backing file is frozen (the path the current top will be linked to).
+func (m *Machine) nextOverlay(ctx context.Context, frozen string) (*overlay, error) {
 	m.mu.Lock()
-	layer, oldTop, oldNode, size := m.layer+1, m.top, m.topNode, m.diskSize
+	layer, size := m.layer+1, m.diskSize
 	m.mu.Unlock()
-	overlay := filepath.Join(m.dir, fmt.Sprintf("overlay-%d.qcow2", layer))
-	node := fmt.Sprintf("ov%d", layer)
-	if err := m.d.createOverlay(ctx, overlay, frozen, "qcow2", size); err != nil {
-		return err
+	o := &overlay{path: filepath.Join(m.dir, fmt.Sprintf("overlay-%d.qcow2", layer)), node: fmt.Sprintf("ov%d", layer), layer: layer}
+	os.Remove(o.path) // a leftover of a failed save
+	if err := m.d.createOverlay(ctx, o.path, frozen, "qcow2", size); err != nil {
+		return nil, err
 	}
-	add := map[string]any{"driver": "qcow2", "node-name": node, "backing": nil,
-		"file": map[string]any{"driver": "file", "filename": overlay}}
+	return o, nil
+}
+
+// freezeDisk makes the current top overlay read-only and puts next above it
+// (blockdev-add + blockdev-snapshot, as libvirt does for external
+// snapshots): next's header names frozen as its backing file, and the old
+// top is hard-linked there, so every file in the chain is reached by a
+// stable path that outlives this machine.
+func (m *Machine) freezeDisk(ctx context.Context, q *qmp.Client, next *overlay, frozen string) error {
+	m.mu.Lock()
+	oldTop, oldNode := m.top, m.topNode
+	m.mu.Unlock()
+	add := map[string]any{"driver": "qcow2", "node-name": next.node, "backing": nil,
+		"file": map[string]any{"driver": "file", "filename": next.path}}
 	if _, err := q.Execute(ctx, "blockdev-add", add); err != nil {
-		os.Remove(overlay)
 		return err
 	}
-	if _, err := q.Execute(ctx, "blockdev-snapshot", map[string]any{"node": oldNode, "overlay": node}); err != nil {
-		_, _ = q.Execute(ctx, "blockdev-del", map[string]any{"node-name": node})
-		os.Remove(overlay)
+	if _, err := q.Execute(ctx, "blockdev-snapshot", map[string]any{"node": oldNode, "overlay": next.node}); err != nil {
+		_, _ = q.Execute(ctx, "blockdev-del", map[string]any{"node-name": next.node})
 		return err
 	}
+	next.used = true
+	m.mu.Lock()
+	m.top, m.topNode, m.layer = next.path, next.node, next.layer
+	m.mu.Unlock()
 	// The old top is now a read-only backing node (QEMU flushed it when it
 	// reopened it), and its content is what the guest had at the pause.
 	if err := linkOrCopy(oldTop, frozen); err != nil {
 		return err
 	}
-	m.mu.Lock()
-	m.top, m.topNode, m.layer = overlay, node, layer
-	m.mu.Unlock()
 	return m.saveState()
 }
 

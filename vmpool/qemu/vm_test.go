@@ -25,6 +25,9 @@ func testDriver(t *testing.T, opts ...Option) *Driver {
 	testenv.RequireQEMU(t, "amd64")
 	base := []Option{WithAccel(AccelTCG), WithStateDir(t.TempDir()),
 		WithLogger(slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug})))}
+	if tb := os.Getenv("FIRKIN_TEST_TB_SIZE"); tb != "" {
+		base = append(base, WithTBSize(atoi(tb)))
+	}
 	d, err := New(append(base, opts...)...)
 	if err != nil {
 		t.Fatalf("New: %v", err)
