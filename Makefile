@@ -33,7 +33,7 @@ images: deps build
 	$(BIN)/firkin-worker images --state-dir $(STATE_DIR)
 
 ## run: a worker with embedded NATS on 127.0.0.1:4222
-run: deps build
+run: deps build $(if $(filter Darwin,$(shell uname -s)),sign)
 	$(BIN)/firkin-worker --state-dir $(STATE_DIR) $(ARGS)
 
 vet:
@@ -49,9 +49,11 @@ test: deps build vet
 bench: deps build
 	$(GO) run ./cmd/firkin-bench -out bench-results.json
 
-## sign: codesign the worker with the virtualization entitlement (macOS)
+## sign: codesign the worker with the virtualization entitlement (macOS only)
 sign: $(BIN)/firkin-worker
+	@if [ "$$(uname -s)" != Darwin ]; then echo "sign: macOS only"; exit 1; fi
 	codesign --force --sign - --entitlements deploy/darwin/entitlements.plist $(BIN)/firkin-worker
+	codesign --display --entitlements - $(BIN)/firkin-worker
 
 clean:
 	rm -rf $(BIN)

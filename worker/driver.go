@@ -23,14 +23,22 @@ func newDriver(_ context.Context, cfg Config, log *slog.Logger) (vmpool.Driver, 
 	}
 	switch name {
 	case "qemu":
-		return qemu.New(
+		d, err := qemu.New(
 			qemu.WithStateDir(filepath.Join(cfg.StateDir, "qemu")),
 			qemu.WithAccel(cfg.Accel),
 			qemu.WithKeepOnExit(cfg.KeepMachinesOnExit),
 			qemu.WithLogger(log.With("component", "qemu")),
 		)
+		if err != nil {
+			return nil, err
+		}
+		return d, nil
 	case "vz":
-		return vz.New(vz.Config{Logger: log.With("component", "vz")})
+		d, err := vz.New(vz.Config{Logger: log.With("component", "vz")})
+		if err != nil {
+			return nil, err
+		}
+		return d, nil
 	}
 	return nil, fmt.Errorf("--driver %q: want auto, qemu or vz", cfg.Driver)
 }

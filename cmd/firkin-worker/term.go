@@ -7,13 +7,10 @@ import (
 	"time"
 
 	"github.com/lmittmann/tint"
-	"golang.org/x/sys/unix"
+	"golang.org/x/term"
 )
 
-func isTerminal(f *os.File) bool {
-	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
-	return err == nil
-}
+func isTerminal(f *os.File) bool { return term.IsTerminal(int(f.Fd())) }
 
 func tintHandler(w io.Writer, level slog.Level, color bool) slog.Handler {
 	return tint.NewHandler(w, &tint.Options{Level: level, TimeFormat: time.TimeOnly, NoColor: !color})
