@@ -102,7 +102,7 @@ func ParseHost(host, domain string) (r Route, ok bool, err error) {
 func RouteFromHeaders(h http.Header) (Route, error) {
 	id, portText := h.Get(SandboxIDHeader), h.Get(SandboxPortHeader)
 	if id == "" || portText == "" {
-		return Route{}, invalidf("no route: the host is not <port>-<sandbox id>.<domain> and the e2b-sandbox-id and e2b-sandbox-port headers are not both set")
+		return Route{}, invalidf("the host is not <port>-<sandbox id>.<domain> and the e2b-sandbox-id and e2b-sandbox-port headers are not both set")
 	}
 	if err := subjects.ValidateSandboxID(id); err != nil {
 		return Route{}, invalidf("bad e2b-sandbox-id %q", id)

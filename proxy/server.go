@@ -210,7 +210,7 @@ type dialTarget struct {
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	rt, err := s.RouteOf(r)
 	if err != nil {
-		s.fail(w, r, http.StatusBadRequest, "bad route: "+errorText(err))
+		s.fail(w, r, http.StatusBadRequest, "bad route: "+err.Error())
 		return
 	}
 	target, err := s.resolver.Resolve(r.Context(), rt.SandboxID)
@@ -374,7 +374,7 @@ func resolveFailure(rt Route, err error) (int, string) {
 	case errors.Is(err, errdefs.ErrNotFound):
 		return http.StatusNotFound, fmt.Sprintf("sandbox %s not found", rt.SandboxID)
 	case errors.Is(err, errdefs.ErrInvalidArgument):
-		return http.StatusBadRequest, "bad route: " + errorText(err)
+		return http.StatusBadRequest, "bad route: " + err.Error()
 	case errors.Is(err, errdefs.ErrTimeout):
 		return http.StatusGatewayTimeout, fmt.Sprintf("timed out finding sandbox %s", rt.SandboxID)
 	case errors.Is(err, errdefs.ErrFailedPrecondition):
@@ -393,9 +393,4 @@ func (s *Server) fail(w http.ResponseWriter, r *http.Request, status int, msg st
 	h.Set("Content-Length", strconv.Itoa(len(msg)+1))
 	w.WriteHeader(status)
 	_, _ = w.Write([]byte(msg + "\n"))
-}
-
-// errorText is an error's message for a client.
-func errorText(err error) string {
-	return err.Error()
 }

@@ -21,12 +21,12 @@ import (
 
 // seen is what the echo backend reports about a request.
 type seen struct {
-	Method   string `json:"method"`
-	Path     string `json:"path"`
-	Host     string `json:"host"`
-	Token    string `json:"token"`
-	Body     string `json:"body"`
-	Forwared string `json:"forwarded_for"`
+	Method       string `json:"method"`
+	Path         string `json:"path"`
+	Host         string `json:"host"`
+	Token        string `json:"token"`
+	Body         string `json:"body"`
+	ForwardedFor string `json:"forwarded_for"`
 }
 
 func echoHandler() http.Handler {
@@ -34,12 +34,12 @@ func echoHandler() http.Handler {
 		body, _ := io.ReadAll(r.Body)
 		w.Header().Set("Content-Type", "application/json")
 		_ = json.NewEncoder(w).Encode(seen{
-			Method:   r.Method,
-			Path:     r.URL.RequestURI(),
-			Host:     r.Host,
-			Token:    r.Header.Get(TrafficTokenHeader),
-			Body:     string(body),
-			Forwared: r.Header.Get("X-Forwarded-For"),
+			Method:       r.Method,
+			Path:         r.URL.RequestURI(),
+			Host:         r.Host,
+			Token:        r.Header.Get(TrafficTokenHeader),
+			Body:         string(body),
+			ForwardedFor: r.Header.Get("X-Forwarded-For"),
 		})
 	})
 }
@@ -80,8 +80,8 @@ func TestProxyByHost(t *testing.T) {
 	if got.Method != "POST" || got.Path != "/hello?x=1" || got.Body != "ping" || got.Host != wantHost {
 		t.Errorf("backend saw %+v; want POST /hello?x=1 body ping host %s", got, wantHost)
 	}
-	if got.Forwared != "127.0.0.1" {
-		t.Errorf("X-Forwarded-For = %q, want 127.0.0.1", got.Forwared)
+	if got.ForwardedFor != "127.0.0.1" {
+		t.Errorf("X-Forwarded-For = %q, want 127.0.0.1", got.ForwardedFor)
 	}
 }
 
@@ -469,5 +469,64 @@ func TestServerLifecycle(t *testing.T) {
 	if c, err := net.Dial("tcp", addr); err == nil {
 		c.Close()
 		t.Error("proxy still accepts after Shutdown")
+	}
+}
+
+func TestServerShutdownEndsStreams(t *testing.T) {
+	sbx := newFakeSandboxes()
+	sbx.add("sbx1", "")
+	be := newBackend(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/ws" {
+			ws, err := websocket.Accept(w, r, nil)
+			if err != nil {
+				return
+			}
+			defer ws.CloseNow()
+			_, _, _ = ws.Read(r.Context()) // until the proxy closes the stream
+			return
+		}
+		w.Header().Set("Content-Type", "text/event-stream")
+		fmt.Fprint(w, "data: first\n\n")
+		_ = http.NewResponseController(w).Flush()
+		<-r.Context().Done() // an endless stream
+	}))
+	s, err := NewServer(sbx, WithLogger(testLogger(t)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Start(context.Background(), "127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	c := proxyClient(t, s)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+
+	url := strings.Replace(proxyURL(s, be.port, "sbx1", "/ws"), "http://", "ws://", 1)
+	ws, _, err := websocket.Dial(ctx, url, &websocket.DialOptions{HTTPClient: c})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.CloseNow()
+	resp, err := c.Get(proxyURL(s, be.port, "sbx1", "/events"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	br := bufio.NewReader(resp.Body)
+	if line, err := br.ReadString('\n'); err != nil || line != "data: first\n" {
+		t.Fatalf("first event: %q, %v", line, err)
+	}
+
+	// The SSE stream holds Shutdown to its deadline; then everything closes.
+	sctx, scancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer scancel()
+	if err := s.Shutdown(sctx); err == nil {
+		t.Error("Shutdown with an endless stream in flight returned no error")
+	}
+	if _, _, err := ws.Read(ctx); err == nil || ctx.Err() != nil {
+		t.Errorf("WebSocket read after Shutdown: %v, want closed", err)
+	}
+	if _, err := io.ReadAll(br); ctx.Err() != nil {
+		t.Errorf("SSE stream still open after Shutdown: %v", err)
 	}
 }
