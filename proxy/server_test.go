@@ -405,19 +405,21 @@ func TestProxyConcurrent(t *testing.T) {
 		t.Errorf("backend saw %d requests, want %d", got, n)
 	}
 	// The keep-alive pool keeps at most DefaultMaxIdlePerRoute streams idle.
-	if got := s.conns.count("sbx1"); got > DefaultMaxIdlePerRoute {
-		t.Errorf("%d streams kept open, want at most %d", got, DefaultMaxIdlePerRoute)
-	}
+	waitFor(t, fmt.Sprintf("at most %d streams kept open", DefaultMaxIdlePerRoute), 10*time.Second, func() bool {
+		return s.conns.count("sbx1") <= DefaultMaxIdlePerRoute
+	})
 }
 
 func TestProxyKeepAlive(t *testing.T) {
 	for _, tt := range []struct {
-		name      string
-		opts      []Option
-		wantDials int64
+		name               string
+		opts               []Option
+		minDials, maxDials int64
 	}{
-		{"pooled", nil, 1},
-		{"one stream per request", []Option{WithMaxIdlePerRoute(0)}, 10},
+		// A stream goes back to the pool just after its response is
+		// read, so a quick next request may dial once more.
+		{"pooled", nil, 1, 3},
+		{"one stream per request", []Option{WithMaxIdlePerRoute(0)}, 10, 10},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			sbx := newFakeSandboxes()
@@ -431,8 +433,8 @@ func TestProxyKeepAlive(t *testing.T) {
 					t.Fatalf("status %d: %s", status, body)
 				}
 			}
-			if got := sbx.dials.Load(); got != tt.wantDials {
-				t.Errorf("%d guest dials for 10 sequential requests, want %d", got, tt.wantDials)
+			if got := sbx.dials.Load(); got < tt.minDials || got > tt.maxDials {
+				t.Errorf("%d guest dials for 10 sequential requests, want %d-%d", got, tt.minDials, tt.maxDials)
 			}
 		})
 	}
