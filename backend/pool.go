@@ -4,6 +4,9 @@ import (
 	"context"
 	"fmt"
 	"path/filepath"
+	"time"
+
+	"github.com/firkin-dev/firkin-worker/agent"
 
 	"github.com/firkin-dev/firkin-worker/errdefs"
 	"github.com/firkin-dev/firkin-worker/subjects"
@@ -38,6 +41,17 @@ func (b *Backend) fillWarm(ctx context.Context, key string) (vmpool.Machine, err
 	if err != nil {
 		b.admission.Release(id)
 		return nil, err
+	}
+	// A freshly restored QEMU starts with a cold translation cache (under
+	// TCG the first commands take hundreds of milliseconds): run the paths
+	// a first command takes — shell start, fork, exec — before the machine
+	// is handed out.
+	for range 3 {
+		if _, err := m.Exec(ctx, agent.ExecRequest{Command: "echo warm >/dev/null", Timeout: 30 * time.Second}, func(agent.Stream, []byte) {}); err != nil {
+			_ = m.Stop(context.WithoutCancel(ctx))
+			b.admission.Release(id)
+			return nil, fmt.Errorf("warm up %s: %w", id, err)
+		}
 	}
 	return m, nil
 }
