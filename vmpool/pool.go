@@ -158,7 +158,13 @@ func (p *Pool) Take(ctx context.Context, key string) (Machine, bool) {
 			return m, true
 		}
 		p.log.Warn("warm machine failed its health check; discarding it", "key", key, "machine", m.ID(), "err", err)
-		p.discard([]Machine{m})
+		// Stopping a hung machine can take the stop timeout; the caller
+		// should not wait for it.
+		p.wg.Add(1)
+		go func() {
+			defer p.wg.Done()
+			p.discard([]Machine{m})
+		}()
 	}
 }
 

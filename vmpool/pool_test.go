@@ -117,9 +117,7 @@ func TestPoolDiscardsUnhealthyAndBacksOff(t *testing.T) {
 	if ok {
 		t.Fatalf("handed out machine %s whose agent does not answer", m.ID())
 	}
-	if released.Load() != 1 {
-		t.Fatalf("unhealthy machine not released")
-	}
+	waitFor(t, "unhealthy machine released", func() bool { return released.Load() == 1 })
 	waitFor(t, "healthy refill", func() bool { return status(p, "tiny").Ready == 1 })
 	if m, ok := p.Take(context.Background(), "tiny"); !ok || m.(*fakeMachine).pingErr != nil {
 		t.Fatal("healthy machine not handed out")
