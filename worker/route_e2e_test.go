@@ -1,0 +1,291 @@
+package worker_test
+
+import (
+	"bufio"
+	"context"
+	"encoding/base64"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+
+	"github.com/firkin-dev/firkin-worker/internal/testenv"
+	"github.com/firkin-dev/firkin-worker/subjects"
+)
+
+// startHTTPD runs busybox httpd on port in the sandbox and waits until it answers.
+func (e *env) startHTTPD(id string, port int) {
+	e.t.Helper()
+	e.exec(id, fmt.Sprintf("mkdir -p /srv && echo hello-from-%s > /srv/index.html && httpd -p %d -h /srv", id, port))
+	eventually(e.t, 20*time.Second, "httpd up", func() error {
+		r := e.exec(id, fmt.Sprintf("wget -q -O- http://127.0.0.1:%d/", port))
+		if !strings.HasPrefix(r.Stdout, "hello-from-") {
+			return fmt.Errorf("wget: %+v", r)
+		}
+		return nil
+	})
+}
+
+func httpGet(t *testing.T, url string, header map[string]string) (int, string) {
+	t.Helper()
+	req, err := http.NewRequest("GET", url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range header {
+		req.Header.Set(k, v)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(body)
+}
+
+// TestPortRouting reaches servers inside a sandbox through the worker's
+// proxy (by host name and by headers), a raw TCP route, and a WebSocket.
+func TestPortRouting(t *testing.T) {
+	e := startWorker(t, waitTemplates())
+	sb := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny"})
+	e.startHTTPD(sb.SandboxID, 8000)
+	route, err := e.c.Route(e.ctx(10*time.Second), sb.SandboxID, 8000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if route.Host != "8000-"+sb.SandboxID+".localhost" || !strings.HasPrefix(route.URL, "http://"+route.Host+":") || route.TCP == "" {
+		t.Fatalf("route reply = %+v", route)
+	}
+	want := "hello-from-" + sb.SandboxID + "\n"
+	proxyPort := route.URL[strings.LastIndex(route.URL, ":")+1:]
+	proxyAddr := "127.0.0.1:" + proxyPort
+
+	t.Run("by host name", func(t *testing.T) {
+		req, _ := http.NewRequest("GET", "http://"+proxyAddr+"/", nil)
+		req.Host = route.Host
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || string(body) != want {
+			t.Fatalf("%d %q", resp.StatusCode, body)
+		}
+	})
+	t.Run("by headers", func(t *testing.T) {
+		code, body := httpGet(t, "http://"+proxyAddr+"/", map[string]string{"e2b-sandbox-id": sb.SandboxID, "e2b-sandbox-port": "8000"})
+		if code != 200 || body != want {
+			t.Fatalf("%d %q", code, body)
+		}
+	})
+	t.Run("50 concurrent requests", func(t *testing.T) {
+		var wg sync.WaitGroup
+		errs := make(chan error, 50)
+		for range 50 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				req, _ := http.NewRequest("GET", "http://"+proxyAddr+"/", nil)
+				req.Host = route.Host
+				resp, err := http.DefaultClient.Do(req)
+				if err != nil {
+					errs <- err
+					return
+				}
+				body, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != 200 || string(body) != want {
+					errs <- fmt.Errorf("%d %q", resp.StatusCode, body)
+				}
+			}()
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Error(err)
+		}
+	})
+	t.Run("errors say which", func(t *testing.T) {
+		for _, tc := range []struct {
+			host string
+			code int
+		}{
+			{"8000-nosuchsandbox.localhost", 404},
+			{"9999-" + sb.SandboxID + ".localhost", 502},
+			{"notaport-" + sb.SandboxID + ".localhost", 400},
+		} {
+			req, _ := http.NewRequest("GET", "http://"+proxyAddr+"/", nil)
+			req.Host = tc.host
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != tc.code || len(body) == 0 {
+				t.Errorf("%s: %d %q, want %d with a body", tc.host, resp.StatusCode, body, tc.code)
+			}
+		}
+	})
+	t.Run("raw TCP route carries a line protocol", func(t *testing.T) {
+		// A line echo server: busybox nc runs cat for each connection.
+		e.exec(sb.SandboxID, "(while true; do nc -l -p 7000 -e cat; done) >/dev/null 2>&1 &")
+		tcp, err := e.c.Route(e.ctx(10*time.Second), sb.SandboxID, 7000)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var conn net.Conn
+		eventually(t, 20*time.Second, "line echo through the TCP route", func() error {
+			c, err := net.DialTimeout("tcp", tcp.TCP, 5*time.Second)
+			if err != nil {
+				return err
+			}
+			_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+			if _, err := io.WriteString(c, "ping 1\n"); err != nil {
+				c.Close()
+				return err
+			}
+			line, err := bufio.NewReader(c).ReadString('\n')
+			if err != nil || line != "ping 1\n" {
+				c.Close()
+				return fmt.Errorf("read %q, %v", line, err)
+			}
+			conn = c
+			return nil
+		})
+		defer conn.Close()
+		r := bufio.NewReader(conn)
+		for i := 2; i <= 5; i++ {
+			fmt.Fprintf(conn, "ping %d\n", i)
+			line, err := r.ReadString('\n')
+			if err != nil || line != fmt.Sprintf("ping %d\n", i) {
+				t.Fatalf("line %d: %q %v", i, line, err)
+			}
+		}
+	})
+	t.Run("websocket echo", func(t *testing.T) {
+		bin := testenv.StaticBinary(t, runtime.GOARCH, "./worker/testdata/wsecho")
+		data, err := os.ReadFile(bin)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r, err := e.c.Exec(e.ctx(2*time.Minute), sb.SandboxID, subjects.ExecRequest{
+			Command: "base64 -d > /root/wsecho && chmod +x /root/wsecho && (/root/wsecho 9000 >/dev/null 2>&1 &) && echo ok",
+			Stdin:   base64.StdEncoding.EncodeToString(data),
+		})
+		if err != nil || r.Stdout != "ok\n" {
+			t.Fatalf("install wsecho: %+v %v", r, err)
+		}
+		ws, err := e.c.Route(e.ctx(10*time.Second), sb.SandboxID, 9000)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var c *websocket.Conn
+		eventually(t, 30*time.Second, "websocket dial", func() error {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			conn, _, err := websocket.Dial(ctx, "ws://"+proxyAddr+"/", &websocket.DialOptions{Host: ws.Host})
+			c = conn
+			return err
+		})
+		defer c.CloseNow()
+		for i := range 5 {
+			msg := "message " + strconv.Itoa(i)
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			if err := c.Write(ctx, websocket.MessageText, []byte(msg)); err != nil {
+				cancel()
+				t.Fatal(err)
+			}
+			_, got, err := c.Read(ctx)
+			cancel()
+			if err != nil || string(got) != msg {
+				t.Fatalf("echo %d: %q %v", i, got, err)
+			}
+		}
+	})
+
+	if err := e.c.Kill(e.ctx(time.Minute), sb.SandboxID); err != nil {
+		t.Fatal(err)
+	}
+	req, _ := http.NewRequest("GET", "http://"+proxyAddr+"/", nil)
+	req.Host = route.Host
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 404 {
+		t.Errorf("after kill: %d, want 404", resp.StatusCode)
+	}
+	if c, err := net.DialTimeout("tcp", route.TCP, time.Second); err == nil {
+		c.Close()
+		t.Errorf("TCP route still accepts after kill")
+	}
+}
+
+// TestPrivateTraffic enforces the traffic token of a sandbox created with
+// public_traffic false.
+func TestPrivateTraffic(t *testing.T) {
+	e := startWorker(t, waitTemplates())
+	private := false
+	sb := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny", PublicTraffic: &private})
+	e.startHTTPD(sb.SandboxID, 8000)
+	route, err := e.c.Route(e.ctx(10*time.Second), sb.SandboxID, 8000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxyAddr := "127.0.0.1:" + route.URL[strings.LastIndex(route.URL, ":")+1:]
+	hdr := func(tok string) map[string]string {
+		h := map[string]string{"e2b-sandbox-id": sb.SandboxID, "e2b-sandbox-port": "8000"}
+		if tok != "" {
+			h["e2b-traffic-access-token"] = tok
+		}
+		return h
+	}
+	if code, _ := httpGet(t, "http://"+proxyAddr+"/", hdr("")); code != 401 {
+		t.Errorf("no token: %d, want 401", code)
+	}
+	if code, _ := httpGet(t, "http://"+proxyAddr+"/", hdr("wrong")); code != 403 {
+		t.Errorf("wrong token: %d, want 403", code)
+	}
+	if code, body := httpGet(t, "http://"+proxyAddr+"/", hdr(sb.TrafficAccessToken)); code != 200 || !strings.HasPrefix(body, "hello-from-") {
+		t.Errorf("right token: %d %q", code, body)
+	}
+}
+
+// TestGuestNetwork reaches a server on the host's loopback from the guest
+// through user-mode networking, and cannot with "network": false.
+func TestGuestNetwork(t *testing.T) {
+	e := startWorker(t, waitTemplates())
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "host-says-hi") })}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	port := ln.Addr().(*net.TCPAddr).Port
+	url := fmt.Sprintf("http://10.0.2.2:%d/", port)
+
+	on := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny"})
+	// (busybox's wget -T crashes in the static build; timeout(1) bounds it.)
+	if r := e.exec(on.SandboxID, "timeout 10 wget -q -O- "+url); r.Stdout != "host-says-hi" {
+		t.Errorf("guest with network: %+v", r)
+	}
+	off := false
+	sb := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny", Network: &off})
+	if r := e.exec(sb.SandboxID, "timeout 5 wget -q -O- "+url+"; echo rc=$?"); strings.Contains(r.Stdout, "host-says-hi") || strings.Contains(r.Stdout, "rc=0") {
+		t.Errorf("guest without network reached the host: %+v", r)
+	}
+}
