@@ -22,6 +22,7 @@ type options struct {
 	pool, proxyListen, domain, logFormat, logLevel, tokenSecret         string
 	maxSessions, maxVCPUs, maxMemoryMB                                  int
 	minFreeDiskMB                                                       int
+	keepMachines                                                        bool
 	logMaxAge                                                           time.Duration
 }
 
@@ -61,6 +62,7 @@ func parseOptions(args []string, getenv func(string) string, readFile func(strin
 	fs.IntVar(&o.maxVCPUs, "max-vcpus", 256, "most vCPUs handed out at once")
 	fs.IntVar(&o.maxMemoryMB, "max-memory-mb", 768<<10, "most guest memory handed out at once, MiB")
 	fs.IntVar(&o.minFreeDiskMB, "min-free-disk-mb", 1024, "refuse creates and snapshots below this much free disk, MiB")
+	fs.BoolVar(&o.keepMachines, "keep-machines", true, "let machines outlive a crash of this process, so the restarted worker reattaches to them (a clean stop always stops them)")
 	fs.DurationVar(&o.logMaxAge, "log-max-age", 24*time.Hour, "how long log events are kept")
 	fs.Usage = func() {
 		out := fs.Output()
@@ -146,20 +148,21 @@ func parsePool(s string) (map[string]int, error) {
 func (o options) workerConfig() worker.Config {
 	pool, _ := parsePool(o.pool)
 	return worker.Config{
-		StateDir:         o.stateDir,
-		NATSURL:          o.natsURL,
-		NATSListen:       o.natsListen,
-		Prefix:           o.prefix,
-		Driver:           o.driver,
-		Accel:            o.accel,
-		Kernel:           o.kernel,
-		AgentBinary:      o.agent,
-		Pool:             pool,
-		ProxyListen:      o.proxyListen,
-		Domain:           o.domain,
-		TokenSecret:      o.tokenSecret,
-		LogMaxAge:        o.logMaxAge,
-		MinFreeDiskBytes: uint64(o.minFreeDiskMB) << 20,
-		Limits:           backend.Limits{MaxSessions: o.maxSessions, MaxVCPUs: o.maxVCPUs, MaxMemoryMB: o.maxMemoryMB},
+		StateDir:           o.stateDir,
+		NATSURL:            o.natsURL,
+		NATSListen:         o.natsListen,
+		Prefix:             o.prefix,
+		Driver:             o.driver,
+		Accel:              o.accel,
+		Kernel:             o.kernel,
+		AgentBinary:        o.agent,
+		Pool:               pool,
+		ProxyListen:        o.proxyListen,
+		Domain:             o.domain,
+		TokenSecret:        o.tokenSecret,
+		LogMaxAge:          o.logMaxAge,
+		MinFreeDiskBytes:   uint64(o.minFreeDiskMB) << 20,
+		KeepMachinesOnExit: o.keepMachines,
+		Limits:             backend.Limits{MaxSessions: o.maxSessions, MaxVCPUs: o.maxVCPUs, MaxMemoryMB: o.maxMemoryMB},
 	}
 }

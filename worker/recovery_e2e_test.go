@@ -1,0 +1,165 @@
+package worker_test
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/firkin-dev/firkin-worker/client"
+	"github.com/firkin-dev/firkin-worker/internal/testenv"
+	"github.com/firkin-dev/firkin-worker/subjects"
+)
+
+// process is the firkin-worker binary running as a child process.
+type process struct {
+	cmd  *exec.Cmd
+	done chan struct{}
+	url  string
+}
+
+func freePort(t *testing.T) int {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// startBinary runs the worker binary and waits for its ready line.
+func startBinary(t *testing.T, bin string, args ...string) *process {
+	t.Helper()
+	cmd := exec.Command(bin, args...)
+	cmd.Env = append(os.Environ(), "FIRKIN_LOG_FORMAT=json")
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	p := &process{cmd: cmd, done: make(chan struct{})}
+	ready := make(chan string, 1)
+	var logTail []string
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		sc.Buffer(make([]byte, 1<<20), 1<<20)
+		for sc.Scan() {
+			line := sc.Text()
+			logTail = append(logTail, line)
+			if strings.Contains(line, `"msg":"templates ready"`) {
+				ready <- line
+			}
+		}
+		_ = cmd.Wait()
+		close(p.done)
+	}()
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-p.done:
+		case <-time.After(90 * time.Second):
+			_ = cmd.Process.Kill()
+		}
+	})
+	select {
+	case <-ready:
+	case <-p.done:
+		t.Fatalf("worker exited before it was ready:\n%s", strings.Join(logTail, "\n"))
+	case <-time.After(4 * time.Minute):
+		t.Fatal("worker not ready after 4 minutes")
+	}
+	return p
+}
+
+// TestRecoveryAfterCrash kills the worker process with SIGKILL while a
+// sandbox runs: the restarted worker reattaches to the running machine,
+// sweeps the warm one, and a clean stop leaves nothing behind.
+func TestRecoveryAfterCrash(t *testing.T) {
+	testenv.RequireQEMU(t, runtime.GOARCH)
+	agentBin := testenv.AgentBinary(t, runtime.GOARCH)
+	img := testenv.Image(t, runtime.GOARCH)
+	_ = img // the worker builds its own copy from the same cached inputs
+	bin := filepath.Join(t.TempDir(), "firkin-worker")
+	if out, err := exec.Command("go", "build", "-o", bin, "../cmd/firkin-worker").CombinedOutput(); err != nil {
+		t.Fatalf("build worker: %v\n%s", err, out)
+	}
+	state := t.TempDir()
+	natsAddr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	args := []string{"--state-dir", state, "--nats-listen", natsAddr, "--proxy-listen", "127.0.0.1:0",
+		"--agent", agentBin, "--accel", "tcg", "--pool", "tiny=1", "--keep-machines"}
+	// Share the test image cache's downloads so the worker does not fetch the kernel again.
+	_ = os.MkdirAll(filepath.Join(state, "cache"), 0o755)
+	if debs, _ := filepath.Glob(filepath.Join(testenv.CacheDir(t), "debs", "*")); len(debs) > 0 {
+		for _, d := range debs {
+			_ = os.Symlink(d, filepath.Join(state, "cache", filepath.Base(d)))
+		}
+	}
+
+	first := startBinary(t, bin, args...)
+	nc, err := nats.Connect("nats://"+natsAddr, nats.MaxReconnects(-1), nats.ReconnectWait(100*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	c := client.New(nc)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	sb, err := c.Create(ctx, subjects.CreateSandboxRequest{TemplateID: "tiny"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Exec(ctx, sb.SandboxID, subjects.ExecRequest{Command: "echo survived > /root/mark; sync"}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 2*time.Minute, "pool refilled", func() error {
+		if len(qemuProcesses(state)) < 2 {
+			return fmt.Errorf("have %d machines", len(qemuProcesses(state)))
+		}
+		return nil
+	})
+	before := qemuProcesses(state)
+
+	_ = first.cmd.Process.Kill() // crash
+	<-first.done
+	if got := qemuProcesses(state); len(got) != len(before) {
+		t.Fatalf("machines did not outlive the crash: %d before, %d after", len(before), len(got))
+	}
+
+	startBinary(t, bin, args...)
+	r, err := c.Exec(ctx, sb.SandboxID, subjects.ExecRequest{Command: "cat /root/mark"})
+	if err != nil || r.Stdout != "survived\n" {
+		t.Fatalf("exec in the reattached sandbox: %+v %v", r, err)
+	}
+	// The old warm machine was swept: no QEMU of the first run but the
+	// sandbox's is left.
+	for _, p := range before {
+		if !strings.Contains(p, sb.Dir) && containsPID(qemuProcesses(state), p) {
+			t.Errorf("orphaned warm machine still runs: %s", strings.Fields(p)[0])
+		}
+	}
+	if err := c.Kill(ctx, sb.SandboxID); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func containsPID(list []string, proc string) bool {
+	pid := strings.SplitN(proc, ":", 2)[0]
+	for _, p := range list {
+		if strings.SplitN(p, ":", 2)[0] == pid {
+			return true
+		}
+	}
+	return false
+}
