@@ -75,7 +75,9 @@ func (f *fakeRuntime) GetSnapshot(_ context.Context, sid string) (subjects.Snaps
 func (f *fakeRuntime) DeleteSnapshot(context.Context, string) (subjects.DeleteSnapshotReply, error) {
 	return subjects.DeleteSnapshotReply{}, errdefs.Wrap(errdefs.ErrConflict, errors.New("in use"))
 }
-func (f *fakeRuntime) PoolStatus() subjects.PoolStatusReply { return subjects.PoolStatusReply{WorkerID: "w"} }
+func (f *fakeRuntime) PoolStatus() subjects.PoolStatusReply {
+	return subjects.PoolStatusReply{WorkerID: "w"}
+}
 func (f *fakeRuntime) SetPool(context.Context, subjects.PoolSetRequest) (subjects.PoolStatusReply, error) {
 	return subjects.PoolStatusReply{WorkerID: "w"}, nil
 }
