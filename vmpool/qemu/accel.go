@@ -33,13 +33,24 @@ type accelVerdict struct {
 // showed a guest actually runs on it. The probe runs once per host kernel,
 // QEMU version and guest kernel; its verdict is cached in the state dir.
 func (d *Driver) accel(ctx context.Context, arch string, img vmpool.Image) (string, error) {
+	fixed := ""
 	switch {
 	case d.cfg.Accel == AccelTCG:
-		return AccelTCG, nil
+		fixed = AccelTCG
 	case arch != runtime.GOARCH:
-		return AccelTCG, nil // KVM runs only the host's arch
+		fixed = AccelTCG // KVM runs only the host's arch
 	case d.cfg.Accel == AccelKVM:
-		return AccelKVM, nil
+		fixed = AccelKVM
+	}
+	if fixed != "" {
+		d.accelMu.Lock()
+		logged := d.accels["fixed "+arch] != ""
+		d.accels["fixed "+arch] = fixed
+		d.accelMu.Unlock()
+		if !logged {
+			d.log.Info("accelerator: "+fixed, "arch", arch, "configured", d.cfg.Accel)
+		}
+		return fixed, nil
 	}
 	if reason := kvmUsable(); reason != "" {
 		d.accelMu.Lock()

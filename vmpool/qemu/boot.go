@@ -106,7 +106,7 @@ func (d *Driver) boot(ctx context.Context, spec vmpool.BootSpec, agentTimeout ti
 	if err := d.createOverlay(ctx, overlay, spec.Image.RootDisk, "raw", size); err != nil {
 		return fail("create overlay", err)
 	}
-	cfg := d.baseConfig(arch, accel, res, spec.Image, spec.Dir, sockDir, spec.Network)
+	cfg := d.baseConfig(spec.ID, arch, accel, res, spec.Image, spec.Dir, sockDir, spec.Network)
 	cfg.Disk, cfg.Node = overlay, "ov0"
 	if spec.SnapshotReady {
 		cfg.Memory, cfg.MemPath = MemoryShared, filepath.Join(spec.Dir, memFile)
@@ -116,13 +116,13 @@ func (d *Driver) boot(ctx context.Context, spec vmpool.BootSpec, agentTimeout ti
 }
 
 // baseConfig is the configuration every machine of arch starts from.
-func (d *Driver) baseConfig(arch, accel string, res vmpool.Resources, img vmpool.Image, dir, sockDir string, network bool) vmConfig {
+func (d *Driver) baseConfig(id, arch, accel string, res vmpool.Resources, img vmpool.Image, dir, sockDir string, network bool) vmConfig {
 	machine, _ := machineType(arch)
 	if sockDir == "" {
 		sockDir = dir
 	}
 	cfg := vmConfig{
-		Arch: arch, Machine: machine, Accel: accel, VCPUs: res.VCPUs, MemoryMB: res.MemoryMB,
+		Name: id, Arch: arch, Machine: machine, Accel: accel, VCPUs: res.VCPUs, MemoryMB: res.MemoryMB,
 		Kernel: img.Kernel, Initramfs: img.Initramfs, Append: kernelArgs(arch, network),
 		Console: filepath.Join(dir, consoleFile),
 		Agent:   filepath.Join(sockDir, agentSock), QMP: filepath.Join(sockDir, qmpSock),

@@ -35,6 +35,7 @@ const (
 // vmConfig is everything a QEMU command line depends on. A snapshot keeps
 // the device part of it, so a restore builds the same machine.
 type vmConfig struct {
+	Name     string `json:"name"`                 // process name (-name), the machine id
 	Arch     string `json:"arch"`                 // "amd64" or "arm64"
 	Machine  string `json:"machine"`              // q35, pc, virt
 	Accel    string `json:"accel"`                // kvm or tcg
@@ -112,6 +113,9 @@ func (c *vmConfig) validate() error {
 			return invalid("qemu: %s socket path is %d bytes, over the limit of %d: %s", what, len(p), maxSocketLen, p)
 		}
 	}
+	if err := checkID(c.Name); err != nil {
+		return err
+	}
 	if !validNode(c.Node) {
 		return invalid("qemu: block node name %q", c.Node)
 	}
@@ -188,7 +192,7 @@ func (c *vmConfig) args() ([]string, error) {
 		cpu = "host"
 	}
 	a := []string{
-		"-name", "firkin,debug-threads=on",
+		"-name", "firkin-" + c.Name + ",debug-threads=on",
 		"-machine", c.Machine + ",memory-backend=mem",
 		"-accel", accel,
 		"-cpu", cpu,

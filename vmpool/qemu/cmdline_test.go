@@ -17,7 +17,7 @@ var update = flag.Bool("update", false, "rewrite the golden command lines in tes
 // goodConfig is a valid amd64 boot configuration.
 func goodConfig() vmConfig {
 	return vmConfig{
-		Arch: "amd64", Machine: "q35", Accel: "tcg", TBSizeMB: 64, VCPUs: 1, MemoryMB: 256,
+		Name: "a", Arch: "amd64", Machine: "q35", Accel: "tcg", TBSizeMB: 64, VCPUs: 1, MemoryMB: 256,
 		Kernel: "/img/vmlinuz", Initramfs: "/img/initramfs.cpio", Append: kernelArgs("amd64", false),
 		Disk: "/m/a/overlay-0.qcow2", Node: "ov0", Console: "/m/a/console.log",
 		Agent: "/m/a/agent.sock", QMP: "/m/a/qmp.sock", Memory: MemoryRAM,
@@ -93,6 +93,7 @@ func TestCommandLineRejects(t *testing.T) {
 		"bad mac":       func(c *vmConfig) { c.Network, c.MAC = true, "52:54:00:zz:00:01" },
 		"append":        func(c *vmConfig) { c.Append = "quiet\nx" },
 		"tb size":       func(c *vmConfig) { c.TBSizeMB = -1 },
+		"name":          func(c *vmConfig) { c.Name = "a,b" },
 	}
 	for name, mod := range cases {
 		t.Run(name, func(t *testing.T) {

@@ -376,7 +376,7 @@ func (d *Driver) restore(ctx context.Context, spec vmpool.RestoreSpec) (*Machine
 	if err := d.createOverlay(ctx, overlay, disk, "qcow2", meta.DiskSize); err != nil {
 		return fail("create overlay", err)
 	}
-	cfg := d.baseConfig(src.Arch, accel, vmpool.Resources{VCPUs: src.VCPUs, MemoryMB: src.MemoryMB},
+	cfg := d.baseConfig(spec.ID, src.Arch, accel, vmpool.Resources{VCPUs: src.VCPUs, MemoryMB: src.MemoryMB},
 		meta.Image, spec.Dir, sockDir, src.Network)
 	// The devices are the source's.
 	cfg.Machine, cfg.Kernel, cfg.Initramfs, cfg.Append, cfg.BIOS, cfg.MAC = src.Machine, src.Kernel, src.Initramfs, src.Append, src.BIOS, src.MAC

@@ -119,7 +119,13 @@ func atoi(s string) int {
 
 func TestBootExecStop(t *testing.T) {
 	d := testDriver(t)
-	m := bootTest(t, d, vmpool.BootSpec{ID: "boot1", Resources: vmpool.Resources{VCPUs: 2, MemoryMB: 384}})
+	// A directory too long for unix socket paths: the sockets go to a short
+	// directory of their own, which Stop removes too.
+	long := filepath.Join(shortDir(t), strings.Repeat("d", 100), "boot1")
+	m := bootTest(t, d, vmpool.BootSpec{ID: "boot1", Dir: long, Resources: vmpool.Resources{VCPUs: 2, MemoryMB: 384}})
+	if m.sockDir == "" || !strings.HasPrefix(m.cfg.Agent, m.sockDir) {
+		t.Errorf("sockets in %s (socket dir %q)", m.cfg.Agent, m.sockDir)
+	}
 	if out := run(t, m, "echo hello"); out != "hello\n" {
 		t.Errorf("echo hello: %q", out)
 	}
@@ -150,8 +156,10 @@ func TestBootExecStop(t *testing.T) {
 	if processAlive(pid) {
 		t.Errorf("qemu %d still running", pid)
 	}
-	if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("dir left behind: %v", err)
+	for _, p := range []string{dir, m.sockDir} {
+		if _, err := os.Stat(p); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s left behind: %v", p, err)
+		}
 	}
 	if err := m.Stop(ctx); err != nil {
 		t.Errorf("second Stop: %v", err)
