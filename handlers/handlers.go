@@ -143,6 +143,11 @@ func (s *Service) Start() error {
 			return fmt.Errorf("handlers: endpoint %s: %w", e.name, err)
 		}
 	}
+	// The subscriptions must reach the server before anyone is told the
+	// worker is ready, or an early request sees no responders.
+	if err := s.nc.Flush(); err != nil {
+		return fmt.Errorf("handlers: flush subscriptions: %w", err)
+	}
 	return nil
 }
 

@@ -48,7 +48,10 @@ func startWorker(t *testing.T, opts ...envOption) *env {
 		Image:       &img,
 		Accel:       "tcg",
 		Pool:        map[string]int{},
-		Logger:      slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+		// Tests start from a worker whose built-in template snapshot exists,
+		// as a running worker is in steady state.
+		WaitTemplates: true,
+		Logger:        slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	}
 	for _, o := range opts {
 		o(&cfg)
