@@ -102,17 +102,17 @@ func (d *Driver) boot(ctx context.Context, spec vmpool.BootSpec, agentTimeout ti
 	if err != nil {
 		return fail("create overlay", err)
 	}
-	overlay := filepath.Join(spec.Dir, "overlay-0.qcow2")
+	overlay := filepath.Join(spec.Dir, overlayName(1))
 	if err := d.createOverlay(ctx, overlay, spec.Image.RootDisk, "raw", size); err != nil {
 		return fail("create overlay", err)
 	}
 	cfg := d.baseConfig(spec.ID, arch, accel, res, spec.Image, spec.Dir, sockDir, spec.Network)
-	cfg.Disk, cfg.Node = overlay, "ov0"
+	cfg.Disk, cfg.Node = overlay, nodeName(1)
 	if spec.SnapshotReady {
 		cfg.Memory, cfg.MemPath = MemoryShared, filepath.Join(spec.Dir, memFile)
 	}
 	return d.start(ctx, &launch{op: op, id: spec.ID, dir: spec.Dir, cfg: cfg, image: spec.Image,
-		agentTimeout: agentTimeout, diskSize: size}, u)
+		agentTimeout: agentTimeout, diskSize: size, depth: 1}, u)
 }
 
 // baseConfig is the configuration every machine of arch starts from.

@@ -54,7 +54,7 @@ type Machine struct {
 	agent     *agent.Client
 	top       string // path of the top (writable) overlay
 	topNode   string
-	layer     int   // number of overlays made so far
+	layer     int   // depth of the top overlay in the disk chain (1 on the base)
 	diskSize  int64 // virtual size of the root disk
 	saving    bool
 
@@ -311,6 +311,7 @@ type launch struct {
 	// agentTimeout, when set, bounds the agent connection separately (probe).
 	agentTimeout time.Duration
 	diskSize     int64
+	depth        int // of cfg.Disk in the disk chain
 }
 
 // prepareDir creates the machine directory (which must not exist, or be
@@ -364,7 +365,7 @@ func (d *Driver) start(ctx context.Context, l *launch, u *undo) (*Machine, error
 		sockDir = ""
 	}
 	m := &Machine{d: d, log: log, id: l.id, dir: l.dir, sockDir: sockDir, cfg: l.cfg, image: l.image,
-		done: make(chan struct{}), top: l.cfg.Disk, topNode: l.cfg.Node, diskSize: l.diskSize}
+		done: make(chan struct{}), top: l.cfg.Disk, topNode: l.cfg.Node, diskSize: l.diskSize, layer: l.depth}
 	qemuLog := filepath.Join(l.dir, qemuLogFile)
 	fail := func(step string, err error) (*Machine, error) {
 		e := stepError(l.op, l.id, step, err, l.cfg.Console, qemuLog)

@@ -23,7 +23,7 @@ const (
 const (
 	snapConfig = "config.json"
 	snapState  = "state"
-	snapDisk   = "disk.qcow2"
+	snapDisk   = "disk.qcow2" // the frozen top layer (a link to layer-<depth>.qcow2)
 	snapMem    = "mem"
 )
 
@@ -35,6 +35,7 @@ const migrationTimeout = 5 * time.Minute
 // to build the same machine.
 type snapshotMeta struct {
 	Version  int          `json:"version"`
+	Depth    int          `json:"depth"` // of disk.qcow2: layer-1..layer-<depth>.qcow2 are here
 	Format   string       `json:"format"`
 	Kind     string       `json:"kind"`
 	Config   vmConfig     `json:"config"`
@@ -105,10 +106,9 @@ func (m *Machine) save(ctx context.Context, dir string, opts vmpool.SaveOptions)
 	}()
 
 	// The next overlay is made before the pause: its header only names
-	// the frozen file, which need not exist yet.
+	// the layer that is about to be frozen, which need not exist yet.
 	step = "create overlay"
-	frozen := filepath.Join(dir, snapDisk)
-	next, err := m.nextOverlay(ctx, frozen)
+	next, err := m.nextOverlay(ctx)
 	if err != nil {
 		return snap, err
 	}
@@ -131,7 +131,8 @@ func (m *Machine) save(ctx context.Context, dir string, opts vmpool.SaveOptions)
 	tPaused := time.Now()
 
 	step = "freeze disk"
-	if err := m.freezeDisk(ctx, q, next, frozen); err != nil {
+	depth, err := m.freezeDisk(ctx, q, next, dir)
+	if err != nil {
 		return snap, err
 	}
 	tFrozen := time.Now()
@@ -146,6 +147,9 @@ func (m *Machine) save(ctx context.Context, dir string, opts vmpool.SaveOptions)
 	}
 	tMigrated := time.Now()
 	artifacts := []string{snapConfig, snapState, snapDisk}
+	for k := 1; k <= depth; k++ {
+		artifacts = append(artifacts, layerName(k))
+	}
 	if format == FormatSharedMemory {
 		step = "save memory file"
 		dst := filepath.Join(dir, snapMem)
@@ -161,7 +165,7 @@ func (m *Machine) save(ctx context.Context, dir string, opts vmpool.SaveOptions)
 	}
 	elapsed := time.Since(tPaused)
 	step = "write config"
-	meta := snapshotMeta{Version: 1, Format: format, Kind: string(opts.Kind), Config: m.cfg,
+	meta := snapshotMeta{Version: 1, Depth: depth, Format: format, Kind: string(opts.Kind), Config: m.cfg,
 		DiskSize: m.diskSize, Image: m.image, Created: time.Now().UTC(), SaveTime: elapsed.Round(time.Microsecond).String()}
 	if err := writeJSON(filepath.Join(dir, snapConfig), meta); err != nil {
 		return snap, err
@@ -188,6 +192,33 @@ func (m *Machine) save(ctx context.Context, dir string, opts vmpool.SaveOptions)
 	return snap, nil
 }
 
+// The disk of a machine is a chain of qcow2 layers on the template's raw
+// base. Layer k's header names its backing file by a relative name,
+// layer-<k-1>.qcow2 (layer 1 names the base by its absolute path), and
+// every directory that holds a layer also holds hard links to all layers
+// below it under those names: a machine's directory, and each snapshot. So a
+// snapshot is whole by itself: deleting the snapshot a machine or another
+// snapshot came from breaks nothing, and no header ever needs a rewrite.
+
+// layerName is the name of the frozen layer at depth k.
+func layerName(k int) string { return fmt.Sprintf("layer-%d.qcow2", k) }
+
+// overlayName is the name of a writable top overlay at depth k.
+func overlayName(k int) string { return fmt.Sprintf("overlay-%d.qcow2", k) }
+
+// nodeName is the block node name of the layer at depth k.
+func nodeName(k int) string { return fmt.Sprintf("ov%d", k) }
+
+// linkLayers hard-links (or copies) layer-1..layer-<depth> from src to dst.
+func linkLayers(src, dst string, depth int) error {
+	for k := 1; k <= depth; k++ {
+		if err := linkOrCopy(filepath.Join(src, layerName(k)), filepath.Join(dst, layerName(k))); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // overlay is a new top overlay made ahead of a freeze.
 type overlay struct {
 	path, node string
@@ -196,14 +227,14 @@ type overlay struct {
 }
 
 // nextOverlay creates the overlay that goes on top at the next freeze; its
-// backing file is frozen (the path the current top will be linked to).
-func (m *Machine) nextOverlay(ctx context.Context, frozen string) (*overlay, error) {
+// backing file is the current top under its frozen name.
+func (m *Machine) nextOverlay(ctx context.Context) (*overlay, error) {
 	m.mu.Lock()
-	layer, size := m.layer+1, m.diskSize
+	depth, size := m.layer, m.diskSize
 	m.mu.Unlock()
-	o := &overlay{path: filepath.Join(m.dir, fmt.Sprintf("overlay-%d.qcow2", layer)), node: fmt.Sprintf("ov%d", layer), layer: layer}
+	o := &overlay{path: filepath.Join(m.dir, overlayName(depth+1)), node: nodeName(depth + 1), layer: depth + 1}
 	os.Remove(o.path) // a leftover of a failed save
-	if err := m.d.createOverlay(ctx, o.path, frozen, "qcow2", size); err != nil {
+	if err := m.d.createOverlay(ctx, o.path, layerName(depth), "qcow2", size); err != nil {
 		return nil, err
 	}
 	return o, nil
@@ -211,21 +242,20 @@ func (m *Machine) nextOverlay(ctx context.Context, frozen string) (*overlay, err
 
 // freezeDisk makes the current top overlay read-only and puts next above it
 // (blockdev-add + blockdev-snapshot, as libvirt does for external
-// snapshots): next's header names frozen as its backing file, and the old
-// top is hard-linked there, so every file in the chain is reached by a
-// stable path that outlives this machine.
-func (m *Machine) freezeDisk(ctx context.Context, q *qmp.Client, next *overlay, frozen string) error {
+// snapshots), then links the frozen chain into snapDir. It returns the depth
+// of the frozen top.
+func (m *Machine) freezeDisk(ctx context.Context, q *qmp.Client, next *overlay, snapDir string) (int, error) {
 	m.mu.Lock()
-	oldTop, oldNode := m.top, m.topNode
+	oldTop, oldNode, depth := m.top, m.topNode, m.layer
 	m.mu.Unlock()
 	add := map[string]any{"driver": "qcow2", "node-name": next.node, "backing": nil,
 		"file": map[string]any{"driver": "file", "filename": next.path}}
 	if _, err := q.Execute(ctx, "blockdev-add", add); err != nil {
-		return err
+		return 0, err
 	}
 	if _, err := q.Execute(ctx, "blockdev-snapshot", map[string]any{"node": oldNode, "overlay": next.node}); err != nil {
 		_, _ = q.Execute(ctx, "blockdev-del", map[string]any{"node-name": next.node})
-		return err
+		return 0, err
 	}
 	next.used = true
 	m.mu.Lock()
@@ -233,10 +263,16 @@ func (m *Machine) freezeDisk(ctx context.Context, q *qmp.Client, next *overlay, 
 	m.mu.Unlock()
 	// The old top is now a read-only backing node (QEMU flushed it when it
 	// reopened it), and its content is what the guest had at the pause.
-	if err := linkOrCopy(oldTop, frozen); err != nil {
-		return err
+	if err := os.Link(oldTop, filepath.Join(m.dir, layerName(depth))); err != nil {
+		return 0, err
 	}
-	return m.saveState()
+	if err := m.saveState(); err != nil {
+		return 0, err
+	}
+	if err := linkLayers(m.dir, snapDir, depth); err != nil {
+		return 0, err
+	}
+	return depth, os.Link(filepath.Join(snapDir, layerName(depth)), filepath.Join(snapDir, snapDisk))
 }
 
 // resume continues a paused machine and starts a new agent session.
@@ -344,11 +380,10 @@ func (d *Driver) restore(ctx context.Context, spec vmpool.RestoreSpec) (*Machine
 	if meta.Format != FormatStream && meta.Format != FormatSharedMemory {
 		return nil, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("qemu: restore %s: snapshot format %q", spec.ID, meta.Format))
 	}
-	disk := spec.Snapshot.Disk
-	if disk == "" {
-		disk = filepath.Join(snapDir, snapDisk)
+	if meta.Depth < 1 {
+		return nil, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("qemu: restore %s: snapshot disk depth %d", spec.ID, meta.Depth))
 	}
-	for _, f := range []string{disk, filepath.Join(snapDir, snapState)} {
+	for _, f := range []string{filepath.Join(snapDir, layerName(meta.Depth)), filepath.Join(snapDir, snapState)} {
 		if _, err := os.Stat(f); err != nil {
 			return nil, errdefs.Wrap(errdefs.ErrNotFound, fmt.Errorf("qemu: restore %s: %w", spec.ID, err))
 		}
@@ -372,15 +407,19 @@ func (d *Driver) restore(ctx context.Context, spec vmpool.RestoreSpec) (*Machine
 		return fail("create dir", err)
 	}
 	u.add("remove dir", cleanup)
-	overlay := filepath.Join(spec.Dir, "overlay-0.qcow2")
-	if err := d.createOverlay(ctx, overlay, disk, "qcow2", meta.DiskSize); err != nil {
+	if err := linkLayers(snapDir, spec.Dir, meta.Depth); err != nil {
+		return fail("link disk layers", err)
+	}
+	depth := meta.Depth + 1
+	overlay := filepath.Join(spec.Dir, overlayName(depth))
+	if err := d.createOverlay(ctx, overlay, layerName(meta.Depth), "qcow2", meta.DiskSize); err != nil {
 		return fail("create overlay", err)
 	}
 	cfg := d.baseConfig(spec.ID, src.Arch, accel, vmpool.Resources{VCPUs: src.VCPUs, MemoryMB: src.MemoryMB},
 		meta.Image, spec.Dir, sockDir, src.Network)
 	// The devices are the source's.
 	cfg.Machine, cfg.Kernel, cfg.Initramfs, cfg.Append, cfg.BIOS, cfg.MAC = src.Machine, src.Kernel, src.Initramfs, src.Append, src.BIOS, src.MAC
-	cfg.Disk, cfg.Node, cfg.Incoming = overlay, "ov0", true
+	cfg.Disk, cfg.Node, cfg.Incoming = overlay, nodeName(depth), true
 	switch {
 	case src.Network && !spec.Network:
 		cfg.NetOff = true
@@ -428,7 +467,7 @@ func (d *Driver) restore(ctx context.Context, spec vmpool.RestoreSpec) (*Machine
 		return nil
 	}
 	return d.start(ctx, &launch{op: "restore", id: spec.ID, dir: spec.Dir, cfg: cfg, image: meta.Image,
-		setup: load, diskSize: meta.DiskSize}, u)
+		setup: load, diskSize: meta.DiskSize, depth: depth}, u)
 }
 
 // readSnapshotMeta reads config.json of the snapshot in dir.

@@ -106,13 +106,27 @@ func TestSaveRestoreContinuation(t *testing.T) {
 	if _, err := os.Stat(src.Dir()); !os.IsNotExist(err) {
 		t.Errorf("source dir left after a save with Stop: %v", err)
 	}
+	// Each snapshot holds its whole chain: the first one can go.
+	if err := os.RemoveAll(snap1.Dir); err != nil {
+		t.Fatal(err)
+	}
 	r2 := restore(t, d, "r2", snap2, true)
 	if out := run(t, r2, "cat /root/before /root/after /tmp/mem; ls /root"); out != "before\nafter\nmem-after\nafter\nbefore\n" {
 		t.Errorf("second restore sees %q", out)
 	}
-	// The first restore still runs on its own layer.
+	// The first restore still runs on its own layer, and saves and
+	// restores in turn (a chain of three layers through a restore).
 	if out := run(t, r1, "ls /root"); out != "before\nr1\n" {
 		t.Errorf("r1 sees %q", out)
+	}
+	snap3 := save(t, d, r1, vmpool.SaveOptions{Kind: vmpool.Continuation})
+	run(t, r1, "rm /root/r1")
+	r3 := restore(t, d, "r3", snap3, false)
+	if out := run(t, r3, "ls /root; ls /root | wc -l"); out != "before\nr1\n2\n" {
+		t.Errorf("r3 sees %q", out)
+	}
+	if meta, err := readSnapshotMeta(snap3.Dir); err != nil || meta.Depth != 2 {
+		t.Errorf("depth of r1's snapshot: %d %v", meta.Depth, err)
 	}
 }
 
