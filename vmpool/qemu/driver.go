@@ -1,17 +1,33 @@
 // Package qemu is the Linux machine driver: every sandbox is a QEMU process
-// (qemu-system-x86_64 or qemu-system-aarch64) with the guest agent on a
-// virtio-serial port, controlled over QMP.
+// (qemu-system-x86_64 -M q35, or qemu-system-aarch64 -M virt) with the guest
+// agent on a virtio-serial port named "firkin.agent", controlled over QMP.
 //
 // A machine boots a kernel and initramfs directly, with its root disk as a
-// qcow2 overlay on the template's read-only base disk. KVM is used when it
-// really works on the host (a bounded probe decides, once, and the verdict is
-// cached on disk); TCG otherwise.
+// qcow2 overlay on the template's read-only raw base disk. KVM is used when
+// it really works on the host (a bounded probe decides, once per QEMU
+// version, host kernel and guest kernel, and the verdict is cached in the
+// state dir); TCG otherwise.
 //
-// Snapshots freeze the disk (the current overlay becomes a read-only backing
-// file in the snapshot directory and the machine goes on writing to a new
-// overlay) and save the device and CPU state with a migration stream. A
-// template machine keeps its RAM in a shared file, so its snapshot holds the
-// RAM file itself and clones map it copy-on-write.
+// A machine's directory holds console.log (the guest's serial console),
+// qemu.log (QEMU's own output), machine.json (for Reattach), the disk
+// layers and, for machines that can be saved as templates, mem (guest RAM in
+// a shared file). The QMP and agent sockets live there too unless the path
+// is too long for a unix socket; then they get a short directory of their
+// own under /run/firkin or the temp dir.
+//
+// A save freezes the disk: the current top overlay becomes a read-only
+// layer and the machine goes on writing to a new overlay (blockdev-add and
+// blockdev-snapshot while paused). Layers name their backing files by
+// relative names and each directory holds hard links to all the layers
+// below its own, so a snapshot directory is complete by itself. Device and
+// CPU state go through a migration stream (exec:cat). A template machine
+// keeps its RAM in a shared file: its snapshot holds that file and a tiny
+// state stream (x-ignore-shared), and clones map the file copy-on-write.
+//
+// Machines started with KeepOnExit=false get SIGKILL when the thread that
+// started them exits (Pdeathsig); Go keeps its threads alive unless a
+// goroutine locked to one exits, so in practice that is when the process
+// exits.
 package qemu
 
 import (
