@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -19,7 +20,9 @@ import (
 // started by this or an earlier worker process (with KeepOnExit). It checks
 // that the pid recorded in dir/machine.json is still that QEMU (command line
 // and start time), then connects QMP and starts a new agent session. It
-// fails with errdefs.ErrNotFound when the machine is gone.
+// fails with errdefs.ErrNotFound when the machine is gone, and when it is
+// there but does not answer within ctx: then it is killed, so a failed
+// Reattach never leaves a process behind (the caller removes dir).
 func (d *Driver) Reattach(ctx context.Context, dir string) (vmpool.Machine, error) {
 	m, err := d.reattach(ctx, dir)
 	if err != nil {
@@ -73,9 +76,25 @@ func (d *Driver) reattach(ctx context.Context, dir string) (*Machine, error) {
 			}
 		}
 	}()
+	// A machine that is there but does not answer is of no use to anyone:
+	// kill it rather than leave an orphan behind a failed Reattach.
 	fail := func(step string, err error) (*Machine, error) {
-		_ = m.closeAll()
-		return nil, stepError("reattach", st.ID, step, err, st.Config.Console, filepath.Join(dir, qemuLogFile))
+		m.closeConns()
+		select {
+		case <-m.done:
+		default:
+			m.log.Warn("machine does not answer; killing it", "step", step, "err", err)
+			_ = m.kill()
+			select {
+			case <-m.done:
+			case <-time.After(10 * time.Second):
+			}
+		}
+		if st.SockDir != "" {
+			_ = os.RemoveAll(st.SockDir)
+		}
+		err = stepError("reattach", st.ID, step, err, st.Config.Console, filepath.Join(dir, qemuLogFile))
+		return nil, errdefs.Wrap(errdefs.ErrNotFound, err)
 	}
 	q, err := dialQMP(ctx, st.Config.QMP, m.done)
 	if err != nil {
@@ -111,13 +130,6 @@ func (d *Driver) reattach(ctx context.Context, dir string) (*Machine, error) {
 	}
 	m.log.Info("machine reattached", "pid", m.pid)
 	return m, nil
-}
-
-// closeAll closes the connections of a machine that failed to reattach,
-// leaving the process alone (the caller decides whether to Stop it).
-func (m *Machine) closeAll() error {
-	m.closeConns()
-	return nil
 }
 
 func joinNUL(args []string) string {

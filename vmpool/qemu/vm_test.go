@@ -290,3 +290,23 @@ func TestBootArm64(t *testing.T) {
 		t.Errorf("arm64 guest: %q", out)
 	}
 }
+
+// A machine that is there but does not answer (here: its QMP socket is
+// still held by the first driver) is killed by a failed Reattach, so that
+// nothing is left running behind it.
+func TestReattachKillsUnansweringMachine(t *testing.T) {
+	d1 := testDriver(t)
+	m := bootTest(t, d1, vmpool.BootSpec{ID: "re2"})
+	d2 := testDriver(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	_, err := d2.Reattach(ctx, m.Dir())
+	if !errors.Is(err, errdefs.ErrNotFound) {
+		t.Fatalf("Reattach while another holds the machine: %v", err)
+	}
+	select {
+	case <-m.Done():
+	case <-time.After(15 * time.Second):
+		t.Fatal("the unanswering machine still runs")
+	}
+}
