@@ -101,7 +101,7 @@ func run() error {
 	}
 	defer nc.Close()
 	b := &bench{ctx: ctx, c: client.New(nc), nc: nc, w: w, log: log, n: *n}
-	report := Report{When: time.Now().UTC(), Host: hostDescription(), Accel: w.Backend().Accelerator(), Ratios: map[string]float64{}}
+	report := Report{When: time.Now().UTC(), Host: hostDescription(), Ratios: map[string]float64{}}
 
 	steps := []struct {
 		name string
@@ -125,6 +125,9 @@ func run() error {
 		}
 		byKey[s.name] = r
 		report.Results = append(report.Results, r)
+		if report.Accel == "" {
+			report.Accel = w.Backend().Accelerator()
+		}
 	}
 	if c := byKey["c"].P50; c > 0 {
 		report.Ratios["cold_boot_over_pool_p50"] = byKey["a"].P50 / c
