@@ -245,3 +245,34 @@ func TestBadInput(t *testing.T) {
 		t.Errorf("QEMU processes = %d, want 1: %v", len(procs), procs)
 	}
 }
+
+// TestDeadlineExpires ends a sandbox when its deadline passes while it runs,
+// and publishes an expired event.
+func TestDeadlineExpires(t *testing.T) {
+	e := startWorker(t)
+	events, err := e.nc.SubscribeSync("firkin.events.expired.>")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sb := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny", TimeoutS: 2})
+	if d := sb.EndAt.Sub(sb.StartedAt); d != 2*time.Second {
+		t.Fatalf("end_at - started_at = %s, want 2s", d)
+	}
+	msg, err := events.NextMsg(30 * time.Second)
+	if err != nil {
+		t.Fatalf("no expired event: %v", err)
+	}
+	var ev subjects.LifecycleEvent
+	if err := json.Unmarshal(msg.Data, &ev); err != nil || ev.SandboxID != sb.SandboxID || ev.Kind != subjects.EventExpired {
+		t.Fatalf("event %s: %v", msg.Data, err)
+	}
+	if _, err := e.c.Get(e.ctx(5*time.Second), sb.SandboxID); subjects.CodeOf(err) != subjects.CodeSandboxNotFound {
+		t.Errorf("get after expiry: %v", err)
+	}
+	eventually(t, 10*time.Second, "machine gone", func() error {
+		if procs := qemuProcesses(filepath.Join(e.state, "sandboxes")); len(procs) > 0 {
+			return fmt.Errorf("still running: %d", len(procs))
+		}
+		return nil
+	})
+}
