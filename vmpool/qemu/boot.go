@@ -91,7 +91,7 @@ func (d *Driver) boot(ctx context.Context, spec vmpool.BootSpec, agentTimeout ti
 	u := &undo{log: d.log}
 	fail := func(step string, err error) (*Machine, error) {
 		u.run()
-		return nil, fmt.Errorf("qemu: %s %s: %s: %w", op, spec.ID, step, err)
+		return nil, stepError(op, spec.ID, step, err, "", "")
 	}
 	sockDir, cleanup, err := d.prepareDir(spec.ID, spec.Dir)
 	if err != nil {

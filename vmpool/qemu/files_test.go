@@ -2,10 +2,14 @@ package qemu
 
 import (
 	"bytes"
+	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
+
+	"github.com/firkin-dev/firkin-worker/errdefs"
 )
 
 func TestCopySparse(t *testing.T) {
@@ -64,5 +68,16 @@ func TestTail(t *testing.T) {
 	}
 	if got := tail(filepath.Join(t.TempDir(), "none"), 4); got != "" {
 		t.Errorf("tail of a missing file: %q", got)
+	}
+}
+
+func TestStepErrorClasses(t *testing.T) {
+	err := stepError("boot", "x", "create overlay", errors.New("qemu-img create: exit status 1: No space left on device"), "", "")
+	if !errors.Is(err, errdefs.ErrDiskPressure) || !strings.Contains(err.Error(), "qemu: boot x: create overlay:") {
+		t.Errorf("disk full: %v", err)
+	}
+	err = stepError("boot", "x", "connect agent", errdefs.Wrap(errdefs.ErrTimeout, errors.New("slow")), "", "")
+	if !errors.Is(err, errdefs.ErrTimeout) || errors.Is(err, errdefs.ErrDiskPressure) {
+		t.Errorf("timeout: %v", err)
 	}
 }

@@ -286,6 +286,9 @@ func stepError(op, id, step string, err error, console, qemuLog string) error {
 	if t := strings.TrimSpace(tail(console, 3000)); t != "" {
 		fmt.Fprintf(&b, "\nconsole tail:\n%s", t)
 	}
+	if errors.Is(err, syscall.ENOSPC) || strings.Contains(err.Error(), "No space left on device") {
+		err = errdefs.Wrap(errdefs.ErrDiskPressure, err)
+	}
 	return &opError{msg: b.String(), err: err}
 }
 

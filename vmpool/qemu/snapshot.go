@@ -400,7 +400,7 @@ func (d *Driver) restore(ctx context.Context, spec vmpool.RestoreSpec) (*Machine
 	u := &undo{log: d.log}
 	fail := func(step string, err error) (*Machine, error) {
 		u.run()
-		return nil, fmt.Errorf("qemu: restore %s: %s: %w", spec.ID, step, err)
+		return nil, stepError("restore", spec.ID, step, err, "", "")
 	}
 	sockDir, cleanup, err := d.prepareDir(spec.ID, spec.Dir)
 	if err != nil {
