@@ -53,14 +53,16 @@ func restore(t *testing.T, d *Driver, id string, snap vmpool.Snapshot, network b
 	return m
 }
 
-// memory returns the RSS and PSS of pid in MiB.
+// memory describes the memory of pid: RSS, PSS and the anonymous part (what
+// a clone costs of its own: copied-on-write guest pages, TCG's translation
+// cache, QEMU's heap).
 func memory(t *testing.T, pid int) string {
 	t.Helper()
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
 	if err != nil {
 		t.Fatal(err)
 	}
-	var rss, pss int
+	var rss, pss, anon int
 	for _, l := range strings.Split(string(b), "\n") {
 		f := strings.Fields(l)
 		if len(f) < 2 {
@@ -71,9 +73,11 @@ func memory(t *testing.T, pid int) string {
 			rss = atoi(f[1])
 		case "Pss:":
 			pss = atoi(f[1])
+		case "Anonymous:":
+			anon = atoi(f[1])
 		}
 	}
-	return fmt.Sprintf("RSS %d MiB (PSS %d MiB)", rss>>10, pss>>10)
+	return fmt.Sprintf("RSS %d MiB (PSS %d MiB, private anonymous %d MiB)", rss>>10, pss>>10, anon>>10)
 }
 
 // A continuation save freezes the disk: a restore sees what was written
