@@ -40,10 +40,17 @@ func save(t *testing.T, d *Driver, m *Machine, opts vmpool.SaveOptions) vmpool.S
 
 func restore(t *testing.T, d *Driver, id string, snap vmpool.Snapshot, network bool) *Machine {
 	t.Helper()
+	return restoreSpec(t, d, vmpool.RestoreSpec{ID: id, Snapshot: snap, Network: network})
+}
+
+func restoreSpec(t *testing.T, d *Driver, spec vmpool.RestoreSpec) *Machine {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
 	t0 := time.Now()
-	vm, err := d.Restore(ctx, vmpool.RestoreSpec{ID: id, Dir: filepath.Join(shortDir(t), id), Snapshot: snap, Network: network})
+	id := spec.ID
+	spec.Dir = filepath.Join(shortDir(t), id)
+	vm, err := d.Restore(ctx, spec)
 	if err != nil {
 		t.Fatalf("Restore %s: %v", id, err)
 	}
@@ -114,7 +121,10 @@ func TestSaveRestoreContinuation(t *testing.T) {
 	if err := os.RemoveAll(snap1.Dir); err != nil {
 		t.Fatal(err)
 	}
-	r2 := restore(t, d, "r2", snap2, true)
+	r2 := restoreSpec(t, d, vmpool.RestoreSpec{ID: "r2", Snapshot: snap2, Network: true, SnapshotReady: true})
+	if r2.cfg.Memory != MemoryShared {
+		t.Errorf("a SnapshotReady restore has %s memory", r2.cfg.Memory)
+	}
 	if out := run(t, r2, "cat /root/before /root/after /tmp/mem; ls /root"); out != "before\nafter\nmem-after\nafter\nbefore\n" {
 		t.Errorf("second restore sees %q", out)
 	}
@@ -172,5 +182,21 @@ func TestTemplateClones(t *testing.T) {
 	}
 	if out := run(t, a, "cat /tmp/t"); out != "amem\n" {
 		t.Errorf("clone a after the template stopped: %q", out)
+	}
+
+	// A template built from a template: the restored machine gets RAM of
+	// its own in a shared file, and its template snapshot clones in turn.
+	tb := restoreSpec(t, d, vmpool.RestoreSpec{ID: "tb", Snapshot: snap2, SnapshotReady: true})
+	run(t, tb, "echo step > /root/step; echo tbmem > /tmp/t")
+	snap3 := save(t, d, tb, vmpool.SaveOptions{Kind: vmpool.Template, Stop: true})
+	if snap3.Format != FormatSharedMemory {
+		t.Errorf("format of a template built from a template: %q", snap3.Format)
+	}
+	e := restore(t, d, "ce", snap3, false)
+	if out := run(t, e, "ls /root; cat /tmp/t"); out != "later\nstep\nt\ntbmem\n" {
+		t.Errorf("clone of the second-generation template sees %q", out)
+	}
+	if out := run(t, c, "ls /root; cat /tmp/t"); out != "later\nt\nlater\n" {
+		t.Errorf("clone c after the second-generation template: %q", out)
 	}
 }
