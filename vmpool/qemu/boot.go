@@ -107,6 +107,9 @@ func (d *Driver) boot(ctx context.Context, spec vmpool.BootSpec, agentTimeout ti
 		return fail("create overlay", err)
 	}
 	cfg := d.baseConfig(spec.ID, arch, accel, res, spec.Image, spec.Dir, sockDir, spec.Network)
+	if cfg.Kernel, cfg.Initramfs, err = linkBootFiles(spec.Image.Kernel, spec.Image.Initramfs, spec.Dir); err != nil {
+		return fail("link boot files", err)
+	}
 	cfg.Disk, cfg.Node = overlay, nodeName(1)
 	if spec.SnapshotReady {
 		cfg.Memory, cfg.MemPath = MemoryShared, filepath.Join(spec.Dir, memFile)
@@ -135,4 +138,24 @@ func (d *Driver) baseConfig(id, arch, accel string, res vmpool.Resources, img vm
 		cfg.TBSizeMB = d.cfg.TBSizeMB
 	}
 	return cfg
+}
+
+// Names of the boot files in a machine's or a snapshot's directory.
+const (
+	kernelFile    = "kernel"
+	initramfsFile = "initramfs"
+)
+
+// linkBootFiles hard-links (or copies) the kernel and initramfs into dir, so
+// that a machine, its saves and its snapshots never depend on files an image
+// rebuild may replace.
+func linkBootFiles(kernel, initramfs, dir string) (string, string, error) {
+	k, i := filepath.Join(dir, kernelFile), filepath.Join(dir, initramfsFile)
+	if err := linkOrCopy(kernel, k); err != nil {
+		return "", "", err
+	}
+	if err := linkOrCopy(initramfs, i); err != nil {
+		return "", "", err
+	}
+	return k, i, nil
 }

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -57,6 +58,8 @@ type Machine struct {
 	layer     int   // depth of the top overlay in the disk chain (1 on the base)
 	diskSize  int64 // virtual size of the root disk
 	saving    bool
+
+	stopping atomic.Bool // Stop (or a failed start) is ending the process
 
 	opMu     sync.Mutex // serialises Save and Stop
 	stopped  bool
@@ -163,6 +166,7 @@ func (m *Machine) Release() error {
 		return nil
 	}
 	m.released = true
+	m.stopping.Store(true) // its exit is someone else's business now
 	m.closeConns()
 	return nil
 }
@@ -197,6 +201,7 @@ func (m *Machine) stopLocked(ctx context.Context) error {
 		return m.stopErr
 	}
 	m.stopped = true
+	m.stopping.Store(true)
 	start := time.Now()
 	m.mu.Lock()
 	q := m.qmp
@@ -408,10 +413,14 @@ func (d *Driver) start(ctx context.Context, l *launch, u *undo) (*Machine, error
 	m.started, _ = procStartTime(m.pid)
 	m.kill = cmd.Process.Kill
 	go func() {
-		_ = cmd.Wait()
+		err := cmd.Wait()
+		if !m.stopping.Load() {
+			log.Warn("qemu exited by itself", "pid", m.pid, "status", err, "console_tail", tail(l.cfg.Console, 600))
+		}
 		close(m.done)
 	}()
 	u.add("kill qemu", func() error {
+		m.stopping.Store(true)
 		_ = cmd.Process.Kill()
 		<-m.done
 		return nil

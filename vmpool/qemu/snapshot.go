@@ -164,6 +164,13 @@ func (m *Machine) save(ctx context.Context, dir string, opts vmpool.SaveOptions)
 		artifacts = append(artifacts, snapMem)
 	}
 	elapsed := time.Since(tPaused)
+	// The kernel and initramfs go along (hard links), so the snapshot
+	// outlives an image rebuild.
+	step = "link boot files"
+	if _, _, err := linkBootFiles(m.cfg.Kernel, m.cfg.Initramfs, dir); err != nil {
+		return snap, err
+	}
+	artifacts = append(artifacts, kernelFile, initramfsFile)
 	step = "write config"
 	meta := snapshotMeta{Version: 1, Depth: depth, Format: format, Kind: string(opts.Kind), Config: m.cfg,
 		DiskSize: m.diskSize, Image: m.image, Created: time.Now().UTC(), SaveTime: elapsed.Round(time.Microsecond).String()}
@@ -417,8 +424,16 @@ func (d *Driver) restore(ctx context.Context, spec vmpool.RestoreSpec) (*Machine
 	}
 	cfg := d.baseConfig(spec.ID, src.Arch, accel, vmpool.Resources{VCPUs: src.VCPUs, MemoryMB: src.MemoryMB},
 		meta.Image, spec.Dir, sockDir, src.Network)
-	// The devices are the source's.
+	// The devices are the source's; the boot files are the snapshot's own
+	// copies when it has them.
 	cfg.Machine, cfg.Kernel, cfg.Initramfs, cfg.Append, cfg.BIOS, cfg.MAC = src.Machine, src.Kernel, src.Initramfs, src.Append, src.BIOS, src.MAC
+	kernel, initramfs := src.Kernel, src.Initramfs
+	if _, err := os.Stat(filepath.Join(snapDir, kernelFile)); err == nil {
+		kernel, initramfs = filepath.Join(snapDir, kernelFile), filepath.Join(snapDir, initramfsFile)
+	}
+	if cfg.Kernel, cfg.Initramfs, err = linkBootFiles(kernel, initramfs, spec.Dir); err != nil {
+		return fail("link boot files", err)
+	}
 	cfg.Disk, cfg.Node, cfg.Incoming = overlay, nodeName(depth), true
 	switch {
 	case src.Network && !spec.Network:

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/firkin-dev/firkin-worker/internal/testenv"
 	"github.com/firkin-dev/firkin-worker/vmpool"
 )
 
@@ -93,13 +94,31 @@ func memory(t *testing.T, pid int) string {
 // restores.
 func TestSaveRestoreContinuation(t *testing.T) {
 	d := testDriver(t)
-	src := bootTest(t, d, vmpool.BootSpec{ID: "src", Network: true})
+	// Boot files that go away after the save: the snapshot has its own.
+	img := testenv.Image(t, "amd64")
+	boot := t.TempDir()
+	for _, p := range []*string{&img.Kernel, &img.Initramfs} {
+		b, err := os.ReadFile(*p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		*p = filepath.Join(boot, filepath.Base(*p))
+		if err := os.WriteFile(*p, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	src := bootTest(t, d, vmpool.BootSpec{ID: "src", Network: true, Image: img})
 	run(t, src, "echo before > /root/before; echo mem-before > /tmp/mem")
 	snap1 := save(t, d, src, vmpool.SaveOptions{Kind: vmpool.Continuation})
 	if snap1.Format != FormatStream {
 		t.Errorf("format %q", snap1.Format)
 	}
 	run(t, src, "echo after > /root/after; echo mem-after > /tmp/mem")
+	for _, p := range []string{img.Kernel, img.Initramfs} {
+		if err := os.Remove(p); err != nil {
+			t.Fatal(err)
+		}
+	}
 
 	r1 := restore(t, d, "r1", snap1, false)
 	if out := run(t, r1, "cat /root/before /tmp/mem; ls /root"); out != "before\nmem-before\nbefore\n" {
