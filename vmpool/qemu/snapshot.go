@@ -95,10 +95,15 @@ func (m *Machine) save(ctx context.Context, dir string, opts vmpool.SaveOptions)
 	step := ""
 	paused := false
 	defer func() {
-		if err == nil {
+		if err == nil || step == "resume" {
 			return
 		}
 		err = stepError("save", m.id, step, err, m.cfg.Console, filepath.Join(m.dir, qemuLogFile))
+		if step == "migrate" {
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+			_, _ = q.Execute(cctx, "migrate_cancel", nil)
+			cancel()
+		}
 		// Leave the source usable: running, with a new agent session.
 		if rerr := m.resume(context.WithoutCancel(ctx), q, paused); rerr != nil {
 			m.log.Warn("cannot resume the machine after a failed save", "err", rerr)
@@ -190,7 +195,8 @@ func (m *Machine) save(ctx context.Context, dir string, opts vmpool.SaveOptions)
 	} else {
 		step = "resume"
 		if err := m.resume(ctx, q, true); err != nil {
-			return snap, err
+			// The snapshot is good; the source is not answering.
+			return snap, stepError("save", m.id, step, err, m.cfg.Console, filepath.Join(m.dir, qemuLogFile))
 		}
 	}
 	m.log.Info("machine saved", "dir", dir, "format", format, "kind", opts.Kind, "paused", elapsed.Round(time.Microsecond),
