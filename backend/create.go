@@ -158,7 +158,9 @@ func (b *Backend) Create(ctx context.Context, req subjects.CreateSandboxRequest)
 		return fail(err)
 	}
 
+	t0 := time.Now()
 	m, source, err := b.startMachine(ctx, p)
+	tMachine := time.Since(t0)
 	if err != nil {
 		return fail(fmt.Errorf("create sandbox %s: %w", p.id, err))
 	}
@@ -167,6 +169,7 @@ func (b *Backend) Create(ctx context.Context, req subjects.CreateSandboxRequest)
 	if err := m.Init(ctx, initRequest(p.id, p.env)); err != nil {
 		return fail(fmt.Errorf("create sandbox %s: init guest: %w", p.id, err))
 	}
+	tInit := time.Since(t0) - tMachine
 	now := time.Now().UTC().Truncate(time.Second)
 	rec := subjects.Sandbox{
 		SandboxID:          p.id,
@@ -202,7 +205,8 @@ func (b *Backend) Create(ctx context.Context, req subjects.CreateSandboxRequest)
 	}
 	b.systemLog(ctx, p.id, fmt.Sprintf("sandbox created from %s (source %s) on worker %s", sourceName(p), source, b.cfg.WorkerID))
 	b.event(ctx, subjects.EventCreated, p.id, source)
-	b.log.Info("sandbox created", "sandbox", p.id, "template", p.templateID, "source", source)
+	b.log.Info("sandbox created", "sandbox", p.id, "template", p.templateID, "source", source,
+		"machine", tMachine, "init", tInit, "total", time.Since(t0))
 	return rec, nil
 }
 
