@@ -59,7 +59,8 @@ func (b *Backend) reattach(ctx context.Context, rec subjects.Sandbox) (vmpool.Ma
 	if !ok || rec.Dir == "" {
 		return nil, fmt.Errorf("driver %s cannot reattach", b.cfg.Driver.Name())
 	}
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	// A loaded host under TCG can take a while to answer a new agent session.
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	return r.Reattach(ctx, rec.Dir)
 }
