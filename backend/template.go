@@ -115,15 +115,31 @@ func (b *Backend) EnsureBuiltinTemplates(ctx context.Context) error {
 	var errs []error
 	for id := range b.cfg.Images {
 		if rec, ok := b.templates.get(id); ok {
-			if _, err := b.loadSnapshot(rec); err == nil {
+			err := b.tryRestore(ctx, rec)
+			if err == nil {
 				continue
 			}
+			b.log.Warn("built-in template snapshot cannot be restored; rebuilding it", "template", id, "err", err)
 		}
 		if _, err := b.BuildTemplate(ctx, subjects.BuildTemplateRequest{TemplateID: id, From: id}); err != nil {
 			errs = append(errs, fmt.Errorf("template %s: %w", id, err))
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// tryRestore restores a template snapshot once and stops the machine: a
+// snapshot made by an older driver, or whose files were damaged, is found at
+// start rather than by every create.
+func (b *Backend) tryRestore(ctx context.Context, rec subjects.SnapshotRecord) error {
+	id := "check-" + NewID(12)
+	m, err := b.restore(ctx, id, filepath.Join(b.cfg.StateDir, "sandboxes", id), rec, true, false)
+	if err != nil {
+		return err
+	}
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	defer cancel()
+	return m.Stop(sctx)
 }
 
 // BuildTemplate makes a template snapshot: it starts a machine from the

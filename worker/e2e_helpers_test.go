@@ -46,7 +46,7 @@ func startWorker(t *testing.T, opts ...envOption) *env {
 		ProxyListen: "127.0.0.1:0",
 		AgentBinary: testenv.AgentBinary(t, runtime.GOARCH),
 		Image:       &img,
-		Accel:       "tcg",
+		Accel:       "auto", // the default path: probe KVM, fall back to TCG
 		Pool:        map[string]int{},
 		// Tests start from a worker whose built-in template snapshot exists,
 		// as a running worker is in steady state.

@@ -402,7 +402,13 @@ func (d *Driver) restore(ctx context.Context, spec vmpool.RestoreSpec) (*Machine
 		}
 	}
 	src := meta.Config
-	accel, err := d.accel(ctx, src.Arch, vmpool.Image{Kernel: src.Kernel, Initramfs: src.Initramfs, Arch: src.Arch})
+	// The boot files are the snapshot's own copies when it has them (the
+	// source machine's links are gone once it stopped).
+	kernel, initramfs := src.Kernel, src.Initramfs
+	if _, err := os.Stat(filepath.Join(snapDir, kernelFile)); err == nil {
+		kernel, initramfs = filepath.Join(snapDir, kernelFile), filepath.Join(snapDir, initramfsFile)
+	}
+	accel, err := d.accel(ctx, src.Arch, vmpool.Image{Kernel: kernel, Initramfs: initramfs, Arch: src.Arch})
 	if err != nil {
 		return nil, fmt.Errorf("qemu: restore %s: accelerator: %w", spec.ID, err)
 	}
@@ -433,10 +439,6 @@ func (d *Driver) restore(ctx context.Context, spec vmpool.RestoreSpec) (*Machine
 	// The devices are the source's; the boot files are the snapshot's own
 	// copies when it has them.
 	cfg.Machine, cfg.Kernel, cfg.Initramfs, cfg.Append, cfg.BIOS, cfg.MAC = src.Machine, src.Kernel, src.Initramfs, src.Append, src.BIOS, src.MAC
-	kernel, initramfs := src.Kernel, src.Initramfs
-	if _, err := os.Stat(filepath.Join(snapDir, kernelFile)); err == nil {
-		kernel, initramfs = filepath.Join(snapDir, kernelFile), filepath.Join(snapDir, initramfsFile)
-	}
 	if cfg.Kernel, cfg.Initramfs, err = linkBootFiles(kernel, initramfs, spec.Dir); err != nil {
 		return fail("link boot files", err)
 	}
