@@ -44,8 +44,14 @@ func (b *Backend) fillWarm(ctx context.Context, key string) (vmpool.Machine, err
 	}
 	// A freshly restored QEMU starts with a cold translation cache (under
 	// TCG the first commands take hundreds of milliseconds): run the paths
-	// a first command takes — shell start, fork, exec — before the machine
-	// is handed out.
+	// a create and a first command take — guest init, shell start, fork,
+	// exec — before the machine is handed out. (Init runs again with the
+	// sandbox's identity when the machine is taken.)
+	if err := m.Init(ctx, initRequest(id, rec.TemplateMetadata.Envs)); err != nil {
+		_ = m.Stop(context.WithoutCancel(ctx))
+		b.admission.Release(id)
+		return nil, fmt.Errorf("init %s: %w", id, err)
+	}
 	for range 3 {
 		if _, err := m.Exec(ctx, agent.ExecRequest{Command: "echo warm >/dev/null", Timeout: 30 * time.Second}, func(agent.Stream, []byte) {}); err != nil {
 			_ = m.Stop(context.WithoutCancel(ctx))
