@@ -12,8 +12,8 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/firkin-dev/firkin-worker/client"
-	"github.com/firkin-dev/firkin-worker/embedded"
 	"github.com/firkin-dev/firkin-worker/errdefs"
+	"github.com/firkin-dev/firkin-worker/internal/testenv"
 	"github.com/firkin-dev/firkin-worker/subjects"
 )
 
@@ -87,16 +87,7 @@ func (f *fakeRuntime) Route(context.Context, string, subjects.RouteRequest) (sub
 
 func startService(t *testing.T) (*Service, *fakeRuntime, *client.Client, *nats.Conn) {
 	t.Helper()
-	srv, err := embedded.Start(embedded.Config{Listen: "127.0.0.1:-1", StoreDir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(srv.Shutdown)
-	nc, err := nats.Connect(srv.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
+	nc := testenv.NATS(t)
 	rt := &fakeRuntime{block: make(chan struct{})}
 	svc, err := New(nc, Config{WorkerID: "w1", Runtime: rt})
 	if err != nil {

@@ -7,25 +7,14 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
-
-	"github.com/firkin-dev/firkin-worker/embedded"
 	"github.com/firkin-dev/firkin-worker/errdefs"
+	"github.com/firkin-dev/firkin-worker/internal/testenv"
 	"github.com/firkin-dev/firkin-worker/subjects"
 )
 
 func openStore(t *testing.T) *Store {
 	t.Helper()
-	srv, err := embedded.Start(embedded.Config{Listen: "127.0.0.1:-1", StoreDir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(srv.Shutdown)
-	nc, err := nats.Connect(srv.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
+	nc := testenv.NATS(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if _, err := Open(ctx, nc, Config{}); err != nil {
