@@ -138,7 +138,7 @@ func (b *Backend) Create(ctx context.Context, req subjects.CreateSandboxRequest)
 	if err != nil {
 		return subjects.Sandbox{}, err
 	}
-	if err := b.claimID(ctx, p.id); err != nil {
+	if err := b.claimID(ctx, p.id, req.SandboxID != ""); err != nil {
 		return subjects.Sandbox{}, err
 	}
 	defer b.unclaimID(p.id)
@@ -256,7 +256,9 @@ func (b *Backend) watchMachine(s *session) {
 }
 
 // claimID reserves id for a create in flight; a taken id is a conflict.
-func (b *Backend) claimID(ctx context.Context, id string) error {
+// A requested id is also checked against the cluster's sessions; a generated
+// one (20 random characters) is not worth the round trip.
+func (b *Backend) claimID(ctx context.Context, id string, requested bool) error {
 	b.mu.Lock()
 	_, active := b.sessions[id]
 	busy := active || b.creating[id]
@@ -270,6 +272,9 @@ func (b *Backend) claimID(ctx context.Context, id string) error {
 		return errdefs.Wrap(errdefs.ErrFailedPrecondition, errors.New("worker is shutting down"))
 	case busy:
 		return errdefs.Wrap(errdefs.ErrConflict, fmt.Errorf("sandbox %s already exists", id))
+	}
+	if !requested {
+		return nil
 	}
 	if _, err := b.cfg.Store.GetSession(ctx, id); err == nil {
 		b.unclaimID(id)
