@@ -42,7 +42,7 @@ vet:
 
 ## test: vet, the darwin type-check of the VZ driver, and every test (real NATS, real QEMU)
 test: deps build vet
-	$(GO) run ./tools/darwincheck
+	$(GO) run ./tools/darwincheck ./cmd/firkin-worker ./vmpool/... ./worker/...
 	$(GO) test $(TEST_FLAGS) ./...
 
 ## bench: cold boot, restore, pool, exec, snapshot, RSS and the NATS floor

@@ -11,10 +11,10 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/firkin-dev/firkin-worker/vmpool"
+	"golang.org/x/sys/unix"
 )
 
 // accelVerdict is the cached outcome of a KVM probe.
@@ -115,18 +115,11 @@ func (d *Driver) probeKey(ctx context.Context, arch string, img vmpool.Image) (s
 		return "", v, fmt.Errorf("%s --version: %w", bin, err)
 	}
 	v.QEMU = strings.SplitN(string(out), "\n", 2)[0]
-	var uts syscall.Utsname
-	if err := syscall.Uname(&uts); err != nil {
+	var uts unix.Utsname
+	if err := unix.Uname(&uts); err != nil {
 		return "", v, err
 	}
-	var rel strings.Builder
-	for _, c := range uts.Release {
-		if c == 0 {
-			break
-		}
-		rel.WriteByte(byte(c))
-	}
-	v.Kernel = rel.String()
+	v.Kernel = unix.ByteSliceToString(uts.Release[:])
 	f, err := os.Open(img.Kernel)
 	if err != nil {
 		return "", v, err

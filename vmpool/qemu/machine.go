@@ -401,7 +401,7 @@ func (d *Driver) start(ctx context.Context, l *launch, u *undo) (*Machine, error
 	cmd.Dir = l.dir
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if !d.cfg.KeepOnExit {
-		cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
+		dieWithParent(cmd.SysProcAttr)
 	}
 	t0 := time.Now()
 	err = cmd.Start()
