@@ -13,40 +13,13 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/firkin-dev/firkin-worker/internal/socketpair"
 )
 
 // socketPair returns the host end (a net.Conn, like QEMU's chardev socket)
 // and the guest end (a file, like the virtio port) of a unix socket pair.
-func socketPair(t *testing.T) (net.Conn, *os.File) {
-	t.Helper()
-	syscall.ForkLock.RLock()
-	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
-	if err == nil {
-		syscall.CloseOnExec(fds[0])
-		syscall.CloseOnExec(fds[1])
-	}
-	syscall.ForkLock.RUnlock()
-	if err != nil {
-		t.Fatalf("socketpair: %v", err)
-	}
-	hf := os.NewFile(uintptr(fds[0]), "host")
-	host, err := net.FileConn(hf)
-	hf.Close()
-	if err != nil {
-		t.Fatalf("file conn: %v", err)
-	}
-	// Non-blocking, like the agent's virtio port: os.NewFile then uses the
-	// poller, and Serve its batching reads.
-	if err := syscall.SetNonblock(fds[1], true); err != nil {
-		t.Fatalf("nonblock: %v", err)
-	}
-	guest := os.NewFile(uintptr(fds[1]), "guest")
-	t.Cleanup(func() {
-		host.Close()
-		guest.Close()
-	})
-	return host, guest
-}
+func socketPair(t *testing.T) (net.Conn, *os.File) { return socketpair.New(t) }
 
 // serve runs srv on dev until the test ends.
 func serve(t *testing.T, srv *Server, dev io.ReadWriter) {

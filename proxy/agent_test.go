@@ -10,11 +10,11 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"os"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
+
+	"github.com/firkin-dev/firkin-worker/internal/socketpair"
 
 	"github.com/coder/websocket"
 	"github.com/firkin-dev/firkin-worker/agent"
@@ -27,26 +27,7 @@ import (
 // wires it. The "guest's" loopback is the host's here.
 func agentTarget(t testing.TB) Target {
 	t.Helper()
-	syscall.ForkLock.RLock()
-	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
-	if err == nil {
-		syscall.CloseOnExec(fds[0])
-		syscall.CloseOnExec(fds[1])
-	}
-	syscall.ForkLock.RUnlock()
-	if err != nil {
-		t.Fatalf("socketpair: %v", err)
-	}
-	hf := os.NewFile(uintptr(fds[0]), "host")
-	host, err := net.FileConn(hf)
-	hf.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := syscall.SetNonblock(fds[1], true); err != nil {
-		t.Fatal(err)
-	}
-	guest := os.NewFile(uintptr(fds[1]), "guest")
+	host, guest := socketpair.New(t)
 
 	ctx, cancel := context.WithCancel(context.Background())
 	served := make(chan struct{})
