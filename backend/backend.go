@@ -150,8 +150,8 @@ type Backend struct {
 	creating map[string]bool
 	closed   bool
 	wg       sync.WaitGroup
-	// lastAccel is the accelerator of the last machine adopted.
-	lastAccel string
+	// accel is the accelerator of the last machine adopted.
+	accel string
 }
 
 // session is one sandbox owned by this worker.
@@ -426,16 +426,11 @@ func (b *Backend) Target(_ context.Context, id string) (RouteTarget, error) {
 	return RouteTarget{Dial: s.machine.DialGuest, Public: rec.PublicTraffic, TrafficToken: rec.TrafficAccessToken}, nil
 }
 
-// Accelerator names the accelerator of the machines of this worker (e.g.
-// "kvm" or "tcg"), as reported by the last machine started; empty before
-// that or when the driver does not say.
+// Accelerator names the accelerator of this worker's machines (e.g. "kvm"
+// or "tcg"), as reported by the last sandbox started; empty before that or
+// when the driver does not say.
 func (b *Backend) Accelerator() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	for _, s := range b.sessions {
-		if a, ok := s.machine.(interface{ Accel() string }); ok {
-			return a.Accel()
-		}
-	}
-	return b.lastAccel
+	return b.accel
 }

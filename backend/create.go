@@ -100,23 +100,15 @@ func (b *Backend) resolveSource(ctx context.Context, req subjects.CreateSandboxR
 		if err != nil {
 			return err
 		}
-		p.snapshot = &rec
 		p.templateID = rec.TemplateID
-		p.env = rec.TemplateMetadata.Envs
-		if req.Resources == nil {
-			p.resources = vmpool.Resources{VCPUs: rec.Resources.VCPUs, MemoryMB: rec.Resources.MemoryMB}
-		}
+		p.restoreFrom(rec, req.Resources == nil)
 		return nil
 	}
 	if err := subjects.ValidateTemplateID(req.TemplateID); err != nil {
 		return err
 	}
-	if rec, ok := b.templateSnapshot(ctx, req.TemplateID); ok && !req.ColdBoot {
-		p.snapshot = &rec
-		p.env = rec.TemplateMetadata.Envs
-		if req.Resources == nil {
-			p.resources = vmpool.Resources{VCPUs: rec.Resources.VCPUs, MemoryMB: rec.Resources.MemoryMB}
-		}
+	if rec, ok := b.templates.get(req.TemplateID); ok && !req.ColdBoot {
+		p.restoreFrom(rec, req.Resources == nil)
 		return nil
 	}
 	img, ok := b.cfg.Images[req.TemplateID]
@@ -128,6 +120,16 @@ func (b *Backend) resolveSource(ctx context.Context, req subjects.CreateSandboxR
 	}
 	p.image = img
 	return nil
+}
+
+// restoreFrom makes p restore rec, with the snapshot's template envs and,
+// unless the request named resources, the snapshot's machine size.
+func (p *createPlan) restoreFrom(rec subjects.SnapshotRecord, snapshotResources bool) {
+	p.snapshot = &rec
+	p.env = rec.TemplateMetadata.Envs
+	if snapshotResources {
+		p.resources = vmpool.Resources{VCPUs: rec.Resources.VCPUs, MemoryMB: rec.Resources.MemoryMB}
+	}
 }
 
 // Create makes a sandbox: admission, disk check, a machine (from the warm
@@ -220,7 +222,7 @@ func (b *Backend) adopt(rec subjects.Sandbox, m vmpool.Machine) error {
 	}
 	b.sessions[rec.SandboxID] = s
 	if a, ok := m.(interface{ Accel() string }); ok {
-		b.lastAccel = a.Accel()
+		b.accel = a.Accel()
 	}
 	b.mu.Unlock()
 	b.armDeadline(s)

@@ -103,11 +103,6 @@ func (t *templates) lock(id string) func() {
 	return mu.Unlock
 }
 
-// templateSnapshot returns the snapshot a template id restores from on this worker.
-func (b *Backend) templateSnapshot(_ context.Context, id string) (subjects.SnapshotRecord, bool) {
-	return b.templates.get(id)
-}
-
 // EnsureBuiltinTemplates turns every built-in image template that has no
 // template snapshot on this worker yet into one (boot, init, save), so that
 // creates restore instead of cold-booting.

@@ -77,7 +77,7 @@ func (r *runtimeFacade) resolve(ctx context.Context, id string) (proxy.Target, e
 	return proxy.Target{Dial: t.Dial, Public: t.Public, TrafficToken: t.TrafficToken}, nil
 }
 
-func (w *Worker) startProxy(_ *tokenMinter) error {
+func (w *Worker) startProxy() error {
 	resolver := proxy.ResolverFunc(w.rt.resolve)
 	srv, err := proxy.NewServer(resolver, proxy.WithDomain(w.cfg.Domain), proxy.WithLogger(w.log.With("component", "proxy")))
 	if err != nil {

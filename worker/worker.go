@@ -171,7 +171,7 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 		return nil, err
 	}
 	w.rt = &runtimeFacade{Backend: w.backend}
-	if err := step("port proxy", func() error { return w.startProxy(tok) }); err != nil {
+	if err := step("port proxy", func() error { return w.startProxy() }); err != nil {
 		return nil, err
 	}
 	cleanups = append(cleanups, w.stopProxy)
