@@ -60,6 +60,9 @@ type Config struct {
 	Driver   vmpool.Driver
 	Store    Store
 	Tokens   Tokens
+	// Egress enforces network policies; nil when the host cannot (the
+	// driver then gives guests no outbound network at all).
+	Egress Egress
 	// StateDir holds sandboxes/<id> and snapshots/<sid>.
 	StateDir string
 	// Images are the built-in templates that boot from an image ("tiny").
@@ -343,6 +346,7 @@ func (b *Backend) end(ctx context.Context, id, kind, reason string) error {
 	if err := s.machine.Stop(ctx); err != nil {
 		errs = append(errs, fmt.Errorf("stop machine: %w", err))
 	}
+	b.removeEgress(ctx, id, s.machine)
 	b.admission.Release(id)
 	if err := b.cfg.Store.DeleteSession(ctx, id); err != nil {
 		errs = append(errs, err)

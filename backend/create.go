@@ -33,6 +33,7 @@ type createPlan struct {
 	metadata   map[string]string
 	public     bool
 	network    bool
+	egress     *subjects.EgressPolicy
 }
 
 func (b *Backend) plan(ctx context.Context, req subjects.CreateSandboxRequest) (createPlan, error) {
@@ -77,6 +78,10 @@ func (b *Backend) plan(ctx context.Context, req subjects.CreateSandboxRequest) (
 	if req.Network != nil {
 		p.network = *req.Network
 	}
+	if err := b.checkEgress(p.network, req.Egress); err != nil {
+		return p, err
+	}
+	p.egress = req.Egress
 	for k := range req.Env {
 		if k == "" || len(k) > 256 {
 			return p, invalid("env: key %q: want 1..256 characters", k)
@@ -166,7 +171,12 @@ func (b *Backend) Create(ctx context.Context, req subjects.CreateSandboxRequest)
 	if err != nil {
 		return fail(fmt.Errorf("create sandbox %s: %w", p.id, err))
 	}
+	// Undone in reverse: the machine stops before its policy goes.
+	undo.push("remove network policy", func(ctx context.Context) error { b.removeEgress(ctx, p.id, m); return nil })
 	undo.push("stop machine", m.Stop)
+	if err := b.applyEgress(ctx, p.id, m, p.network, p.egress); err != nil {
+		return fail(err)
+	}
 
 	if err := m.Init(ctx, initRequest(p.id, p.env)); err != nil {
 		return fail(fmt.Errorf("create sandbox %s: init guest: %w", p.id, err))
@@ -187,6 +197,7 @@ func (b *Backend) Create(ctx context.Context, req subjects.CreateSandboxRequest)
 		Metadata:           p.metadata,
 		PublicTraffic:      p.public,
 		Network:            p.network,
+		Egress:             p.egress,
 		Driver:             b.cfg.Driver.Name(),
 		Dir:                m.Dir(),
 	}

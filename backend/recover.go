@@ -40,8 +40,17 @@ func (b *Backend) recover(ctx context.Context) error {
 		if _, err := b.admission.Admit(rec.SandboxID, vmpool.Resources{VCPUs: rec.Resources.VCPUs, MemoryMB: rec.Resources.MemoryMB}); err != nil {
 			b.log.Warn("recovered sandbox over capacity", "sandbox", rec.SandboxID, "err", err)
 		}
+		if err := b.applyEgress(ctx, rec.SandboxID, m, rec.Network, rec.Egress); err != nil {
+			b.log.Warn("sandbox not recovered: network policy", "sandbox", rec.SandboxID, "err", err)
+			_ = m.Stop(ctx)
+			b.removeEgress(ctx, rec.SandboxID, m)
+			b.admission.Release(rec.SandboxID)
+			_ = b.cfg.Store.DeleteSession(ctx, rec.SandboxID)
+			continue
+		}
 		if err := b.adopt(rec, m); err != nil {
 			_ = m.Stop(ctx)
+			b.removeEgress(ctx, rec.SandboxID, m)
 			continue
 		}
 		kept[filepath.Clean(m.Dir())] = true

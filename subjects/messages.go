@@ -65,6 +65,8 @@ type Sandbox struct {
 	Metadata           map[string]string `json:"metadata,omitempty"`
 	PublicTraffic      bool              `json:"public_traffic"`
 	Network            bool              `json:"network"`
+	// Egress is the sandbox's network policy as the create asked for it.
+	Egress *EgressPolicy `json:"egress,omitempty"`
 	Driver             string            `json:"driver,omitempty"`
 	Dir                string            `json:"dir,omitempty"`
 	// DiskParent is the snapshot whose frozen disk the sandbox's overlay

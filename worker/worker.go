@@ -82,6 +82,9 @@ func (w *Worker) ID() string { return w.id }
 // NATSURL is the address the worker's NATS connection uses.
 func (w *Worker) NATSURL() string { return w.nc.ConnectedUrl() }
 
+// ProxyAddr is the address the port-routing proxy listens on.
+func (w *Worker) ProxyAddr() string { return w.rt.proxyAddr() }
+
 // Backend is the worker's runtime (for tests and benchmarks).
 func (w *Worker) Backend() *backend.Backend { return w.backend }
 
