@@ -265,4 +265,3 @@ func FuzzParseDialAnswer(f *testing.F) {
 		}
 	})
 }
-
