@@ -15,6 +15,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/hashicorp/yamux"
 
@@ -32,6 +33,26 @@ const killGrace = 2 * time.Second
 
 // closeQuiesceTimeout bounds the polite quiesce that Client.Close attempts.
 const closeQuiesceTimeout = time.Second
+
+// Bounds on what the host reads from the guest, which runs code nobody
+// trusts. Exceeding one is an error of class errdefs.ErrProtocol. Frames are
+// bounded by MaxFramePayload (data) and maxControlPayload (replies).
+const (
+	// MaxReadFile is the largest file ReadFile returns.
+	MaxReadFile = 64 << 20
+	// maxDialAnswer bounds the status line that answers a DialGuest.
+	maxDialAnswer = 512
+	// maxRemoteMessage bounds the message of a guest error (longer ones are
+	// cut).
+	maxRemoteMessage = 4 << 10
+	// maxSignalName bounds the signal name of an exit frame.
+	maxSignalName = 32
+)
+
+// protocolError is an error of class errdefs.ErrProtocol.
+func protocolError(format string, args ...any) error {
+	return errdefs.Wrap(errdefs.ErrProtocol, fmt.Errorf(format, args...))
+}
 
 // Client is the host's end of one agent session. It is safe for concurrent
 // use. A Client is good until Quiesce, Close or the loss of the session
@@ -181,7 +202,7 @@ func (c *Client) open(ctx context.Context, req request) (*yamux.Stream, func() b
 // onData.
 func readReply(st io.Reader, onData func([]byte) error) ([]byte, error) {
 	for {
-		typ, payload, err := readFrame(st)
+		typ, payload, err := readFrameLimit(st, frameLimit)
 		if err != nil {
 			if errors.Is(err, io.EOF) {
 				err = io.ErrUnexpectedEOF
@@ -206,10 +227,20 @@ func readReply(st io.Reader, onData func([]byte) error) ([]byte, error) {
 	}
 }
 
+// decodeRemoteError decodes an error frame; its message is cut to
+// maxRemoteMessage bytes and its code to a known one.
 func decodeRemoteError(payload []byte) error {
 	re := &RemoteError{}
 	if err := json.Unmarshal(payload, re); err != nil {
-		return fmt.Errorf("bad error frame: %w", err)
+		return protocolError("bad error frame: %w", err)
+	}
+	switch re.Code {
+	case codeInvalid, codeNotFound, codeUnsupported, codeInternal:
+	default:
+		re.Code = codeInternal
+	}
+	if len(re.Message) > maxRemoteMessage {
+		re.Message = strings.ToValidUTF8(re.Message[:maxRemoteMessage], "") + " (cut)"
 	}
 	return re
 }
@@ -268,10 +299,18 @@ func (c *Client) Shutdown(ctx context.Context) error {
 }
 
 // ReadFile returns the content of the file at path in the guest's root,
-// read whole into memory.
+// read whole into memory. A file over MaxReadFile bytes is an error of class
+// errdefs.ErrProtocol.
 func (c *Client) ReadFile(ctx context.Context, path string) ([]byte, error) {
+	return c.readFile(ctx, path, MaxReadFile)
+}
+
+func (c *Client) readFile(ctx context.Context, path string, max int) ([]byte, error) {
 	var buf bytes.Buffer
 	_, err := c.call(ctx, request{Op: opReadFile, Path: path}, func(b []byte) error {
+		if len(b) > max-buf.Len() {
+			return protocolError("file %q in the guest is larger than %d bytes", path, max)
+		}
 		buf.Write(b)
 		return nil
 	})
@@ -324,8 +363,11 @@ func (c *Client) DialGuest(ctx context.Context, port int) (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	br := bufio.NewReader(st)
-	line, err := br.ReadString('\n')
+	br := bufio.NewReaderSize(st, maxDialAnswer)
+	line, err := br.ReadSlice('\n')
+	if errors.Is(err, bufio.ErrBufferFull) {
+		err = protocolError("answer longer than %d bytes", maxDialAnswer)
+	}
 	stopped := stop()
 	if err != nil {
 		_ = st.Close()
@@ -338,17 +380,34 @@ func (c *Client) DialGuest(ctx context.Context, port int) (net.Conn, error) {
 		_ = st.Close()
 		return nil, ctxError(fmt.Sprintf("agent: dial guest port %d", port), ctx, ctx.Err())
 	}
-	line = strings.TrimSuffix(line, "\n")
-	if line != "OK" {
+	if err := parseDialAnswer(line, port); err != nil {
 		_ = st.Close()
-		msg := strings.TrimPrefix(line, "ERR ")
-		err := fmt.Errorf("agent: dial guest port %d: %s", port, msg)
-		if strings.Contains(msg, "refused") {
-			err = fmt.Errorf("agent: dial guest port %d: %w (%s)", port, ErrRefused, msg)
-		}
-		return nil, errdefs.Wrap(errdefs.ErrProtocol, err)
+		return nil, err
 	}
 	return &guestConn{Stream: st, r: br}, nil
+}
+
+// parseDialAnswer checks the status line (with its newline, at most
+// maxDialAnswer bytes) that answers a dial: nil for "OK", else an error of
+// class errdefs.ErrProtocol carrying the guest's message, printable only.
+func parseDialAnswer(line []byte, port int) error {
+	if len(line) > maxDialAnswer {
+		return protocolError("agent: dial guest port %d: answer longer than %d bytes", port, maxDialAnswer)
+	}
+	s := strings.TrimSuffix(string(line), "\n")
+	if s == "OK" {
+		return nil
+	}
+	msg := strings.Map(func(r rune) rune {
+		if r < 0x20 || r == 0x7f || r == utf8.RuneError {
+			return -1
+		}
+		return r
+	}, strings.TrimPrefix(s, "ERR "))
+	if strings.Contains(msg, "refused") {
+		return protocolError("agent: dial guest port %d: %w (%s)", port, ErrRefused, msg)
+	}
+	return protocolError("agent: dial guest port %d: %s", port, msg)
 }
 
 // guestConn is a DialGuest stream whose first bytes may sit in a bufio.Reader.
@@ -416,7 +475,7 @@ func (c *Client) Exec(ctx context.Context, req ExecRequest, out OutputFunc) (Exe
 	go func() {
 		var res ExecResult
 		for {
-			typ, payload, err := readFrame(st)
+			typ, payload, err := readFrameLimit(st, frameLimit)
 			if err != nil {
 				if errors.Is(err, io.EOF) {
 					err = io.ErrUnexpectedEOF
@@ -443,7 +502,12 @@ func (c *Client) Exec(ctx context.Context, req ExecRequest, out OutputFunc) (Exe
 			case frameExit:
 				pid := res.PID
 				if err := json.Unmarshal(payload, &res); err != nil {
-					done <- outcome{res, fmt.Errorf("bad exit frame: %w", err)}
+					done <- outcome{res, protocolError("bad exit frame: %w", err)}
+					return
+				}
+				if len(res.Signal) > maxSignalName {
+					res.Signal = ""
+					done <- outcome{res, protocolError("bad exit frame: signal name longer than %d bytes", maxSignalName)}
 					return
 				}
 				if res.PID == 0 {

@@ -161,13 +161,38 @@ func readFrameFrom(r io.Reader, typ byte, buf []byte) ([]byte, int, error) {
 // readFrame reads one frame. It returns io.EOF only when the stream ended
 // cleanly before a frame started; a frame cut short is io.ErrUnexpectedEOF.
 func readFrame(r io.Reader) (typ byte, payload []byte, err error) {
+	return readFrameLimit(r, nil)
+}
+
+// maxControlPayload bounds the JSON payload of the frames that carry no
+// data (request, OK, error, started, exit).
+const maxControlPayload = 64 << 10
+
+// frameLimit is the largest payload accepted for a frame type: data frames
+// up to MaxFramePayload, control frames up to maxControlPayload.
+func frameLimit(typ byte) uint32 {
+	switch typ {
+	case frameRequest, frameOK, frameError, frameStarted, frameExit:
+		return maxControlPayload
+	}
+	return MaxFramePayload
+}
+
+// readFrameLimit reads one frame like readFrame, refusing (before
+// allocating) a payload over limit(type) bytes; a nil limit allows
+// MaxFramePayload for every type.
+func readFrameLimit(r io.Reader, limit func(byte) uint32) (typ byte, payload []byte, err error) {
 	var hdr [frameHeaderSize]byte
 	if _, err := io.ReadFull(r, hdr[:]); err != nil {
 		return 0, nil, err
 	}
 	n := binary.BigEndian.Uint32(hdr[1:])
-	if n > MaxFramePayload {
-		return 0, nil, fmt.Errorf("%w: %d bytes", ErrFrameTooLarge, n)
+	max := uint32(MaxFramePayload)
+	if limit != nil {
+		max = min(max, limit(hdr[0]))
+	}
+	if n > max {
+		return 0, nil, fmt.Errorf("%w: %q frame of %d bytes (at most %d)", ErrFrameTooLarge, hdr[0], n, max)
 	}
 	payload = make([]byte, n)
 	if _, err := io.ReadFull(r, payload); err != nil {

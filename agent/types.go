@@ -40,6 +40,13 @@
 // stderr) and the end ('X', an ExecResult). A detached exec answers X (with
 // the pid) at once. Errors are 'E' frames carrying a RemoteError.
 //
+// The host treats everything from the guest as untrusted and bounds it: the
+// handshake buffer, data frames (MaxFramePayload), the JSON of O, E, S and X
+// frames (64 KiB, refused from the header before the payload is read), guest
+// error messages (cut at 4 KiB, unknown codes read as internal), signal names,
+// the dial answer line (512 bytes, printable characters only) and ReadFile
+// (MaxReadFile). Exceeding a bound is an error of class errdefs.ErrProtocol.
+//
 // After a quiesce, or when the host side of the channel goes away, the guest
 // waits for the next hello on the same channel.
 package agent

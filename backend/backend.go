@@ -63,8 +63,11 @@ type Config struct {
 	// Egress enforces network policies; nil when the host cannot (the
 	// driver then gives guests no outbound network at all).
 	Egress Egress
-	// StateDir holds sandboxes/<id> and snapshots/<sid>.
+	// StateDir holds sandboxes/<id> and snapshots/<sid>.<generation>.
 	StateDir string
+	// RecordKey authenticates snapshot records (RecordKey(worker secret));
+	// at least 32 bytes.
+	RecordKey []byte
 	// Images are the built-in templates that boot from an image ("tiny").
 	Images map[string]vmpool.Image
 	Limits Limits
@@ -89,6 +92,9 @@ type Config struct {
 func (c *Config) setDefaults() error {
 	if c.WorkerID == "" || c.Driver == nil || c.Store == nil || c.Tokens == nil || c.StateDir == "" {
 		return errors.New("backend: worker id, driver, store, tokens and state dir are required")
+	}
+	if len(c.RecordKey) < 32 {
+		return errors.New("backend: a record key of at least 32 bytes is required (backend.RecordKey of the worker secret)")
 	}
 	if c.Limits.MaxSessions == 0 {
 		c.Limits.MaxSessions = 64
@@ -178,13 +184,9 @@ func New(cfg Config) (*Backend, error) {
 		return nil, err
 	}
 	for _, dir := range []string{filepath.Join(cfg.StateDir, "sandboxes"), filepath.Join(cfg.StateDir, "snapshots")} {
-		if err := os.MkdirAll(dir, 0o755); err != nil {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
 			return nil, fmt.Errorf("backend: %w", err)
 		}
-	}
-	tpl, err := loadTemplates(filepath.Join(cfg.StateDir, "templates"))
-	if err != nil {
-		return nil, fmt.Errorf("backend: %w", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	b := &Backend{
@@ -193,10 +195,15 @@ func New(cfg Config) (*Backend, error) {
 		admission: NewAdmission(cfg.Limits),
 		ctx:       ctx,
 		cancel:    cancel,
-		templates: tpl,
 		sessions:  map[string]*session{},
 		creating:  map[string]bool{},
 	}
+	tpl, err := loadTemplates(filepath.Join(cfg.StateDir, "templates"), b.verifyRecord, b.log)
+	if err != nil {
+		cancel()
+		return nil, fmt.Errorf("backend: %w", err)
+	}
+	b.templates = tpl
 	b.pool = b.newPool()
 	return b, nil
 }

@@ -101,7 +101,7 @@ func (b *Backend) resolveSource(ctx context.Context, req subjects.CreateSandboxR
 		if err := subjects.ValidateSnapshotName(req.SnapshotID); err != nil {
 			return err
 		}
-		rec, err := b.cfg.Store.GetSnapshot(ctx, req.SnapshotID)
+		rec, err := b.getSnapshot(ctx, req.SnapshotID)
 		if err != nil {
 			return err
 		}
@@ -203,7 +203,7 @@ func (b *Backend) Create(ctx context.Context, req subjects.CreateSandboxRequest)
 	}
 	if p.snapshot != nil {
 		rec.SnapshotID = p.snapshot.SnapshotID
-		rec.DiskParent, rec.DiskParentLocation = p.snapshot.SnapshotID, p.snapshot.Location
+		rec.DiskParent, rec.DiskParentLocation = p.snapshot.SnapshotID, b.recordDir(*p.snapshot)
 	}
 	if err := b.cfg.Store.PutSession(ctx, rec); err != nil {
 		return fail(fmt.Errorf("create sandbox %s: store session: %w", p.id, err))

@@ -68,7 +68,7 @@ func (b *Backend) takeWarm(ctx context.Context, p createPlan) (vmpool.Machine, b
 		return nil, false
 	}
 	cur, ok := b.templates.get(p.snapshot.SnapshotID)
-	if !ok || cur.Location != p.snapshot.Location || cur.Resources.VCPUs != p.resources.VCPUs || cur.Resources.MemoryMB != p.resources.MemoryMB {
+	if !ok || cur.Generation != p.snapshot.Generation || cur.Resources.VCPUs != p.resources.VCPUs || cur.Resources.MemoryMB != p.resources.MemoryMB {
 		return nil, false
 	}
 	m, ok := b.pool.Take(ctx, p.snapshot.SnapshotID)
@@ -97,8 +97,12 @@ func (b *Backend) SetPool(_ context.Context, req subjects.PoolSetRequest) (subje
 	if req.Target < 0 || req.Target > b.cfg.Limits.MaxSessions {
 		return subjects.PoolStatusReply{}, invalid("target %d: want 0..%d", req.Target, b.cfg.Limits.MaxSessions)
 	}
-	if _, ok := b.templates.get(req.TemplateID); !ok && req.Target > 0 {
-		return subjects.PoolStatusReply{}, invalid("template %q has no template snapshot on worker %s", req.TemplateID, b.cfg.WorkerID)
+	_, snapshot := b.templates.get(req.TemplateID)
+	if _, builtin := b.cfg.Images[req.TemplateID]; !snapshot && !builtin {
+		return subjects.PoolStatusReply{}, invalid("template %q not found on worker %s", req.TemplateID, b.cfg.WorkerID)
+	}
+	if !snapshot && req.Target > 0 {
+		return subjects.PoolStatusReply{}, invalid("template %q has no template snapshot on worker %s yet", req.TemplateID, b.cfg.WorkerID)
 	}
 	b.pool.SetTarget(req.TemplateID, req.Target)
 	return b.PoolStatus(), nil

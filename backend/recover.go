@@ -27,16 +27,21 @@ func (b *Backend) recover(ctx context.Context) error {
 		if rec.ClientID != b.cfg.WorkerID {
 			continue
 		}
-		m, err := b.reattach(ctx, rec)
+		dir, err := b.machineDir(rec)
+		if err == nil && kept[dir] {
+			err = errors.New("its machine directory belongs to another sandbox")
+		}
+		var m vmpool.Machine
+		if err == nil {
+			m, err = b.reattach(ctx, rec, dir)
+		}
 		if err != nil {
 			b.log.Warn("sandbox not recovered; cleaning up", "sandbox", rec.SandboxID, "err", err)
-			if rec.Dir != "" {
-				kept[filepath.Clean(rec.Dir)] = false
-			}
 			_ = b.cfg.Store.DeleteSession(ctx, rec.SandboxID)
 			b.event(ctx, subjects.EventFailed, rec.SandboxID, "not recovered after worker restart: "+err.Error())
 			continue
 		}
+		rec.Dir = dir
 		if _, err := b.admission.Admit(rec.SandboxID, vmpool.Resources{VCPUs: rec.Resources.VCPUs, MemoryMB: rec.Resources.MemoryMB}); err != nil {
 			b.log.Warn("recovered sandbox over capacity", "sandbox", rec.SandboxID, "err", err)
 		}
@@ -53,25 +58,45 @@ func (b *Backend) recover(ctx context.Context) error {
 			b.removeEgress(ctx, rec.SandboxID, m)
 			continue
 		}
-		kept[filepath.Clean(m.Dir())] = true
+		kept[dir] = true
 		b.systemLog(ctx, rec.SandboxID, "sandbox reattached after worker restart")
 		b.log.Info("sandbox reattached", "sandbox", rec.SandboxID)
 	}
 	return b.sweep(ctx, kept)
 }
 
-func (b *Backend) reattach(ctx context.Context, rec subjects.Sandbox) (vmpool.Machine, error) {
+// machineDir is the machine directory of a session record, derived from the
+// state directory: <state>/sandboxes/<name>, where name is the sandbox id, or
+// the warm machine's id for a sandbox taken from the warm pool (the base name
+// of the record's dir, which must be one of these). The record's dir is
+// never used as a path.
+func (b *Backend) machineDir(rec subjects.Sandbox) (string, error) {
+	if err := subjects.ValidateSandboxID(rec.SandboxID); err != nil {
+		return "", err
+	}
+	name := rec.SandboxID
+	if rec.Dir != "" {
+		base := filepath.Base(rec.Dir)
+		if base != rec.SandboxID && (!strings.HasPrefix(base, "warm-") || subjects.ValidateSandboxID(base) != nil) {
+			return "", fmt.Errorf("session record names machine directory %q, which is neither the sandbox's nor a warm machine's", base)
+		}
+		name = base
+	}
+	return filepath.Join(b.cfg.StateDir, "sandboxes", name), nil
+}
+
+func (b *Backend) reattach(ctx context.Context, rec subjects.Sandbox, dir string) (vmpool.Machine, error) {
 	if !rec.EndAt.IsZero() && time.Now().After(rec.EndAt) {
 		return nil, errors.New("deadline passed while the worker was down")
 	}
 	r, ok := b.cfg.Driver.(vmpool.Reattacher)
-	if !ok || rec.Dir == "" {
+	if !ok {
 		return nil, fmt.Errorf("driver %s cannot reattach", b.cfg.Driver.Name())
 	}
 	// A loaded host under TCG can take a while to answer a new agent session.
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	return r.Reattach(ctx, rec.Dir)
+	return r.Reattach(ctx, dir)
 }
 
 // sweep stops and removes every machine directory not kept.

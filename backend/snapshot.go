@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"sync"
@@ -68,8 +69,12 @@ func (b *Backend) Snapshot(ctx context.Context, id string, req subjects.Snapshot
 	if kind == subjects.KindTemplate {
 		rec.TemplateID = sid
 	}
+	if rec, err = b.signRecord(rec); err != nil {
+		_ = os.RemoveAll(b.recordDir(rec))
+		return subjects.SnapshotRecord{}, err
+	}
 	if err := b.cfg.Store.CreateSnapshot(ctx, rec); err != nil {
-		_ = os.RemoveAll(rec.Location)
+		_ = os.RemoveAll(b.recordDir(rec))
 		return subjects.SnapshotRecord{}, err
 	}
 	if kind == subjects.KindTemplate {
@@ -86,7 +91,7 @@ func (b *Backend) Snapshot(ctx context.Context, id string, req subjects.Snapshot
 		}
 	} else {
 		s.mu.Lock()
-		s.rec.DiskParent, s.rec.DiskParentLocation = sid, rec.Location
+		s.rec.DiskParent, s.rec.DiskParentLocation = sid, b.recordDir(rec)
 		updated := s.rec
 		s.mu.Unlock()
 		if err := b.cfg.Store.PutSession(ctx, updated); err != nil {
@@ -107,8 +112,9 @@ func (b *Backend) save(ctx context.Context, s *session, sid string, opts vmpool.
 	if err := b.checkDisk(); err != nil {
 		return subjects.SnapshotRecord{}, err
 	}
-	dir := filepath.Join(b.cfg.StateDir, "snapshots", sid+"."+NewID(6))
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	gen := NewID(6)
+	dir := b.snapshotDir(sid, gen)
+	if err := os.Mkdir(dir, 0o700); err != nil {
 		return subjects.SnapshotRecord{}, fmt.Errorf("snapshot dir: %w", err)
 	}
 	src := s.record()
@@ -117,7 +123,8 @@ func (b *Backend) save(ctx context.Context, s *session, sid string, opts vmpool.
 		_ = os.RemoveAll(dir)
 		return subjects.SnapshotRecord{}, fmt.Errorf("save sandbox %s: %w", src.SandboxID, err)
 	}
-	rec, err := b.describe(snap, sid, src, opts.Kind, meta)
+	snap.Dir = dir
+	rec, err := b.describe(snap, sid, gen, src, opts.Kind, meta)
 	if err != nil {
 		_ = os.RemoveAll(dir)
 		return subjects.SnapshotRecord{}, err
@@ -127,15 +134,20 @@ func (b *Backend) save(ctx context.Context, s *session, sid string, opts vmpool.
 
 // describe writes the snapshot's metadata file and builds its record with
 // the size and sha256 of every artifact.
-func (b *Backend) describe(snap vmpool.Snapshot, sid string, src subjects.Sandbox, kind vmpool.SnapshotKind, meta subjects.TemplateMetadata) (subjects.SnapshotRecord, error) {
+func (b *Backend) describe(snap vmpool.Snapshot, sid, gen string, src subjects.Sandbox, kind vmpool.SnapshotKind, meta subjects.TemplateMetadata) (subjects.SnapshotRecord, error) {
 	data, err := json.MarshalIndent(snap, "", "  ")
 	if err != nil {
 		return subjects.SnapshotRecord{}, fmt.Errorf("encode snapshot metadata: %w", err)
 	}
-	if err := os.WriteFile(filepath.Join(snap.Dir, snapshotMetaFile), data, 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(snap.Dir, snapshotMetaFile), data, 0o600); err != nil {
 		return subjects.SnapshotRecord{}, fmt.Errorf("write snapshot metadata: %w", err)
 	}
 	names := append(append([]string(nil), snap.Artifacts...), snapshotMetaFile)
+	for _, n := range names {
+		if !plainFileName(n) {
+			return subjects.SnapshotRecord{}, fmt.Errorf("driver named snapshot artifact %q: not a file name", n)
+		}
+	}
 	arts, total, sum, err := hashArtifacts(snap.Dir, names)
 	if err != nil {
 		return subjects.SnapshotRecord{}, err
@@ -161,6 +173,7 @@ func (b *Backend) describe(snap vmpool.Snapshot, sid string, src subjects.Sandbo
 		Format:            snap.Format,
 		Resources:         subjects.Resources{VCPUs: snap.Resources.VCPUs, MemoryMB: snap.Resources.MemoryMB},
 		Artifacts:         arts,
+		Generation:        gen,
 	}, nil
 }
 
@@ -191,16 +204,18 @@ func hashArtifacts(dir string, names []string) ([]subjects.Artifact, int64, stri
 	return arts, total, hex.EncodeToString(all.Sum(nil)), nil
 }
 
+// hashFile returns the size and sha256 of the file at path. Its errors name
+// only the file's base name.
 func hashFile(path string) (int64, string, error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return 0, "", err
+		return 0, "", fmt.Errorf("open %s: %w", filepath.Base(path), pathless(err))
 	}
 	defer f.Close()
 	h := sha256.New()
 	n, err := io.Copy(h, f)
 	if err != nil {
-		return 0, "", fmt.Errorf("read %s: %w", path, err)
+		return 0, "", fmt.Errorf("read %s: %w", filepath.Base(path), pathless(err))
 	}
 	return n, hex.EncodeToString(h.Sum(nil)), nil
 }
@@ -210,20 +225,38 @@ func hashFile(path string) (int64, string, error) {
 // every restore. Sizes are checked on every restore.
 var verified sync.Map // string -> struct{}
 
-// loadSnapshot checks a record's artifacts against their sizes and digests
-// and returns the driver's description of the snapshot.
+// pathless drops the path of an *fs.PathError, keeping its cause.
+func pathless(err error) error {
+	var pe *fs.PathError
+	if errors.As(err, &pe) {
+		return pe.Err
+	}
+	return err
+}
+
+// loadSnapshot checks an authenticated record's artifacts, in the
+// snapshot's derived directory, against their sizes and digests and returns
+// the driver's description of the snapshot. Its errors name artifacts by
+// name only: no path, no digest.
 func (b *Backend) loadSnapshot(rec subjects.SnapshotRecord) (vmpool.Snapshot, error) {
 	if rec.WorkerID != "" && rec.WorkerID != b.cfg.WorkerID {
 		return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrUnsupported, fmt.Errorf("snapshot %s lives on worker %s; snapshots are restored on the worker that saved them", rec.SnapshotID, rec.WorkerID))
 	}
-	if len(rec.Artifacts) == 0 || rec.Location == "" {
+	if err := b.verifyRecord(rec.SnapshotID, rec); err != nil {
+		return vmpool.Snapshot{}, err
+	}
+	if len(rec.Artifacts) == 0 {
 		return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("snapshot %s has no artifacts in its record", rec.SnapshotID))
 	}
+	dir := b.recordDir(rec)
 	for _, a := range rec.Artifacts {
-		path := filepath.Join(rec.Location, a.Name)
-		st, err := os.Stat(path)
+		path := filepath.Join(dir, a.Name)
+		st, err := os.Lstat(path)
 		if err != nil {
-			return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("snapshot %s: artifact %s: %w", rec.SnapshotID, a.Name, err))
+			return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("snapshot %s: artifact %s: %w", rec.SnapshotID, a.Name, pathless(err)))
+		}
+		if !st.Mode().IsRegular() {
+			return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("snapshot %s: artifact %s is not a regular file: refusing to restore", rec.SnapshotID, a.Name))
 		}
 		if st.Size() != a.SizeBytes {
 			return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("snapshot %s: artifact %s is %d bytes, its record says %d: refusing to restore", rec.SnapshotID, a.Name, st.Size(), a.SizeBytes))
@@ -237,18 +270,19 @@ func (b *Backend) loadSnapshot(rec subjects.SnapshotRecord) (vmpool.Snapshot, er
 			return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("snapshot %s: %w", rec.SnapshotID, err))
 		}
 		if sum != a.SHA256 {
-			return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("snapshot %s: artifact %s has sha256 %s, its record says %s: refusing to restore", rec.SnapshotID, a.Name, sum, a.SHA256))
+			return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("snapshot %s: artifact %s does not match the sha256 in its record: refusing to restore", rec.SnapshotID, a.Name))
 		}
 		verified.Store(key, struct{}{})
 	}
-	data, err := os.ReadFile(filepath.Join(rec.Location, snapshotMetaFile))
+	data, err := os.ReadFile(filepath.Join(dir, snapshotMetaFile))
 	if err != nil {
-		return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("snapshot %s: %w", rec.SnapshotID, err))
+		return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("snapshot %s: %s: %w", rec.SnapshotID, snapshotMetaFile, pathless(err)))
 	}
 	var snap vmpool.Snapshot
 	if err := json.Unmarshal(data, &snap); err != nil {
 		return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("snapshot %s: metadata: %w", rec.SnapshotID, err))
 	}
+	snap.Dir = dir
 	return snap, nil
 }
 
@@ -265,22 +299,26 @@ func (b *Backend) restore(ctx context.Context, id, dir string, rec subjects.Snap
 	return r.Restore(ctx, vmpool.RestoreSpec{ID: id, Dir: dir, Snapshot: snap, Network: network, SnapshotReady: snapshotReady})
 }
 
-// GetSnapshot returns a snapshot record.
+// GetSnapshot returns a snapshot record once it is authenticated.
 func (b *Backend) GetSnapshot(ctx context.Context, sid string) (subjects.SnapshotRecord, error) {
-	return b.cfg.Store.GetSnapshot(ctx, sid)
+	return b.getSnapshot(ctx, sid)
 }
 
-// ListSnapshots returns every snapshot record.
+// ListSnapshots returns every authenticated snapshot record.
 func (b *Backend) ListSnapshots(ctx context.Context) ([]subjects.SnapshotRecord, error) {
-	return b.cfg.Store.ListSnapshots(ctx)
+	return b.listSnapshots(ctx)
 }
 
 // DeleteSnapshot deletes a snapshot and its artifacts. A snapshot that others
 // depend on — a warm pool target, a sandbox whose disk sits on it, another
-// snapshot whose frozen disk is layered on it — is refused with conflict.
+// snapshot whose frozen disk is layered on it — is refused with conflict. A
+// record that fails authentication is refused; one written before records
+// were authenticated (no mac) is removed from the bucket, and no file is
+// touched.
 func (b *Backend) DeleteSnapshot(ctx context.Context, sid string) (subjects.DeleteSnapshotReply, error) {
-	rec, err := b.cfg.Store.GetSnapshot(ctx, sid)
-	if err != nil {
+	rec, err := b.getSnapshot(ctx, sid)
+	unsigned := errors.Is(err, errUnsigned)
+	if err != nil && !unsigned {
 		return subjects.DeleteSnapshotReply{}, err
 	}
 	if users, err := b.snapshotUsers(ctx, sid); err != nil {
@@ -291,11 +329,15 @@ func (b *Backend) DeleteSnapshot(ctx context.Context, sid string) (subjects.Dele
 	if err := b.cfg.Store.DeleteSnapshot(ctx, sid); err != nil {
 		return subjects.DeleteSnapshotReply{}, err
 	}
-	if cur, ok := b.templates.get(sid); ok && cur.Location == rec.Location {
+	if unsigned {
+		b.log.Warn("unsigned snapshot record deleted; its files, if any, are left in place", "snapshot", sid)
+		return subjects.DeleteSnapshotReply{SnapshotID: sid, Deleted: true}, nil
+	}
+	if cur, ok := b.templates.get(sid); ok && cur.Generation == rec.Generation {
 		b.templates.remove(sid)
 	}
-	if rec.WorkerID == b.cfg.WorkerID && rec.Location != "" {
-		if err := os.RemoveAll(rec.Location); err != nil {
+	if rec.WorkerID == b.cfg.WorkerID {
+		if err := os.RemoveAll(b.recordDir(rec)); err != nil {
 			b.log.Warn("remove snapshot artifacts", "snapshot", sid, "err", err)
 		}
 	}
@@ -317,7 +359,7 @@ func (b *Backend) snapshotUsers(ctx context.Context, sid string) ([]string, erro
 			users = append(users, "sandbox "+s.SandboxID)
 		}
 	}
-	snaps, err := b.cfg.Store.ListSnapshots(ctx)
+	snaps, err := b.listSnapshots(ctx)
 	if err != nil {
 		return nil, err
 	}

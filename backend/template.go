@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -31,9 +32,12 @@ type templates struct {
 	building map[string]*sync.Mutex
 }
 
-func loadTemplates(dir string) (*templates, error) {
+// loadTemplates reads the registry kept in dir. A record that verify refuses
+// (unsigned, forged, or not the file's template) is left out and logged; a
+// built-in template is then rebuilt at start.
+func loadTemplates(dir string, verify func(sid string, rec subjects.SnapshotRecord) error, log *slog.Logger) (*templates, error) {
 	t := &templates{dir: dir, m: map[string]subjects.SnapshotRecord{}, building: map[string]*sync.Mutex{}}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("templates dir: %w", err)
 	}
 	entries, err := os.ReadDir(dir)
@@ -52,7 +56,16 @@ func loadTemplates(dir string) (*templates, error) {
 		if err := json.Unmarshal(data, &rec); err != nil {
 			continue // a torn write; the template is rebuilt
 		}
-		t.m[rec.TemplateID] = rec
+		id := strings.TrimSuffix(e.Name(), ".json")
+		if err := verify(id, rec); err != nil {
+			log.Warn("template record refused; the template must be rebuilt", "template", id, "err", err)
+			continue
+		}
+		if rec.TemplateID != id {
+			log.Warn("template record refused: it names another template", "template", id)
+			continue
+		}
+		t.m[id] = rec
 	}
 	return t, nil
 }
@@ -71,7 +84,7 @@ func (t *templates) put(id string, rec subjects.SnapshotRecord) (subjects.Snapsh
 		return subjects.SnapshotRecord{}, false, err
 	}
 	tmp := filepath.Join(t.dir, id+".json.tmp")
-	if err := os.WriteFile(tmp, data, 0o644); err != nil {
+	if err := os.WriteFile(tmp, data, 0o600); err != nil {
 		return subjects.SnapshotRecord{}, false, err
 	}
 	if err := os.Rename(tmp, filepath.Join(t.dir, id+".json")); err != nil {
@@ -272,8 +285,12 @@ func (b *Backend) BuildTemplate(ctx context.Context, req subjects.BuildTemplateR
 	}
 	rec.TemplateID = req.TemplateID
 	rec.Resources = subjects.Resources{VCPUs: res.VCPUs, MemoryMB: res.MemoryMB}
+	if rec, err = b.signRecord(rec); err != nil {
+		_ = os.RemoveAll(b.recordDir(rec))
+		return fail(err)
+	}
 	if err := b.cfg.Store.PutSnapshot(ctx, rec); err != nil {
-		_ = os.RemoveAll(rec.Location)
+		_ = os.RemoveAll(b.recordDir(rec))
 		return fail(fmt.Errorf("store snapshot record: %w", err))
 	}
 	old, had, err := b.templates.put(req.TemplateID, rec)
@@ -281,7 +298,7 @@ func (b *Backend) BuildTemplate(ctx context.Context, req subjects.BuildTemplateR
 		return fail(fmt.Errorf("record template: %w", err))
 	}
 	b.pool.Drain(req.TemplateID)
-	if had && old.Location != rec.Location {
+	if had && old.Generation != rec.Generation {
 		b.retire(old)
 	}
 	progress("template %s ready: snapshot %s, %d bytes", req.TemplateID, rec.SnapshotID, rec.SizeBytes)
@@ -328,30 +345,33 @@ func (b *Backend) startTemplateCommand(id string, m vmpool.Machine, cmd string) 
 }
 
 // retire removes a replaced template snapshot's files once nothing uses them.
+// old is an authenticated record (from the registry); its directory is
+// derived, and the records it is compared with are only compared.
 func (b *Backend) retire(old subjects.SnapshotRecord) {
 	ctx, cancel := context.WithTimeout(b.ctx, 10*time.Second)
 	defer cancel()
+	dir := b.recordDir(old)
 	sessions, err := b.cfg.Store.ListSessions(ctx)
 	if err != nil {
 		return
 	}
 	for _, s := range sessions {
-		if s.DiskParentLocation == old.Location {
+		if s.DiskParent == old.SnapshotID && s.DiskParentLocation == dir {
 			b.log.Info("replaced template kept: a sandbox's disk sits on it", "template", old.TemplateID, "sandbox", s.SandboxID)
 			return
 		}
 	}
-	snaps, err := b.cfg.Store.ListSnapshots(ctx)
+	snaps, err := b.listSnapshots(ctx)
 	if err != nil {
 		return
 	}
 	for _, r := range snaps {
-		if r.ParentLocation == old.Location {
+		if r.Parent == old.SnapshotID && r.ParentLocation == dir {
 			b.log.Info("replaced template kept: a snapshot is layered on it", "template", old.TemplateID, "snapshot", r.SnapshotID)
 			return
 		}
 	}
-	if err := os.RemoveAll(old.Location); err != nil {
+	if err := os.RemoveAll(dir); err != nil {
 		b.log.Warn("remove replaced template", "template", old.TemplateID, "err", err)
 	}
 }

@@ -68,11 +68,15 @@ type Sandbox struct {
 	// Egress is the sandbox's network policy as the create asked for it.
 	Egress *EgressPolicy `json:"egress,omitempty"`
 	Driver             string            `json:"driver,omitempty"`
-	Dir                string            `json:"dir,omitempty"`
+	// Dir is the sandbox's machine directory on its worker, for people to
+	// read: the worker derives it from its state directory and the sandbox
+	// id and never takes it from a record.
+	Dir string `json:"dir,omitempty"`
 	// DiskParent is the snapshot whose frozen disk the sandbox's overlay
 	// sits on (it may not be deleted while the sandbox lives).
 	DiskParent string `json:"disk_parent,omitempty"`
-	// DiskParentLocation is where that snapshot's files are on the owner.
+	// DiskParentLocation is where that snapshot's files are on the owner,
+	// for people to read (never used as a path).
 	DiskParentLocation string `json:"disk_parent_location,omitempty"`
 }
 
@@ -144,7 +148,14 @@ type SnapshotRequest struct {
 
 // SnapshotRecord is the reply of snapshot and template.build and the value of
 // the firkin_snapshots KV bucket: the seed's fields plus kind, created_at,
-// size_bytes, sha256, worker_id and driver.
+// size_bytes, sha256, worker_id and driver, generation and mac.
+//
+// Location, StagingDir and ParentLocation are for people to read: a worker
+// keeps a snapshot's files in <state dir>/snapshots/<snapshot_id>.<generation>
+// and never uses a path from a record. MAC authenticates the record (an
+// HMAC-SHA256 under a key derived from the worker secret over the rest of the
+// record); a worker refuses a record whose mac is missing or does not match.
+// Fields added here must be omitempty (the mac covers the record's encoding).
 type SnapshotRecord struct {
 	SnapshotID        string           `json:"snapshot_id"`
 	SourceSandboxID   string           `json:"source_sandbox_id"`
@@ -166,6 +177,11 @@ type SnapshotRecord struct {
 	Format            string           `json:"format,omitempty"`
 	Resources         Resources        `json:"resources"`
 	Artifacts         []Artifact       `json:"artifacts,omitempty"`
+	// Generation tells versions of one snapshot id apart (a rebuilt
+	// template): [a-z0-9]{1,32}, the suffix of the snapshot's directory.
+	Generation string `json:"generation,omitempty"`
+	// MAC is "v1:" and the hex HMAC-SHA256 of the record (see above).
+	MAC string `json:"mac,omitempty"`
 }
 
 // Artifact is one file of a snapshot with its integrity data.

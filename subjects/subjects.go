@@ -165,13 +165,16 @@ func ValidateSandboxID(id string) error {
 	return nil
 }
 
-// ValidateSnapshotName checks a snapshot id or name: [A-Za-z0-9._-]{1,128},
-// not "." or "..". Snapshot ids that contain dots cannot be used in the
-// per-snapshot subjects as one token, so the snapshot subjects take the id as
-// everything between "snapshot." and the last dot.
+// ValidateSnapshotName checks a snapshot id or name: 1-128 characters of
+// [A-Za-z0-9._-], not starting or ending with a dot and without "..". Such a
+// name is a valid NATS KV key (whose charset is [-/_=.a-zA-Z0-9], without
+// leading or trailing dot), a sequence of non-empty subject tokens, and a
+// single file name (no "/"). Snapshot ids that contain dots cannot be used in
+// the per-snapshot subjects as one token, so the snapshot subjects take the id
+// as everything between "snapshot." and the last dot (the verb has no dot).
 func ValidateSnapshotName(name string) error {
-	if name == "." || name == ".." || !snapshotNamePattern.MatchString(name) {
-		return invalid("snapshot name %q: want 1-128 characters of [A-Za-z0-9._-], not \".\" or \"..\"", name)
+	if !snapshotNamePattern.MatchString(name) || strings.HasPrefix(name, ".") || strings.HasSuffix(name, ".") || strings.Contains(name, "..") {
+		return invalid("snapshot name %q: want 1-128 characters of [A-Za-z0-9._-], not starting or ending with \".\" and without \"..\"", name)
 	}
 	return nil
 }

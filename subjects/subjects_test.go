@@ -39,7 +39,8 @@ func TestParseSnapshot(t *testing.T) {
 	if err != nil || sid != "my.snap-1" || verb != "get" {
 		t.Fatalf("got %q %q %v", sid, verb, err)
 	}
-	for _, bad := range []string{"firkin.snapshot.list", "firkin.snapshot...get", "firkin.snapshot..get", "firkin.snapshot.a/b.get"} {
+	for _, bad := range []string{"firkin.snapshot.list", "firkin.snapshot...get", "firkin.snapshot..get", "firkin.snapshot.a/b.get",
+		"firkin.snapshot.a..get", "firkin.snapshot..a.get", "firkin.snapshot.a..b.get", "firkin.snapshot.a.*.get"} {
 		if _, _, err := Default.ParseSnapshot(bad); err == nil {
 			t.Errorf("ParseSnapshot(%q) accepted", bad)
 		}
@@ -52,7 +53,8 @@ func TestValidateSnapshotName(t *testing.T) {
 			t.Errorf("%q rejected: %v", ok, err)
 		}
 	}
-	for _, bad := range []string{"", ".", "..", "a/b", `a\b`, "a b", strings.Repeat("x", 129), "é"} {
+	for _, bad := range []string{"", ".", "..", "a/b", `a\b`, "a b", strings.Repeat("x", 129), "é",
+		".a", "a.", "a..b", "a=b", "a*", "a>", "a\x00"} {
 		if err := ValidateSnapshotName(bad); err == nil {
 			t.Errorf("%q accepted", bad)
 		}

@@ -62,7 +62,7 @@ func startWorker(t *testing.T, opts ...envOption) *env {
 	if err != nil {
 		t.Fatalf("start worker: %v\n%s", err, logs.String())
 	}
-	e := &env{t: t, w: w, state: state, logs: logs}
+	e := &env{t: t, w: w, state: cfg.StateDir, logs: logs}
 	t.Cleanup(func() {
 		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		defer cancel()
@@ -71,7 +71,7 @@ func startWorker(t *testing.T, opts ...envOption) *env {
 		}
 		if t.Failed() {
 			t.Logf("worker log (tail):\n%s", tail(logs.String(), 6000))
-			dumpConsoles(t, state)
+			dumpConsoles(t, cfg.StateDir)
 		}
 	})
 	nc, err := nats.Connect(w.NATSURL())

@@ -1,12 +1,16 @@
 package worker_test
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -302,14 +306,32 @@ func TestTemplateBuild(t *testing.T) {
 }
 
 // TestSnapshotIntegrity refuses to restore an artifact that no longer
-// matches its record.
+// matches its record, and refuses records that were forged or edited in the
+// KV bucket: they name no host path the worker uses and their errors leak no
+// digest or path.
 func TestSnapshotIntegrity(t *testing.T) {
-	e := startWorker(t, waitTemplates())
+	// A state directory the worker makes itself is 0700.
+	e := startWorker(t, waitTemplates(), func(c *worker.Config) { c.StateDir = filepath.Join(c.StateDir, "state") })
+	if st, err := os.Stat(e.state); err != nil || st.Mode().Perm() != 0o700 {
+		t.Errorf("state dir: %v %v, want mode 0700", st.Mode(), err)
+	}
 	src := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny"})
 	rec, err := e.c.Snapshot(e.ctx(2*time.Minute), src.SandboxID, subjects.SnapshotRequest{Name: "tamper"})
 	if err != nil {
 		t.Fatal(err)
 	}
+	if !strings.HasPrefix(rec.MAC, "v1:") || rec.Generation == "" ||
+		rec.Location != filepath.Join(e.state, "snapshots", "tamper."+rec.Generation) {
+		t.Fatalf("record mac %q, generation %q, location %q", rec.MAC, rec.Generation, rec.Location)
+	}
+	if st, err := os.Stat(rec.Location); err != nil || st.Mode().Perm() != 0o700 {
+		t.Errorf("snapshot dir: %v %v, want mode 0700", st.Mode(), err)
+	}
+	if st, err := os.Stat(filepath.Join(rec.Location, "snapshot.json")); err != nil || st.Mode().Perm() != 0o600 {
+		t.Errorf("snapshot.json: %v %v, want mode 0600", st.Mode(), err)
+	}
+	testForgedRecords(t, e, src, rec)
+
 	var state string
 	for _, a := range rec.Artifacts {
 		if a.Name != "snapshot.json" && a.SizeBytes > 0 {
@@ -336,11 +358,191 @@ func TestSnapshotIntegrity(t *testing.T) {
 	if err != nil && !strings.Contains(err.Error(), "sha256") {
 		t.Errorf("error does not name the check: %v", err)
 	}
+	wantNoLeak(t, "restore of a tampered snapshot", err, e.state)
 	if err := os.Truncate(state, 10); err != nil {
 		t.Fatal(err)
 	}
 	_, err = e.c.Create(context.Background(), subjects.CreateSandboxRequest{SnapshotID: "tamper"})
 	if err == nil || !strings.Contains(err.Error(), "bytes") {
 		t.Errorf("restore of a truncated snapshot: %v", err)
+	}
+}
+
+var hexDigest = regexp.MustCompile(`[0-9a-fA-F]{64}`)
+
+// wantNoLeak fails when err's message carries a sha256 digest or one of the
+// paths.
+func wantNoLeak(t *testing.T, what string, err error, paths ...string) {
+	t.Helper()
+	if err == nil {
+		return
+	}
+	if hexDigest.MatchString(err.Error()) {
+		t.Errorf("%s: error leaks a digest: %v", what, err)
+	}
+	for _, p := range paths {
+		if strings.Contains(err.Error(), p) {
+			t.Errorf("%s: error leaks path %s: %v", what, p, err)
+		}
+	}
+}
+
+// testForgedRecords writes snapshot records into the KV bucket as anyone with
+// write access could, and checks the worker uses none of them.
+func testForgedRecords(t *testing.T, e *env, src subjects.Sandbox, legit subjects.SnapshotRecord) {
+	js, _ := jetstream.New(e.nc)
+	kv, err := js.KeyValue(e.ctx(10*time.Second), "firkin_snapshots")
+	if err != nil {
+		t.Fatal(err)
+	}
+	put := func(key string, rec subjects.SnapshotRecord) {
+		t.Helper()
+		data, err := json.Marshal(rec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := kv.Put(e.ctx(10*time.Second), key, data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A victim directory with a file whose digest the attacker wants to learn
+	// (and then one the attacker already knows, so only the mac can tell).
+	victim := t.TempDir()
+	secret := []byte("victim secret\n")
+	if err := os.WriteFile(filepath.Join(victim, "secret"), secret, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(secret)
+	victimIntact := func(what string) {
+		t.Helper()
+		if got, err := os.ReadFile(filepath.Join(victim, "secret")); err != nil || !bytes.Equal(got, secret) {
+			t.Errorf("%s: victim file %q, %v", what, got, err)
+		}
+	}
+	forged := subjects.SnapshotRecord{
+		SnapshotID: "forged", Names: []string{"forged"}, Location: victim, Kind: subjects.KindContinuation,
+		WorkerID: e.w.ID(), Driver: "qemu", Generation: "abcdef", Resources: legit.Resources,
+		Artifacts: []subjects.Artifact{{Name: "secret", SizeBytes: int64(len(secret)), SHA256: strings.Repeat("0", 64)}},
+		MAC:       "v1:" + strings.Repeat("0", 64),
+	}
+	put("forged", forged)
+	_, err = e.c.Create(e.ctx(time.Minute), subjects.CreateSandboxRequest{SnapshotID: "forged"})
+	wantCode(t, "restore of a forged record", err, subjects.CodeInvalidRequest)
+	if err != nil && !strings.Contains(err.Error(), "failed authentication") {
+		t.Errorf("restore of a forged record: %v, want an authentication failure", err)
+	}
+	wantNoLeak(t, "restore of a forged record", err, victim, e.state)
+	_, err = e.c.GetSnapshot(e.ctx(10*time.Second), "forged")
+	wantCode(t, "get of a forged record", err, subjects.CodeInvalidRequest)
+	err = e.c.DeleteSnapshot(e.ctx(10*time.Second), "forged")
+	wantCode(t, "delete of a forged record", err, subjects.CodeInvalidRequest)
+	wantNoLeak(t, "delete of a forged record", err, victim, e.state)
+	victimIntact("delete of a forged record")
+
+	// The same with the right digest, the worker's own snapshot directory as
+	// location, and no mac at all (a record from before records were signed).
+	forged.SnapshotID, forged.Names, forged.MAC = "forged-old", []string{"forged-old"}, ""
+	forged.Artifacts[0].SHA256 = hex.EncodeToString(sum[:])
+	put("forged-old", forged)
+	_, err = e.c.Create(e.ctx(time.Minute), subjects.CreateSandboxRequest{SnapshotID: "forged-old"})
+	wantCode(t, "restore of an unsigned record", err, subjects.CodeInvalidRequest)
+	if err != nil && !strings.Contains(err.Error(), "make the snapshot again") {
+		t.Errorf("restore of an unsigned record: %v, want a hint to make it again", err)
+	}
+	wantNoLeak(t, "restore of an unsigned record", err, victim, e.state)
+	// Deleting an unsigned record removes the record and touches no file.
+	if err := e.c.DeleteSnapshot(e.ctx(10*time.Second), "forged-old"); err != nil {
+		t.Errorf("delete of an unsigned record: %v", err)
+	}
+	victimIntact("delete of an unsigned record")
+	if _, err := kv.Get(e.ctx(10*time.Second), "forged-old"); !errors.Is(err, jetstream.ErrKeyNotFound) {
+		t.Errorf("unsigned record still in the bucket: %v", err)
+	}
+
+	// A legitimate record edited (a bigger machine) or stored under another
+	// key is refused too.
+	edited := legit
+	edited.Resources.MemoryMB *= 2
+	put("tamper", edited)
+	_, err = e.c.Create(e.ctx(time.Minute), subjects.CreateSandboxRequest{SnapshotID: "tamper"})
+	wantCode(t, "restore of an edited record", err, subjects.CodeInvalidRequest)
+	wantNoLeak(t, "restore of an edited record", err, e.state)
+	put("tamper-copy", legit)
+	_, err = e.c.GetSnapshot(e.ctx(10*time.Second), "tamper-copy")
+	wantCode(t, "get of a record stored under another key", err, subjects.CodeInvalidRequest)
+	if list, err := e.c.ListSnapshots(e.ctx(10 * time.Second)); err != nil {
+		t.Error(err)
+	} else {
+		for _, r := range list {
+			if strings.HasPrefix(r.SnapshotID, "forged") || r.SnapshotID == "tamper-copy" ||
+				(r.SnapshotID == "tamper" && r.Resources != legit.Resources) {
+				t.Errorf("list carries a refused record: %s %+v", r.SnapshotID, r.Resources)
+			}
+		}
+	}
+	if err := kv.Delete(e.ctx(10*time.Second), "tamper-copy"); err != nil {
+		t.Fatal(err)
+	}
+	put("tamper", legit)
+	if got, err := e.c.GetSnapshot(e.ctx(10*time.Second), "tamper"); err != nil || got.MAC != legit.MAC {
+		t.Fatalf("legitimate record after restoring it: %+v %v", got, err)
+	}
+
+	// Names that are no KV keys, and unknown templates, are refused before
+	// anything runs.
+	for _, name := range []string{".hidden", "trailing.", "a..b", "a/b", "a=b"} {
+		_, err := e.c.Snapshot(e.ctx(time.Minute), src.SandboxID, subjects.SnapshotRequest{Name: name})
+		wantCode(t, "snapshot name "+name, err, subjects.CodeInvalidRequest)
+		_, err = e.c.Create(e.ctx(time.Minute), subjects.CreateSandboxRequest{SnapshotID: name})
+		wantCode(t, "create from snapshot "+name, err, subjects.CodeInvalidRequest)
+	}
+	_, err = e.c.SetPool(e.ctx(10*time.Second), "no-such-template", 0)
+	wantCode(t, "pool.set of an unknown template", err, subjects.CodeInvalidRequest)
+	_, err = e.c.SetPool(e.ctx(10*time.Second), "no-such-template", 2)
+	wantCode(t, "pool.set of an unknown template", err, subjects.CodeInvalidRequest)
+	if st, err := e.c.PoolStatus(e.ctx(10 * time.Second)); err != nil {
+		t.Error(err)
+	} else {
+		for _, tpl := range st.Templates {
+			if tpl.TemplateID == "no-such-template" {
+				t.Errorf("unknown template in the pool: %+v", tpl)
+			}
+		}
+	}
+}
+
+// TestUnsignedTemplateRecordIsRebuilt starts a worker on a state directory
+// whose built-in template record was written before records were signed
+// (and names a victim directory): the template is rebuilt and works, and the
+// victim directory is untouched.
+func TestUnsignedTemplateRecordIsRebuilt(t *testing.T) {
+	state := t.TempDir()
+	victim := t.TempDir()
+	if err := os.WriteFile(filepath.Join(victim, "keep"), []byte("keep"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	old := subjects.SnapshotRecord{SnapshotID: "tiny", TemplateID: "tiny", Names: []string{"tiny"}, Location: victim,
+		Kind: subjects.KindTemplate, Driver: "qemu", Resources: subjects.Resources{VCPUs: 1, MemoryMB: 256},
+		Artifacts: []subjects.Artifact{{Name: "keep", SizeBytes: 4}}}
+	data, _ := json.Marshal(old)
+	if err := os.MkdirAll(filepath.Join(state, "templates"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(state, "templates", "tiny.json"), data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	e := startWorker(t, func(c *worker.Config) { c.StateDir = state })
+	if !strings.Contains(e.logs.String(), "template record refused") {
+		t.Errorf("the unsigned template record was not reported")
+	}
+	sb := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny"})
+	if sb.Source != subjects.SourceRestore {
+		t.Errorf("create from the rebuilt template: source %q, want restore", sb.Source)
+	}
+	if r := e.exec(sb.SandboxID, "echo ok"); r.Stdout != "ok\n" {
+		t.Errorf("exec: %+v", r)
+	}
+	if got, err := os.ReadFile(filepath.Join(victim, "keep")); err != nil || string(got) != "keep" {
+		t.Errorf("victim file %q, %v", got, err)
 	}
 }

@@ -114,7 +114,7 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := step("state dir", func() error { return os.MkdirAll(cfg.StateDir, 0o755) }); err != nil {
+	if err := step("state dir", func() error { return w.makeStateDir() }); err != nil {
 		return nil, err
 	}
 	if err := step("worker id", func() (err error) { w.id, err = loadOrCreateID(filepath.Join(cfg.StateDir, "worker-id")); return }); err != nil {
@@ -163,6 +163,7 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 			Driver:           driver,
 			Store:            storeAdapter{store},
 			Tokens:           tok,
+			RecordKey:        backend.RecordKey(tok.secret),
 			StateDir:         cfg.StateDir,
 			Images:           map[string]vmpool.Image{"tiny": img},
 			Limits:           cfg.Limits,
@@ -317,6 +318,23 @@ func (c *Config) setDefaults() error {
 	}
 	if _, err := os.Stat(c.AgentBinary); err != nil {
 		return fmt.Errorf("worker: guest agent binary %q: %w (build it with `make build`, or pass --agent)", c.AgentBinary, err)
+	}
+	return nil
+}
+
+// makeStateDir creates the state directory 0700 (it holds the worker
+// secret, guest memory and disks); an existing one that others may read is
+// kept as it is and logged.
+func (w *Worker) makeStateDir() error {
+	if err := os.MkdirAll(w.cfg.StateDir, 0o700); err != nil {
+		return err
+	}
+	st, err := os.Stat(w.cfg.StateDir)
+	if err != nil {
+		return err
+	}
+	if st.Mode().Perm()&0o077 != 0 {
+		w.log.Warn("state directory is accessible to other users; it holds the worker secret, guest memory and disks (chmod 700 it)", "dir", w.cfg.StateDir, "mode", st.Mode().Perm().String())
 	}
 	return nil
 }
