@@ -267,6 +267,16 @@ func TestReattach(t *testing.T) {
 	if out := run(t, m2, "cat /tmp/k"); out != "kept\n" {
 		t.Errorf("after reattach: %q", out)
 	}
+	// QEMU reconnects its console to the new driver's socket (it retries
+	// every second): what the guest writes then reaches the log again.
+	deadline := time.Now().Add(15 * time.Second)
+	for i := 0; !strings.Contains(m2.ConsoleTail(200), "console-again"); i++ {
+		if time.Now().After(deadline) {
+			t.Fatalf("console not reconnected after reattach; tail: %q", m2.ConsoleTail(200))
+		}
+		run(t, m2, fmt.Sprintf("echo console-again-%d > /dev/console", i))
+		time.Sleep(200 * time.Millisecond)
+	}
 	if err := m2.Stop(ctx); err != nil {
 		t.Fatalf("Stop: %v", err)
 	}
