@@ -55,6 +55,12 @@ func listenConsole(sock, path string, capBytes int64, exited <-chan struct{}, lo
 	if err != nil {
 		return nil, err
 	}
+	// QEMU connects, whichever user it runs as; who can reach the socket
+	// at all is decided by its directory (the machine's, 0700).
+	if err := os.Chmod(sock, 0o666); err != nil {
+		ln.Close()
+		return nil, err
+	}
 	w, err := openCapped(path, capBytes, log)
 	if err != nil {
 		ln.Close()

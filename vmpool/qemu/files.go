@@ -136,6 +136,25 @@ func (d *Driver) createOverlay(ctx context.Context, path, backing, backingFmt st
 	return os.Chmod(path, 0o600)
 }
 
+// ownPrivate makes the file at path the worker's own, mode 0600: a frozen
+// layer or memory file that QEMU made or wrote (perhaps as another user)
+// becomes part of a snapshot no QEMU may open by path.
+func ownPrivate(path string) error {
+	st, err := os.Stat(path)
+	if err != nil {
+		return err
+	}
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok && (int(sys.Uid) != os.Geteuid() || int(sys.Gid) != os.Getegid()) {
+		if err := os.Chown(path, os.Geteuid(), os.Getegid()); err != nil {
+			return err
+		}
+	}
+	if st.Mode().Perm() != 0o600 {
+		return os.Chmod(path, 0o600)
+	}
+	return nil
+}
+
 // linkOrCopy hard-links src to dst, or copies it (sparse) when they are on
 // different file systems.
 func linkOrCopy(src, dst string) error {

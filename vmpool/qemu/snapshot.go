@@ -162,7 +162,7 @@ func (m *Machine) save(ctx context.Context, dir string, opts vmpool.SaveOptions)
 		if opts.Stop {
 			err = linkOrCopy(m.cfg.MemPath, dst)
 			if err == nil {
-				err = os.Chmod(dst, 0o600) // QEMU made it for itself, not necessarily private
+				err = ownPrivate(dst) // QEMU made it, for itself
 			}
 		} else {
 			err = copySparse(m.cfg.MemPath, dst)
@@ -281,6 +281,11 @@ func (m *Machine) freezeDisk(ctx context.Context, q *qmp.Client, next *overlay, 
 	// The old top is now a read-only backing node (QEMU flushed it when it
 	// reopened it), and its content is what the guest had at the pause.
 	if err := os.Link(oldTop, filepath.Join(m.dir, layerName(depth))); err != nil {
+		return 0, err
+	}
+	// QEMU holds it open read-only and never writes it again: from now on
+	// it is snapshot data, the worker's only.
+	if err := ownPrivate(oldTop); err != nil {
 		return 0, err
 	}
 	if err := m.saveState(); err != nil {
