@@ -327,6 +327,10 @@ func (c *vmConfig) args() ([]string, error) {
 	}
 	if c.Incoming {
 		a = append(a, "-incoming", "defer")
+	} else {
+		// The guest starts once the console is connected (start):
+		// nothing it prints is lost.
+		a = append(a, "-S")
 	}
 	return a, nil
 }

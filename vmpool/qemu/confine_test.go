@@ -225,3 +225,28 @@ func grepLines(s, word string) string {
 	}
 	return strings.Join(out, "\n")
 }
+
+// The seccomp probe says yes for Debian's QEMU and no (once, cached) for a
+// binary that refuses -sandbox; machines of that binary run without it.
+func TestSandboxProbe(t *testing.T) {
+	d := testDriver(t)
+	bin, err := d.binary("amd64")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !d.sandbox(bin) {
+		t.Errorf("%s does not take -sandbox %s", bin, sandboxOpts)
+	}
+	calls := filepath.Join(t.TempDir(), "calls")
+	fake := filepath.Join(t.TempDir(), "qemu-no-seccomp")
+	script := "#!/bin/sh\necho x >> " + calls + "\necho '-sandbox support is not enabled in this QEMU binary' >&2\nexit 1\n"
+	if err := os.WriteFile(fake, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if d.sandbox(fake) || d.sandbox(fake) {
+		t.Error("a QEMU without seccomp probed as having it")
+	}
+	if b, _ := os.ReadFile(calls); string(b) != "x\n" {
+		t.Errorf("probe ran %d times, want once", strings.Count(string(b), "x"))
+	}
+}

@@ -1,6 +1,7 @@
 package qemu
 
 import (
+	"context"
 	"errors"
 	"io"
 	"log/slog"
@@ -30,13 +31,21 @@ const consoleOld = ".1"
 // buffered at once; this only bounds a stuck peer).
 const consoleDrain = 2 * time.Second
 
+// consoleConnect bounds how long a start waits for QEMU to connect its
+// console before it lets the guest run anyway.
+const consoleConnect = 5 * time.Second
+
 // consoleLog copies the console stream into a capped log file. It ends when
 // the machine's process has exited (after draining what QEMU wrote) or when
 // closed.
 type consoleLog struct {
 	ln   *net.UnixListener
 	w    *cappedFile
+	log  *slog.Logger
 	done chan struct{} // closed when the reader has ended and the file is closed
+
+	connected     chan struct{} // closed at the first connection
+	connectedOnce sync.Once
 
 	mu     sync.Mutex
 	conn   net.Conn
@@ -66,7 +75,8 @@ func listenConsole(sock, path string, capBytes int64, exited <-chan struct{}, lo
 		ln.Close()
 		return nil, err
 	}
-	c := &consoleLog{ln: ln, w: w, done: make(chan struct{}), stop: make(chan struct{})}
+	c := &consoleLog{ln: ln, w: w, log: log, done: make(chan struct{}), stop: make(chan struct{}),
+		connected: make(chan struct{})}
 	go c.watch(exited)
 	go c.run()
 	return c, nil
@@ -109,6 +119,8 @@ func (c *consoleLog) run() {
 		}
 		c.conn = conn
 		c.mu.Unlock()
+		c.connectedOnce.Do(func() { close(c.connected) })
+		c.log.Debug("console connected")
 		_, _ = io.Copy(c.w, conn) // the writer never fails; ends at EOF or close
 		conn.Close()
 		c.mu.Lock()
@@ -134,6 +146,25 @@ func (c *consoleLog) close() {
 	}
 	c.mu.Unlock()
 	<-c.done
+}
+
+// waitConnected waits up to d for QEMU's first connection (QEMU connects
+// from a thread of its own as it starts), or until ctx ends or the process
+// exited. A console that does not connect is logged, not an error: the
+// machine runs without its log.
+func (c *consoleLog) waitConnected(ctx context.Context, d time.Duration, exited <-chan struct{}) {
+	if c == nil {
+		return
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-c.connected:
+	case <-t.C:
+		c.log.Warn("QEMU did not connect its console in time; early console output may be lost", "waited", d)
+	case <-ctx.Done():
+	case <-exited:
+	}
 }
 
 // wait waits up to d for the reader to end (it ends by itself once the

@@ -457,10 +457,13 @@ func (d *Driver) start(ctx context.Context, l *launch, u *undo) (*Machine, error
 	m.qmp = q
 	u.add("close qmp", q.Close)
 
+	m.console.waitConnected(ctx, consoleConnect, m.done)
 	if l.setup != nil {
 		if err := l.setup(ctx, m); err != nil {
 			return fail("load state", err)
 		}
+	} else if _, err := q.Execute(ctx, "cont", nil); err != nil { // started with -S
+		return fail("start guest", err)
 	}
 
 	actx := ctx

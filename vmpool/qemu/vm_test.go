@@ -129,6 +129,11 @@ func TestBootExecStop(t *testing.T) {
 	if out := run(t, m, "echo hello"); out != "hello\n" {
 		t.Errorf("echo hello: %q", out)
 	}
+	// The guest ran only once its console was connected: the agent's first
+	// line is in the log.
+	if tl := m.ConsoleTail(4096); !strings.Contains(tl, "msg=booted") {
+		t.Errorf("console log misses the agent's first line:\n%s", tl)
+	}
 	const n = 10
 	t0 := time.Now()
 	for range n {
