@@ -26,8 +26,9 @@
 // header is never opened; only the writable top overlay is a path in the
 // machine's directory. Migration streams go through descriptors the worker
 // opens (getfd, fd: URIs). The console is a socket the worker listens on
-// (QEMU connects, and reconnects after a worker restart), copied into a log
-// capped at Config.ConsoleCap. Files in snapshot directories are 0600, the
+// (QEMU connects, and reconnects after a worker restart; a booting guest
+// starts only once it is connected), copied into a log capped at
+// Config.ConsoleCap. Files in snapshot directories are 0600, the
 // directories 0700.
 //
 // A save freezes the disk: the current top overlay becomes a read-only
