@@ -98,7 +98,7 @@ func (d *Driver) boot(ctx context.Context, spec vmpool.BootSpec, agentTimeout ti
 		return fail("create dir", err)
 	}
 	u.add("remove dir", cleanup)
-	size, err := d.virtualSize(ctx, spec.Image.RootDisk)
+	size, err := d.virtualSize(ctx, spec.Image.RootDisk, "raw")
 	if err != nil {
 		return fail("create overlay", err)
 	}
@@ -110,7 +110,7 @@ func (d *Driver) boot(ctx context.Context, spec vmpool.BootSpec, agentTimeout ti
 	if cfg.Kernel, cfg.Initramfs, err = linkBootFiles(spec.Image.Kernel, spec.Image.Initramfs, spec.Dir); err != nil {
 		return fail("link boot files", err)
 	}
-	cfg.Disk, cfg.Node = overlay, nodeName(1)
+	cfg.Base, cfg.Disk, cfg.Node = spec.Image.RootDisk, overlay, nodeName(1)
 	if spec.SnapshotReady {
 		cfg.Memory, cfg.MemPath = MemoryShared, filepath.Join(spec.Dir, memFile)
 	}
@@ -127,9 +127,12 @@ func (d *Driver) baseConfig(id, arch, accel string, res vmpool.Resources, img vm
 	cfg := vmConfig{
 		Name: id, Arch: arch, Machine: machine, Accel: accel, VCPUs: res.VCPUs, MemoryMB: res.MemoryMB,
 		Kernel: img.Kernel, Initramfs: img.Initramfs, Append: kernelArgs(arch, network),
-		Console: filepath.Join(dir, consoleFile),
-		Agent:   filepath.Join(sockDir, agentSock), QMP: filepath.Join(sockDir, qmpSock),
+		Console: filepath.Join(dir, consoleFile), ConsoleSock: filepath.Join(sockDir, consoleSock),
+		Agent: filepath.Join(sockDir, agentSock), QMP: filepath.Join(sockDir, qmpSock),
 		Network: network, Memory: MemoryRAM,
+	}
+	if bin, err := d.binary(arch); err == nil {
+		cfg.Sandbox = d.sandbox(bin)
 	}
 	if network {
 		cfg.MAC = randomMAC()

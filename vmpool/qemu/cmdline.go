@@ -29,8 +29,21 @@ const (
 	MaxVCPUs     = 64
 	MinMemoryMB  = 64
 	MaxMemoryMB  = 256 << 10
+	MaxLayers    = 250 // frozen layers in a disk chain (one descriptor each)
 	maxSocketLen = 107 // sun_path is 108 bytes with the NUL
 )
+
+// sandboxOpts is QEMU's seccomp sandbox: no obsolete system calls, no
+// setuid and friends, no fork or exec (so no exec: migration), no changes
+// to scheduling or CPU affinity.
+const sandboxOpts = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+// baseNode is the block node name of the raw base disk.
+const baseNode = "base"
+
+// firstInheritedFD is the descriptor number of the first inherited disk
+// file in QEMU (cmd.ExtraFiles start after stdin, stdout and stderr).
+const firstInheritedFD = 3
 
 // vmConfig is everything a QEMU command line depends on. A snapshot keeps
 // the device part of it, so a restore builds the same machine.
@@ -48,17 +61,27 @@ type vmConfig struct {
 	Append    string `json:"append"` // full kernel command line
 	BIOS      string `json:"bios,omitempty"`
 
-	Disk     string `json:"disk"`     // qcow2 overlay the machine starts on
-	Node     string `json:"node"`     // its block node name
-	Console  string `json:"console"`  // serial console log file
-	Agent    string `json:"agent"`    // agent channel socket
-	QMP      string `json:"qmp"`      // QMP socket
-	Network  bool   `json:"network"`  // a virtio-net device
-	NetOff   bool   `json:"net_off"`  // user network restricted to nothing (a restore without network)
-	MAC      string `json:"mac"`      // the NIC's address when Network
-	Memory   string `json:"memory"`   // MemoryRAM, MemoryShared, MemoryPrivate
-	MemPath  string `json:"mem_path"` // the RAM file unless MemoryRAM
-	Incoming bool   `json:"incoming"` // -incoming defer (a restore)
+	// The root disk is a chain the worker names in full (QEMU never
+	// follows a backing file named in an image header): Base (raw), then
+	// Layers bottom to top (read-only qcow2), both passed to QEMU as
+	// inherited descriptors (see inherited), then Disk, the writable top
+	// overlay QEMU opens by path in the machine's directory.
+	Base   string   `json:"base"`             // raw base disk of the template
+	Layers []string `json:"layers,omitempty"` // frozen qcow2 layers, bottom first
+
+	Disk        string `json:"disk"`         // qcow2 overlay the machine starts on
+	Node        string `json:"node"`         // its block node name
+	Console     string `json:"console"`      // serial console log file (written by the worker)
+	ConsoleSock string `json:"console_sock"` // the worker's console socket QEMU connects to
+	Sandbox     bool   `json:"sandbox"`      // QEMU's seccomp sandbox (-sandbox)
+	Agent       string `json:"agent"`        // agent channel socket
+	QMP         string `json:"qmp"`          // QMP socket
+	Network     bool   `json:"network"`      // a virtio-net device
+	NetOff      bool   `json:"net_off"`      // user network restricted to nothing (a restore without network)
+	MAC         string `json:"mac"`          // the NIC's address when Network
+	Memory      string `json:"memory"`       // MemoryRAM, MemoryShared, MemoryPrivate
+	MemPath     string `json:"mem_path"`     // the RAM file unless MemoryRAM
+	Incoming    bool   `json:"incoming"`     // -incoming defer (a restore)
 }
 
 func invalid(format string, args ...any) error {
@@ -91,8 +114,19 @@ func (c *vmConfig) validate() error {
 	if c.MemoryMB < MinMemoryMB || c.MemoryMB > MaxMemoryMB {
 		return invalid("qemu: %d MiB of memory: want %d..%d", c.MemoryMB, MinMemoryMB, MaxMemoryMB)
 	}
-	paths := map[string]string{"kernel": c.Kernel, "initramfs": c.Initramfs, "disk": c.Disk,
-		"console": c.Console, "agent socket": c.Agent, "qmp socket": c.QMP}
+	paths := map[string]string{"kernel": c.Kernel, "initramfs": c.Initramfs, "disk": c.Disk, "base disk": c.Base,
+		"console": c.Console, "console socket": c.ConsoleSock, "agent socket": c.Agent, "qmp socket": c.QMP}
+	if len(c.Layers) > MaxLayers {
+		return invalid("qemu: %d disk layers: at most %d", len(c.Layers), MaxLayers)
+	}
+	for k, p := range c.Layers {
+		if err := checkPath(fmt.Sprintf("disk layer %d", k+1), p); err != nil {
+			return err
+		}
+		if c.Node == nodeName(k+1) {
+			return invalid("qemu: block node name %q is a layer's", c.Node)
+		}
+	}
 	if c.BIOS != "" {
 		paths["bios"] = c.BIOS
 	}
@@ -108,7 +142,7 @@ func (c *vmConfig) validate() error {
 			return err
 		}
 	}
-	for what, p := range map[string]string{"agent": c.Agent, "qmp": c.QMP} {
+	for what, p := range map[string]string{"agent": c.Agent, "qmp": c.QMP, "console": c.ConsoleSock} {
 		if len(p) > maxSocketLen {
 			return invalid("qemu: %s socket path is %d bytes, over the limit of %d: %s", what, len(p), maxSocketLen, p)
 		}
@@ -116,7 +150,7 @@ func (c *vmConfig) validate() error {
 	if err := checkID(c.Name); err != nil {
 		return err
 	}
-	if !validNode(c.Node) {
+	if !validNode(c.Node) || c.Node == baseNode {
 		return invalid("qemu: block node name %q", c.Node)
 	}
 	if strings.ContainsAny(c.Append, "\n\x00") || len(c.Append) > 2048 {
@@ -174,6 +208,44 @@ func parseMAC(s string) (string, error) {
 // esc escapes a value for QEMU's key=value option syntax (a comma is doubled).
 func esc(s string) string { return strings.ReplaceAll(s, ",", ",,") }
 
+// inherited returns the disk files QEMU gets as open descriptors rather
+// than paths, in descriptor order (firstInheritedFD on): the base disk, then
+// the frozen layers bottom first. The worker opens them read-only, so QEMU
+// needs no permission on them, whoever owns them.
+func (c *vmConfig) inherited() []string {
+	return append([]string{c.Base}, c.Layers...)
+}
+
+// rootDisk returns the -add-fd options (one fd set per inherited file,
+// set i+1 holding descriptor firstInheritedFD+i) and the -blockdev of the
+// root disk: the whole chain explicit, each qcow2 node with its backing
+// given, so that no backing file named in an image header is ever opened.
+func (c *vmConfig) rootDisk() (addFDs []string, blockdev string, err error) {
+	files := c.inherited()
+	fdFile := func(i int) map[string]any {
+		return map[string]any{"driver": "file", "filename": "/dev/fdset/" + strconv.Itoa(i+1), "read-only": true}
+	}
+	for i := range files {
+		opaque := baseNode
+		if i > 0 {
+			opaque = nodeName(i)
+		}
+		addFDs = append(addFDs, fmt.Sprintf("fd=%d,set=%d,opaque=%s", firstInheritedFD+i, i+1, opaque))
+	}
+	node := map[string]any{"driver": "raw", "node-name": baseNode, "read-only": true, "file": fdFile(0)}
+	for k := 1; k < len(files); k++ {
+		node = map[string]any{"driver": "qcow2", "node-name": nodeName(k), "read-only": true,
+			"file": fdFile(k), "backing": node}
+	}
+	top := map[string]any{"driver": "qcow2", "node-name": c.Node, "backing": node,
+		"file": map[string]any{"driver": "file", "filename": c.Disk}}
+	b, err := json.Marshal(top)
+	if err != nil {
+		return nil, "", err
+	}
+	return addFDs, string(b), nil
+}
+
 // args builds the QEMU arguments (without the binary) for a validated c.
 func (c *vmConfig) args() ([]string, error) {
 	if err := c.validate(); err != nil {
@@ -199,6 +271,9 @@ func (c *vmConfig) args() ([]string, error) {
 		"-smp", strconv.Itoa(c.VCPUs),
 		"-m", strconv.Itoa(c.MemoryMB) + "M",
 	}
+	if c.Sandbox {
+		a = append(a, "-sandbox", sandboxOpts)
+	}
 	size := strconv.Itoa(c.MemoryMB) + "M"
 	switch c.Memory {
 	case MemoryRAM:
@@ -219,21 +294,22 @@ func (c *vmConfig) args() ([]string, error) {
 		"-kernel", c.Kernel,
 		"-initrd", c.Initramfs,
 		"-append", c.Append,
-		"-chardev", "file,id=console,path="+esc(c.Console),
+		// QEMU connects to the worker's console socket and reconnects
+		// every second while nobody listens (a worker restarting).
+		"-chardev", "socket,id=console,path="+esc(c.ConsoleSock)+",server=off,reconnect=1",
 		"-serial", "chardev:console",
 		"-chardev", "socket,id=qmp,path="+esc(c.QMP)+",server=on,wait=off",
 		"-mon", "chardev=qmp,mode=control",
 	)
-	blockdev, err := json.Marshal(map[string]any{
-		"driver":    "qcow2",
-		"node-name": c.Node,
-		"file":      map[string]any{"driver": "file", "filename": c.Disk},
-	})
+	addFDs, blockdev, err := c.rootDisk()
 	if err != nil {
 		return nil, err
 	}
+	for _, o := range addFDs {
+		a = append(a, "-add-fd", o)
+	}
 	a = append(a,
-		"-blockdev", string(blockdev),
+		"-blockdev", blockdev,
 		"-device", dev("virtio-blk")+",id=root,drive="+c.Node,
 		"-device", dev("virtio-serial")+",id=vser,max_ports=2",
 		"-chardev", "socket,id=agent,path="+esc(c.Agent)+",server=on,wait=off",
@@ -251,6 +327,10 @@ func (c *vmConfig) args() ([]string, error) {
 	}
 	if c.Incoming {
 		a = append(a, "-incoming", "defer")
+	} else {
+		// The guest starts once the console is connected (start):
+		// nothing it prints is lost.
+		a = append(a, "-S")
 	}
 	return a, nil
 }

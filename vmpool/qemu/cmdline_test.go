@@ -19,7 +19,8 @@ func goodConfig() vmConfig {
 	return vmConfig{
 		Name: "a", Arch: "amd64", Machine: "q35", Accel: "tcg", TBSizeMB: 64, VCPUs: 1, MemoryMB: 256,
 		Kernel: "/img/vmlinuz", Initramfs: "/img/initramfs.cpio", Append: kernelArgs("amd64", false),
-		Disk: "/m/a/overlay-0.qcow2", Node: "ov0", Console: "/m/a/console.log",
+		Base: "/img/rootfs.raw", Disk: "/m/a/overlay-1.qcow2", Node: "ov1", Console: "/m/a/console.log",
+		ConsoleSock: "/m/a/console.sock", Sandbox: true,
 		Agent: "/m/a/agent.sock", QMP: "/m/a/qmp.sock", Memory: MemoryRAM,
 	}
 }
@@ -36,8 +37,12 @@ func TestCommandLineGolden(t *testing.T) {
 			c.Network, c.NetOff, c.MAC = true, true, "52:54:00:ab:cd:01"
 			c.Memory, c.MemPath = MemoryPrivate, "/snap/t,1/mem" // a comma is escaped
 			c.Incoming = true
+			// Two frozen layers below the overlay: each a descriptor,
+			// each qcow2 node with its backing given.
+			c.Layers = []string{"/m/a/layer-1.qcow2", "/m/a/layer-2.qcow2"}
+			c.Disk, c.Node = "/m/a/overlay-3.qcow2", "ov3"
 		},
-		"boot-amd64-kvm": func(c *vmConfig) { c.Accel, c.TBSizeMB = "kvm", 0 },
+		"boot-amd64-kvm": func(c *vmConfig) { c.Accel, c.TBSizeMB, c.Sandbox = "kvm", 0, false },
 		"boot-arm64": func(c *vmConfig) {
 			c.Arch, c.Machine, c.Append = "arm64", "virt", kernelArgs("arm64", false)
 			c.Kernel = "/img/Image"
@@ -88,12 +93,25 @@ func TestCommandLineRejects(t *testing.T) {
 		"newline path":  func(c *vmConfig) { c.Console = "/m/a\n-device x" },
 		"long socket":   func(c *vmConfig) { c.Agent = long },
 		"node name":     func(c *vmConfig) { c.Node = "Root node" },
-		"memory kind":   func(c *vmConfig) { c.Memory = "huge" },
-		"no mem path":   func(c *vmConfig) { c.Memory = MemoryShared },
-		"bad mac":       func(c *vmConfig) { c.Network, c.MAC = true, "52:54:00:zz:00:01" },
-		"append":        func(c *vmConfig) { c.Append = "quiet\nx" },
-		"tb size":       func(c *vmConfig) { c.TBSizeMB = -1 },
-		"name":          func(c *vmConfig) { c.Name = "a,b" },
+		"base node":     func(c *vmConfig) { c.Node = "base" },
+		"layer node":    func(c *vmConfig) { c.Layers = []string{"/m/a/layer-1.qcow2"} }, // top is ov1 too
+		"no base":       func(c *vmConfig) { c.Base = "" },
+		"relative layer": func(c *vmConfig) {
+			c.Layers, c.Node = []string{"layer-1.qcow2"}, "ov2"
+		},
+		"many layers": func(c *vmConfig) {
+			c.Layers, c.Node = make([]string, MaxLayers+1), "ov999"
+			for i := range c.Layers {
+				c.Layers[i] = "/m/a/l"
+			}
+		},
+		"long console socket": func(c *vmConfig) { c.ConsoleSock = long },
+		"memory kind":         func(c *vmConfig) { c.Memory = "huge" },
+		"no mem path":         func(c *vmConfig) { c.Memory = MemoryShared },
+		"bad mac":             func(c *vmConfig) { c.Network, c.MAC = true, "52:54:00:zz:00:01" },
+		"append":              func(c *vmConfig) { c.Append = "quiet\nx" },
+		"tb size":             func(c *vmConfig) { c.TBSizeMB = -1 },
+		"name":                func(c *vmConfig) { c.Name = "a,b" },
 	}
 	for name, mod := range cases {
 		t.Run(name, func(t *testing.T) {
@@ -136,10 +154,7 @@ func TestIDsAndResources(t *testing.T) {
 	}
 }
 
-func TestShellQuoteAndEscape(t *testing.T) {
-	if got := shellQuote("/a b/it's"); got != `'/a b/it'\''s'` {
-		t.Errorf("shellQuote: %s", got)
-	}
+func TestEscape(t *testing.T) {
 	if got := esc("/a,b"); got != "/a,,b" {
 		t.Errorf("esc: %s", got)
 	}

@@ -8,19 +8,35 @@
 // version, host kernel and guest kernel, and the verdict is cached in the
 // state dir); TCG otherwise.
 //
-// A machine's directory holds console.log (the guest's serial console),
-// qemu.log (QEMU's own output), machine.json (for Reattach), the disk
-// layers and, for machines that can be saved as templates, mem (guest RAM in
-// a shared file). The QMP and agent sockets live there too unless the path
-// is too long for a unix socket; then they get a short directory of their
-// own under /run/firkin or the temp dir.
+// A machine's directory holds console.log (the guest's serial console,
+// with console.log.1 its older half), qemu.log (QEMU's own output),
+// machine.json (for Reattach), the disk layers and, for machines that can be
+// saved as templates, mem (guest RAM in a shared file). The QMP, agent and
+// console sockets live there too unless the path is too long for a unix
+// socket; then they get a short directory of their own under /run/firkin or
+// the temp dir.
+//
+// QEMU is given as little as possible to open by itself. It runs under its
+// seccomp sandbox (-sandbox on with obsolete, elevateprivileges, spawn and
+// resourcecontrol denied) when the binary takes it. The root disk's chain is
+// named in full on the command line: the template's raw base and every
+// frozen layer are opened read-only by the worker and inherited as
+// descriptors (-add-fd, /dev/fdset/N), each qcow2 node's backing is given
+// explicitly, so a backing file (or external data file) named in an image
+// header is never opened; only the writable top overlay is a path in the
+// machine's directory. Migration streams go through descriptors the worker
+// opens (getfd, fd: URIs). The console is a socket the worker listens on
+// (QEMU connects, and reconnects after a worker restart; a booting guest
+// starts only once it is connected), copied into a log capped at
+// Config.ConsoleCap. Files in snapshot directories are 0600, the
+// directories 0700.
 //
 // A save freezes the disk: the current top overlay becomes a read-only
 // layer and the machine goes on writing to a new overlay (blockdev-add and
 // blockdev-snapshot while paused). Layers name their backing files by
 // relative names and each directory holds hard links to all the layers
 // below its own, so a snapshot directory is complete by itself. Device and
-// CPU state go through a migration stream (exec:cat). A template machine
+// CPU state go through a migration stream (a file descriptor). A template machine
 // keeps its RAM in a shared file: its snapshot holds that file and a tiny
 // state stream (x-ignore-shared), and clones map the file copy-on-write.
 //
@@ -31,6 +47,7 @@
 package qemu
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -70,6 +87,11 @@ const (
 	DefaultTBSizeMB     = 64
 	DefaultProbeTimeout = 8 * time.Second
 	DefaultStopTimeout  = 5 * time.Second
+	// DefaultConsoleCap bounds a machine's console log on the host:
+	// console.log and console.log.1 together.
+	DefaultConsoleCap = 1 << 20
+	// MinConsoleCap is the smallest console cap accepted.
+	MinConsoleCap = 4 << 10
 )
 
 // Config configures a Driver. The zero value plus a StateDir is usable:
@@ -102,6 +124,10 @@ type Config struct {
 	// StopTimeout is how long Stop waits for QEMU to quit before SIGKILL
 	// (default DefaultStopTimeout).
 	StopTimeout time.Duration
+	// ConsoleCap bounds the bytes of a machine's console kept on the host
+	// (console.log and the older console.log.1 together; default
+	// DefaultConsoleCap).
+	ConsoleCap int64
 }
 
 // Option changes a Config.
@@ -144,6 +170,9 @@ func WithProbeTimeout(d time.Duration) Option { return func(c *Config) { c.Probe
 // WithStopTimeout sets how long Stop waits before it kills QEMU.
 func WithStopTimeout(d time.Duration) Option { return func(c *Config) { c.StopTimeout = d } }
 
+// WithConsoleCap bounds the console log kept per machine, in bytes.
+func WithConsoleCap(bytes int64) Option { return func(c *Config) { c.ConsoleCap = bytes } }
+
 // Arches are the guest architectures the driver runs.
 var Arches = []string{"amd64", "arm64"}
 
@@ -168,6 +197,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.StopTimeout == 0 {
 		c.StopTimeout = DefaultStopTimeout
+	}
+	if c.ConsoleCap == 0 {
+		c.ConsoleCap = DefaultConsoleCap
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
@@ -237,6 +269,9 @@ func (c *Config) Validate() error {
 	if c.QEMUImg == "" {
 		errs = append(errs, errors.New("qemu-img not found: apt-get install -y qemu-utils"))
 	}
+	if c.ConsoleCap < MinConsoleCap {
+		errs = append(errs, fmt.Errorf("console cap %d bytes: want at least %d", c.ConsoleCap, MinConsoleCap))
+	}
 	if c.ProbeTimeout < 0 || c.StopTimeout < 0 {
 		errs = append(errs, errors.New("negative timeout"))
 	}
@@ -253,6 +288,9 @@ type Driver struct {
 
 	accelMu sync.Mutex
 	accels  map[string]string // probe key -> verdict
+
+	sandboxMu sync.Mutex
+	sandboxes map[string]bool // binary -> whether it takes -sandbox
 }
 
 // New returns a Driver configured by opts.
@@ -273,7 +311,7 @@ func NewFromConfig(cfg Config) (*Driver, error) {
 	if err := os.MkdirAll(cfg.StateDir, 0o755); err != nil {
 		return nil, fmt.Errorf("qemu: state dir: %w", err)
 	}
-	return &Driver{cfg: cfg, log: cfg.Logger, accels: map[string]string{}}, nil
+	return &Driver{cfg: cfg, log: cfg.Logger, accels: map[string]string{}, sandboxes: map[string]bool{}}, nil
 }
 
 // Name returns "qemu".
@@ -286,6 +324,37 @@ func (d *Driver) binary(arch string) (string, error) {
 		return "", errdefs.Wrap(errdefs.ErrUnsupported, fmt.Errorf("qemu: no %s found for %s guests: apt-get install -y qemu-system-%s", defaultBinary(arch), arch, map[string]string{"amd64": "x86", "arm64": "arm"}[arch]))
 	}
 	return p, nil
+}
+
+// sandbox reports whether bin runs with QEMU's seccomp sandbox
+// (sandboxOpts). It asks each binary once: a QEMU built without seccomp, or
+// a kernel without it, is logged once and machines run without it.
+func (d *Driver) sandbox(bin string) bool {
+	d.sandboxMu.Lock()
+	defer d.sandboxMu.Unlock()
+	if ok, known := d.sandboxes[bin]; known {
+		return ok
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, bin, "-sandbox", sandboxOpts, "-machine", "none", "-nodefaults",
+		"-no-user-config", "-display", "none", "-S", "-qmp", "stdio")
+	cmd.Stdin = strings.NewReader(`{"execute":"qmp_capabilities"}` + "\n" + `{"execute":"quit"}` + "\n")
+	out, err := cmd.CombinedOutput()
+	ok := err == nil
+	if !ok {
+		d.log.Warn("QEMU's seccomp sandbox is not available; machines run without it",
+			"binary", bin, "err", err, "output", strings.TrimSpace(tailString(string(out), 300)))
+	}
+	d.sandboxes[bin] = ok
+	return ok
+}
+
+func tailString(s string, n int) string {
+	if len(s) > n {
+		return s[len(s)-n:]
+	}
+	return s
 }
 
 // hostArch returns the arch of an Image ("" means the host's).

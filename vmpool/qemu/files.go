@@ -3,6 +3,7 @@ package qemu
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -29,9 +30,11 @@ func (d *Driver) qemuImg(ctx context.Context, args ...string) ([]byte, error) {
 }
 
 // virtualSize returns the virtual size of the disk image at path (opened
-// without taking locks: a running QEMU may hold it).
-func (d *Driver) virtualSize(ctx context.Context, path string) (int64, error) {
-	out, err := d.qemuImg(ctx, "info", "-U", "--output=json", path)
+// without taking locks: a running QEMU may hold it). The format is given,
+// never probed, and qemu-img info opens no backing chain: a raw base that
+// is really a qcow2 naming a backing file is measured as raw bytes.
+func (d *Driver) virtualSize(ctx context.Context, path, format string) (int64, error) {
+	out, err := d.qemuImg(ctx, "info", "-U", "-f", format, "--output=json", path)
 	if err != nil {
 		if _, serr := os.Stat(path); serr != nil {
 			return 0, errdefs.Wrap(errdefs.ErrNotFound, serr)
@@ -47,12 +50,107 @@ func (d *Driver) virtualSize(ctx context.Context, path string) (int64, error) {
 	return info.VirtualSize, nil
 }
 
+// openInherited opens the disk files QEMU gets as descriptors: paths[0] is
+// the raw base disk, the rest are qcow2 layers. Every one must be a regular
+// file; a layer is opened without following a symbolic link and its header
+// must not name an external data file (QEMU would open that by path). On
+// error nothing stays open.
+func openInherited(paths []string) ([]*os.File, error) {
+	files := make([]*os.File, 0, len(paths))
+	for i, p := range paths {
+		flags := os.O_RDONLY | syscall.O_NONBLOCK // a FIFO in place of a disk must not block us
+		if i > 0 {
+			flags |= syscall.O_NOFOLLOW
+		}
+		f, err := os.OpenFile(p, flags, 0)
+		if err == nil {
+			err = checkDiskFile(f, i > 0)
+			if err != nil {
+				f.Close()
+			}
+		}
+		if err != nil {
+			closeFiles(files)
+			if errors.Is(err, os.ErrNotExist) {
+				return nil, errdefs.Wrap(errdefs.ErrNotFound, err)
+			}
+			if errors.Is(err, syscall.ELOOP) {
+				err = errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("disk layer %s is a symbolic link", filepath.Base(p)))
+			}
+			return nil, err
+		}
+		files = append(files, f)
+	}
+	return files, nil
+}
+
+func closeFiles(files []*os.File) {
+	for _, f := range files {
+		f.Close()
+	}
+}
+
+// qcow2 header facts checkDiskFile needs.
+const (
+	qcow2Magic        = "QFI\xfb"
+	qcow2IncompatOff  = 72     // incompatible_features, version 3 on
+	qcow2DataFileFlag = 1 << 2 // an external data file named by the header
+)
+
+// checkDiskFile checks that f is a regular file and, for a qcow2 layer,
+// that it is qcow2 with no external data file.
+func checkDiskFile(f *os.File, layer bool) error {
+	st, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	name := filepath.Base(f.Name())
+	if !st.Mode().IsRegular() {
+		return errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("disk file %s is not a regular file", name))
+	}
+	if !layer {
+		return nil
+	}
+	var h [qcow2IncompatOff + 8]byte
+	if _, err := f.ReadAt(h[:], 0); err != nil {
+		return errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("disk layer %s: short qcow2 header: %w", name, err))
+	}
+	if string(h[:4]) != qcow2Magic {
+		return errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("disk layer %s is not qcow2", name))
+	}
+	if version := binary.BigEndian.Uint32(h[4:8]); version >= 3 &&
+		binary.BigEndian.Uint64(h[qcow2IncompatOff:])&qcow2DataFileFlag != 0 {
+		return errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("disk layer %s names an external data file", name))
+	}
+	return nil
+}
+
 // createOverlay makes a qcow2 overlay at path on top of backing (format
 // backingFmt, virtual size size). The backing file is not opened (-u), so a
 // running QEMU's lock on it does not matter and it need not exist yet.
 func (d *Driver) createOverlay(ctx context.Context, path, backing, backingFmt string, size int64) error {
 	if _, err := d.qemuImg(ctx, "create", "-q", "-f", "qcow2", "-u", "-F", backingFmt, "-b", backing, path, fmt.Sprint(size)); err != nil {
 		return err
+	}
+	// It becomes a layer of snapshots: guest data, for the owner only.
+	return os.Chmod(path, 0o600)
+}
+
+// ownPrivate makes the file at path the worker's own, mode 0600: a frozen
+// layer or memory file that QEMU made or wrote (perhaps as another user)
+// becomes part of a snapshot no QEMU may open by path.
+func ownPrivate(path string) error {
+	st, err := os.Stat(path)
+	if err != nil {
+		return err
+	}
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok && (int(sys.Uid) != os.Geteuid() || int(sys.Gid) != os.Getegid()) {
+		if err := os.Chown(path, os.Geteuid(), os.Getegid()); err != nil {
+			return err
+		}
+	}
+	if st.Mode().Perm() != 0o600 {
+		return os.Chmod(path, 0o600)
 	}
 	return nil
 }
@@ -82,7 +180,7 @@ func copySparse(src, dst string) (err error) {
 	if err != nil {
 		return err
 	}
-	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return err
 	}
@@ -183,7 +281,7 @@ func writeJSON(path string, v any) error {
 		return err
 	}
 	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
 		return err
 	}
 	return os.Rename(tmp, path)
@@ -202,9 +300,4 @@ func readJSON(path string, v any) error {
 		return errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("%s: %w", filepath.Base(path), err))
 	}
 	return nil
-}
-
-// shellQuote quotes s for /bin/sh (migration exec: URIs run through it).
-func shellQuote(s string) string {
-	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }

@@ -47,6 +47,7 @@ type Machine struct {
 	started uint64 // process start time (clock ticks since boot) against pid reuse
 	done    chan struct{}
 	kill    func() error
+	console *consoleLog // nil for a machine of an older worker (file console)
 
 	// mu guards what Save changes and what Stop tears down.
 	mu        sync.Mutex
@@ -101,7 +102,7 @@ func (m *Machine) Accel() string { return m.cfg.Accel }
 func (m *Machine) Done() <-chan struct{} { return m.done }
 
 // ConsoleTail returns the last n bytes of the guest console.
-func (m *Machine) ConsoleTail(n int64) string { return tail(m.cfg.Console, n) }
+func (m *Machine) ConsoleTail(n int64) string { return consoleTail(m.cfg.Console, n) }
 
 func (m *Machine) client() (*agent.Client, error) {
 	m.mu.Lock()
@@ -168,6 +169,7 @@ func (m *Machine) Release() error {
 	m.released = true
 	m.stopping.Store(true) // its exit is someone else's business now
 	m.closeConns()
+	m.console.close() // QEMU reconnects to whoever listens next (Reattach)
 	return nil
 }
 
@@ -229,6 +231,8 @@ func (m *Machine) stopLocked(ctx context.Context) error {
 			<-m.done
 		}
 	}
+	m.console.wait(consoleDrain)
+	m.console.close()
 	m.closeConns()
 	var errs []error
 	if m.sockDir != "" {
@@ -288,7 +292,7 @@ func stepError(op, id, step string, err error, console, qemuLog string) error {
 	if t := strings.TrimSpace(tail(qemuLog, 2048)); t != "" {
 		fmt.Fprintf(&b, "\nqemu output:\n%s", t)
 	}
-	if t := strings.TrimSpace(tail(console, 3000)); t != "" {
+	if t := strings.TrimSpace(consoleTail(console, 3000)); t != "" {
 		fmt.Fprintf(&b, "\nconsole tail:\n%s", t)
 	}
 	if errors.Is(err, syscall.ENOSPC) || strings.Contains(err.Error(), "No space left on device") {
@@ -345,7 +349,7 @@ func (d *Driver) prepareDir(id, dir string) (sockDir string, cleanup func() erro
 		}
 	}
 	cleanup = func() error { return os.RemoveAll(dir) }
-	if len(filepath.Join(dir, agentSock)) > maxSocketLen {
+	if len(filepath.Join(dir, consoleSock)) > maxSocketLen { // the longest socket name
 		s, err := os.MkdirTemp(d.cfg.SocketDir, "m-")
 		if err != nil {
 			_ = cleanup()
@@ -376,6 +380,11 @@ func (d *Driver) start(ctx context.Context, l *launch, u *undo) (*Machine, error
 		done: make(chan struct{}), top: l.cfg.Disk, topNode: l.cfg.Node, diskSize: l.diskSize, layer: l.depth}
 	qemuLog := filepath.Join(l.dir, qemuLogFile)
 	fail := func(step string, err error) (*Machine, error) {
+		select {
+		case <-m.done: // what the guest said last is on its way into the log
+			m.console.wait(consoleDrain)
+		default:
+		}
 		e := stepError(l.op, l.id, step, err, l.cfg.Console, qemuLog)
 		u.run()
 		return nil, e
@@ -391,13 +400,27 @@ func (d *Driver) start(ctx context.Context, l *launch, u *undo) (*Machine, error
 	}
 	m.binary, m.args = bin, args
 
+	// The disk files QEMU gets as descriptors, opened here: QEMU needs no
+	// permission on them.
+	files, err := openInherited(l.cfg.inherited())
+	if err != nil {
+		return fail("open disk layers", err)
+	}
+	defer closeFiles(files) // QEMU has its own copies once started
+	// The console socket listens before QEMU starts and connects.
+	if m.console, err = listenConsole(l.cfg.ConsoleSock, l.cfg.Console, d.cfg.ConsoleCap, m.done, log); err != nil {
+		return fail("listen console", err)
+	}
+	u.add("close console", func() error { m.console.close(); return nil })
+
 	// The process: not tied to ctx, the machine lives until Stop.
-	logf, err := os.OpenFile(qemuLog, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+	logf, err := os.OpenFile(qemuLog, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
 		return fail("start qemu", err)
 	}
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.ExtraFiles = files // descriptor firstInheritedFD+i is files[i]
 	cmd.Dir = l.dir
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if !d.cfg.KeepOnExit {
@@ -415,7 +438,7 @@ func (d *Driver) start(ctx context.Context, l *launch, u *undo) (*Machine, error
 	go func() {
 		err := cmd.Wait()
 		if !m.stopping.Load() {
-			log.Warn("qemu exited by itself", "pid", m.pid, "status", err, "console_tail", tail(l.cfg.Console, 600))
+			log.Warn("qemu exited by itself", "pid", m.pid, "status", err, "console_tail", consoleTail(l.cfg.Console, 600))
 		}
 		close(m.done)
 	}()
@@ -434,10 +457,13 @@ func (d *Driver) start(ctx context.Context, l *launch, u *undo) (*Machine, error
 	m.qmp = q
 	u.add("close qmp", q.Close)
 
+	m.console.waitConnected(ctx, consoleConnect, m.done)
 	if l.setup != nil {
 		if err := l.setup(ctx, m); err != nil {
 			return fail("load state", err)
 		}
+	} else if _, err := q.Execute(ctx, "cont", nil); err != nil { // started with -S
+		return fail("start guest", err)
 	}
 
 	actx := ctx

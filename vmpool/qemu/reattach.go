@@ -82,6 +82,7 @@ func (d *Driver) reattach(ctx context.Context, dir string) (*Machine, error) {
 	// kill it rather than leave an orphan behind a failed Reattach.
 	fail := func(step string, err error) (*Machine, error) {
 		m.closeConns()
+		m.console.close()
 		select {
 		case <-m.done:
 		default:
@@ -97,6 +98,13 @@ func (d *Driver) reattach(ctx context.Context, dir string) (*Machine, error) {
 		}
 		err = stepError("reattach", st.ID, step, err, st.Config.Console, filepath.Join(dir, qemuLogFile))
 		return nil, errdefs.Wrap(errdefs.ErrNotFound, err)
+	}
+	// Listen on the console socket again: QEMU has been retrying it since
+	// the last worker let go.
+	if st.Config.ConsoleSock != "" {
+		if m.console, err = listenConsole(st.Config.ConsoleSock, st.Config.Console, d.cfg.ConsoleCap, m.done, m.log); err != nil {
+			return fail("listen console", err)
+		}
 	}
 	q, err := dialQMP(ctx, st.Config.QMP, m.done)
 	if err != nil {

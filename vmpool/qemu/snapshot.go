@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"syscall"
 	"time"
 
 	"github.com/firkin-dev/firkin-worker/errdefs"
@@ -62,7 +63,7 @@ func (d *Driver) Save(ctx context.Context, vm vmpool.Machine, dir string, opts v
 	if !filepath.IsAbs(dir) {
 		return vmpool.Snapshot{}, invalid("qemu: save: snapshot dir %q is not absolute", dir)
 	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return vmpool.Snapshot{}, fmt.Errorf("qemu: save: %w", err)
 	}
 	if ents, err := os.ReadDir(dir); err != nil || len(ents) > 0 {
@@ -160,6 +161,9 @@ func (m *Machine) save(ctx context.Context, dir string, opts vmpool.SaveOptions)
 		dst := filepath.Join(dir, snapMem)
 		if opts.Stop {
 			err = linkOrCopy(m.cfg.MemPath, dst)
+			if err == nil {
+				err = ownPrivate(dst) // QEMU made it, for itself
+			}
 		} else {
 			err = copySparse(m.cfg.MemPath, dst)
 		}
@@ -279,6 +283,11 @@ func (m *Machine) freezeDisk(ctx context.Context, q *qmp.Client, next *overlay, 
 	if err := os.Link(oldTop, filepath.Join(m.dir, layerName(depth))); err != nil {
 		return 0, err
 	}
+	// QEMU holds it open read-only and never writes it again: from now on
+	// it is snapshot data, the worker's only.
+	if err := ownPrivate(oldTop); err != nil {
+		return 0, err
+	}
 	if err := m.saveState(); err != nil {
 		return 0, err
 	}
@@ -324,12 +333,69 @@ func setMigration(ctx context.Context, q *qmp.Client, ignoreShared bool) error {
 	return err
 }
 
-// migrateOut writes the machine's state to path and waits for the end.
+// migrationFD is the name under which QEMU holds a migration stream's
+// descriptor (getfd).
+const migrationFD = "migration"
+
+// passFD hands f to QEMU as the descriptor named migrationFD: the worker
+// opens snapshot files itself, QEMU never opens one by path (and, with
+// spawn=deny, could not run a command to do it either).
+func passFD(ctx context.Context, q *qmp.Client, f *os.File) error {
+	_, err := q.ExecuteWithFile(ctx, "getfd", map[string]any{"fdname": migrationFD}, f)
+	return err
+}
+
+// dropFD makes QEMU close the descriptor passFD gave it, when a migration
+// did not take it.
+func dropFD(ctx context.Context, q *qmp.Client) {
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	_, _ = q.Execute(cctx, "closefd", map[string]any{"fdname": migrationFD})
+}
+
+// migrateOut writes the machine's state into a new file at path (mode
+// 0600, created by the worker and passed to QEMU as a descriptor) and waits
+// for the end.
 func migrateOut(ctx context.Context, q *qmp.Client, ignoreShared bool, path string) error {
 	if err := setMigration(ctx, q, ignoreShared); err != nil {
 		return err
 	}
-	if _, err := q.Execute(ctx, "migrate", map[string]any{"uri": "exec:cat > " + shellQuote(path)}); err != nil {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	defer f.Close() // QEMU writes through its own copy
+	if err := passFD(ctx, q, f); err != nil {
+		return err
+	}
+	if _, err := q.Execute(ctx, "migrate", map[string]any{"uri": "fd:" + migrationFD}); err != nil {
+		dropFD(ctx, q)
+		return err
+	}
+	return waitMigration(ctx, q)
+}
+
+// migrateIn loads the machine's state from the file at path (opened by the
+// worker, passed to QEMU as a descriptor) and waits for the end.
+func migrateIn(ctx context.Context, q *qmp.Client, ignoreShared bool, path string) error {
+	if err := setMigration(ctx, q, ignoreShared); err != nil {
+		return err
+	}
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if st, err := f.Stat(); err != nil {
+		return err
+	} else if !st.Mode().IsRegular() {
+		return errdefs.Wrap(errdefs.ErrIntegrity, errors.New("snapshot state is not a regular file"))
+	}
+	if err := passFD(ctx, q, f); err != nil {
+		return err
+	}
+	if _, err := q.Execute(ctx, "migrate-incoming", map[string]any{"uri": "fd:" + migrationFD}); err != nil {
+		dropFD(ctx, q)
 		return err
 	}
 	return waitMigration(ctx, q)
@@ -443,6 +509,12 @@ func (d *Driver) restore(ctx context.Context, spec vmpool.RestoreSpec) (*Machine
 		return fail("link boot files", err)
 	}
 	cfg.Disk, cfg.Node, cfg.Incoming = overlay, nodeName(depth), true
+	// The chain is the worker's: the template's base and the layers linked
+	// here, whatever their headers name.
+	cfg.Base, cfg.Layers = meta.Image.RootDisk, nil
+	for k := 1; k <= meta.Depth; k++ {
+		cfg.Layers = append(cfg.Layers, filepath.Join(spec.Dir, layerName(k)))
+	}
 	switch {
 	case src.Network && !spec.Network:
 		cfg.NetOff = true
@@ -466,13 +538,7 @@ func (d *Driver) restore(ctx context.Context, spec vmpool.RestoreSpec) (*Machine
 	state := filepath.Join(snapDir, snapState)
 	load := func(ctx context.Context, m *Machine) error {
 		t0 := time.Now()
-		if err := setMigration(ctx, m.qmp, meta.Format == FormatSharedMemory); err != nil {
-			return err
-		}
-		if _, err := m.qmp.Execute(ctx, "migrate-incoming", map[string]any{"uri": "exec:cat " + shellQuote(state)}); err != nil {
-			return err
-		}
-		if err := waitMigration(ctx, m.qmp); err != nil {
+		if err := migrateIn(ctx, m.qmp, meta.Format == FormatSharedMemory, state); err != nil {
 			return err
 		}
 		var st struct {

@@ -129,6 +129,11 @@ func TestBootExecStop(t *testing.T) {
 	if out := run(t, m, "echo hello"); out != "hello\n" {
 		t.Errorf("echo hello: %q", out)
 	}
+	// The guest ran only once its console was connected: the agent's first
+	// line is in the log.
+	if tl := m.ConsoleTail(4096); !strings.Contains(tl, "msg=booted") {
+		t.Errorf("console log misses the agent's first line:\n%s", tl)
+	}
 	const n = 10
 	t0 := time.Now()
 	for range n {
@@ -266,6 +271,16 @@ func TestReattach(t *testing.T) {
 	t.Logf("reattached in %v", time.Since(t0).Round(time.Millisecond))
 	if out := run(t, m2, "cat /tmp/k"); out != "kept\n" {
 		t.Errorf("after reattach: %q", out)
+	}
+	// QEMU reconnects its console to the new driver's socket (it retries
+	// every second): what the guest writes then reaches the log again.
+	deadline := time.Now().Add(15 * time.Second)
+	for i := 0; !strings.Contains(m2.ConsoleTail(200), "console-again"); i++ {
+		if time.Now().After(deadline) {
+			t.Fatalf("console not reconnected after reattach; tail: %q", m2.ConsoleTail(200))
+		}
+		run(t, m2, fmt.Sprintf("echo console-again-%d > /dev/console", i))
+		time.Sleep(200 * time.Millisecond)
 	}
 	if err := m2.Stop(ctx); err != nil {
 		t.Fatalf("Stop: %v", err)

@@ -15,9 +15,12 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"strconv"
 	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/firkin-dev/firkin-worker/errdefs"
 )
@@ -229,6 +232,24 @@ func (c *Client) deliver(ev Event) {
 // object) and returns the raw "return" value. ctx bounds the wait for the
 // reply; a command whose ctx ended may still take effect in QEMU.
 func (c *Client) Execute(ctx context.Context, command string, args any) (json.RawMessage, error) {
+	return c.execute(ctx, command, args, nil)
+}
+
+// ExecuteWithFile is Execute that passes f to QEMU with the command
+// (SCM_RIGHTS on the same message), as getfd and add-fd want. The
+// connection must be a unix socket. QEMU holds its own copy of the
+// descriptor: the caller closes f when it likes.
+func (c *Client) ExecuteWithFile(ctx context.Context, command string, args any, f *os.File) (json.RawMessage, error) {
+	if f == nil {
+		return nil, errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf("qmp: %s: no file to pass", command))
+	}
+	if _, ok := c.conn.(*net.UnixConn); !ok {
+		return nil, errdefs.Wrap(errdefs.ErrUnsupported, fmt.Errorf("qmp: %s: passing a file needs a unix socket, not %T", command, c.conn))
+	}
+	return c.execute(ctx, command, args, f)
+}
+
+func (c *Client) execute(ctx context.Context, command string, args any, f *os.File) (json.RawMessage, error) {
 	c.mu.Lock()
 	if c.err != nil {
 		err := c.err
@@ -256,7 +277,11 @@ func (c *Client) Execute(ctx context.Context, command string, args any) (json.Ra
 	if dl, ok := ctx.Deadline(); ok {
 		_ = c.conn.SetWriteDeadline(dl)
 	}
-	_, err = c.conn.Write(b)
+	if f != nil {
+		err = writeWithFile(c.conn.(*net.UnixConn), b, f)
+	} else {
+		_, err = c.conn.Write(b)
+	}
 	_ = c.conn.SetWriteDeadline(time.Time{})
 	c.wmu.Unlock()
 	if err != nil {
@@ -273,6 +298,28 @@ func (c *Client) Execute(ctx context.Context, command string, args any) (json.Ra
 		c.forget(id)
 		return nil, errdefs.Wrap(errdefs.ErrTimeout, fmt.Errorf("qmp: %s: %w", command, ctx.Err()))
 	}
+}
+
+// writeWithFile writes b with f's descriptor attached to its first byte.
+func writeWithFile(conn *net.UnixConn, b []byte, f *os.File) error {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var n int
+	cerr := rc.Control(func(fd uintptr) {
+		n, _, err = conn.WriteMsgUnix(b, unix.UnixRights(int(fd)), nil)
+	})
+	if cerr != nil {
+		return cerr
+	}
+	if err != nil {
+		return err
+	}
+	if n < len(b) { // the rest of the line, the descriptor went with the start
+		_, err = conn.Write(b[n:])
+	}
+	return err
 }
 
 func (c *Client) forget(id string) {

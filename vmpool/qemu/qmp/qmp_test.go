@@ -234,3 +234,84 @@ func TestBadGreeting(t *testing.T) {
 		t.Errorf("silent server: %v", err)
 	}
 }
+
+// ExecuteWithFile sends the descriptor with the command: the peer receives
+// the same open file (here a pipe) in the command's message.
+func TestExecuteWithFile(t *testing.T) {
+	a, b := socketpair(t)
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pr.Close()
+	defer pw.Close()
+	type got struct {
+		cmd  string
+		data string
+		err  error
+	}
+	gotc := make(chan got, 1)
+	go func() {
+		g := got{}
+		defer func() { gotc <- g }()
+		u := b.(*net.UnixConn)
+		if _, g.err = u.Write([]byte(greeting)); g.err != nil {
+			return
+		}
+		var pending []byte
+		for range 2 { // qmp_capabilities, then getfd
+			buf, oob := make([]byte, 4096), make([]byte, 128)
+			n, oobn, _, _, err := u.ReadMsgUnix(buf, oob)
+			if err != nil {
+				g.err = err
+				return
+			}
+			pending = append(pending, buf[:n]...)
+			var req request
+			if g.err = json.Unmarshal(pending, &req); g.err != nil {
+				return
+			}
+			pending = nil
+			if oobn > 0 {
+				msgs, err := syscall.ParseSocketControlMessage(oob[:oobn])
+				if err != nil || len(msgs) != 1 {
+					g.err = errors.Join(err, errors.New("no control message"))
+					return
+				}
+				fds, err := syscall.ParseUnixRights(&msgs[0])
+				if err != nil || len(fds) != 1 {
+					g.err = errors.Join(err, errors.New("no descriptor"))
+					return
+				}
+				f := os.NewFile(uintptr(fds[0]), "received")
+				rb := make([]byte, 5)
+				_, g.err = f.Read(rb)
+				f.Close()
+				g.cmd, g.data = req.Execute, string(rb)
+			}
+			if _, g.err = u.Write([]byte(ok(req, "{}") + "\n")); g.err != nil {
+				return
+			}
+		}
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := Connect(ctx, a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := pw.Write([]byte("hello")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.ExecuteWithFile(ctx, "getfd", map[string]any{"fdname": "x"}, pr); err != nil {
+		t.Fatalf("ExecuteWithFile: %v", err)
+	}
+	g := <-gotc
+	if g.err != nil || g.cmd != "getfd" || g.data != "hello" {
+		t.Errorf("peer got command %q reading %q (%v)", g.cmd, g.data, g.err)
+	}
+	if _, err := c.ExecuteWithFile(ctx, "getfd", nil, nil); !errors.Is(err, errdefs.ErrInvalidArgument) {
+		t.Errorf("ExecuteWithFile without a file: %v", err)
+	}
+}
