@@ -74,7 +74,8 @@ func startWorker(t *testing.T, opts ...envOption) *env {
 			dumpConsoles(t, state)
 		}
 	})
-	nc, err := nats.Connect(w.NATSURL())
+	// The client identity (client.nk), not the worker's own.
+	nc, err := nats.Connect(w.NATSURL(), w.ClientOptions()...)
 	if err != nil {
 		t.Fatal(err)
 	}
