@@ -32,15 +32,6 @@ type Config struct {
 	StateDir   string
 	NATSURL    string // join this server or cluster; empty embeds one
 	NATSListen string // the embedded server's client address
-	// NATSAuth is how the embedded server authenticates clients:
-	// NATSAuthNkey (default) or NATSAuthNone.
-	NATSAuth string
-	// Credentials for an external server (NATSURL): at most one of a
-	// credentials file, an nkey seed file, or a user with a password.
-	NATSCreds, NATSNkey, NATSUser, NATSPassword string
-	// TLS for an external server: a CA bundle, and a client certificate
-	// with its key.
-	NATSTLSCA, NATSTLSCert, NATSTLSKey string
 	Prefix     string // subject prefix (default "firkin")
 	Driver     string // auto, qemu, vz
 	Accel      string // qemu accelerator: auto, kvm, tcg
@@ -68,6 +59,16 @@ type Config struct {
 	// template snapshots and the warm pool targets are set (tests).
 	WaitTemplates bool
 	Logger        *slog.Logger
+
+	// NATSAuth is how the embedded server authenticates clients:
+	// NATSAuthNkey (default) or NATSAuthNone.
+	NATSAuth string
+	// Credentials for an external server (NATSURL): at most one of a
+	// credentials file, an nkey seed file, or a user with a password.
+	NATSCreds, NATSNkey, NATSUser, NATSPassword string
+	// TLS for an external server: a CA bundle, and a client certificate
+	// with its key.
+	NATSTLSCA, NATSTLSCert, NATSTLSKey string
 }
 
 // Worker is a running worker.
@@ -77,14 +78,15 @@ type Worker struct {
 	id      string
 	srv     *embedded.Server
 	nc      *nats.Conn
-	// clientSeed is the embedded server's client seed file ("" without one).
-	clientSeed string
 	backend *backend.Backend
 	svc     *handlers.Service
 	rt      *runtimeFacade
 	stopped chan struct{}
 	bg      context.CancelFunc
 	bgDone  chan struct{}
+
+	// clientSeed is the embedded server's client seed file ("" without one).
+	clientSeed string
 }
 
 // ID is the worker's id (the client_id of its sandboxes).
