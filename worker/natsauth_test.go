@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nkeys"
 
@@ -243,5 +244,59 @@ func TestValidateNATS(t *testing.T) {
 	c := Config{NATSURL: url, NATSNkey: loose}
 	if _, err := c.externalOptions(); err == nil || !strings.Contains(err.Error(), "others may read it") {
 		t.Errorf("world-readable --nats-nkey: %v", err)
+	}
+}
+
+// TestExternalNATSCredentials joins a separate nats-server that admits a
+// user with a password and an nkey user: each is used as configured, and a
+// wrong password is refused.
+func TestExternalNATSCredentials(t *testing.T) {
+	dir := t.TempDir()
+	kp, _ := nkeys.CreateUser()
+	pub, _ := kp.PublicKey()
+	seed, _ := kp.Seed()
+	seedFile := filepath.Join(dir, "worker.nk")
+	if err := os.WriteFile(seedFile, seed, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ns, err := server.NewServer(&server.Options{
+		Host: "127.0.0.1", Port: -1, NoSigs: true,
+		Users: []*server.User{{Username: "worker", Password: "s3cret"}},
+		Nkeys: []*server.NkeyUser{{Nkey: pub}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go ns.Start()
+	t.Cleanup(func() { ns.Shutdown(); ns.WaitForShutdown() })
+	if !ns.ReadyForConnections(10 * time.Second) {
+		t.Fatal("nats-server not ready")
+	}
+	url := ns.ClientURL()
+	for name, c := range map[string]Config{
+		"user":  {NATSURL: url, NATSUser: "worker", NATSPassword: "s3cret"},
+		"nkey":  {NATSURL: url, NATSNkey: seedFile},
+		"wrong": {NATSURL: url, NATSUser: "worker", NATSPassword: "guess"},
+		"none":  {NATSURL: url},
+	} {
+		t.Run(name, func(t *testing.T) {
+			c.StateDir = dir
+			w, _, err := connectOnly(t, c)
+			if name == "wrong" || name == "none" {
+				if err == nil || !strings.Contains(strings.ToLower(err.Error()), "authorization") {
+					t.Errorf("connected: %v", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if w.srv != nil || w.ClientNkeyFile() != "" {
+				t.Error("an embedded server was started for an external URL")
+			}
+			if err := w.nc.Flush(); err != nil {
+				t.Fatal(err)
+			}
+		})
 	}
 }
