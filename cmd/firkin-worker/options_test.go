@@ -105,3 +105,18 @@ func TestOptionsNATSAuth(t *testing.T) {
 		}
 	}
 }
+
+func TestOptionsExampleConfig(t *testing.T) {
+	o, err := parseOptions([]string{"--config", "../../deploy/worker.example.json"}, func(string) string { return "" }, func(p string) ([]byte, error) {
+		if strings.HasSuffix(p, "nats-password") {
+			return []byte("pw\n"), nil
+		}
+		return os.ReadFile(p)
+	})
+	if err != nil {
+		t.Fatalf("deploy/worker.example.json: %v", err)
+	}
+	if cfg := o.workerConfig(); cfg.NATSUser != "worker" || cfg.NATSPassword != "pw" || cfg.NATSTLSCA == "" {
+		t.Errorf("deploy/worker.example.json: %+v", cfg)
+	}
+}
