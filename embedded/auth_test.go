@@ -116,6 +116,13 @@ func TestAuthRefusesAnonymousAndStrangers(t *testing.T) {
 		}
 		t.Errorf("unknown nkey: %v, want an authorization violation", err)
 	}
+	missing := filepath.Join(e.dir, "missing.nk")
+	if nc, err := nats.Connect(e.url, client.NkeyFile(missing)); err == nil || !strings.Contains(err.Error(), missing) {
+		if nc != nil {
+			nc.Close()
+		}
+		t.Errorf("client.NkeyFile of a missing file: %v", err)
+	}
 }
 
 // TestClientMayUseTheAPIAndReadState: requests to firkin.*, micro discovery,
