@@ -220,6 +220,9 @@ func TestClientMayUseTheAPIAndReadState(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if err := e.client.Flush(); err != nil { // the subscription is in place before the publish
+		t.Fatal(err)
+	}
 	logs.Publish(subjects.LogEvent{SandboxID: "sb1", Message: "live"})
 	if err := logs.Flush(ctx); err != nil {
 		t.Fatal(err)
