@@ -22,6 +22,23 @@ type Client struct {
 	subj subjects.Subjects
 }
 
+// NkeyFile authenticates a connection with the nkey user seed in the file at
+// path, e.g. a worker's <state dir>/client.nk:
+//
+//	nc, err := nats.Connect(url, client.NkeyFile("/var/lib/firkin/client.nk"))
+//
+// The seed is read again for each signature rather than kept in memory. A
+// file that holds no nkey makes the connect fail with the reason.
+func NkeyFile(path string) nats.Option {
+	opt, err := nats.NkeyOptionFromSeed(path)
+	if err != nil {
+		return func(*nats.Options) error {
+			return errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf("nkey seed file %s: %w", path, err))
+		}
+	}
+	return opt
+}
+
 // New returns a client using the default subject prefix.
 func New(nc *nats.Conn) *Client { return &Client{nc: nc, subj: subjects.Default} }
 

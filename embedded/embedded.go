@@ -26,6 +26,12 @@ type Config struct {
 	Logger *slog.Logger
 	// ReadyTimeout bounds the wait for the server to accept clients (default 10s).
 	ReadyTimeout time.Duration
+	// Users are the nkey users the server admits, each with its permissions
+	// (see Access.Users). Anyone else is refused.
+	Users []*server.NkeyUser
+	// Anonymous admits clients without credentials, with every permission.
+	// It must be set explicitly when Users is empty, and not with Users.
+	Anonymous bool
 }
 
 // Server is a running embedded nats-server.
@@ -37,6 +43,12 @@ type Server struct {
 func Start(cfg Config) (*Server, error) {
 	if cfg.StoreDir == "" {
 		return nil, errors.New("embedded nats: store dir is required")
+	}
+	if len(cfg.Users) == 0 && !cfg.Anonymous {
+		return nil, errors.New("embedded nats: no users: give Users, or set Anonymous to admit anyone")
+	}
+	if len(cfg.Users) > 0 && cfg.Anonymous {
+		return nil, errors.New("embedded nats: Users and Anonymous exclude each other")
 	}
 	if cfg.Listen == "" {
 		cfg.Listen = "127.0.0.1:4222"
@@ -64,6 +76,7 @@ func Start(cfg Config) (*Server, error) {
 		NoSigs:             true,
 		MaxPayload:         8 << 20,
 		JetStreamMaxMemory: 256 << 20,
+		Nkeys:              cfg.Users,
 	}
 	ns, err := server.NewServer(opts)
 	if err != nil {

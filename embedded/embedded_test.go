@@ -7,7 +7,7 @@ import (
 )
 
 func TestStartServesJetStream(t *testing.T) {
-	s, err := Start(Config{Listen: "127.0.0.1:-1", StoreDir: t.TempDir()})
+	s, err := Start(Config{Listen: "127.0.0.1:-1", StoreDir: t.TempDir(), Anonymous: true})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -26,6 +26,13 @@ const (
 	SnapshotsBucket = "firkin_snapshots"
 )
 
+// ReadableStreams are the streams clients may read (the embedded server's
+// client permissions): the log and event streams and the streams behind the
+// KV buckets.
+func ReadableStreams() []string {
+	return []string{LogStream, EventStream, "KV_" + SessionsBucket, "KV_" + SnapshotsBucket}
+}
+
 // Config bounds the retention of the streams.
 type Config struct {
 	Subjects subjects.Subjects

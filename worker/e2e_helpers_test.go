@@ -15,6 +15,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/firkin-dev/firkin-worker/client"
+	"github.com/firkin-dev/firkin-worker/embedded"
 	"github.com/firkin-dev/firkin-worker/internal/testenv"
 	"github.com/firkin-dev/firkin-worker/subjects"
 	"github.com/firkin-dev/firkin-worker/worker"
@@ -74,13 +75,28 @@ func startWorker(t *testing.T, opts ...envOption) *env {
 			dumpConsoles(t, cfg.StateDir)
 		}
 	})
-	nc, err := nats.Connect(w.NATSURL())
+	// The client identity (client.nk), not the worker's own.
+	nc, err := nats.Connect(w.NATSURL(), w.ClientOptions()...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(nc.Close)
 	e.nc, e.c = nc, client.New(nc)
 	return e
+}
+
+// workerConn connects with the worker's own identity (worker.nk), which may
+// write KV records and publish logs and events: for tests that play a
+// writer the client identity is not allowed to be, such as a forged record.
+func (e *env) workerConn() *nats.Conn {
+	e.t.Helper()
+	nc, err := nats.Connect(e.w.NATSURL(), client.NkeyFile(filepath.Join(e.state, worker.WorkerSeedFile)),
+		nats.CustomInboxPrefix(embedded.WorkerInboxPrefix))
+	if err != nil {
+		e.t.Fatalf("connect as the worker: %v", err)
+	}
+	e.t.Cleanup(nc.Close)
+	return nc
 }
 
 func (e *env) ctx(d time.Duration) context.Context {

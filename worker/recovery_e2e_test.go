@@ -108,7 +108,10 @@ func TestRecoveryAfterCrash(t *testing.T) {
 	}
 
 	first := startBinary(t, bin, args...)
-	nc, err := nats.Connect("nats://"+natsAddr, nats.MaxReconnects(-1), nats.ReconnectWait(100*time.Millisecond))
+	// As a client of the README: the client identity the worker made; the
+	// restarted worker keeps it, so the connection reconnects.
+	nc, err := nats.Connect("nats://"+natsAddr, client.NkeyFile(filepath.Join(state, "client.nk")),
+		nats.MaxReconnects(-1), nats.ReconnectWait(100*time.Millisecond))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -59,6 +59,16 @@ type Config struct {
 	// template snapshots and the warm pool targets are set (tests).
 	WaitTemplates bool
 	Logger        *slog.Logger
+
+	// NATSAuth is how the embedded server authenticates clients:
+	// NATSAuthNkey (default) or NATSAuthNone.
+	NATSAuth string
+	// Credentials for an external server (NATSURL): at most one of a
+	// credentials file, an nkey seed file, or a user with a password.
+	NATSCreds, NATSNkey, NATSUser, NATSPassword string
+	// TLS for an external server: a CA bundle, and a client certificate
+	// with its key.
+	NATSTLSCA, NATSTLSCert, NATSTLSKey string
 }
 
 // Worker is a running worker.
@@ -74,6 +84,9 @@ type Worker struct {
 	stopped chan struct{}
 	bg      context.CancelFunc
 	bgDone  chan struct{}
+
+	// clientSeed is the embedded server's client seed file ("" without one).
+	clientSeed string
 }
 
 // ID is the worker's id (the client_id of its sandboxes).
@@ -121,7 +134,7 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 		return nil, err
 	}
 	w.log = w.log.With("worker", w.id)
-	if err := step("nats", func() error { return w.connect() }); err != nil {
+	if err := step("nats", func() error { return w.connect(subj) }); err != nil {
 		return nil, err
 	}
 	cleanups = append(cleanups, w.closeNATS)
@@ -240,23 +253,25 @@ func (w *Worker) Stop(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-func (w *Worker) connect() error {
+func (w *Worker) connect(subj subjects.Subjects) error {
 	url := w.cfg.NATSURL
+	var auth []nats.Option
+	var err error
 	if url == "" {
-		srv, err := embedded.Start(embedded.Config{
-			Listen:   w.cfg.NATSListen,
-			StoreDir: filepath.Join(w.cfg.StateDir, "nats"),
-			Logger:   w.log,
-		})
-		if err != nil {
-			return err
+		auth, err = w.startEmbedded(subj)
+		if err == nil {
+			url = w.srv.ClientURL()
 		}
-		w.srv = srv
-		url = srv.ClientURL()
+	} else {
+		auth, err = w.cfg.externalOptions()
+	}
+	if err != nil {
+		return err
 	}
 	bo := backoff.NewExponentialBackOff(backoff.WithInitialInterval(250*time.Millisecond), backoff.WithMaxInterval(10*time.Second))
-	nc, err := nats.Connect(url,
+	nc, err := nats.Connect(url, append(auth,
 		nats.Name("firkin-worker "+w.id),
+		nats.CustomInboxPrefix(embedded.WorkerInboxPrefix),
 		nats.MaxReconnects(-1),
 		nats.RetryOnFailedConnect(false),
 		nats.CustomReconnectDelay(func(int) time.Duration { return bo.NextBackOff() }),
@@ -266,7 +281,7 @@ func (w *Worker) connect() error {
 				w.log.Warn("disconnected from NATS", "err", err)
 			}
 		}),
-	)
+	)...)
 	if err != nil {
 		if w.srv != nil {
 			w.srv.Shutdown()
@@ -297,6 +312,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.NATSListen == "" {
 		c.NATSListen = "127.0.0.1:4222"
+	}
+	if err := c.validateNATS(); err != nil {
+		return err
 	}
 	if c.Driver == "" {
 		c.Driver = "auto"

@@ -64,6 +64,8 @@ type bench struct {
 	w   *worker.Worker
 	log *slog.Logger
 	n   int
+	// stateDir holds the worker's nkey identities.
+	stateDir string
 }
 
 func run() error {
@@ -95,12 +97,12 @@ func run() error {
 		defer cancel()
 		_ = w.Stop(sctx)
 	}()
-	nc, err := nats.Connect(w.NATSURL())
+	nc, err := nats.Connect(w.NATSURL(), w.ClientOptions()...)
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
-	b := &bench{ctx: ctx, c: client.New(nc), nc: nc, w: w, log: log, n: *n}
+	b := &bench{ctx: ctx, c: client.New(nc), nc: nc, w: w, log: log, n: *n, stateDir: *stateDir}
 	report := Report{When: time.Now().UTC(), Host: hostDescription(), Ratios: map[string]float64{}}
 
 	steps := []struct {

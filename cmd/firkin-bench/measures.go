@@ -15,7 +15,10 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/firkin-dev/firkin-worker/client"
+	"github.com/firkin-dev/firkin-worker/embedded"
 	"github.com/firkin-dev/firkin-worker/subjects"
+	"github.com/firkin-dev/firkin-worker/worker"
 )
 
 // coldBoot is (a): a create that boots the tiny image, to first stdout.
@@ -191,17 +194,31 @@ func (b *bench) idleRSS() (Result, error) {
 	return summarize("(f) host PSS per idle sandbox", "MiB", samples, "<= 64", func(r Result) bool { return r.P95 <= 64 }), nil
 }
 
-// natsFloor is (g): a raw request round trip on the same connection.
+// natsFloor is (g): a raw request round trip from the client connection to
+// an echo responder on the worker's identity (clients may only request
+// firkin.>, and only the worker may serve it).
 func (b *bench) natsFloor(n int) (Result, error) {
-	sub, err := b.nc.Subscribe("firkin-bench.echo", func(m *nats.Msg) { _ = m.Respond(m.Data) })
+	var opts []nats.Option
+	if b.w.ClientNkeyFile() != "" {
+		opts = append(opts, client.NkeyFile(filepath.Join(b.stateDir, worker.WorkerSeedFile)), nats.CustomInboxPrefix(embedded.WorkerInboxPrefix))
+	}
+	responder, err := nats.Connect(b.w.NATSURL(), opts...)
+	if err != nil {
+		return Result{}, err
+	}
+	defer responder.Close()
+	sub, err := responder.Subscribe("firkin.bench.echo", func(m *nats.Msg) { _ = m.Respond(m.Data) })
 	if err != nil {
 		return Result{}, err
 	}
 	defer sub.Unsubscribe()
+	if err := responder.Flush(); err != nil {
+		return Result{}, err
+	}
 	var samples []float64
 	for i := 0; i < n+10; i++ {
 		start := time.Now()
-		if _, err := b.nc.Request("firkin-bench.echo", []byte("hi"), 5*time.Second); err != nil {
+		if _, err := b.nc.Request("firkin.bench.echo", []byte("hi"), 5*time.Second); err != nil {
 			return Result{}, err
 		}
 		if i >= 10 {

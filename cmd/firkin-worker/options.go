@@ -24,6 +24,12 @@ type options struct {
 	minFreeDiskMB                                                       int
 	keepMachines                                                        bool
 	logMaxAge                                                           time.Duration
+
+	// NATS authentication: the embedded server's mode, or credentials and
+	// TLS for an external one. natsPassword comes from --nats-password-file
+	// or FIRKIN_NATS_PASSWORD, never from a flag.
+	natsAuth, natsCreds, natsNkey, natsUser, natsPasswordFile string
+	natsTLSCA, natsTLSCert, natsTLSKey, natsPassword          string
 }
 
 func defaultStateDir() string {
@@ -47,6 +53,14 @@ func parseOptions(args []string, getenv func(string) string, readFile func(strin
 	fs.StringVar(&o.stateDir, "state-dir", defaultStateDir(), "images, snapshots, overlays and the embedded server's JetStream store")
 	fs.StringVar(&o.natsURL, "nats-url", "", "connect to this NATS server or cluster instead of embedding one")
 	fs.StringVar(&o.natsListen, "nats-listen", "127.0.0.1:4222", "the embedded server's client address")
+	fs.StringVar(&o.natsAuth, "nats-auth", worker.NATSAuthNkey, "the embedded server's authentication: nkey (the worker's and the clients' identities, <state-dir>/worker.nk and client.nk) or none (anonymous clients with every permission: loopback development only)")
+	fs.StringVar(&o.natsCreds, "nats-creds", "", "external server: credentials file (JWT and nkey seed)")
+	fs.StringVar(&o.natsNkey, "nats-nkey", "", "external server: nkey user seed file (mode 0600)")
+	fs.StringVar(&o.natsUser, "nats-user", "", "external server: user name; the password comes from --nats-password-file or FIRKIN_NATS_PASSWORD")
+	fs.StringVar(&o.natsPasswordFile, "nats-password-file", "", "external server: file holding the password of --nats-user")
+	fs.StringVar(&o.natsTLSCA, "nats-tls-ca", "", "external server: CA bundle to verify it with")
+	fs.StringVar(&o.natsTLSCert, "nats-tls-cert", "", "external server: client certificate (with --nats-tls-key)")
+	fs.StringVar(&o.natsTLSKey, "nats-tls-key", "", "external server: client certificate's key (with --nats-tls-cert)")
 	fs.StringVar(&o.prefix, "prefix", "firkin", "subject prefix")
 	fs.StringVar(&o.driver, "driver", "auto", "machine driver: auto, qemu or vz")
 	fs.StringVar(&o.accel, "accel", "auto", "qemu accelerator: auto (KVM when a probe proves it works), kvm or tcg")
@@ -120,7 +134,40 @@ func parseOptions(args []string, getenv func(string) string, readFile func(strin
 	if _, err := parsePool(o.pool); err != nil {
 		errs = append(errs, err)
 	}
+	if o.natsAuth != worker.NATSAuthNkey && o.natsAuth != worker.NATSAuthNone {
+		errs = append(errs, fmt.Errorf("--nats-auth %q: want %s or %s", o.natsAuth, worker.NATSAuthNkey, worker.NATSAuthNone))
+	}
+	if err := o.readNATSPassword(getenv, readFile); err != nil {
+		errs = append(errs, err)
+	}
 	return o, errors.Join(errs...)
+}
+
+// natsPasswordEnv holds the external server's password when no
+// --nats-password-file is given (a password is never a flag: command lines
+// are visible to every user of the host).
+const natsPasswordEnv = "FIRKIN_NATS_PASSWORD"
+
+// readNATSPassword fills natsPassword from --nats-password-file or the
+// environment.
+func (o *options) readNATSPassword(getenv func(string) string, readFile func(string) ([]byte, error)) error {
+	env := getenv(natsPasswordEnv)
+	if o.natsPasswordFile == "" {
+		o.natsPassword = env
+		return nil
+	}
+	if env != "" {
+		return fmt.Errorf("--nats-password-file and %s both given: give the NATS password once", natsPasswordEnv)
+	}
+	data, err := readFile(o.natsPasswordFile)
+	if err != nil {
+		return fmt.Errorf("--nats-password-file: %w", err)
+	}
+	o.natsPassword = strings.TrimRight(string(data), "\r\n")
+	if o.natsPassword == "" {
+		return fmt.Errorf("--nats-password-file %s is empty", o.natsPasswordFile)
+	}
+	return nil
 }
 
 // EnvName is the environment variable of a flag: FIRKIN_ + upper case, - → _.
@@ -151,6 +198,14 @@ func (o options) workerConfig() worker.Config {
 		StateDir:           o.stateDir,
 		NATSURL:            o.natsURL,
 		NATSListen:         o.natsListen,
+		NATSAuth:           o.natsAuth,
+		NATSCreds:          o.natsCreds,
+		NATSNkey:           o.natsNkey,
+		NATSUser:           o.natsUser,
+		NATSPassword:       o.natsPassword,
+		NATSTLSCA:          o.natsTLSCA,
+		NATSTLSCert:        o.natsTLSCert,
+		NATSTLSKey:         o.natsTLSKey,
 		Prefix:             o.prefix,
 		Driver:             o.driver,
 		Accel:              o.accel,

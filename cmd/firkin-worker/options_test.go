@@ -53,3 +53,70 @@ func TestOptionsErrors(t *testing.T) {
 		t.Errorf("bad format: %v", err)
 	}
 }
+
+func TestOptionsNATSAuth(t *testing.T) {
+	files := map[string]string{"pw": "s3cret\n", "empty": "", "cfg.json": `{"nats-url":"nats://n1:4222","nats-user":"worker","nats-password-file":"pw","nats-tls-ca":"ca.pem"}`}
+	read := func(p string) ([]byte, error) {
+		if s, ok := files[p]; ok {
+			return []byte(s), nil
+		}
+		return nil, os.ErrNotExist
+	}
+	env := func(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
+
+	o, err := parseOptions(nil, env(nil), read)
+	if err != nil || o.natsAuth != "nkey" || o.workerConfig().NATSAuth != "nkey" {
+		t.Fatalf("default --nats-auth: %q %v", o.natsAuth, err)
+	}
+	if o, err = parseOptions(nil, env(map[string]string{"FIRKIN_NATS_AUTH": "none"}), read); err != nil || o.natsAuth != "none" {
+		t.Errorf("FIRKIN_NATS_AUTH=none: %q %v", o.natsAuth, err)
+	}
+	o, err = parseOptions([]string{"--config", "cfg.json"}, env(nil), read)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := o.workerConfig()
+	if cfg.NATSURL != "nats://n1:4222" || cfg.NATSUser != "worker" || cfg.NATSPassword != "s3cret" || cfg.NATSTLSCA != "ca.pem" {
+		t.Errorf("from the config file: %+v", cfg)
+	}
+	o, err = parseOptions([]string{"--nats-url", "nats://n1:4222", "--nats-user", "w", "--nats-creds", "a.creds", "--nats-nkey", "a.nk",
+		"--nats-tls-cert", "c.pem", "--nats-tls-key", "k.pem"}, env(map[string]string{"FIRKIN_NATS_PASSWORD": "from-env"}), read)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg := o.workerConfig(); cfg.NATSPassword != "from-env" || cfg.NATSCreds != "a.creds" || cfg.NATSNkey != "a.nk" || cfg.NATSTLSCert != "c.pem" || cfg.NATSTLSKey != "k.pem" {
+		t.Errorf("flags and FIRKIN_NATS_PASSWORD: %+v", cfg)
+	}
+
+	files["bad.json"] = `{"nats-password":"pw"}`
+	for name, c := range map[string]struct {
+		args []string
+		env  map[string]string
+	}{
+		"password as a flag":     {args: []string{"--nats-password", "pw"}},
+		"password in the config": {args: []string{"--config", "bad.json"}},
+		"password twice":         {args: []string{"--nats-password-file", "pw"}, env: map[string]string{"FIRKIN_NATS_PASSWORD": "x"}},
+		"empty password file":    {args: []string{"--nats-password-file", "empty"}},
+		"missing password file":  {args: []string{"--nats-password-file", "nope"}},
+		"unknown auth":           {args: []string{"--nats-auth", "token"}},
+	} {
+		if _, err := parseOptions(c.args, env(c.env), read); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+}
+
+func TestOptionsExampleConfig(t *testing.T) {
+	o, err := parseOptions([]string{"--config", "../../deploy/worker.example.json"}, func(string) string { return "" }, func(p string) ([]byte, error) {
+		if strings.HasSuffix(p, "nats-password") {
+			return []byte("pw\n"), nil
+		}
+		return os.ReadFile(p)
+	})
+	if err != nil {
+		t.Fatalf("deploy/worker.example.json: %v", err)
+	}
+	if cfg := o.workerConfig(); cfg.NATSUser != "worker" || cfg.NATSPassword != "pw" || cfg.NATSTLSCA == "" {
+		t.Errorf("deploy/worker.example.json: %+v", cfg)
+	}
+}

@@ -12,7 +12,7 @@ import (
 // port and returns a connection to it; both end with the test.
 func NATS(t testing.TB) *nats.Conn {
 	t.Helper()
-	srv, err := embedded.Start(embedded.Config{Listen: "127.0.0.1:-1", StoreDir: t.TempDir()})
+	srv, err := embedded.Start(embedded.Config{Listen: "127.0.0.1:-1", StoreDir: t.TempDir(), Anonymous: true})
 	if err != nil {
 		t.Fatalf("testenv: embedded nats: %v", err)
 	}

@@ -1,0 +1,185 @@
+package worker
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/firkin-dev/firkin-worker/client"
+	"github.com/firkin-dev/firkin-worker/embedded"
+	"github.com/firkin-dev/firkin-worker/errdefs"
+	"github.com/firkin-dev/firkin-worker/jetstream"
+	"github.com/firkin-dev/firkin-worker/subjects"
+)
+
+// NATS authentication modes of the embedded server (Config.NATSAuth).
+const (
+	// NATSAuthNkey admits two nkey users kept in the state directory: the
+	// worker (WorkerSeedFile) and its clients (ClientSeedFile), each with
+	// the least permissions it needs (embedded.Access).
+	NATSAuthNkey = "nkey"
+	// NATSAuthNone admits anonymous clients with every permission: loopback
+	// development only.
+	NATSAuthNone = "none"
+)
+
+// Seed files of the embedded server's users, in the state directory.
+const (
+	WorkerSeedFile = "worker.nk"
+	ClientSeedFile = "client.nk"
+)
+
+// ClientNkeyFile is the seed file clients authenticate with against the
+// embedded server (<state dir>/client.nk), or "" when the worker joined an
+// external server or its embedded server admits anonymous clients.
+func (w *Worker) ClientNkeyFile() string { return w.clientSeed }
+
+// ClientOptions are the options a client connects to this worker's embedded
+// server with: the client identity (not the worker's own), or none when
+// ClientNkeyFile is "".
+func (w *Worker) ClientOptions() []nats.Option {
+	if w.clientSeed == "" {
+		return nil
+	}
+	return []nats.Option{client.NkeyFile(w.clientSeed)}
+}
+
+// startEmbedded starts the embedded server with the configured
+// authentication and returns the options of the worker's own connection.
+func (w *Worker) startEmbedded(subj subjects.Subjects) ([]nats.Option, error) {
+	cfg := embedded.Config{
+		Listen:   w.cfg.NATSListen,
+		StoreDir: filepath.Join(w.cfg.StateDir, "nats"),
+		Logger:   w.log,
+	}
+	var opts []nats.Option
+	switch w.cfg.NATSAuth {
+	case NATSAuthNone:
+		w.log.Warn("embedded NATS admits anonymous clients with every permission (--nats-auth=none): whoever reaches "+
+			w.cfg.NATSListen+" controls every sandbox; use this for loopback development only", "nats_listen", w.cfg.NATSListen)
+		cfg.Anonymous = true
+	default:
+		workerKey, err := embedded.LoadOrCreateSeed(filepath.Join(w.cfg.StateDir, WorkerSeedFile))
+		if err != nil {
+			return nil, err
+		}
+		clientPath := filepath.Join(w.cfg.StateDir, ClientSeedFile)
+		clientKey, err := embedded.LoadOrCreateSeed(clientPath)
+		if err != nil {
+			return nil, err
+		}
+		workerPub, err := workerKey.PublicKey()
+		if err != nil {
+			return nil, err
+		}
+		clientPub, err := clientKey.PublicKey()
+		if err != nil {
+			return nil, err
+		}
+		clientKey.Wipe()
+		if workerPub == clientPub {
+			return nil, errdefs.Wrap(errdefs.ErrInvalidArgument,
+				fmt.Errorf("%s and %s hold the same nkey: the worker and its clients need different identities (remove %s to have a new one made)", WorkerSeedFile, ClientSeedFile, clientPath))
+		}
+		access := embedded.Access{Prefix: subj.Prefix, ReadStreams: jetstream.ReadableStreams()}
+		cfg.Users = access.Users(workerPub, clientPub)
+		opts = append(opts, nats.Nkey(workerPub, workerKey.Sign))
+		w.clientSeed = clientPath
+	}
+	srv, err := embedded.Start(cfg)
+	if err != nil {
+		return nil, err
+	}
+	w.srv = srv
+	return opts, nil
+}
+
+// externalOptions are the credentials and TLS options for an external
+// server (validated by validateNATS).
+func (c *Config) externalOptions() ([]nats.Option, error) {
+	var opts []nats.Option
+	switch {
+	case c.NATSCreds != "":
+		opts = append(opts, nats.UserCredentials(c.NATSCreds))
+	case c.NATSNkey != "":
+		kp, err := embedded.ReadSeed(c.NATSNkey)
+		if err != nil {
+			return nil, fmt.Errorf("--nats-nkey: %w", err)
+		}
+		pub, err := kp.PublicKey()
+		if err != nil {
+			return nil, fmt.Errorf("--nats-nkey: %w", err)
+		}
+		opts = append(opts, nats.Nkey(pub, kp.Sign))
+	case c.NATSUser != "":
+		opts = append(opts, nats.UserInfo(c.NATSUser, c.NATSPassword))
+	}
+	if c.NATSTLSCA != "" {
+		opts = append(opts, nats.RootCAs(c.NATSTLSCA))
+	}
+	if c.NATSTLSCert != "" {
+		opts = append(opts, nats.ClientCert(c.NATSTLSCert, c.NATSTLSKey))
+	}
+	return opts, nil
+}
+
+// validateNATS checks the NATS settings and their combinations.
+func (c *Config) validateNATS() error {
+	invalid := func(format string, a ...any) error {
+		return errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf("worker: "+format, a...))
+	}
+	var errs []error
+	switch c.NATSAuth {
+	case "":
+		c.NATSAuth = NATSAuthNkey
+	case NATSAuthNkey, NATSAuthNone:
+	default:
+		errs = append(errs, invalid("--nats-auth %q: want %s or %s", c.NATSAuth, NATSAuthNkey, NATSAuthNone))
+	}
+	type setting struct{ name, value string }
+	files := []setting{
+		{"--nats-creds", c.NATSCreds}, {"--nats-nkey", c.NATSNkey},
+		{"--nats-tls-ca", c.NATSTLSCA}, {"--nats-tls-cert", c.NATSTLSCert}, {"--nats-tls-key", c.NATSTLSKey},
+	}
+	if c.NATSURL == "" {
+		for _, s := range append(files, setting{"--nats-user", c.NATSUser}, setting{"a NATS password", c.NATSPassword}) {
+			if s.value != "" {
+				errs = append(errs, invalid("%s applies to an external server only (--nats-url); the embedded server uses --nats-auth", s.name))
+			}
+		}
+		return errors.Join(errs...)
+	}
+	if c.NATSAuth == NATSAuthNone {
+		errs = append(errs, invalid("--nats-auth=%s configures the embedded server; with --nats-url use --nats-creds, --nats-nkey or --nats-user", NATSAuthNone))
+	}
+	given := 0
+	for _, v := range []string{c.NATSCreds, c.NATSNkey, c.NATSUser} {
+		if v != "" {
+			given++
+		}
+	}
+	if given > 1 {
+		errs = append(errs, invalid("give one of --nats-creds, --nats-nkey and --nats-user"))
+	}
+	if c.NATSUser != "" && c.NATSPassword == "" {
+		errs = append(errs, invalid("--nats-user needs a password: --nats-password-file or FIRKIN_NATS_PASSWORD"))
+	}
+	if c.NATSPassword != "" && c.NATSUser == "" {
+		errs = append(errs, invalid("a NATS password needs --nats-user"))
+	}
+	if (c.NATSTLSCert == "") != (c.NATSTLSKey == "") {
+		errs = append(errs, invalid("--nats-tls-cert and --nats-tls-key go together"))
+	}
+	for _, f := range files {
+		if f.value == "" {
+			continue
+		}
+		if _, err := os.Stat(f.value); err != nil {
+			errs = append(errs, invalid("%s: %w", f.name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
