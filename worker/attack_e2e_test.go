@@ -348,7 +348,7 @@ func (e *env) forgeSnapshotRecord(id, dir string) {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	nc := e.adminConn()
+	nc := e.workerConn()
 	js, err := nc.JetStream()
 	if err != nil {
 		e.t.Fatal(err)

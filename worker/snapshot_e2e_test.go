@@ -390,7 +390,7 @@ func wantNoLeak(t *testing.T, what string, err error, paths ...string) {
 // testForgedRecords writes snapshot records into the KV bucket as anyone with
 // write access could, and checks the worker uses none of them.
 func testForgedRecords(t *testing.T, e *env, src subjects.Sandbox, legit subjects.SnapshotRecord) {
-	js, _ := jetstream.New(e.nc)
+	js, _ := jetstream.New(e.workerConn()) // KV writes need the worker's identity
 	kv, err := js.KeyValue(e.ctx(10*time.Second), "firkin_snapshots")
 	if err != nil {
 		t.Fatal(err)
