@@ -79,7 +79,7 @@ func udp(addr string) action { return action{Op: "udp", Addr: addr} }
 
 func TestGuard(t *testing.T) {
 	h := newTestHost(t)
-	upstream := fakeDNS(t, map[string][]netip.Addr{
+	upstream := fakeDNS(t, 30, map[string][]netip.Addr{
 		"allowed.test":  {h.priv4, h.ula6},
 		"other.test":    {h.priv4},
 		"denied.test":   {h.pub4},
@@ -222,7 +222,8 @@ func TestGuard(t *testing.T) {
 		if err := g.Apply(ctx, uid(10), mustPolicy(t, []string{"*.wild.test"}, []string{"0.0.0.0/0", "::/0"})); err != nil {
 			t.Fatal(err)
 		}
-		acts := []action{tcp(h.at(h.ll4)), {Op: "dns", Server: dnsAt, Name: "www.wild.test"}, tcp(h.at(h.ll4)), tcp(h.at(h.pub4))}
+		// Over TCP this time.
+		acts := []action{tcp(h.at(h.ll4)), {Op: "dns", Server: dnsAt, Name: "www.wild.test", TCP: true}, tcp(h.at(h.ll4)), tcp(h.at(h.pub4))}
 		expect(t, "wildcard", acts, probe(t, uid(10), acts...), "rejected", "ok", "ok", "rejected")
 	})
 

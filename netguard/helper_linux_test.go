@@ -134,12 +134,14 @@ func serveUDPEcho(pc net.PacketConn) {
 }
 
 // action is one thing a probe tries: "tcp" or "udp" to Addr (an echo
-// server), or "dns" asking Server for Name's A (or AAAA with AAAA set).
+// server), or "dns" asking Server for Name's A (or AAAA with AAAA set),
+// over UDP (or TCP with TCP set).
 type action struct {
 	Op     string `json:"op"`
 	Addr   string `json:"addr,omitempty"`
 	Name   string `json:"name,omitempty"`
 	AAAA   bool   `json:"aaaa,omitempty"`
+	TCP    bool   `json:"tcp,omitempty"` // DNS over TCP
 	Server string `json:"server,omitempty"`
 }
 
@@ -197,6 +199,9 @@ func probeOne(a action) result {
 		}
 		m.SetQuestion(dns.Fqdn(a.Name), t)
 		c := dns.Client{Net: "udp", Timeout: 3 * time.Second}
+		if a.TCP {
+			c.Net = "tcp"
+		}
 		r, _, err := c.Exchange(m, a.Server)
 		if err != nil {
 			return fail(err)
@@ -225,7 +230,8 @@ func probe(t *testing.T, uid uint32, acts ...action) []result {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(len(acts))*10*time.Second)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, probeBin)
-	cmd.Env = append(os.Environ(), helperEnv+"=probe", probeEnv+"="+string(data))
+	// GORACE: a race-enabled binary otherwise waits a second at exit.
+	cmd.Env = append(os.Environ(), helperEnv+"=probe", probeEnv+"="+string(data), "GORACE=atexit_sleep_ms=0")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid}}
 	cmd.Dir = "/"
 	out, err := cmd.Output()
@@ -370,49 +376,4 @@ func echoListener(t *testing.T, addr string) net.Listener {
 	t.Cleanup(func() { ln.Close() })
 	go serveEcho(ln)
 	return ln
-}
-
-// fakeDNS is an authoritative server for the test's names on loopback
-// (UDP and TCP, one port); it stands for the upstream resolver.
-func fakeDNS(t *testing.T, records map[string][]netip.Addr) string {
-	t.Helper()
-	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := pc.LocalAddr().String()
-	ln, err := net.Listen("tcp4", addr)
-	if err != nil {
-		pc.Close()
-		t.Fatal(err)
-	}
-	h := dns.HandlerFunc(func(w dns.ResponseWriter, req *dns.Msg) {
-		m := new(dns.Msg)
-		m.SetReply(req)
-		q := req.Question[0]
-		addrs, ok := records[strings.TrimSuffix(strings.ToLower(q.Name), ".")]
-		if !ok {
-			m.Rcode = dns.RcodeNameError
-		}
-		for _, a := range addrs {
-			hdr := dns.RR_Header{Name: q.Name, Class: dns.ClassINET, Ttl: 30}
-			switch {
-			case a.Is4() && q.Qtype == dns.TypeA:
-				hdr.Rrtype = dns.TypeA
-				m.Answer = append(m.Answer, &dns.A{Hdr: hdr, A: a.AsSlice()})
-			case a.Is6() && q.Qtype == dns.TypeAAAA:
-				hdr.Rrtype = dns.TypeAAAA
-				m.Answer = append(m.Answer, &dns.AAAA{Hdr: hdr, AAAA: a.AsSlice()})
-			}
-		}
-		_ = w.WriteMsg(m)
-	})
-	for _, srv := range []*dns.Server{{PacketConn: pc, Handler: h}, {Listener: ln, Handler: h}} {
-		started := make(chan struct{})
-		srv.NotifyStartedFunc = func() { close(started) }
-		go func() { _ = srv.ActivateAndServe() }()
-		<-started
-		t.Cleanup(func() { _ = srv.Shutdown() })
-	}
-	return addr
 }
