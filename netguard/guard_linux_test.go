@@ -270,6 +270,17 @@ func TestGuard(t *testing.T) {
 	}
 }
 
+// TestAvailableNotRoot: without root, Available says why.
+func TestAvailableNotRoot(t *testing.T) {
+	if err := Available(context.Background()); err != nil {
+		t.Fatalf("netguard tests need root and nftables (apt-get install nftables): %v", err)
+	}
+	res := probe(t, 3999999999, action{Op: "available"})
+	if res[0].OK || !strings.Contains(res[0].Err, "not root") {
+		t.Errorf("Available as uid 3999999999 = %q, want a not-root error", res[0].Err)
+	}
+}
+
 // TestNewReplacesStaleTable: a table left by a crashed worker (same name,
 // any content) is replaced, and the Guard works.
 func TestNewReplacesStaleTable(t *testing.T) {

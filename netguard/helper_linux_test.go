@@ -135,7 +135,7 @@ func serveUDPEcho(pc net.PacketConn) {
 
 // action is one thing a probe tries: "tcp" or "udp" to Addr (an echo
 // server), or "dns" asking Server for Name's A (or AAAA with AAAA set),
-// over UDP (or TCP with TCP set).
+// over UDP (or TCP with TCP set), or "available" calling Available.
 type action struct {
 	Op     string `json:"op"`
 	Addr   string `json:"addr,omitempty"`
@@ -189,6 +189,11 @@ func probeOne(a action) result {
 		}
 		if string(buf) != "ping\n" {
 			return fail(fmt.Errorf("echo %q", buf))
+		}
+		return result{OK: true}
+	case "available":
+		if err := Available(context.Background()); err != nil {
+			return fail(err)
 		}
 		return result{OK: true}
 	case "dns":

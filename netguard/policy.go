@@ -1,6 +1,7 @@
 package netguard
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -65,6 +66,19 @@ func ParsePolicy(e *subjects.EgressPolicy) (Policy, error) {
 	}
 	p.normalize()
 	return p, nil
+}
+
+// PolicyFor is the Policy of a create request: Off without network (an
+// egress policy with entries is then an invalid argument: it could never
+// apply), else ParsePolicy(egress).
+func PolicyFor(network bool, egress *subjects.EgressPolicy) (Policy, error) {
+	if network {
+		return ParsePolicy(egress)
+	}
+	if egress != nil && (len(egress.Allow) > 0 || len(egress.Deny) > 0) {
+		return Policy{}, errdefs.Wrap(errdefs.ErrInvalidArgument, errors.New(`egress: needs "network": true`))
+	}
+	return Policy{Off: true}, nil
 }
 
 // normalize sorts and deduplicates every list, so equal policies render

@@ -46,6 +46,24 @@ func TestParsePolicy(t *testing.T) {
 	}
 }
 
+func TestPolicyFor(t *testing.T) {
+	if p, err := PolicyFor(false, nil); err != nil || !p.Off {
+		t.Errorf("PolicyFor(false, nil) = %+v, %v; want Off", p, err)
+	}
+	if p, err := PolicyFor(false, &subjects.EgressPolicy{}); err != nil || !p.Off {
+		t.Errorf("PolicyFor(false, empty) = %+v, %v; want Off", p, err)
+	}
+	if _, err := PolicyFor(false, &subjects.EgressPolicy{Allow: []string{"1.2.3.4"}}); !errors.Is(err, errdefs.ErrInvalidArgument) {
+		t.Errorf("PolicyFor(false, allow) = %v, want invalid argument", err)
+	}
+	if p, err := PolicyFor(true, &subjects.EgressPolicy{Allow: []string{"1.2.3.4"}}); err != nil || p.Off || len(p.Allow) != 1 {
+		t.Errorf("PolicyFor(true, allow) = %+v, %v", p, err)
+	}
+	if _, err := PolicyFor(true, &subjects.EgressPolicy{Allow: []string{"1.2.3.4/99"}}); !errors.Is(err, errdefs.ErrInvalidArgument) {
+		t.Errorf("PolicyFor(true, bad) = %v, want invalid argument", err)
+	}
+}
+
 func equalPolicy(a, b Policy) bool {
 	return a.Off == b.Off && slices.Equal(a.Allow, b.Allow) && slices.Equal(a.Deny, b.Deny) &&
 		slices.Equal(a.AllowDomains, b.AllowDomains) && slices.Equal(a.DenyDomains, b.DenyDomains) &&
