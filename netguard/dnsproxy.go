@@ -56,8 +56,30 @@ type proxy struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	mu      sync.Mutex
-	learned map[learnKey]time.Time // what is in the sets, until when
+	mu         sync.Mutex
+	learned    map[learnKey]time.Time // what is in the sets, until when
+	lastWarn   time.Time
+	suppressed int
+}
+
+// warnEvery bounds how often one proxy logs a warning: a guest controls
+// how many queries fail.
+const warnEvery = 10 * time.Second
+
+// warn logs at most once per warnEvery, counting what it left out.
+func (px *proxy) warn(msg string, args ...any) {
+	px.mu.Lock()
+	now := time.Now()
+	if now.Sub(px.lastWarn) < warnEvery {
+		px.suppressed++
+		px.mu.Unlock()
+		return
+	}
+	px.lastWarn = now
+	n := px.suppressed
+	px.suppressed = 0
+	px.mu.Unlock()
+	px.log.Warn(msg, append(args, "chain", px.chain, "suppressed_before", n)...)
 }
 
 type learnKey struct {
@@ -152,15 +174,30 @@ func listenLoopback() (uint16, []net.PacketConn, []net.Listener, error) {
 	return 0, nil, nil, fmt.Errorf("no free port for UDP and TCP on loopback: %w", lastErr)
 }
 
+// stopped reports whether a read or accept error means the proxy is
+// closing; otherwise it waits a moment (errors like EMFILE repeat at once).
+func (px *proxy) stopped(err error) bool {
+	if px.ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+		return true
+	}
+	select {
+	case <-px.ctx.Done():
+		return true
+	case <-time.After(100 * time.Millisecond):
+		return false
+	}
+}
+
 func (px *proxy) serveUDP(pc net.PacketConn) {
 	buf := make([]byte, dns.MaxMsgSize)
 	for {
 		n, from, err := pc.ReadFrom(buf)
 		if err != nil {
-			if px.ctx.Err() == nil && !errors.Is(err, net.ErrClosed) {
-				px.log.Warn("netguard: dns proxy read", "err", err)
+			if px.stopped(err) {
+				return
 			}
-			return
+			px.warn("netguard: dns proxy read", "err", err)
+			continue
 		}
 		req := new(dns.Msg)
 		if req.Unpack(buf[:n]) != nil {
@@ -191,10 +228,11 @@ func (px *proxy) serveTCP(ln net.Listener) {
 	for {
 		c, err := ln.Accept()
 		if err != nil {
-			if px.ctx.Err() == nil && !errors.Is(err, net.ErrClosed) {
-				px.log.Warn("netguard: dns proxy accept", "err", err)
+			if px.stopped(err) {
+				return
 			}
-			return
+			px.warn("netguard: dns proxy accept", "err", err)
+			continue
 		}
 		select {
 		case px.tcp <- struct{}{}:
@@ -265,7 +303,7 @@ func (px *proxy) answer(ctx context.Context, req *dns.Msg, network string) *dns.
 	if v == verdictAllow && px.learn != nil {
 		clampTTLs(resp)
 		if err := px.learnAnswers(ctx, resp.Answer, true); err != nil {
-			px.log.Warn("netguard: allow answers of an allowed domain", "name", name, "err", err)
+			px.warn("netguard: allow answers of an allowed domain", "name", name, "err", err)
 			return servfail(req)
 		}
 	}
@@ -306,7 +344,7 @@ func (px *proxy) learnDenied(ctx context.Context, name string) {
 		rrs = append(rrs, r.Answer...)
 	}
 	if err := px.learnAnswers(ctx, rrs, false); err != nil {
-		px.log.Warn("netguard: deny answers of a denied domain", "name", name, "err", err)
+		px.warn("netguard: deny answers of a denied domain", "name", name, "err", err)
 	}
 }
 

@@ -98,7 +98,7 @@ func TestProxyAnswers(t *testing.T) {
 	})
 	p := Policy{AllowDomains: []string{"*.allowed.test"}, DenyDomains: []string{"deny.test"}, Deny: prefixes("10.0.0.8/32")}
 	l := &learned{sets: map[string][]netip.Addr{}, ttl: map[string]time.Duration{}}
-	px, err := startProxy(slog.Default(), up, p, "u1_1", l.learn)
+	px, err := startProxy(slog.New(slog.DiscardHandler), up, p, "u1_1", l.learn)
 	if err != nil {
 		t.Fatal(err)
 	}

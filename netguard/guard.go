@@ -30,11 +30,13 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"math"
 	"net"
 	"net/netip"
 	"os"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -57,6 +59,10 @@ type Config struct {
 	Upstream string
 	// Logger receives warnings; nil means slog.Default().
 	Logger *slog.Logger
+	// Policies are installed in the same transaction that creates the
+	// table: those of sandboxes whose machines outlived a worker restart
+	// (see Detach), so they are never without their policy.
+	Policies map[uint32]Policy
 }
 
 var tableNameRE = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9_]{0,63}$`)
@@ -90,6 +96,14 @@ func (c Config) Validate() error {
 			return invalid("upstream %q: %v", c.Upstream, err)
 		}
 	}
+	for uid, p := range c.Policies {
+		if uid < c.UIDFirst || uint64(uid) >= uint64(c.UIDFirst)+uint64(c.UIDCount) {
+			return invalid("policy for uid %d outside the range", uid)
+		}
+		if err := p.validate(); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 
@@ -112,9 +126,9 @@ type uidState struct {
 	proxy *proxy // nil without domains
 }
 
-// New creates the Guard's table (deleting a stale one of the same name) with
-// the default rules for the whole uid range, and starts the shared DNS
-// proxy. Close undoes both.
+// New creates the Guard's table (deleting a stale one of the same name)
+// with the default rules for the whole uid range and cfg.Policies, and
+// starts the DNS proxies. Close undoes all of it.
 func New(ctx context.Context, cfg Config) (*Guard, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
@@ -138,12 +152,54 @@ func New(ctx context.Context, cfg Config) (*Guard, error) {
 		return nil, errdefs.Wrap(errdefs.ErrInternalFailure, err)
 	}
 	g.tbl = table{name: cfg.Table, uidFirst: cfg.UIDFirst, uidLast: cfg.UIDFirst + cfg.UIDCount - 1, defaultDNSPort: g.def.port}
-	if err := runNft(ctx, nft, tableScript(g.tbl), false); err != nil {
+	script := tableScript(g.tbl)
+	fail := func(err error) (*Guard, error) {
+		for _, st := range g.uids {
+			if st.proxy != nil {
+				st.proxy.close()
+			}
+		}
 		g.def.close()
-		return nil, errdefs.Wrap(errdefs.ErrInternalFailure, fmt.Errorf("netguard: create table %s: %w", cfg.Table, err))
+		return nil, err
 	}
-	log.Info("netguard: guest egress filtered", "table", cfg.Table, "uids", g.tbl.uidRange(), "dns_upstream", upstream)
+	for _, uid := range slices.Sorted(maps.Keys(cfg.Policies)) {
+		p := cfg.Policies[uid]
+		p.normalize()
+		if p.IsDefault() {
+			continue
+		}
+		st, s, err := g.prepare(uid, p, nil)
+		if err != nil {
+			return fail(err)
+		}
+		g.uids[uid] = st
+		script += s
+	}
+	if err := runNft(ctx, nft, script, false); err != nil {
+		return fail(errdefs.Wrap(errdefs.ErrInternalFailure, fmt.Errorf("netguard: create table %s: %w", cfg.Table, err)))
+	}
+	log.Info("netguard: guest egress filtered", "table", cfg.Table, "uids", g.tbl.uidRange(), "dns_upstream", upstream, "policies", len(g.uids))
 	return g, nil
+}
+
+// prepare starts uid's DNS proxy when p has domains and returns the state
+// and the script that install p as a new generation, replacing old. The
+// caller holds g.mu (or owns g alone) and closes st.proxy if the script
+// fails.
+func (g *Guard) prepare(uid uint32, p Policy, old *installed) (*uidState, string, error) {
+	g.gen++
+	st := &uidState{}
+	if p.hasDomains() {
+		px, err := startProxy(g.log, g.upstream, p, chainName(uid, g.gen), g.learn)
+		if err != nil {
+			return nil, "", errdefs.Wrap(errdefs.ErrInternalFailure, err)
+		}
+		st.proxy = px
+		st.in = plan(uid, g.gen, p, px.port)
+	} else {
+		st.in = plan(uid, g.gen, p, 0)
+	}
+	return st, applyScript(g.tbl.name, uid, p, st.in, old), nil
 }
 
 // Table returns the name of the Guard's nftables table.
@@ -169,34 +225,24 @@ func (g *Guard) Apply(ctx context.Context, uid uint32, p Policy) error {
 		g.mu.Unlock()
 		return errClosed
 	}
-	g.gen++
-	chain := plan(uid, g.gen, Policy{}, 0).chain
-	var px *proxy
-	if p.hasDomains() {
-		var err error
-		if px, err = startProxy(g.log, g.upstream, p, chain, g.learn); err != nil {
-			g.mu.Unlock()
-			return errdefs.Wrap(errdefs.ErrInternalFailure, err)
-		}
-	}
-	var port uint16
-	if px != nil {
-		port = px.port
-	}
-	in := plan(uid, g.gen, p, port)
 	old := g.uids[uid]
 	var oldIn *installed
 	if old != nil {
 		oldIn = &old.in
 	}
-	if err := runNft(ctx, g.nft, applyScript(g.tbl.name, uid, p, in, oldIn), false); err != nil {
+	st, script, err := g.prepare(uid, p, oldIn)
+	if err != nil {
 		g.mu.Unlock()
-		if px != nil {
-			px.close()
+		return err
+	}
+	if err := runNft(ctx, g.nft, script, false); err != nil {
+		g.mu.Unlock()
+		if st.proxy != nil {
+			st.proxy.close()
 		}
 		return errdefs.Wrap(errdefs.ErrInternalFailure, fmt.Errorf("netguard: apply policy of uid %d: %w", uid, err))
 	}
-	g.uids[uid] = &uidState{in: in, proxy: px}
+	g.uids[uid] = st
 	g.mu.Unlock()
 	if old != nil && old.proxy != nil {
 		old.proxy.close()
@@ -228,16 +274,31 @@ func (g *Guard) Remove(ctx context.Context, uid uint32) error {
 	return nil
 }
 
-// Close deletes the table and stops every DNS proxy. After Close, Apply
-// fails and Remove does nothing; a second Close returns nil.
+// Close deletes the table and stops every DNS proxy. After Close (or
+// Detach), Apply fails and Remove does nothing; a second call returns nil.
 func (g *Guard) Close(ctx context.Context) error {
+	return g.shut(ctx, true)
+}
+
+// Detach stops the DNS proxies but leaves the table in place, for a worker
+// that exits while its machines keep running: their traffic stays filtered
+// (their DNS fails) until the next worker's New replaces the table,
+// installing the surviving sandboxes' policies with it (Config.Policies).
+func (g *Guard) Detach() {
+	_ = g.shut(context.Background(), false)
+}
+
+func (g *Guard) shut(ctx context.Context, deleteTable bool) error {
 	g.mu.Lock()
 	if g.closed {
 		g.mu.Unlock()
 		return nil
 	}
 	g.closed = true
-	err := runNft(ctx, g.nft, deleteTableScript(g.tbl.name), false)
+	var err error
+	if deleteTable {
+		err = runNft(ctx, g.nft, deleteTableScript(g.tbl.name), false)
+	}
 	uids := g.uids
 	g.uids = nil
 	g.mu.Unlock()

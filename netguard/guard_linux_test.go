@@ -270,6 +270,48 @@ func TestGuard(t *testing.T) {
 	}
 }
 
+// TestDetachAndRestart: a worker exiting with its machines running leaves
+// them filtered (Detach), and the next worker's New installs their policies
+// with the table.
+func TestDetachAndRestart(t *testing.T) {
+	h := newTestHost(t)
+	g1, first := newTestGuard(t, "127.0.0.1:53")
+	off, open := first+1, first+2
+	if err := g1.Apply(context.Background(), off, Policy{Off: true}); err != nil {
+		t.Fatal(err)
+	}
+	if err := g1.Apply(context.Background(), open, mustPolicy(t, []string{h.priv4.String(), "allowed.test"}, nil)); err != nil {
+		t.Fatal(err)
+	}
+	acts := []action{tcp(h.at(h.pub4)), tcp(h.at(h.priv4))}
+	expect(t, "off", acts, probe(t, off, acts...), "rejected", "rejected")
+	g1.Detach()
+	expect(t, "off, detached", acts, probe(t, off, acts...), "rejected", "rejected")
+	expect(t, "open, detached", acts, probe(t, open, acts...), "ok", "ok")
+	if err := g1.Apply(context.Background(), first+4, Policy{Off: true}); err == nil {
+		t.Error("Apply after Detach succeeded")
+	}
+
+	g2, err := New(context.Background(), Config{
+		Table: g1.Table(), UIDFirst: first, UIDCount: 100, Upstream: "127.0.0.1:53",
+		Policies: map[uint32]Policy{off: {Off: true}, open: mustPolicy(t, []string{h.priv4.String()}, nil), first + 3: {}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g2.Close(context.Background())
+	expect(t, "off, restarted", acts, probe(t, off, acts...), "rejected", "rejected")
+	expect(t, "open, restarted", acts, probe(t, open, acts...), "ok", "ok")
+	expect(t, "default, restarted", acts, probe(t, first+3, acts...), "ok", "rejected")
+	if err := g2.Remove(context.Background(), off); err != nil {
+		t.Fatal(err)
+	}
+	expect(t, "off removed", acts, probe(t, off, acts...), "ok", "rejected")
+	if _, err := New(context.Background(), Config{Table: "firkin_x", UIDFirst: first, UIDCount: 1, Policies: map[uint32]Policy{first + 1: {Off: true}}}); err == nil {
+		t.Error("New accepted a policy for a uid outside the range")
+	}
+}
+
 // TestAvailableNotRoot: without root, Available says why.
 func TestAvailableNotRoot(t *testing.T) {
 	if err := Available(context.Background()); err != nil {

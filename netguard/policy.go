@@ -81,17 +81,20 @@ func PolicyFor(network bool, egress *subjects.EgressPolicy) (Policy, error) {
 	return Policy{Off: true}, nil
 }
 
-// normalize sorts and deduplicates every list, so equal policies render
-// the same script.
+// normalize sorts and deduplicates copies of every list, so equal policies
+// render the same script and p shares nothing with the caller's Policy.
 func (p *Policy) normalize() {
 	for _, l := range []*[]netip.Prefix{&p.Allow, &p.Deny} {
+		*l = slices.Clone(*l)
 		slices.SortFunc(*l, comparePrefix)
 		*l = slices.Compact(*l)
 	}
 	for _, l := range []*[]string{&p.AllowDomains, &p.DenyDomains} {
+		*l = slices.Clone(*l)
 		slices.Sort(*l)
 		*l = slices.Compact(*l)
 	}
+	p.HostPorts = slices.Clone(p.HostPorts)
 	slices.Sort(p.HostPorts)
 	p.HostPorts = slices.Compact(p.HostPorts)
 }

@@ -110,9 +110,12 @@ const (
 	learnDeny6  = "_d6"
 )
 
+// chainName names the chain of generation gen of uid's policy.
+func chainName(uid uint32, gen uint64) string { return fmt.Sprintf("u%d_%d", uid, gen) }
+
 // plan names what applying p as generation gen for uid will install.
 func plan(uid uint32, gen uint64, p Policy, dnsPort uint16) installed {
-	in := installed{chain: fmt.Sprintf("u%d_%d", uid, gen)}
+	in := installed{chain: chainName(uid, gen)}
 	if p.hasDomains() {
 		for _, s := range []string{learnAllow4, learnAllow6, learnDeny4, learnDeny6} {
 			in.sets = append(in.sets, in.chain+s)
