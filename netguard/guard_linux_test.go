@@ -94,9 +94,14 @@ func TestGuard(t *testing.T) {
 	loop4 := func(port int) string { return fmt.Sprintf("127.0.0.1:%d", port) }
 	dnsAt := h.priv4.String() + ":53" // redirected to the Guard's proxy before it leaves
 
-	tablesBefore := nftTables(t)
+	// A table of someone else's that Close must leave alone.
+	sentinel := fmt.Sprintf("firkin_test_sentinel_%08x", rand.Uint32())
+	if err := runNft(context.Background(), mustNft(t), "table inet "+sentinel+" {\n\tchain c {\n\t}\n}\n", false); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = runNft(context.Background(), mustNft(t), deleteTableScript(sentinel), false) })
 	g, first := newTestGuard(t, upstream)
-	if !strings.Contains(nftTables(t), "table inet "+g.Table()) {
+	if !strings.Contains(nftTables(t), "table inet "+g.Table()+"\n") {
 		t.Fatalf("table %s not created", g.Table())
 	}
 	ctx := context.Background()
@@ -259,8 +264,8 @@ func TestGuard(t *testing.T) {
 		c.Close()
 		t.Errorf("DNS proxy port %d still open after Close", proxyPort)
 	}
-	if after := nftTables(t); after != tablesBefore {
-		t.Errorf("tables after Close:\n%s\nwant as before:\n%s", after, tablesBefore)
+	if after := nftTables(t); strings.Contains(after, "table inet "+g.Table()+"\n") || !strings.Contains(after, "table inet "+sentinel+"\n") {
+		t.Errorf("tables after Close (want %s gone, %s kept):\n%s", g.Table(), sentinel, after)
 	}
 	if err := g.Close(ctx); err != nil {
 		t.Errorf("second Close: %v", err)
