@@ -18,11 +18,15 @@
 //     is redirected to a DNS proxy of the Guard, which puts the answered
 //     addresses of an allowed domain in the uid's allow set for their TTL, and
 //     answers a denied domain NXDOMAIN), and host ports (TCP to loopback).
-//     Policy{Off: true} rejects everything.
+//     The host's own addresses stay closed whatever the entries say, except
+//     those host ports. Policy{Off: true} rejects everything.
 //
 // Domain rules are only as good as DNS: a guest resolving over another path
 // (DNS over HTTPS, a hard-coded address) is judged by its address alone.
-// Connections already established when a policy changes are kept.
+// Connections already established when a policy changes are kept, so apply
+// a sandbox's policy before its guest runs untrusted code (a warm machine:
+// when it is claimed). Where the Guard cannot work (Available), run guests
+// with a network that cannot reach the host (QEMU restrict=on) instead.
 package netguard
 
 import (
