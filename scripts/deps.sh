@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # deps.sh installs what firkin-worker needs at run and test time on Debian/Ubuntu:
 # QEMU (x86 and arm), qemu-img, static busybox, e2fsprogs (mkfs.ext4, debugfs),
-# cpio, and dpkg-dev tools used by the image builder. It is idempotent: apt-get
-# runs (after an update) only when something is missing. Run it as root.
+# cpio, nftables (guest egress rules) and dpkg-dev tools used by the image
+# builder. Idempotent: apt-get runs (after an update) only when something is
+# missing. Run it as root.
 #
 #   scripts/deps.sh            # everything (amd64 and arm64 guests)
 #   scripts/deps.sh --no-arm   # skip qemu-system-arm
@@ -32,6 +33,7 @@ checks=(
 	"e2fsprogs:debugfs"
 	"cpio:cpio"
 	"file:file"
+	"nftables:nft"
 )
 if [ "$want_arm" = 1 ]; then
 	checks+=("qemu-system-arm:qemu-system-aarch64")

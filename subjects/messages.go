@@ -28,6 +28,7 @@ type CreateSandboxRequest struct {
 	Metadata      map[string]string `json:"metadata,omitempty"`
 	PublicTraffic *bool             `json:"public_traffic,omitempty"`
 	Network       *bool             `json:"network,omitempty"`
+	Egress        *EgressPolicy     `json:"egress,omitempty"`
 	// ColdBoot boots the template's image instead of restoring its
 	// snapshot or taking a warm machine (benchmarks and debugging; only for
 	// built-in image templates).

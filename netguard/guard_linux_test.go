@@ -1,0 +1,380 @@
+//go:build linux
+
+package netguard
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/firkin-dev/firkin-worker/subjects"
+)
+
+// rejectedFast is how quickly a blocked connection must fail: rules reject
+// (TCP reset, ICMP admin-prohibited), they never drop into a timeout.
+const rejectedFast = time.Second
+
+// newTestGuard creates a Guard with a unique table over a uid range of its
+// own (far from the ranges real workers use), with the fake resolver as
+// upstream; it is closed with the test.
+func newTestGuard(t *testing.T, upstream string) (*Guard, uint32) {
+	t.Helper()
+	if err := Available(context.Background()); err != nil {
+		t.Fatalf("netguard tests need root and nftables (apt-get install nftables): %v", err)
+	}
+	first := uint32(3000000000 + rand.IntN(1000000)*1000)
+	g, err := New(context.Background(), Config{
+		Table:    fmt.Sprintf("firkin_test_%08x", rand.Uint32()),
+		UIDFirst: first, UIDCount: 100,
+		Upstream: upstream,
+		Logger:   slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug})),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = g.Close(context.Background()) })
+	return g, first
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimSpace(string(p)))
+	return len(p), nil
+}
+
+// expect checks results against want: "ok" (reached), "rejected" (failed
+// within rejectedFast).
+func expect(t *testing.T, who string, acts []action, res []result, want ...string) {
+	t.Helper()
+	for i, a := range acts {
+		r := res[i]
+		what := fmt.Sprintf("%s: %s %s%s", who, a.Op, a.Addr, a.Name)
+		switch want[i] {
+		case "ok":
+			if !r.OK {
+				t.Errorf("%s: want reached, got %s", what, r.Err)
+			}
+		case "rejected":
+			if r.OK {
+				t.Errorf("%s: want rejected, reached it", what)
+			} else if r.Elapsed > rejectedFast {
+				t.Errorf("%s: rejected only after %v (%s), want within %v", what, r.Elapsed, r.Err, rejectedFast)
+			}
+		default:
+			panic(want[i])
+		}
+	}
+}
+
+func tcp(addr string) action { return action{Op: "tcp", Addr: addr} }
+func udp(addr string) action { return action{Op: "udp", Addr: addr} }
+
+func TestGuard(t *testing.T) {
+	h := newTestHost(t)
+	upstream := fakeDNS(t, 30, map[string][]netip.Addr{
+		"allowed.test":  {h.priv4, h.ula6},
+		"other.test":    {h.priv4},
+		"denied.test":   {h.pub4},
+		"www.wild.test": {h.ll4},
+	})
+	// Host services a guest must never reach: loopback (like the worker's
+	// NATS and proxy) and every address of the host (bound to any).
+	lo4 := echoListener(t, "127.0.0.1:0").Addr().(*net.TCPAddr).Port
+	lo4b := echoListener(t, "127.0.0.1:0").Addr().(*net.TCPAddr).Port
+	lo6 := echoListener(t, "[::1]:0").Addr().(*net.TCPAddr).Port
+	anyPort := echoListener(t, ":0").Addr().(*net.TCPAddr).Port
+	loop4 := func(port int) string { return fmt.Sprintf("127.0.0.1:%d", port) }
+	dnsAt := h.priv4.String() + ":53" // redirected to the Guard's proxy before it leaves
+
+	// A table of someone else's that Close must leave alone.
+	sentinel := fmt.Sprintf("firkin_test_sentinel_%08x", rand.Uint32())
+	if err := runNft(context.Background(), mustNft(t), "table inet "+sentinel+" {\n\tchain c {\n\t}\n}\n", false); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = runNft(context.Background(), mustNft(t), deleteTableScript(sentinel), false) })
+	g, first := newTestGuard(t, upstream)
+	if !strings.Contains(nftTables(t), "table inet "+g.Table()+"\n") {
+		t.Fatalf("table %s not created", g.Table())
+	}
+	ctx := context.Background()
+	uid := func(i uint32) uint32 { return first + i }
+
+	t.Run("default policy", func(t *testing.T) {
+		acts := []action{
+			tcp(loop4(lo4)), tcp(fmt.Sprintf("[::1]:%d", lo6)), tcp(fmt.Sprintf("0.0.0.0:%d", lo4)), tcp(fmt.Sprintf("[::]:%d", anyPort)),
+			tcp(netip.AddrPortFrom(h.hostPriv4, uint16(anyPort)).String()), tcp(netip.AddrPortFrom(h.hostLL4, uint16(anyPort)).String()),
+			tcp(h.at(h.priv4)), tcp(h.at(h.ll4)), tcp(h.at(h.ula6)), udp(h.at(h.priv4)), udp(h.at(h.ll4)),
+			tcp(h.at(h.pub4)), tcp(h.at(h.pub6)), udp(h.at(h.pub4)),
+			{Op: "dns", Server: dnsAt, Name: "other.test"},
+		}
+		res := probe(t, uid(0), acts...)
+		expect(t, "default", acts, res,
+			"rejected", "rejected", "rejected", "rejected",
+			"rejected", "rejected",
+			"rejected", "rejected", "rejected", "rejected", "rejected",
+			"ok", "ok", "ok",
+			"ok")
+		if a := res[len(res)-1].Addrs; len(a) != 1 || a[0] != h.priv4.String() {
+			t.Errorf("DNS through the shared proxy answered %v, want [%v]", a, h.priv4)
+		}
+		// Root and a uid just outside the range are not filtered.
+		for _, who := range []uint32{first - 1, first + 100} {
+			acts := []action{tcp(h.at(h.priv4)), tcp(loop4(lo4))}
+			expect(t, fmt.Sprint("uid ", who), acts, probe(t, who, acts...), "ok", "ok")
+		}
+		if r := probeOne(tcp(h.at(h.ll4))); !r.OK {
+			t.Errorf("root: %s", r.Err)
+		}
+	})
+
+	t.Run("allow CIDR", func(t *testing.T) {
+		if err := g.Apply(ctx, uid(1), mustPolicy(t, []string{"10.231.0.0/16"}, nil)); err != nil {
+			t.Fatal(err)
+		}
+		acts := []action{tcp(h.at(h.priv4)), udp(h.at(h.priv4)), tcp(netip.AddrPortFrom(h.hostPriv4, uint16(anyPort)).String()), tcp(h.at(h.ll4)), tcp(h.at(h.pub4))}
+		// The host's own address in the allowed CIDR stays closed.
+		expect(t, "allow", acts, probe(t, uid(1), acts...), "ok", "ok", "rejected", "rejected", "ok")
+	})
+
+	t.Run("most specific wins, deny on a tie", func(t *testing.T) {
+		llNet := netip.PrefixFrom(h.ll4, 30).Masked().String()
+		err := g.Apply(ctx, uid(2), mustPolicy(t,
+			[]string{"10.231.0.0/16", "169.254.0.0/16", h.pub4.String()},
+			[]string{"10.231.0.0/16", llNet, "203.0.113.0/24"}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		acts := []action{tcp(h.at(h.priv4)), tcp(h.at(h.ll4)), tcp(h.at(h.pub4))}
+		expect(t, "allow+deny", acts, probe(t, uid(2), acts...), "rejected", "rejected", "ok")
+	})
+
+	t.Run("allowlist", func(t *testing.T) {
+		if err := g.Apply(ctx, uid(3), mustPolicy(t, []string{h.priv4.String(), h.ula6.String()}, []string{"0.0.0.0/0", "::/0"})); err != nil {
+			t.Fatal(err)
+		}
+		acts := []action{tcp(h.at(h.priv4)), tcp(h.at(h.ula6)), tcp(h.at(h.pub4)), tcp(h.at(h.pub6)), udp(h.at(h.pub4)), tcp(h.at(h.ll4)), tcp(loop4(lo4)),
+			{Op: "dns", Server: dnsAt, Name: "other.test"}}
+		expect(t, "allowlist", acts, probe(t, uid(3), acts...), "ok", "ok", "rejected", "rejected", "rejected", "rejected", "rejected", "ok")
+	})
+
+	t.Run("host port", func(t *testing.T) {
+		if err := g.Apply(ctx, uid(4), mustPolicy(t, []string{fmt.Sprintf("host:%d", lo4)}, nil)); err != nil {
+			t.Fatal(err)
+		}
+		acts := []action{tcp(loop4(lo4)), tcp(loop4(lo4b)), tcp(fmt.Sprintf("[::1]:%d", lo6)), tcp(netip.AddrPortFrom(h.hostPriv4, uint16(anyPort)).String())}
+		expect(t, "host port", acts, probe(t, uid(4), acts...), "ok", "rejected", "rejected", "rejected")
+		// Only for that uid.
+		acts = acts[:1]
+		expect(t, "other uid", acts, probe(t, uid(5), acts...), "rejected")
+	})
+
+	t.Run("off", func(t *testing.T) {
+		if err := g.Apply(ctx, uid(6), Policy{Off: true}); err != nil {
+			t.Fatal(err)
+		}
+		acts := []action{tcp(h.at(h.pub4)), tcp(h.at(h.pub6)), udp(h.at(h.pub4)), tcp(loop4(lo4)), {Op: "dns", Server: dnsAt, Name: "other.test"}}
+		res := probe(t, uid(6), acts...)
+		expect(t, "off", acts[:4], res[:4], "rejected", "rejected", "rejected", "rejected")
+		if res[4].OK {
+			t.Errorf("off: DNS answered %v", res[4])
+		}
+	})
+
+	t.Run("allowed domain", func(t *testing.T) {
+		// allowed.test answers the test host's private addresses; 10/8 is
+		// denied outright, so only the learned answer can open it.
+		if err := g.Apply(ctx, uid(7), mustPolicy(t, []string{"allowed.test"}, []string{"10.0.0.0/8"})); err != nil {
+			t.Fatal(err)
+		}
+		acts := []action{tcp(h.at(h.priv4)), tcp(h.at(h.ula6)),
+			{Op: "dns", Server: dnsAt, Name: "other.test"}, tcp(h.at(h.priv4)), // same address, name not allowed
+			{Op: "dns", Server: dnsAt, Name: "allowed.test"}, {Op: "dns", Server: "[" + h.ula6.String() + "]:53", Name: "allowed.test", AAAA: true},
+			tcp(h.at(h.priv4)), udp(h.at(h.priv4)), tcp(h.at(h.ula6)), tcp(h.at(h.ll4))}
+		res := probe(t, uid(7), acts...)
+		expect(t, "allowed domain", acts, res, "rejected", "rejected", "ok", "rejected", "ok", "ok", "ok", "ok", "ok", "rejected")
+		if a := res[4].Addrs; len(a) != 1 || a[0] != h.priv4.String() {
+			t.Errorf("allowed.test A = %v, want [%v]", a, h.priv4)
+		}
+		// Another uid did not learn it.
+		acts = []action{tcp(h.at(h.priv4))}
+		expect(t, "other uid", acts, probe(t, uid(8), acts...), "rejected")
+	})
+
+	t.Run("denied domain", func(t *testing.T) {
+		// denied.test answers the test host's public address, open by default.
+		if err := g.Apply(ctx, uid(9), mustPolicy(t, []string{h.pub4.String()}, []string{"denied.test"})); err != nil {
+			t.Fatal(err)
+		}
+		acts := []action{tcp(h.at(h.pub4)), {Op: "dns", Server: dnsAt, Name: "denied.test"}, tcp(h.at(h.pub4)), tcp(h.at(h.pub6))}
+		res := probe(t, uid(9), acts...)
+		// Learned from the answer (a single address) the deny ties with the
+		// explicit allow of that address, and deny wins.
+		expect(t, "denied domain", acts, res, "ok", "ok", "rejected", "ok")
+		if res[1].Rcode != "NXDOMAIN" || len(res[1].Addrs) != 0 {
+			t.Errorf("denied.test answered %s %v, want NXDOMAIN", res[1].Rcode, res[1].Addrs)
+		}
+	})
+
+	t.Run("wildcard allowlist", func(t *testing.T) {
+		if err := g.Apply(ctx, uid(10), mustPolicy(t, []string{"*.wild.test"}, []string{"0.0.0.0/0", "::/0"})); err != nil {
+			t.Fatal(err)
+		}
+		// Over TCP this time.
+		acts := []action{tcp(h.at(h.ll4)), {Op: "dns", Server: dnsAt, Name: "www.wild.test", TCP: true}, tcp(h.at(h.ll4)), tcp(h.at(h.pub4))}
+		expect(t, "wildcard", acts, probe(t, uid(10), acts...), "rejected", "ok", "ok", "rejected")
+	})
+
+	t.Run("replace and remove", func(t *testing.T) {
+		u := uid(11)
+		acts := []action{tcp(h.at(h.priv4)), tcp(h.at(h.pub4))}
+		if err := g.Apply(ctx, u, mustPolicy(t, []string{h.priv4.String(), "allowed.test"}, nil)); err != nil {
+			t.Fatal(err)
+		}
+		expect(t, "allowed", acts, probe(t, u, acts...), "ok", "ok")
+		if err := g.Apply(ctx, u, Policy{Off: true}); err != nil {
+			t.Fatal(err)
+		}
+		expect(t, "replaced by off", acts, probe(t, u, acts...), "rejected", "rejected")
+		if err := g.Remove(ctx, u); err != nil {
+			t.Fatal(err)
+		}
+		expect(t, "removed", acts, probe(t, u, acts...), "rejected", "ok")
+		if err := g.Remove(ctx, u); err != nil {
+			t.Errorf("second Remove: %v", err)
+		}
+		if err := g.Apply(ctx, first+100, Policy{Off: true}); err == nil {
+			t.Error("Apply to a uid outside the range succeeded")
+		}
+	})
+
+	// Close removes the table and the proxies, and nothing else.
+	proxyPort := g.def.port
+	if err := g.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if c, err := net.Dial("tcp", loop4(int(proxyPort))); err == nil {
+		c.Close()
+		t.Errorf("DNS proxy port %d still open after Close", proxyPort)
+	}
+	if after := nftTables(t); strings.Contains(after, "table inet "+g.Table()+"\n") || !strings.Contains(after, "table inet "+sentinel+"\n") {
+		t.Errorf("tables after Close (want %s gone, %s kept):\n%s", g.Table(), sentinel, after)
+	}
+	if err := g.Close(ctx); err != nil {
+		t.Errorf("second Close: %v", err)
+	}
+	if err := g.Apply(ctx, uid(1), Policy{Off: true}); err == nil {
+		t.Error("Apply after Close succeeded")
+	}
+}
+
+// TestDetachAndRestart: a worker exiting with its machines running leaves
+// them filtered (Detach), and the next worker's New installs their policies
+// with the table.
+func TestDetachAndRestart(t *testing.T) {
+	h := newTestHost(t)
+	g1, first := newTestGuard(t, "127.0.0.1:53")
+	off, open := first+1, first+2
+	if err := g1.Apply(context.Background(), off, Policy{Off: true}); err != nil {
+		t.Fatal(err)
+	}
+	if err := g1.Apply(context.Background(), open, mustPolicy(t, []string{h.priv4.String(), "allowed.test"}, nil)); err != nil {
+		t.Fatal(err)
+	}
+	acts := []action{tcp(h.at(h.pub4)), tcp(h.at(h.priv4))}
+	expect(t, "off", acts, probe(t, off, acts...), "rejected", "rejected")
+	g1.Detach()
+	expect(t, "off, detached", acts, probe(t, off, acts...), "rejected", "rejected")
+	expect(t, "open, detached", acts, probe(t, open, acts...), "ok", "ok")
+	if err := g1.Apply(context.Background(), first+4, Policy{Off: true}); err == nil {
+		t.Error("Apply after Detach succeeded")
+	}
+
+	g2, err := New(context.Background(), Config{
+		Table: g1.Table(), UIDFirst: first, UIDCount: 100, Upstream: "127.0.0.1:53",
+		Policies: map[uint32]Policy{off: {Off: true}, open: mustPolicy(t, []string{h.priv4.String()}, nil), first + 3: {}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g2.Close(context.Background())
+	expect(t, "off, restarted", acts, probe(t, off, acts...), "rejected", "rejected")
+	expect(t, "open, restarted", acts, probe(t, open, acts...), "ok", "ok")
+	expect(t, "default, restarted", acts, probe(t, first+3, acts...), "ok", "rejected")
+	if err := g2.Remove(context.Background(), off); err != nil {
+		t.Fatal(err)
+	}
+	expect(t, "off removed", acts, probe(t, off, acts...), "ok", "rejected")
+	if _, err := New(context.Background(), Config{Table: "firkin_x", UIDFirst: first, UIDCount: 1, Policies: map[uint32]Policy{first + 1: {Off: true}}}); err == nil {
+		t.Error("New accepted a policy for a uid outside the range")
+	}
+}
+
+// TestAvailableNotRoot: without root, Available says why.
+func TestAvailableNotRoot(t *testing.T) {
+	if err := Available(context.Background()); err != nil {
+		t.Fatalf("netguard tests need root and nftables (apt-get install nftables): %v", err)
+	}
+	res := probe(t, 3999999999, action{Op: "available"})
+	if res[0].OK || !strings.Contains(res[0].Err, "not root") {
+		t.Errorf("Available as uid 3999999999 = %q, want a not-root error", res[0].Err)
+	}
+}
+
+// TestNewReplacesStaleTable: a table left by a crashed worker (same name,
+// any content) is replaced, and the Guard works.
+func TestNewReplacesStaleTable(t *testing.T) {
+	name := fmt.Sprintf("firkin_test_%08x", rand.Uint32())
+	stale := "table inet " + name + " {\n\tchain orphan {\n\t\ttype filter hook output priority 0; policy accept;\n\t\tmeta skuid 3999999999 drop\n\t}\n}\n"
+	if err := runNft(context.Background(), mustNft(t), stale, false); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = runNft(context.Background(), mustNft(t), deleteTableScript(name), false) })
+	g, err := New(context.Background(), Config{Table: name, UIDFirst: 3999999000, UIDCount: 10, Upstream: "127.0.0.1:53"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close(context.Background())
+	out, err := exec.Command(mustNft(t), "list", "table", "inet", name).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	if strings.Contains(string(out), "orphan") || !strings.Contains(string(out), "chain guest") {
+		t.Errorf("table after New:\n%s", out)
+	}
+}
+
+func mustPolicy(t *testing.T, allow, deny []string) Policy {
+	t.Helper()
+	p, err := ParsePolicy(&subjects.EgressPolicy{Allow: allow, Deny: deny})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func mustNft(t *testing.T) string {
+	t.Helper()
+	nft, err := findNft()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return nft
+}
+
+// nftTables lists the host's tables.
+func nftTables(t *testing.T) string {
+	t.Helper()
+	out, err := exec.Command(mustNft(t), "list", "tables").CombinedOutput()
+	if err != nil {
+		t.Fatalf("nft list tables: %v: %s", err, out)
+	}
+	return string(out)
+}
