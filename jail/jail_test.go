@@ -1,0 +1,249 @@
+package jail
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+func TestMain(m *testing.M) {
+	Main() // jail processes of this test binary stop here
+	os.Exit(m.Run())
+}
+
+// requireRoot fails the test when the process cannot make namespaces,
+// cgroups or change uids, saying so.
+func requireRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("jail: this test needs root (mount namespaces, cgroups, uid changes): run it with sudo")
+	}
+}
+
+// testRange claims a uid range in the shared lock dir, so parallel test
+// processes (and a worker on the same host) never share ids.
+func testRange(t *testing.T) Range {
+	t.Helper()
+	r, release, err := AcquireRange(DefaultLockDir)
+	if err != nil {
+		t.Fatalf("AcquireRange: %v", err)
+	}
+	t.Cleanup(func() { release() })
+	return r
+}
+
+func TestAcquireRangeTwoAcquirers(t *testing.T) {
+	dir := t.TempDir()
+	a, releaseA, err := AcquireRange(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, releaseB, err := AcquireRange(dir, a.Index) // prefers a's range: taken
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.Index == b.Index {
+		t.Fatalf("two acquirers got the same range %d", a.Index)
+	}
+	if a.First != RangeBase+uint32(a.Index)*RangeSize || a.Count != RangeSize || a.GID() != a.First {
+		t.Fatalf("range %+v: wrong bounds", a)
+	}
+	if a.Contains(b.First) || !b.Contains(b.First+RangeSize-1) || b.Contains(b.First+RangeSize) {
+		t.Fatalf("ranges %+v and %+v overlap or are cut short", a, b)
+	}
+	// A restarted worker gets its recorded range back once it is free.
+	if err := releaseA(); err != nil {
+		t.Fatal(err)
+	}
+	_ = releaseA() // idempotent
+	c, releaseC, err := AcquireRange(dir, a.Index)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Index != a.Index {
+		t.Fatalf("preferred range %d is free but got %d", a.Index, c.Index)
+	}
+	releaseB()
+	releaseC()
+}
+
+func TestAcquireRangeAcrossProcesses(t *testing.T) {
+	dir := t.TempDir()
+	a, release, err := AcquireRange(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer release()
+	// Another process holding the lock of range a+1: the next acquirer
+	// here must skip both.
+	lock := filepath.Join(dir, strconv.Itoa(a.Index+1)+".lock")
+	cmd := exec.Command("flock", "-x", lock, "sleep", "30")
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("flock(1): %v", err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	deadline := time.Now().Add(5 * time.Second)
+	for exec.Command("flock", "-n", "-x", lock, "true").Run() == nil { // not yet held
+		if time.Now().After(deadline) {
+			t.Fatalf("the other process never took %s", lock)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	b, releaseB, err := AcquireRange(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer releaseB()
+	if b.Index == a.Index || b.Index == a.Index+1 {
+		t.Fatalf("got range %d, held by this process (%d) or another one (%d)", b.Index, a.Index, a.Index+1)
+	}
+}
+
+func TestAllocatorRoundRobin(t *testing.T) {
+	r := Range{Index: 0, First: RangeBase, Count: 5} // uids First+1..First+4
+	a := NewAllocator(r)
+	u1, _ := a.Allocate()
+	u2, _ := a.Allocate()
+	if u1 != r.First+1 || u2 != r.First+2 {
+		t.Fatalf("first uids %d %d, want %d %d (the range's first id is the group)", u1, u2, r.First+1, r.First+2)
+	}
+	a.Release(u1)
+	u3, _ := a.Allocate()
+	if u3 == u1 {
+		t.Fatalf("released uid %d handed out again at once", u1)
+	}
+	a.Reserve(r.First + 4) // a reattached machine
+	u4, _ := a.Allocate()
+	if u4 != u1 {
+		t.Fatalf("after the round wrapped: got %d, want the released %d", u4, u1)
+	}
+	if _, err := a.Allocate(); err == nil {
+		t.Fatal("allocated from a full range")
+	}
+	a.Release(u3)
+	if u, err := a.Allocate(); err != nil || u != u3 {
+		t.Fatalf("Allocate = %d, %v; want the one free uid %d", u, err, u3)
+	}
+	a.Reserve(r.First + 99) // outside: ignored
+	a.Reserve(r.First)      // the group: ignored
+}
+
+func TestJailRunsConfined(t *testing.T) {
+	requireRoot(t)
+	r := testRange(t)
+	cg, err := OpenCgroups("firkin/" + r.ID())
+	if err != nil {
+		t.Fatalf("OpenCgroups: %v", err)
+	}
+	t.Cleanup(func() { cg.Close() })
+	g, err := cg.Create("jailtest", Limits{MemoryBytes: 64 << 20, CPUs: 1, Pids: 16})
+	if err != nil {
+		t.Fatalf("Create: %v", err)
+	}
+	t.Cleanup(func() { g.Remove() })
+
+	uid := r.First + 7
+	work := filepath.Join(t.TempDir(), "work")
+	if err := os.Mkdir(work, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(work, int(uid), int(r.GID())); err != nil {
+		t.Fatal(err)
+	}
+	secret := filepath.Join(t.TempDir(), "secret")
+	os.WriteFile(secret, []byte("x"), 0o600)
+	script := `id -u; id -G; grep -E "NoNewPrivs|Uid" /proc/self/status; ls -A /; cat /proc/self/cgroup; echo ok > out; test -e /proc/1/status && echo sees-init || echo hidden; cat ` + secret + ` 2>/dev/null && echo LEAK; true`
+	cmd, err := Command(Spec{Path: "/bin/sh", Args: []string{"sh", "-c", script}, Dir: work,
+		Root: t.TempDir(), Binds: []Bind{{Path: work, Writable: true}}, UID: uid, GID: r.GID(),
+		Cgroups: g.Dirs(), DieWithParent: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("jail: %v\nstderr: %s", err, stderr.String())
+	}
+	lines := strings.Split(strings.TrimSpace(stdout.String()), "\n")
+	t.Logf("jail output:\n%s", stdout.String())
+	want := func(cond bool, what string) {
+		t.Helper()
+		if !cond {
+			t.Errorf("%s; output:\n%s\nstderr: %s", what, stdout.String(), stderr.String())
+		}
+	}
+	want(lines[0] == strconv.Itoa(int(uid)), "id -u is not the machine uid")
+	want(lines[1] == strconv.Itoa(int(r.GID())), "id -G is not the range group alone")
+	want(slices.Contains(lines, "NoNewPrivs:\t1"), "NoNewPrivs is not 1")
+	u := strconv.Itoa(int(uid))
+	want(slices.Contains(lines, "Uid:\t"+u+"\t"+u+"\t"+u+"\t"+u), "not every uid is the machine's")
+	top := strings.Split(work, "/")[1] // the work dir's first path element
+	root := []string{"bin", "dev", "etc", "lib", "lib64", "proc", "sbin", "usr", top}
+	var got []string
+	for _, l := range lines[4:] {
+		if strings.Contains(l, ":") {
+			break
+		}
+		got = append(got, l)
+	}
+	slices.Sort(root)
+	root = slices.Compact(root)
+	var wantRoot []string
+	for _, e := range root {
+		if _, err := os.Lstat("/" + e); err == nil || e == "proc" || e == top {
+			wantRoot = append(wantRoot, e)
+		}
+	}
+	want(slices.Equal(got, wantRoot), "root is "+strings.Join(got, " ")+", want "+strings.Join(wantRoot, " "))
+	want(strings.Contains(stdout.String(), ":/firkin/"+r.ID()+"/jailtest\n") || strings.Contains(stdout.String(), "/firkin/"+r.ID()+"/jailtest\n"),
+		"/proc/self/cgroup does not name the machine cgroup")
+	want(lines[len(lines)-1] == "hidden", "the jail's /proc shows other users' processes (pid 1)")
+	want(!strings.Contains(stdout.String(), "LEAK"), "a host file outside the binds was readable")
+	if b, err := os.ReadFile(filepath.Join(work, "out")); err != nil || string(b) != "ok\n" {
+		t.Errorf("the writable bind did not take the write: %q %v", b, err)
+	}
+	if st, err := os.Stat(filepath.Join(work, "out")); err != nil || st.Sys().(*syscall.Stat_t).Uid != uid {
+		t.Errorf("a file the jailed program made is not owned by its uid (%v)", err)
+	}
+}
+
+func TestJailSetupFailure(t *testing.T) {
+	requireRoot(t)
+	cmd, err := Command(Spec{Path: "/bin/true", Args: []string{"true"}, Dir: "/", Root: t.TempDir(),
+		Binds: []Bind{{Path: "/nonexistent-firkin-path"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	err = cmd.Run()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != ExitSetup {
+		t.Fatalf("exit = %v, want status %d", err, ExitSetup)
+	}
+	if s := stderr.String(); !strings.HasPrefix(s, "firkin-jail: bind /nonexistent-firkin-path: ") || strings.Count(s, "\n") != 1 {
+		t.Fatalf("stderr %q: want one line naming the failed bind", s)
+	}
+}
+
+func TestSpecValidate(t *testing.T) {
+	for _, s := range []Spec{
+		{Path: "sh", Args: []string{"sh"}, Dir: "/", Root: "/r"},
+		{Path: "/bin/sh", Dir: "/", Root: "/r"},
+		{Path: "/bin/sh", Args: []string{"sh"}, Dir: "/a/../b", Root: "/r"},
+		{Path: "/bin/sh", Args: []string{"sh"}, Dir: "/", Root: "/r", Binds: []Bind{{Path: "/"}}},
+		{Path: "/bin/sh", Args: []string{"sh"}, Dir: "/", Root: "/r", UID: 5},
+	} {
+		if err := s.Validate(); err == nil {
+			t.Errorf("Validate(%+v) = nil, want an error", s)
+		}
+	}
+}
