@@ -111,7 +111,12 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := step("state dir", func() error { return os.MkdirAll(cfg.StateDir, 0o755) }); err != nil {
+	if err := step("state dir", func() error {
+		if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+			return err
+		}
+		return os.Chmod(cfg.StateDir, 0o700) // snapshots and keys live there
+	}); err != nil {
 		return nil, err
 	}
 	if err := step("worker id", func() (err error) { w.id, err = loadOrCreateID(filepath.Join(cfg.StateDir, "worker-id")); return }); err != nil {

@@ -24,6 +24,14 @@
 // keeps its RAM in a shared file: its snapshot holds that file and a tiny
 // state stream (x-ignore-shared), and clones map the file copy-on-write.
 //
+// When the worker runs as root, each QEMU is confined (package jail): it
+// runs as a uid of its own from the driver's range, in a mount namespace
+// whose root holds only /usr, the libraries, a few devices, its machine
+// and socket directories and the snapshot files it reads, and in a cgroup
+// limiting its memory (RAM + MemoryOverheadMB), CPU (its vCPUs) and pids.
+// Its directories are its uid's (0700); what a save leaves in a snapshot is
+// root's and the range group's (see snapFileMode), so clones can read it.
+//
 // Machines started with KeepOnExit=false get SIGKILL when the thread that
 // started them exits (Pdeathsig); Go keeps its threads alive unless a
 // goroutine locked to one exits, so in practice that is when the process
@@ -53,6 +61,7 @@ var (
 	_ vmpool.Restorer   = (*Driver)(nil)
 	_ vmpool.Reattacher = (*Driver)(nil)
 	_ vmpool.Machine    = (*Machine)(nil)
+	_ vmpool.Confined   = (*Machine)(nil)
 )
 
 // Accelerator choices.
@@ -102,6 +111,18 @@ type Config struct {
 	// StopTimeout is how long Stop waits for QEMU to quit before SIGKILL
 	// (default DefaultStopTimeout).
 	StopTimeout time.Duration
+	// NoConfine runs QEMU as the worker's user with no jail even when the
+	// worker is root. By default a root worker runs each QEMU in a mount
+	// namespace of its own, as a uid of its own from a range claimed in
+	// UIDLockDir, in a cgroup limiting its memory, CPU and pids (see
+	// package jail).
+	NoConfine bool
+	// UIDLockDir holds the locks of the uid ranges (default
+	// jail.DefaultLockDir).
+	UIDLockDir string
+	// MemoryOverheadMB is what a machine's cgroup may use beyond its guest
+	// RAM (default DefaultMemoryOverheadMB).
+	MemoryOverheadMB int
 }
 
 // Option changes a Config.
@@ -144,6 +165,16 @@ func WithProbeTimeout(d time.Duration) Option { return func(c *Config) { c.Probe
 // WithStopTimeout sets how long Stop waits before it kills QEMU.
 func WithStopTimeout(d time.Duration) Option { return func(c *Config) { c.StopTimeout = d } }
 
+// WithConfine turns the confinement of QEMU (uid, cgroup, mount namespace)
+// on (the default when the worker is root) or off.
+func WithConfine(on bool) Option { return func(c *Config) { c.NoConfine = !on } }
+
+// WithUIDLockDir sets where the uid range locks are.
+func WithUIDLockDir(dir string) Option { return func(c *Config) { c.UIDLockDir = dir } }
+
+// WithMemoryOverhead sets what a machine's cgroup may use beyond its RAM.
+func WithMemoryOverhead(mb int) Option { return func(c *Config) { c.MemoryOverheadMB = mb } }
+
 // Arches are the guest architectures the driver runs.
 var Arches = []string{"amd64", "arm64"}
 
@@ -168,6 +199,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.StopTimeout == 0 {
 		c.StopTimeout = DefaultStopTimeout
+	}
+	if c.MemoryOverheadMB == 0 {
+		c.MemoryOverheadMB = DefaultMemoryOverheadMB
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
@@ -237,6 +271,9 @@ func (c *Config) Validate() error {
 	if c.QEMUImg == "" {
 		errs = append(errs, errors.New("qemu-img not found: apt-get install -y qemu-utils"))
 	}
+	if c.MemoryOverheadMB < 0 {
+		errs = append(errs, fmt.Errorf("memory overhead %d MiB is negative", c.MemoryOverheadMB))
+	}
 	if c.ProbeTimeout < 0 || c.StopTimeout < 0 {
 		errs = append(errs, errors.New("negative timeout"))
 	}
@@ -253,6 +290,8 @@ type Driver struct {
 
 	accelMu sync.Mutex
 	accels  map[string]string // probe key -> verdict
+
+	conf *confinement // nil: QEMU runs unconfined
 }
 
 // New returns a Driver configured by opts.
@@ -270,10 +309,15 @@ func NewFromConfig(cfg Config) (*Driver, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(cfg.StateDir, 0o755); err != nil {
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("qemu: state dir: %w", err)
 	}
-	return &Driver{cfg: cfg, log: cfg.Logger, accels: map[string]string{}}, nil
+	if err := os.Chmod(cfg.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("qemu: state dir: %w", err)
+	}
+	d := &Driver{cfg: cfg, log: cfg.Logger, accels: map[string]string{}}
+	d.setupConfinement()
+	return d, nil
 }
 
 // Name returns "qemu".

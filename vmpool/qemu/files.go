@@ -57,6 +57,19 @@ func (d *Driver) createOverlay(ctx context.Context, path, backing, backingFmt st
 	return nil
 }
 
+// moveFile renames src to dst, or copies it and removes src when they are
+// on different file systems.
+func moveFile(src, dst string) error {
+	err := os.Rename(src, dst)
+	if err == nil || !errors.Is(err, syscall.EXDEV) {
+		return err
+	}
+	if err := copySparse(src, dst); err != nil {
+		return err
+	}
+	return os.Remove(src)
+}
+
 // linkOrCopy hard-links src to dst, or copies it (sparse) when they are on
 // different file systems.
 func linkOrCopy(src, dst string) error {
@@ -82,7 +95,7 @@ func copySparse(src, dst string) (err error) {
 	if err != nil {
 		return err
 	}
-	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return err
 	}
@@ -183,7 +196,7 @@ func writeJSON(path string, v any) error {
 		return err
 	}
 	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
 		return err
 	}
 	return os.Rename(tmp, path)

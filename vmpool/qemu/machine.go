@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -18,6 +17,7 @@ import (
 
 	"github.com/firkin-dev/firkin-worker/agent"
 	"github.com/firkin-dev/firkin-worker/errdefs"
+	"github.com/firkin-dev/firkin-worker/jail"
 	"github.com/firkin-dev/firkin-worker/vmpool"
 	"github.com/firkin-dev/firkin-worker/vmpool/qemu/qmp"
 )
@@ -47,6 +47,9 @@ type Machine struct {
 	started uint64 // process start time (clock ticks since boot) against pid reuse
 	done    chan struct{}
 	kill    func() error
+	uid     uint32       // QEMU's uid; 0 when not confined
+	gid     uint32       // its group (the range's)
+	cgroup  *jail.Cgroup // nil when not limited
 
 	// mu guards what Save changes and what Stop tears down.
 	mu        sync.Mutex
@@ -83,6 +86,9 @@ type machineState struct {
 	Layer     int          `json:"layer"`
 	DiskSize  int64        `json:"disk_size"`
 	Created   time.Time    `json:"created"`
+	UID       uint32       `json:"uid,omitempty"`    // QEMU's uid when confined
+	GID       uint32       `json:"gid,omitempty"`    // and its group
+	Cgroup    []string     `json:"cgroup,omitempty"` // its cgroup directories
 }
 
 // ID returns the machine's id.
@@ -231,6 +237,9 @@ func (m *Machine) stopLocked(ctx context.Context) error {
 	}
 	m.closeConns()
 	var errs []error
+	if err := m.releaseConfinement(); err != nil {
+		errs = append(errs, err)
+	}
 	if m.sockDir != "" {
 		if err := os.RemoveAll(m.sockDir); err != nil {
 			errs = append(errs, err)
@@ -252,7 +261,8 @@ func (m *Machine) state() machineState {
 	defer m.mu.Unlock()
 	return machineState{ID: m.id, Dir: m.dir, SockDir: m.sockDir, PID: m.pid, StartTime: m.started,
 		Binary: m.binary, Args: m.args, Config: m.cfg, Image: m.image,
-		Top: m.top, TopNode: m.topNode, Layer: m.layer, DiskSize: m.diskSize, Created: time.Now().UTC()}
+		Top: m.top, TopNode: m.topNode, Layer: m.layer, DiskSize: m.diskSize, Created: time.Now().UTC(),
+		UID: m.uid, GID: m.gid, Cgroup: m.Cgroup()}
 }
 
 func (m *Machine) saveState() error {
@@ -320,6 +330,9 @@ type launch struct {
 	agentTimeout time.Duration
 	diskSize     int64
 	depth        int // of cfg.Disk in the disk chain
+	// reads are files outside dir that QEMU opens by path (a restore's
+	// state stream): bound read-only into its jail.
+	reads []string
 }
 
 // prepareDir creates the machine directory (which must not exist, or be
@@ -391,18 +404,19 @@ func (d *Driver) start(ctx context.Context, l *launch, u *undo) (*Machine, error
 	}
 	m.binary, m.args = bin, args
 
-	// The process: not tied to ctx, the machine lives until Stop.
-	logf, err := os.OpenFile(qemuLog, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+	// The process: not tied to ctx, the machine lives until Stop. When
+	// confined it starts as a jail (see confine.go) that execs QEMU: the
+	// same pid.
+	var extra []*os.File // fds QEMU inherits as 3, 4, …
+	cmd, err := d.command(m, l, u, bin, args, extra)
+	if err != nil {
+		return fail("confine", err)
+	}
+	logf, err := os.OpenFile(qemuLog, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
 		return fail("start qemu", err)
 	}
-	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.Dir = l.dir
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if !d.cfg.KeepOnExit {
-		dieWithParent(cmd.SysProcAttr)
-	}
 	t0 := time.Now()
 	err = cmd.Start()
 	logf.Close()

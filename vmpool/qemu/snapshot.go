@@ -62,7 +62,7 @@ func (d *Driver) Save(ctx context.Context, vm vmpool.Machine, dir string, opts v
 	if !filepath.IsAbs(dir) {
 		return vmpool.Snapshot{}, invalid("qemu: save: snapshot dir %q is not absolute", dir)
 	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return vmpool.Snapshot{}, fmt.Errorf("qemu: save: %w", err)
 	}
 	if ents, err := os.ReadDir(dir); err != nil || len(ents) > 0 {
@@ -147,7 +147,17 @@ func (m *Machine) save(ctx context.Context, dir string, opts vmpool.SaveOptions)
 		format = FormatSharedMemory
 	}
 	step = "migrate"
-	if err := migrateOut(ctx, q, format == FormatSharedMemory, filepath.Join(dir, snapState)); err != nil {
+	// The stream goes to the machine's own directory (all a confined QEMU
+	// can write), then into the snapshot.
+	stream := filepath.Join(m.dir, snapState+".save")
+	os.Remove(stream) // a leftover of a failed save
+	if err := migrateOut(ctx, q, format == FormatSharedMemory, stream); err != nil {
+		return snap, err
+	}
+	if err := moveFile(stream, filepath.Join(dir, snapState)); err != nil {
+		return snap, err
+	}
+	if err := m.d.seal(filepath.Join(dir, snapState), snapFileMode); err != nil {
 		return snap, err
 	}
 	tMigrated := time.Now()
@@ -164,6 +174,9 @@ func (m *Machine) save(ctx context.Context, dir string, opts vmpool.SaveOptions)
 			err = copySparse(m.cfg.MemPath, dst)
 		}
 		if err != nil {
+			return snap, err
+		}
+		if err := m.d.seal(dst, templateMemMode); err != nil {
 			return snap, err
 		}
 		artifacts = append(artifacts, snapMem)
@@ -250,6 +263,10 @@ func (m *Machine) nextOverlay(ctx context.Context) (*overlay, error) {
 	if err := m.d.createOverlay(ctx, o.path, layerName(depth), "qcow2", size); err != nil {
 		return nil, err
 	}
+	if err := m.own(o.path); err != nil {
+		os.Remove(o.path)
+		return nil, err
+	}
 	return o, nil
 }
 
@@ -277,6 +294,10 @@ func (m *Machine) freezeDisk(ctx context.Context, q *qmp.Client, next *overlay, 
 	// The old top is now a read-only backing node (QEMU flushed it when it
 	// reopened it), and its content is what the guest had at the pause.
 	if err := os.Link(oldTop, filepath.Join(m.dir, layerName(depth))); err != nil {
+		return 0, err
+	}
+	// Frozen: the worker's from now on, readable by the group for clones.
+	if err := m.d.seal(oldTop, snapFileMode); err != nil {
 		return 0, err
 	}
 	if err := m.saveState(); err != nil {
@@ -490,7 +511,7 @@ func (d *Driver) restore(ctx context.Context, spec vmpool.RestoreSpec) (*Machine
 		return nil
 	}
 	return d.start(ctx, &launch{op: "restore", id: spec.ID, dir: spec.Dir, cfg: cfg, image: meta.Image,
-		setup: load, diskSize: meta.DiskSize, depth: depth}, u)
+		setup: load, diskSize: meta.DiskSize, depth: depth, reads: []string{state}}, u)
 }
 
 // readSnapshotMeta reads config.json of the snapshot in dir.

@@ -32,6 +32,7 @@ func testDriver(t *testing.T, opts ...Option) *Driver {
 	if err != nil {
 		t.Fatalf("New: %v", err)
 	}
+	t.Cleanup(func() { d.Close() })
 	return d
 }
 

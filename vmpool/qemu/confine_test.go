@@ -1,0 +1,172 @@
+//go:build linux
+
+package qemu
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/firkin-dev/firkin-worker/jail"
+	"github.com/firkin-dev/firkin-worker/vmpool"
+)
+
+// statusField returns a field of /proc/pid/status ("Uid", "NoNewPrivs").
+func statusField(t *testing.T, pid int, name string) string {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, name+":"); ok {
+			return strings.Join(strings.Fields(v), " ")
+		}
+	}
+	t.Fatalf("no %s in /proc/%d/status", name, pid)
+	return ""
+}
+
+func owner(t *testing.T, path string) (uid, gid uint32, perm os.FileMode) {
+	t.Helper()
+	st, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := st.Sys().(*syscall.Stat_t)
+	return s.Uid, s.Gid, st.Mode().Perm()
+}
+
+// A root worker's QEMU runs as a uid of its own from the driver's range,
+// with no_new_privs, in a cgroup with the machine's limits, in a mount
+// namespace holding only what it needs; Stop removes the cgroup; a
+// template save leaves root-owned snapshot files its clones can read.
+func TestConfinedMachine(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("confinement needs a root worker: run the test as root")
+	}
+	d := testDriver(t)
+	first, count, ok := d.UIDRange()
+	if !ok || count != jail.RangeSize-1 || !jail.InAnyRange(first) {
+		t.Fatalf("UIDRange = %d, %d, %v", first, count, ok)
+	}
+	gid := first - 1
+	m := bootTest(t, d, vmpool.BootSpec{ID: "conf1", SnapshotReady: true, Resources: vmpool.Resources{VCPUs: 2, MemoryMB: 256}})
+	var c vmpool.Machine = m
+	uid := c.(vmpool.Confined).UID()
+	if uid < first || uid >= first+count {
+		t.Fatalf("UID %d outside the range [%d, %d)", uid, first, first+count)
+	}
+	u := strconv.Itoa(int(uid))
+	if got := statusField(t, m.PID(), "Uid"); got != strings.Repeat(u+" ", 3)+u {
+		t.Errorf("/proc/%d/status Uid: %s, want %s everywhere", m.PID(), got, u)
+	}
+	if got := statusField(t, m.PID(), "Gid"); got != strings.Repeat(strconv.Itoa(int(gid))+" ", 3)+strconv.Itoa(int(gid)) {
+		t.Errorf("Gid: %s, want the range's group %d", got, gid)
+	}
+	if got := statusField(t, m.PID(), "Groups"); got != strconv.Itoa(int(gid)) {
+		t.Errorf("Groups: %q, want only %d", got, gid)
+	}
+	if got := statusField(t, m.PID(), "NoNewPrivs"); got != "1" {
+		t.Errorf("NoNewPrivs: %s", got)
+	}
+	if mu, _, perm := owner(t, m.Dir()); mu != uid || perm != 0o700 {
+		t.Errorf("machine dir: uid %d mode %o, want %d 0700", mu, perm, uid)
+	}
+	// What QEMU sees as /: the system paths and the machine's own paths only.
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/root", m.PID()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var root []string
+	for _, e := range ents {
+		root = append(root, e.Name())
+	}
+	for _, bad := range []string{"root", "home", "work", "boot", "opt", "srv"} {
+		if slices.Contains(root, bad) {
+			t.Errorf("QEMU's root has /%s: %v", bad, root)
+		}
+	}
+	// The base disk is there, alone in its directory.
+	base := m.image.RootDisk
+	ents, err = os.ReadDir(fmt.Sprintf("/proc/%d/root%s", m.PID(), filepath.Dir(base)))
+	if err != nil || len(ents) != 1 || ents[0].Name() != filepath.Base(base) {
+		t.Errorf("QEMU sees %v (%v) in the base disk's directory, want only %s", ents, err, filepath.Base(base))
+	}
+	if _, err := os.Stat(fmt.Sprintf("/proc/%d/root/etc/passwd", m.PID())); err == nil {
+		t.Error("QEMU's root has /etc/passwd")
+	}
+	t.Logf("QEMU's root: %v; memory after boot: %s", root, memory(t, m.PID()))
+
+	// The cgroup: limits and membership.
+	dirs := m.Cgroup()
+	if len(dirs) == 0 {
+		t.Fatal("no cgroup")
+	}
+	read := func(ctl string, files ...string) string {
+		t.Helper()
+		dir := m.cgroup.Dir(ctl)
+		for _, f := range files {
+			if b, err := os.ReadFile(filepath.Join(dir, f)); err == nil {
+				return strings.TrimSpace(string(b))
+			}
+		}
+		t.Fatalf("no %v in the %s cgroup %q", files, ctl, dir)
+		return ""
+	}
+	wantMem := strconv.Itoa((256 + DefaultMemoryOverheadMB) << 20)
+	if got := read("memory", "memory.max", "memory.limit_in_bytes"); got != wantMem {
+		t.Errorf("memory limit %s, want %s", got, wantMem)
+	}
+	if got := read("cpu", "cpu.max", "cpu.cfs_quota_us"); got != "200000" && got != "200000 100000" {
+		t.Errorf("cpu quota %s, want 2 vCPUs' worth", got)
+	}
+	if got := read("pids", "pids.max"); got != "130" {
+		t.Errorf("pids.max %s, want 130", got)
+	}
+	for _, dir := range dirs {
+		procs, _ := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+		if !slices.Contains(strings.Fields(string(procs)), strconv.Itoa(m.PID())) {
+			t.Errorf("qemu %d not in %s (%q)", m.PID(), dir, procs)
+		}
+	}
+	// The guest fills most of its RAM: QEMU stays within the limit.
+	run(t, m, "dd if=/dev/zero of=/dev/shm/fill bs=1048576 count=200 2>/dev/null || dd if=/dev/zero of=/tmp/fill bs=1048576 count=200 2>/dev/null; free -m; rm -f /dev/shm/fill /tmp/fill; true")
+	peak := read("memory", "memory.peak", "memory.max_usage_in_bytes")
+	t.Logf("cgroup memory peak once the guest filled its RAM: %s MiB; QEMU %s", strconv.Itoa(atoi(peak)>>20), memory(t, m.PID()))
+	var st machineState
+	if err := readJSON(filepath.Join(m.Dir(), stateFile), &st); err != nil || st.UID != uid || !slices.Equal(st.Cgroup, dirs) {
+		t.Errorf("machine.json: uid %d cgroup %v (%v)", st.UID, st.Cgroup, err)
+	}
+	run(t, m, "echo confined > /root/c")
+
+	// A template save: snapshot files are root's, shared with the group.
+	snap := save(t, d, m, vmpool.SaveOptions{Kind: vmpool.Template, Stop: true})
+	if _, _, perm := owner(t, snap.Dir); perm != 0o700 {
+		t.Errorf("snapshot dir mode %o", perm)
+	}
+	for name, mode := range map[string]os.FileMode{snapState: 0o640, layerName(1): 0o640, snapMem: 0o660, snapConfig: 0o600} {
+		fu, fg, perm := owner(t, filepath.Join(snap.Dir, name))
+		if fu != 0 || perm != mode || (mode != 0o600 && fg != gid) {
+			t.Errorf("%s: %d:%d %o, want 0:%d %o", name, fu, fg, perm, gid, mode)
+		}
+	}
+	for _, dir := range dirs {
+		if _, err := os.Stat(dir); !os.IsNotExist(err) {
+			t.Errorf("cgroup %s still there after Stop (%v)", dir, err)
+		}
+	}
+	// A clone, as another uid, maps the template's memory and reads its layers.
+	clone := restore(t, d, "conf2", snap, false)
+	if clone.UID() == uid {
+		t.Errorf("the clone reuses uid %d at once", uid)
+	}
+	if out := run(t, clone, "cat /root/c"); out != "confined\n" {
+		t.Errorf("clone sees %q", out)
+	}
+}
