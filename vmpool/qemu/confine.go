@@ -19,8 +19,9 @@ import (
 // the page cache of its disk writes. Measured (TestConfinedMachine) on a
 // 256 MiB guest under TCG with its RAM in a shared file: after boot RSS
 // 238 MiB, PSS 219 MiB, 96 MiB of it private anonymous (QEMU's heap and the
-// 64 MiB translation cache); once the guest filled its RAM the cgroup's
-// peak was 370 MiB, about 115 MiB over the guest's RAM.
+// 64 MiB translation cache); once the guest filled its free RAM the
+// cgroup's peak was 342-370 MiB in three runs, 90-115 MiB over the guest's
+// RAM: 256 MiB leaves room for the page cache of a save's disk writes.
 const DefaultMemoryOverheadMB = 256
 
 // Modes of the files a save leaves in a snapshot: readable (the template

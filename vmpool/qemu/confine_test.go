@@ -4,6 +4,7 @@ package qemu
 
 import (
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
@@ -136,7 +137,8 @@ func TestConfinedMachine(t *testing.T) {
 		}
 	}
 	// The guest fills most of its RAM: QEMU stays within the limit.
-	run(t, m, "dd if=/dev/zero of=/dev/shm/fill bs=1048576 count=200 2>/dev/null || dd if=/dev/zero of=/tmp/fill bs=1048576 count=200 2>/dev/null; free -m; rm -f /dev/shm/fill /tmp/fill; true")
+	out := run(t, m, `set -- $(grep MemAvailable /proc/meminfo); n=$(( $2 / 1024 - 40 )); d=/dev/shm; [ -d $d ] || d=/tmp; dd if=/dev/zero of=$d/fill bs=1048576 count=$n 2>/dev/null; echo $n; rm -f $d/fill`)
+	t.Logf("the guest filled %s MiB", strings.TrimSpace(out))
 	peak := read("memory", "memory.peak", "memory.max_usage_in_bytes")
 	t.Logf("cgroup memory peak once the guest filled its RAM: %s MiB; QEMU %s", strconv.Itoa(atoi(peak)>>20), memory(t, m.PID()))
 	var st machineState
@@ -168,5 +170,26 @@ func TestConfinedMachine(t *testing.T) {
 	}
 	if out := run(t, clone, "cat /root/c"); out != "confined\n" {
 		t.Errorf("clone sees %q", out)
+	}
+}
+
+// A driver told not to confine (or a non-root worker) says so once at start
+// and hands out no uids.
+func TestUnconfinedDriverSaysSo(t *testing.T) {
+	var logs strings.Builder
+	d, err := New(WithStateDir(t.TempDir()), WithConfine(false), WithAccel(AccelTCG),
+		WithLogger(slog.New(slog.NewTextHandler(&logs, nil))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if _, _, ok := d.UIDRange(); ok {
+		t.Error("UIDRange ok for an unconfined driver")
+	}
+	if !strings.Contains(logs.String(), "confinement: off") || strings.Count(logs.String(), "confinement") != 1 {
+		t.Errorf("start log: %q", logs.String())
+	}
+	if got := (&Machine{}).UID(); got != uint32(os.Geteuid()) {
+		t.Errorf("an unconfined machine's UID is %d, want the worker's %d", got, os.Geteuid())
 	}
 }

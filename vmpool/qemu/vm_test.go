@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -268,6 +269,11 @@ func TestReattach(t *testing.T) {
 	if out := run(t, m2, "cat /tmp/k"); out != "kept\n" {
 		t.Errorf("after reattach: %q", out)
 	}
+	// A confined machine keeps its uid and cgroup, and Stop removes the cgroup.
+	if m2.UID() != m.UID() || !slices.Equal(m2.Cgroup(), m.Cgroup()) {
+		t.Errorf("reattached: uid %d cgroup %v, was %d %v", m2.UID(), m2.Cgroup(), m.UID(), m.Cgroup())
+	}
+	cgroups := m.Cgroup()
 	if err := m2.Stop(ctx); err != nil {
 		t.Fatalf("Stop: %v", err)
 	}
@@ -284,6 +290,11 @@ func TestReattach(t *testing.T) {
 		}
 		if processAlive(m2.PID()) {
 			t.Errorf("qemu %d still there", m2.PID())
+		}
+	}
+	for _, dir := range cgroups {
+		if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("cgroup %s left after Stop (%v)", dir, err)
 		}
 	}
 	if _, err := d2.Reattach(ctx, m.Dir()); !errors.Is(err, errdefs.ErrNotFound) {
