@@ -229,24 +229,42 @@ func (d *Driver) limits(cfg vmConfig) jail.Limits {
 	}
 }
 
-// ownFiles gives m's uid its directory, socket directory and the files
-// QEMU writes that the worker made (the top overlay, a RAM file copied from
-// a template); the layers below the top are the group's to read.
+// ownFiles sets up the ownership of m's files. The machine directory stays
+// root's (mode 0710, the group may only pass through): QEMU creates nothing
+// there, so it cannot put links in place of files the worker opens, links,
+// chowns or reads as root (machine.json, the next overlay, a save's
+// files, the console's tail). What QEMU writes is made here and given to
+// its uid: the top overlay, the console log, its RAM file; its sockets go
+// into a socket directory of its own (see prepareDir), whose sockets the
+// worker only dials and checks (SO_PEERCRED). The layers below the top and
+// the boot files are the group's to read.
 func (d *Driver) ownFiles(m *Machine, l *launch) error {
-	own := []string{l.dir}
-	if m.sockDir != "" {
-		own = append(own, m.sockDir)
+	if err := os.Chown(l.dir, 0, int(m.gid)); err != nil {
+		return err
 	}
+	if err := os.Chmod(l.dir, 0o710); err != nil {
+		return err
+	}
+	if m.sockDir != "" {
+		if err := os.Chown(m.sockDir, int(m.uid), int(m.gid)); err != nil {
+			return err
+		}
+	}
+	own := []string{l.cfg.Console}
 	if l.cfg.Disk != "" {
 		own = append(own, l.cfg.Disk)
 	}
 	if l.cfg.Memory == MemoryShared && inside(l.dir, l.cfg.MemPath) {
-		if _, err := os.Stat(l.cfg.MemPath); err == nil {
-			own = append(own, l.cfg.MemPath)
-		}
+		own = append(own, l.cfg.MemPath) // QEMU sizes an empty file itself
 	}
 	for _, p := range own {
-		if err := os.Chown(p, int(m.uid), int(m.gid)); err != nil {
+		f, err := os.OpenFile(p, os.O_WRONLY|os.O_CREATE, 0o600)
+		if err != nil {
+			return err
+		}
+		err = errors.Join(f.Chown(int(m.uid), int(m.gid)), f.Chmod(0o600))
+		f.Close()
+		if err != nil {
 			return fmt.Errorf("give %s to uid %d: %w", p, m.uid, err)
 		}
 	}
@@ -263,11 +281,14 @@ func (d *Driver) ownFiles(m *Machine, l *launch) error {
 	return nil
 }
 
+// confinesUIDs reports whether machines get uids of their own.
+func (d *Driver) confinesUIDs() bool { return d.conf != nil && d.conf.alloc != nil }
+
 // shareWithMachines lets the range's group read path (and write it when
 // writable) unless everyone may already: a snapshot made under another
 // range, or before confinement, becomes usable by this worker's machines.
 func (d *Driver) shareWithMachines(path string, writable bool) error {
-	if d.conf == nil || d.conf.alloc == nil {
+	if !d.confinesUIDs() {
 		return nil
 	}
 	st, err := os.Stat(path)
@@ -294,7 +315,7 @@ func (d *Driver) shareWithMachines(path string, writable bool) error {
 // seal gives a file a save made to root (the worker) and the range's group
 // with mode when machines are confined, else to the worker with 0600.
 func (d *Driver) seal(path string, mode os.FileMode) error {
-	if d.conf == nil || d.conf.alloc == nil {
+	if !d.confinesUIDs() {
 		return os.Chmod(path, 0o600)
 	}
 	if err := os.Chown(path, 0, int(d.conf.rng.GID())); err != nil {
@@ -306,9 +327,23 @@ func (d *Driver) seal(path string, mode os.FileMode) error {
 // own gives a file the worker made in m's directory (a new overlay) to m.
 func (m *Machine) own(path string) error {
 	if m.uid == 0 {
+		return os.Chmod(path, 0o600)
+	}
+	return errors.Join(os.Chown(path, int(m.uid), int(m.gid)), os.Chmod(path, 0o600))
+}
+
+// createOwned makes an empty file at path for m's QEMU to write (a save's
+// migration stream).
+func (m *Machine) createOwned(path string) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if m.uid == 0 {
 		return nil
 	}
-	return os.Chown(path, int(m.uid), int(m.gid))
+	return f.Chown(int(m.uid), int(m.gid))
 }
 
 // releaseConfinement removes m's cgroup and gives its uid back, once its

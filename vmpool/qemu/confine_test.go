@@ -3,8 +3,11 @@
 package qemu
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -12,7 +15,9 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
+	"github.com/firkin-dev/firkin-worker/errdefs"
 	"github.com/firkin-dev/firkin-worker/jail"
 	"github.com/firkin-dev/firkin-worker/vmpool"
 )
@@ -76,8 +81,15 @@ func TestConfinedMachine(t *testing.T) {
 	if got := statusField(t, m.PID(), "NoNewPrivs"); got != "1" {
 		t.Errorf("NoNewPrivs: %s", got)
 	}
-	if mu, _, perm := owner(t, m.Dir()); mu != uid || perm != 0o700 {
-		t.Errorf("machine dir: uid %d mode %o, want %d 0700", mu, perm, uid)
+	// The machine dir is root's (QEMU cannot plant links there); what QEMU
+	// writes is its own.
+	if du, dg, perm := owner(t, m.Dir()); du != 0 || dg != gid || perm != 0o710 {
+		t.Errorf("machine dir: %d:%d %o, want 0:%d 0710", du, dg, perm, gid)
+	}
+	for _, p := range []string{m.sockDir, m.cfg.Console, m.cfg.Disk, m.cfg.MemPath} {
+		if fu, _, perm := owner(t, p); fu != uid || perm&0o077 != 0 {
+			t.Errorf("%s: uid %d mode %o, want %d and no access for others", p, fu, perm, uid)
+		}
 	}
 	// What QEMU sees as /: the system paths and the machine's own paths only.
 	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/root", m.PID()))
@@ -191,5 +203,35 @@ func TestUnconfinedDriverSaysSo(t *testing.T) {
 	}
 	if got := (&Machine{}).UID(); got != uint32(os.Geteuid()) {
 		t.Errorf("an unconfined machine's UID is %d, want the worker's %d", got, os.Geteuid())
+	}
+}
+
+// The worker talks only to sockets its QEMU listens on: a socket of
+// another process (a link a QEMU put in its socket directory) is refused.
+func TestDialChecksPeer(t *testing.T) {
+	path := filepath.Join(shortDir(t), "s.sock")
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := dialUnix(ctx, path, os.Getpid(), nil)
+	if err != nil {
+		t.Fatalf("dial own socket: %v", err)
+	}
+	c.Close()
+	if _, err := dialUnix(ctx, path, os.Getpid()+1, nil); !errors.Is(err, errdefs.ErrIntegrity) {
+		t.Fatalf("dial another process's socket: %v, want ErrIntegrity", err)
 	}
 }

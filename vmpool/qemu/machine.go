@@ -358,7 +358,9 @@ func (d *Driver) prepareDir(id, dir string) (sockDir string, cleanup func() erro
 		}
 	}
 	cleanup = func() error { return os.RemoveAll(dir) }
-	if len(filepath.Join(dir, agentSock)) > maxSocketLen {
+	// A confined QEMU makes its sockets in a directory of its own (see
+	// ownFiles).
+	if len(filepath.Join(dir, agentSock)) > maxSocketLen || d.confinesUIDs() {
 		s, err := os.MkdirTemp(d.cfg.SocketDir, "m-")
 		if err != nil {
 			_ = cleanup()
@@ -441,7 +443,7 @@ func (d *Driver) start(ctx context.Context, l *launch, u *undo) (*Machine, error
 	})
 	log.Debug("qemu started", "pid", m.pid, "args", strings.Join(args, " "))
 
-	q, err := dialQMP(ctx, l.cfg.QMP, m.done)
+	q, err := dialQMP(ctx, l.cfg.QMP, m.pid, m.done)
 	if err != nil {
 		return fail("connect qmp", err)
 	}
@@ -460,7 +462,7 @@ func (d *Driver) start(ctx context.Context, l *launch, u *undo) (*Machine, error
 		actx, cancel = context.WithTimeout(ctx, l.agentTimeout)
 		defer cancel()
 	}
-	conn, err := dialUnix(actx, l.cfg.Agent, m.done)
+	conn, err := dialUnix(actx, l.cfg.Agent, m.pid, m.done)
 	if err != nil {
 		return fail("connect agent", err)
 	}
@@ -502,13 +504,20 @@ func connectAgent(ctx context.Context, conn net.Conn, exited <-chan struct{}) (*
 	return c, nil
 }
 
-// dialUnix connects to the unix socket at path, waiting for QEMU to make it.
-func dialUnix(ctx context.Context, path string, exited <-chan struct{}) (net.Conn, error) {
+// dialUnix connects to the unix socket at path, waiting for QEMU (process
+// pid) to make it. The socket must be pid's: a confined QEMU owns the
+// directory its sockets are in and could put a link to another machine's
+// socket there.
+func dialUnix(ctx context.Context, path string, pid int, exited <-chan struct{}) (net.Conn, error) {
 	tick := time.NewTicker(5 * time.Millisecond)
 	defer tick.Stop()
 	for {
 		c, err := net.Dial("unix", path)
 		if err == nil {
+			if err := checkPeer(c, pid); err != nil {
+				c.Close()
+				return nil, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("%s: %w", filepath.Base(path), err))
+			}
 			return c, nil
 		}
 		select {
@@ -521,8 +530,8 @@ func dialUnix(ctx context.Context, path string, exited <-chan struct{}) (net.Con
 	}
 }
 
-func dialQMP(ctx context.Context, path string, exited <-chan struct{}) (*qmp.Client, error) {
-	conn, err := dialUnix(ctx, path, exited)
+func dialQMP(ctx context.Context, path string, pid int, exited <-chan struct{}) (*qmp.Client, error) {
+	conn, err := dialUnix(ctx, path, pid, exited)
 	if err != nil {
 		return nil, err
 	}

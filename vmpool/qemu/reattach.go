@@ -120,7 +120,7 @@ func (d *Driver) reattach(ctx context.Context, dir string) (*Machine, error) {
 		err = stepError("reattach", st.ID, step, err, st.Config.Console, filepath.Join(dir, qemuLogFile))
 		return nil, errdefs.Wrap(errdefs.ErrNotFound, err)
 	}
-	q, err := dialQMP(ctx, st.Config.QMP, m.done)
+	q, err := dialQMP(ctx, st.Config.QMP, m.pid, m.done)
 	if err != nil {
 		return fail("connect qmp", err)
 	}
@@ -139,7 +139,7 @@ func (d *Driver) reattach(ctx context.Context, dir string) (*Machine, error) {
 			return fail("continue", err)
 		}
 	}
-	conn, err := dialUnix(ctx, st.Config.Agent, m.done)
+	conn, err := dialUnix(ctx, st.Config.Agent, m.pid, m.done)
 	if err != nil {
 		return fail("connect agent", err)
 	}

@@ -151,6 +151,9 @@ func (m *Machine) save(ctx context.Context, dir string, opts vmpool.SaveOptions)
 	// can write), then into the snapshot.
 	stream := filepath.Join(m.dir, snapState+".save")
 	os.Remove(stream) // a leftover of a failed save
+	if err := m.createOwned(stream); err != nil {
+		return snap, err
+	}
 	if err := migrateOut(ctx, q, format == FormatSharedMemory, stream); err != nil {
 		return snap, err
 	}
