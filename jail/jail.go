@@ -23,6 +23,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 )
 
 // specEnv carries a jail's Spec (JSON) to the re-executed binary; its
@@ -115,6 +116,7 @@ func (s *Spec) Validate() error {
 func Main() {
 	v, ok := os.LookupEnv(specEnv)
 	if !ok {
+		mainCalled.Store(true)
 		return
 	}
 	os.Unsetenv(specEnv)
@@ -124,6 +126,14 @@ func Main() {
 	}
 	os.Exit(ExitSetup) // run returns only on failure
 }
+
+// mainCalled records that Main ran (and returned) in this process.
+var mainCalled atomic.Bool
+
+// Ready reports whether this process called Main: only then can it start
+// jails (a binary that does not call Main would run its own main again in
+// every jail process it starts).
+func Ready() bool { return mainCalled.Load() }
 
 // environ returns the caller's environment without a jail spec.
 func environ() []string {

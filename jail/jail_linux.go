@@ -1,6 +1,7 @@
 package jail
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -22,6 +23,9 @@ import (
 // in spec.ExtraFiles (not cmd.ExtraFiles: the jail closes what it was not
 // told about).
 func Command(spec Spec) (*exec.Cmd, error) {
+	if !Ready() {
+		return nil, errors.New("jail: this binary did not call jail.Main first thing in main (or TestMain)")
+	}
 	spec.ParentPID = os.Getpid()
 	spec.NumExtra = len(spec.ExtraFiles)
 	if err := spec.Validate(); err != nil {
@@ -45,6 +49,20 @@ func Command(spec Spec) (*exec.Cmd, error) {
 		cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
 	}
 	return cmd, nil
+}
+
+// Probe starts a jail that runs /bin/true as uid and gid with nothing
+// bound, and reports why it failed (nil when the host allows jails).
+func Probe(root string, uid, gid uint32) error {
+	cmd, err := Command(Spec{Path: "/bin/true", Args: []string{"true"}, Dir: "/", Root: root, UID: uid, GID: gid, DieWithParent: true})
+	if err != nil {
+		return err
+	}
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("jail: probe: %w: %s", err, bytes.TrimSpace(out))
+	}
+	return nil
 }
 
 // step runs one named set-up step.

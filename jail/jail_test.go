@@ -247,3 +247,15 @@ func TestSpecValidate(t *testing.T) {
 		}
 	}
 }
+
+func TestProbe(t *testing.T) {
+	requireRoot(t)
+	t0 := time.Now()
+	if err := Probe(t.TempDir(), RangeBase, RangeBase); err != nil {
+		t.Fatalf("Probe: %v", err)
+	}
+	t.Logf("probe: %v", time.Since(t0))
+	if err := Probe("relative", 0, 0); err == nil {
+		t.Fatal("Probe with a bad root succeeded")
+	}
+}

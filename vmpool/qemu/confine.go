@@ -63,10 +63,19 @@ func (d *Driver) setupConfinement() {
 	case os.Geteuid() != 0:
 		d.log.Warn("confinement: the worker is not root; QEMU runs as the worker's user, with no uid of its own, no cgroup limits and no mount namespace")
 		return
+	case !jail.Ready():
+		d.log.Warn("confinement: this binary does not call jail.Main first thing; QEMU runs as root with no cgroup limits and no mount namespace")
+		return
 	}
 	c := &confinement{root: filepath.Join(d.cfg.SocketDir, "jail-root")}
 	if err := os.MkdirAll(c.root, 0o700); err != nil {
 		d.log.Warn("confinement: no jail root; QEMU runs as root with no cgroup limits and no mount namespace", "err", err)
+		return
+	}
+	// The range's first id is a group, never a machine's uid: a safe uid
+	// for the probe.
+	if err := jail.Probe(c.root, jail.RangeBase, jail.RangeBase); err != nil {
+		d.log.Warn("confinement: the host does not allow the jail; QEMU runs as root with no cgroup limits and no mount namespace", "err", err)
 		return
 	}
 	var prefer []int
