@@ -113,7 +113,7 @@ func (d *Driver) setupConfinement() {
 	if c.cg != nil {
 		args = append(args, "cgroup", fmt.Sprintf("v%d %s", c.cg.Version(), c.cg.Group()))
 	}
-	d.log.Info("confinement: QEMU runs in a mount namespace, as a uid of its own, in a cgroup", args...)
+	d.log.Info("confinement: each QEMU runs in a mount namespace of its own (uid and cgroup as logged)", args...)
 }
 
 // Close lets go of the driver's uid range and cgroup group (machines still

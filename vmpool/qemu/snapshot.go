@@ -147,8 +147,9 @@ func (m *Machine) save(ctx context.Context, dir string, opts vmpool.SaveOptions)
 		format = FormatSharedMemory
 	}
 	step = "migrate"
-	// The stream goes to the machine's own directory (all a confined QEMU
-	// can write), then into the snapshot.
+	// The stream goes to a file in the machine's directory made for QEMU's
+	// uid (a confined QEMU sees and may write nothing else), then into the
+	// snapshot.
 	stream := filepath.Join(m.dir, snapState+".save")
 	os.Remove(stream) // a leftover of a failed save
 	if err := m.createOwned(stream); err != nil {
