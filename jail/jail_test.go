@@ -3,6 +3,7 @@ package jail
 import (
 	"bytes"
 	"errors"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestMain(m *testing.M) {
@@ -257,5 +260,46 @@ func TestProbe(t *testing.T) {
 	t.Logf("probe: %v", time.Since(t0))
 	if err := Probe("relative", 0, 0); err == nil {
 		t.Fatal("Probe with a bad root succeeded")
+	}
+}
+
+// The fds in Spec.ExtraFiles reach the program as 3, 4, …; nothing else
+// does.
+func TestJailPassesExtraFiles(t *testing.T) {
+	requireRoot(t)
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	// An fd of the parent without close-on-exec: inherited by the jail
+	// process, it must not reach the program.
+	leak, err := os.Open("/dev/null")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer leak.Close()
+	if _, err := unix.FcntlInt(leak.Fd(), unix.F_SETFD, 0); err != nil {
+		t.Fatal(err)
+	}
+	cmd, err := Command(Spec{Path: "/bin/sh", Args: []string{"sh", "-c", `echo via3 >&3; exec 3>&-; ls /proc/self/fd | tr '\n' ' '`},
+		Dir: "/", Root: t.TempDir(), ExtraFiles: []*os.File{w}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &stderr
+	err = cmd.Run()
+	w.Close()
+	if err != nil {
+		t.Fatalf("jail: %v: %s", err, stderr.String())
+	}
+	got, _ := io.ReadAll(r)
+	if string(got) != "via3\n" {
+		t.Errorf("fd 3 carried %q", got)
+	}
+	// 0-2, and the directory ls reads (the lowest free fd: 3 once closed).
+	if out.String() != "0 1 2 3 " {
+		t.Errorf("fds in the jail: %q, want stdio and ls's own", out.String())
 	}
 }
