@@ -1,8 +1,10 @@
 package jail
 
 import (
+	"bufio"
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"os/exec"
@@ -19,7 +21,28 @@ import (
 
 func TestMain(m *testing.M) {
 	Main() // jail processes of this test binary stop here
+	if root := os.Getenv("JAIL_TEST_PARENT"); root != "" {
+		parentOfJail(root)
+		return
+	}
 	os.Exit(m.Run())
+}
+
+// parentOfJail is the test binary as the parent of a jail (for
+// TestJailDiesWithParent): it starts `sleep 60` jailed with DieWithParent,
+// prints its pid and waits to be killed.
+func parentOfJail(root string) {
+	cmd, err := Command(Spec{Path: "/bin/sleep", Args: []string{"sleep", "60"}, Dir: "/", Root: root,
+		UID: RangeBase + 1, GID: RangeBase, DieWithParent: true})
+	if err == nil {
+		err = cmd.Start()
+	}
+	if err != nil {
+		fmt.Println("error:", err)
+		os.Exit(1)
+	}
+	fmt.Println(cmd.Process.Pid)
+	cmd.Wait()
 }
 
 // requireRoot fails the test when the process cannot make namespaces,
@@ -301,5 +324,52 @@ func TestJailPassesExtraFiles(t *testing.T) {
 	// 0-2, and the directory ls reads (the lowest free fd: 3 once closed).
 	if out.String() != "0 1 2 3 " {
 		t.Errorf("fds in the jail: %q, want stdio and ls's own", out.String())
+	}
+}
+
+// A jail started with DieWithParent gets SIGKILL when its parent dies,
+// although its uid changed (which clears the parent-death signal).
+func TestJailDiesWithParent(t *testing.T) {
+	requireRoot(t)
+	parent := exec.Command("/proc/self/exe", "-test.run=^$")
+	parent.Env = append(os.Environ(), "JAIL_TEST_PARENT="+t.TempDir())
+	out, err := parent.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := parent.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { parent.Process.Kill(); parent.Wait() })
+	line, err := bufio.NewReader(out).ReadString('\n')
+	pid, perr := strconv.Atoi(strings.TrimSpace(line))
+	if err != nil || perr != nil {
+		t.Fatalf("parent said %q (%v)", line, err)
+	}
+	// The jail has exec'd sleep as the machine uid once /proc shows it so.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+		if strings.Contains(string(b), "Uid:\t"+strconv.Itoa(RangeBase+1)) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("jail %d never ran sleep as its uid: %s", pid, b)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	parent.Process.Kill()
+	parent.Wait()
+	deadline = time.Now().Add(10 * time.Second)
+	for {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil || strings.Contains(string(b), ") Z ") {
+			return // gone (or a zombie waiting for init)
+		}
+		if time.Now().After(deadline) {
+			syscall.Kill(pid, syscall.SIGKILL)
+			t.Fatalf("jail %d outlived its parent", pid)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
