@@ -53,6 +53,8 @@ type Spec struct {
 	// UID and GID the program runs as; 0 keeps the caller's.
 	UID uint32 `json:"uid"`
 	GID uint32 `json:"gid"`
+	// Groups are supplementary groups besides GID (the group of /dev/kvm).
+	Groups []uint32 `json:"groups,omitempty"`
 	// Cgroups are cgroup directories the process joins before it execs.
 	Cgroups []string `json:"cgroups,omitempty"`
 	// DieWithParent gives the process SIGKILL when the thread that started

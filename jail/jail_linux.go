@@ -107,7 +107,11 @@ func run(encoded string) error {
 		return err
 	}
 	if s.UID != 0 {
-		if err := step("setgroups", syscall.Setgroups([]int{int(s.GID)})); err != nil {
+		groups := []int{int(s.GID)}
+		for _, g := range s.Groups {
+			groups = append(groups, int(g))
+		}
+		if err := step("setgroups", syscall.Setgroups(groups)); err != nil {
 			return err
 		}
 		if err := step("setresgid", syscall.Setresgid(int(s.GID), int(s.GID), int(s.GID))); err != nil {

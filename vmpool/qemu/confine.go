@@ -43,6 +43,7 @@ type confinement struct {
 	release func() error
 	cg      *jail.Cgroups // nil: no cgroup limits
 	root    string        // mount point of the jails' roots
+	groups  []uint32      // supplementary groups of QEMU (the group of /dev/kvm)
 }
 
 // rangeFile in the state dir records the uid range, so a restarted worker
@@ -105,6 +106,9 @@ func (d *Driver) setupConfinement() {
 			}
 		}
 	}
+	if c.alloc != nil {
+		c.groups = d.kvmGroup()
+	}
 	d.conf = c
 	args := []any{"jail_root", c.root}
 	if c.alloc != nil {
@@ -114,6 +118,25 @@ func (d *Driver) setupConfinement() {
 		args = append(args, "cgroup", fmt.Sprintf("v%d %s", c.cg.Version(), c.cg.Group()))
 	}
 	d.log.Info("confinement: each QEMU runs in a mount namespace of its own (uid and cgroup as logged)", args...)
+}
+
+// kvmGroup returns the group that may open /dev/kvm, for QEMU's
+// supplementary groups, and says once when a confined QEMU cannot open it.
+func (d *Driver) kvmGroup() []uint32 {
+	st, err := os.Stat("/dev/kvm")
+	if err != nil {
+		return nil
+	}
+	perm := st.Mode().Perm()
+	sys, _ := st.Sys().(*syscall.Stat_t)
+	switch {
+	case perm&0o006 == 0o006:
+		return nil
+	case perm&0o060 == 0o060 && sys != nil && sys.Gid != 0:
+		return []uint32{sys.Gid}
+	}
+	d.log.Warn("confinement: /dev/kvm is for root only, so confined machines cannot use KVM; make it mode 0660 with a group of its own (udev: GROUP=\"kvm\", MODE=\"0660\")", "mode", fmt.Sprintf("%o", perm))
+	return nil
 }
 
 // Close lets go of the driver's uid range and cgroup group (machines still
@@ -183,7 +206,7 @@ func (d *Driver) command(m *Machine, l *launch, u *undo, bin string, args []stri
 		}
 		u.add("release uid", func() error { c.alloc.Release(uid); return nil })
 		m.uid, m.gid = uid, c.rng.GID()
-		spec.UID, spec.GID = m.uid, m.gid
+		spec.UID, spec.GID, spec.Groups = m.uid, m.gid, c.groups
 		if err := d.ownFiles(m, l); err != nil {
 			return nil, err
 		}
