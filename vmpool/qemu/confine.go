@@ -227,11 +227,12 @@ func (d *Driver) command(m *Machine, l *launch, u *undo, bin string, args []stri
 	if !underSystemPaths(bin) {
 		spec.Binds = append(spec.Binds, jail.Bind{Path: bin})
 	}
-	// The base disk is named in layer 1's header by its absolute path.
+	// The base disk is named in layer 1's header by its absolute path. It
+	// is the image's: readable by everyone, never changed here.
 	if p := l.image.RootDisk; p != "" && !inside(l.dir, p) {
 		spec.Binds = append(spec.Binds, jail.Bind{Path: p})
-		if err := d.shareWithMachines(p, false); err != nil {
-			return nil, err
+		if st, err := os.Stat(p); err != nil || st.Mode().Perm()&0o004 == 0 {
+			return nil, fmt.Errorf("base disk %s is not readable by confined machines (%v)", p, err)
 		}
 	}
 	if l.cfg.Memory == MemoryPrivate && !inside(l.dir, l.cfg.MemPath) {
@@ -337,6 +338,11 @@ func (d *Driver) shareWithMachines(path string, writable bool) error {
 	group := sys != nil && sys.Gid == d.conf.rng.GID() && perm&need == need
 	if everyone || group {
 		return nil
+	}
+	// Only a file the worker made (root's, of root's group or of a
+	// range's) is opened up: never a host file a path led to.
+	if !st.Mode().IsRegular() || sys == nil || sys.Uid != 0 || sys.Gid != 0 && !jail.InAnyRange(sys.Gid) {
+		return fmt.Errorf("%s (mode %o) is not a snapshot file the machines may be given", path, perm)
 	}
 	if err := os.Chown(path, -1, int(d.conf.rng.GID())); err != nil {
 		return fmt.Errorf("share %s with the machines' group: %w", path, err)

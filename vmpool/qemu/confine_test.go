@@ -235,3 +235,41 @@ func TestDialChecksPeer(t *testing.T) {
 		t.Fatalf("dial another process's socket: %v, want ErrIntegrity", err)
 	}
 }
+
+// A snapshot file made under another range (or before confinement) is
+// opened up to this driver's group; a file the worker did not make is not.
+func TestShareWithMachines(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("confinement needs a root worker: run the test as root")
+	}
+	d := testDriver(t)
+	first, _, ok := d.UIDRange()
+	if !ok {
+		t.Fatal("driver not confined")
+	}
+	dir := t.TempDir()
+	mine, other := filepath.Join(dir, "layer"), filepath.Join(dir, "host")
+	for _, p := range []string{mine, other} {
+		if err := os.WriteFile(p, []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Chown(mine, 0, int(jail.RangeBase+7*jail.RangeSize)); err != nil { // another range's group
+		t.Fatal(err)
+	}
+	if err := os.Chown(other, 0, 42); err != nil { // like /etc/shadow
+		t.Fatal(err)
+	}
+	if err := d.shareWithMachines(mine, true); err != nil {
+		t.Fatalf("share a snapshot file: %v", err)
+	}
+	if _, g, perm := owner(t, mine); g != first-1 || perm != 0o660 {
+		t.Errorf("shared file: group %d mode %o, want %d 0660", g, perm, first-1)
+	}
+	if err := d.shareWithMachines(other, false); err == nil {
+		t.Error("a file of another group was opened up")
+	}
+	if _, g, perm := owner(t, other); g != 42 || perm != 0o600 {
+		t.Errorf("the refused file changed: group %d mode %o", g, perm)
+	}
+}
