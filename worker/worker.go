@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -74,6 +75,7 @@ type Worker struct {
 	stopped chan struct{}
 	bg      context.CancelFunc
 	bgDone  chan struct{}
+	driver  vmpool.Driver
 }
 
 // ID is the worker's id (the client_id of its sandboxes).
@@ -111,7 +113,12 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := step("state dir", func() error { return os.MkdirAll(cfg.StateDir, 0o755) }); err != nil {
+	if err := step("state dir", func() error {
+		if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+			return err
+		}
+		return os.Chmod(cfg.StateDir, 0o700) // snapshots and keys live there
+	}); err != nil {
 		return nil, err
 	}
 	if err := step("worker id", func() (err error) { w.id, err = loadOrCreateID(filepath.Join(cfg.StateDir, "worker-id")); return }); err != nil {
@@ -150,6 +157,8 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	if err := step("driver", func() (err error) { driver, err = newDriver(ctx, cfg, w.log); return }); err != nil {
 		return nil, err
 	}
+	w.driver = driver
+	cleanups = append(cleanups, func() { _ = w.closeDriver() })
 	var tok *tokenMinter
 	if err := step("tokens", func() (err error) { tok, err = newTokenMinter(cfg); return }); err != nil {
 		return nil, err
@@ -230,10 +239,19 @@ func (w *Worker) Stop(ctx context.Context) error {
 		w.bg()
 		<-w.bgDone
 	}
-	errs := []error{w.svc.Stop(ctx), w.backend.Stop(ctx)}
+	errs := []error{w.svc.Stop(ctx), w.backend.Stop(ctx), w.closeDriver()}
 	w.stopProxy()
 	w.closeNATS()
 	return errors.Join(errs...)
+}
+
+// closeDriver lets go of what the driver holds for the worker (the qemu
+// driver's uid range).
+func (w *Worker) closeDriver() error {
+	if c, ok := w.driver.(io.Closer); ok {
+		return c.Close()
+	}
+	return nil
 }
 
 func (w *Worker) connect() error {
