@@ -186,6 +186,7 @@ func TestConfinedMachine(t *testing.T) {
 			t.Errorf("%s: %d:%d %o, want 0:%d %o", name, fu, fg, perm, gid, mode)
 		}
 	}
+	checkSnapshotPrivate(t, snap.Dir)
 	for _, dir := range dirs {
 		if _, err := os.Stat(dir); !os.IsNotExist(err) {
 			t.Errorf("cgroup %s still there after Stop (%v)", dir, err)
@@ -211,6 +212,7 @@ func TestConfinedMachine(t *testing.T) {
 			t.Errorf("continuation %s: uid %d mode %o, want root's 0600", name, fu, perm)
 		}
 	}
+	checkSnapshotPrivate(t, cont.Dir)
 	if out := run(t, clone, "cat /root/d"); out != "second\n" {
 		t.Errorf("the clone after its save: %q", out)
 	}
@@ -220,6 +222,26 @@ func TestConfinedMachine(t *testing.T) {
 	}
 	if third.UID() == 0 || third.UID() == clone.UID() {
 		t.Errorf("the continuation runs as uid %d (clone %d)", third.UID(), clone.UID())
+	}
+}
+
+// checkSnapshotPrivate checks that every file of the snapshot in dir is
+// root's 0600 but a template's memory file and the image's boot files
+// (links to the image's own).
+func checkSnapshotPrivate(t *testing.T, dir string) {
+	t.Helper()
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		switch e.Name() {
+		case snapMem, kernelFile, initramfsFile:
+			continue
+		}
+		if fu, _, perm := owner(t, filepath.Join(dir, e.Name())); fu != 0 || perm != 0o600 {
+			t.Errorf("snapshot file %s: uid %d mode %o, want root's 0600", e.Name(), fu, perm)
+		}
 	}
 }
 
