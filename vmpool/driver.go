@@ -42,6 +42,14 @@ type Machine interface {
 	Done() <-chan struct{}
 }
 
+// Confined is implemented by machines whose hypervisor runs as a uid of its
+// own (qemu when the worker is root): network rules can match the
+// machine's traffic by that uid (nftables meta skuid).
+type Confined interface {
+	// UID is the uid the machine's hypervisor process runs as.
+	UID() uint32
+}
+
 // Resources are what a machine gets.
 type Resources struct {
 	VCPUs    int

@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -84,6 +85,7 @@ type Worker struct {
 	stopped chan struct{}
 	bg      context.CancelFunc
 	bgDone  chan struct{}
+	driver  vmpool.Driver
 
 	// clientSeed is the embedded server's client seed file ("" without one).
 	clientSeed string
@@ -166,6 +168,8 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	if err := step("driver", func() (err error) { driver, err = newDriver(ctx, cfg, w.log); return }); err != nil {
 		return nil, err
 	}
+	w.driver = driver
+	cleanups = append(cleanups, func() { _ = w.closeDriver() })
 	var tok *tokenMinter
 	if err := step("tokens", func() (err error) { tok, err = newTokenMinter(cfg); return }); err != nil {
 		return nil, err
@@ -247,10 +251,19 @@ func (w *Worker) Stop(ctx context.Context) error {
 		w.bg()
 		<-w.bgDone
 	}
-	errs := []error{w.svc.Stop(ctx), w.backend.Stop(ctx)}
+	errs := []error{w.svc.Stop(ctx), w.backend.Stop(ctx), w.closeDriver()}
 	w.stopProxy()
 	w.closeNATS()
 	return errors.Join(errs...)
+}
+
+// closeDriver lets go of what the driver holds for the worker (the qemu
+// driver's uid range).
+func (w *Worker) closeDriver() error {
+	if c, ok := w.driver.(io.Closer); ok {
+		return c.Close()
+	}
+	return nil
 }
 
 func (w *Worker) connect(subj subjects.Subjects) error {

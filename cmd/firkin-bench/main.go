@@ -23,11 +23,13 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/firkin-dev/firkin-worker/client"
+	"github.com/firkin-dev/firkin-worker/jail"
 	"github.com/firkin-dev/firkin-worker/subjects"
 	"github.com/firkin-dev/firkin-worker/worker"
 )
 
 func main() {
+	jail.Main() // a QEMU jail started by this binary: set up and exec QEMU
 	if err := run(); err != nil {
 		fmt.Fprintln(os.Stderr, "firkin-bench:", err)
 		os.Exit(1)

@@ -17,10 +17,12 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/firkin-dev/firkin-worker/jail"
 	"github.com/firkin-dev/firkin-worker/worker"
 )
 
 func main() {
+	jail.Main() // a QEMU jail started by this binary: set up and exec QEMU
 	if err := run(os.Args[1:]); err != nil {
 		fmt.Fprintln(os.Stderr, "firkin-worker:", err)
 		os.Exit(1)

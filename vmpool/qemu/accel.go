@@ -130,7 +130,11 @@ func (d *Driver) probeKey(ctx context.Context, arch string, img vmpool.Image) (s
 		return "", v, err
 	}
 	v.Image = hex.EncodeToString(h.Sum(nil))
-	k := sha256.Sum256([]byte(v.QEMU + "\x00" + v.Kernel + "\x00" + v.Image + "\x00" + arch))
+	who := "root"
+	if d.confinesUIDs() { // a confined QEMU may not be allowed to open /dev/kvm
+		who = "confined"
+	}
+	k := sha256.Sum256([]byte(v.QEMU + "\x00" + v.Kernel + "\x00" + v.Image + "\x00" + arch + "\x00" + who))
 	return hex.EncodeToString(k[:]), v, nil
 }
 

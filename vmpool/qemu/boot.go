@@ -124,11 +124,17 @@ func (d *Driver) baseConfig(id, arch, accel string, res vmpool.Resources, img vm
 	if sockDir == "" {
 		sockDir = dir
 	}
+	// A confined QEMU makes its sockets in a directory of its own below
+	// the (root's) socket directory holding the console socket.
+	qemuSocks := sockDir
+	if d.confinesUIDs() {
+		qemuSocks = filepath.Join(sockDir, qemuSockDir)
+	}
 	cfg := vmConfig{
 		Name: id, Arch: arch, Machine: machine, Accel: accel, VCPUs: res.VCPUs, MemoryMB: res.MemoryMB,
 		Kernel: img.Kernel, Initramfs: img.Initramfs, Append: kernelArgs(arch, network),
 		Console: filepath.Join(dir, consoleFile), ConsoleSock: filepath.Join(sockDir, consoleSock),
-		Agent: filepath.Join(sockDir, agentSock), QMP: filepath.Join(sockDir, qmpSock),
+		Agent: filepath.Join(qemuSocks, agentSock), QMP: filepath.Join(qemuSocks, qmpSock),
 		Network: network, Memory: MemoryRAM,
 	}
 	if bin, err := d.binary(arch); err == nil {

@@ -1,252 +1,389 @@
+//go:build linux
+
 package qemu
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
+	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/firkin-dev/firkin-worker/errdefs"
+	"github.com/firkin-dev/firkin-worker/jail"
 	"github.com/firkin-dev/firkin-worker/vmpool"
 )
 
-// QEMU runs under its seccomp sandbox, and a guest writing its console
-// without end does not grow the host's log past the cap: the machine still
-// answers and its console tail still reads.
-func TestSeccompAndConsoleCap(t *testing.T) {
-	const capBytes = 64 << 10
-	d := testDriver(t, WithConsoleCap(capBytes))
-	m := bootTest(t, d, vmpool.BootSpec{ID: "cons"})
-	if !m.cfg.Sandbox {
-		t.Error("machine runs without the seccomp sandbox (the probe failed?)")
-	}
-	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", m.PID()))
+// statusField returns a field of /proc/pid/status ("Uid", "NoNewPrivs").
+func statusField(t *testing.T, pid int, name string) string {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(string(status), "\nSeccomp:\t2\n") {
-		t.Errorf("QEMU is not in seccomp filter mode:\n%s", grepLines(string(status), "Seccomp"))
-	}
-
-	t0 := time.Now()
-	const n = 5000000
-	run(t, m, fmt.Sprintf(`head -c %d /dev/zero | tr '\0' x > /dev/console; echo; echo console-end > /dev/console`, n))
-	deadline := time.Now().Add(30 * time.Second)
-	for !strings.Contains(m.ConsoleTail(200), "console-end") {
-		if time.Now().After(deadline) {
-			t.Fatalf("console-end never reached the log; tail: %q", m.ConsoleTail(200))
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, name+":"); ok {
+			return strings.Join(strings.Fields(v), " ")
 		}
+	}
+	t.Fatalf("no %s in /proc/%d/status", name, pid)
+	return ""
+}
+
+func owner(t *testing.T, path string) (uid, gid uint32, perm os.FileMode) {
+	t.Helper()
+	st, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := st.Sys().(*syscall.Stat_t)
+	return s.Uid, s.Gid, st.Mode().Perm()
+}
+
+// A root worker's QEMU runs as a uid of its own from the driver's range,
+// with no_new_privs, in a cgroup with the machine's limits, in a mount
+// namespace holding only what it needs; Stop removes the cgroup; a
+// template save leaves root-owned snapshot files its clones can read.
+func TestConfinedMachine(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("confinement needs a root worker: run the test as root")
+	}
+	d := testDriver(t)
+	first, count, ok := d.UIDRange()
+	if !ok || count != jail.RangeSize-1 || !jail.InAnyRange(first) {
+		t.Fatalf("UIDRange = %d, %d, %v", first, count, ok)
+	}
+	gid := first - 1
+	m := bootTest(t, d, vmpool.BootSpec{ID: "conf1", SnapshotReady: true, Resources: vmpool.Resources{VCPUs: 2, MemoryMB: 256}})
+	var c vmpool.Machine = m
+	uid := c.(vmpool.Confined).UID()
+	if uid < first || uid >= first+count {
+		t.Fatalf("UID %d outside the range [%d, %d)", uid, first, first+count)
+	}
+	u := strconv.Itoa(int(uid))
+	if got := statusField(t, m.PID(), "Uid"); got != strings.Repeat(u+" ", 3)+u {
+		t.Errorf("/proc/%d/status Uid: %s, want %s everywhere", m.PID(), got, u)
+	}
+	if got := statusField(t, m.PID(), "Gid"); got != strings.Repeat(strconv.Itoa(int(gid))+" ", 3)+strconv.Itoa(int(gid)) {
+		t.Errorf("Gid: %s, want the range's group %d", got, gid)
+	}
+	if got := statusField(t, m.PID(), "Groups"); got != strconv.Itoa(int(gid)) {
+		t.Errorf("Groups: %q, want only %d", got, gid)
+	}
+	if got := statusField(t, m.PID(), "NoNewPrivs"); got != "1" {
+		t.Errorf("NoNewPrivs: %s", got)
+	}
+	if got := statusField(t, m.PID(), "Seccomp"); got != "2" {
+		t.Errorf("Seccomp: %s, want 2 (filter mode: QEMU's sandbox)", got)
+	}
+	// The machine and socket dirs are root's (QEMU cannot plant links
+	// there); what QEMU writes is its own; the console log is the worker's.
+	for _, p := range []string{m.Dir(), m.sockDir} {
+		if du, dg, perm := owner(t, p); du != 0 || dg != gid || perm != 0o710 {
+			t.Errorf("%s: %d:%d %o, want 0:%d 0710", p, du, dg, perm, gid)
+		}
+	}
+	for _, p := range []string{filepath.Dir(m.cfg.QMP), m.cfg.Disk, m.cfg.MemPath} {
+		if fu, _, perm := owner(t, p); fu != uid || perm&0o077 != 0 {
+			t.Errorf("%s: uid %d mode %o, want %d and no access for others", p, fu, perm, uid)
+		}
+	}
+	if fu, _, perm := owner(t, m.cfg.Console); fu != 0 || perm != 0o600 {
+		t.Errorf("console log: uid %d mode %o, want root's 0600", fu, perm)
+	}
+	if fu, fg, perm := owner(t, m.cfg.ConsoleSock); fu != 0 || fg != gid || perm != 0o660 {
+		t.Errorf("console socket: %d:%d %o, want 0:%d 0660", fu, fg, perm, gid)
+	}
+	// The console works from inside the jail: the guest ran once QEMU had
+	// connected, so its first line is in the log.
+	if tl := m.ConsoleTail(1 << 20); !strings.Contains(tl, "msg=booted") {
+		t.Errorf("console log of a confined machine misses the agent's first line:\n%s", tl)
+	}
+	// What QEMU sees as /: the system paths and the machine's own paths only.
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/root", m.PID()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var root []string
+	for _, e := range ents {
+		root = append(root, e.Name())
+	}
+	for _, bad := range []string{"root", "home", "work", "boot", "opt", "srv"} {
+		if slices.Contains(root, bad) {
+			t.Errorf("QEMU's root has /%s: %v", bad, root)
+		}
+	}
+	// The base disk is not there: QEMU has it as a descriptor only.
+	base := m.image.RootDisk
+	if _, err := os.Stat(fmt.Sprintf("/proc/%d/root%s", m.PID(), base)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("QEMU's root has the base disk %s (%v)", base, err)
+	}
+	if _, err := os.Stat(fmt.Sprintf("/proc/%d/root/etc/passwd", m.PID())); err == nil {
+		t.Error("QEMU's root has /etc/passwd")
+	}
+	t.Logf("QEMU's root: %v; memory after boot: %s", root, memory(t, m.PID()))
+
+	// The cgroup: limits and membership.
+	dirs := m.Cgroup()
+	if len(dirs) == 0 {
+		t.Fatal("no cgroup")
+	}
+	read := func(ctl string, files ...string) string {
+		t.Helper()
+		dir := m.cgroup.Dir(ctl)
+		for _, f := range files {
+			if b, err := os.ReadFile(filepath.Join(dir, f)); err == nil {
+				return strings.TrimSpace(string(b))
+			}
+		}
+		t.Fatalf("no %v in the %s cgroup %q", files, ctl, dir)
+		return ""
+	}
+	wantMem := strconv.Itoa((256 + DefaultMemoryOverheadMB) << 20)
+	if got := read("memory", "memory.max", "memory.limit_in_bytes"); got != wantMem {
+		t.Errorf("memory limit %s, want %s", got, wantMem)
+	}
+	if got := read("cpu", "cpu.max", "cpu.cfs_quota_us"); got != "200000" && got != "200000 100000" {
+		t.Errorf("cpu quota %s, want 2 vCPUs' worth", got)
+	}
+	if got := read("pids", "pids.max"); got != "130" {
+		t.Errorf("pids.max %s, want 130", got)
+	}
+	for _, dir := range dirs {
+		procs, _ := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+		if !slices.Contains(strings.Fields(string(procs)), strconv.Itoa(m.PID())) {
+			t.Errorf("qemu %d not in %s (%q)", m.PID(), dir, procs)
+		}
+	}
+	// The guest fills most of its RAM: QEMU stays within the limit.
+	out := run(t, m, `set -- $(grep MemAvailable /proc/meminfo); n=$(( $2 / 1024 - 40 )); d=/dev/shm; [ -d $d ] || d=/tmp; dd if=/dev/zero of=$d/fill bs=1048576 count=$n 2>/dev/null; echo $n; rm -f $d/fill`)
+	t.Logf("the guest filled %s MiB", strings.TrimSpace(out))
+	peak := read("memory", "memory.peak", "memory.max_usage_in_bytes")
+	t.Logf("cgroup memory peak once the guest filled its RAM: %s MiB; QEMU %s", strconv.Itoa(atoi(peak)>>20), memory(t, m.PID()))
+	var st machineState
+	if err := readJSON(filepath.Join(m.Dir(), stateFile), &st); err != nil || st.UID != uid || !slices.Equal(st.Cgroup, dirs) {
+		t.Errorf("machine.json: uid %d cgroup %v (%v)", st.UID, st.Cgroup, err)
+	}
+	run(t, m, "echo confined > /root/c")
+
+	// A template save: snapshot files are root's 0600, but for the memory
+	// file the clones map by path, shared with the group.
+	snap := save(t, d, m, vmpool.SaveOptions{Kind: vmpool.Template, Stop: true})
+	if _, _, perm := owner(t, snap.Dir); perm != 0o700 {
+		t.Errorf("snapshot dir mode %o", perm)
+	}
+	for name, mode := range map[string]os.FileMode{snapState: 0o600, layerName(1): 0o600, snapMem: templateMemMode, snapConfig: 0o600} {
+		fu, fg, perm := owner(t, filepath.Join(snap.Dir, name))
+		if fu != 0 || perm != mode || (mode != 0o600 && fg != gid) {
+			t.Errorf("%s: %d:%d %o, want 0:%d %o", name, fu, fg, perm, gid, mode)
+		}
+	}
+	checkSnapshotPrivate(t, snap.Dir)
+	for _, dir := range dirs {
+		if _, err := os.Stat(dir); !os.IsNotExist(err) {
+			t.Errorf("cgroup %s still there after Stop (%v)", dir, err)
+		}
+	}
+	// A clone, as another uid, maps the template's memory and reads its layers.
+	clone := restore(t, d, "conf2", snap, false)
+	if clone.UID() == uid {
+		t.Errorf("the clone reuses uid %d at once", uid)
+	}
+	if out := run(t, clone, "cat /root/c"); out != "confined\n" {
+		t.Errorf("clone sees %q", out)
+	}
+	if got := statusField(t, clone.PID(), "Seccomp"); got != "2" {
+		t.Errorf("clone's Seccomp: %s", got)
+	}
+	// A continuation of the clone while it runs on, restored as a third
+	// confined machine: state and layers reach QEMU as descriptors.
+	run(t, clone, "echo second > /root/d")
+	cont := save(t, d, clone, vmpool.SaveOptions{Kind: vmpool.Continuation})
+	for _, name := range []string{snapState, layerName(1), layerName(2)} {
+		if fu, _, perm := owner(t, filepath.Join(cont.Dir, name)); fu != 0 || perm != 0o600 {
+			t.Errorf("continuation %s: uid %d mode %o, want root's 0600", name, fu, perm)
+		}
+	}
+	checkSnapshotPrivate(t, cont.Dir)
+	if out := run(t, clone, "cat /root/d"); out != "second\n" {
+		t.Errorf("the clone after its save: %q", out)
+	}
+	third := restore(t, d, "conf3", cont, false)
+	if out := run(t, third, "cat /root/c /root/d"); out != "confined\nsecond\n" {
+		t.Errorf("the continuation sees %q", out)
+	}
+	if third.UID() == 0 || third.UID() == clone.UID() {
+		t.Errorf("the continuation runs as uid %d (clone %d)", third.UID(), clone.UID())
+	}
+}
+
+// checkSnapshotPrivate checks that every file of the snapshot in dir is
+// root's 0600 but a template's memory file and the image's boot files
+// (links to the image's own).
+func checkSnapshotPrivate(t *testing.T, dir string) {
+	t.Helper()
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		switch e.Name() {
+		case snapMem, kernelFile, initramfsFile:
+			continue
+		}
+		if fu, _, perm := owner(t, filepath.Join(dir, e.Name())); fu != 0 || perm != 0o600 {
+			t.Errorf("snapshot file %s: uid %d mode %o, want root's 0600", e.Name(), fu, perm)
+		}
+	}
+}
+
+// The console socket takes only QEMU's connection: another process's
+// (another machine's QEMU of the same group, say) is dropped unread.
+func TestConsoleChecksPeer(t *testing.T) {
+	dir := shortDir(t)
+	sock, path := filepath.Join(dir, consoleSock), filepath.Join(dir, consoleFile)
+	exited := make(chan struct{})
+	defer close(exited)
+	dial := func(msg string) {
+		t.Helper()
+		c, err := net.Dial("unix", sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = c.Write([]byte(msg))
+		buf := make([]byte, 1)
+		_ = c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+		_, _ = c.Read(buf) // EOF at once when dropped
+		c.Close()
+	}
+	c, err := listenConsole(sock, path, 1<<16, 0, exited, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.expect(os.Getpid() + 1) // not us
+	dial("forged\n")
+	select {
+	case <-c.connected:
+		t.Error("a connection of another process counts as QEMU's")
+	default:
+	}
+	c.close()
+	if b, _ := os.ReadFile(path); len(b) != 0 {
+		t.Errorf("the log took another process's bytes: %q", b)
+	}
+	c, err = listenConsole(sock, path, 1<<16, 0, exited, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.expect(os.Getpid())
+	dial("genuine\n")
+	select {
+	case <-c.connected:
+	case <-time.After(5 * time.Second):
+		t.Error("the expected peer's connection was not taken")
+	}
+	for i := 0; i < 250 && consoleTail(path, 100) != "genuine\n"; i++ {
 		time.Sleep(20 * time.Millisecond)
 	}
-	t.Logf("guest wrote %d bytes to its console in %v", n, time.Since(t0).Round(time.Millisecond))
-	var total int64
-	for _, name := range []string{consoleFile, consoleFile + consoleOld} {
-		st, err := os.Stat(filepath.Join(m.Dir(), name))
-		if err != nil {
-			t.Fatalf("%s: %v (no rotation?)", name, err)
-		}
-		if st.Size() > capBytes/2 {
-			t.Errorf("%s is %d bytes, over half the cap (%d)", name, st.Size(), capBytes/2)
-		}
-		if st.Mode().Perm() != 0o600 {
-			t.Errorf("%s mode %v", name, st.Mode().Perm())
-		}
-		total += st.Size()
-	}
-	if total > capBytes {
-		t.Errorf("console logs hold %d bytes, cap %d", total, capBytes)
-	}
-	if tl := m.ConsoleTail(capBytes / 2); !strings.HasPrefix(tl, "xxxxxxxx") || !strings.HasSuffix(tl, "console-end\r\n") || len(tl) != capBytes/2 {
-		t.Errorf("console tail across the two halves: %d bytes, ends %q", len(tl), tl[max(0, len(tl)-40):])
-	}
-	if out := run(t, m, "echo still-here"); out != "still-here\n" {
-		t.Errorf("after the console flood: %q", out)
+	c.close()
+	if b, _ := os.ReadFile(path); string(b) != "genuine\n" {
+		t.Errorf("the log holds %q, want the peer's line", b)
 	}
 }
 
-// A snapshot layer forged to name a secret host file as its backing file
-// (in its qcow2 header) is restored with the worker's chain: QEMU opens
-// neither the secret nor any file but the worker's, and the guest reads no
-// byte of the secret.
-func TestForgedLayerBacking(t *testing.T) {
-	d := testDriver(t)
-	const marker = "FIRKIN-SECRET-MARKER-7f3a"
-	secret := filepath.Join(t.TempDir(), "secret")
-	if err := os.WriteFile(secret, bytes.Repeat([]byte(marker), (1<<20)/len(marker)), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	src := bootTest(t, d, vmpool.BootSpec{ID: "fsrc"})
-	snap := save(t, d, src, vmpool.SaveOptions{Kind: vmpool.Continuation, Stop: true})
-	meta, err := readSnapshotMeta(snap.Dir)
+// A driver told not to confine (or a non-root worker) says so once at start
+// and hands out no uids.
+func TestUnconfinedDriverSaysSo(t *testing.T) {
+	var logs strings.Builder
+	d, err := New(WithStateDir(t.TempDir()), WithConfine(false), WithAccel(AccelTCG),
+		WithLogger(slog.New(slog.NewTextHandler(&logs, nil))))
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, name := range []string{snapConfig, snapState, layerName(1)} {
-		if st, err := os.Stat(filepath.Join(snap.Dir, name)); err != nil || st.Mode().Perm() != 0o600 {
-			t.Errorf("snapshot %s: %v %v, want mode 0600", name, st.Mode().Perm(), err)
-		}
+	defer d.Close()
+	if _, _, ok := d.UIDRange(); ok {
+		t.Error("UIDRange ok for an unconfined driver")
 	}
-	if st, err := os.Stat(snap.Dir); err != nil || st.Mode().Perm() != 0o700 {
-		t.Errorf("snapshot dir: %v, want mode 0700", err)
+	if !strings.Contains(logs.String(), "confinement: off") || strings.Count(logs.String(), "confinement") != 1 {
+		t.Errorf("start log: %q", logs.String())
 	}
-	// The forged layer replaces the snapshot's only one.
-	forged := filepath.Join(t.TempDir(), "forged.qcow2")
-	if out, err := exec.Command(d.cfg.QEMUImg, "create", "-q", "-f", "qcow2", "-b", secret, "-F", "raw",
-		forged, fmt.Sprint(meta.DiskSize)).CombinedOutput(); err != nil {
-		t.Fatalf("qemu-img create: %v %s", err, out)
+	if got := (&Machine{}).UID(); got != uint32(os.Geteuid()) {
+		t.Errorf("an unconfined machine's UID is %d, want the worker's %d", got, os.Geteuid())
 	}
-	if err := os.Rename(forged, filepath.Join(snap.Dir, layerName(1))); err != nil {
+}
+
+// The worker talks only to sockets its QEMU listens on: a socket of
+// another process (a link a QEMU put in its socket directory) is refused.
+func TestDialChecksPeer(t *testing.T) {
+	path := filepath.Join(shortDir(t), "s.sock")
+	l, err := net.Listen("unix", path)
+	if err != nil {
 		t.Fatal(err)
 	}
-
-	r := restore(t, d, "fres", snap, false)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer l.Close()
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	var nodes []struct {
-		NodeName string `json:"node-name"`
-		File     string `json:"file"`
+	c, err := dialUnix(ctx, path, os.Getpid(), nil)
+	if err != nil {
+		t.Fatalf("dial own socket: %v", err)
 	}
-	if err := r.qmp.Run(ctx, "query-named-block-nodes", map[string]any{"flat": true}, &nodes); err != nil {
-		t.Fatal(err)
-	}
-	top := filepath.Join(r.Dir(), overlayName(2))
-	for _, n := range nodes {
-		if n.File != top && !strings.HasPrefix(n.File, "/dev/fdset/") && !strings.HasPrefix(n.File, "json:") {
-			t.Errorf("QEMU opened %s (node %s)", n.File, n.NodeName)
-		}
-		if strings.Contains(n.File, secret) {
-			t.Errorf("QEMU's chain has the secret: node %s is %s", n.NodeName, n.File)
-		}
-	}
-	if len(nodes) == 0 {
-		t.Error("no block nodes reported")
-	}
-	// The guest reads the start of its disk past any cache: the secret
-	// would be all of its first MiB had QEMU followed the header.
-	out := run(t, r, "echo 3 > /proc/sys/vm/drop_caches; head -c 4194304 /dev/vda | grep -a -c "+marker+" || true")
-	if strings.TrimSpace(out) != "0" {
-		t.Errorf("the guest read the secret: grep -c says %q", out)
+	c.Close()
+	if _, err := dialUnix(ctx, path, os.Getpid()+1, nil); !errors.Is(err, errdefs.ErrIntegrity) {
+		t.Fatalf("dial another process's socket: %v, want ErrIntegrity", err)
 	}
 }
 
-// A layer is refused before QEMU sees it when it is a symbolic link or its
-// qcow2 header names an external data file (which QEMU would open by path).
-func TestInheritedLayerChecks(t *testing.T) {
+// A snapshot file made under another range (or before confinement) is
+// opened up to this driver's group; a file the worker did not make is not.
+func TestShareWithMachines(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("confinement needs a root worker: run the test as root")
+	}
 	d := testDriver(t)
+	first, _, ok := d.UIDRange()
+	if !ok {
+		t.Fatal("driver not confined")
+	}
 	dir := t.TempDir()
-	base := filepath.Join(dir, "base.raw")
-	if err := os.WriteFile(base, make([]byte, 1<<20), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	img := func(name string, opts ...string) string {
-		p := filepath.Join(dir, name)
-		args := append([]string{"create", "-q", "-f", "qcow2"}, opts...)
-		if out, err := exec.Command(d.cfg.QEMUImg, append(args, p, "1M")...).CombinedOutput(); err != nil {
-			t.Fatalf("qemu-img create %s: %v %s", name, err, out)
-		}
-		return p
-	}
-	good := img("good.qcow2")
-	dataFile := img("data.qcow2", "-o", "data_file="+filepath.Join(dir, "elsewhere"))
-	link := filepath.Join(dir, "link.qcow2")
-	if err := os.Symlink(good, link); err != nil {
-		t.Fatal(err)
-	}
-	files, err := openInherited([]string{base, good})
-	if err != nil {
-		t.Fatalf("good chain: %v", err)
-	}
-	closeFiles(files)
-	for name, layer := range map[string]string{"data file": dataFile, "symlink": link, "raw as layer": base} {
-		if _, err := openInherited([]string{base, layer}); !errors.Is(err, errdefs.ErrIntegrity) {
-			t.Errorf("%s: %v, want an integrity error", name, err)
+	mine, other := filepath.Join(dir, "layer"), filepath.Join(dir, "host")
+	for _, p := range []string{mine, other} {
+		if err := os.WriteFile(p, []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
 		}
 	}
-	if _, err := openInherited([]string{base, filepath.Join(dir, "missing")}); !errors.Is(err, errdefs.ErrNotFound) {
-		t.Errorf("missing layer: %v", err)
-	}
-}
-
-// The console log rotates at half the cap, so both halves together stay
-// within it, and the tail reads across them.
-func TestCappedConsoleFile(t *testing.T) {
-	path := filepath.Join(t.TempDir(), consoleFile)
-	w, err := openCapped(path, 1000, slog.New(slog.DiscardHandler))
-	if err != nil {
+	if err := os.Chown(mine, 0, int(jail.RangeBase+7*jail.RangeSize)); err != nil { // another range's group
 		t.Fatal(err)
 	}
-	var all bytes.Buffer
-	for i := range 300 {
-		line := fmt.Sprintf("line %d\n", i)
-		all.WriteString(line)
-		if n, err := io.WriteString(w, line); err != nil || n != len(line) {
-			t.Fatalf("write: %d %v", n, err)
-		}
-	}
-	w.close()
-	a, _ := os.ReadFile(path)
-	b, _ := os.ReadFile(path + consoleOld)
-	if len(a) > 500 || len(b) != 500 {
-		t.Errorf("halves of %d and %d bytes, want at most 500 each (the older full)", len(a), len(b))
-	}
-	want := all.String()
-	if got := string(b) + string(a); !strings.HasSuffix(want, got) {
-		t.Errorf("the halves are not the end of the stream: %q", got)
-	}
-	if n := len(a) + 100; consoleTail(path, int64(n)) != want[len(want)-n:] {
-		t.Errorf("tail of %d across the halves: %q", n, consoleTail(path, int64(n)))
-	}
-	// A reopen (a reattach) goes on where the file ends.
-	w, err = openCapped(path, 1000, slog.New(slog.DiscardHandler))
-	if err != nil {
+	if err := os.Chown(other, 0, 42); err != nil { // like /etc/shadow
 		t.Fatal(err)
 	}
-	_, _ = io.WriteString(w, "more\n")
-	w.close()
-	if got := consoleTail(path, 5); got != "more\n" {
-		t.Errorf("after reopen: %q", got)
+	if err := d.shareWithMachines(mine, true); err != nil {
+		t.Fatalf("share a snapshot file: %v", err)
 	}
-}
-
-func grepLines(s, word string) string {
-	var out []string
-	for _, l := range strings.Split(s, "\n") {
-		if strings.Contains(l, word) {
-			out = append(out, l)
-		}
+	if _, g, perm := owner(t, mine); g != first-1 || perm != 0o660 {
+		t.Errorf("shared file: group %d mode %o, want %d 0660", g, perm, first-1)
 	}
-	return strings.Join(out, "\n")
-}
-
-// The seccomp probe says yes for Debian's QEMU and no (once, cached) for a
-// binary that refuses -sandbox; machines of that binary run without it.
-func TestSandboxProbe(t *testing.T) {
-	d := testDriver(t)
-	bin, err := d.binary("amd64")
-	if err != nil {
-		t.Fatal(err)
+	if err := d.shareWithMachines(other, false); err == nil {
+		t.Error("a file of another group was opened up")
 	}
-	if !d.sandbox(bin) {
-		t.Errorf("%s does not take -sandbox %s", bin, sandboxOpts)
-	}
-	calls := filepath.Join(t.TempDir(), "calls")
-	fake := filepath.Join(t.TempDir(), "qemu-no-seccomp")
-	script := "#!/bin/sh\necho x >> " + calls + "\necho '-sandbox support is not enabled in this QEMU binary' >&2\nexit 1\n"
-	if err := os.WriteFile(fake, []byte(script), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if d.sandbox(fake) || d.sandbox(fake) {
-		t.Error("a QEMU without seccomp probed as having it")
-	}
-	if b, _ := os.ReadFile(calls); string(b) != "x\n" {
-		t.Errorf("probe ran %d times, want once", strings.Count(string(b), "x"))
+	if _, g, perm := owner(t, other); g != 42 || perm != 0o600 {
+		t.Errorf("the refused file changed: group %d mode %o", g, perm)
 	}
 }

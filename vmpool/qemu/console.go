@@ -18,7 +18,9 @@ import (
 // listens on again. What arrives goes to console.log, capped: when it
 // reaches half the cap it becomes console.log.1 (replacing the older one)
 // and a new console.log begins, so the two together never pass the cap
-// however much the guest writes.
+// however much the guest writes. Only QEMU's own connection is taken: the
+// peer of every accepted connection must be the machine's QEMU process
+// (SO_PEERCRED), others are dropped.
 
 // consoleSock is the name of the console socket in the socket directory.
 const consoleSock = "console.sock"
@@ -44,8 +46,11 @@ type consoleLog struct {
 	log  *slog.Logger
 	done chan struct{} // closed when the reader has ended and the file is closed
 
-	connected     chan struct{} // closed at the first connection
+	connected     chan struct{} // closed at QEMU's first connection
 	connectedOnce sync.Once
+
+	pid   int           // the machine's QEMU, the only peer taken
+	ready chan struct{} // closed by expect once pid is known
 
 	mu     sync.Mutex
 	conn   net.Conn
@@ -54,9 +59,13 @@ type consoleLog struct {
 }
 
 // listenConsole listens on sock (replacing a stale socket left by an
-// earlier worker) and copies every connection into path, capped at capBytes,
-// until exited is closed and the stream is drained, or close is called.
-func listenConsole(sock, path string, capBytes int64, exited <-chan struct{}, log *slog.Logger) (*consoleLog, error) {
+// earlier worker) and copies every connection of QEMU (see expect) into
+// path, capped at capBytes, until exited is closed and the stream is
+// drained, or close is called. With gid non-zero QEMU runs confined, as
+// another user of group gid: the socket becomes the worker's and that
+// group's, 0660. Its directory must then be root's (the confined socket
+// directory, see ownFiles), so that the path names the socket just made.
+func listenConsole(sock, path string, capBytes int64, gid uint32, exited <-chan struct{}, log *slog.Logger) (*consoleLog, error) {
 	if err := os.Remove(sock); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, err
 	}
@@ -64,11 +73,13 @@ func listenConsole(sock, path string, capBytes int64, exited <-chan struct{}, lo
 	if err != nil {
 		return nil, err
 	}
-	// QEMU connects, whichever user it runs as; who can reach the socket
-	// at all is decided by its directory (the machine's, 0700).
-	if err := os.Chmod(sock, 0o666); err != nil {
-		ln.Close()
-		return nil, err
+	// Unconfined, QEMU is the worker's user and the socket's mode (from
+	// the umask) lets it connect; its directory is the worker's, 0700.
+	if gid != 0 {
+		if err := errors.Join(os.Lchown(sock, -1, int(gid)), os.Chmod(sock, 0o660)); err != nil {
+			ln.Close()
+			return nil, err
+		}
 	}
 	w, err := openCapped(path, capBytes, log)
 	if err != nil {
@@ -76,7 +87,7 @@ func listenConsole(sock, path string, capBytes int64, exited <-chan struct{}, lo
 		return nil, err
 	}
 	c := &consoleLog{ln: ln, w: w, log: log, done: make(chan struct{}), stop: make(chan struct{}),
-		connected: make(chan struct{})}
+		connected: make(chan struct{}), ready: make(chan struct{})}
 	go c.watch(exited)
 	go c.run()
 	return c, nil
@@ -111,6 +122,17 @@ func (c *consoleLog) run() {
 		if err != nil {
 			return
 		}
+		select { // the pid to check against, once QEMU has started
+		case <-c.ready:
+		case <-c.stop:
+			conn.Close()
+			return
+		}
+		if err := checkPeer(conn, c.pid); err != nil {
+			c.log.Warn("console: dropped a connection that is not QEMU's", "err", err)
+			conn.Close()
+			continue
+		}
 		c.mu.Lock()
 		if c.closed {
 			c.mu.Unlock()
@@ -127,6 +149,17 @@ func (c *consoleLog) run() {
 		c.conn = nil
 		c.mu.Unlock()
 	}
+}
+
+// expect tells the reader the pid of the machine's QEMU, the only peer
+// whose connections it takes; until then a connection waits. It is safe on
+// nil and called once.
+func (c *consoleLog) expect(pid int) {
+	if c == nil {
+		return
+	}
+	c.pid = pid
+	close(c.ready)
 }
 
 // close stops the reader at once (what QEMU has not yet sent is not read)

@@ -40,6 +40,18 @@
 // keeps its RAM in a shared file: its snapshot holds that file and a tiny
 // state stream (x-ignore-shared), and clones map the file copy-on-write.
 //
+// When the worker runs as root, each QEMU is confined (package jail): it
+// runs as a uid of its own from the driver's range, in a mount namespace
+// whose root holds only /usr, the libraries, a few devices, its machine
+// and socket directories and the template memory file it maps, and in a
+// cgroup limiting its memory (RAM + MemoryOverheadMB), CPU (its vCPUs) and
+// pids. Its machine and socket directories stay root's (0710, the range's
+// group may pass): the worker makes the files QEMU writes and gives them to
+// its uid, and QEMU makes its QMP and agent sockets in a subdirectory of its
+// own (see ownFiles). What a save leaves in a snapshot is root's, 0600,
+// except a template's memory file, which clones open by path (root and the
+// range's group, see templateMemMode).
+//
 // Machines started with KeepOnExit=false get SIGKILL when the thread that
 // started them exits (Pdeathsig); Go keeps its threads alive unless a
 // goroutine locked to one exits, so in practice that is when the process
@@ -70,6 +82,7 @@ var (
 	_ vmpool.Restorer   = (*Driver)(nil)
 	_ vmpool.Reattacher = (*Driver)(nil)
 	_ vmpool.Machine    = (*Machine)(nil)
+	_ vmpool.Confined   = (*Machine)(nil)
 )
 
 // Accelerator choices.
@@ -128,6 +141,18 @@ type Config struct {
 	// (console.log and the older console.log.1 together; default
 	// DefaultConsoleCap).
 	ConsoleCap int64
+	// NoConfine runs QEMU as the worker's user with no jail even when the
+	// worker is root. By default a root worker runs each QEMU in a mount
+	// namespace of its own, as a uid of its own from a range claimed in
+	// UIDLockDir, in a cgroup limiting its memory, CPU and pids (see
+	// package jail).
+	NoConfine bool
+	// UIDLockDir holds the locks of the uid ranges (default
+	// jail.DefaultLockDir).
+	UIDLockDir string
+	// MemoryOverheadMB is what a machine's cgroup may use beyond its guest
+	// RAM (default DefaultMemoryOverheadMB).
+	MemoryOverheadMB int
 }
 
 // Option changes a Config.
@@ -173,6 +198,16 @@ func WithStopTimeout(d time.Duration) Option { return func(c *Config) { c.StopTi
 // WithConsoleCap bounds the console log kept per machine, in bytes.
 func WithConsoleCap(bytes int64) Option { return func(c *Config) { c.ConsoleCap = bytes } }
 
+// WithConfine turns the confinement of QEMU (uid, cgroup, mount namespace)
+// on (the default when the worker is root) or off.
+func WithConfine(on bool) Option { return func(c *Config) { c.NoConfine = !on } }
+
+// WithUIDLockDir sets where the uid range locks are.
+func WithUIDLockDir(dir string) Option { return func(c *Config) { c.UIDLockDir = dir } }
+
+// WithMemoryOverhead sets what a machine's cgroup may use beyond its RAM.
+func WithMemoryOverhead(mb int) Option { return func(c *Config) { c.MemoryOverheadMB = mb } }
+
 // Arches are the guest architectures the driver runs.
 var Arches = []string{"amd64", "arm64"}
 
@@ -200,6 +235,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.ConsoleCap == 0 {
 		c.ConsoleCap = DefaultConsoleCap
+	}
+	if c.MemoryOverheadMB == 0 {
+		c.MemoryOverheadMB = DefaultMemoryOverheadMB
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
@@ -272,6 +310,9 @@ func (c *Config) Validate() error {
 	if c.ConsoleCap < MinConsoleCap {
 		errs = append(errs, fmt.Errorf("console cap %d bytes: want at least %d", c.ConsoleCap, MinConsoleCap))
 	}
+	if c.MemoryOverheadMB < 0 {
+		errs = append(errs, fmt.Errorf("memory overhead %d MiB is negative", c.MemoryOverheadMB))
+	}
 	if c.ProbeTimeout < 0 || c.StopTimeout < 0 {
 		errs = append(errs, errors.New("negative timeout"))
 	}
@@ -291,6 +332,7 @@ type Driver struct {
 
 	sandboxMu sync.Mutex
 	sandboxes map[string]bool // binary -> whether it takes -sandbox
+	conf      *confinement    // nil: QEMU runs unconfined
 }
 
 // New returns a Driver configured by opts.
@@ -308,10 +350,15 @@ func NewFromConfig(cfg Config) (*Driver, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(cfg.StateDir, 0o755); err != nil {
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("qemu: state dir: %w", err)
 	}
-	return &Driver{cfg: cfg, log: cfg.Logger, accels: map[string]string{}, sandboxes: map[string]bool{}}, nil
+	if err := os.Chmod(cfg.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("qemu: state dir: %w", err)
+	}
+	d := &Driver{cfg: cfg, log: cfg.Logger, accels: map[string]string{}, sandboxes: map[string]bool{}}
+	d.setupConfinement()
+	return d, nil
 }
 
 // Name returns "qemu".

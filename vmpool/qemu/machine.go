@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -18,6 +17,7 @@ import (
 
 	"github.com/firkin-dev/firkin-worker/agent"
 	"github.com/firkin-dev/firkin-worker/errdefs"
+	"github.com/firkin-dev/firkin-worker/jail"
 	"github.com/firkin-dev/firkin-worker/vmpool"
 	"github.com/firkin-dev/firkin-worker/vmpool/qemu/qmp"
 )
@@ -47,7 +47,10 @@ type Machine struct {
 	started uint64 // process start time (clock ticks since boot) against pid reuse
 	done    chan struct{}
 	kill    func() error
-	console *consoleLog // nil for a machine of an older worker (file console)
+	console *consoleLog  // nil for a machine of an older worker (file console)
+	uid     uint32       // QEMU's uid; 0 when not confined
+	gid     uint32       // its group (the range's)
+	cgroup  *jail.Cgroup // nil when not limited
 
 	// mu guards what Save changes and what Stop tears down.
 	mu        sync.Mutex
@@ -84,6 +87,9 @@ type machineState struct {
 	Layer     int          `json:"layer"`
 	DiskSize  int64        `json:"disk_size"`
 	Created   time.Time    `json:"created"`
+	UID       uint32       `json:"uid,omitempty"`    // QEMU's uid when confined
+	GID       uint32       `json:"gid,omitempty"`    // and its group
+	Cgroup    []string     `json:"cgroup,omitempty"` // its cgroup directories
 }
 
 // ID returns the machine's id.
@@ -235,6 +241,9 @@ func (m *Machine) stopLocked(ctx context.Context) error {
 	m.console.close()
 	m.closeConns()
 	var errs []error
+	if err := m.releaseConfinement(); err != nil {
+		errs = append(errs, err)
+	}
 	if m.sockDir != "" {
 		if err := os.RemoveAll(m.sockDir); err != nil {
 			errs = append(errs, err)
@@ -256,7 +265,8 @@ func (m *Machine) state() machineState {
 	defer m.mu.Unlock()
 	return machineState{ID: m.id, Dir: m.dir, SockDir: m.sockDir, PID: m.pid, StartTime: m.started,
 		Binary: m.binary, Args: m.args, Config: m.cfg, Image: m.image,
-		Top: m.top, TopNode: m.topNode, Layer: m.layer, DiskSize: m.diskSize, Created: time.Now().UTC()}
+		Top: m.top, TopNode: m.topNode, Layer: m.layer, DiskSize: m.diskSize, Created: time.Now().UTC(),
+		UID: m.uid, GID: m.gid, Cgroup: m.Cgroup()}
 }
 
 func (m *Machine) saveState() error {
@@ -349,7 +359,9 @@ func (d *Driver) prepareDir(id, dir string) (sockDir string, cleanup func() erro
 		}
 	}
 	cleanup = func() error { return os.RemoveAll(dir) }
-	if len(filepath.Join(dir, consoleSock)) > maxSocketLen { // the longest socket name
+	// A confined QEMU makes its sockets in a directory of its own, inside
+	// the socket directory (see ownFiles).
+	if len(filepath.Join(dir, consoleSock)) > maxSocketLen || d.confinesUIDs() { // the longest socket name
 		s, err := os.MkdirTemp(d.cfg.SocketDir, "m-")
 		if err != nil {
 			_ = cleanup()
@@ -372,7 +384,7 @@ func randomMAC() string {
 // so far is undone, and the error names the step and has the console tail.
 func (d *Driver) start(ctx context.Context, l *launch, u *undo) (*Machine, error) {
 	log := d.log.With("machine", l.id)
-	sockDir := filepath.Dir(l.cfg.Agent)
+	sockDir := filepath.Dir(l.cfg.ConsoleSock) // QEMU's own sockets may be a level below
 	if sockDir == l.dir {
 		sockDir = ""
 	}
@@ -401,31 +413,32 @@ func (d *Driver) start(ctx context.Context, l *launch, u *undo) (*Machine, error
 	m.binary, m.args = bin, args
 
 	// The disk files QEMU gets as descriptors, opened here: QEMU needs no
-	// permission on them.
+	// permission on them (nor sees them in its jail).
 	files, err := openInherited(l.cfg.inherited())
 	if err != nil {
 		return fail("open disk layers", err)
 	}
 	defer closeFiles(files) // QEMU has its own copies once started
-	// The console socket listens before QEMU starts and connects.
-	if m.console, err = listenConsole(l.cfg.ConsoleSock, l.cfg.Console, d.cfg.ConsoleCap, m.done, log); err != nil {
+
+	// The process: not tied to ctx, the machine lives until Stop. When
+	// confined it starts as a jail (see confine.go) that execs QEMU: the
+	// same pid.
+	extra := files // fds QEMU inherits as firstInheritedFD, …
+	cmd, err := d.command(m, l, u, bin, args, extra)
+	if err != nil {
+		return fail("confine", err)
+	}
+	// The console socket listens before QEMU starts and connects; only
+	// QEMU's connection is taken (its pid is known once it started).
+	if m.console, err = listenConsole(l.cfg.ConsoleSock, l.cfg.Console, d.cfg.ConsoleCap, m.gid, m.done, log); err != nil {
 		return fail("listen console", err)
 	}
 	u.add("close console", func() error { m.console.close(); return nil })
-
-	// The process: not tied to ctx, the machine lives until Stop.
 	logf, err := os.OpenFile(qemuLog, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
 		return fail("start qemu", err)
 	}
-	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.ExtraFiles = files // descriptor firstInheritedFD+i is files[i]
-	cmd.Dir = l.dir
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if !d.cfg.KeepOnExit {
-		dieWithParent(cmd.SysProcAttr)
-	}
 	t0 := time.Now()
 	err = cmd.Start()
 	logf.Close()
@@ -434,6 +447,7 @@ func (d *Driver) start(ctx context.Context, l *launch, u *undo) (*Machine, error
 	}
 	m.pid = cmd.Process.Pid
 	m.started, _ = procStartTime(m.pid)
+	m.console.expect(m.pid)
 	m.kill = cmd.Process.Kill
 	go func() {
 		err := cmd.Wait()
@@ -450,7 +464,7 @@ func (d *Driver) start(ctx context.Context, l *launch, u *undo) (*Machine, error
 	})
 	log.Debug("qemu started", "pid", m.pid, "args", strings.Join(args, " "))
 
-	q, err := dialQMP(ctx, l.cfg.QMP, m.done)
+	q, err := dialQMP(ctx, l.cfg.QMP, m.pid, m.done)
 	if err != nil {
 		return fail("connect qmp", err)
 	}
@@ -472,7 +486,7 @@ func (d *Driver) start(ctx context.Context, l *launch, u *undo) (*Machine, error
 		actx, cancel = context.WithTimeout(ctx, l.agentTimeout)
 		defer cancel()
 	}
-	conn, err := dialUnix(actx, l.cfg.Agent, m.done)
+	conn, err := dialUnix(actx, l.cfg.Agent, m.pid, m.done)
 	if err != nil {
 		return fail("connect agent", err)
 	}
@@ -514,13 +528,20 @@ func connectAgent(ctx context.Context, conn net.Conn, exited <-chan struct{}) (*
 	return c, nil
 }
 
-// dialUnix connects to the unix socket at path, waiting for QEMU to make it.
-func dialUnix(ctx context.Context, path string, exited <-chan struct{}) (net.Conn, error) {
+// dialUnix connects to the unix socket at path, waiting for QEMU (process
+// pid) to make it. The socket must be pid's: a confined QEMU owns the
+// directory its sockets are in and could put a link to another machine's
+// socket there.
+func dialUnix(ctx context.Context, path string, pid int, exited <-chan struct{}) (net.Conn, error) {
 	tick := time.NewTicker(5 * time.Millisecond)
 	defer tick.Stop()
 	for {
 		c, err := net.Dial("unix", path)
 		if err == nil {
+			if err := checkPeer(c, pid); err != nil {
+				c.Close()
+				return nil, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("%s: %w", filepath.Base(path), err))
+			}
 			return c, nil
 		}
 		select {
@@ -533,8 +554,8 @@ func dialUnix(ctx context.Context, path string, exited <-chan struct{}) (net.Con
 	}
 }
 
-func dialQMP(ctx context.Context, path string, exited <-chan struct{}) (*qmp.Client, error) {
-	conn, err := dialUnix(ctx, path, exited)
+func dialQMP(ctx context.Context, path string, pid int, exited <-chan struct{}) (*qmp.Client, error) {
+	conn, err := dialUnix(ctx, path, pid, exited)
 	if err != nil {
 		return nil, err
 	}

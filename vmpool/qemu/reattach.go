@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/firkin-dev/firkin-worker/errdefs"
+	"github.com/firkin-dev/firkin-worker/jail"
 	"github.com/firkin-dev/firkin-worker/vmpool"
 )
 
@@ -47,6 +48,11 @@ func (d *Driver) reattach(ctx context.Context, dir string) (*Machine, error) {
 	if st.PID <= 0 {
 		return nil, gone("no pid")
 	}
+	// The machine's uid owns its directory and could have written this
+	// file: what it says about confinement is checked like the rest.
+	if st.UID != 0 && (!jail.InAnyRange(st.UID) || !jail.InAnyRange(st.GID)) {
+		return nil, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("qemu: reattach %s: machine.json names uid %d, gid %d outside the machine uid ranges", dir, st.UID, st.GID))
+	}
 	// Open a pidfd first, then check the process behind it: a pid reused
 	// after this check cannot be signalled by mistake.
 	pidfd, err := unix.PidfdOpen(st.PID, 0)
@@ -67,6 +73,19 @@ func (d *Driver) reattach(ctx context.Context, dir string) (*Machine, error) {
 		binary: st.Binary, args: st.Args, cfg: st.Config, image: st.Image, pid: st.PID, started: st.StartTime,
 		done: make(chan struct{}), top: st.Top, topNode: st.TopNode, layer: st.Layer, diskSize: st.DiskSize}
 	m.kill = func() error { return unix.PidfdSendSignal(pidfd, syscall.SIGKILL, nil, 0) }
+	m.uid, m.gid = st.UID, st.GID
+	if c := d.conf; c != nil && c.alloc != nil {
+		c.alloc.Reserve(st.UID)
+	}
+	if len(st.Cgroup) > 0 {
+		if d.conf == nil || d.conf.cg == nil {
+			m.log.Warn("machine has a cgroup this driver does not manage; it stays until a confined driver sweeps it", "cgroup", st.Cgroup)
+		} else if g, err := d.conf.cg.Load(st.Cgroup, st.ID); err != nil {
+			m.log.Warn("machine.json names a cgroup that is not the machine's; ignored", "err", err)
+		} else {
+			m.cgroup = g
+		}
+	}
 	go func() {
 		defer close(m.done)
 		defer unix.Close(pidfd)
@@ -93,6 +112,9 @@ func (d *Driver) reattach(ctx context.Context, dir string) (*Machine, error) {
 			case <-time.After(10 * time.Second):
 			}
 		}
+		if err := m.releaseConfinement(); err != nil {
+			m.log.Warn("remove cgroup", "err", err)
+		}
 		if st.SockDir != "" {
 			_ = os.RemoveAll(st.SockDir)
 		}
@@ -102,11 +124,12 @@ func (d *Driver) reattach(ctx context.Context, dir string) (*Machine, error) {
 	// Listen on the console socket again: QEMU has been retrying it since
 	// the last worker let go.
 	if st.Config.ConsoleSock != "" {
-		if m.console, err = listenConsole(st.Config.ConsoleSock, st.Config.Console, d.cfg.ConsoleCap, m.done, m.log); err != nil {
+		if m.console, err = listenConsole(st.Config.ConsoleSock, st.Config.Console, d.cfg.ConsoleCap, m.gid, m.done, m.log); err != nil {
 			return fail("listen console", err)
 		}
+		m.console.expect(m.pid)
 	}
-	q, err := dialQMP(ctx, st.Config.QMP, m.done)
+	q, err := dialQMP(ctx, st.Config.QMP, m.pid, m.done)
 	if err != nil {
 		return fail("connect qmp", err)
 	}
@@ -125,7 +148,7 @@ func (d *Driver) reattach(ctx context.Context, dir string) (*Machine, error) {
 			return fail("continue", err)
 		}
 	}
-	conn, err := dialUnix(ctx, st.Config.Agent, m.done)
+	conn, err := dialUnix(ctx, st.Config.Agent, m.pid, m.done)
 	if err != nil {
 		return fail("connect agent", err)
 	}

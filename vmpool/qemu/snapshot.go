@@ -148,6 +148,9 @@ func (m *Machine) save(ctx context.Context, dir string, opts vmpool.SaveOptions)
 		format = FormatSharedMemory
 	}
 	step = "migrate"
+	// The worker makes the state file (root's, 0600, in the snapshot
+	// directory) and QEMU writes it through a descriptor: confined or not,
+	// it needs no permission on it.
 	if err := migrateOut(ctx, q, format == FormatSharedMemory, filepath.Join(dir, snapState)); err != nil {
 		return snap, err
 	}
@@ -161,13 +164,15 @@ func (m *Machine) save(ctx context.Context, dir string, opts vmpool.SaveOptions)
 		dst := filepath.Join(dir, snapMem)
 		if opts.Stop {
 			err = linkOrCopy(m.cfg.MemPath, dst)
-			if err == nil {
-				err = ownPrivate(dst) // QEMU made it, for itself
-			}
 		} else {
 			err = copySparse(m.cfg.MemPath, dst)
 		}
 		if err != nil {
+			return snap, err
+		}
+		// QEMU made it for itself: it becomes the worker's, open to the
+		// clones (which map it by path) when they are confined.
+		if err := m.d.seal(dst, templateMemMode); err != nil {
 			return snap, err
 		}
 		artifacts = append(artifacts, snapMem)
@@ -254,6 +259,10 @@ func (m *Machine) nextOverlay(ctx context.Context) (*overlay, error) {
 	if err := m.d.createOverlay(ctx, o.path, layerName(depth), "qcow2", size); err != nil {
 		return nil, err
 	}
+	if err := m.own(o.path); err != nil {
+		os.Remove(o.path)
+		return nil, err
+	}
 	return o, nil
 }
 
@@ -284,7 +293,8 @@ func (m *Machine) freezeDisk(ctx context.Context, q *qmp.Client, next *overlay, 
 		return 0, err
 	}
 	// QEMU holds it open read-only and never writes it again: from now on
-	// it is snapshot data, the worker's only.
+	// it is snapshot data, the worker's only (machines get layers as
+	// descriptors, never by path).
 	if err := ownPrivate(oldTop); err != nil {
 		return 0, err
 	}

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -32,6 +33,7 @@ func testDriver(t *testing.T, opts ...Option) *Driver {
 	if err != nil {
 		t.Fatalf("New: %v", err)
 	}
+	t.Cleanup(func() { d.Close() })
 	return d
 }
 
@@ -282,6 +284,11 @@ func TestReattach(t *testing.T) {
 		run(t, m2, fmt.Sprintf("echo console-again-%d > /dev/console", i))
 		time.Sleep(200 * time.Millisecond)
 	}
+	// A confined machine keeps its uid and cgroup, and Stop removes the cgroup.
+	if m2.UID() != m.UID() || !slices.Equal(m2.Cgroup(), m.Cgroup()) {
+		t.Errorf("reattached: uid %d cgroup %v, was %d %v", m2.UID(), m2.Cgroup(), m.UID(), m.Cgroup())
+	}
+	cgroups := m.Cgroup()
 	if err := m2.Stop(ctx); err != nil {
 		t.Fatalf("Stop: %v", err)
 	}
@@ -298,6 +305,11 @@ func TestReattach(t *testing.T) {
 		}
 		if processAlive(m2.PID()) {
 			t.Errorf("qemu %d still there", m2.PID())
+		}
+	}
+	for _, dir := range cgroups {
+		if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("cgroup %s left after Stop (%v)", dir, err)
 		}
 	}
 	if _, err := d2.Reattach(ctx, m.Dir()); !errors.Is(err, errdefs.ErrNotFound) {

@@ -45,6 +45,7 @@ func TestARM64GuestUnderQEMU(t *testing.T) {
 	if err != nil {
 		t.Fatalf("qemu.New: %v", err)
 	}
+	t.Cleanup(func() { d.Close() })
 	dir, err := os.MkdirTemp("", "vz-arm64-") // short: QEMU's unix sockets live here
 	if err != nil {
 		t.Fatal(err)
