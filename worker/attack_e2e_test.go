@@ -8,7 +8,6 @@ package worker_test
 
 import (
 	"bufio"
-	"context"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -392,4 +391,78 @@ func procStatus(t *testing.T, pid int) map[string]string {
 	return out
 }
 
-var _ = context.Background
+// checkCgroupLimits finds the firkin cgroup(s) of pid and checks memory
+// (guest RAM plus a bounded overhead), CPU (its vCPUs) and pids limits.
+func checkCgroupLimits(t *testing.T, pid int, res subjects.Resources) {
+	t.Helper()
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mounts, err := os.ReadFile("/proc/self/mounts")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// mount point of each v1 controller, and of the v2 hierarchy
+	mountOf := map[string]string{}
+	for _, line := range strings.Split(string(mounts), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 4 {
+			continue
+		}
+		switch f[2] {
+		case "cgroup2":
+			mountOf[""] = f[1]
+		case "cgroup":
+			for _, opt := range strings.Split(f[3], ",") {
+				mountOf[opt] = f[1]
+			}
+		}
+	}
+	limits := map[string]string{}
+	for _, line := range strings.Split(strings.TrimSpace(string(data)), "\n") {
+		parts := strings.SplitN(line, ":", 3)
+		if len(parts) != 3 || !strings.Contains(parts[2], "/firkin/") {
+			continue
+		}
+		for _, ctl := range strings.Split(parts[1], ",") {
+			dir := filepath.Join(mountOf[ctl], parts[2])
+			var files []string
+			switch ctl {
+			case "":
+				files = []string{"memory.max", "cpu.max", "pids.max"}
+			case "memory":
+				files = []string{"memory.limit_in_bytes"}
+			case "cpu":
+				files = []string{"cpu.cfs_quota_us", "cpu.cfs_period_us"}
+			case "pids":
+				files = []string{"pids.max"}
+			}
+			for _, f := range files {
+				if b, err := os.ReadFile(filepath.Join(dir, f)); err == nil {
+					limits[f] = strings.TrimSpace(string(b))
+				}
+			}
+		}
+	}
+	ram := int64(res.MemoryMB) << 20
+	mem := limits["memory.limit_in_bytes"]
+	if v, ok := limits["memory.max"]; ok && mem == "" {
+		mem = v
+	}
+	if n, err := strconv.ParseInt(mem, 10, 64); err != nil || n < ram || n > ram+(1<<30) {
+		t.Errorf("memory limit %q for %d MiB of guest RAM (cgroup files %v)", mem, res.MemoryMB, limits)
+	}
+	quota, period := limits["cpu.cfs_quota_us"], limits["cpu.cfs_period_us"]
+	if v, ok := limits["cpu.max"]; ok && quota == "" {
+		quota, period, _ = strings.Cut(v, " ")
+	}
+	q, err1 := strconv.Atoi(quota)
+	p, err2 := strconv.Atoi(period)
+	if err1 != nil || err2 != nil || p <= 0 || q != res.VCPUs*p {
+		t.Errorf("cpu limit %q/%q for %d vCPUs", quota, period, res.VCPUs)
+	}
+	if n, err := strconv.Atoi(limits["pids.max"]); err != nil || n <= 0 || n > 4096 {
+		t.Errorf("pids limit %q", limits["pids.max"])
+	}
+}

@@ -24,6 +24,7 @@ import (
 	"github.com/firkin-dev/firkin-worker/handlers"
 	"github.com/firkin-dev/firkin-worker/images"
 	"github.com/firkin-dev/firkin-worker/jetstream"
+	"github.com/firkin-dev/firkin-worker/netguard"
 	"github.com/firkin-dev/firkin-worker/subjects"
 	"github.com/firkin-dev/firkin-worker/vmpool"
 )
@@ -46,6 +47,9 @@ type Config struct {
 	Pool        map[string]int // warm pool targets per template
 	ProxyListen string
 	Domain      string
+	// DNSUpstream is the resolver guests' DNS goes to through the network
+	// guard's proxy ("host:port"; default: /etc/resolv.conf's first).
+	DNSUpstream string
 	Limits      backend.Limits
 	// MinFreeDiskBytes overrides the free-disk floor (see backend.Config).
 	MinFreeDiskBytes uint64
@@ -86,6 +90,7 @@ type Worker struct {
 	bg      context.CancelFunc
 	bgDone  chan struct{}
 	driver  vmpool.Driver
+	guard   *netguard.Guard // nil: guests have no outbound network
 
 	// clientSeed is the embedded server's client seed file ("" without one).
 	clientSeed string
@@ -170,6 +175,8 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	}
 	w.driver = driver
 	cleanups = append(cleanups, func() { _ = w.closeDriver() })
+	w.startNetwork(ctx, driver)
+	cleanups = append(cleanups, func() { _ = w.closeGuard() })
 	var tok *tokenMinter
 	if err := step("tokens", func() (err error) { tok, err = newTokenMinter(cfg); return }); err != nil {
 		return nil, err
@@ -181,6 +188,7 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 			Store:            storeAdapter{store},
 			Tokens:           tok,
 			RecordKey:        backend.RecordKey(tok.secret),
+			Egress:           w.egress(),
 			StateDir:         cfg.StateDir,
 			Images:           map[string]vmpool.Image{"tiny": img},
 			Limits:           cfg.Limits,
@@ -251,7 +259,7 @@ func (w *Worker) Stop(ctx context.Context) error {
 		w.bg()
 		<-w.bgDone
 	}
-	errs := []error{w.svc.Stop(ctx), w.backend.Stop(ctx), w.closeDriver()}
+	errs := []error{w.svc.Stop(ctx), w.backend.Stop(ctx), w.closeGuard(), w.closeDriver()}
 	w.stopProxy()
 	w.closeNATS()
 	return errors.Join(errs...)

@@ -20,6 +20,7 @@ import (
 type options struct {
 	stateDir, natsURL, natsListen, prefix, driver, accel, kernel, agent string
 	pool, proxyListen, domain, logFormat, logLevel, tokenSecret         string
+	dnsUpstream                                                         string
 	maxSessions, maxVCPUs, maxMemoryMB                                  int
 	minFreeDiskMB                                                       int
 	keepMachines                                                        bool
@@ -69,6 +70,7 @@ func parseOptions(args []string, getenv func(string) string, readFile func(strin
 	fs.StringVar(&o.pool, "pool", "tiny=1", "warm pool targets, e.g. tiny=2,py=1")
 	fs.StringVar(&o.proxyListen, "proxy-listen", "127.0.0.1:8080", "the port-routing proxy's address")
 	fs.StringVar(&o.domain, "domain", "localhost", "domain of routed hosts: <port>-<sandbox>.<domain>")
+	fs.StringVar(&o.dnsUpstream, "dns-upstream", "", "resolver the guests' DNS is forwarded to, host:port (default: the first nameserver of /etc/resolv.conf)")
 	fs.StringVar(&o.logFormat, "log-format", "auto", "text (tint, default on a terminal) or json")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&o.tokenSecret, "token-secret", "", "secret for access tokens (default: made and kept in the state dir)")
@@ -213,6 +215,7 @@ func (o options) workerConfig() worker.Config {
 		AgentBinary:        o.agent,
 		Pool:               pool,
 		ProxyListen:        o.proxyListen,
+		DNSUpstream:        o.dnsUpstream,
 		Domain:             o.domain,
 		TokenSecret:        o.tokenSecret,
 		LogMaxAge:          o.logMaxAge,

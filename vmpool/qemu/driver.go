@@ -69,6 +69,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/firkin-dev/firkin-worker/errdefs"
@@ -333,7 +334,15 @@ type Driver struct {
 	sandboxMu sync.Mutex
 	sandboxes map[string]bool // binary -> whether it takes -sandbox
 	conf      *confinement    // nil: QEMU runs unconfined
+
+	restrictNet atomic.Bool // every guest network is restrict=on
 }
+
+// RestrictNetwork keeps every guest started from now on off the network
+// (QEMU user networking with restrict=on): what the worker asks for when
+// nothing can filter guest traffic, so that it never falls back to a network
+// that reaches the host.
+func (d *Driver) RestrictNetwork() { d.restrictNet.Store(true) }
 
 // New returns a Driver configured by opts.
 func New(opts ...Option) (*Driver, error) {

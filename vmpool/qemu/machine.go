@@ -383,6 +383,9 @@ func randomMAC() string {
 // QMP, the setup hook, connect the agent, ping. On failure everything done
 // so far is undone, and the error names the step and has the console tail.
 func (d *Driver) start(ctx context.Context, l *launch, u *undo) (*Machine, error) {
+	if l.cfg.Network && d.restrictNet.Load() {
+		l.cfg.NetOff = true
+	}
 	log := d.log.With("machine", l.id)
 	sockDir := filepath.Dir(l.cfg.ConsoleSock) // QEMU's own sockets may be a level below
 	if sockDir == l.dir {

@@ -1,0 +1,107 @@
+package worker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/firkin-dev/firkin-worker/backend"
+	"github.com/firkin-dev/firkin-worker/errdefs"
+	"github.com/firkin-dev/firkin-worker/netguard"
+	"github.com/firkin-dev/firkin-worker/subjects"
+	"github.com/firkin-dev/firkin-worker/vmpool"
+)
+
+// egressGuard gives sandboxes their network policies with package netguard,
+// keyed by the uid each machine's QEMU runs as.
+type egressGuard struct{ g *netguard.Guard }
+
+// Apply installs the policy of a sandbox on m.
+func (e egressGuard) Apply(ctx context.Context, m vmpool.Machine, network bool, p *subjects.EgressPolicy) error {
+	c, ok := m.(vmpool.Confined)
+	if !ok {
+		return errdefs.Wrap(errdefs.ErrUnsupported, fmt.Errorf("machine %s runs under no uid of its own: no network policy can hold it", m.ID()))
+	}
+	pol, err := netguard.PolicyFor(network, p)
+	if err != nil {
+		return err
+	}
+	return e.g.Apply(ctx, c.UID(), pol)
+}
+
+// Remove drops what Apply installed for m.
+func (e egressGuard) Remove(ctx context.Context, m vmpool.Machine) error {
+	c, ok := m.(vmpool.Confined)
+	if !ok {
+		return nil
+	}
+	return e.g.Remove(ctx, c.UID())
+}
+
+// uidRanger is a driver whose machines run under uids of one range.
+type uidRanger interface {
+	UIDRange() (first, count uint32, ok bool)
+}
+
+// startGuard starts the network guard over the driver's uid range. It
+// returns nil, and why, when guests cannot be filtered on this host; the
+// driver then keeps every guest off the network (QEMU restrict=on).
+func (w *Worker) startGuard(ctx context.Context, driver vmpool.Driver) (*netguard.Guard, error) {
+	r, ok := driver.(uidRanger)
+	if !ok {
+		return nil, errors.New("the driver runs machines under no uid of their own")
+	}
+	first, count, ok := r.UIDRange()
+	if !ok {
+		return nil, errors.New("machines are not confined (the worker is not root, or the host does not allow it)")
+	}
+	if err := netguard.Available(ctx); err != nil {
+		return nil, err
+	}
+	return netguard.New(ctx, netguard.Config{
+		Table:    netguard.TableName(w.id),
+		UIDFirst: first,
+		UIDCount: count,
+		Upstream: w.cfg.DNSUpstream,
+		Logger:   w.log.With("component", "netguard"),
+	})
+}
+
+// startNetwork starts the network guard, or, where guests cannot be
+// filtered, makes the driver keep them off the network: never an open
+// network that reaches the host.
+func (w *Worker) startNetwork(ctx context.Context, driver vmpool.Driver) {
+	g, err := w.startGuard(ctx, driver)
+	if err == nil {
+		w.guard = g
+		w.log.Info("guest network filtered", "table", g.Table())
+		return
+	}
+	if r, ok := driver.(interface{ RestrictNetwork() }); ok {
+		r.RestrictNetwork()
+		w.log.Warn("guest traffic cannot be filtered on this host; guests get no outbound network (QEMU restrict=on)", "why", err)
+		return
+	}
+	w.log.Warn("guest traffic cannot be filtered with this driver; its NAT network is not isolated from the host", "driver", driver.Name(), "why", err)
+}
+
+// egress is what the backend applies policies with (nil without a guard).
+func (w *Worker) egress() backend.Egress {
+	if w.guard == nil {
+		return nil
+	}
+	return egressGuard{w.guard}
+}
+
+// closeGuard removes the guard's rules (the machines it filtered are stopped).
+func (w *Worker) closeGuard() error {
+	if w.guard == nil {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	err := w.guard.Close(ctx)
+	w.guard = nil
+	return err
+}
