@@ -34,6 +34,7 @@ checks=(
 	"cpio:cpio"
 	"file:file"
 	"nftables:nft"
+	"iproute2:ip"
 )
 if [ "$want_arm" = 1 ]; then
 	checks+=("qemu-system-arm:qemu-system-aarch64")

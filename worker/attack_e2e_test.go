@@ -241,26 +241,27 @@ func TestAttacks(t *testing.T) {
 		}
 	})
 
-	t.Run("a forged snapshot record deletes a host directory", func(t *testing.T) {
+	t.Run("a forged snapshot record deletes a host directory or leaks a digest", func(t *testing.T) {
 		victimDir := t.TempDir()
 		secret := filepath.Join(victimDir, "secret")
 		if err := os.WriteFile(secret, []byte("do not delete"), 0o600); err != nil {
 			t.Fatal(err)
 		}
-		e.forgeSnapshotRecord("forged-1", victimDir)
-		err := e.c.DeleteSnapshot(e.ctx(30*time.Second), "forged-1")
-		if err == nil {
-			t.Error("the worker deleted a forged snapshot record")
-		}
-		if _, serr := os.Stat(secret); serr != nil {
-			t.Fatalf("the victim directory was touched: %v (delete said %v)", serr, err)
-		}
-		_, err = e.c.Create(e.ctx(time.Minute), subjects.CreateSandboxRequest{SnapshotID: "forged-1"})
-		if err == nil {
-			t.Fatal("a forged record was restored")
-		}
-		if regexp.MustCompile(`[0-9a-f]{64}`).MatchString(err.Error()) || strings.Contains(err.Error(), victimDir) {
-			t.Errorf("the refusal leaks a digest or a host path: %v", err)
+		for _, mac := range []string{"", "v1:" + strings.Repeat("ab", 32)} {
+			e.forgeSnapshotRecord("forged-1", victimDir, mac)
+			_, err := e.c.Create(e.ctx(time.Minute), subjects.CreateSandboxRequest{SnapshotID: "forged-1"})
+			if err == nil {
+				t.Fatalf("a forged record (mac %q) was restored", mac)
+			}
+			if regexp.MustCompile(`[0-9a-f]{64}`).MatchString(err.Error()) || strings.Contains(err.Error(), victimDir) {
+				t.Errorf("the refusal leaks a digest or a host path: %v", err)
+			}
+			// The worker may drop the forged record from KV, but never
+			// touches a file it names.
+			_ = e.c.DeleteSnapshot(e.ctx(30*time.Second), "forged-1")
+			if _, serr := os.Stat(secret); serr != nil {
+				t.Fatalf("the victim directory was touched: %v", serr)
+			}
 		}
 	})
 
@@ -339,10 +340,11 @@ func connect(t *testing.T, proxyAddr, id string, port int, token string) int {
 
 // forgeSnapshotRecord writes a snapshot record into KV as an attacker with
 // KV write access would, pointing it at dir.
-func (e *env) forgeSnapshotRecord(id, dir string) {
+func (e *env) forgeSnapshotRecord(id, dir, mac string) {
 	e.t.Helper()
 	rec := subjects.SnapshotRecord{SnapshotID: id, Kind: subjects.KindContinuation, Location: dir,
-		WorkerID: e.w.ID(), SizeBytes: 13, SHA256: strings.Repeat("0", 64), CreatedAt: time.Now().UTC()}
+		WorkerID: e.w.ID(), SizeBytes: 13, SHA256: strings.Repeat("0", 64), CreatedAt: time.Now().UTC(),
+		Artifacts: []subjects.Artifact{{Name: "secret", SizeBytes: 13, SHA256: strings.Repeat("0", 64)}}, MAC: mac}
 	data, err := json.Marshal(rec)
 	if err != nil {
 		e.t.Fatal(err)

@@ -265,7 +265,8 @@ func TestPrivateTraffic(t *testing.T) {
 }
 
 // TestGuestNetwork reaches a server on the host's loopback from the guest
-// through user-mode networking, and cannot with "network": false.
+// only where the create allowed that port (egress "host:PORT"), and not at
+// all with "network": false.
 func TestGuestNetwork(t *testing.T) {
 	e := startWorker(t, waitTemplates())
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -278,10 +279,14 @@ func TestGuestNetwork(t *testing.T) {
 	port := ln.Addr().(*net.TCPAddr).Port
 	url := fmt.Sprintf("http://10.0.2.2:%d/", port)
 
-	on := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny"})
+	def := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny"})
 	// (busybox's wget -T crashes in the static build; timeout(1) bounds it.)
+	if r := e.exec(def.SandboxID, "timeout 10 wget -q -O- "+url+"; echo rc=$?"); strings.Contains(r.Stdout, "host-says-hi") {
+		t.Errorf("guest with the default policy reached the host: %+v", r)
+	}
+	on := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny", Egress: &subjects.EgressPolicy{Allow: []string{fmt.Sprintf("host:%d", port)}}})
 	if r := e.exec(on.SandboxID, "timeout 10 wget -q -O- "+url); r.Stdout != "host-says-hi" {
-		t.Errorf("guest with network: %+v", r)
+		t.Errorf("guest allowed host:%d: %+v", port, r)
 	}
 	off := false
 	sb := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny", Network: &off})
