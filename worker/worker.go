@@ -24,6 +24,7 @@ import (
 	"github.com/firkin-dev/firkin-worker/images"
 	"github.com/firkin-dev/firkin-worker/jetstream"
 	"github.com/firkin-dev/firkin-worker/subjects"
+	"github.com/firkin-dev/firkin-worker/tokens"
 	"github.com/firkin-dev/firkin-worker/vmpool"
 )
 
@@ -52,6 +53,11 @@ type Config struct {
 	LogMaxAge time.Duration
 	// TokenSecret overrides the token secret kept in the state directory.
 	TokenSecret string
+	// RouteTCPHost is the address the raw TCP route listeners of public
+	// sandboxes bind to (default 127.0.0.1).
+	RouteTCPHost string
+	// RouteLimits cap port routing per sandbox.
+	RouteLimits RouteLimits
 	// KeepMachinesOnExit lets machines outlive a crashed worker process, so
 	// the restarted worker reattaches to them.
 	KeepMachinesOnExit bool
@@ -150,7 +156,7 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	if err := step("driver", func() (err error) { driver, err = newDriver(ctx, cfg, w.log); return }); err != nil {
 		return nil, err
 	}
-	var tok *tokenMinter
+	var tok *tokens.Minter
 	if err := step("tokens", func() (err error) { tok, err = newTokenMinter(cfg); return }); err != nil {
 		return nil, err
 	}
