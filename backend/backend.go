@@ -48,10 +48,16 @@ type Store interface {
 	PublishEvent(ctx context.Context, ev subjects.LifecycleEvent) error
 }
 
-// Tokens mints the access tokens handed out with a sandbox.
+// Tokens mints and checks the traffic access tokens of sandboxes (see
+// package tokens).
 type Tokens interface {
-	EnvdToken(sandboxID string) string
-	TrafficToken(sandboxID string) string
+	// MintTraffic makes a new instance of a sandbox: a fresh random
+	// generation, kept in the session record, and the traffic token bound to
+	// the id and that generation, handed out once in the create reply.
+	MintTraffic(sandboxID string) (generation, token string)
+	// VerifyTraffic reports, in constant time, whether token is the traffic
+	// token of that generation of the sandbox.
+	VerifyTraffic(sandboxID, generation, token string) bool
 }
 
 // Config configures a Backend.
@@ -276,12 +282,17 @@ func (b *Backend) Get(_ context.Context, id string) (subjects.Sandbox, error) {
 	if err != nil {
 		return subjects.Sandbox{}, err
 	}
-	return s.record(), nil
+	return s.record().WithoutTokens(), nil
 }
 
-// List returns the sandboxes of the whole cluster, from the sessions bucket.
+// List returns the sandboxes of the whole cluster, from the sessions bucket,
+// without tokens.
 func (b *Backend) List(ctx context.Context) ([]subjects.Sandbox, error) {
-	return b.cfg.Store.ListSessions(ctx)
+	list, err := b.cfg.Store.ListSessions(ctx)
+	for i := range list {
+		list[i] = list[i].WithoutTokens()
+	}
+	return list, err
 }
 
 // Kill stops and deletes a sandbox.
@@ -303,7 +314,7 @@ func (b *Backend) SetTimeout(ctx context.Context, id string, req subjects.Timeou
 	}
 	s.mu.Lock()
 	s.rec.EndAt = time.Now().UTC().Add(time.Duration(req.TimeoutS) * time.Second).Truncate(time.Second)
-	rec := s.rec
+	rec := s.rec.WithoutTokens()
 	s.mu.Unlock()
 	b.armDeadline(s)
 	if err := b.cfg.Store.PutSession(ctx, rec); err != nil {
@@ -422,9 +433,11 @@ func (b *Backend) Logs(ctx context.Context, id string, req subjects.LogsRequest)
 
 // RouteTarget is how the port proxy reaches a sandbox's guest ports.
 type RouteTarget struct {
-	Dial         func(ctx context.Context, port int) (net.Conn, error)
-	Public       bool
-	TrafficToken string
+	Dial   func(ctx context.Context, port int) (net.Conn, error)
+	Public bool
+	// VerifyToken reports, in constant time, whether a presented traffic
+	// token opens this instance of the sandbox.
+	VerifyToken func(token string) bool
 }
 
 // Target returns the route target of a sandbox this worker owns.
@@ -434,7 +447,9 @@ func (b *Backend) Target(_ context.Context, id string) (RouteTarget, error) {
 		return RouteTarget{}, err
 	}
 	rec := s.record()
-	return RouteTarget{Dial: s.machine.DialGuest, Public: rec.PublicTraffic, TrafficToken: rec.TrafficAccessToken}, nil
+	gen := rec.Generation
+	verify := func(token string) bool { return b.cfg.Tokens.VerifyTraffic(id, gen, token) }
+	return RouteTarget{Dial: s.machine.DialGuest, Public: rec.PublicTraffic, VerifyToken: verify}, nil
 }
 
 // Accelerator names the accelerator of this worker's machines (e.g. "kvm"

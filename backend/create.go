@@ -183,23 +183,24 @@ func (b *Backend) Create(ctx context.Context, req subjects.CreateSandboxRequest)
 	}
 	tInit := time.Since(t0) - tMachine
 	now := time.Now().UTC().Truncate(time.Second)
+	// A new generation at every create: the token opens this instance only.
+	generation, trafficToken := b.cfg.Tokens.MintTraffic(p.id)
 	rec := subjects.Sandbox{
-		SandboxID:          p.id,
-		TemplateID:         p.templateID,
-		ClientID:           b.cfg.WorkerID,
-		EnvdAccessToken:    b.cfg.Tokens.EnvdToken(p.id),
-		TrafficAccessToken: b.cfg.Tokens.TrafficToken(p.id),
-		State:              subjects.StateRunning,
-		StartedAt:          now,
-		EndAt:              now.Add(p.timeout),
-		Source:             source,
-		Resources:          subjects.Resources{VCPUs: p.resources.VCPUs, MemoryMB: p.resources.MemoryMB},
-		Metadata:           p.metadata,
-		PublicTraffic:      p.public,
-		Network:            p.network,
-		Egress:             p.egress,
-		Driver:             b.cfg.Driver.Name(),
-		Dir:                m.Dir(),
+		SandboxID:     p.id,
+		TemplateID:    p.templateID,
+		ClientID:      b.cfg.WorkerID,
+		Generation:    generation,
+		State:         subjects.StateRunning,
+		StartedAt:     now,
+		EndAt:         now.Add(p.timeout),
+		Source:        source,
+		Resources:     subjects.Resources{VCPUs: p.resources.VCPUs, MemoryMB: p.resources.MemoryMB},
+		Metadata:      p.metadata,
+		PublicTraffic: p.public,
+		Network:       p.network,
+		Egress:        p.egress,
+		Driver:        b.cfg.Driver.Name(),
+		Dir:           m.Dir(),
 	}
 	if p.snapshot != nil {
 		rec.SnapshotID = p.snapshot.SnapshotID
@@ -220,7 +221,10 @@ func (b *Backend) Create(ctx context.Context, req subjects.CreateSandboxRequest)
 	b.event(ctx, subjects.EventCreated, p.id, source)
 	b.log.Info("sandbox created", "sandbox", p.id, "template", p.templateID, "source", source,
 		"machine", tMachine, "init", tInit, "total", time.Since(t0))
-	return rec, nil
+	// Only this reply carries the token: the record (stored and kept) does not.
+	reply := rec
+	reply.TrafficAccessToken = trafficToken
+	return reply, nil
 }
 
 // adopt registers a running sandbox: session map, deadline, NATS ownership.

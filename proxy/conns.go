@@ -5,11 +5,18 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
+	"time"
 )
 
 // connSet tracks the open connections of each sandbox so that they can be
-// closed when the sandbox goes away or the proxy stops.
+// closed when the sandbox goes away or the proxy stops, or when they stay
+// idle too long.
 type connSet struct {
+	// idle closes a conn that carried no byte either way for this long;
+	// 0 never does. Set it before the first track.
+	idle time.Duration
+
 	mu     sync.Mutex
 	closed bool
 	bySbx  map[string]map[*trackedConn]struct{}
@@ -38,6 +45,12 @@ func (s *connSet) track(id string, c net.Conn) (*trackedConn, error) {
 	}
 	m[tc] = struct{}{}
 	s.mu.Unlock()
+	if s.idle > 0 {
+		tc.touch()
+		tc.mu.Lock()
+		tc.timer = time.AfterFunc(s.idle, tc.checkIdle)
+		tc.mu.Unlock()
+	}
 	return tc, nil
 }
 
@@ -86,17 +99,67 @@ func (s *connSet) count(id string) int {
 }
 
 // trackedConn is a conn in a connSet; closing it removes it from the set.
+// With an idle timeout, reads and writes mark it active and a timer closes
+// it once it has been idle that long.
 type trackedConn struct {
 	net.Conn
 	set  *connSet
 	id   string
 	once sync.Once
 	err  error
+
+	last  atomic.Int64 // unix nanoseconds of the last byte read or written
+	idled atomic.Bool  // closed for being idle
+	mu    sync.Mutex
+	timer *time.Timer
+}
+
+// Read reads and marks the conn active.
+func (c *trackedConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if n > 0 {
+		c.touch()
+	}
+	return n, err
+}
+
+// Write writes and marks the conn active.
+func (c *trackedConn) Write(p []byte) (int, error) {
+	n, err := c.Conn.Write(p)
+	if n > 0 {
+		c.touch()
+	}
+	return n, err
+}
+
+// touch records activity now.
+func (c *trackedConn) touch() { c.last.Store(time.Now().UnixNano()) }
+
+// checkIdle runs when the idle timer fires: it closes a conn idle for the
+// whole timeout, or waits for the rest of it.
+func (c *trackedConn) checkIdle() {
+	idle := time.Since(time.Unix(0, c.last.Load()))
+	if idle >= c.set.idle {
+		c.idled.Store(true)
+		_ = c.Close()
+		return
+	}
+	c.mu.Lock()
+	if c.timer != nil {
+		c.timer.Reset(c.set.idle - idle)
+	}
+	c.mu.Unlock()
 }
 
 // Close closes the conn once and forgets it.
 func (c *trackedConn) Close() error {
 	c.once.Do(func() {
+		c.mu.Lock()
+		if c.timer != nil {
+			c.timer.Stop()
+			c.timer = nil
+		}
+		c.mu.Unlock()
 		c.set.forget(c)
 		c.err = c.Conn.Close()
 	})
@@ -138,4 +201,44 @@ func copyHalf(dst, src net.Conn) {
 	}
 	_ = dst.Close()
 	_ = src.Close()
+}
+
+// sandboxLimit counts what each sandbox holds open against a cap.
+type sandboxLimit struct {
+	max int
+
+	mu sync.Mutex
+	n  map[string]int
+}
+
+// acquire takes one slot of sandbox id; false when it holds max already.
+func (l *sandboxLimit) acquire(id string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.n[id] >= l.max {
+		return false
+	}
+	if l.n == nil {
+		l.n = make(map[string]int)
+	}
+	l.n[id]++
+	return true
+}
+
+// release gives back a slot taken by acquire.
+func (l *sandboxLimit) release(id string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.n[id] <= 1 {
+		delete(l.n, id)
+		return
+	}
+	l.n[id]--
+}
+
+// count returns how many slots sandbox id holds.
+func (l *sandboxLimit) count(id string) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.n[id]
 }

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/firkin-dev/firkin-worker/errdefs"
+	"github.com/firkin-dev/firkin-worker/tokens"
 )
 
 // fakeSandboxes is a Resolver whose sandboxes' "guest ports" are ports on
@@ -34,7 +35,8 @@ func newFakeSandboxes() *fakeSandboxes {
 func (f *fakeSandboxes) add(id, token string) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	f.sbx[id] = Target{Dial: f.dial, Public: token == "", TrafficToken: token}
+	verify := func(tok string) bool { return tokens.Equal(tok, token) }
+	f.sbx[id] = Target{Dial: f.dial, Public: token == "", VerifyToken: verify}
 }
 
 func (f *fakeSandboxes) remove(id string) {

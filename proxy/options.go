@@ -13,20 +13,28 @@ import (
 
 // Defaults of the options.
 const (
-	DefaultDialTimeout     = 10 * time.Second
-	DefaultMaxIdlePerRoute = 16
-	DefaultIdleTimeout     = 60 * time.Second
-	DefaultTCPHost         = "127.0.0.1"
+	DefaultDialTimeout         = 10 * time.Second
+	DefaultMaxIdlePerRoute     = 16
+	DefaultIdleTimeout         = 60 * time.Second
+	DefaultTCPHost             = "127.0.0.1"
+	DefaultMaxRoutesPerSandbox = 16
+	DefaultMaxConnsPerSandbox  = 64
+	DefaultStreamIdleTimeout   = 10 * time.Minute
+	DefaultReadHeaderTimeout   = 10 * time.Second
 )
 
 // options configure a Server or TCPRoutes; each takes the ones it uses.
 type options struct {
-	domain          string
-	log             *slog.Logger
-	dialTimeout     time.Duration
-	maxIdlePerRoute int
-	idleTimeout     time.Duration
-	tcpHost         string
+	domain              string
+	log                 *slog.Logger
+	dialTimeout         time.Duration
+	maxIdlePerRoute     int
+	idleTimeout         time.Duration
+	tcpHost             string
+	maxRoutesPerSandbox int
+	maxConnsPerSandbox  int
+	streamIdleTimeout   time.Duration
+	readHeaderTimeout   time.Duration
 }
 
 // Option configures a Server or TCPRoutes.
@@ -94,14 +102,68 @@ func WithIdleTimeout(d time.Duration) Option {
 }
 
 // WithTCPHost sets the host address raw TCP route listeners bind to
-// (TCPRoutes; default 127.0.0.1). Raw routes carry no token check: bind them
-// beyond loopback only on a trusted network.
+// (TCPRoutes; default 127.0.0.1). Raw routes carry no token check (only
+// public sandboxes get them): bind them beyond loopback only on a trusted
+// network.
 func WithTCPHost(host string) Option {
 	return func(o *options) error {
 		if host != "" && net.ParseIP(host) == nil && host != "localhost" {
 			return fmt.Errorf("tcp host %q: want an IP address", host)
 		}
 		o.tcpHost = host
+		return nil
+	}
+}
+
+// WithMaxRoutesPerSandbox caps how many routes (guest ports) one sandbox
+// may have open (TCPRoutes; default 16). Opening one more is an
+// errdefs.ErrCapacity error.
+func WithMaxRoutesPerSandbox(n int) Option {
+	return func(o *options) error {
+		if n < 1 {
+			return fmt.Errorf("max routes per sandbox %d: want >= 1", n)
+		}
+		o.maxRoutesPerSandbox = n
+		return nil
+	}
+}
+
+// WithMaxConnsPerSandbox caps how many connections one sandbox may have open
+// at once (default 64): on the Server, requests, WebSockets and CONNECT
+// tunnels in flight (one more is answered 429); on TCPRoutes, accepted raw
+// connections (one more is closed at once).
+func WithMaxConnsPerSandbox(n int) Option {
+	return func(o *options) error {
+		if n < 1 {
+			return fmt.Errorf("max conns per sandbox %d: want >= 1", n)
+		}
+		o.maxConnsPerSandbox = n
+		return nil
+	}
+}
+
+// WithStreamIdleTimeout closes a CONNECT tunnel, raw TCP connection or
+// stream to a guest that carried no byte in either direction for d
+// (default 10 minutes). A stream that carries data is never cut.
+func WithStreamIdleTimeout(d time.Duration) Option {
+	return func(o *options) error {
+		if d <= 0 {
+			return fmt.Errorf("stream idle timeout %v: want > 0", d)
+		}
+		o.streamIdleTimeout = d
+		return nil
+	}
+}
+
+// WithReadHeaderTimeout bounds how long a client may take to send a
+// request's headers (Server; default 10s). Bodies and upgraded streams are
+// not bounded by it.
+func WithReadHeaderTimeout(d time.Duration) Option {
+	return func(o *options) error {
+		if d <= 0 {
+			return fmt.Errorf("read header timeout %v: want > 0", d)
+		}
+		o.readHeaderTimeout = d
 		return nil
 	}
 }
@@ -115,6 +177,11 @@ func buildOptions(what string, opts []Option) (options, error) {
 		maxIdlePerRoute: DefaultMaxIdlePerRoute,
 		idleTimeout:     DefaultIdleTimeout,
 		tcpHost:         DefaultTCPHost,
+
+		maxRoutesPerSandbox: DefaultMaxRoutesPerSandbox,
+		maxConnsPerSandbox:  DefaultMaxConnsPerSandbox,
+		streamIdleTimeout:   DefaultStreamIdleTimeout,
+		readHeaderTimeout:   DefaultReadHeaderTimeout,
 	}
 	var errs []error
 	for _, opt := range opts {

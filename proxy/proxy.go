@@ -6,8 +6,17 @@
 // HTTP/1.1 with streamed bodies, server-sent events and WebSocket upgrades,
 // and enforces the traffic access token of private sandboxes. A CONNECT
 // request to <port>-<sandbox id>.<domain> opens a raw tunnel to the guest
-// port through the same checks. TCPRoutes opens a host listener per
-// (sandbox, port) that carries any protocol.
+// port through the same checks: that is how a private sandbox carries any
+// protocol. TCPRoutes keeps the routes of each sandbox and, for a public
+// sandbox only, opens a host listener per (sandbox, port) that carries any
+// protocol without a token.
+//
+// Both cap what one sandbox may hold: routes (16 by default), connections
+// at once (64 on the HTTP proxy, counting requests, WebSockets and tunnels
+// in flight, and 64 on the raw listeners), and close a tunnel, raw
+// connection or guest stream that carried no byte either way for the stream
+// idle timeout (10 minutes by default). Streams that carry data, such as
+// server-sent events or a busy WebSocket, are never cut.
 //
 // Both reach the guest through a Resolver, the seam to the runtime: it
 // returns a Target whose Dial opens a stream to the guest's 127.0.0.1:port
@@ -19,6 +28,7 @@
 //	401 private sandbox, no e2b-traffic-access-token
 //	403 private sandbox, wrong e2b-traffic-access-token
 //	404 unknown sandbox
+//	429 the sandbox has its most connections through the proxy open
 //	502 nothing listening on the guest port, or no HTTP answer from it
 //	504 dialling the guest port timed out
 //
@@ -52,10 +62,12 @@ type Target struct {
 	// only. Returning a conn that implements CloseWrite lets raw TCP routes
 	// pass half-closes on.
 	Dial func(ctx context.Context, port int) (net.Conn, error)
-	// Public sandboxes take any request. Requests to others must carry
-	// TrafficToken in the e2b-traffic-access-token header.
+	// Public sandboxes take any request and get raw TCP listeners. Requests
+	// to others must carry a token that VerifyToken accepts in the
+	// e2b-traffic-access-token header, and they get no raw TCP listener.
 	Public bool
-	// TrafficToken is the token a private sandbox's requests must carry
-	// (compared in constant time). Empty on a private sandbox refuses all.
-	TrafficToken string
+	// VerifyToken reports whether a token presented for a private sandbox
+	// opens it. It must compare in constant time (tokens.VerifyTraffic
+	// does). Nil on a private sandbox refuses every request.
+	VerifyToken func(token string) bool
 }

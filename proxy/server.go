@@ -15,7 +15,6 @@ import (
 
 	"github.com/firkin-dev/firkin-worker/errdefs"
 	"github.com/firkin-dev/firkin-worker/subjects"
-	"github.com/firkin-dev/firkin-worker/tokens"
 )
 
 // Server is the HTTP port-routing proxy. Construct it with NewServer, then
@@ -28,7 +27,8 @@ type Server struct {
 	transport *http.Transport
 	rp        *httputil.ReverseProxy
 	http      *http.Server
-	conns     connSet // streams to guests, by sandbox
+	conns     connSet      // streams to guests, by sandbox
+	inFlight  sandboxLimit // requests and tunnels in flight, by sandbox
 
 	mu      sync.Mutex
 	ln      net.Listener
@@ -38,9 +38,22 @@ type Server struct {
 
 var _ http.Handler = (*Server)(nil)
 
+// Limits of the client side of the HTTP server that are not options: a
+// keep-alive connection with no request is closed after clientIdleTimeout,
+// and a request's headers may not exceed maxHeaderBytes.
+const (
+	clientIdleTimeout = 2 * time.Minute
+	maxHeaderBytes    = 64 << 10
+)
+
 // NewServer makes a proxy that finds sandboxes through r. It takes
-// WithDomain, WithLogger, WithDialTimeout, WithMaxIdlePerRoute and
-// WithIdleTimeout.
+// WithDomain, WithLogger, WithDialTimeout, WithMaxIdlePerRoute,
+// WithIdleTimeout, WithMaxConnsPerSandbox, WithStreamIdleTimeout and
+// WithReadHeaderTimeout.
+//
+// The HTTP server has no read or write timeout for a whole request: an
+// upload, a server-sent event stream or a WebSocket lasts as long as it
+// carries data. The stream idle timeout ends one that went quiet.
 func NewServer(r Resolver, opts ...Option) (*Server, error) {
 	if r == nil {
 		return nil, errdefs.Wrap(errdefs.ErrInvalidArgument, errors.New("proxy: server: nil resolver"))
@@ -50,6 +63,8 @@ func NewServer(r Resolver, opts ...Option) (*Server, error) {
 		return nil, err
 	}
 	s := &Server{resolver: r, opts: o, log: o.log.With("component", "proxy"), done: make(chan struct{})}
+	s.conns.idle = o.streamIdleTimeout
+	s.inFlight.max = o.maxConnsPerSandbox
 	s.transport = &http.Transport{
 		Proxy:                 nil, // never an environment proxy
 		DialContext:           s.dialGuest,
@@ -69,8 +84,9 @@ func NewServer(r Resolver, opts ...Option) (*Server, error) {
 	}
 	s.http = &http.Server{
 		Handler:           s,
-		ReadHeaderTimeout: 30 * time.Second,
-		IdleTimeout:       2 * time.Minute,
+		ReadHeaderTimeout: o.readHeaderTimeout,
+		IdleTimeout:       clientIdleTimeout,
+		MaxHeaderBytes:    maxHeaderBytes,
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 	}
 	return s, nil
@@ -206,7 +222,7 @@ type dialTarget struct {
 }
 
 // ServeHTTP routes one request: find the route, resolve the sandbox, check
-// the token, forward.
+// the token and the sandbox's connection cap, forward.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	rt, err := s.RouteOf(r)
 	if err != nil {
@@ -226,7 +242,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 				fmt.Sprintf("sandbox %s is private: missing e2b-traffic-access-token header", rt.SandboxID))
 			return
 		}
-		if !tokens.Equal(tok, target.TrafficToken) {
+		if target.VerifyToken == nil || !target.VerifyToken(tok) {
 			s.fail(w, r, http.StatusForbidden,
 				fmt.Sprintf("wrong e2b-traffic-access-token for sandbox %s", rt.SandboxID))
 			return
@@ -236,6 +252,13 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, http.StatusBadGateway, fmt.Sprintf("sandbox %s cannot be reached", rt.SandboxID), "err", "resolver returned no Dial")
 		return
 	}
+	if !s.inFlight.acquire(rt.SandboxID) {
+		w.Header().Set("Retry-After", "1")
+		s.fail(w, r, http.StatusTooManyRequests,
+			fmt.Sprintf("sandbox %s has %d connections through the proxy open, the most allowed; retry when one ends", rt.SandboxID, s.opts.maxConnsPerSandbox))
+		return
+	}
+	defer s.inFlight.release(rt.SandboxID)
 	if r.Method == http.MethodConnect {
 		s.tunnel(w, r, rt, target)
 		return
@@ -270,6 +293,9 @@ func (s *Server) tunnel(w http.ResponseWriter, r *http.Request, rt Route, target
 		s.fail(w, r, http.StatusInternalServerError, "CONNECT is not supported on this connection", "err", err)
 		return
 	}
+	// The tunnel is bounded by the stream idle timeout, not by the
+	// server's request deadlines.
+	_ = client.SetDeadline(time.Time{})
 	if _, err := io.WriteString(client, "HTTP/1.1 200 Connection Established\r\n\r\n"); err != nil {
 		_ = gc.Close()
 		_ = client.Close()

@@ -11,17 +11,23 @@ import (
 	"github.com/firkin-dev/firkin-worker/errdefs"
 )
 
-// TCPRoutes keeps raw TCP routes: a host listener per (sandbox, port) whose
-// connections are piped to the guest port, whatever the protocol (ssh,
-// postgres, redis). A raw route carries no token check; its listener binds
-// to loopback unless WithTCPHost says otherwise.
+// TCPRoutes keeps the routes of each sandbox, at most
+// WithMaxRoutesPerSandbox of them, and for a public sandbox a raw TCP host
+// listener per route whose connections are piped to the guest port,
+// whatever the protocol (ssh, postgres, redis). A raw listener carries no
+// token check, so a private sandbox never gets one: its routes are reached
+// through the Server (HTTP, or CONNECT for any protocol) with the token.
+// Listeners bind to loopback unless WithTCPHost says otherwise; each
+// sandbox has at most WithMaxConnsPerSandbox raw connections open, and one
+// idle for the stream idle timeout is closed.
 type TCPRoutes struct {
 	resolver Resolver
 	opts     options
 	log      *slog.Logger
 	ctx      context.Context // ends at Close; bounds dials
 	cancel   context.CancelFunc
-	conns    connSet // client and guest conns, by sandbox
+	conns    connSet      // client and guest conns, by sandbox
+	accepted sandboxLimit // accepted client conns, by sandbox
 	wg       sync.WaitGroup
 
 	mu     sync.Mutex
@@ -29,14 +35,23 @@ type TCPRoutes struct {
 	routes map[Route]*tcpRoute
 }
 
-// tcpRoute is one open route.
+// tcpRoute is one open route; ln is nil for a private sandbox's route.
 type tcpRoute struct {
 	route Route
 	ln    net.Listener
 }
 
+// addr is the listener's address, empty without a listener.
+func (r *tcpRoute) addr() string {
+	if r.ln == nil {
+		return ""
+	}
+	return r.ln.Addr().String()
+}
+
 // NewTCPRoutes makes an empty set of raw routes that finds sandboxes through
-// r. It takes WithTCPHost, WithDialTimeout and WithLogger.
+// r. It takes WithTCPHost, WithDialTimeout, WithMaxRoutesPerSandbox,
+// WithMaxConnsPerSandbox, WithStreamIdleTimeout and WithLogger.
 func NewTCPRoutes(r Resolver, opts ...Option) (*TCPRoutes, error) {
 	if r == nil {
 		return nil, errdefs.Wrap(errdefs.ErrInvalidArgument, errors.New("proxy: tcp routes: nil resolver"))
@@ -46,20 +61,26 @@ func NewTCPRoutes(r Resolver, opts ...Option) (*TCPRoutes, error) {
 		return nil, err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &TCPRoutes{
+	t := &TCPRoutes{
 		resolver: r,
 		opts:     o,
 		log:      o.log.With("component", "proxy-tcp"),
 		ctx:      ctx,
 		cancel:   cancel,
 		routes:   make(map[Route]*tcpRoute),
-	}, nil
+	}
+	t.conns.idle = o.streamIdleTimeout
+	t.accepted.max = o.maxConnsPerSandbox
+	return t, nil
 }
 
-// Open exposes a guest port on a host listener and returns its address
-// (host:port). It is idempotent: a route already open returns its address.
-// The sandbox must resolve (errdefs.ErrNotFound otherwise); ctx bounds that
-// check.
+// Open opens a route to a guest port. For a public sandbox it exposes the
+// port on a host listener and returns its address (host:port); for a
+// private one it records the route and returns "" (no listener: the
+// sandbox is reached through the proxy with its token). It is idempotent: a
+// route already open returns its address. The sandbox must resolve
+// (errdefs.ErrNotFound otherwise); ctx bounds that check. A sandbox with
+// the most routes already gets an errdefs.ErrCapacity error.
 func (t *TCPRoutes) Open(ctx context.Context, sandboxID string, port int) (string, error) {
 	rt := Route{SandboxID: sandboxID, Port: port}
 	if err := rt.Validate(); err != nil {
@@ -68,7 +89,8 @@ func (t *TCPRoutes) Open(ctx context.Context, sandboxID string, port int) (strin
 	if addr, ok := t.Addr(sandboxID, port); ok {
 		return addr, nil
 	}
-	if _, err := t.resolver.Resolve(ctx, sandboxID); err != nil {
+	target, err := t.resolver.Resolve(ctx, sandboxID)
+	if err != nil {
 		return "", fmt.Errorf("proxy: open tcp route %s: %w", rt, err)
 	}
 	t.mu.Lock()
@@ -77,7 +99,16 @@ func (t *TCPRoutes) Open(ctx context.Context, sandboxID string, port int) (strin
 		return "", errdefs.Wrap(errdefs.ErrFailedPrecondition, fmt.Errorf("proxy: open tcp route %s: closed", rt))
 	}
 	if r := t.routes[rt]; r != nil {
-		return r.ln.Addr().String(), nil
+		return r.addr(), nil
+	}
+	if n := t.countRoutes(sandboxID); n >= t.opts.maxRoutesPerSandbox {
+		return "", errdefs.Wrap(errdefs.ErrCapacity,
+			fmt.Errorf("proxy: open route %s: sandbox %s has %d routes open, the most allowed", rt, sandboxID, n))
+	}
+	if !target.Public {
+		t.routes[rt] = &tcpRoute{route: rt}
+		t.log.Debug("route open without a tcp listener (private sandbox)", "sandbox", sandboxID, "port", port)
+		return "", nil
 	}
 	var lc net.ListenConfig
 	ln, err := lc.Listen(ctx, "tcp", net.JoinHostPort(t.opts.tcpHost, "0"))
@@ -92,7 +123,20 @@ func (t *TCPRoutes) Open(ctx context.Context, sandboxID string, port int) (strin
 	return ln.Addr().String(), nil
 }
 
-// Addr returns the address of an open route.
+// countRoutes returns how many routes sandbox id has open; t.mu is held.
+func (t *TCPRoutes) countRoutes(id string) int {
+	n := 0
+	for rt := range t.routes {
+		if rt.SandboxID == id {
+			n++
+		}
+	}
+	return n
+}
+
+// Addr returns the listener address of an open route: ok is false when the
+// route is not open, and the address empty when the route has no listener
+// (a private sandbox).
 func (t *TCPRoutes) Addr(sandboxID string, port int) (string, bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -100,7 +144,7 @@ func (t *TCPRoutes) Addr(sandboxID string, port int) (string, bool) {
 	if r == nil {
 		return "", false
 	}
-	return r.ln.Addr().String(), true
+	return r.addr(), true
 }
 
 // CloseSandbox closes a sandbox's listeners and its live connections. Call
@@ -110,7 +154,9 @@ func (t *TCPRoutes) CloseSandbox(sandboxID string) {
 	var lns []net.Listener
 	for rt, r := range t.routes {
 		if rt.SandboxID == sandboxID {
-			lns = append(lns, r.ln)
+			if r.ln != nil {
+				lns = append(lns, r.ln)
+			}
 			delete(t.routes, rt)
 		}
 	}
@@ -130,7 +176,9 @@ func (t *TCPRoutes) Close() error {
 	t.mu.Unlock()
 	t.cancel()
 	for _, r := range routes {
-		_ = r.ln.Close()
+		if r.ln != nil {
+			_ = r.ln.Close()
+		}
 	}
 	t.conns.closeAll()
 	t.wg.Wait()
@@ -149,8 +197,15 @@ func (t *TCPRoutes) accept(r *tcpRoute) {
 			}
 			return
 		}
+		if !t.accepted.acquire(r.route.SandboxID) {
+			t.log.Debug("tcp route: sandbox has the most connections open; closing the new one",
+				"route", r.route.String(), "max", t.opts.maxConnsPerSandbox)
+			_ = c.Close()
+			continue
+		}
 		tc, err := t.conns.track(r.route.SandboxID, c)
 		if err != nil {
+			t.accepted.release(r.route.SandboxID)
 			return // closed
 		}
 		t.wg.Add(1)
@@ -180,9 +235,15 @@ func (t *TCPRoutes) drop(r *tcpRoute) {
 func (t *TCPRoutes) serveConn(r *tcpRoute, client net.Conn) {
 	defer t.wg.Done()
 	rt := r.route
+	defer t.accepted.release(rt.SandboxID)
 	ctx, cancel := context.WithTimeout(t.ctx, t.opts.dialTimeout)
 	target, err := t.resolver.Resolve(ctx, rt.SandboxID)
-	if err == nil && target.Dial == nil {
+	switch {
+	case err != nil:
+	case !target.Public:
+		// Never reached through Open; a raw conn carries no token.
+		err = errdefs.Wrap(errdefs.ErrFailedPrecondition, errors.New("sandbox is private: no raw TCP route"))
+	case target.Dial == nil:
 		err = errdefs.Wrap(errdefs.ErrInternalFailure, errors.New("resolver returned no Dial"))
 	}
 	var guest net.Conn

@@ -51,13 +51,21 @@ const (
 
 // Sandbox describes one sandbox: the reply of create, get and timeout, the
 // items of list, and the value of the firkin_sessions KV bucket.
+//
+// TrafficAccessToken opens a private sandbox through the port proxy; only
+// the create reply carries it (see WithoutTokens), it is never stored.
+// Generation is a random nonce made at every create, stored in the record:
+// the token is bound to it, so it opens this instance only, never a later
+// sandbox with the same id. It is not secret. The wire name
+// envd_access_token is reserved: the E2B-compatible envd API will issue and
+// check it; it is not issued today.
 type Sandbox struct {
 	SandboxID          string            `json:"sandbox_id"`
 	TemplateID         string            `json:"template_id,omitempty"`
 	SnapshotID         string            `json:"snapshot_id,omitempty"`
 	ClientID           string            `json:"client_id"`
-	EnvdAccessToken    string            `json:"envd_access_token,omitempty"`
 	TrafficAccessToken string            `json:"traffic_access_token,omitempty"`
+	Generation         string            `json:"generation,omitempty"`
 	State              string            `json:"state"`
 	StartedAt          time.Time         `json:"started_at"`
 	EndAt              time.Time         `json:"end_at"`
@@ -79,6 +87,13 @@ type Sandbox struct {
 	// DiskParentLocation is where that snapshot's files are on the owner,
 	// for people to read (never used as a path).
 	DiskParentLocation string `json:"disk_parent_location,omitempty"`
+}
+
+// WithoutTokens returns s with its access token cleared. Only the create
+// reply carries the token: get, list, timeout and the session record do not.
+func (s Sandbox) WithoutTokens() Sandbox {
+	s.TrafficAccessToken = ""
+	return s
 }
 
 // ListSandboxesReply is the reply of firkin.sandbox.list.
@@ -221,13 +236,16 @@ type RouteRequest struct {
 	Port int `json:"port"`
 }
 
-// RouteReply tells where a guest port is reachable.
+// RouteReply tells where a guest port is reachable. TCP, the raw TCP
+// listener's address, is only there for a public sandbox: a private one is
+// reached through the proxy (HTTP, or CONNECT for any protocol) with its
+// traffic token.
 type RouteReply struct {
 	SandboxID string `json:"sandbox_id"`
 	Port      int    `json:"port"`
 	Host      string `json:"host"`
 	URL       string `json:"url"`
-	TCP       string `json:"tcp"`
+	TCP       string `json:"tcp,omitempty"`
 }
 
 // Log event sources.

@@ -1,13 +1,22 @@
-// Package tokens makes and checks the stateless access tokens of a sandbox,
-// the way E2B has them: envd_access_token (for the sandbox's own API) and
-// traffic_access_token (for port routing into a private sandbox) are
-// HMAC-SHA256 of the sandbox id, each under its own purpose label, keyed
-// with a worker secret and hex encoded. Nothing is stored per sandbox: any
-// holder of the secret can recompute and check a token.
+// Package tokens makes and checks the traffic access token of a sandbox,
+// the way E2B has it: traffic_access_token (for port routing into a private
+// sandbox) is HMAC-SHA256, under a purpose label and keyed with a worker
+// secret, of the sandbox id and the sandbox's generation, hex encoded.
+//
+// The generation is a random nonce made at every create (a boot, a restore
+// and a create served from the warm pool alike), so a token opens one
+// sandbox instance only: a later sandbox that reuses the id gets a new
+// generation, and the token of the killed one does not open it. The
+// generation is not secret; it is what is kept (in the session record) to
+// verify a token, which never is: with the secret, the generation and the
+// id, any worker can recompute and check a token.
+//
+// envd_access_token is not issued: nothing checks it yet. The name is
+// reserved for the E2B-compatible envd API, which will issue and check it.
 //
 // The secret is text: either configured by the operator or made on first
 // start (32 random bytes, hex encoded) and kept in a 0600 file in the state
-// directory. Workers that share a secret give a sandbox the same tokens, so
+// directory. Workers that share a secret check each other's tokens, so
 // copying the file's content into the configuration of every worker of a
 // cluster makes tokens valid on any of them.
 package tokens
@@ -33,12 +42,13 @@ const SecretBytes = 32
 // MinSecretLen is the shortest secret accepted, in bytes of text.
 const MinSecretLen = 16
 
-// Purpose labels keep the two tokens of a sandbox apart: knowing one tells
-// nothing about the other.
-const (
-	purposeEnvd    = "firkin envd access v1"
-	purposeTraffic = "firkin traffic access v1"
-)
+// GenerationBytes is how many random bytes a generation holds.
+const GenerationBytes = 16
+
+// purposeTraffic labels the traffic token, so that a token minted for
+// another purpose under the same secret never passes as one. v2 binds the
+// generation; v1 tokens (of the sandbox id alone) are no longer accepted.
+const purposeTraffic = "firkin traffic access v2"
 
 // LoadSecret returns the worker secret: configured when it is not empty
 // (the operator's choice overrides the file), otherwise the one kept at path
@@ -140,27 +150,29 @@ func createSecret(path string) (err error) {
 	return nil
 }
 
-// EnvdToken returns the sandbox's envd_access_token.
-func EnvdToken(secret []byte, sandboxID string) string {
-	return token(secret, purposeEnvd, sandboxID)
+// NewGeneration returns a new random generation: GenerationBytes random
+// bytes, hex encoded.
+func NewGeneration() string {
+	raw := make([]byte, GenerationBytes)
+	_, _ = rand.Read(raw) // crypto/rand.Read does not fail (it crashes the program instead)
+	return hex.EncodeToString(raw)
 }
 
-// TrafficToken returns the sandbox's traffic_access_token, which a private
-// sandbox's proxy requests carry in the e2b-traffic-access-token header.
-func TrafficToken(secret []byte, sandboxID string) string {
-	return token(secret, purposeTraffic, sandboxID)
+// TrafficToken returns the traffic_access_token of generation of sandbox
+// sandboxID, which a private sandbox's proxy requests carry in the
+// e2b-traffic-access-token header. It is empty when the generation is.
+func TrafficToken(secret []byte, sandboxID, generation string) string {
+	if generation == "" {
+		return ""
+	}
+	return token(secret, purposeTraffic, sandboxID, generation)
 }
 
-// VerifyEnvd reports whether tok is the sandbox's envd_access_token, in
-// constant time.
-func VerifyEnvd(secret []byte, sandboxID, tok string) bool {
-	return Equal(tok, EnvdToken(secret, sandboxID))
-}
-
-// VerifyTraffic reports whether tok is the sandbox's traffic_access_token,
-// in constant time.
-func VerifyTraffic(secret []byte, sandboxID, tok string) bool {
-	return Equal(tok, TrafficToken(secret, sandboxID))
+// VerifyTraffic reports whether tok is the traffic_access_token of
+// generation of sandbox sandboxID, in constant time. Nothing matches an
+// empty generation (a record made before generations existed).
+func VerifyTraffic(secret []byte, sandboxID, generation, tok string) bool {
+	return Equal(tok, TrafficToken(secret, sandboxID, generation))
 }
 
 // Equal compares a presented token with the expected one in constant time
@@ -173,11 +185,42 @@ func Equal(presented, expected string) bool {
 	return hmac.Equal([]byte(presented), []byte(expected))
 }
 
-// token is hex(HMAC-SHA256(secret, purpose || 0x00 || sandboxID)).
-func token(secret []byte, purpose, sandboxID string) string {
+// token is hex(HMAC-SHA256(secret, purpose || 0x00 || sandboxID || 0x00 ||
+// generation)). Sandbox ids and generations hold no NUL byte, so the
+// message names one (id, generation) pair.
+func token(secret []byte, purpose, sandboxID, generation string) string {
 	m := hmac.New(sha256.New, secret)
 	m.Write([]byte(purpose))
 	m.Write([]byte{0})
 	m.Write([]byte(sandboxID))
+	m.Write([]byte{0})
+	m.Write([]byte(generation))
 	return hex.EncodeToString(m.Sum(nil))
+}
+
+// Minter mints and checks traffic tokens under one worker secret. It is
+// safe for concurrent use.
+type Minter struct{ secret []byte }
+
+// NewMinter returns a Minter keyed with secret (at least MinSecretLen
+// bytes; see LoadSecret).
+func NewMinter(secret []byte) (*Minter, error) {
+	if len(secret) < MinSecretLen {
+		return nil, errdefs.Wrap(errdefs.ErrInvalidArgument,
+			fmt.Errorf("tokens: secret is %d bytes, want at least %d", len(secret), MinSecretLen))
+	}
+	return &Minter{secret: append([]byte(nil), secret...)}, nil
+}
+
+// MintTraffic makes a new instance of sandbox sandboxID: a fresh
+// generation, to keep, and its traffic token, to hand out once.
+func (m *Minter) MintTraffic(sandboxID string) (generation, token string) {
+	generation = NewGeneration()
+	return generation, TrafficToken(m.secret, sandboxID, generation)
+}
+
+// VerifyTraffic reports whether tok is the traffic token of generation of
+// sandbox sandboxID, in constant time.
+func (m *Minter) VerifyTraffic(sandboxID, generation, tok string) bool {
+	return VerifyTraffic(m.secret, sandboxID, generation, tok)
 }

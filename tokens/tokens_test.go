@@ -4,6 +4,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 
@@ -12,54 +13,106 @@ import (
 
 // Golden values computed independently:
 //
-//	printf 'firkin traffic access v1\0sbx1' | openssl dgst -sha256 -hmac 0123456789abcdef-secret
+//	printf 'firkin traffic access v2\0sbx1\0gen-1' | openssl dgst -sha256 -hmac 0123456789abcdef-secret
 const (
-	goldenSecret  = "0123456789abcdef-secret"
-	goldenEnvd    = "875858aa2ef0775f68ff1773e4097a09c1c2bcbdfbc335690b373c7fc2f73726"
-	goldenTraffic = "3836d60b535dac3788f62f602d58aa05993453eea22fc8e8fa412a7932669c79"
+	goldenSecret   = "0123456789abcdef-secret"
+	goldenTraffic1 = "16c8ec48e4333d05ec3fe82bfc33a8aacb5512b8169a8e1557014e7874df88f0" // sbx1, gen-1
+	goldenTraffic2 = "632aa88d53a7a24ec264efb1e342f840255acaca60871ad3fe82d54f1bba2d4c" // sbx1, gen-2
 )
 
-func TestTokensGolden(t *testing.T) {
+func TestTrafficTokenGolden(t *testing.T) {
 	secret := []byte(goldenSecret)
-	if got := EnvdToken(secret, "sbx1"); got != goldenEnvd {
-		t.Errorf("EnvdToken = %s, want %s", got, goldenEnvd)
+	if got := TrafficToken(secret, "sbx1", "gen-1"); got != goldenTraffic1 {
+		t.Errorf("TrafficToken(sbx1, gen-1) = %s, want %s", got, goldenTraffic1)
 	}
-	if got := TrafficToken(secret, "sbx1"); got != goldenTraffic {
-		t.Errorf("TrafficToken = %s, want %s", got, goldenTraffic)
+	if got := TrafficToken(secret, "sbx1", "gen-2"); got != goldenTraffic2 {
+		t.Errorf("TrafficToken(sbx1, gen-2) = %s, want %s", got, goldenTraffic2)
+	}
+	if got := TrafficToken(secret, "sbx1", ""); got != "" {
+		t.Errorf("TrafficToken with no generation = %q, want none", got)
 	}
 }
 
-func TestVerify(t *testing.T) {
+func TestVerifyTraffic(t *testing.T) {
 	secret := []byte(goldenSecret)
 	other := []byte("another-secret-of-enough-length")
+	// The token of sandbox id sbx1 without a generation, as v1 made it.
+	const v1Token = "3836d60b535dac3788f62f602d58aa05993453eea22fc8e8fa412a7932669c79"
 	tests := []struct {
 		name   string
 		secret []byte
 		id     string
+		gen    string
 		token  string
 		want   bool
 	}{
-		{"right token", secret, "sbx1", goldenTraffic, true},
-		{"envd token is not a traffic token", secret, "sbx1", goldenEnvd, false},
-		{"other sandbox", secret, "sbx2", goldenTraffic, false},
-		{"other secret", other, "sbx1", goldenTraffic, false},
-		{"empty", secret, "sbx1", "", false},
-		{"prefix", secret, "sbx1", goldenTraffic[:32], false},
-		{"upper case", secret, "sbx1", "3836D60B535DAC3788F62F602D58AA05993453EEA22FC8E8FA412A7932669C79", false},
-		{"extra byte", secret, "sbx1", goldenTraffic + "0", false},
+		{"right token", secret, "sbx1", "gen-1", goldenTraffic1, true},
+		{"token of an earlier instance with the same id", secret, "sbx1", "gen-2", goldenTraffic1, false},
+		{"token of a later instance with the same id", secret, "sbx1", "gen-1", goldenTraffic2, false},
+		{"other sandbox, same generation", secret, "sbx2", "gen-1", goldenTraffic1, false},
+		{"id and generation shifted", secret, "sbx1g", "en-1", goldenTraffic1, false},
+		{"other secret", other, "sbx1", "gen-1", goldenTraffic1, false},
+		{"no generation refuses all", secret, "sbx1", "", goldenTraffic1, false},
+		{"no generation refuses the empty token", secret, "sbx1", "", "", false},
+		{"v1 token of the id alone", secret, "sbx1", "gen-1", v1Token, false},
+		{"empty", secret, "sbx1", "gen-1", "", false},
+		{"prefix", secret, "sbx1", "gen-1", goldenTraffic1[:32], false},
+		{"upper case", secret, "sbx1", "gen-1", strings.ToUpper(goldenTraffic1), false},
+		{"extra byte", secret, "sbx1", "gen-1", goldenTraffic1 + "0", false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			if got := VerifyTraffic(tt.secret, tt.id, tt.token); got != tt.want {
+			if got := VerifyTraffic(tt.secret, tt.id, tt.gen, tt.token); got != tt.want {
 				t.Errorf("VerifyTraffic = %v, want %v", got, tt.want)
 			}
 		})
 	}
-	if !VerifyEnvd(secret, "sbx1", goldenEnvd) || VerifyEnvd(secret, "sbx1", goldenTraffic) {
-		t.Error("VerifyEnvd mixes up the tokens")
+	// Every single-byte change is refused (the comparison looks at every
+	// byte; it does so in constant time through hmac.Equal).
+	for i := range len(goldenTraffic1) {
+		b := []byte(goldenTraffic1)
+		b[i] ^= 1
+		if VerifyTraffic(secret, "sbx1", "gen-1", string(b)) {
+			t.Fatalf("token changed at byte %d accepted", i)
+		}
 	}
 	if Equal("", "") {
 		t.Error("Equal matched an empty expected token")
+	}
+}
+
+func TestMinter(t *testing.T) {
+	if _, err := NewMinter([]byte("short")); !errors.Is(err, errdefs.ErrInvalidArgument) {
+		t.Errorf("NewMinter(short secret) error = %v, want ErrInvalidArgument", err)
+	}
+	m, err := NewMinter([]byte(goldenSecret))
+	if err != nil {
+		t.Fatal(err)
+	}
+	gen1, tok1 := m.MintTraffic("sbx1")
+	gen2, tok2 := m.MintTraffic("sbx1") // the same id created again
+	if len(gen1) != 2*GenerationBytes || gen1 == gen2 || tok1 == tok2 {
+		t.Fatalf("two creates of sbx1: generations %q %q, tokens %q %q; want two fresh %d-byte generations and tokens", gen1, gen2, tok1, tok2, GenerationBytes)
+	}
+	if tok1 != TrafficToken([]byte(goldenSecret), "sbx1", gen1) {
+		t.Error("MintTraffic's token is not TrafficToken of its generation")
+	}
+	if !m.VerifyTraffic("sbx1", gen1, tok1) || !m.VerifyTraffic("sbx1", gen2, tok2) {
+		t.Error("a minted token does not verify")
+	}
+	if m.VerifyTraffic("sbx1", gen2, tok1) {
+		t.Error("the first instance's token opens the second instance")
+	}
+	if m.VerifyTraffic("sbx2", gen1, tok1) {
+		t.Error("a token opens another sandbox")
+	}
+	seen := map[string]bool{}
+	for range 1000 {
+		g := NewGeneration()
+		if seen[g] {
+			t.Fatalf("generation %s made twice", g)
+		}
+		seen[g] = true
 	}
 }
 

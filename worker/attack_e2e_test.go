@@ -184,7 +184,7 @@ func TestAttacks(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got.TrafficAccessToken != "" || got.EnvdAccessToken != "" {
+		if got.TrafficAccessToken != "" {
 			t.Errorf("get carries tokens: %+v", got)
 		}
 		list, err := e.c.List(e.ctx(10 * time.Second))
@@ -192,7 +192,7 @@ func TestAttacks(t *testing.T) {
 			t.Fatal(err)
 		}
 		for _, sb := range list {
-			if sb.TrafficAccessToken != "" || sb.EnvdAccessToken != "" {
+			if sb.TrafficAccessToken != "" {
 				t.Errorf("list carries tokens: %+v", sb)
 			}
 		}

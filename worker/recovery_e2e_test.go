@@ -119,11 +119,12 @@ func TestRecoveryAfterCrash(t *testing.T) {
 	c := client.New(nc)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	sb, err := c.Create(ctx, subjects.CreateSandboxRequest{TemplateID: "tiny"})
+	private := false
+	sb, err := c.Create(ctx, subjects.CreateSandboxRequest{TemplateID: "tiny", PublicTraffic: &private})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := c.Exec(ctx, sb.SandboxID, subjects.ExecRequest{Command: "echo survived > /root/mark; sync"}); err != nil {
+	if _, err := c.Exec(ctx, sb.SandboxID, subjects.ExecRequest{Command: "echo survived > /root/mark; sync; mkdir -p /srv && echo private-page > /srv/index.html && httpd -p 8000 -h /srv"}); err != nil {
 		t.Fatal(err)
 	}
 	eventually(t, 2*time.Minute, "pool refilled", func() error {
@@ -144,6 +145,21 @@ func TestRecoveryAfterCrash(t *testing.T) {
 	r, err := c.Exec(ctx, sb.SandboxID, subjects.ExecRequest{Command: "cat /root/mark"})
 	if err != nil || r.Stdout != "survived\n" {
 		t.Fatalf("exec in the reattached sandbox: %+v %v", r, err)
+	}
+	// The reattached sandbox's traffic token still opens it: its
+	// generation came back from the session record.
+	route, err := c.Route(ctx, sb.SandboxID, 8000)
+	if err != nil || route.TCP != "" {
+		t.Fatalf("route after reattach: %+v, %v; want one without a tcp listener", route, err)
+	}
+	proxyAddr := "127.0.0.1:" + route.URL[strings.LastIndex(route.URL, ":")+1:]
+	hdr := map[string]string{"e2b-sandbox-id": sb.SandboxID, "e2b-sandbox-port": "8000"}
+	if code, _ := httpGet(t, "http://"+proxyAddr+"/", hdr); code != 401 {
+		t.Errorf("after reattach, no token: %d, want 401", code)
+	}
+	hdr["e2b-traffic-access-token"] = sb.TrafficAccessToken
+	if code, body := httpGet(t, "http://"+proxyAddr+"/", hdr); code != 200 || body != "private-page\n" {
+		t.Errorf("after reattach, the create's token: %d %q, want 200 private-page", code, body)
 	}
 	// The old warm machine was swept: no QEMU of the first run but the
 	// sandbox's is left.

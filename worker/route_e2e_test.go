@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/firkin-dev/firkin-worker/internal/testenv"
 	"github.com/firkin-dev/firkin-worker/subjects"
@@ -65,6 +67,9 @@ func TestPortRouting(t *testing.T) {
 	}
 	if route.Host != "8000-"+sb.SandboxID+".localhost" || !strings.HasPrefix(route.URL, "http://"+route.Host+":") || route.TCP == "" {
 		t.Fatalf("route reply = %+v", route)
+	}
+	if host, _, _ := net.SplitHostPort(route.TCP); host != "127.0.0.1" {
+		t.Errorf("raw TCP route of a public sandbox listens on %s, want loopback", route.TCP)
 	}
 	want := "hello-from-" + sb.SandboxID + "\n"
 	proxyPort := route.URL[strings.LastIndex(route.URL, ":")+1:]
@@ -234,20 +239,86 @@ func TestPortRouting(t *testing.T) {
 	}
 }
 
+// connectVia sends a CONNECT for host through the proxy at proxyAddr, with
+// the traffic token when tok is not empty, and returns the conn, its reader
+// (past the answer's header on a 200) and the status line.
+func connectVia(t *testing.T, proxyAddr, host, tok string) (net.Conn, *bufio.Reader, string) {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", proxyAddr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	_ = c.SetDeadline(time.Now().Add(30 * time.Second))
+	req := "CONNECT " + host + ":443 HTTP/1.1\r\nHost: " + host + ":443\r\n"
+	if tok != "" {
+		req += "e2b-traffic-access-token: " + tok + "\r\n"
+	}
+	if _, err := io.WriteString(c, req+"\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(c)
+	status, err := br.ReadString('\n')
+	if err != nil {
+		t.Fatalf("CONNECT %s: %v", host, err)
+	}
+	if strings.HasPrefix(status, "HTTP/1.1 200") {
+		if blank, err := br.ReadString('\n'); err != nil || blank != "\r\n" {
+			t.Fatalf("CONNECT %s: after the status line %q, %v", host, blank, err)
+		}
+	}
+	return c, br, status
+}
+
 // TestPrivateTraffic enforces the traffic token of a sandbox created with
-// public_traffic false.
+// public_traffic false: no raw TCP listener, the proxy (HTTP and CONNECT)
+// takes only the current instance's token, the token comes back from
+// create only (never from get, list, timeout, the KV record or any other
+// NATS message), and a killed sandbox's token does not open a new sandbox
+// with the same id. It also hits the cap on routes per sandbox.
 func TestPrivateTraffic(t *testing.T) {
 	e := startWorker(t, waitTemplates())
+	// Every NATS message from here on, on a connection of its own, to find
+	// where tokens travel.
+	spy, err := nats.Connect(e.w.NATSURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(spy.Close)
+	all, err := spy.SubscribeSync(">")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := all.SetPendingLimits(-1, -1); err != nil {
+		t.Fatal(err)
+	}
+	if err := spy.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	const id = "private-sbx"
 	private := false
-	sb := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny", PublicTraffic: &private})
-	e.startHTTPD(sb.SandboxID, 8000)
-	route, err := e.c.Route(e.ctx(10*time.Second), sb.SandboxID, 8000)
+	sb := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny", SandboxID: id, PublicTraffic: &private})
+	// The spy would answer for a sandbox that is gone (a subscriber to ">"
+	// is a responder): it stops before the cleanup kills sb.
+	t.Cleanup(func() { _ = all.Unsubscribe() })
+	if sb.TrafficAccessToken == "" || sb.Generation == "" {
+		t.Fatalf("create reply carries no token or generation: %+v", sb)
+	}
+	e.startHTTPD(id, 8000)
+	var rawRoute map[string]any
+	if err := e.c.Request(e.ctx(10*time.Second), subjects.Default.Sandbox(id, subjects.VerbRoute), subjects.RouteRequest{Port: 8000}, &rawRoute); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := rawRoute["tcp"]; ok {
+		t.Errorf("route reply of a private sandbox has a tcp field: %v", rawRoute)
+	}
+	route, err := e.c.Route(e.ctx(10*time.Second), id, 8000)
 	if err != nil {
 		t.Fatal(err)
 	}
 	proxyAddr := "127.0.0.1:" + route.URL[strings.LastIndex(route.URL, ":")+1:]
 	hdr := func(tok string) map[string]string {
-		h := map[string]string{"e2b-sandbox-id": sb.SandboxID, "e2b-sandbox-port": "8000"}
+		h := map[string]string{"e2b-sandbox-id": id, "e2b-sandbox-port": "8000"}
 		if tok != "" {
 			h["e2b-traffic-access-token"] = tok
 		}
@@ -259,8 +330,115 @@ func TestPrivateTraffic(t *testing.T) {
 	if code, _ := httpGet(t, "http://"+proxyAddr+"/", hdr("wrong")); code != 403 {
 		t.Errorf("wrong token: %d, want 403", code)
 	}
-	if code, body := httpGet(t, "http://"+proxyAddr+"/", hdr(sb.TrafficAccessToken)); code != 200 || !strings.HasPrefix(body, "hello-from-") {
+	if code, body := httpGet(t, "http://"+proxyAddr+"/", hdr(sb.TrafficAccessToken)); code != 200 || body != "hello-from-"+id+"\n" {
 		t.Errorf("right token: %d %q", code, body)
+	}
+
+	t.Run("CONNECT carries any protocol with the token only", func(t *testing.T) {
+		if _, _, status := connectVia(t, proxyAddr, route.Host, ""); !strings.HasPrefix(status, "HTTP/1.1 401") {
+			t.Errorf("CONNECT without token: %q, want 401", status)
+		}
+		c, br, status := connectVia(t, proxyAddr, route.Host, sb.TrafficAccessToken)
+		if !strings.HasPrefix(status, "HTTP/1.1 200") {
+			t.Fatalf("CONNECT with the token: %q, want 200", status)
+		}
+		// Anything may go through the tunnel; here a hand-written HTTP/1.0.
+		if _, err := io.WriteString(c, "GET / HTTP/1.0\r\n\r\n"); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := io.ReadAll(br); !strings.Contains(string(got), "hello-from-"+id) {
+			t.Errorf("through the tunnel: %q, %v", got, err)
+		}
+	})
+
+	t.Run("get, list, timeout and the KV record carry no token", func(t *testing.T) {
+		got, err := e.c.Get(e.ctx(10*time.Second), id)
+		if err != nil || got.TrafficAccessToken != "" || got.Generation != sb.Generation {
+			t.Errorf("get = %+v, %v; want no token and the create's generation", got, err)
+		}
+		list, err := e.c.List(e.ctx(10 * time.Second))
+		if err != nil || len(list) == 0 {
+			t.Fatalf("list = %v, %v", list, err)
+		}
+		for _, item := range list {
+			if item.TrafficAccessToken != "" {
+				t.Errorf("list item %s carries a token", item.SandboxID)
+			}
+		}
+		to, err := e.c.SetTimeout(e.ctx(10*time.Second), id, 600)
+		if err != nil || to.TrafficAccessToken != "" {
+			t.Errorf("timeout = %+v, %v; want no token", to, err)
+		}
+		js, err := jetstream.New(e.nc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		kv, err := js.KeyValue(e.ctx(10*time.Second), "firkin_sessions")
+		if err != nil {
+			t.Fatal(err)
+		}
+		entry, err := kv.Get(e.ctx(10*time.Second), id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if v := string(entry.Value()); strings.Contains(v, sb.TrafficAccessToken) || strings.Contains(v, "access_token") || !strings.Contains(v, sb.Generation) {
+			t.Errorf("session record %s: want the generation and no token", v)
+		}
+	})
+
+	t.Run("routes per sandbox are capped", func(t *testing.T) {
+		for port := 8001; port < 8016; port++ { // 8000 is open: 16 in all
+			if _, err := e.c.Route(e.ctx(10*time.Second), id, port); err != nil {
+				t.Fatalf("route %d: %v", port, err)
+			}
+		}
+		_, err := e.c.Route(e.ctx(10*time.Second), id, 8016)
+		wantCode(t, "17th route", err, subjects.CodeCapacityRejected)
+		if _, err := e.c.Route(e.ctx(10*time.Second), id, 8000); err != nil {
+			t.Errorf("an open route asked again: %v", err)
+		}
+	})
+
+	// Kill it and create it again with the same id: a new instance.
+	if err := e.c.Kill(e.ctx(time.Minute), id); err != nil {
+		t.Fatal(err)
+	}
+	sb2 := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny", SandboxID: id, PublicTraffic: &private})
+	if sb2.TrafficAccessToken == "" || sb2.TrafficAccessToken == sb.TrafficAccessToken || sb2.Generation == sb.Generation {
+		t.Fatalf("re-created sandbox: token %q generation %q; want new ones (old %q, %q)", sb2.TrafficAccessToken, sb2.Generation, sb.TrafficAccessToken, sb.Generation)
+	}
+	e.startHTTPD(id, 8000)
+	if code, body := httpGet(t, "http://"+proxyAddr+"/", hdr(sb.TrafficAccessToken)); code != 403 {
+		t.Errorf("the killed sandbox's token on the new one: %d %q, want 403", code, body)
+	}
+	if _, _, status := connectVia(t, proxyAddr, route.Host, sb.TrafficAccessToken); !strings.HasPrefix(status, "HTTP/1.1 403") {
+		t.Errorf("CONNECT with the killed sandbox's token: %q, want 403", status)
+	}
+	if code, body := httpGet(t, "http://"+proxyAddr+"/", hdr(sb2.TrafficAccessToken)); code != 200 || body != "hello-from-"+id+"\n" {
+		t.Errorf("the new token: %d %q", code, body)
+	}
+
+	// Each token travelled in exactly one NATS message: its create reply.
+	if err := spy.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	counts := map[string][]string{}
+	for {
+		msg, err := all.NextMsg(500 * time.Millisecond)
+		if err != nil {
+			_ = all.Unsubscribe()
+			break
+		}
+		for _, tok := range []string{sb.TrafficAccessToken, sb2.TrafficAccessToken} {
+			if strings.Contains(string(msg.Data), tok) {
+				counts[tok] = append(counts[tok], msg.Subject)
+			}
+		}
+	}
+	for _, tok := range []string{sb.TrafficAccessToken, sb2.TrafficAccessToken} {
+		if subs := counts[tok]; len(subs) != 1 || !strings.HasPrefix(subs[0], "_INBOX.") {
+			t.Errorf("a token went out in messages on %v, want only its create reply (one _INBOX message)", subs)
+		}
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"path/filepath"
+	"time"
 
 	"github.com/firkin-dev/firkin-worker/backend"
 	"github.com/firkin-dev/firkin-worker/errdefs"
@@ -12,19 +13,19 @@ import (
 	"github.com/firkin-dev/firkin-worker/tokens"
 )
 
-// tokenMinter mints the sandboxes' access tokens under the worker secret.
-type tokenMinter struct{ secret []byte }
-
-func newTokenMinter(cfg Config) (*tokenMinter, error) {
+// newTokenMinter mints and checks the sandboxes' traffic tokens under the
+// worker secret, which it also returns (snapshot records are authenticated
+// under a key derived from it).
+func newTokenMinter(cfg Config) (*tokens.Minter, []byte, error) {
 	secret, err := tokens.LoadSecret(cfg.TokenSecret, filepath.Join(cfg.StateDir, "token-secret"))
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	return &tokenMinter{secret: secret}, nil
+	m, err := tokens.NewMinter(secret)
+	return m, secret, err
 }
 
-func (t *tokenMinter) EnvdToken(id string) string    { return tokens.EnvdToken(t.secret, id) }
-func (t *tokenMinter) TrafficToken(id string) string { return tokens.TrafficToken(t.secret, id) }
+var _ backend.Tokens = (*tokens.Minter)(nil)
 
 // runtimeFacade is the runtime as the handlers see it: the backend plus
 // port routes through this worker's proxy.
@@ -34,8 +35,8 @@ type runtimeFacade struct {
 	tcp  *proxy.TCPRoutes
 }
 
-// Route exposes a guest port: a host name through the HTTP proxy and a raw
-// TCP listener. Routes end with the sandbox.
+// Route exposes a guest port: a host name through the HTTP proxy and, for a
+// public sandbox only, a raw TCP listener. Routes end with the sandbox.
 func (r *runtimeFacade) Route(ctx context.Context, id string, req subjects.RouteRequest) (subjects.RouteReply, error) {
 	rt := proxy.Route{SandboxID: id, Port: req.Port}
 	if err := rt.Validate(); err != nil {
@@ -74,16 +75,50 @@ func (r *runtimeFacade) resolve(ctx context.Context, id string) (proxy.Target, e
 	if err != nil {
 		return proxy.Target{}, err
 	}
-	return proxy.Target{Dial: t.Dial, Public: t.Public, TrafficToken: t.TrafficToken}, nil
+	return proxy.Target{Dial: t.Dial, Public: t.Public, VerifyToken: t.VerifyToken}, nil
+}
+
+// RouteLimits cap port routing per sandbox; a zero field takes the proxy's
+// default.
+type RouteLimits struct {
+	// MaxRoutesPerSandbox caps routed ports (16); one more is refused with
+	// capacity_rejected.
+	MaxRoutesPerSandbox int
+	// MaxConnsPerSandbox caps connections at once through the HTTP proxy
+	// (64; one more is answered 429) and as many on the raw TCP routes (one
+	// more is closed).
+	MaxConnsPerSandbox int
+	// IdleTimeout closes a tunnel, raw TCP connection or guest stream with
+	// no traffic either way for this long (10 min).
+	IdleTimeout time.Duration
+}
+
+// proxyOptions are the port routing address and caps of cfg.
+func proxyOptions(cfg Config) []proxy.Option {
+	var opts []proxy.Option
+	if cfg.RouteTCPHost != "" {
+		opts = append(opts, proxy.WithTCPHost(cfg.RouteTCPHost))
+	}
+	if l := cfg.RouteLimits; l.MaxRoutesPerSandbox != 0 {
+		opts = append(opts, proxy.WithMaxRoutesPerSandbox(l.MaxRoutesPerSandbox))
+	}
+	if l := cfg.RouteLimits; l.MaxConnsPerSandbox != 0 {
+		opts = append(opts, proxy.WithMaxConnsPerSandbox(l.MaxConnsPerSandbox))
+	}
+	if l := cfg.RouteLimits; l.IdleTimeout != 0 {
+		opts = append(opts, proxy.WithStreamIdleTimeout(l.IdleTimeout))
+	}
+	return opts
 }
 
 func (w *Worker) startProxy() error {
 	resolver := proxy.ResolverFunc(w.rt.resolve)
-	srv, err := proxy.NewServer(resolver, proxy.WithDomain(w.cfg.Domain), proxy.WithLogger(w.log.With("component", "proxy")))
+	common := proxyOptions(w.cfg)
+	srv, err := proxy.NewServer(resolver, append([]proxy.Option{proxy.WithDomain(w.cfg.Domain), proxy.WithLogger(w.log.With("component", "proxy"))}, common...)...)
 	if err != nil {
 		return err
 	}
-	tcp, err := proxy.NewTCPRoutes(resolver, proxy.WithLogger(w.log.With("component", "tcp-routes")))
+	tcp, err := proxy.NewTCPRoutes(resolver, append([]proxy.Option{proxy.WithLogger(w.log.With("component", "tcp-routes"))}, common...)...)
 	if err != nil {
 		return err
 	}

@@ -21,7 +21,7 @@ import (
 func TestSandboxLifecycle(t *testing.T) {
 	e := startWorker(t)
 	sb := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny", Env: map[string]string{"GREETING": "hi there"}})
-	if sb.State != subjects.StateRunning || sb.ClientID != e.w.ID() || sb.EnvdAccessToken == "" || !sb.EndAt.After(sb.StartedAt) {
+	if sb.State != subjects.StateRunning || sb.ClientID != e.w.ID() || sb.TrafficAccessToken == "" || sb.Generation == "" || !sb.EndAt.After(sb.StartedAt) {
 		t.Fatalf("create reply = %+v", sb)
 	}
 	if subjects.ValidateSandboxID(sb.SandboxID) != nil {

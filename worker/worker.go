@@ -26,6 +26,7 @@ import (
 	"github.com/firkin-dev/firkin-worker/jetstream"
 	"github.com/firkin-dev/firkin-worker/netguard"
 	"github.com/firkin-dev/firkin-worker/subjects"
+	"github.com/firkin-dev/firkin-worker/tokens"
 	"github.com/firkin-dev/firkin-worker/vmpool"
 )
 
@@ -57,6 +58,11 @@ type Config struct {
 	LogMaxAge time.Duration
 	// TokenSecret overrides the token secret kept in the state directory.
 	TokenSecret string
+	// RouteTCPHost is the address the raw TCP route listeners of public
+	// sandboxes bind to (default 127.0.0.1).
+	RouteTCPHost string
+	// RouteLimits cap port routing per sandbox.
+	RouteLimits RouteLimits
 	// KeepMachinesOnExit lets machines outlive a crashed worker process, so
 	// the restarted worker reattaches to them.
 	KeepMachinesOnExit bool
@@ -177,8 +183,9 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	cleanups = append(cleanups, func() { _ = w.closeDriver() })
 	w.startNetwork(ctx, driver)
 	cleanups = append(cleanups, func() { _ = w.closeGuard() })
-	var tok *tokenMinter
-	if err := step("tokens", func() (err error) { tok, err = newTokenMinter(cfg); return }); err != nil {
+	var tok *tokens.Minter
+	var secret []byte
+	if err := step("tokens", func() (err error) { tok, secret, err = newTokenMinter(cfg); return }); err != nil {
 		return nil, err
 	}
 	if err := step("runtime", func() (err error) {
@@ -187,7 +194,7 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 			Driver:           driver,
 			Store:            storeAdapter{store},
 			Tokens:           tok,
-			RecordKey:        backend.RecordKey(tok.secret),
+			RecordKey:        backend.RecordKey(secret),
 			Egress:           w.egress(),
 			StateDir:         cfg.StateDir,
 			Images:           map[string]vmpool.Image{"tiny": img},

@@ -31,6 +31,9 @@ type options struct {
 	// or FIRKIN_NATS_PASSWORD, never from a flag.
 	natsAuth, natsCreds, natsNkey, natsUser, natsPasswordFile string
 	natsTLSCA, natsTLSCert, natsTLSKey, natsPassword          string
+	routeTCPHost                                              string
+	maxRoutesPerSandbox, maxProxyConnsPerSandbox              int
+	proxyIdleTimeout                                          time.Duration
 }
 
 func defaultStateDir() string {
@@ -74,6 +77,10 @@ func parseOptions(args []string, getenv func(string) string, readFile func(strin
 	fs.StringVar(&o.logFormat, "log-format", "auto", "text (tint, default on a terminal) or json")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&o.tokenSecret, "token-secret", "", "secret for access tokens (default: made and kept in the state dir)")
+	fs.StringVar(&o.routeTCPHost, "route-tcp-host", "127.0.0.1", "address the raw TCP route listeners of public sandboxes bind to (they carry no token check)")
+	fs.IntVar(&o.maxRoutesPerSandbox, "max-routes-per-sandbox", 16, "most routed ports per sandbox")
+	fs.IntVar(&o.maxProxyConnsPerSandbox, "max-proxy-conns-per-sandbox", 64, "most connections per sandbox at once through the proxy (and as many on its raw TCP routes)")
+	fs.DurationVar(&o.proxyIdleTimeout, "proxy-idle-timeout", 10*time.Minute, "close a proxied tunnel, WebSocket or raw TCP connection with no traffic for this long")
 	fs.IntVar(&o.maxSessions, "max-sandboxes", 64, "most sandboxes (active and warm) at once")
 	fs.IntVar(&o.maxVCPUs, "max-vcpus", 256, "most vCPUs handed out at once")
 	fs.IntVar(&o.maxMemoryMB, "max-memory-mb", 768<<10, "most guest memory handed out at once, MiB")
@@ -141,6 +148,9 @@ func parseOptions(args []string, getenv func(string) string, readFile func(strin
 	}
 	if err := o.readNATSPassword(getenv, readFile); err != nil {
 		errs = append(errs, err)
+	}
+	if o.maxRoutesPerSandbox < 1 || o.maxProxyConnsPerSandbox < 1 || o.proxyIdleTimeout <= 0 {
+		errs = append(errs, errors.New("--max-routes-per-sandbox, --max-proxy-conns-per-sandbox and --proxy-idle-timeout must be positive"))
 	}
 	return o, errors.Join(errs...)
 }
@@ -218,9 +228,15 @@ func (o options) workerConfig() worker.Config {
 		DNSUpstream:        o.dnsUpstream,
 		Domain:             o.domain,
 		TokenSecret:        o.tokenSecret,
+		RouteTCPHost:       o.routeTCPHost,
 		LogMaxAge:          o.logMaxAge,
 		MinFreeDiskBytes:   uint64(o.minFreeDiskMB) << 20,
 		KeepMachinesOnExit: o.keepMachines,
 		Limits:             backend.Limits{MaxSessions: o.maxSessions, MaxVCPUs: o.maxVCPUs, MaxMemoryMB: o.maxMemoryMB},
+		RouteLimits: worker.RouteLimits{
+			MaxRoutesPerSandbox: o.maxRoutesPerSandbox,
+			MaxConnsPerSandbox:  o.maxProxyConnsPerSandbox,
+			IdleTimeout:         o.proxyIdleTimeout,
+		},
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestOptionsPrecedence(t *testing.T) {
@@ -118,5 +119,28 @@ func TestOptionsExampleConfig(t *testing.T) {
 	}
 	if cfg := o.workerConfig(); cfg.NATSUser != "worker" || cfg.NATSPassword != "pw" || cfg.NATSTLSCA == "" {
 		t.Errorf("deploy/worker.example.json: %+v", cfg)
+	}
+}
+
+func TestRouteOptions(t *testing.T) {
+	none := func(string) string { return "" }
+	read := func(string) ([]byte, error) { return nil, os.ErrNotExist }
+	o, err := parseOptions(nil, none, read)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := o.workerConfig()
+	if cfg.RouteTCPHost != "127.0.0.1" || cfg.RouteLimits.MaxRoutesPerSandbox != 16 ||
+		cfg.RouteLimits.MaxConnsPerSandbox != 64 || cfg.RouteLimits.IdleTimeout != 10*time.Minute {
+		t.Errorf("defaults: host %q, limits %+v", cfg.RouteTCPHost, cfg.RouteLimits)
+	}
+	env := map[string]string{"FIRKIN_ROUTE_TCP_HOST": "0.0.0.0", "FIRKIN_PROXY_IDLE_TIMEOUT": "30s"}
+	o, err = parseOptions([]string{"--max-routes-per-sandbox", "4"}, func(k string) string { return env[k] }, read)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg = o.workerConfig()
+	if cfg.RouteTCPHost != "0.0.0.0" || cfg.RouteLimits.MaxRoutesPerSandbox != 4 || cfg.RouteLimits.IdleTimeout != 30*time.Second {
+		t.Errorf("from env and flags: host %q, limits %+v", cfg.RouteTCPHost, cfg.RouteLimits)
 	}
 }
