@@ -85,6 +85,17 @@ func startWorker(t *testing.T, opts ...envOption) *env {
 	return e
 }
 
+// clientConn opens another connection with the client identity.
+func (e *env) clientConn() *nats.Conn {
+	e.t.Helper()
+	nc, err := nats.Connect(e.w.NATSURL(), e.w.ClientOptions()...)
+	if err != nil {
+		e.t.Fatalf("connect as a client: %v", err)
+	}
+	e.t.Cleanup(nc.Close)
+	return nc
+}
+
 // workerConn connects with the worker's own identity (worker.nk), which may
 // write KV records and publish logs and events: for tests that play a
 // writer the client identity is not allowed to be, such as a forged record.

@@ -20,6 +20,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/firkin-dev/firkin-worker/embedded"
 	"github.com/firkin-dev/firkin-worker/internal/testenv"
 	"github.com/firkin-dev/firkin-worker/subjects"
 )
@@ -278,29 +279,40 @@ func connectVia(t *testing.T, proxyAddr, host, tok string) (net.Conn, *bufio.Rea
 // with the same id. It also hits the cap on routes per sandbox.
 func TestPrivateTraffic(t *testing.T) {
 	e := startWorker(t, waitTemplates())
-	// Every NATS message from here on, on a connection of its own, to find
-	// where tokens travel.
-	spy, err := nats.Connect(e.w.NATSURL())
-	if err != nil {
-		t.Fatal(err)
+	// Every NATS message from here on that either identity may see, on
+	// connections of their own, to find where tokens travel: requests, logs
+	// and events (the worker's view) and replies to clients (the client's).
+	msgs := make(chan *nats.Msg, 1<<16)
+	var spies []*nats.Subscription
+	for _, sp := range []struct {
+		nc   *nats.Conn
+		subj []string
+	}{
+		{e.workerConn(), []string{"firkin.>", embedded.WorkerInboxPrefix + ".>"}},
+		{e.clientConn(), []string{"_INBOX.>"}},
+	} {
+		for _, subj := range sp.subj {
+			sub, err := sp.nc.ChanSubscribe(subj, msgs)
+			if err != nil {
+				t.Fatal(err)
+			}
+			spies = append(spies, sub)
+		}
+		if err := sp.nc.Flush(); err != nil {
+			t.Fatal(err)
+		}
 	}
-	t.Cleanup(spy.Close)
-	all, err := spy.SubscribeSync(">")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := all.SetPendingLimits(-1, -1); err != nil {
-		t.Fatal(err)
-	}
-	if err := spy.Flush(); err != nil {
-		t.Fatal(err)
+	unsubscribe := func() {
+		for _, sub := range spies {
+			_ = sub.Unsubscribe()
+		}
 	}
 	const id = "private-sbx"
 	private := false
 	sb := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny", SandboxID: id, PublicTraffic: &private})
-	// The spy would answer for a sandbox that is gone (a subscriber to ">"
-	// is a responder): it stops before the cleanup kills sb.
-	t.Cleanup(func() { _ = all.Unsubscribe() })
+	// The spies would answer for a sandbox that is gone (a subscriber to
+	// "firkin.>" is a responder): they stop before the cleanup kills sb.
+	t.Cleanup(unsubscribe)
 	if sb.TrafficAccessToken == "" || sb.Generation == "" {
 		t.Fatalf("create reply carries no token or generation: %+v", sb)
 	}
@@ -419,16 +431,11 @@ func TestPrivateTraffic(t *testing.T) {
 	}
 
 	// Each token travelled in exactly one NATS message: its create reply.
-	if err := spy.Flush(); err != nil {
-		t.Fatal(err)
-	}
+	time.Sleep(500 * time.Millisecond) // the last messages in flight
+	unsubscribe()
 	counts := map[string][]string{}
-	for {
-		msg, err := all.NextMsg(500 * time.Millisecond)
-		if err != nil {
-			_ = all.Unsubscribe()
-			break
-		}
+	for len(msgs) > 0 {
+		msg := <-msgs
 		for _, tok := range []string{sb.TrafficAccessToken, sb2.TrafficAccessToken} {
 			if strings.Contains(string(msg.Data), tok) {
 				counts[tok] = append(counts[tok], msg.Subject)
