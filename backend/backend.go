@@ -317,7 +317,7 @@ func (b *Backend) SetTimeout(ctx context.Context, id string, req subjects.Timeou
 	rec := s.rec.WithoutTokens()
 	s.mu.Unlock()
 	b.armDeadline(s)
-	if err := b.cfg.Store.PutSession(ctx, rec); err != nil {
+	if err := b.putSession(ctx, rec); err != nil {
 		return rec, fmt.Errorf("store session %s: %w", id, err)
 	}
 	return rec, nil

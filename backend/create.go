@@ -206,7 +206,7 @@ func (b *Backend) Create(ctx context.Context, req subjects.CreateSandboxRequest)
 		rec.SnapshotID = p.snapshot.SnapshotID
 		rec.DiskParent, rec.DiskParentLocation = p.snapshot.SnapshotID, b.recordDir(*p.snapshot)
 	}
-	if err := b.cfg.Store.PutSession(ctx, rec); err != nil {
+	if err := b.putSession(ctx, rec); err != nil {
 		return fail(fmt.Errorf("create sandbox %s: store session: %w", p.id, err))
 	}
 	undo.push("delete session", func(ctx context.Context) error { return b.cfg.Store.DeleteSession(ctx, p.id) })

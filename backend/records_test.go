@@ -130,3 +130,34 @@ func TestMachineDir(t *testing.T) {
 		}
 	}
 }
+
+func TestSessionMAC(t *testing.T) {
+	b := testBackend("secret-one")
+	rec := subjects.Sandbox{SandboxID: "sb1", ClientID: "w1", Network: true, Generation: "g1",
+		Egress: &subjects.EgressPolicy{Deny: []string{"0.0.0.0/0"}}}
+	mac, err := sessionMAC(b.cfg.RecordKey, rec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	signed := rec
+	signed.MAC = mac
+	if err := b.verifySession(signed); err != nil {
+		t.Fatalf("signed session refused: %v", err)
+	}
+	for name, forge := range map[string]func(*subjects.Sandbox){
+		"unsigned":       func(s *subjects.Sandbox) { s.MAC = "" },
+		"wider egress":   func(s *subjects.Sandbox) { s.Egress = nil },
+		"other worker":   func(s *subjects.Sandbox) { s.ClientID = "w2" },
+		"other machine":  func(s *subjects.Sandbox) { s.Dir = "/etc" },
+		"mac of another": func(s *subjects.Sandbox) { s.SandboxID = "sb2" },
+	} {
+		f := signed
+		forge(&f)
+		if err := b.verifySession(f); !errors.Is(err, errdefs.ErrIntegrity) {
+			t.Errorf("%s: verify = %v, want an integrity error", name, err)
+		}
+	}
+	if err := testBackend("secret-two").verifySession(signed); err == nil {
+		t.Error("a session signed under another secret was accepted")
+	}
+}

@@ -27,7 +27,12 @@ func (b *Backend) recover(ctx context.Context) error {
 		if rec.ClientID != b.cfg.WorkerID {
 			continue
 		}
-		dir, err := b.machineDir(rec)
+		err := b.verifySession(rec)
+		rec.MAC = ""
+		var dir string
+		if err == nil {
+			dir, err = b.machineDir(rec)
+		}
 		if err == nil && kept[dir] {
 			err = errors.New("its machine directory belongs to another sandbox")
 		}
@@ -42,16 +47,6 @@ func (b *Backend) recover(ctx context.Context) error {
 			continue
 		}
 		rec.Dir = dir
-		if rec.TrafficAccessToken != "" {
-			// A record written before tokens left the store: drop the token.
-			rec = rec.WithoutTokens()
-			if err := b.cfg.Store.PutSession(ctx, rec); err != nil {
-				b.log.Warn("rewrite recovered session without its token", "sandbox", rec.SandboxID, "err", err)
-			}
-		}
-		if rec.Generation == "" && !rec.PublicTraffic {
-			b.log.Warn("recovered private sandbox has no generation: no traffic token opens it", "sandbox", rec.SandboxID)
-		}
 		if _, err := b.admission.Admit(rec.SandboxID, vmpool.Resources{VCPUs: rec.Resources.VCPUs, MemoryMB: rec.Resources.MemoryMB}); err != nil {
 			b.log.Warn("recovered sandbox over capacity", "sandbox", rec.SandboxID, "err", err)
 		}

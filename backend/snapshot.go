@@ -94,7 +94,7 @@ func (b *Backend) Snapshot(ctx context.Context, id string, req subjects.Snapshot
 		s.rec.DiskParent, s.rec.DiskParentLocation = sid, b.recordDir(rec)
 		updated := s.rec
 		s.mu.Unlock()
-		if err := b.cfg.Store.PutSession(ctx, updated); err != nil {
+		if err := b.putSession(ctx, updated); err != nil {
 			b.log.Warn("update session after snapshot", "sandbox", id, "err", err)
 		}
 	}

@@ -76,7 +76,7 @@ type Sandbox struct {
 	Network            bool              `json:"network"`
 	// Egress is the sandbox's network policy as the create asked for it.
 	Egress *EgressPolicy `json:"egress,omitempty"`
-	Driver             string            `json:"driver,omitempty"`
+	Driver string        `json:"driver,omitempty"`
 	// Dir is the sandbox's machine directory on its worker, for people to
 	// read: the worker derives it from its state directory and the sandbox
 	// id and never takes it from a record.
@@ -87,6 +87,10 @@ type Sandbox struct {
 	// DiskParentLocation is where that snapshot's files are on the owner,
 	// for people to read (never used as a path).
 	DiskParentLocation string `json:"disk_parent_location,omitempty"`
+	// MAC authenticates the stored record (HMAC-SHA256 under a key derived
+	// from the worker secret): a restarted worker believes only signed
+	// session records.
+	MAC string `json:"mac,omitempty"`
 }
 
 // WithoutTokens returns s with its access token cleared. Only the create
