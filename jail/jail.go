@@ -80,6 +80,35 @@ type Bind struct {
 // need.
 var SystemPaths = []string{"/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin", "/etc/ld.so.cache"}
 
+// ResolvConf is the host's resolver configuration, which every jail gets
+// read-only at the same path (see buildRoot): QEMU's user-mode network
+// (slirp) reads it to learn where the guest's DNS server (10.0.2.3) goes,
+// and drops the guest's DNS without one. Which nameserver it names matters
+// little where the worker's network guard runs: that redirects every DNS
+// packet of the machines' uids to its own proxy. A symbolic link (as to
+// systemd-resolved's stub file) is followed on the host and its target
+// bound, since the link would dangle in the jail.
+const ResolvConf = "/etc/resolv.conf"
+
+// FallbackNameserver is the nameserver of the ResolvConf a jail gets when
+// the host has none (or its link dangles): 127.0.0.1, the resolver the C
+// library (and the network guard's proxy) assume without one.
+const FallbackNameserver = "127.0.0.1"
+
+// resolvedFile returns the regular file p is or links to, and false when
+// there is none.
+func resolvedFile(p string) (string, bool) {
+	src, err := filepath.EvalSymlinks(p)
+	if err != nil {
+		return "", false
+	}
+	st, err := os.Stat(src)
+	if err != nil || !st.Mode().IsRegular() {
+		return "", false
+	}
+	return src, true
+}
+
 // Devices are the device nodes bound into the jail when they exist.
 var Devices = []string{"/dev/null", "/dev/zero", "/dev/urandom", "/dev/random", "/dev/kvm"}
 

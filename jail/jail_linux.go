@@ -168,6 +168,9 @@ func buildRoot(s *Spec) error {
 			return err
 		}
 	}
+	if err := resolvConf(s.Root); err != nil {
+		return err
+	}
 	// A procfs of its own: only the pid directories (subset=pid) of its
 	// own uid (hidepid=invisible), so QEMU finds /proc/self and nothing else.
 	if err := os.Mkdir(filepath.Join(s.Root, "proc"), 0o555); err != nil {
@@ -193,6 +196,29 @@ func buildRoot(s *Spec) error {
 		}
 	}
 	return nil
+}
+
+// resolvConf puts the host's ResolvConf at the same path in root: the file
+// it resolves to (a link like /etc/resolv.conf ->
+// /run/systemd/resolve/stub-resolv.conf would dangle in the jail) bound
+// read-only, or, when the host has none, a file naming FallbackNameserver.
+func resolvConf(root string) error {
+	dst := filepath.Join(root, ResolvConf)
+	if err := mkParents(root, ResolvConf); err != nil {
+		return err
+	}
+	src, ok := resolvedFile(ResolvConf)
+	if !ok {
+		return step("write "+ResolvConf, os.WriteFile(dst, []byte("nameserver "+FallbackNameserver+"\n"), 0o644))
+	}
+	if err := step("bind "+ResolvConf, os.WriteFile(dst, nil, 0o644)); err != nil {
+		return err
+	}
+	if err := unix.Mount(src, dst, "", unix.MS_BIND, ""); err != nil {
+		return step("bind "+ResolvConf, err)
+	}
+	flags := uintptr(unix.MS_REMOUNT | unix.MS_BIND | unix.MS_RDONLY | unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC)
+	return step("remount "+ResolvConf, unix.Mount("", dst, "", flags, ""))
 }
 
 // mkParents makes the parent directories of p inside root.

@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/firkin-dev/firkin-worker/errdefs"
 )
 
 func TestMain(m *testing.M) {
@@ -133,6 +135,90 @@ func TestAcquireRangeAcrossProcesses(t *testing.T) {
 	}
 }
 
+// A range nobody holds the lock of but whose uids a process still runs as
+// (a machine of a worker killed with --keep-machines) is skipped, unless it
+// is the caller's preferred one.
+func TestAcquireRangeSkipsRangeInUse(t *testing.T) {
+	requireRoot(t)
+	const n = 250 // far above what parallel tests take in the shared lock dir
+	for _, i := range []int{n, n + 1} {
+		if rangesInUse("/proc")[i] {
+			t.Skipf("range %d already has processes on this host", i)
+		}
+	}
+	// An orphan of range n: a process as one of its uids (saved and file
+	// system ones included).
+	orphan := exec.Command("/bin/sleep", "60")
+	orphan.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: RangeAt(n).First + 5, Gid: RangeAt(n).GID()}}
+	if err := orphan.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { orphan.Process.Kill(); orphan.Wait() })
+	if !rangesInUse("/proc")[n] {
+		t.Fatalf("rangesInUse misses range %d of pid %d", n, orphan.Process.Pid)
+	}
+
+	// A lock dir of this test's own, where every range but n and n+1 is
+	// held (flocks on other open files of this process conflict too).
+	dir := t.TempDir()
+	for i := 0; i < RangeCount; i++ {
+		if i == n || i == n+1 {
+			continue
+		}
+		f, err := os.OpenFile(filepath.Join(dir, strconv.Itoa(i)+".lock"), os.O_RDWR|os.O_CREATE, 0o600)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { f.Close() })
+		if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r, release, err := AcquireRange(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Index != n+1 {
+		t.Fatalf("got range %d, want %d: range %d has a process as uid %d", r.Index, n+1, n, RangeAt(n).First+5)
+	}
+	// With n+1 held too, nothing is left: n is not handed out.
+	if r2, _, err := AcquireRange(dir); !errors.Is(err, errdefs.ErrCapacity) {
+		t.Fatalf("AcquireRange = %d, %v; want ErrCapacity (range %d is in use)", r2.Index, err, n)
+	}
+	release()
+	// The worker whose state recorded n (its own orphans) takes it back.
+	r, release, err = AcquireRange(dir, n)
+	if err != nil || r.Index != n {
+		t.Fatalf("AcquireRange(prefer %d) = %d, %v; want the preferred range", n, r.Index, err)
+	}
+	release()
+	// Once the orphan is gone, n is free for anyone again.
+	orphan.Process.Kill()
+	orphan.Wait()
+	r, release, err = AcquireRange(dir)
+	if err != nil || r.Index != n {
+		t.Fatalf("AcquireRange = %d, %v; want %d once its process is gone", r.Index, err, n)
+	}
+	release()
+}
+
+func TestStatusIDs(t *testing.T) {
+	status := "Name:\tqemu\nUmask:\t0022\nPid:\t2000000007\nUid:\t0\t0\t2000065541\t0\nGid:\t1\t2\t3\t4\nGroups:\t2000000000\n"
+	got := statusIDs([]byte(status))
+	want := []uint32{0, 0, 2000065541, 0, 1, 2, 3, 4}
+	if !slices.Equal(got, want) {
+		t.Fatalf("statusIDs = %v, want %v (Uid and Gid lines only)", got, want)
+	}
+	dir := t.TempDir()
+	os.MkdirAll(filepath.Join(dir, "42"), 0o755)
+	os.MkdirAll(filepath.Join(dir, "self"), 0o755)
+	os.WriteFile(filepath.Join(dir, "42", "status"), []byte(status), 0o644)
+	os.WriteFile(filepath.Join(dir, "self", "status"), []byte("Uid:\t2000000001\t0\t0\t0\n"), 0o644)
+	if busy := rangesInUse(dir); len(busy) != 1 || !busy[1] {
+		t.Fatalf("rangesInUse = %v, want range 1 only (a saved uid; pid directories only)", busy)
+	}
+}
+
 func TestAllocatorRoundRobin(t *testing.T) {
 	r := Range{Index: 0, First: RangeBase, Count: 5} // uids First+1..First+4
 	a := NewAllocator(r)
@@ -238,6 +324,48 @@ func TestJailRunsConfined(t *testing.T) {
 	}
 	if st, err := os.Stat(filepath.Join(work, "out")); err != nil || st.Sys().(*syscall.Stat_t).Uid != uid {
 		t.Errorf("a file the jailed program made is not owned by its uid (%v)", err)
+	}
+}
+
+// A jail has the host's resolver configuration (slirp needs a nameserver).
+func TestJailResolvConf(t *testing.T) {
+	requireRoot(t)
+	want := "nameserver " + FallbackNameserver + "\n"
+	if src, ok := resolvedFile(ResolvConf); ok {
+		b, err := os.ReadFile(src)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want = string(b)
+	}
+	cmd, err := Command(Spec{Path: "/bin/sh", Args: []string{"sh", "-c", "cat /etc/resolv.conf; echo x >> /etc/resolv.conf 2>/dev/null && echo WRITABLE; true"},
+		Dir: "/", Root: t.TempDir(), UID: RangeBase + 1, GID: RangeBase, DieWithParent: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &stderr
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("jail: %v: %s", err, stderr.String())
+	}
+	if out.String() != want {
+		t.Fatalf("the jail's /etc/resolv.conf is %q, want %q", out.String(), want)
+	}
+
+	// A link (systemd-resolved's stub) resolves to its target; a dangling
+	// one or a directory to none.
+	dir := t.TempDir()
+	target := filepath.Join(dir, "stub-resolv.conf")
+	os.WriteFile(target, []byte("nameserver 127.0.0.53\n"), 0o644)
+	os.Symlink(target, filepath.Join(dir, "link"))
+	os.Symlink(filepath.Join(dir, "missing"), filepath.Join(dir, "dangling"))
+	if src, ok := resolvedFile(filepath.Join(dir, "link")); !ok || src != target {
+		t.Errorf("resolvedFile(link) = %q, %v; want %q", src, ok, target)
+	}
+	for _, p := range []string{filepath.Join(dir, "dangling"), dir} {
+		if src, ok := resolvedFile(p); ok {
+			t.Errorf("resolvedFile(%s) = %q, want none", p, src)
+		}
 	}
 }
 

@@ -5,6 +5,9 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 
@@ -54,7 +57,18 @@ func InAnyRange(id uint32) bool {
 // <lockDir>/<n>.lock, held until release is called or the process exits,
 // so concurrent workers (and parallel test processes) never share ids.
 // prefer, when given and free, is tried first: a restarted worker takes
-// back the range its running machines use.
+// back the range its running machines use (values outside
+// 0..RangeCount-1 are ignored).
+//
+// A lock only lasts as long as its holder: a worker killed with its
+// machines kept running leaves QEMUs with uids of a range nobody holds.
+// So a range other than a preferred one is skipped while any process runs
+// with a uid or gid of it (real, effective, saved or file system one, from
+// /proc/<pid>/status): its next holder would hand the same uids to its own
+// machines, which could then read the orphans' memory. A preferred range
+// (the one recorded in the caller's own state, whose orphans are its own
+// machines) is taken even then. When /proc cannot be read that check is
+// skipped.
 func AcquireRange(lockDir string, prefer ...int) (r Range, release func() error, err error) {
 	if lockDir == "" {
 		lockDir = DefaultLockDir
@@ -71,6 +85,8 @@ func AcquireRange(lockDir string, prefer ...int) (r Range, release func() error,
 	for n := 0; n < RangeCount; n++ {
 		order = append(order, n)
 	}
+	var busy map[int]bool // ranges with processes, read once a lock is held
+	var skipped []int
 	for _, n := range order {
 		f, err := os.OpenFile(filepath.Join(lockDir, fmt.Sprintf("%d.lock", n)), os.O_RDWR|os.O_CREATE, 0o600)
 		if err != nil {
@@ -83,6 +99,20 @@ func AcquireRange(lockDir string, prefer ...int) (r Range, release func() error,
 			}
 			return Range{}, nil, fmt.Errorf("jail: uid range lock %d: %w", n, err)
 		}
+		if !slices.Contains(prefer, n) {
+			// Read after a lock is held: from then on only orphans (or
+			// this caller) run as the range's uids.
+			if busy == nil {
+				busy = rangesInUse("/proc")
+			}
+			if busy[n] {
+				f.Close()
+				if !slices.Contains(skipped, n) {
+					skipped = append(skipped, n)
+				}
+				continue
+			}
+		}
 		var once sync.Once
 		var rerr error
 		release = func() error {
@@ -91,7 +121,50 @@ func AcquireRange(lockDir string, prefer ...int) (r Range, release func() error,
 		}
 		return RangeAt(n), release, nil
 	}
-	return Range{}, nil, errdefs.Wrap(errdefs.ErrCapacity, fmt.Errorf("jail: all %d uid ranges in %s are taken", RangeCount, lockDir))
+	return Range{}, nil, errdefs.Wrap(errdefs.ErrCapacity, fmt.Errorf("jail: all %d uid ranges in %s are taken (%d of them unlocked but with processes still running as their uids: %v)", RangeCount, lockDir, len(skipped), skipped))
+}
+
+// rangesInUse returns the ranges that a process under procDir runs in
+// (with a uid or gid of it). It is empty when procDir cannot be read.
+func rangesInUse(procDir string) map[int]bool {
+	busy := map[int]bool{}
+	ents, err := os.ReadDir(procDir)
+	if err != nil {
+		return busy
+	}
+	for _, e := range ents {
+		if _, err := strconv.Atoi(e.Name()); err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(procDir, e.Name(), "status"))
+		if err != nil {
+			continue // gone meanwhile
+		}
+		for _, id := range statusIDs(b) {
+			if InAnyRange(id) {
+				busy[int((id-RangeBase)/RangeSize)] = true
+			}
+		}
+	}
+	return busy
+}
+
+// statusIDs returns the ids on the Uid and Gid lines of a
+// /proc/<pid>/status (real, effective, saved and file system ones).
+func statusIDs(status []byte) []uint32 {
+	var ids []uint32
+	for _, line := range strings.Split(string(status), "\n") {
+		name, rest, ok := strings.Cut(line, ":")
+		if !ok || name != "Uid" && name != "Gid" {
+			continue
+		}
+		for _, f := range strings.Fields(rest) {
+			if v, err := strconv.ParseUint(f, 10, 32); err == nil {
+				ids = append(ids, uint32(v))
+			}
+		}
+	}
+	return ids
 }
 
 // Allocator hands out the uids of a range round-robin: it goes on from the

@@ -82,10 +82,15 @@ func (d *Driver) setupConfinement() {
 		d.log.Warn("confinement: the host does not allow the jail; QEMU runs as root with no cgroup limits and no mount namespace", "err", err)
 		return
 	}
+	// The recorded range is preferred even while processes run as its
+	// uids (this worker's own machines); any other such range is skipped
+	// (see jail.AcquireRange).
 	var prefer []int
 	if b, err := os.ReadFile(filepath.Join(d.cfg.StateDir, rangeFile)); err == nil {
-		if n, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
+		if n, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && n >= 0 && n < jail.RangeCount {
 			prefer = append(prefer, n)
+		} else {
+			d.log.Warn("confinement: the recorded uid range is not one; taking a free one", "file", filepath.Join(d.cfg.StateDir, rangeFile), "content", strings.TrimSpace(string(b)))
 		}
 	}
 	rng, release, err := jail.AcquireRange(d.cfg.UIDLockDir, prefer...)

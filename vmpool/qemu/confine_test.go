@@ -129,6 +129,10 @@ func TestConfinedMachine(t *testing.T) {
 	if _, err := os.Stat(fmt.Sprintf("/proc/%d/root/etc/passwd", m.PID())); err == nil {
 		t.Error("QEMU's root has /etc/passwd")
 	}
+	// slirp needs a nameserver to forward the guest's DNS to.
+	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/root/etc/resolv.conf", m.PID())); err != nil || !strings.Contains(string(b), "nameserver") {
+		t.Errorf("QEMU's root has no /etc/resolv.conf with a nameserver: %q, %v", b, err)
+	}
 	t.Logf("QEMU's root: %v; memory after boot: %s", root, memory(t, m.PID()))
 
 	// The cgroup: limits and membership.
