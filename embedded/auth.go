@@ -31,23 +31,40 @@ type Access struct {
 // aim a forged answer at a reply subject it has seen.
 const WorkerInboxPrefix = "_FIRKIN_WORKER_INBOX"
 
-// WorkerPermissions are the worker's: it serves <prefix>.> and the micro
-// discovery subjects $SRV.>, publishes logs, events and replies, sets up
-// and writes its streams and KV buckets, and acks its own consumers.
+// WorkerPermissions are those of the worker's store connection: it sets up
+// and writes its streams and KV buckets, publishes logs, events and
+// results, and acks its own consumers; replies come to it on
+// WorkerInboxPrefix. It serves nothing: requests are the service
+// connection's (ServicePermissions), so no request can make the store
+// connection publish anywhere.
 func (a Access) WorkerPermissions() *server.Permissions {
 	return &server.Permissions{
 		Publish: &server.SubjectPermission{Allow: []string{
-			a.Prefix + ".>", // logs, lifecycle events, and requests between workers
-			"_INBOX.>",      // replies to clients
-			"$JS.API.>",     // streams, buckets, consumers
-			"$KV.>",         // KV records
-			"$JS.ACK.>",     // acks of its own consumers
-			"$JS.FC.>",      // flow-control replies of KV watchers
+			a.Prefix + ".logs.>",    // log events
+			a.Prefix + ".events.>",  // lifecycle events
+			a.Prefix + ".results.>", // job results
+			"$JS.API.>",             // streams, buckets, consumers
+			"$KV.>",                 // KV records
+			"$JS.ACK.>",             // acks of its own consumers
+			"$JS.FC.>",              // flow-control replies of KV watchers
 		}},
+		Subscribe: &server.SubjectPermission{Allow: []string{
+			WorkerInboxPrefix + ".>",
+		}},
+	}
+}
+
+// ServicePermissions are those of the worker's service connection: it
+// serves <prefix>.> and the micro discovery subjects $SRV.>, and publishes
+// nothing but replies into clients' inboxes (_INBOX.>). A request whose
+// reply subject names a stream, a KV bucket or an event subject therefore
+// cannot make the worker write there.
+func (a Access) ServicePermissions() *server.Permissions {
+	return &server.Permissions{
+		Publish: &server.SubjectPermission{Allow: []string{"_INBOX.>"}},
 		Subscribe: &server.SubjectPermission{Allow: []string{
 			a.Prefix + ".>",
 			"$SRV.>",
-			WorkerInboxPrefix + ".>",
 		}},
 	}
 }
@@ -97,10 +114,12 @@ func (a Access) ClientPermissions() *server.Permissions {
 	}
 }
 
-// Users returns the server's two nkey users: the worker and its clients.
-func (a Access) Users(workerKey, clientKey string) []*server.NkeyUser {
+// Users returns the server's three nkey users: the worker's store and
+// service connections, and its clients.
+func (a Access) Users(workerKey, serviceKey, clientKey string) []*server.NkeyUser {
 	return []*server.NkeyUser{
 		{Nkey: workerKey, Permissions: a.WorkerPermissions()},
+		{Nkey: serviceKey, Permissions: a.ServicePermissions()},
 		{Nkey: clientKey, Permissions: a.ClientPermissions()},
 	}
 }

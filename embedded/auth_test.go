@@ -26,7 +26,8 @@ import (
 type authEnv struct {
 	url        string
 	dir        string
-	worker     *nats.Conn
+	worker     *nats.Conn // the store connection's identity
+	service    *nats.Conn // the service connection's identity
 	store      *jetstream.Store
 	client     *nats.Conn
 	violations chan error // the client's asynchronous permission errors
@@ -43,10 +44,15 @@ func startAuth(t *testing.T) *authEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
+	sk, err := embedded.LoadOrCreateSeed(filepath.Join(dir, "service.nk"))
+	if err != nil {
+		t.Fatal(err)
+	}
 	wpub, _ := wk.PublicKey()
+	spub, _ := sk.PublicKey()
 	cpub, _ := ck.PublicKey()
 	access := embedded.Access{Prefix: "firkin", ReadStreams: jetstream.ReadableStreams()}
-	srv, err := embedded.Start(embedded.Config{Listen: "127.0.0.1:-1", StoreDir: filepath.Join(dir, "nats"), Users: access.Users(wpub, cpub)})
+	srv, err := embedded.Start(embedded.Config{Listen: "127.0.0.1:-1", StoreDir: filepath.Join(dir, "nats"), Users: access.Users(wpub, spub, cpub)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -57,6 +63,11 @@ func startAuth(t *testing.T) *authEnv {
 		t.Fatalf("worker identity refused: %v", err)
 	}
 	t.Cleanup(e.worker.Close)
+	e.service, err = nats.Connect(e.url, nats.Nkey(spub, sk.Sign))
+	if err != nil {
+		t.Fatalf("service identity refused: %v", err)
+	}
+	t.Cleanup(e.service.Close)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if e.store, err = jetstream.Open(ctx, e.worker, jetstream.Config{Subjects: subjects.Default}); err != nil {
@@ -130,7 +141,7 @@ func TestAuthRefusesAnonymousAndStrangers(t *testing.T) {
 // with the client identity.
 func TestClientMayUseTheAPIAndReadState(t *testing.T) {
 	e := startAuth(t)
-	svc, err := micro.AddService(e.worker, micro.Config{Name: "firkin-worker", Version: "0.1.0"})
+	svc, err := micro.AddService(e.service, micro.Config{Name: "firkin-worker", Version: "0.1.0"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -390,8 +401,54 @@ func TestStartNeedsUsersOrAnonymous(t *testing.T) {
 	}
 	kp, _ := nkeys.CreateUser()
 	pub, _ := kp.PublicKey()
-	users := embedded.Access{Prefix: "firkin"}.Users(pub, pub)
+	users := embedded.Access{Prefix: "firkin"}.Users(pub, pub, pub)
 	if _, err := embedded.Start(embedded.Config{Listen: "127.0.0.1:-1", StoreDir: t.TempDir(), Users: users, Anonymous: true}); err == nil {
 		t.Error("Users with Anonymous started")
+	}
+}
+
+// TestRepliesCannotWriteState: a client that names a stream, KV or event
+// subject as the reply of a request gets nothing written there: the service
+// connection may publish only into _INBOX.>, and micro's own discovery
+// endpoints answer through it too.
+func TestRepliesCannotWriteState(t *testing.T) {
+	e := startAuth(t)
+	svc, err := micro.AddService(e.service, micro.Config{Name: "firkin-worker", Version: "0.1.0"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = svc.Stop() })
+	if err := svc.AddEndpoint("status", micro.HandlerFunc(func(r micro.Request) { _ = r.Respond([]byte(`{"forged":true}`)) }),
+		micro.WithEndpointSubject("firkin.pool.status")); err != nil {
+		t.Fatal(err)
+	}
+	ctx := ctxT(t, 20*time.Second)
+	if err := e.store.CreateSnapshot(ctx, subjects.SnapshotRecord{SnapshotID: "snap1", Kind: subjects.KindTemplate}); err != nil {
+		t.Fatal(err)
+	}
+	events, err := e.client.SubscribeSync("firkin.events.>")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, req := range []struct{ subject, reply string }{
+		{"firkin.pool.status", "$KV.firkin_snapshots.snap1"},
+		{"firkin.pool.status", "firkin.events.killed.sb1"},
+		{"$SRV.PING", "$KV.firkin_snapshots.snap1"},
+		{"$SRV.INFO.firkin-worker", "$JS.API.STREAM.PURGE.FIRKIN_LOGS"},
+	} {
+		if err := e.client.PublishRequest(req.subject, req.reply, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := e.client.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond) // the service's replies, if any
+	rec, err := e.store.GetSnapshot(ctx, "snap1")
+	if err != nil || rec.SnapshotID != "snap1" || rec.Kind != subjects.KindTemplate {
+		t.Errorf("a reply overwrote the KV record: %+v, %v", rec, err)
+	}
+	if m, err := events.NextMsg(200 * time.Millisecond); err == nil {
+		t.Errorf("a reply was published as an event: %s %q", m.Subject, m.Data)
 	}
 }

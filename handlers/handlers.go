@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -230,6 +231,10 @@ func (s *Service) Stop(ctx context.Context) error {
 // MaxInFlight, and replies with its result.
 func (s *Service) async(handle func(context.Context, micro.Request) (any, error)) micro.HandlerFunc {
 	return func(req micro.Request) {
+		if s.foreignReply(req.Reply()) {
+			s.log.Warn("request ignored: its reply subject is not an inbox", "subject", req.Subject(), "reply", req.Reply())
+			return
+		}
 		select {
 		case s.sem <- struct{}{}:
 		default:
@@ -249,6 +254,16 @@ func (s *Service) async(handle func(context.Context, micro.Request) (any, error)
 			s.reply(req, v, err)
 		}()
 	}
+}
+
+// foreignReply reports whether a request's reply subject names something
+// other than a requester's inbox: a stream or KV subject ($JS, $KV, any $),
+// the worker's own subjects (logs, events, other requests) or the worker's
+// inbox. Answering there would make the worker write what the requester may
+// not (on the embedded server the service connection's permissions forbid it
+// as well; this holds on any server). Such requests are not answered.
+func (s *Service) foreignReply(reply string) bool {
+	return reply != "" && (strings.HasPrefix(reply, "$") || strings.HasPrefix(reply, s.subj.Prefix+".") || strings.HasPrefix(reply, "_FIRKIN_"))
 }
 
 // reply sends v, or err as an error reply: the one error path of every

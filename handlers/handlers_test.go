@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -184,5 +185,42 @@ func TestEndpointsAndErrors(t *testing.T) {
 	}
 	if len(want) != 0 {
 		t.Errorf("runtime never saw %v (calls %v)", want, rt.calls)
+	}
+}
+
+// TestForeignReplyIgnored: a request whose reply subject names a stream,
+// KV, event or worker subject gets no answer there, on any server (this one
+// lets everybody publish anything).
+func TestForeignReplyIgnored(t *testing.T) {
+	svc, rt, _, nc := startService(t)
+	svc.Own("sb1")
+	spy, err := nc.SubscribeSync(">")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, reply := range []string{"$KV.firkin_snapshots.tiny", "$JS.API.STREAM.PURGE.FIRKIN_LOGS", "firkin.events.killed.sb1", "_FIRKIN_WORKER_INBOX.x"} {
+		for _, subject := range []string{"firkin.sandbox.create", "firkin.sandbox.sb1.exec"} {
+			if err := nc.PublishRequest(subject, reply, []byte(`{"template_id":"tiny","command":"x"}`)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(500 * time.Millisecond)
+	for time.Now().Before(deadline) {
+		m, err := spy.NextMsg(100 * time.Millisecond)
+		if err != nil {
+			continue
+		}
+		if !strings.HasPrefix(m.Subject, "firkin.sandbox.") {
+			t.Errorf("the service answered on %s: %q", m.Subject, m.Data)
+		}
+	}
+	rt.mu.Lock()
+	defer rt.mu.Unlock()
+	if len(rt.calls) != 0 {
+		t.Errorf("the runtime ran %v for requests with foreign replies", rt.calls)
 	}
 }

@@ -110,6 +110,19 @@ func (e *env) workerConn() *nats.Conn {
 	return nc
 }
 
+// serviceConn connects with the worker's service identity (service.nk),
+// which may subscribe to every request and discovery subject but publish
+// nothing but replies into _INBOX.>.
+func (e *env) serviceConn() *nats.Conn {
+	e.t.Helper()
+	nc, err := nats.Connect(e.w.NATSURL(), client.NkeyFile(filepath.Join(e.state, worker.ServiceSeedFile)))
+	if err != nil {
+		e.t.Fatalf("connect as the worker's service: %v", err)
+	}
+	e.t.Cleanup(nc.Close)
+	return nc
+}
+
 func (e *env) ctx(d time.Duration) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), d)
 	e.t.Cleanup(cancel)

@@ -17,9 +17,10 @@ import (
 
 // NATS authentication modes of the embedded server (Config.NATSAuth).
 const (
-	// NATSAuthNkey admits two nkey users kept in the state directory: the
-	// worker (WorkerSeedFile) and its clients (ClientSeedFile), each with
-	// the least permissions it needs (embedded.Access).
+	// NATSAuthNkey admits three nkey users kept in the state directory: the
+	// worker's store connection (WorkerSeedFile), its service connection
+	// (ServiceSeedFile) and its clients (ClientSeedFile), each with the
+	// least permissions it needs (embedded.Access).
 	NATSAuthNkey = "nkey"
 	// NATSAuthNone admits anonymous clients with every permission: loopback
 	// development only.
@@ -28,8 +29,9 @@ const (
 
 // Seed files of the embedded server's users, in the state directory.
 const (
-	WorkerSeedFile = "worker.nk"
-	ClientSeedFile = "client.nk"
+	WorkerSeedFile  = "worker.nk"
+	ServiceSeedFile = "service.nk"
+	ClientSeedFile  = "client.nk"
 )
 
 // ClientNkeyFile is the seed file clients authenticate with against the
@@ -48,53 +50,54 @@ func (w *Worker) ClientOptions() []nats.Option {
 }
 
 // startEmbedded starts the embedded server with the configured
-// authentication and returns the options of the worker's own connection.
-func (w *Worker) startEmbedded(subj subjects.Subjects) ([]nats.Option, error) {
+// authentication and returns the options of the worker's store and service
+// connections.
+func (w *Worker) startEmbedded(subj subjects.Subjects) (store, service []nats.Option, err error) {
 	cfg := embedded.Config{
 		Listen:   w.cfg.NATSListen,
 		StoreDir: filepath.Join(w.cfg.StateDir, "nats"),
 		Logger:   w.log,
 	}
-	var opts []nats.Option
 	switch w.cfg.NATSAuth {
 	case NATSAuthNone:
 		w.log.Warn("embedded NATS admits anonymous clients with every permission (--nats-auth=none): whoever reaches "+
 			w.cfg.NATSListen+" controls every sandbox; use this for loopback development only", "nats_listen", w.cfg.NATSListen)
 		cfg.Anonymous = true
 	default:
-		workerKey, err := embedded.LoadOrCreateSeed(filepath.Join(w.cfg.StateDir, WorkerSeedFile))
-		if err != nil {
-			return nil, err
-		}
-		clientPath := filepath.Join(w.cfg.StateDir, ClientSeedFile)
-		clientKey, err := embedded.LoadOrCreateSeed(clientPath)
-		if err != nil {
-			return nil, err
-		}
-		workerPub, err := workerKey.PublicKey()
-		if err != nil {
-			return nil, err
-		}
-		clientPub, err := clientKey.PublicKey()
-		if err != nil {
-			return nil, err
-		}
-		clientKey.Wipe()
-		if workerPub == clientPub {
-			return nil, errdefs.Wrap(errdefs.ErrInvalidArgument,
-				fmt.Errorf("%s and %s hold the same nkey: the worker and its clients need different identities (remove %s to have a new one made)", WorkerSeedFile, ClientSeedFile, clientPath))
+		var pubs [3]string
+		for i, name := range []string{WorkerSeedFile, ServiceSeedFile, ClientSeedFile} {
+			kp, err := embedded.LoadOrCreateSeed(filepath.Join(w.cfg.StateDir, name))
+			if err != nil {
+				return nil, nil, err
+			}
+			if pubs[i], err = kp.PublicKey(); err != nil {
+				return nil, nil, err
+			}
+			for j := range i {
+				if pubs[j] == pubs[i] {
+					return nil, nil, errdefs.Wrap(errdefs.ErrInvalidArgument,
+						fmt.Errorf("%s and %s hold the same nkey: each needs an identity of its own (remove %s to have a new one made)", []string{WorkerSeedFile, ServiceSeedFile}[j], name, name))
+				}
+			}
+			switch name {
+			case WorkerSeedFile:
+				store = append(store, nats.Nkey(pubs[i], kp.Sign))
+			case ServiceSeedFile:
+				service = append(service, nats.Nkey(pubs[i], kp.Sign))
+			default:
+				kp.Wipe()
+			}
 		}
 		access := embedded.Access{Prefix: subj.Prefix, ReadStreams: jetstream.ReadableStreams()}
-		cfg.Users = access.Users(workerPub, clientPub)
-		opts = append(opts, nats.Nkey(workerPub, workerKey.Sign))
-		w.clientSeed = clientPath
+		cfg.Users = access.Users(pubs[0], pubs[1], pubs[2])
+		w.clientSeed = filepath.Join(w.cfg.StateDir, ClientSeedFile)
 	}
 	srv, err := embedded.Start(cfg)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	w.srv = srv
-	return opts, nil
+	return store, service, nil
 }
 
 // externalOptions are the credentials and TLS options for an external

@@ -279,16 +279,18 @@ func connectVia(t *testing.T, proxyAddr, host, tok string) (net.Conn, *bufio.Rea
 // with the same id. It also hits the cap on routes per sandbox.
 func TestPrivateTraffic(t *testing.T) {
 	e := startWorker(t, waitTemplates())
-	// Every NATS message from here on that either identity may see, on
+	// Every NATS message from here on that some identity may see, on
 	// connections of their own, to find where tokens travel: requests, logs
-	// and events (the worker's view) and replies to clients (the client's).
+	// and events (the worker service's view), the worker's own replies, and
+	// replies to clients (the client's).
 	msgs := make(chan *nats.Msg, 1<<16)
 	var spies []*nats.Subscription
 	for _, sp := range []struct {
 		nc   *nats.Conn
 		subj []string
 	}{
-		{e.workerConn(), []string{"firkin.>", embedded.WorkerInboxPrefix + ".>"}},
+		{e.serviceConn(), []string{"firkin.>"}},
+		{e.workerConn(), []string{embedded.WorkerInboxPrefix + ".>"}},
 		{e.clientConn(), []string{"_INBOX.>"}},
 	} {
 		for _, subj := range sp.subj {

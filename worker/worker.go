@@ -88,7 +88,8 @@ type Worker struct {
 	log     *slog.Logger
 	id      string
 	srv     *embedded.Server
-	nc      *nats.Conn
+	nc      *nats.Conn // the service connection: serves requests, publishes only replies
+	storeNC *nats.Conn // the store connection: streams, KV, logs and events
 	backend *backend.Backend
 	svc     *handlers.Service
 	rt      *runtimeFacade
@@ -154,7 +155,7 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 
 	var store *jetstream.Store
 	if err := step("jetstream", func() (err error) {
-		store, err = jetstream.Open(ctx, w.nc, jetstream.Config{Subjects: subj, LogMaxAge: cfg.LogMaxAge})
+		store, err = jetstream.Open(ctx, w.storeNC, jetstream.Config{Subjects: subj, LogMaxAge: cfg.LogMaxAge})
 		return err
 	}); err != nil {
 		return nil, err
@@ -190,17 +191,18 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	}
 	if err := step("runtime", func() (err error) {
 		w.backend, err = backend.New(backend.Config{
-			WorkerID:         w.id,
-			Driver:           driver,
-			Store:            storeAdapter{store},
-			Tokens:           tok,
-			RecordKey:        backend.RecordKey(secret),
-			Egress:           w.egress(),
-			StateDir:         cfg.StateDir,
-			Images:           map[string]vmpool.Image{"tiny": img},
-			Limits:           cfg.Limits,
-			MinFreeDiskBytes: cfg.MinFreeDiskBytes,
-			Logger:           w.log.With("component", "runtime"),
+			WorkerID:          w.id,
+			Driver:            driver,
+			Store:             storeAdapter{store},
+			Tokens:            tok,
+			RecordKey:         backend.RecordKey(secret),
+			Egress:            w.egress(),
+			ReservedHostPorts: w.ownPorts,
+			StateDir:          cfg.StateDir,
+			Images:            map[string]vmpool.Image{"tiny": img},
+			Limits:            cfg.Limits,
+			MinFreeDiskBytes:  cfg.MinFreeDiskBytes,
+			Logger:            w.log.With("component", "runtime"),
 		})
 		return err
 	}); err != nil {
@@ -281,49 +283,74 @@ func (w *Worker) closeDriver() error {
 	return nil
 }
 
+// connect starts the embedded server (unless the worker joins one) and
+// opens the worker's two connections: the service connection answers
+// requests and may publish nothing but replies; the store connection writes
+// streams, KV records, logs and events and serves nothing. So no request, by
+// the reply subject it names, can make the worker write state.
 func (w *Worker) connect(subj subjects.Subjects) error {
 	url := w.cfg.NATSURL
-	var auth []nats.Option
+	var storeAuth, serviceAuth []nats.Option
 	var err error
 	if url == "" {
-		auth, err = w.startEmbedded(subj)
+		storeAuth, serviceAuth, err = w.startEmbedded(subj)
 		if err == nil {
 			url = w.srv.ClientURL()
 		}
 	} else {
-		auth, err = w.cfg.externalOptions()
+		storeAuth, err = w.cfg.externalOptions()
+		serviceAuth = storeAuth
 	}
 	if err != nil {
 		return err
 	}
+	if w.storeNC, err = w.dial(url, "store", append(storeAuth, nats.CustomInboxPrefix(embedded.WorkerInboxPrefix))); err == nil {
+		if w.nc, err = w.dial(url, "service", serviceAuth); err != nil {
+			w.storeNC.Close()
+			w.storeNC = nil
+		}
+	}
+	if err != nil {
+		if w.srv != nil {
+			w.srv.Shutdown()
+			w.srv = nil
+		}
+		return err
+	}
+	return nil
+}
+
+// dial connects to url as one of the worker's connections, reconnecting
+// with backoff for ever.
+func (w *Worker) dial(url, role string, opts []nats.Option) (*nats.Conn, error) {
 	bo := backoff.NewExponentialBackOff(backoff.WithInitialInterval(250*time.Millisecond), backoff.WithMaxInterval(10*time.Second))
-	nc, err := nats.Connect(url, append(auth,
-		nats.Name("firkin-worker "+w.id),
-		nats.CustomInboxPrefix(embedded.WorkerInboxPrefix),
+	nc, err := nats.Connect(url, append(opts,
+		nats.Name("firkin-worker "+w.id+" "+role),
 		nats.MaxReconnects(-1),
 		nats.RetryOnFailedConnect(false),
 		nats.CustomReconnectDelay(func(int) time.Duration { return bo.NextBackOff() }),
-		nats.ReconnectHandler(func(nc *nats.Conn) { bo.Reset(); w.log.Info("reconnected to NATS", "url", nc.ConnectedUrl()) }),
+		nats.ReconnectHandler(func(nc *nats.Conn) {
+			bo.Reset()
+			w.log.Info("reconnected to NATS", "connection", role, "url", nc.ConnectedUrl())
+		}),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
 			if err != nil {
-				w.log.Warn("disconnected from NATS", "err", err)
+				w.log.Warn("disconnected from NATS", "connection", role, "err", err)
 			}
 		}),
 	)...)
 	if err != nil {
-		if w.srv != nil {
-			w.srv.Shutdown()
-		}
-		return fmt.Errorf("connect to %s: %w", url, err)
+		return nil, fmt.Errorf("connect to %s (%s connection): %w", url, role, err)
 	}
-	w.nc = nc
-	return nil
+	return nc, nil
 }
 
 func (w *Worker) closeNATS() {
-	if w.nc != nil {
-		_ = w.nc.Drain()
-		w.nc.Close()
+	for _, nc := range []*nats.Conn{w.nc, w.storeNC} {
+		if nc != nil {
+			_ = nc.Drain()
+			nc.Close()
+		}
 	}
 	if w.srv != nil {
 		w.srv.Shutdown()

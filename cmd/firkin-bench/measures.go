@@ -16,7 +16,6 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/firkin-dev/firkin-worker/client"
-	"github.com/firkin-dev/firkin-worker/embedded"
 	"github.com/firkin-dev/firkin-worker/subjects"
 	"github.com/firkin-dev/firkin-worker/worker"
 )
@@ -195,12 +194,12 @@ func (b *bench) idleRSS() (Result, error) {
 }
 
 // natsFloor is (g): a raw request round trip from the client connection to
-// an echo responder on the worker's identity (clients may only request
-// firkin.>, and only the worker may serve it).
+// an echo responder on the worker's service identity (clients may only
+// request firkin.>, and only the worker's service connection may serve it).
 func (b *bench) natsFloor(n int) (Result, error) {
 	var opts []nats.Option
 	if b.w.ClientNkeyFile() != "" {
-		opts = append(opts, client.NkeyFile(filepath.Join(b.stateDir, worker.WorkerSeedFile)), nats.CustomInboxPrefix(embedded.WorkerInboxPrefix))
+		opts = append(opts, client.NkeyFile(filepath.Join(b.stateDir, worker.ServiceSeedFile)))
 	}
 	responder, err := nats.Connect(b.w.NATSURL(), opts...)
 	if err != nil {
