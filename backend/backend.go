@@ -69,6 +69,9 @@ type Config struct {
 	// Egress enforces network policies; nil when the host cannot (the
 	// driver then gives guests no outbound network at all).
 	Egress Egress
+	// ReservedHostPorts returns the host ports an egress "host:PORT" entry
+	// may not open: the worker's own NATS and proxy ports (nil: none).
+	ReservedHostPorts func() []int
 	// StateDir holds sandboxes/<id> and snapshots/<sid>.<generation>.
 	StateDir string
 	// RecordKey authenticates snapshot records (RecordKey(worker secret));

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 
 	"github.com/firkin-dev/firkin-worker/errdefs"
 	"github.com/firkin-dev/firkin-worker/subjects"
@@ -32,6 +33,15 @@ func (b *Backend) checkEgress(network bool, p *subjects.EgressPolicy) error {
 	}
 	if err := p.Validate(); err != nil {
 		return err
+	}
+	var reserved []int
+	if b.cfg.ReservedHostPorts != nil {
+		reserved = b.cfg.ReservedHostPorts()
+	}
+	for _, raw := range p.Allow {
+		if e, err := subjects.ParseEgressEntry(raw); err == nil && e.HostPort != 0 && slices.Contains(reserved, int(e.HostPort)) {
+			return invalid("egress: %q is one of the worker's own ports (NATS, the proxy)", raw)
+		}
 	}
 	if b.cfg.Egress == nil {
 		return errdefs.Wrap(errdefs.ErrUnsupported, errors.New("egress: this worker cannot enforce egress policies (it needs root and nftables); its guests have no outbound network"))

@@ -146,6 +146,11 @@ func TestAttacks(t *testing.T) {
 		if out, _ := e.guestConnect(dev.SandboxID, "10.0.2.2", natsPort, ""); strings.Contains(out, "INFO") {
 			t.Errorf("host:%d also opened the NATS port: %q", hostPort, out)
 		}
+		for _, own := range []int{natsPort, proxyPort} {
+			_, err := e.c.Create(e.ctx(time.Minute), subjects.CreateSandboxRequest{TemplateID: "tiny",
+				Egress: &subjects.EgressPolicy{Allow: []string{fmt.Sprintf("host:%d", own)}}})
+			wantCode(t, fmt.Sprintf("host:%d (the worker's own port)", own), err, subjects.CodeInvalidRequest)
+		}
 	})
 
 	t.Run("a bad egress entry", func(t *testing.T) {
@@ -176,6 +181,41 @@ func TestAttacks(t *testing.T) {
 		// The client identity of the state dir works (e.nc is connected with it).
 		if _, err := e.c.Get(e.ctx(10*time.Second), attacker.SandboxID); err != nil {
 			t.Errorf("client nkey: %v", err)
+		}
+	})
+
+	t.Run("a client makes the worker write KV or events through a reply subject", func(t *testing.T) {
+		before, err := e.c.GetSnapshot(e.ctx(10*time.Second), "tiny")
+		if err != nil {
+			t.Fatal(err)
+		}
+		events, err := e.nc.SubscribeSync("firkin.events.killed." + victim.SandboxID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, req := range []struct{ subject, reply string }{
+			{"firkin.pool.status", "$KV.firkin_snapshots.tiny"},
+			{"$SRV.PING", "$KV.firkin_snapshots.tiny"},
+			{"$SRV.INFO.firkin-worker", "$KV.firkin_sessions." + victim.SandboxID},
+			{"firkin.sandbox." + victim.SandboxID + ".exec", "firkin.events.killed." + victim.SandboxID},
+		} {
+			if err := e.nc.PublishRequest(req.subject, req.reply, []byte(`{"command":"echo forged"}`)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := e.nc.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(time.Second) // what the worker would have answered
+		after, err := e.c.GetSnapshot(e.ctx(10*time.Second), "tiny")
+		if err != nil || after.MAC != before.MAC {
+			t.Errorf("the template record changed: %v (mac %q → %q)", err, before.MAC, after.MAC)
+		}
+		if m, err := events.NextMsg(100 * time.Millisecond); err == nil {
+			t.Errorf("a forged event was published: %q", m.Data)
+		}
+		if _, err := e.c.Get(e.ctx(10*time.Second), victim.SandboxID); err != nil {
+			t.Errorf("the victim after the forged replies: %v", err)
 		}
 	})
 

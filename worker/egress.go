@@ -4,6 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"net/url"
+	"strconv"
 	"time"
 
 	"github.com/firkin-dev/firkin-worker/backend"
@@ -104,4 +107,31 @@ func (w *Worker) closeGuard() error {
 	err := w.guard.Close(ctx)
 	w.guard = nil
 	return err
+}
+
+// ownPorts are the worker's own listening ports on the host (the embedded
+// NATS server's and the proxy's): no egress "host:PORT" entry opens them.
+func (w *Worker) ownPorts() []int {
+	var ports []int
+	for _, addr := range []string{w.natsListenAddr(), w.rt.proxyAddr()} {
+		if _, p, err := net.SplitHostPort(addr); err == nil {
+			if n, err := strconv.Atoi(p); err == nil && n > 0 {
+				ports = append(ports, n)
+			}
+		}
+	}
+	return ports
+}
+
+// natsListenAddr is the embedded server's client address ("" when the
+// worker joined an external server).
+func (w *Worker) natsListenAddr() string {
+	if w.srv == nil {
+		return ""
+	}
+	u, err := url.Parse(w.srv.ClientURL())
+	if err != nil {
+		return ""
+	}
+	return u.Host
 }
