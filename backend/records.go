@@ -158,11 +158,18 @@ func (b *Backend) listSnapshots(ctx context.Context) ([]subjects.SnapshotRecord,
 		return nil, err
 	}
 	out := all[:0]
+	seen := map[string]bool{}
 	for _, rec := range all {
+		// A signed record copied under another key names its own id: it is
+		// listed once, as the record of that id.
+		if seen[rec.SnapshotID] {
+			continue
+		}
 		if err := b.verifyRecord(rec.SnapshotID, rec); err != nil {
 			b.log.Warn("snapshot record left out", "snapshot", rec.SnapshotID, "err", err)
 			continue
 		}
+		seen[rec.SnapshotID] = true
 		out = append(out, rec)
 	}
 	return out, nil
