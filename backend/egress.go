@@ -25,7 +25,7 @@ type Egress interface {
 // checkEgress validates a create's network settings against what this
 // worker can enforce.
 func (b *Backend) checkEgress(network bool, p *subjects.EgressPolicy) error {
-	if p == nil {
+	if p == nil || len(p.Allow)+len(p.Deny) == 0 {
 		return nil
 	}
 	if !network {
@@ -44,7 +44,7 @@ func (b *Backend) checkEgress(network bool, p *subjects.EgressPolicy) error {
 		}
 	}
 	if b.cfg.Egress == nil {
-		return errdefs.Wrap(errdefs.ErrUnsupported, errors.New("egress: this worker cannot enforce egress policies (it needs root and nftables); its guests have no outbound network"))
+		return errdefs.Wrap(errdefs.ErrUnsupported, errors.New("egress: this worker cannot enforce egress policies (it needs root, nftables and confined QEMU processes; see its start-up log)"))
 	}
 	return nil
 }

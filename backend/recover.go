@@ -56,6 +56,7 @@ func (b *Backend) recover(ctx context.Context) error {
 			b.removeEgress(ctx, rec.SandboxID, m)
 			b.admission.Release(rec.SandboxID)
 			_ = b.cfg.Store.DeleteSession(ctx, rec.SandboxID)
+			b.event(ctx, subjects.EventFailed, rec.SandboxID, "not recovered after worker restart: network policy: "+err.Error())
 			continue
 		}
 		if err := b.adopt(rec, m); err != nil {
