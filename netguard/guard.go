@@ -18,15 +18,20 @@
 //     is redirected to a DNS proxy of the Guard, which puts the answered
 //     addresses of an allowed domain in the uid's allow set for their TTL, and
 //     answers a denied domain NXDOMAIN), and host ports (TCP to loopback).
-//     The host's own addresses stay closed whatever the entries say, except
+//     An allowed domain opens public addresses only: an answer in Internal4
+//     or Internal6 stays closed unless an address entry allows it. The
+//     host's own addresses stay closed whatever the entries say, except
 //     those host ports. Policy{Off: true} rejects everything.
 //
 // Domain rules are only as good as DNS: a guest resolving over another path
 // (DNS over HTTPS, a hard-coded address) is judged by its address alone.
-// Connections already established when a policy changes are kept, so apply
-// a sandbox's policy before its guest runs untrusted code (a warm machine:
-// when it is claimed). Where the Guard cannot work (Available), run guests
-// with a network that cannot reach the host (QEMU restrict=on) instead.
+// Every connection carries (as its conntrack mark) the policy that accepted
+// it; when a uid's policy changes, its open connections are judged again by
+// the new one at their next packet and reset when it denies them, so a warm
+// machine's connections do not outlive the default policy when it is
+// claimed. The Guard owns the conntrack mark of the range's connections.
+// Where the Guard cannot work (Available), run guests with a network that
+// cannot reach the host (QEMU restrict=on) instead.
 package netguard
 
 import (
@@ -36,6 +41,7 @@ import (
 	"log/slog"
 	"maps"
 	"math"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
@@ -126,6 +132,7 @@ type Guard struct {
 }
 
 type uidState struct {
+	p     Policy // normalized
 	in    installed
 	proxy *proxy // nil without domains
 }
@@ -150,7 +157,9 @@ func New(ctx context.Context, cfg Config) (*Guard, error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	g := &Guard{nft: nft, upstream: upstream, log: log, uids: map[uint32]*uidState{}}
+	// Generations start at random, so that a connection a previous worker
+	// marked (see Detach) hardly ever carries the mark of a new policy.
+	g := &Guard{nft: nft, upstream: upstream, log: log, uids: map[uint32]*uidState{}, gen: rand.Uint64N(1 << 32)}
 	g.def, err = startProxy(log, upstream, Policy{}, "", nil)
 	if err != nil {
 		return nil, errdefs.Wrap(errdefs.ErrInternalFailure, err)
@@ -192,7 +201,7 @@ func New(ctx context.Context, cfg Config) (*Guard, error) {
 // fails.
 func (g *Guard) prepare(uid uint32, p Policy, old *installed) (*uidState, string, error) {
 	g.gen++
-	st := &uidState{}
+	st := &uidState{p: p}
 	if p.hasDomains() {
 		px, err := startProxy(g.log, g.upstream, p, chainName(uid, g.gen), g.learn)
 		if err != nil {
@@ -210,8 +219,9 @@ func (g *Guard) prepare(uid uint32, p Policy, old *installed) (*uidState, string
 func (g *Guard) Table() string { return g.tbl.name }
 
 // Apply installs p for uid, replacing its previous policy in one
-// transaction (a default Policy is Remove). It starts the uid's DNS proxy
-// when p has domains. Invalid policies and uids outside the range are
+// transaction (a default Policy is Remove; the policy the uid has already
+// changes nothing). It starts the uid's DNS proxy when p has domains. The
+// uid's open connections are judged by p at their next packet. Invalid policies and uids outside the range are
 // errdefs.ErrInvalidArgument.
 func (g *Guard) Apply(ctx context.Context, uid uint32, p Policy) error {
 	if err := g.checkUID(uid); err != nil {
@@ -232,6 +242,12 @@ func (g *Guard) Apply(ctx context.Context, uid uint32, p Policy) error {
 	old := g.uids[uid]
 	var oldIn *installed
 	if old != nil {
+		if old.p.equal(p) {
+			// Nothing to change: keep the learned addresses and the
+			// connections' mark.
+			g.mu.Unlock()
+			return nil
+		}
 		oldIn = &old.in
 	}
 	st, script, err := g.prepare(uid, p, oldIn)

@@ -80,10 +80,12 @@ func udp(addr string) action { return action{Op: "udp", Addr: addr} }
 func TestGuard(t *testing.T) {
 	h := newTestHost(t)
 	upstream := fakeDNS(t, 30, map[string][]netip.Addr{
-		"allowed.test":  {h.priv4, h.ula6},
-		"other.test":    {h.priv4},
-		"denied.test":   {h.pub4},
-		"www.wild.test": {h.ll4},
+		"allowed.test":    {h.pub4, h.pub6},
+		"other.test":      {h.priv4},
+		"plain.test":      {h.pub4},
+		"denied.test":     {h.pub4},
+		"www.wild.test":   {h.pub4},
+		"www.rebind.test": {h.ll4, h.priv4, h.hostLL4, h.ula6},
 	})
 	// Host services a guest must never reach: loopback (like the worker's
 	// NATS and proxy) and every address of the host (bound to any).
@@ -189,23 +191,54 @@ func TestGuard(t *testing.T) {
 	})
 
 	t.Run("allowed domain", func(t *testing.T) {
-		// allowed.test answers the test host's private addresses; 10/8 is
-		// denied outright, so only the learned answer can open it.
-		if err := g.Apply(ctx, uid(7), mustPolicy(t, []string{"allowed.test"}, []string{"10.0.0.0/8"})); err != nil {
+		// An allowlist of one domain, which answers the test host's public
+		// addresses: only the learned answer can open them.
+		p := mustPolicy(t, []string{"allowed.test"}, []string{"0.0.0.0/0", "::/0"})
+		if err := g.Apply(ctx, uid(7), p); err != nil {
 			t.Fatal(err)
 		}
-		acts := []action{tcp(h.at(h.priv4)), tcp(h.at(h.ula6)),
-			{Op: "dns", Server: dnsAt, Name: "other.test"}, tcp(h.at(h.priv4)), // same address, name not allowed
+		acts := []action{tcp(h.at(h.pub4)), tcp(h.at(h.pub6)),
+			{Op: "dns", Server: dnsAt, Name: "plain.test"}, tcp(h.at(h.pub4)), // same address, name not allowed
 			{Op: "dns", Server: dnsAt, Name: "allowed.test"}, {Op: "dns", Server: "[" + h.ula6.String() + "]:53", Name: "allowed.test", AAAA: true},
-			tcp(h.at(h.priv4)), udp(h.at(h.priv4)), tcp(h.at(h.ula6)), tcp(h.at(h.ll4))}
+			tcp(h.at(h.pub4)), udp(h.at(h.pub4)), tcp(h.at(h.pub6)), tcp(h.at(h.priv4))}
 		res := probe(t, uid(7), acts...)
 		expect(t, "allowed domain", acts, res, "rejected", "rejected", "ok", "rejected", "ok", "ok", "ok", "ok", "ok", "rejected")
-		if a := res[4].Addrs; len(a) != 1 || a[0] != h.priv4.String() {
-			t.Errorf("allowed.test A = %v, want [%v]", a, h.priv4)
+		if a := res[4].Addrs; len(a) != 1 || a[0] != h.pub4.String() {
+			t.Errorf("allowed.test A = %v, want [%v]", a, h.pub4)
 		}
-		// Another uid did not learn it.
-		acts = []action{tcp(h.at(h.priv4))}
+		// Another uid with the same policy did not learn it.
+		if err := g.Apply(ctx, uid(8), p); err != nil {
+			t.Fatal(err)
+		}
+		acts = []action{tcp(h.at(h.pub4))}
 		expect(t, "other uid", acts, probe(t, uid(8), acts...), "rejected")
+	})
+
+	t.Run("allowed domain answering internal addresses", func(t *testing.T) {
+		// A rebinding name: its answers (link-local, private, the host's
+		// own, ULA) go into the learned set, and the rules still refuse them.
+		u := uid(12)
+		if err := g.Apply(ctx, u, mustPolicy(t, []string{"*.rebind.test"}, nil)); err != nil {
+			t.Fatal(err)
+		}
+		hostLL := tcp(netip.AddrPortFrom(h.hostLL4, uint16(anyPort)).String())
+		resolve := []action{{Op: "dns", Server: dnsAt, Name: "www.rebind.test"}, {Op: "dns", Server: dnsAt, Name: "www.rebind.test", AAAA: true}}
+		acts := append(resolve, tcp(h.at(h.ll4)), udp(h.at(h.ll4)), tcp(h.at(h.priv4)), hostLL, tcp(h.at(h.ula6)))
+		res := probe(t, u, acts...)
+		expect(t, "rebinding", acts, res, "ok", "ok", "rejected", "rejected", "rejected", "rejected", "rejected")
+		if len(res[0].Addrs) != 3 || len(res[1].Addrs) != 1 {
+			t.Errorf("www.rebind.test answered %v and %v", res[0].Addrs, res[1].Addrs)
+		}
+		if set := nftSet(t, g.Table(), learnedSet(g, u, learnAllow4)); !strings.Contains(set, h.ll4.String()) {
+			t.Errorf("learned set without %v (the rules, not the proxy, must refuse it):\n%s", h.ll4, set)
+		}
+		// An address entry opens what it covers (not the host's own address).
+		llNet := netip.PrefixFrom(h.ll4, 30).Masked().String()
+		if err := g.Apply(ctx, u, mustPolicy(t, []string{"*.rebind.test", llNet}, nil)); err != nil {
+			t.Fatal(err)
+		}
+		acts = append(resolve, tcp(h.at(h.ll4)), tcp(h.at(h.priv4)), hostLL, tcp(h.at(h.ula6)))
+		expect(t, "rebinding, CIDR allowed", acts, probe(t, u, acts...), "ok", "ok", "ok", "rejected", "rejected", "rejected")
 	})
 
 	t.Run("denied domain", func(t *testing.T) {
@@ -228,7 +261,7 @@ func TestGuard(t *testing.T) {
 			t.Fatal(err)
 		}
 		// Over TCP this time.
-		acts := []action{tcp(h.at(h.ll4)), {Op: "dns", Server: dnsAt, Name: "www.wild.test", TCP: true}, tcp(h.at(h.ll4)), tcp(h.at(h.pub4))}
+		acts := []action{tcp(h.at(h.pub4)), {Op: "dns", Server: dnsAt, Name: "www.wild.test", TCP: true}, tcp(h.at(h.pub4)), tcp(h.at(h.pub6))}
 		expect(t, "wildcard", acts, probe(t, uid(10), acts...), "rejected", "ok", "ok", "rejected")
 	})
 
@@ -273,6 +306,102 @@ func TestGuard(t *testing.T) {
 	if err := g.Apply(ctx, uid(1), Policy{Off: true}); err == nil {
 		t.Error("Apply after Close succeeded")
 	}
+}
+
+// TestPolicyChangeJudgesOpenConnections: a connection opened under one
+// policy is judged by the next at its next packet; one the new policy (or
+// the same one applied again) allows keeps working.
+func TestPolicyChangeJudgesOpenConnections(t *testing.T) {
+	h := newTestHost(t)
+	upstream := fakeDNS(t, 300, map[string][]netip.Addr{"allowed.test": {h.pub4}})
+	g, first := newTestGuard(t, upstream)
+	ctx := context.Background()
+	ok := func(what string, r result) {
+		t.Helper()
+		if !r.OK {
+			t.Errorf("%s: %s", what, r.Err)
+		}
+	}
+	failed := func(what string, r result) {
+		t.Helper()
+		if r.OK {
+			t.Errorf("%s: still delivered", what)
+		} else {
+			t.Logf("%s: %s after %v", what, r.Err, r.Elapsed)
+		}
+	}
+	apply := func(uid uint32, p Policy) {
+		t.Helper()
+		if err := g.Apply(ctx, uid, p); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// A warm machine's connection (default policy), then a policy denying it.
+	c, r := hold(t, first, h.at(h.pub4))
+	ok("default", r)
+	ok("default, again", c.ping(t))
+	apply(first, mustPolicy(t, nil, []string{h.pub4.String()}))
+	failed("after a denying Apply", c.ping(t))
+	c, r = hold(t, first+1, h.at(h.pub6))
+	ok("default v6", r)
+	apply(first+1, Policy{Off: true})
+	failed("after Apply off", c.ping(t))
+
+	// A policy allowing it: the same again, another allowing it, the
+	// default (which denies the private address).
+	u := first + 2
+	apply(u, mustPolicy(t, []string{h.priv4.String()}, nil))
+	c, r = hold(t, u, h.at(h.priv4))
+	ok("allowed", r)
+	apply(u, mustPolicy(t, []string{h.priv4.String()}, nil))
+	ok("after the same Apply", c.ping(t))
+	apply(u, mustPolicy(t, []string{h.priv4.String(), h.pub4.String()}, nil))
+	ok("after an allowing Apply", c.ping(t))
+	if err := g.Remove(ctx, u); err != nil {
+		t.Fatal(err)
+	}
+	failed("after Remove", c.ping(t))
+
+	// A connection opened through a learned address outlives the address
+	// (a long download) and the same policy applied again.
+	u = first + 3
+	p := mustPolicy(t, []string{"allowed.test"}, []string{"0.0.0.0/0"})
+	apply(u, p)
+	acts := []action{{Op: "dns", Server: h.pub4.String() + ":53", Name: "allowed.test"}}
+	expect(t, "resolve", acts, probe(t, u, acts...), "ok")
+	c, r = hold(t, u, h.at(h.pub4))
+	ok("learned", r)
+	set := learnedSet(g, u, learnAllow4)
+	if err := runNft(ctx, mustNft(t), fmt.Sprintf("delete element inet %s %s { %s }\n", g.Table(), set, h.pub4), false); err != nil {
+		t.Fatal(err)
+	}
+	ok("learned address expired", c.ping(t))
+	apply(u, p)
+	ok("after the same Apply", c.ping(t))
+	if s := learnedSet(g, u, learnAllow4); s != set {
+		t.Errorf("the same Apply replaced %s by %s", set, s)
+	}
+	if _, r := hold(t, u, h.at(h.pub4)); r.OK {
+		t.Error("new connection to an expired learned address reached it")
+	}
+}
+
+// learnedSet names uid's learned set with suffix.
+func learnedSet(g *Guard, uid uint32, suffix string) string {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.uids[uid].in.chain + suffix
+}
+
+// nftSet lists a set of the table.
+func nftSet(t *testing.T, tbl, set string) string {
+	t.Helper()
+	out, err := exec.Command(mustNft(t), "list", "set", "inet", tbl, set).CombinedOutput()
+	if err != nil {
+		t.Fatalf("nft list set: %v: %s", err, out)
+	}
+	return string(out)
 }
 
 // TestDetachAndRestart: a worker exiting with its machines running leaves

@@ -23,10 +23,12 @@ import (
 	"github.com/miekg/dns"
 )
 
-// The test binary doubles as two helper programs, chosen by helperEnv:
-// "echo" (a TCP and UDP echo server for a test host's network namespace)
-// and "probe" (run as a uid of a Guard's range: it tries the actions of
-// probeEnv and prints their results as JSON).
+// The test binary doubles as three helper programs, chosen by helperEnv:
+// "echo" (a TCP and UDP echo server for a test host's network namespace),
+// "probe" (run as a uid of a Guard's range: it tries the actions of
+// probeEnv and prints their results as JSON) and "hold" (run as such a uid:
+// it holds one TCP connection to the echo server at probeEnv, pinging it on
+// demand).
 const (
 	helperEnv = "NETGUARD_TEST_HELPER"
 	probeEnv  = "NETGUARD_TEST_PROBE"
@@ -44,6 +46,9 @@ func TestMain(m *testing.M) {
 		os.Exit(0)
 	case "probe":
 		runProbe()
+		os.Exit(0)
+	case "hold":
+		runHold()
 		os.Exit(0)
 	}
 	code := func() int {
@@ -168,6 +173,94 @@ func runProbe() {
 		out[i].Elapsed = time.Since(start)
 	}
 	_ = json.NewEncoder(os.Stdout).Encode(out)
+}
+
+// runHold connects to the echo server at probeEnv and pings it once, then
+// once more for every line on stdin, printing each result as a JSON line
+// (a ping fails after rejectedFast); it exits when stdin closes.
+func runHold() {
+	enc := json.NewEncoder(os.Stdout)
+	c, err := net.DialTimeout("tcp", os.Getenv(probeEnv), 3*time.Second)
+	if err != nil {
+		_ = enc.Encode(result{Err: err.Error()})
+		return
+	}
+	defer c.Close()
+	in := bufio.NewScanner(os.Stdin)
+	for {
+		start := time.Now()
+		_ = c.SetDeadline(start.Add(rejectedFast))
+		r := result{OK: true}
+		buf := make([]byte, 5)
+		if _, err := c.Write([]byte("ping\n")); err != nil {
+			r = result{Err: err.Error()}
+		} else if _, err := io.ReadFull(c, buf); err != nil {
+			r = result{Err: err.Error()}
+		} else if string(buf) != "ping\n" {
+			r = result{Err: fmt.Sprintf("echo %q", buf)}
+		}
+		r.Elapsed = time.Since(start)
+		_ = enc.Encode(r)
+		if !in.Scan() {
+			return
+		}
+	}
+}
+
+// heldConn is a connection held by a "hold" helper.
+type heldConn struct {
+	in  io.WriteCloser
+	out *bufio.Scanner
+}
+
+// hold starts a "hold" helper as uid connecting to addr and returns it
+// with the result of its first ping; it ends with the test.
+func hold(t *testing.T, uid uint32, addr string) (*heldConn, result) {
+	t.Helper()
+	cmd := exec.Command(probeBin)
+	cmd.Env = append(os.Environ(), helperEnv+"=hold", probeEnv+"="+addr, "GORACE=atexit_sleep_ms=0")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid}}
+	cmd.Dir = "/"
+	cmd.Stderr = os.Stderr
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		in.Close()
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	h := &heldConn{in: in, out: bufio.NewScanner(out)}
+	return h, h.result(t)
+}
+
+// ping pings the held connection again.
+func (h *heldConn) ping(t *testing.T) result {
+	t.Helper()
+	if _, err := io.WriteString(h.in, "\n"); err != nil {
+		t.Fatalf("hold helper: %v", err)
+	}
+	return h.result(t)
+}
+
+func (h *heldConn) result(t *testing.T) result {
+	t.Helper()
+	if !h.out.Scan() {
+		t.Fatalf("hold helper ended: %v", h.out.Err())
+	}
+	var r result
+	if err := json.Unmarshal(h.out.Bytes(), &r); err != nil {
+		t.Fatalf("hold helper output %q: %v", h.out.Bytes(), err)
+	}
+	return r
 }
 
 func probeOne(a action) result {

@@ -17,9 +17,11 @@ import (
 //
 // With entries, the most specific matching entry decides (the longest
 // prefix; a domain's answers count as single addresses); on a tie deny wins;
-// an address no entry matches falls back to the default. The host's own
-// addresses stay closed whatever the entries say, except the HostPorts on
-// loopback.
+// an address no entry matches falls back to the default. An allowed
+// domain's answers never open an address of Internal4 or Internal6 (a
+// rebinding name could point anywhere): those are opened by Allow entries
+// only, judged without the domain. The host's own addresses stay closed
+// whatever the entries say, except the HostPorts on loopback.
 type Policy struct {
 	// Off rejects everything ("network": false).
 	Off bool
@@ -97,6 +99,13 @@ func (p *Policy) normalize() {
 	p.HostPorts = slices.Clone(p.HostPorts)
 	slices.Sort(p.HostPorts)
 	p.HostPorts = slices.Compact(p.HostPorts)
+}
+
+// equal reports whether p and q are the same normalized policy.
+func (p Policy) equal(q Policy) bool {
+	return p.Off == q.Off && slices.Equal(p.Allow, q.Allow) && slices.Equal(p.Deny, q.Deny) &&
+		slices.Equal(p.AllowDomains, q.AllowDomains) && slices.Equal(p.DenyDomains, q.DenyDomains) &&
+		slices.Equal(p.HostPorts, q.HostPorts)
 }
 
 // IsDefault reports whether p is the default policy (no entries, not Off).

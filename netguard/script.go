@@ -13,17 +13,30 @@ import (
 //
 //	chain output (filter hook output)  packets of sockets owned by a uid of the
 //	                                   range jump to guest; nothing else is touched
-//	chain guest    established connections pass; a uid with a policy jumps to its
-//	               chain through the uid_chain verdict map; else head, then tail
+//	chain guest    a uid with a policy jumps to its chain through the uid_chain
+//	               verdict map; else established connections of the default
+//	               policy (conntrack mark 0) pass, and the rest is marked 0 and
+//	               judged by head, then tail
 //	chain head     DNS redirected to a proxy of the Guard passes; any other DNS,
 //	               the host's own addresses (fib), loopback are rejected
 //	chain tail     Internal4/Internal6 are rejected, the rest accepted
-//	chain u<uid>_<gen>  one policy: host ports, head, learned deny, learned allow,
-//	               the flattened deny and allow entries, tail
-//	chain rej      tcp reset, else icmpx admin-prohibited: a blocked connect fails at once
+//	chain u<uid>_<gen>  one policy: established connections carrying its mark
+//	               pass; the rest is marked and judged: host ports, head,
+//	               learned deny, learned allow (outside Internal4/Internal6
+//	               only), the flattened deny and allow entries, tail
+//	chain rej      marks the connection rejected; tcp reset, else icmpx
+//	               admin-prohibited: a blocked connect fails at once
 //	chain dns (nat hook output)  DNS (udp/tcp port 53) of the range is
 //	               redirected to loopback: to the uid's own proxy port (uid_dns
 //	               map), else to the shared default proxy
+//
+// The conntrack mark of a connection is the policy generation that last
+// accepted one of its packets: 0 for the default policy, genMark(gen) for a
+// policy chain, markRejected once rejected. Only a connection whose mark is
+// the uid's current one skips judgment, so a policy change re-judges every
+// open connection of the uid at its next packet (and resets it when the new
+// policy denies it), while within one policy a long connection outlives the
+// learned address that opened it.
 //
 // Rules match positively on `meta skuid`: packets without a socket (the
 // resets and ICMP errors that reject itself sends) are never filtered.
@@ -60,6 +73,7 @@ func tableScript(t table) string {
 	w("\tset internal4 {\n\t\ttype ipv4_addr\n\t\tflags interval\n\t\telements = { %s }\n\t}", joinPrefixes(Internal4))
 	w("\tset internal6 {\n\t\ttype ipv6_addr\n\t\tflags interval\n\t\telements = { %s }\n\t}", joinPrefixes(Internal6))
 	w("\tchain rej {")
+	w("\t\tct mark set %#x", markRejected)
 	w("\t\tmeta l4proto tcp reject with tcp reset")
 	w("\t\treject with icmpx type admin-prohibited")
 	w("\t}")
@@ -77,8 +91,9 @@ func tableScript(t table) string {
 	w("\t\taccept")
 	w("\t}")
 	w("\tchain guest {")
-	w("\t\tct state established accept")
 	w("\t\tmeta skuid vmap @uid_chain")
+	w("\t\tct state established ct mark %#x accept", markDefault)
+	w("\t\tct mark set %#x", markDefault)
 	w("\t\tjump head")
 	w("\t\tjump tail")
 	w("\t}")
@@ -98,6 +113,7 @@ func tableScript(t table) string {
 // installed is what an applied policy put in the table.
 type installed struct {
 	chain   string
+	mark    uint32   // the conntrack mark of connections the chain accepts
 	sets    []string // the learned sets, empty without domains
 	dnsPort uint16   // the uid's own DNS proxy port, 0 without domains
 }
@@ -110,12 +126,24 @@ const (
 	learnDeny6  = "_d6"
 )
 
+// Conntrack marks (see the comment at the top): markDefault for the
+// default policy, markRejected for a rejected connection, genMark(gen) for
+// a policy chain, never either of the other two.
+const (
+	markDefault  uint32 = 0
+	markRejected uint32 = 0xffffffff
+)
+
+// genMark is the conntrack mark of generation gen: unique among 2^32-2
+// consecutive generations.
+func genMark(gen uint64) uint32 { return uint32(gen%(1<<32-2)) + 1 }
+
 // chainName names the chain of generation gen of uid's policy.
 func chainName(uid uint32, gen uint64) string { return fmt.Sprintf("u%d_%d", uid, gen) }
 
 // plan names what applying p as generation gen for uid will install.
 func plan(uid uint32, gen uint64, p Policy, dnsPort uint16) installed {
-	in := installed{chain: chainName(uid, gen)}
+	in := installed{chain: chainName(uid, gen), mark: genMark(gen)}
 	if p.hasDomains() {
 		for _, s := range []string{learnAllow4, learnAllow6, learnDeny4, learnDeny6} {
 			in.sets = append(in.sets, in.chain+s)
@@ -142,6 +170,8 @@ func applyScript(tbl string, uid uint32, p Policy, in installed, old *installed)
 	if p.Off {
 		w("\t\tjump rej")
 	} else {
+		w("\t\tct state established ct mark %#x accept", in.mark)
+		w("\t\tct mark set %#x", in.mark)
 		if len(p.HostPorts) > 0 {
 			ports := make([]string, len(p.HostPorts))
 			for i, port := range p.HostPorts {
@@ -154,8 +184,10 @@ func applyScript(tbl string, uid uint32, p Policy, in installed, old *installed)
 		if len(in.sets) > 0 {
 			w("\t\tip daddr @%s%s jump rej", in.chain, learnDeny4)
 			w("\t\tip6 daddr @%s%s jump rej", in.chain, learnDeny6)
-			w("\t\tip daddr @%s%s accept", in.chain, learnAllow4)
-			w("\t\tip6 daddr @%s%s accept", in.chain, learnAllow6)
+			// A learned address never opens an internal one: only
+			// address entries can (see Policy).
+			w("\t\tip daddr @%s%s ip daddr != @internal4 accept", in.chain, learnAllow4)
+			w("\t\tip6 daddr @%s%s ip6 daddr != @internal6 accept", in.chain, learnAllow6)
 		}
 		for _, fam := range []struct {
 			is4 bool
