@@ -9,6 +9,7 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	js "github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nkeys"
 
 	"github.com/firkin-dev/firkin-worker/embedded"
 	"github.com/firkin-dev/firkin-worker/jetstream"
@@ -16,10 +17,22 @@ import (
 )
 
 // TestDeployPermissionsExample loads deploy/nats/permissions.conf, runs a
-// server with it, and checks that the product service may create and use
-// sandboxes and read logs but not administer the worker.
+// server with it, and checks that the worker user sets up and writes the
+// streams and buckets but serves nothing, the worker-service user serves
+// requests but may reply only into clients' inboxes, and the product
+// service may create and use sandboxes and read logs but not administer the
+// worker.
 func TestDeployPermissionsExample(t *testing.T) {
-	t.Setenv("FIRKIN_WORKER_PASSWORD", "worker-pw")
+	var seeds [2][]byte
+	for i, env := range []string{"FIRKIN_WORKER_NKEY", "FIRKIN_WORKER_SERVICE_NKEY"} {
+		kp, err := nkeys.CreateUser()
+		if err != nil {
+			t.Fatal(err)
+		}
+		pub, _ := kp.PublicKey()
+		seeds[i], _ = kp.Seed()
+		t.Setenv(env, pub)
+	}
 	t.Setenv("FIRKIN_PRODUCT_PASSWORD", "product-pw")
 	opts, err := server.ProcessConfigFile("../deploy/nats/permissions.conf")
 	if err != nil {
@@ -35,12 +48,46 @@ func TestDeployPermissionsExample(t *testing.T) {
 	if !ns.ReadyForConnections(10 * time.Second) {
 		t.Fatal("nats-server not ready")
 	}
-
-	wnc, err := nats.Connect(ns.ClientURL(), nats.UserInfo("worker", "worker-pw"), nats.CustomInboxPrefix(embedded.WorkerInboxPrefix))
-	if err != nil {
-		t.Fatalf("worker user: %v", err)
+	// connect connects with the nkey seed and collects the connection's
+	// asynchronous errors.
+	connect := func(name string, seed []byte, opts ...nats.Option) (*nats.Conn, chan error) {
+		t.Helper()
+		kp, err := nkeys.FromSeed(seed)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pub, _ := kp.PublicKey()
+		errs := make(chan error, 64)
+		nc, err := nats.Connect(ns.ClientURL(), append(opts, nats.Nkey(pub, kp.Sign),
+			nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+				select {
+				case errs <- err:
+				default:
+				}
+			}))...)
+		if err != nil {
+			t.Fatalf("%s user: %v", name, err)
+		}
+		t.Cleanup(nc.Close)
+		return nc, errs
 	}
-	t.Cleanup(wnc.Close)
+	// violation waits for a permissions violation naming want.
+	violation := func(errs chan error, want, what string) {
+		t.Helper()
+		for deadline := time.After(3 * time.Second); ; {
+			select {
+			case err := <-errs:
+				if errors.Is(err, nats.ErrPermissionViolation) && strings.Contains(err.Error(), want) {
+					return
+				}
+			case <-deadline:
+				t.Errorf("%s without a permissions violation", what)
+				return
+			}
+		}
+	}
+
+	wnc, wErrs := connect("worker", seeds[0], nats.CustomInboxPrefix(embedded.WorkerInboxPrefix))
 	ctx := ctxT(t, 30*time.Second)
 	store, err := jetstream.Open(ctx, wnc, jetstream.Config{Subjects: subjects.Default})
 	if err != nil {
@@ -54,11 +101,27 @@ func TestDeployPermissionsExample(t *testing.T) {
 	if err := store.CreateSnapshot(ctx, subjects.SnapshotRecord{SnapshotID: "s1", Kind: subjects.KindTemplate}); err != nil {
 		t.Fatalf("worker writes KV: %v", err)
 	}
-	if _, err := wnc.Subscribe("firkin.>", func(m *nats.Msg) { _ = m.Respond([]byte("ok")) }); err != nil {
+	// The store connection serves nothing.
+	if _, err := wnc.Subscribe("firkin.sandbox.create", func(*nats.Msg) {}); err != nil {
 		t.Fatal(err)
 	}
-	if err := wnc.Flush(); err != nil {
+	_ = wnc.Flush()
+	violation(wErrs, `Permissions Violation for Subscription to "firkin.sandbox.create"`, "the worker user subscribed to firkin.sandbox.create")
+
+	snc, sErrs := connect("worker-service", seeds[1])
+	if _, err := snc.Subscribe("firkin.>", func(m *nats.Msg) { _ = m.Respond([]byte("ok")) }); err != nil {
 		t.Fatal(err)
+	}
+	if _, err := snc.Subscribe("$SRV.>", func(m *nats.Msg) { _ = m.Respond([]byte("srv")) }); err != nil {
+		t.Fatal(err)
+	}
+	if err := snc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-sErrs:
+		t.Fatalf("worker-service subscriptions: %v", err)
+	default:
 	}
 
 	violations := make(chan error, 64)
@@ -90,6 +153,28 @@ func TestDeployPermissionsExample(t *testing.T) {
 			t.Errorf("product request %s: %v", subject, err)
 		}
 	}
+	if m, err := pnc.Request("$SRV.PING.firkin-worker", nil, 3*time.Second); err != nil || string(m.Data) != "srv" {
+		t.Errorf("product discovery through the service user: %v", err)
+	}
+
+	// A request naming a KV record or an event subject as its reply subject
+	// cannot make the service user write there, nor can it publish there.
+	for _, subject := range []string{"$KV.firkin_snapshots.x", "firkin.events.x", "firkin.logs.sb1"} {
+		if err := pnc.PublishRequest("firkin.sandbox.create", subject, []byte("{}")); err != nil {
+			t.Fatal(err)
+		}
+		_ = pnc.Flush()
+		violation(sErrs, `Permissions Violation for Publish to "`+subject+`"`, "the service user replied to "+subject)
+		if err := snc.Publish(subject, []byte("{}")); err != nil {
+			t.Fatal(err)
+		}
+		_ = snc.Flush()
+		violation(sErrs, `Permissions Violation for Publish to "`+subject+`"`, "the service user published to "+subject)
+	}
+	if _, err := store.GetSnapshot(ctx, "x"); err == nil {
+		t.Error("snapshot record x written through a reply subject")
+	}
+
 	j, _ := js.New(pnc)
 	cons, err := j.OrderedConsumer(ctx, jetstream.LogStream, js.OrderedConsumerConfig{})
 	if err != nil {
@@ -109,17 +194,7 @@ func TestDeployPermissionsExample(t *testing.T) {
 			t.Fatal(err)
 		}
 		_ = pnc.Flush()
-		want := `Permissions Violation for Publish to "` + subject + `"`
-		got := false
-		for deadline := time.After(3 * time.Second); !got; {
-			select {
-			case err := <-violations:
-				got = errors.Is(err, nats.ErrPermissionViolation) && strings.Contains(err.Error(), want)
-			case <-deadline:
-				t.Errorf("product published to %s without a permissions violation", subject)
-				got = true
-			}
-		}
+		violation(violations, `Permissions Violation for Publish to "`+subject+`"`, "product published to "+subject)
 	}
 	if rec, err := store.GetSnapshot(ctx, "s1"); err != nil || rec.SnapshotID != "s1" {
 		t.Errorf("snapshot record after the attempts: %+v %v", rec, err)

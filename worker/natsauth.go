@@ -100,33 +100,69 @@ func (w *Worker) startEmbedded(subj subjects.Subjects) (store, service []nats.Op
 	return store, service, nil
 }
 
-// externalOptions are the credentials and TLS options for an external
-// server (validated by validateNATS).
-func (c *Config) externalOptions() ([]nats.Option, error) {
-	var opts []nats.Option
+// externalOptions are the options of the worker's store and service
+// connections to an external server (validated by validateNATS): each has
+// its credentials (the service connection the main ones unless
+// NATSServiceCreds or NATSServiceNkey is set), and both the TLS options.
+// Without service credentials it logs once that replies are then checked
+// by the worker alone.
+func (w *Worker) externalOptions() (store, service []nats.Option, err error) {
+	c := &w.cfg
+	var storePub string
 	switch {
 	case c.NATSCreds != "":
-		opts = append(opts, nats.UserCredentials(c.NATSCreds))
+		store = append(store, nats.UserCredentials(c.NATSCreds))
 	case c.NATSNkey != "":
-		kp, err := embedded.ReadSeed(c.NATSNkey)
-		if err != nil {
-			return nil, fmt.Errorf("--nats-nkey: %w", err)
+		var opt nats.Option
+		if opt, storePub, err = nkeyOption("--nats-nkey", c.NATSNkey); err != nil {
+			return nil, nil, err
 		}
-		pub, err := kp.PublicKey()
-		if err != nil {
-			return nil, fmt.Errorf("--nats-nkey: %w", err)
-		}
-		opts = append(opts, nats.Nkey(pub, kp.Sign))
+		store = append(store, opt)
 	case c.NATSUser != "":
-		opts = append(opts, nats.UserInfo(c.NATSUser, c.NATSPassword))
+		store = append(store, nats.UserInfo(c.NATSUser, c.NATSPassword))
 	}
+	switch {
+	case c.NATSServiceCreds != "":
+		service = append(service, nats.UserCredentials(c.NATSServiceCreds))
+	case c.NATSServiceNkey != "":
+		opt, pub, err := nkeyOption("--nats-service-nkey", c.NATSServiceNkey)
+		if err != nil {
+			return nil, nil, err
+		}
+		if pub == storePub {
+			return nil, nil, errdefs.Wrap(errdefs.ErrInvalidArgument,
+				fmt.Errorf("worker: --nats-nkey and --nats-service-nkey hold the same nkey: the service connection needs an identity of its own"))
+		}
+		service = append(service, opt)
+	default:
+		service = append(service, store...)
+		w.log.Warn("the service connection uses the main NATS credentials: request reply subjects are checked by the worker alone "+
+			"and micro's $SRV replies not at all; give it a user that may publish only to _INBOX.> "+
+			"(--nats-service-nkey or --nats-service-creds, see deploy/nats/permissions.conf)",
+			"nats_url", c.NATSURL)
+	}
+	var tls []nats.Option
 	if c.NATSTLSCA != "" {
-		opts = append(opts, nats.RootCAs(c.NATSTLSCA))
+		tls = append(tls, nats.RootCAs(c.NATSTLSCA))
 	}
 	if c.NATSTLSCert != "" {
-		opts = append(opts, nats.ClientCert(c.NATSTLSCert, c.NATSTLSKey))
+		tls = append(tls, nats.ClientCert(c.NATSTLSCert, c.NATSTLSKey))
 	}
-	return opts, nil
+	return append(store, tls...), append(service, tls...), nil
+}
+
+// nkeyOption reads the nkey user seed file of flag and returns the option
+// authenticating with it and its public key.
+func nkeyOption(flag, path string) (nats.Option, string, error) {
+	kp, err := embedded.ReadSeed(path)
+	if err != nil {
+		return nil, "", fmt.Errorf("%s: %w", flag, err)
+	}
+	pub, err := kp.PublicKey()
+	if err != nil {
+		return nil, "", fmt.Errorf("%s: %w", flag, err)
+	}
+	return nats.Nkey(pub, kp.Sign), pub, nil
 }
 
 // validateNATS checks the NATS settings and their combinations.
@@ -145,6 +181,7 @@ func (c *Config) validateNATS() error {
 	type setting struct{ name, value string }
 	files := []setting{
 		{"--nats-creds", c.NATSCreds}, {"--nats-nkey", c.NATSNkey},
+		{"--nats-service-creds", c.NATSServiceCreds}, {"--nats-service-nkey", c.NATSServiceNkey},
 		{"--nats-tls-ca", c.NATSTLSCA}, {"--nats-tls-cert", c.NATSTLSCert}, {"--nats-tls-key", c.NATSTLSKey},
 	}
 	if c.NATSURL == "" {
@@ -166,6 +203,17 @@ func (c *Config) validateNATS() error {
 	}
 	if given > 1 {
 		errs = append(errs, invalid("give one of --nats-creds, --nats-nkey and --nats-user"))
+	}
+	if c.NATSServiceCreds != "" && c.NATSServiceNkey != "" {
+		errs = append(errs, invalid("give one of --nats-service-creds and --nats-service-nkey"))
+	}
+	for _, same := range [][2]setting{
+		{{"--nats-creds", c.NATSCreds}, {"--nats-service-creds", c.NATSServiceCreds}},
+		{{"--nats-nkey", c.NATSNkey}, {"--nats-service-nkey", c.NATSServiceNkey}},
+	} {
+		if same[0].value != "" && filepath.Clean(same[0].value) == filepath.Clean(same[1].value) {
+			errs = append(errs, invalid("%s and %s name the same file: the service connection needs an identity of its own (or leave %s out)", same[0].name, same[1].name, same[1].name))
+		}
 	}
 	if c.NATSUser != "" && c.NATSPassword == "" {
 		errs = append(errs, invalid("--nats-user needs a password: --nats-password-file or FIRKIN_NATS_PASSWORD"))

@@ -23,6 +23,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nkeys"
 
+	"github.com/firkin-dev/firkin-worker/embedded"
 	"github.com/firkin-dev/firkin-worker/errdefs"
 	"github.com/firkin-dev/firkin-worker/subjects"
 )
@@ -67,7 +68,7 @@ func TestEmbeddedNATSNkeyIdentities(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, name := range []string{WorkerSeedFile, ClientSeedFile} {
+	for _, name := range []string{WorkerSeedFile, ServiceSeedFile, ClientSeedFile} {
 		fi, err := os.Stat(filepath.Join(state, name))
 		if err != nil || fi.Mode().Perm() != 0o600 {
 			t.Errorf("%s: %v %v, want mode 0600", name, fi, err)
@@ -90,8 +91,8 @@ func TestEmbeddedNATSNkeyIdentities(t *testing.T) {
 	}
 	defer cl.Close()
 
-	// Two identities: the worker publishes logs the client follows; the
-	// client may not publish them.
+	// Separate identities: the worker's store connection publishes logs the
+	// client follows; the client may not publish them.
 	sub, err := cl.SubscribeSync("firkin.logs.>")
 	if err != nil {
 		t.Fatal(err)
@@ -99,7 +100,7 @@ func TestEmbeddedNATSNkeyIdentities(t *testing.T) {
 	if err := cl.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	if err := w.nc.Publish("firkin.logs.sb1", []byte("from the worker")); err != nil {
+	if err := w.storeNC.Publish("firkin.logs.sb1", []byte("from the worker")); err != nil {
 		t.Fatal(err)
 	}
 	if m, err := sub.NextMsg(3 * time.Second); err != nil || string(m.Data) != "from the worker" {
@@ -162,7 +163,7 @@ func TestEmbeddedNATSRefusesBadSeeds(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if _, _, err := connectOnly(t, Config{StateDir: state}); err == nil || !strings.Contains(err.Error(), "different identities") {
+	if _, _, err := connectOnly(t, Config{StateDir: state}); err == nil || !strings.Contains(err.Error(), "hold the same nkey") {
 		t.Errorf("one identity for both: %v", err)
 	}
 }
@@ -208,6 +209,10 @@ func TestValidateNATS(t *testing.T) {
 		{NATSURL: url, NATSNkey: seed, NATSTLSCA: ca},
 		{NATSURL: url, NATSUser: "worker", NATSPassword: "pw", NATSTLSCA: ca, NATSTLSCert: cert, NATSTLSKey: key},
 		{NATSURL: url, NATSTLSCert: cert, NATSTLSKey: key},
+		{NATSURL: url, NATSNkey: seed, NATSServiceNkey: file("service.nk")},
+		{NATSURL: url, NATSCreds: creds, NATSServiceCreds: file("service.creds"), NATSTLSCA: ca},
+		{NATSURL: url, NATSUser: "worker", NATSPassword: "pw", NATSServiceNkey: seed},
+		{NATSURL: url, NATSServiceCreds: creds},
 	}
 	for _, c := range ok {
 		if err := c.validateNATS(); err != nil {
@@ -232,6 +237,14 @@ func TestValidateNATS(t *testing.T) {
 		"nkey seed without url":  {NATSNkey: seed},
 		"user and tls, no url":   {NATSUser: "u", NATSPassword: "p", NATSTLSCert: cert, NATSTLSKey: key},
 		"creds, user, and creds": {NATSURL: url, NATSCreds: creds, NATSUser: "u", NATSPassword: "p"},
+		"service creds, no url":  {NATSServiceCreds: creds},
+		"service nkey, no url":   {NATSServiceNkey: seed},
+		"two service identities": {NATSURL: url, NATSNkey: seed, NATSServiceCreds: creds, NATSServiceNkey: file("s2.nk")},
+		"missing service nkey":   {NATSURL: url, NATSServiceNkey: filepath.Join(dir, "nope.nk")},
+		"missing service creds":  {NATSURL: url, NATSServiceCreds: filepath.Join(dir, "nope.creds")},
+		"same nkey file":         {NATSURL: url, NATSNkey: seed, NATSServiceNkey: dir + "/./a.nk"},
+		"same creds file":        {NATSURL: url, NATSCreds: creds, NATSServiceCreds: creds},
+		"service nkey, none":     {NATSURL: url, NATSAuth: NATSAuthNone, NATSServiceNkey: seed},
 	}
 	for name, c := range bad {
 		err := c.validateNATS()
@@ -250,9 +263,27 @@ func TestValidateNATS(t *testing.T) {
 	if err := os.WriteFile(loose, s, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	c := Config{NATSURL: url, NATSNkey: loose}
-	if _, err := c.externalOptions(); err == nil || !strings.Contains(err.Error(), "others may read it") {
-		t.Errorf("world-readable --nats-nkey: %v", err)
+	quiet := slog.New(slog.DiscardHandler)
+	for _, c := range []Config{{NATSURL: url, NATSNkey: loose}, {NATSURL: url, NATSServiceNkey: loose}} {
+		w := &Worker{cfg: c, log: quiet}
+		if _, _, err := w.externalOptions(); err == nil || !strings.Contains(err.Error(), "others may read it") {
+			t.Errorf("world-readable seed %+v: %v", c, err)
+		}
+	}
+	// Two files holding the same seed are one identity.
+	copied := filepath.Join(dir, "copy.nk")
+	if err := os.WriteFile(copied, s, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(loose, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	w := &Worker{cfg: Config{NATSURL: url, NATSNkey: loose, NATSServiceNkey: copied}, log: quiet}
+	if err := w.cfg.validateNATS(); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := w.externalOptions(); !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), "same nkey") {
+		t.Errorf("one seed in two files: %v", err)
 	}
 }
 
@@ -307,6 +338,116 @@ func TestExternalNATSCredentials(t *testing.T) {
 				t.Fatal(err)
 			}
 		})
+	}
+}
+
+// TestExternalNATSServiceIdentity joins a server with the worker's store
+// and service users (embedded.Access): with --nats-service-nkey the service
+// connection serves requests but a reply aimed at a KV record or an event
+// subject is a permissions violation, while the store connection publishes
+// logs; without it both connections use the main credentials and the
+// worker warns once.
+func TestExternalNATSServiceIdentity(t *testing.T) {
+	dir := t.TempDir()
+	var pubs [3]string
+	var files [3]string
+	for i, name := range []string{"worker.nk", "service.nk", "client.nk"} {
+		kp, _ := nkeys.CreateUser()
+		pubs[i], _ = kp.PublicKey()
+		seed, _ := kp.Seed()
+		files[i] = filepath.Join(dir, name)
+		if err := os.WriteFile(files[i], seed, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	access := embedded.Access{Prefix: "firkin"}
+	ns, err := server.NewServer(&server.Options{
+		Host: "127.0.0.1", Port: -1, NoSigs: true,
+		Nkeys: access.Users(pubs[0], pubs[1], pubs[2]),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go ns.Start()
+	t.Cleanup(func() { ns.Shutdown(); ns.WaitForShutdown() })
+	if !ns.ReadyForConnections(10 * time.Second) {
+		t.Fatal("nats-server not ready")
+	}
+	const warning = "the service connection uses the main NATS credentials"
+	w, logs, err := connectOnly(t, Config{StateDir: dir, NATSURL: ns.ClientURL(), NATSNkey: files[0], NATSServiceNkey: files[1]})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(logs.String(), warning) {
+		t.Errorf("warned with a service identity:\n%s", logs.String())
+	}
+	violations := make(chan error, 8)
+	w.nc.SetErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+		select {
+		case violations <- err:
+		default:
+		}
+	})
+	if _, err := w.nc.Subscribe("firkin.sandbox.create", func(m *nats.Msg) { _ = m.Respond([]byte("ok")) }); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	clientAuth, err := nats.NkeyOptionFromSeed(files[2])
+	if err != nil {
+		t.Fatal(err)
+	}
+	cl, err := nats.Connect(ns.ClientURL(), clientAuth)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	logSub, err := cl.SubscribeSync("firkin.logs.>")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cl.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if m, err := cl.Request("firkin.sandbox.create", nil, 3*time.Second); err != nil || string(m.Data) != "ok" {
+		t.Fatalf("request served by the service connection: %v %v", m, err)
+	}
+	if err := w.storeNC.Publish("firkin.logs.sb1", []byte("from the store connection")); err != nil {
+		t.Fatal(err)
+	}
+	if m, err := logSub.NextMsg(3 * time.Second); err != nil || string(m.Data) != "from the store connection" {
+		t.Fatalf("store connection log publish: %v %v", m, err)
+	}
+	for _, reply := range []string{"$KV.firkin_snapshots.x", "firkin.events.x"} {
+		if err := cl.PublishRequest("firkin.sandbox.create", reply, nil); err != nil {
+			t.Fatal(err)
+		}
+		_ = cl.Flush()
+		select {
+		case err := <-violations:
+			if !errors.Is(err, nats.ErrPermissionViolation) || !strings.Contains(err.Error(), `Publish to "`+reply+`"`) {
+				t.Errorf("reply to %s: %v", reply, err)
+			}
+		case <-time.After(3 * time.Second):
+			t.Errorf("the service connection replied to %s without a permissions violation", reply)
+		}
+	}
+
+	// Without service credentials both connections are the store user and
+	// the worker says so once.
+	w2, logs2, err := connectOnly(t, Config{StateDir: dir, NATSURL: ns.ClientURL(), NATSNkey: files[0]})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := strings.Count(logs2.String(), warning); n != 1 || !strings.Contains(logs2.String(), "level=WARN") {
+		t.Errorf("%d warnings:\n%s", n, logs2.String())
+	}
+	if err := w2.nc.Publish("firkin.logs.sb1", []byte("service with the main credentials")); err != nil {
+		t.Fatal(err)
+	}
+	if m, err := logSub.NextMsg(3 * time.Second); err != nil || string(m.Data) != "service with the main credentials" {
+		t.Fatalf("service connection with the main credentials: %v %v", m, err)
 	}
 }
 

@@ -77,6 +77,10 @@ type Config struct {
 	// Credentials for an external server (NATSURL): at most one of a
 	// credentials file, an nkey seed file, or a user with a password.
 	NATSCreds, NATSNkey, NATSUser, NATSPassword string
+	// Credentials of the service connection to an external server (at most
+	// one; default: the ones above): a user that may publish only replies
+	// into _INBOX.>.
+	NATSServiceCreds, NATSServiceNkey string
 	// TLS for an external server: a CA bundle, and a client certificate
 	// with its key.
 	NATSTLSCA, NATSTLSCert, NATSTLSKey string
@@ -298,8 +302,7 @@ func (w *Worker) connect(subj subjects.Subjects) error {
 			url = w.srv.ClientURL()
 		}
 	} else {
-		storeAuth, err = w.cfg.externalOptions()
-		serviceAuth = storeAuth
+		storeAuth, serviceAuth, err = w.externalOptions()
 	}
 	if err != nil {
 		return err

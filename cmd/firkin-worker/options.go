@@ -31,6 +31,7 @@ type options struct {
 	// or FIRKIN_NATS_PASSWORD, never from a flag.
 	natsAuth, natsCreds, natsNkey, natsUser, natsPasswordFile string
 	natsTLSCA, natsTLSCert, natsTLSKey, natsPassword          string
+	natsServiceCreds, natsServiceNkey                         string
 	routeTCPHost                                              string
 	maxRoutesPerSandbox, maxProxyConnsPerSandbox              int
 	proxyIdleTimeout                                          time.Duration
@@ -57,9 +58,11 @@ func parseOptions(args []string, getenv func(string) string, readFile func(strin
 	fs.StringVar(&o.stateDir, "state-dir", defaultStateDir(), "images, snapshots, overlays and the embedded server's JetStream store")
 	fs.StringVar(&o.natsURL, "nats-url", "", "connect to this NATS server or cluster instead of embedding one")
 	fs.StringVar(&o.natsListen, "nats-listen", "127.0.0.1:4222", "the embedded server's client address")
-	fs.StringVar(&o.natsAuth, "nats-auth", worker.NATSAuthNkey, "the embedded server's authentication: nkey (the worker's and the clients' identities, <state-dir>/worker.nk and client.nk) or none (anonymous clients with every permission: loopback development only)")
+	fs.StringVar(&o.natsAuth, "nats-auth", worker.NATSAuthNkey, "the embedded server's authentication: nkey (the worker's and the clients' identities, <state-dir>/worker.nk, service.nk and client.nk) or none (anonymous clients with every permission: loopback development only)")
 	fs.StringVar(&o.natsCreds, "nats-creds", "", "external server: credentials file (JWT and nkey seed)")
 	fs.StringVar(&o.natsNkey, "nats-nkey", "", "external server: nkey user seed file (mode 0600)")
+	fs.StringVar(&o.natsServiceCreds, "nats-service-creds", "", "external server: credentials file of the service connection, a user that may publish only replies to _INBOX.> (default: the main credentials)")
+	fs.StringVar(&o.natsServiceNkey, "nats-service-nkey", "", "external server: nkey user seed file (mode 0600) of the service connection, a user that may publish only replies to _INBOX.> (default: the main credentials)")
 	fs.StringVar(&o.natsUser, "nats-user", "", "external server: user name; the password comes from --nats-password-file or FIRKIN_NATS_PASSWORD")
 	fs.StringVar(&o.natsPasswordFile, "nats-password-file", "", "external server: file holding the password of --nats-user")
 	fs.StringVar(&o.natsTLSCA, "nats-tls-ca", "", "external server: CA bundle to verify it with")
@@ -215,6 +218,8 @@ func (o options) workerConfig() worker.Config {
 		NATSNkey:           o.natsNkey,
 		NATSUser:           o.natsUser,
 		NATSPassword:       o.natsPassword,
+		NATSServiceCreds:   o.natsServiceCreds,
+		NATSServiceNkey:    o.natsServiceNkey,
 		NATSTLSCA:          o.natsTLSCA,
 		NATSTLSCert:        o.natsTLSCert,
 		NATSTLSKey:         o.natsTLSKey,

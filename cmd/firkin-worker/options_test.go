@@ -107,18 +107,49 @@ func TestOptionsNATSAuth(t *testing.T) {
 	}
 }
 
-func TestOptionsExampleConfig(t *testing.T) {
-	o, err := parseOptions([]string{"--config", "../../deploy/worker.example.json"}, func(string) string { return "" }, func(p string) ([]byte, error) {
-		if strings.HasSuffix(p, "nats-password") {
-			return []byte("pw\n"), nil
+func TestOptionsNATSServiceIdentity(t *testing.T) {
+	files := map[string]string{"cfg.json": `{"nats-url":"nats://n1:4222","nats-nkey":"w.nk","nats-service-nkey":"file.nk","nats-service-creds":"file.creds"}`}
+	read := func(p string) ([]byte, error) {
+		if s, ok := files[p]; ok {
+			return []byte(s), nil
 		}
-		return os.ReadFile(p)
-	})
+		return nil, os.ErrNotExist
+	}
+	env := func(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
+
+	o, err := parseOptions(nil, env(nil), read)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg := o.workerConfig(); cfg.NATSServiceCreds != "" || cfg.NATSServiceNkey != "" {
+		t.Errorf("service credentials by default: %+v", cfg)
+	}
+	o, err = parseOptions([]string{"--config", "cfg.json", "--nats-service-nkey", "flag.nk"},
+		env(map[string]string{"FIRKIN_NATS_SERVICE_CREDS": "env.creds"}), read)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := o.workerConfig()
+	if cfg.NATSServiceNkey != "flag.nk" || cfg.NATSServiceCreds != "env.creds" || cfg.NATSNkey != "w.nk" || cfg.NATSURL != "nats://n1:4222" {
+		t.Errorf("flag, env and file: service nkey %q, service creds %q, nkey %q", cfg.NATSServiceNkey, cfg.NATSServiceCreds, cfg.NATSNkey)
+	}
+	o, err = parseOptions([]string{"--config", "cfg.json"}, env(nil), read)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg := o.workerConfig(); cfg.NATSServiceNkey != "file.nk" || cfg.NATSServiceCreds != "file.creds" {
+		t.Errorf("from the config file: service nkey %q, service creds %q", cfg.NATSServiceNkey, cfg.NATSServiceCreds)
+	}
+}
+
+func TestOptionsExampleConfig(t *testing.T) {
+	o, err := parseOptions([]string{"--config", "../../deploy/worker.example.json"}, func(string) string { return "" }, os.ReadFile)
 	if err != nil {
 		t.Fatalf("deploy/worker.example.json: %v", err)
 	}
-	if cfg := o.workerConfig(); cfg.NATSUser != "worker" || cfg.NATSPassword != "pw" || cfg.NATSTLSCA == "" {
-		t.Errorf("deploy/worker.example.json: %+v", cfg)
+	cfg := o.workerConfig()
+	if cfg.NATSURL == "" || cfg.NATSNkey == "" || cfg.NATSServiceNkey == "" || cfg.NATSServiceNkey == cfg.NATSNkey || cfg.NATSTLSCA == "" {
+		t.Errorf("deploy/worker.example.json: want an external server with store and service nkeys and TLS: %+v", cfg)
 	}
 }
 
