@@ -21,7 +21,11 @@ type testHost struct {
 	ns        string
 	Private   string // its address in 10.0.0.0/8
 	LinkLocal string // its address in 169.254.0.0/16
-	Body      string // what GET / answers
+	// Public and Public2 are addresses in 198.51.100.0/24 (TEST-NET-2, a
+	// documentation range the guard treats as public), routed to this test
+	// host only.
+	Public, Public2 string
+	Body            string // what GET / answers
 }
 
 const testHostPort = 8080
@@ -45,6 +49,8 @@ func newTestHost(t *testing.T) *testHost {
 		ns:        "fkth-" + suffix,
 		Private:   fmt.Sprintf("10.214.%d.%d", x, y+2),
 		LinkLocal: fmt.Sprintf("169.254.%d.%d", z, y+2),
+		Public:    fmt.Sprintf("198.51.100.%d", y+2),
+		Public2:   fmt.Sprintf("198.51.100.%d", y+3),
 		Body:      "test-host-" + suffix,
 	}
 	hostIf, nsIf := "fkh"+suffix, "fkn"+suffix
@@ -67,9 +73,12 @@ func newTestHost(t *testing.T) *testHost {
 	run("link", "set", nsIf, "netns", h.ns)
 	run("addr", "add", fmt.Sprintf("10.214.%d.%d/30", x, y+1), "dev", hostIf)
 	run("addr", "add", fmt.Sprintf("169.254.%d.%d/30", z, y+1), "dev", hostIf)
+	run("addr", "add", fmt.Sprintf("198.51.100.%d/30", y+1), "dev", hostIf)
 	run("link", "set", hostIf, "up")
 	run("-n", h.ns, "addr", "add", h.Private+"/30", "dev", nsIf)
 	run("-n", h.ns, "addr", "add", h.LinkLocal+"/30", "dev", nsIf)
+	run("-n", h.ns, "addr", "add", h.Public+"/30", "dev", nsIf)
+	run("-n", h.ns, "addr", "add", h.Public2+"/32", "dev", nsIf)
 	run("-n", h.ns, "link", "set", nsIf, "up")
 	run("-n", h.ns, "link", "set", "lo", "up")
 
