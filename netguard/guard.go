@@ -73,6 +73,13 @@ type Config struct {
 	// table: those of sandboxes whose machines outlived a worker restart
 	// (see Detach), so they are never without their policy.
 	Policies map[uint32]Policy
+	// Quarantine makes the new table reject all traffic of every uid of
+	// the range without a policy (Policies, Apply), established
+	// connections too, until EndQuarantine puts those uids on the default
+	// policy. A restarted worker that reattaches its sandboxes one by one
+	// (re-applying each one's policy) uses it so that none of them is on
+	// the default policy in between.
+	Quarantine bool
 }
 
 var tableNameRE = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9_]{0,63}$`)
@@ -125,10 +132,11 @@ type Guard struct {
 	log      *slog.Logger
 	def      *proxy // the shared DNS proxy of uids without domains
 
-	mu     sync.Mutex // serializes nft runs; guards the fields below
-	closed bool
-	gen    uint64
-	uids   map[uint32]*uidState
+	mu          sync.Mutex // serializes nft runs; guards the fields below
+	closed      bool
+	quarantined bool // uids without a policy are rejected (Config.Quarantine)
+	gen         uint64
+	uids        map[uint32]*uidState
 }
 
 type uidState struct {
@@ -138,8 +146,9 @@ type uidState struct {
 }
 
 // New creates the Guard's table (deleting a stale one of the same name)
-// with the default rules for the whole uid range and cfg.Policies, and
-// starts the DNS proxies. Close undoes all of it.
+// with the default rules for the whole uid range (or, with cfg.Quarantine,
+// rejecting it) and cfg.Policies, and starts the DNS proxies. Close undoes
+// all of it.
 func New(ctx context.Context, cfg Config) (*Guard, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
@@ -165,7 +174,8 @@ func New(ctx context.Context, cfg Config) (*Guard, error) {
 		return nil, errdefs.Wrap(errdefs.ErrInternalFailure, err)
 	}
 	g.tbl = table{name: cfg.Table, uidFirst: cfg.UIDFirst, uidLast: cfg.UIDFirst + cfg.UIDCount - 1, defaultDNSPort: g.def.port}
-	script := tableScript(g.tbl)
+	g.quarantined = cfg.Quarantine
+	script := tableScript(g.tbl, cfg.Quarantine)
 	fail := func(err error) (*Guard, error) {
 		for _, st := range g.uids {
 			if st.proxy != nil {
@@ -191,7 +201,7 @@ func New(ctx context.Context, cfg Config) (*Guard, error) {
 	if err := runNft(ctx, nft, script, false); err != nil {
 		return fail(errdefs.Wrap(errdefs.ErrInternalFailure, fmt.Errorf("netguard: create table %s: %w", cfg.Table, err)))
 	}
-	log.Info("netguard: guest egress filtered", "table", cfg.Table, "uids", g.tbl.uidRange(), "dns_upstream", upstream, "policies", len(g.uids))
+	log.Info("netguard: guest egress filtered", "table", cfg.Table, "uids", g.tbl.uidRange(), "dns_upstream", upstream, "policies", len(g.uids), "quarantine", cfg.Quarantine)
 	return g, nil
 }
 
@@ -270,8 +280,9 @@ func (g *Guard) Apply(ctx context.Context, uid uint32, p Policy) error {
 	return nil
 }
 
-// Remove puts uid back on the default policy and stops its DNS proxy. A uid
-// without a policy is left as it is.
+// Remove puts uid back on the default policy (in quarantine: rejected until
+// EndQuarantine) and stops its DNS proxy. A uid without a policy is left as
+// it is.
 func (g *Guard) Remove(ctx context.Context, uid uint32) error {
 	if err := g.checkUID(uid); err != nil {
 		return err
@@ -294,16 +305,41 @@ func (g *Guard) Remove(ctx context.Context, uid uint32) error {
 	return nil
 }
 
+// EndQuarantine ends the quarantine of Config.Quarantine: in one
+// transaction, uids without a policy go on the default policy. It does
+// nothing when the Guard is not in quarantine (any more); after Close or
+// Detach it fails (the table, if left, stays as it is). On an error the
+// quarantine goes on.
+func (g *Guard) EndQuarantine(ctx context.Context) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.closed {
+		return errClosed
+	}
+	if !g.quarantined {
+		return nil
+	}
+	if err := runNft(ctx, g.nft, endQuarantineScript(g.tbl.name), false); err != nil {
+		return errdefs.Wrap(errdefs.ErrInternalFailure, fmt.Errorf("netguard: end quarantine of table %s: %w", g.tbl.name, err))
+	}
+	g.quarantined = false
+	g.log.Info("netguard: quarantine ended; uids without a policy are on the default policy", "table", g.tbl.name)
+	return nil
+}
+
 // Close deletes the table and stops every DNS proxy. After Close (or
-// Detach), Apply fails and Remove does nothing; a second call returns nil.
+// Detach), Apply and EndQuarantine fail and Remove does nothing; a second
+// call returns nil.
 func (g *Guard) Close(ctx context.Context) error {
 	return g.shut(ctx, true)
 }
 
 // Detach stops the DNS proxies but leaves the table in place, for a worker
 // that exits while its machines keep running: their traffic stays filtered
-// (their DNS fails) until the next worker's New replaces the table,
-// installing the surviving sandboxes' policies with it (Config.Policies).
+// (their DNS fails), a Guard still in quarantine stays so, until the next
+// worker's New replaces the table, installing the surviving sandboxes'
+// policies with it (Config.Policies) or quarantining the range
+// (Config.Quarantine) until they are applied again.
 func (g *Guard) Detach() {
 	_ = g.shut(context.Background(), false)
 }

@@ -26,16 +26,21 @@ const rejectedFast = time.Second
 // upstream; it is closed with the test.
 func newTestGuard(t *testing.T, upstream string) (*Guard, uint32) {
 	t.Helper()
+	return newTestGuardConfig(t, Config{Upstream: upstream})
+}
+
+// newTestGuardConfig is newTestGuard with cfg (its Table, uid range and
+// Logger are set here).
+func newTestGuardConfig(t *testing.T, cfg Config) (*Guard, uint32) {
+	t.Helper()
 	if err := Available(context.Background()); err != nil {
 		t.Fatalf("netguard tests need root and nftables (apt-get install nftables): %v", err)
 	}
 	first := uint32(3000000000 + rand.IntN(1000000)*1000)
-	g, err := New(context.Background(), Config{
-		Table:    fmt.Sprintf("firkin_test_%08x", rand.Uint32()),
-		UIDFirst: first, UIDCount: 100,
-		Upstream: upstream,
-		Logger:   slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug})),
-	})
+	cfg.Table = fmt.Sprintf("firkin_test_%08x", rand.Uint32())
+	cfg.UIDFirst, cfg.UIDCount = first, 100
+	cfg.Logger = slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	g, err := New(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

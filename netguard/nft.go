@@ -75,7 +75,7 @@ func Available(ctx context.Context) error {
 	}
 	t := table{name: "firkin_probe", uidFirst: 4000000000, uidLast: 4000000001, defaultDNSPort: 53}
 	p := Policy{AllowDomains: []string{"example.com"}, Allow: prefixes("10.0.0.0/8"), HostPorts: []uint16{1}}
-	script := tableScript(t) + applyScript(t.name, t.uidFirst, p, plan(t.uidFirst, 1, p, 54), nil)
+	script := tableScript(t, true) + applyScript(t.name, t.uidFirst, p, plan(t.uidFirst, 1, p, 54), nil) + endQuarantineScript(t.name)
 	if err := runNft(ctx, nft, script, true); err != nil {
 		return unsupported(fmt.Errorf("netguard: nft cannot load the rules: %w", err))
 	}

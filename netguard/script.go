@@ -16,7 +16,8 @@ import (
 //	chain guest    a uid with a policy jumps to its chain through the uid_chain
 //	               verdict map; else established connections of the default
 //	               policy (conntrack mark 0) pass, and the rest is marked 0 and
-//	               judged by head, then tail
+//	               judged by head, then tail (in quarantine: else rej, until
+//	               endQuarantineScript rewrites the chain)
 //	chain head     DNS redirected to a proxy of the Guard passes; any other DNS,
 //	               the host's own addresses (fib), loopback are rejected
 //	chain tail     Internal4/Internal6 are rejected, the rest accepted
@@ -60,8 +61,9 @@ func (t table) uidRange() string {
 const setElemMax = 4096
 
 // tableScript creates the table, first deleting a stale one of the same name
-// (a crashed worker's), in one transaction.
-func tableScript(t table) string {
+// (a crashed worker's), in one transaction. In quarantine, chain guest
+// rejects every uid without a policy chain (see writeGuest).
+func tableScript(t table, quarantine bool) string {
 	var b strings.Builder
 	w := func(format string, args ...any) { fmt.Fprintf(&b, format+"\n", args...) }
 	w("add table inet %s", t.name)
@@ -90,13 +92,7 @@ func tableScript(t table) string {
 	w("\t\tip6 daddr @internal6 jump rej")
 	w("\t\taccept")
 	w("\t}")
-	w("\tchain guest {")
-	w("\t\tmeta skuid vmap @uid_chain")
-	w("\t\tct state established ct mark %#x accept", markDefault)
-	w("\t\tct mark set %#x", markDefault)
-	w("\t\tjump head")
-	w("\t\tjump tail")
-	w("\t}")
+	writeGuest(w, quarantine)
 	w("\tchain output {")
 	w("\t\ttype filter hook output priority 0; policy accept;")
 	w("\t\tmeta skuid %s jump guest", t.uidRange())
@@ -106,6 +102,38 @@ func tableScript(t table) string {
 	w("\t\tmeta skuid %s meta l4proto { tcp, udp } th dport 53 redirect to :meta skuid map @uid_dns", t.uidRange())
 	w("\t\tmeta skuid %s meta l4proto { tcp, udp } th dport 53 redirect to :%d", t.uidRange(), t.defaultDNSPort)
 	w("\t}")
+	w("}")
+	return b.String()
+}
+
+// writeGuest writes chain guest: a uid with a policy jumps to its chain;
+// the others take the default path (established connections of the default
+// policy pass, the rest is marked 0 and judged by head, then tail), or in
+// quarantine are rejected, established connections too: so a connection the
+// previous worker accepted under the default policy is reset at its next
+// packet rather than passing before the uid's own policy is back.
+func writeGuest(w func(string, ...any), quarantine bool) {
+	w("\tchain guest {")
+	w("\t\tmeta skuid vmap @uid_chain")
+	if quarantine {
+		w("\t\tjump rej")
+	} else {
+		w("\t\tct state established ct mark %#x accept", markDefault)
+		w("\t\tct mark set %#x", markDefault)
+		w("\t\tjump head")
+		w("\t\tjump tail")
+	}
+	w("\t}")
+}
+
+// endQuarantineScript puts the default path back in chain guest, in one
+// transaction: no packet sees the chain empty.
+func endQuarantineScript(tbl string) string {
+	var b strings.Builder
+	w := func(format string, args ...any) { fmt.Fprintf(&b, format+"\n", args...) }
+	w("flush chain inet %s guest", tbl)
+	w("table inet %s {", tbl)
+	writeGuest(w, false)
 	w("}")
 	return b.String()
 }

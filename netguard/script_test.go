@@ -30,7 +30,9 @@ func golden(t *testing.T, name, got string) {
 
 func TestScriptsGolden(t *testing.T) {
 	tbl := table{name: "firkin_w1", uidFirst: 2000000000, uidLast: 2000065535, defaultDNSPort: 40000}
-	golden(t, "table.nft", tableScript(tbl))
+	golden(t, "table.nft", tableScript(tbl, false))
+	golden(t, "table_quarantine.nft", tableScript(tbl, true))
+	golden(t, "end_quarantine.nft", endQuarantineScript(tbl.name))
 
 	full := Policy{
 		Allow:        prefixes("10.99.0.2/32", "1.2.3.0/24", "2001:db8::/32"),
