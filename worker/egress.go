@@ -47,9 +47,12 @@ type uidRanger interface {
 	UIDRange() (first, count uint32, ok bool)
 }
 
-// startGuard starts the network guard over the driver's uid range. It
-// returns nil, and why, when guests cannot be filtered on this host; the
-// driver then keeps every guest off the network (QEMU restrict=on).
+// startGuard starts the network guard over the driver's uid range, in
+// quarantine (every uid rejected until its policy is applied) until
+// endQuarantine: machines a crashed worker left running get their policies
+// back only as recovery reattaches them. It returns nil, and why, when
+// guests cannot be filtered on this host; the driver then keeps every guest
+// off the network (QEMU restrict=on).
 func (w *Worker) startGuard(ctx context.Context, driver vmpool.Driver) (*netguard.Guard, error) {
 	r, ok := driver.(uidRanger)
 	if !ok {
@@ -68,7 +71,25 @@ func (w *Worker) startGuard(ctx context.Context, driver vmpool.Driver) (*netguar
 		UIDCount: count,
 		Upstream: w.cfg.DNSUpstream,
 		Logger:   w.log.With("component", "netguard"),
+		// Until recovery has re-applied the policies of the sandboxes
+		// it reattaches (backend.Start), none may be on the default one.
+		Quarantine: true,
 	})
+}
+
+// endQuarantine puts the uids without a policy on the default policy, once
+// recovery has re-applied the reattached sandboxes' policies. On failure
+// they stay rejected (guests without a policy get no network), which is
+// logged as an error.
+func (w *Worker) endQuarantine(ctx context.Context) {
+	if w.guard == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if err := w.guard.EndQuarantine(ctx); err != nil {
+		w.log.Error("guest network quarantine not ended: sandboxes on the default network policy get no network", "err", err)
+	}
 }
 
 // startNetwork starts the network guard, or, where guests cannot be

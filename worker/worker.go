@@ -227,6 +227,7 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	if err := step("recover sandboxes", func() error { return w.backend.Start(ctx) }); err != nil {
 		return nil, err
 	}
+	w.endQuarantine(ctx)
 	cleanups = append(cleanups, func() {
 		sctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
