@@ -69,9 +69,10 @@ type Config struct {
 	// Egress enforces network policies; nil when the host cannot (the
 	// driver then gives guests no outbound network at all).
 	Egress Egress
-	// ReservedHostPorts returns the host ports an egress "host:PORT" entry
-	// may not open: the worker's own NATS and proxy ports (nil: none).
-	ReservedHostPorts func() []int
+	// HostPortAllowed says whether an egress "host:PORT" entry may open
+	// that host port (the operator's list, never the worker's own ports);
+	// nil allows none.
+	HostPortAllowed func(port int) bool
 	// StateDir holds sandboxes/<id> and snapshots/<sid>.<generation>.
 	StateDir string
 	// RecordKey authenticates snapshot records (RecordKey(worker secret));

@@ -206,6 +206,9 @@ func (b *Backend) Create(ctx context.Context, req subjects.CreateSandboxRequest)
 		rec.SnapshotID = p.snapshot.SnapshotID
 		rec.DiskParent, rec.DiskParentLocation = p.snapshot.SnapshotID, b.recordDir(*p.snapshot)
 	}
+	if err := bindSession(m.Dir(), generation); err != nil {
+		return fail(fmt.Errorf("create sandbox %s: %w", p.id, err))
+	}
 	if err := b.putSession(ctx, rec); err != nil {
 		return fail(fmt.Errorf("create sandbox %s: store session: %w", p.id, err))
 	}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"slices"
 
 	"github.com/firkin-dev/firkin-worker/errdefs"
 	"github.com/firkin-dev/firkin-worker/subjects"
@@ -34,13 +33,10 @@ func (b *Backend) checkEgress(network bool, p *subjects.EgressPolicy) error {
 	if err := p.Validate(); err != nil {
 		return err
 	}
-	var reserved []int
-	if b.cfg.ReservedHostPorts != nil {
-		reserved = b.cfg.ReservedHostPorts()
-	}
 	for _, raw := range p.Allow {
-		if e, err := subjects.ParseEgressEntry(raw); err == nil && e.HostPort != 0 && slices.Contains(reserved, int(e.HostPort)) {
-			return invalid("egress: %q is one of the worker's own ports (NATS, the proxy)", raw)
+		if e, err := subjects.ParseEgressEntry(raw); err == nil && e.HostPort != 0 &&
+			(b.cfg.HostPortAllowed == nil || !b.cfg.HostPortAllowed(int(e.HostPort))) {
+			return invalid("egress: %q: this worker opens no such host port to sandboxes (its operator lists them with --egress-host-ports; the worker's own NATS and proxy ports are never open)", raw)
 		}
 	}
 	if b.cfg.Egress == nil {

@@ -8,6 +8,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -212,6 +214,40 @@ func (b *Backend) verifySession(rec subjects.Sandbox) error {
 	want, err := sessionMAC(b.cfg.RecordKey, rec)
 	if err != nil || !hmac.Equal([]byte(rec.MAC), []byte(want)) {
 		return errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("session record %s failed authentication", rec.SandboxID))
+	}
+	return nil
+}
+
+// sessionBindingFile, in a sandbox's machine directory, holds the generation
+// of the create that made the sandbox. A session record authenticates who
+// wrote it, not when: an old signed record of an earlier sandbox with the
+// same id, put back into KV, is refused at recovery because the machine
+// running now was made by another create.
+const sessionBindingFile = "firkin-generation"
+
+// bindSession records generation in the machine directory dir (root's, 0600).
+func bindSession(dir, generation string) error {
+	if !generationPattern.MatchString(generation) {
+		return fmt.Errorf("bind session: bad generation")
+	}
+	if err := os.WriteFile(filepath.Join(dir, sessionBindingFile), []byte(generation+"\n"), 0o600); err != nil {
+		return fmt.Errorf("bind session: %w", err)
+	}
+	return nil
+}
+
+// checkSessionBinding refuses a session record whose generation is not the
+// one the machine in dir was made for.
+func checkSessionBinding(dir, generation string) error {
+	f, err := os.Open(filepath.Join(dir, sessionBindingFile))
+	if err != nil {
+		return errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("session record: the machine has no creation record (%v)", errors.Unwrap(err)))
+	}
+	defer f.Close()
+	buf := make([]byte, 64)
+	n, _ := io.ReadFull(f, buf)
+	if got := strings.TrimSpace(string(buf[:n])); got == "" || !hmac.Equal([]byte(got), []byte(generation)) {
+		return errdefs.Wrap(errdefs.ErrIntegrity, errors.New("session record: made for another instance of this sandbox id"))
 	}
 	return nil
 }

@@ -161,3 +161,24 @@ func TestSessionMAC(t *testing.T) {
 		t.Error("a session signed under another secret was accepted")
 	}
 }
+
+func TestSessionBinding(t *testing.T) {
+	dir := t.TempDir()
+	if err := checkSessionBinding(dir, "g1"); !errors.Is(err, errdefs.ErrIntegrity) {
+		t.Errorf("no binding file: %v", err)
+	}
+	if err := bindSession(dir, "g1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := checkSessionBinding(dir, "g1"); err != nil {
+		t.Errorf("the machine's own generation refused: %v", err)
+	}
+	for _, other := range []string{"g2", "", "g1x"} {
+		if err := checkSessionBinding(dir, other); !errors.Is(err, errdefs.ErrIntegrity) {
+			t.Errorf("generation %q of another instance: %v", other, err)
+		}
+	}
+	if err := bindSession(dir, "../x"); err == nil {
+		t.Error("a bad generation was written")
+	}
+}

@@ -23,15 +23,26 @@ func (b *Backend) recover(ctx context.Context) error {
 		return fmt.Errorf("recover: %w", err)
 	}
 	kept := map[string]bool{}
+	seen := map[string]bool{}
 	for _, rec := range sessions {
 		if rec.ClientID != b.cfg.WorkerID {
 			continue
 		}
 		err := b.verifySession(rec)
+		if err == nil && seen[rec.SandboxID] {
+			// A signed record copied under another key: the first one is
+			// the sandbox's; the copy is neither used nor acted on.
+			b.log.Warn("duplicate session record ignored", "sandbox", rec.SandboxID)
+			continue
+		}
+		seen[rec.SandboxID] = true
 		rec.MAC = ""
 		var dir string
 		if err == nil {
 			dir, err = b.machineDir(rec)
+		}
+		if err == nil {
+			err = checkSessionBinding(dir, rec.Generation)
 		}
 		if err == nil && kept[dir] {
 			err = errors.New("its machine directory belongs to another sandbox")

@@ -69,6 +69,11 @@ type Config struct {
 	Logger   *slog.Logger
 	// MaxInFlight bounds requests handled at once (default 256).
 	MaxInFlight int
+	// ReplyPrefixes are the subjects requests may ask replies on: the
+	// clients' inboxes (default "_INBOX."). A request whose reply subject
+	// is anything else is not answered, so nobody can make the worker
+	// publish to a stream, KV bucket, event or another service's subject.
+	ReplyPrefixes []string
 }
 
 // Service is the worker's NATS face: the micro service firkin-worker with the
@@ -106,6 +111,9 @@ func New(nc *nats.Conn, cfg Config) (*Service, error) {
 	}
 	if cfg.Version == "" {
 		cfg.Version = "0.1.0"
+	}
+	if len(cfg.ReplyPrefixes) == 0 {
+		cfg.ReplyPrefixes = []string{"_INBOX."}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Service{cfg: cfg, nc: nc, subj: cfg.Subjects, rt: cfg.Runtime, log: cfg.Logger,
@@ -256,14 +264,22 @@ func (s *Service) async(handle func(context.Context, micro.Request) (any, error)
 	}
 }
 
-// foreignReply reports whether a request's reply subject names something
-// other than a requester's inbox: a stream or KV subject ($JS, $KV, any $),
-// the worker's own subjects (logs, events, other requests) or the worker's
-// inbox. Answering there would make the worker write what the requester may
-// not (on the embedded server the service connection's permissions forbid it
-// as well; this holds on any server). Such requests are not answered.
+// foreignReply reports whether a request's reply subject is outside the
+// clients' inboxes (Config.ReplyPrefixes): a stream or KV subject, an event,
+// the worker's own inbox, another service's subject. Answering there would
+// make the worker publish what the requester may not (on the embedded
+// server the service connection's permissions forbid it as well; this holds
+// on any server). Such requests are not answered.
 func (s *Service) foreignReply(reply string) bool {
-	return reply != "" && (strings.HasPrefix(reply, "$") || strings.HasPrefix(reply, s.subj.Prefix+".") || strings.HasPrefix(reply, "_FIRKIN_"))
+	if reply == "" {
+		return false
+	}
+	for _, p := range s.cfg.ReplyPrefixes {
+		if strings.HasPrefix(reply, p) && len(reply) > len(p) {
+			return false
+		}
+	}
+	return true
 }
 
 // reply sends v, or err as an error reply: the one error path of every

@@ -23,6 +23,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/firkin-dev/firkin-worker/subjects"
+	"github.com/firkin-dev/firkin-worker/worker"
 )
 
 // guestConnect tries a TCP connection from inside a guest and reports what
@@ -46,10 +47,10 @@ func (e *env) guestGet(id, url, body string) bool {
 func shellQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
 
 func TestAttacks(t *testing.T) {
-	e := startWorker(t, waitTemplates())
-	th := newTestHost(t)
-
-	// A host service that is not the worker's: guests must not reach it.
+	// A host service that is not the worker's: guests must not reach it,
+	// unless a create opens its port, which the operator allows here
+	// (--egress-host-ports), with every other port (the worker's own
+	// included: they are never open).
 	hostLn, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -58,6 +59,8 @@ func TestAttacks(t *testing.T) {
 	go hostSrv.Serve(hostLn)
 	t.Cleanup(func() { hostSrv.Close() })
 	hostPort := hostLn.Addr().(*net.TCPAddr).Port
+	e := startWorker(t, waitTemplates(), func(c *worker.Config) { c.EgressHostPorts = "1-65535" })
+	th := newTestHost(t)
 
 	natsPort := portOf(t, e.w.NATSURL())
 	proxyPort := portOf(t, "tcp://"+e.w.ProxyAddr())

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/url"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/firkin-dev/firkin-worker/backend"
@@ -128,6 +129,56 @@ func (w *Worker) closeGuard() error {
 	err := w.guard.Close(ctx)
 	w.guard = nil
 	return err
+}
+
+// hostPortAllowed says whether egress "host:PORT" may open port: the
+// operator listed it (--egress-host-ports) and it is none of the worker's
+// own ports.
+func (w *Worker) hostPortAllowed(port int) bool {
+	if !w.hostPorts.contains(port) {
+		return false
+	}
+	for _, own := range w.ownPorts() {
+		if own == port {
+			return false
+		}
+	}
+	return true
+}
+
+// portSet is a list of port ranges.
+type portSet [][2]int
+
+func (s portSet) contains(p int) bool {
+	for _, r := range s {
+		if p >= r[0] && p <= r[1] {
+			return true
+		}
+	}
+	return false
+}
+
+// parsePortSet parses "8000,3000-3010" (empty: no port).
+func parsePortSet(spec string) (portSet, error) {
+	var set portSet
+	for _, part := range strings.Split(spec, ",") {
+		part = strings.TrimSpace(part)
+		if part == "" {
+			continue
+		}
+		lo, hi, isRange := strings.Cut(part, "-")
+		a, err1 := strconv.Atoi(lo)
+		b := a
+		var err2 error
+		if isRange {
+			b, err2 = strconv.Atoi(hi)
+		}
+		if err1 != nil || err2 != nil || a < 1 || b > 65535 || a > b {
+			return nil, fmt.Errorf("--egress-host-ports: %q: want a port or a range of ports in 1..65535", part)
+		}
+		set = append(set, [2]int{a, b})
+	}
+	return set, nil
 }
 
 // ownPorts are the worker's own listening ports on the host (the embedded

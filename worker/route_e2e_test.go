@@ -23,6 +23,7 @@ import (
 	"github.com/firkin-dev/firkin-worker/embedded"
 	"github.com/firkin-dev/firkin-worker/internal/testenv"
 	"github.com/firkin-dev/firkin-worker/subjects"
+	"github.com/firkin-dev/firkin-worker/worker"
 )
 
 // startHTTPD runs busybox httpd on port in the sandbox and waits until it answers.
@@ -455,7 +456,6 @@ func TestPrivateTraffic(t *testing.T) {
 // only where the create allowed that port (egress "host:PORT"), and not at
 // all with "network": false.
 func TestGuestNetwork(t *testing.T) {
-	e := startWorker(t, waitTemplates())
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -464,6 +464,7 @@ func TestGuestNetwork(t *testing.T) {
 	go srv.Serve(ln)
 	t.Cleanup(func() { srv.Close() })
 	port := ln.Addr().(*net.TCPAddr).Port
+	e := startWorker(t, waitTemplates(), func(c *worker.Config) { c.EgressHostPorts = strconv.Itoa(port) })
 	url := fmt.Sprintf("http://10.0.2.2:%d/", port)
 
 	def := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny"})
@@ -475,6 +476,8 @@ func TestGuestNetwork(t *testing.T) {
 	if r := e.exec(on.SandboxID, "timeout 10 wget -q -O- "+url); r.Stdout != "host-says-hi" {
 		t.Errorf("guest allowed host:%d: %+v", port, r)
 	}
+	_, err = e.c.Create(e.ctx(time.Minute), subjects.CreateSandboxRequest{TemplateID: "tiny", Egress: &subjects.EgressPolicy{Allow: []string{fmt.Sprintf("host:%d", port+1)}}})
+	wantCode(t, "a host port the operator did not list", err, subjects.CodeInvalidRequest)
 	off := false
 	sb := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny", Network: &off})
 	if r := e.exec(sb.SandboxID, "timeout 5 wget -q -O- "+url+"; echo rc=$?"); strings.Contains(r.Stdout, "host-says-hi") || strings.Contains(r.Stdout, "rc=0") {

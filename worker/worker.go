@@ -21,6 +21,7 @@ import (
 
 	"github.com/firkin-dev/firkin-worker/backend"
 	"github.com/firkin-dev/firkin-worker/embedded"
+	"github.com/firkin-dev/firkin-worker/errdefs"
 	"github.com/firkin-dev/firkin-worker/handlers"
 	"github.com/firkin-dev/firkin-worker/images"
 	"github.com/firkin-dev/firkin-worker/jetstream"
@@ -51,7 +52,14 @@ type Config struct {
 	// DNSUpstream is the resolver guests' DNS goes to through the network
 	// guard's proxy ("host:port"; default: /etc/resolv.conf's first).
 	DNSUpstream string
-	Limits      backend.Limits
+	// ClientInboxPrefixes are the reply subject prefixes requests may use
+	// (default "_INBOX."): a request asking for its reply anywhere else is
+	// not answered.
+	ClientInboxPrefixes []string
+	// EgressHostPorts are the host ports a create's egress may open with
+	// "host:PORT" (development set-ups), e.g. "8000,3000-3010"; empty: none.
+	EgressHostPorts string
+	Limits          backend.Limits
 	// MinFreeDiskBytes overrides the free-disk floor (see backend.Config).
 	MinFreeDiskBytes uint64
 	// LogMaxAge bounds the log stream's retention.
@@ -102,6 +110,8 @@ type Worker struct {
 	bgDone  chan struct{}
 	driver  vmpool.Driver
 	guard   *netguard.Guard // nil: guests have no outbound network
+	// hostPorts are the host ports egress "host:PORT" may open.
+	hostPorts portSet
 
 	// clientSeed is the embedded server's client seed file ("" without one).
 	clientSeed string
@@ -132,7 +142,11 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
 	}
-	w := &Worker{cfg: cfg, log: cfg.Logger, stopped: make(chan struct{}), bgDone: make(chan struct{})}
+	hostPorts, err := parsePortSet(cfg.EgressHostPorts)
+	if err != nil {
+		return nil, errdefs.Wrap(errdefs.ErrInvalidArgument, err)
+	}
+	w := &Worker{cfg: cfg, log: cfg.Logger, stopped: make(chan struct{}), bgDone: make(chan struct{}), hostPorts: hostPorts}
 	var cleanups []func()
 	defer func() {
 		if err != nil {
@@ -195,18 +209,18 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	}
 	if err := step("runtime", func() (err error) {
 		w.backend, err = backend.New(backend.Config{
-			WorkerID:          w.id,
-			Driver:            driver,
-			Store:             storeAdapter{store},
-			Tokens:            tok,
-			RecordKey:         backend.RecordKey(secret),
-			Egress:            w.egress(),
-			ReservedHostPorts: w.ownPorts,
-			StateDir:          cfg.StateDir,
-			Images:            map[string]vmpool.Image{"tiny": img},
-			Limits:            cfg.Limits,
-			MinFreeDiskBytes:  cfg.MinFreeDiskBytes,
-			Logger:            w.log.With("component", "runtime"),
+			WorkerID:         w.id,
+			Driver:           driver,
+			Store:            storeAdapter{store},
+			Tokens:           tok,
+			RecordKey:        backend.RecordKey(secret),
+			Egress:           w.egress(),
+			HostPortAllowed:  w.hostPortAllowed,
+			StateDir:         cfg.StateDir,
+			Images:           map[string]vmpool.Image{"tiny": img},
+			Limits:           cfg.Limits,
+			MinFreeDiskBytes: cfg.MinFreeDiskBytes,
+			Logger:           w.log.With("component", "runtime"),
 		})
 		return err
 	}); err != nil {
@@ -218,7 +232,8 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	}
 	cleanups = append(cleanups, w.stopProxy)
 	if err := step("handlers", func() (err error) {
-		w.svc, err = handlers.New(w.nc, handlers.Config{Subjects: subj, WorkerID: w.id, Runtime: w.rt, Logger: w.log.With("component", "handlers")})
+		w.svc, err = handlers.New(w.nc, handlers.Config{Subjects: subj, WorkerID: w.id, Runtime: w.rt,
+			ReplyPrefixes: cfg.ClientInboxPrefixes, Logger: w.log.With("component", "handlers")})
 		return err
 	}); err != nil {
 		return nil, err

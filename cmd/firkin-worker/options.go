@@ -20,7 +20,7 @@ import (
 type options struct {
 	stateDir, natsURL, natsListen, prefix, driver, accel, kernel, agent string
 	pool, proxyListen, domain, logFormat, logLevel, tokenSecret         string
-	dnsUpstream                                                         string
+	dnsUpstream, egressHostPorts, clientInboxes                         string
 	maxSessions, maxVCPUs, maxMemoryMB                                  int
 	minFreeDiskMB                                                       int
 	keepMachines                                                        bool
@@ -76,6 +76,8 @@ func parseOptions(args []string, getenv func(string) string, readFile func(strin
 	fs.StringVar(&o.pool, "pool", "tiny=1", "warm pool targets, e.g. tiny=2,py=1")
 	fs.StringVar(&o.proxyListen, "proxy-listen", "127.0.0.1:8080", "the port-routing proxy's address")
 	fs.StringVar(&o.domain, "domain", "localhost", "domain of routed hosts: <port>-<sandbox>.<domain>")
+	fs.StringVar(&o.clientInboxes, "client-inbox-prefixes", "_INBOX.", "reply subject prefixes clients' requests may use (comma-separated); requests asking for replies elsewhere are not answered")
+	fs.StringVar(&o.egressHostPorts, "egress-host-ports", "", "host ports a sandbox's egress may open with \"host:PORT\" (development set-ups), e.g. 8000,3000-3010; empty: none")
 	fs.StringVar(&o.dnsUpstream, "dns-upstream", "", "resolver the guests' DNS is forwarded to, host:port (default: the first nameserver of /etc/resolv.conf)")
 	fs.StringVar(&o.logFormat, "log-format", "auto", "text (tint, default on a terminal) or json")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
@@ -210,38 +212,51 @@ func parsePool(s string) (map[string]int, error) {
 func (o options) workerConfig() worker.Config {
 	pool, _ := parsePool(o.pool)
 	return worker.Config{
-		StateDir:           o.stateDir,
-		NATSURL:            o.natsURL,
-		NATSListen:         o.natsListen,
-		NATSAuth:           o.natsAuth,
-		NATSCreds:          o.natsCreds,
-		NATSNkey:           o.natsNkey,
-		NATSUser:           o.natsUser,
-		NATSPassword:       o.natsPassword,
-		NATSServiceCreds:   o.natsServiceCreds,
-		NATSServiceNkey:    o.natsServiceNkey,
-		NATSTLSCA:          o.natsTLSCA,
-		NATSTLSCert:        o.natsTLSCert,
-		NATSTLSKey:         o.natsTLSKey,
-		Prefix:             o.prefix,
-		Driver:             o.driver,
-		Accel:              o.accel,
-		Kernel:             o.kernel,
-		AgentBinary:        o.agent,
-		Pool:               pool,
-		ProxyListen:        o.proxyListen,
-		DNSUpstream:        o.dnsUpstream,
-		Domain:             o.domain,
-		TokenSecret:        o.tokenSecret,
-		RouteTCPHost:       o.routeTCPHost,
-		LogMaxAge:          o.logMaxAge,
-		MinFreeDiskBytes:   uint64(o.minFreeDiskMB) << 20,
-		KeepMachinesOnExit: o.keepMachines,
-		Limits:             backend.Limits{MaxSessions: o.maxSessions, MaxVCPUs: o.maxVCPUs, MaxMemoryMB: o.maxMemoryMB},
+		StateDir:            o.stateDir,
+		NATSURL:             o.natsURL,
+		NATSListen:          o.natsListen,
+		NATSAuth:            o.natsAuth,
+		NATSCreds:           o.natsCreds,
+		NATSNkey:            o.natsNkey,
+		NATSUser:            o.natsUser,
+		NATSPassword:        o.natsPassword,
+		NATSServiceCreds:    o.natsServiceCreds,
+		NATSServiceNkey:     o.natsServiceNkey,
+		NATSTLSCA:           o.natsTLSCA,
+		NATSTLSCert:         o.natsTLSCert,
+		NATSTLSKey:          o.natsTLSKey,
+		Prefix:              o.prefix,
+		Driver:              o.driver,
+		Accel:               o.accel,
+		Kernel:              o.kernel,
+		AgentBinary:         o.agent,
+		Pool:                pool,
+		ProxyListen:         o.proxyListen,
+		DNSUpstream:         o.dnsUpstream,
+		EgressHostPorts:     o.egressHostPorts,
+		ClientInboxPrefixes: splitList(o.clientInboxes),
+		Domain:              o.domain,
+		TokenSecret:         o.tokenSecret,
+		RouteTCPHost:        o.routeTCPHost,
+		LogMaxAge:           o.logMaxAge,
+		MinFreeDiskBytes:    uint64(o.minFreeDiskMB) << 20,
+		KeepMachinesOnExit:  o.keepMachines,
+		Limits:              backend.Limits{MaxSessions: o.maxSessions, MaxVCPUs: o.maxVCPUs, MaxMemoryMB: o.maxMemoryMB},
 		RouteLimits: worker.RouteLimits{
 			MaxRoutesPerSandbox: o.maxRoutesPerSandbox,
 			MaxConnsPerSandbox:  o.maxProxyConnsPerSandbox,
 			IdleTimeout:         o.proxyIdleTimeout,
 		},
 	}
+}
+
+// splitList splits a comma-separated list, dropping empty items.
+func splitList(s string) []string {
+	var out []string
+	for _, item := range strings.Split(s, ",") {
+		if item = strings.TrimSpace(item); item != "" {
+			out = append(out, item)
+		}
+	}
+	return out
 }
