@@ -18,8 +18,9 @@
 //     is redirected to a DNS proxy of the Guard, which puts the answered
 //     addresses of an allowed domain in the uid's allow set for their TTL, and
 //     answers a denied domain NXDOMAIN), and host ports (TCP to loopback).
-//     An allowed domain opens public addresses only: an answer in Internal4
-//     or Internal6 stays closed unless an address entry allows it. The
+//     Internal4 and Internal6 open only to an allow entry inside one of
+//     their prefixes (a broader one, like 0.0.0.0/0, opens just the public
+//     part of its range); an allowed domain opens public addresses only. The
 //     host's own addresses stay closed whatever the entries say, except
 //     those host ports. Policy{Off: true} rejects everything.
 //

@@ -163,6 +163,26 @@ func TestGuard(t *testing.T) {
 		expect(t, "allow+deny", acts, probe(t, uid(2), acts...), "rejected", "rejected", "ok")
 	})
 
+	t.Run("broad allow", func(t *testing.T) {
+		// A broad allow opens only the public part of what it covers: not
+		// the private, link-local or ULA addresses, nor the host's own.
+		if err := g.Apply(ctx, uid(13), mustPolicy(t, []string{"0.0.0.0/0", "::/0"}, nil)); err != nil {
+			t.Fatal(err)
+		}
+		hostPriv := tcp(netip.AddrPortFrom(h.hostPriv4, uint16(anyPort)).String())
+		acts := []action{tcp(h.at(h.priv4)), udp(h.at(h.priv4)), tcp(h.at(h.ll4)), udp(h.at(h.ll4)), tcp(h.at(h.ula6)), hostPriv,
+			tcp(h.at(h.pub4)), udp(h.at(h.pub4)), tcp(h.at(h.pub6))}
+		expect(t, "broad allow", acts, probe(t, uid(13), acts...),
+			"rejected", "rejected", "rejected", "rejected", "rejected", "rejected", "ok", "ok", "ok")
+		// An allow of an internal address beside it still opens that one.
+		err := g.Apply(ctx, uid(14), mustPolicy(t, []string{"0.0.0.0/0", "::/0", h.priv4.String(), h.ula6.String()}, nil))
+		if err != nil {
+			t.Fatal(err)
+		}
+		acts = []action{tcp(h.at(h.priv4)), tcp(h.at(h.ula6)), tcp(h.at(h.ll4)), hostPriv, tcp(h.at(h.pub4))}
+		expect(t, "broad allow and /32", acts, probe(t, uid(14), acts...), "ok", "ok", "rejected", "rejected", "ok")
+	})
+
 	t.Run("allowlist", func(t *testing.T) {
 		if err := g.Apply(ctx, uid(3), mustPolicy(t, []string{h.priv4.String(), h.ula6.String()}, []string{"0.0.0.0/0", "::/0"})); err != nil {
 			t.Fatal(err)

@@ -17,11 +17,14 @@ import (
 //
 // With entries, the most specific matching entry decides (the longest
 // prefix; a domain's answers count as single addresses); on a tie deny wins;
-// an address no entry matches falls back to the default. An allowed
-// domain's answers never open an address of Internal4 or Internal6 (a
-// rebinding name could point anywhere): those are opened by Allow entries
-// only, judged without the domain. The host's own addresses stay closed
-// whatever the entries say, except the HostPorts on loopback.
+// an address no entry matches falls back to the default. An address of
+// Internal4 or Internal6 is opened only by an Allow entry that lies inside
+// one internal prefix ("10.1.2.0/24", "169.254.169.254/32"): a broader
+// Allow entry ("0.0.0.0/0", "2000::/3") covers only the public addresses
+// of its range, and an allowed domain's answers never open an internal
+// address (a rebinding name could point anywhere). The host's own
+// addresses stay closed whatever the entries say, except the HostPorts on
+// loopback.
 type Policy struct {
 	// Off rejects everything ("network": false).
 	Off bool
@@ -208,27 +211,43 @@ type addrRange struct{ from, to netip.Addr }
 // into disjoint ranges by longest-prefix match, deny winning a tie, so they
 // fit nftables interval sets, which refuse overlaps. Adjacent ranges of one
 // verdict are merged; addresses no prefix covers are in neither list.
+//
+// An allow prefix that does not lie inside one prefix of Internal4 or
+// Internal6 covers only the public part of its range: Internal4 and
+// Internal6 are subtracted from it (it keeps its own length against the
+// other entries). So "0.0.0.0/0" or "2000::/3" opens no internal range,
+// while "10.1.2.0/24" or "169.254.169.254/32" opens exactly that.
 func flatten(allow, deny []netip.Prefix, is4 bool) (allowR, denyR []addrRange) {
 	type entry struct {
 		p    netip.Prefix
 		deny bool
+		// public: the entry covers no address of Internal4/6.
+		public bool
 	}
 	var es []entry
 	var bounds []netip.Addr
+	addBounds := func(p netip.Prefix) {
+		bounds = append(bounds, p.Addr())
+		if next := lastAddr(p).Next(); next.IsValid() {
+			bounds = append(bounds, next)
+		}
+	}
 	add := func(ps []netip.Prefix, d bool) {
 		for _, p := range ps {
 			if p.Addr().Is4() != is4 {
 				continue
 			}
-			es = append(es, entry{p, d})
-			bounds = append(bounds, p.Addr())
-			if next := lastAddr(p).Next(); next.IsValid() {
-				bounds = append(bounds, next)
-			}
+			es = append(es, entry{p, d, !d && !insideInternal(p)})
+			addBounds(p)
 		}
 	}
 	add(allow, false)
 	add(deny, true)
+	// Every range below starts and ends on the boundaries of the internal
+	// prefixes too, so each is wholly internal or wholly public.
+	for _, p := range internal(is4) {
+		addBounds(p)
+	}
 	slices.SortFunc(bounds, netip.Addr.Compare)
 	bounds = slices.Compact(bounds)
 	var cur *[]addrRange
@@ -240,8 +259,9 @@ func flatten(allow, deny []netip.Prefix, is4 bool) (allowR, denyR []addrRange) {
 			to = lastAddr(netip.PrefixFrom(b, 0).Masked())
 		}
 		best, v := -1, verdictNone
+		inInternal := isInternal(b)
 		for _, e := range es {
-			if !e.p.Contains(b) {
+			if !e.p.Contains(b) || e.public && inInternal {
 				continue
 			}
 			if e.p.Bits() > best || e.p.Bits() == best && e.deny {
@@ -268,6 +288,35 @@ func flatten(allow, deny []netip.Prefix, is4 bool) (allowR, denyR []addrRange) {
 		}
 	}
 	return allowR, denyR
+}
+
+// internal is Internal4 (is4) or Internal6.
+func internal(is4 bool) []netip.Prefix {
+	if is4 {
+		return Internal4
+	}
+	return Internal6
+}
+
+// isInternal reports whether a is in Internal4 or Internal6.
+func isInternal(a netip.Addr) bool {
+	for _, p := range internal(a.Is4()) {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
+}
+
+// insideInternal reports whether all of p lies inside one prefix of
+// Internal4 or Internal6: only such an allow entry opens internal addresses.
+func insideInternal(p netip.Prefix) bool {
+	for _, in := range internal(p.Addr().Is4()) {
+		if in.Bits() <= p.Bits() && in.Contains(p.Addr()) {
+			return true
+		}
+	}
+	return false
 }
 
 // lastAddr is the last address of p.

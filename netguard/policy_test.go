@@ -71,6 +71,9 @@ func equalPolicy(a, b Policy) bool {
 }
 
 func TestFlatten(t *testing.T) {
+	// public4 is 0.0.0.0/0 without Internal4.
+	const public4 = "1.0.0.0-9.255.255.255 11.0.0.0-100.63.255.255 100.128.0.0-126.255.255.255 128.0.0.0-169.253.255.255 " +
+		"169.255.0.0-172.15.255.255 172.32.0.0-191.255.255.255 192.0.1.0-192.167.255.255 192.169.0.0-198.17.255.255 198.20.0.0-223.255.255.255"
 	pp := func(s string) []netip.Prefix {
 		if s == "" {
 			return nil
@@ -86,7 +89,21 @@ func TestFlatten(t *testing.T) {
 		{"10.0.0.0/8", "10.0.0.0/8", true, "", "10.0.0.0/8"}, // tie: deny
 		{"10.1.0.0/16", "10.0.0.0/8", true, "10.1.0.0/16", "10.0.0.0/16 10.2.0.0-10.255.255.255"},
 		{"1.2.3.4/32", "0.0.0.0/0", true, "1.2.3.4", "0.0.0.0-1.2.3.3 1.2.3.5-255.255.255.255"},
-		{"0.0.0.0/0", "10.0.0.0/8", true, "0.0.0.0-9.255.255.255 11.0.0.0-255.255.255.255", "10.0.0.0/8"},
+		// A broad allow opens only the public part of what it covers ...
+		{"0.0.0.0/0", "10.0.0.0/8", true, public4, "10.0.0.0/8"},
+		{"0.0.0.0/0", "", true, public4, ""},
+		{"8.0.0.0/5", "", true, "8.0.0.0/7 11.0.0.0-15.255.255.255", ""},
+		{"10.0.0.0/7", "", true, "11.0.0.0/8", ""}, // straddles 10.0.0.0/8
+		{"2000::/3", "", false, "2000::/16 2001:1::-2001:ffff:ffff:ffff:ffff:ffff:ffff:ffff 2003::-3fff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", ""},
+		{"::/0", "::/0", false, "", "::/0"}, // tie: deny, internal or not
+		// ... an allow inside one internal prefix opens exactly that.
+		{"10.0.0.0/8", "", true, "10.0.0.0/8", ""},
+		{"169.254.169.254/32 10.1.2.0/24", "", true, "10.1.2.0/24 169.254.169.254", ""},
+		{"0.0.0.0/0 10.1.2.0/24", "10.1.0.0/16", true,
+			"1.0.0.0-9.255.255.255 10.1.2.0/24 11.0.0.0-100.63.255.255 100.128.0.0-126.255.255.255 128.0.0.0-169.253.255.255 169.255.0.0-172.15.255.255 172.32.0.0-191.255.255.255 192.0.1.0-192.167.255.255 192.169.0.0-198.17.255.255 198.20.0.0-223.255.255.255",
+			"10.1.0.0/23 10.1.3.0-10.1.255.255"},
+		{"2001::/32 2002:a00::/24", "", false, "2001::/32 2002:a00::/24", ""},
+		{"2001::/31", "", false, "2001:1::/32", ""},             // without Teredo
 		{"10.0.0.0/9 10.128.0.0/9", "", true, "10.0.0.0/8", ""}, // adjacent merged
 		{"255.255.255.255/32", "255.0.0.0/8", true, "255.255.255.255", "255.0.0.0-255.255.255.254"},
 		{"1.2.3.4/32", "::/0", true, "1.2.3.4", ""}, // families apart
@@ -130,10 +147,14 @@ func TestDomainVerdict(t *testing.T) {
 
 // FuzzParsePolicy checks that every accepted policy is valid, normalized,
 // renders a script, and that flatten's ranges are disjoint and agree with a
-// longest-prefix match done the slow way.
+// longest-prefix match done the slow way (oracleVerdict), at the probe and
+// at every edge of a range, an entry and an internal prefix.
 func FuzzParsePolicy(f *testing.F) {
 	f.Add("10.0.0.0/8 host:80 a.example", "0.0.0.0/0 1.2.3.4 ::/0", "10.1.2.3")
 	f.Add("2001:db8::/48 *.x.y", "2001:db8::1 fc00::/7", "2001:db8::1")
+	f.Add("0.0.0.0/0 ::/0", "", "169.254.169.254")
+	f.Add("2000::/3 169.254.169.254 10.1.2.0/24", "10.1.2.128/25 8.0.0.0/6", "2002::1")
+	f.Add("8.0.0.0/5 2001::/31 2001::1", "0.0.0.0/0", "10.0.0.1")
 	f.Fuzz(func(t *testing.T, allow, deny, probe string) {
 		e := &subjects.EgressPolicy{Allow: strings.Fields(allow), Deny: strings.Fields(deny)}
 		p, err := ParsePolicy(e)
@@ -151,39 +172,80 @@ func FuzzParsePolicy(f *testing.F) {
 		if !strings.Contains(script, "jump "+in.chain) {
 			t.Fatalf("script does not install the chain:\n%s", script)
 		}
-		a, err := netip.ParseAddr(probe)
-		if err != nil {
-			return
+		var probes []netip.Addr
+		edges := func(from, to netip.Addr) {
+			probes = append(probes, from, from.Prev(), to, to.Next())
 		}
-		a = a.Unmap()
-		best, want := -1, verdictNone
-		for _, l := range []struct {
-			ps []netip.Prefix
-			v  verdict
-		}{{p.Allow, verdictAllow}, {p.Deny, verdictDeny}} {
-			for _, pf := range l.ps {
-				if pf.Contains(a) && (pf.Bits() > best || pf.Bits() == best && l.v == verdictDeny) {
-					best, want = pf.Bits(), l.v
+		if a, err := netip.ParseAddr(probe); err == nil {
+			probes = append(probes, a.WithZone("").Unmap())
+		}
+		for _, pf := range slices.Concat(p.Allow, p.Deny, Internal4, Internal6) {
+			edges(pf.Addr(), lastAddr(pf))
+		}
+		flat := map[bool][2][]addrRange{}
+		for _, is4 := range []bool{true, false} {
+			ar, dr := flatten(p.Allow, p.Deny, is4)
+			flat[is4] = [2][]addrRange{ar, dr}
+			for _, r := range slices.Concat(ar, dr) {
+				if r.from.Is4() != is4 || r.to.Is4() != is4 || r.to.Less(r.from) {
+					t.Fatalf("bad range %v of family is4=%v", r, is4)
 				}
+				edges(r.from, r.to)
 			}
 		}
-		ar, dr := flatten(p.Allow, p.Deny, a.Is4())
-		got := verdictNone
-		for _, l := range []struct {
-			rs []addrRange
-			v  verdict
-		}{{ar, verdictAllow}, {dr, verdictDeny}} {
-			for _, r := range l.rs {
-				if r.from.Compare(a) <= 0 && a.Compare(r.to) <= 0 {
-					if got != verdictNone {
-						t.Fatalf("%v in two ranges", a)
+		for _, a := range probes {
+			if !a.IsValid() { // Prev of the first or Next of the last address
+				continue
+			}
+			want := oracleVerdict(p, a)
+			got := verdictNone
+			for i, v := range []verdict{verdictAllow, verdictDeny} {
+				for _, r := range flat[a.Is4()][i] {
+					if r.from.Compare(a) <= 0 && a.Compare(r.to) <= 0 {
+						if got != verdictNone {
+							t.Fatalf("%v in two ranges", a)
+						}
+						got = v
 					}
-					got = l.v
 				}
 			}
-		}
-		if got != want {
-			t.Fatalf("flatten says %d for %v, longest prefix match says %d", got, a, want)
+			if got != want {
+				t.Fatalf("flatten says %d for %v, longest prefix match says %d", got, a, want)
+			}
 		}
 	})
+}
+
+// oracleVerdict is the longest-prefix match of a against p's address
+// entries, deny winning a tie, done the slow way. An allow entry counts for
+// an address of Internal4/Internal6 only when the entry lies inside one
+// internal prefix.
+func oracleVerdict(p Policy, a netip.Addr) verdict {
+	internalOf := func(pf netip.Prefix) bool { // pf is inside an internal prefix
+		for _, in := range slices.Concat(Internal4, Internal6) {
+			if in.Bits() <= pf.Bits() && in.Overlaps(pf) {
+				return true
+			}
+		}
+		return false
+	}
+	aInternal := false
+	for _, in := range slices.Concat(Internal4, Internal6) {
+		aInternal = aInternal || in.Contains(a)
+	}
+	best, want := -1, verdictNone
+	for _, l := range []struct {
+		ps []netip.Prefix
+		v  verdict
+	}{{p.Allow, verdictAllow}, {p.Deny, verdictDeny}} {
+		for _, pf := range l.ps {
+			if !pf.Contains(a) || l.v == verdictAllow && aInternal && !internalOf(pf) {
+				continue
+			}
+			if pf.Bits() > best || pf.Bits() == best && l.v == verdictDeny {
+				best, want = pf.Bits(), l.v
+			}
+		}
+	}
+	return want
 }

@@ -51,6 +51,14 @@ func TestScriptsGolden(t *testing.T) {
 	allowlist := Policy{Deny: prefixes("0.0.0.0/0", "::/0"), Allow: prefixes("1.2.3.4/32")}
 	golden(t, "apply_allowlist.nft", applyScript(tbl.name, 2000000006, allowlist, plan(2000000006, 3, allowlist, 0), nil))
 
+	// A broad allow opens the public part of what it covers; an allow
+	// inside one internal prefix opens exactly that.
+	broad := Policy{
+		Allow: prefixes("0.0.0.0/0", "10.1.2.0/24", "169.254.169.254/32", "2000::/3", "2002:a00::/24"),
+		Deny:  prefixes("10.1.2.128/25"),
+	}
+	golden(t, "apply_broad.nft", applyScript(tbl.name, 2000000007, broad, plan(2000000007, 4, broad, 0), nil))
+
 	golden(t, "remove.nft", removeScript(tbl.name, 2000000005, first))
 	golden(t, "learn.nft", learnScript(tbl.name, first.chain+learnAllow4,
 		[]netip.Addr{netip.MustParseAddr("10.231.1.2"), netip.MustParseAddr("1.2.3.4")}, 90*time.Second))
