@@ -203,7 +203,7 @@ func (t *TCPRoutes) accept(r *tcpRoute) {
 			_ = c.Close()
 			continue
 		}
-		tc, err := t.conns.track(r.route.SandboxID, c)
+		tc, err := t.conns.track(r.route.SandboxID, c, nil)
 		if err != nil {
 			t.accepted.release(r.route.SandboxID)
 			return // closed
@@ -261,7 +261,7 @@ func (t *TCPRoutes) serveConn(r *tcpRoute, client net.Conn) {
 		t.log.Debug("tcp route: dial guest failed", "route", rt.String(), "err", err)
 		return
 	}
-	gc, err := t.conns.track(rt.SandboxID, guest)
+	gc, err := t.conns.track(rt.SandboxID, guest, nil)
 	if err != nil {
 		_ = client.Close()
 		return
