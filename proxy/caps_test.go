@@ -62,8 +62,9 @@ func TestProxyIdleStreamsCapped(t *testing.T) {
 		t.Errorf("%d tracked streams to the guest after the walk, want <= %d", n, maxConns)
 	}
 	waitFor(t, "the guest to see the closed streams", 10*time.Second, func() bool { return open.Load() <= maxConns })
-	// The guest closes asynchronously, so allow a little slack on the peak.
-	if m := maxOpen.Load(); m > maxConns+2 {
+	// The guest sees closes asynchronously, so allow slack on the peak (the
+	// proxy side was checked exactly above); without the cap it is 300.
+	if m := maxOpen.Load(); m > 2*maxConns {
 		t.Errorf("the guest had %d streams open at once, want about %d", m, maxConns)
 	}
 
