@@ -26,13 +26,17 @@ type connSet struct {
 var errClosed = errors.New("proxy: closed")
 
 // track wraps c so that it is closed by closeSandbox(id) and closeAll. When
-// the set is closed already, c is closed and an error returned.
-func (s *connSet) track(id string, c net.Conn) (*trackedConn, error) {
-	tc := &trackedConn{Conn: c, set: s, id: id}
+// the set is closed already, c is closed and an error returned. onClose, if
+// not nil, runs once when the conn is closed (at once on an error).
+func (s *connSet) track(id string, c net.Conn, onClose func()) (*trackedConn, error) {
+	tc := &trackedConn{Conn: c, set: s, id: id, onClose: onClose}
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
 		_ = c.Close()
+		if onClose != nil {
+			onClose()
+		}
 		return nil, errClosed
 	}
 	if s.bySbx == nil {
@@ -103,10 +107,11 @@ func (s *connSet) count(id string) int {
 // it once it has been idle that long.
 type trackedConn struct {
 	net.Conn
-	set  *connSet
-	id   string
-	once sync.Once
-	err  error
+	set     *connSet
+	id      string
+	onClose func() // run once by Close; may be nil
+	once    sync.Once
+	err     error
 
 	last  atomic.Int64 // unix nanoseconds of the last byte read or written
 	idled atomic.Bool  // closed for being idle
@@ -162,6 +167,9 @@ func (c *trackedConn) Close() error {
 		c.mu.Unlock()
 		c.set.forget(c)
 		c.err = c.Conn.Close()
+		if c.onClose != nil {
+			c.onClose()
+		}
 	})
 	return c.err
 }

@@ -14,13 +14,14 @@ import (
 // Defaults of the options.
 const (
 	DefaultDialTimeout         = 10 * time.Second
-	DefaultMaxIdlePerRoute     = 16
-	DefaultIdleTimeout         = 60 * time.Second
+	DefaultMaxIdlePerRoute     = 4
+	DefaultIdleTimeout         = 30 * time.Second
 	DefaultTCPHost             = "127.0.0.1"
 	DefaultMaxRoutesPerSandbox = 16
 	DefaultMaxConnsPerSandbox  = 64
 	DefaultStreamIdleTimeout   = 10 * time.Minute
 	DefaultReadHeaderTimeout   = 10 * time.Second
+	DefaultMaxClientConns      = 4096
 )
 
 // options configure a Server or TCPRoutes; each takes the ones it uses.
@@ -35,6 +36,7 @@ type options struct {
 	maxConnsPerSandbox  int
 	streamIdleTimeout   time.Duration
 	readHeaderTimeout   time.Duration
+	maxClientConns      int
 }
 
 // Option configures a Server or TCPRoutes.
@@ -77,8 +79,9 @@ func WithDialTimeout(d time.Duration) Option {
 }
 
 // WithMaxIdlePerRoute sets how many idle keep-alive conns the HTTP proxy
-// keeps per (sandbox, port) (Server; default 16). 0 turns keep-alive to the
-// guest off: one stream per request.
+// keeps per (sandbox, port) (Server; default 4). A sandbox keeps at most 16
+// over all its ports, and they count against WithMaxConnsPerSandbox. 0
+// turns keep-alive to the guest off: one stream per request.
 func WithMaxIdlePerRoute(n int) Option {
 	return func(o *options) error {
 		if n < 0 {
@@ -90,7 +93,7 @@ func WithMaxIdlePerRoute(n int) Option {
 }
 
 // WithIdleTimeout sets how long an idle keep-alive conn to a guest is kept
-// (Server; default 60s).
+// (Server; default 30s).
 func WithIdleTimeout(d time.Duration) Option {
 	return func(o *options) error {
 		if d <= 0 {
@@ -130,7 +133,8 @@ func WithMaxRoutesPerSandbox(n int) Option {
 
 // WithMaxConnsPerSandbox caps how many connections one sandbox may have open
 // at once (default 64): on the Server, requests, WebSockets and CONNECT
-// tunnels in flight (one more is answered 429); on TCPRoutes, accepted raw
+// tunnels in flight, and also streams to the guest, idle keep-alive ones
+// included (one more is answered 429); on TCPRoutes, accepted raw
 // connections (one more is closed at once).
 func WithMaxConnsPerSandbox(n int) Option {
 	return func(o *options) error {
@@ -168,6 +172,19 @@ func WithReadHeaderTimeout(d time.Duration) Option {
 	}
 }
 
+// WithMaxClientConns caps how many client connections the HTTP proxy has
+// open at once, over all sandboxes (Server; default 4096). Beyond it, new
+// connections wait in the listen backlog until one closes.
+func WithMaxClientConns(n int) Option {
+	return func(o *options) error {
+		if n < 1 {
+			return fmt.Errorf("max client conns %d: want >= 1", n)
+		}
+		o.maxClientConns = n
+		return nil
+	}
+}
+
 // buildOptions applies opts over the defaults and joins their errors.
 func buildOptions(what string, opts []Option) (options, error) {
 	o := options{
@@ -182,6 +199,7 @@ func buildOptions(what string, opts []Option) (options, error) {
 		maxConnsPerSandbox:  DefaultMaxConnsPerSandbox,
 		streamIdleTimeout:   DefaultStreamIdleTimeout,
 		readHeaderTimeout:   DefaultReadHeaderTimeout,
+		maxClientConns:      DefaultMaxClientConns,
 	}
 	var errs []error
 	for _, opt := range opts {

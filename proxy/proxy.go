@@ -13,10 +13,12 @@
 //
 // Both cap what one sandbox may hold: routes (16 by default), connections
 // at once (64 on the HTTP proxy, counting requests, WebSockets and tunnels
-// in flight, and 64 on the raw listeners), and close a tunnel, raw
+// in flight as well as streams to the guest, idle keep-alive ones included,
+// and 64 on the raw listeners), and close a tunnel, raw
 // connection or guest stream that carried no byte either way for the stream
 // idle timeout (10 minutes by default). Streams that carry data, such as
-// server-sent events or a busy WebSocket, are never cut.
+// server-sent events or a busy WebSocket, are never cut. The HTTP proxy
+// also serves at most 4096 client connections at once (WithMaxClientConns).
 //
 // Both reach the guest through a Resolver, the seam to the runtime: it
 // returns a Target whose Dial opens a stream to the guest's 127.0.0.1:port

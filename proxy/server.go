@@ -13,6 +13,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/net/netutil"
+
 	"github.com/firkin-dev/firkin-worker/errdefs"
 	"github.com/firkin-dev/firkin-worker/subjects"
 )
@@ -21,14 +23,17 @@ import (
 // Start (or Serve a listener), and Shutdown when done. It is also an
 // http.Handler, so it can be mounted in another server.
 type Server struct {
-	resolver  Resolver
-	opts      options
-	log       *slog.Logger
-	transport *http.Transport
-	rp        *httputil.ReverseProxy
-	http      *http.Server
-	conns     connSet      // streams to guests, by sandbox
-	inFlight  sandboxLimit // requests and tunnels in flight, by sandbox
+	resolver Resolver
+	opts     options
+	log      *slog.Logger
+	rp       *httputil.ReverseProxy
+	http     *http.Server
+	conns    connSet      // streams to guests and tunnels' client conns, by sandbox
+	inFlight sandboxLimit // requests and tunnels in flight, by sandbox
+	streams  sandboxLimit // streams to guests open, idle keep-alive ones included
+
+	tmu        sync.Mutex
+	transports map[string]*http.Transport // keep-alive pools, by sandbox
 
 	mu      sync.Mutex
 	ln      net.Listener
@@ -40,16 +45,24 @@ var _ http.Handler = (*Server)(nil)
 
 // Limits of the client side of the HTTP server that are not options: a
 // keep-alive connection with no request is closed after clientIdleTimeout,
-// and a request's headers may not exceed maxHeaderBytes.
+// and a request's headers may not exceed maxHeaderBytes. A sandbox keeps at
+// most maxIdlePerSandbox idle keep-alive streams over all its ports (fewer
+// when its connection cap is lower).
 const (
 	clientIdleTimeout = 2 * time.Minute
 	maxHeaderBytes    = 64 << 10
+	maxIdlePerSandbox = 16
 )
 
 // NewServer makes a proxy that finds sandboxes through r. It takes
 // WithDomain, WithLogger, WithDialTimeout, WithMaxIdlePerRoute,
-// WithIdleTimeout, WithMaxConnsPerSandbox, WithStreamIdleTimeout and
-// WithReadHeaderTimeout.
+// WithIdleTimeout, WithMaxConnsPerSandbox, WithStreamIdleTimeout,
+// WithReadHeaderTimeout and WithMaxClientConns.
+//
+// Every stream to a guest, idle keep-alive ones included, counts against
+// the sandbox's connection cap: when a new one would pass it, the
+// sandbox's idle streams are closed first, and the request is answered 429
+// only when that is not enough.
 //
 // The HTTP server has no read or write timeout for a whole request: an
 // upload, a server-sent event stream or a WebSocket lasts as long as it
@@ -65,19 +78,11 @@ func NewServer(r Resolver, opts ...Option) (*Server, error) {
 	s := &Server{resolver: r, opts: o, log: o.log.With("component", "proxy"), done: make(chan struct{})}
 	s.conns.idle = o.streamIdleTimeout
 	s.inFlight.max = o.maxConnsPerSandbox
-	s.transport = &http.Transport{
-		Proxy:                 nil, // never an environment proxy
-		DialContext:           s.dialGuest,
-		MaxIdleConns:          0, // no global cap; per route below
-		MaxIdleConnsPerHost:   o.maxIdlePerRoute,
-		DisableKeepAlives:     o.maxIdlePerRoute == 0,
-		IdleConnTimeout:       o.idleTimeout,
-		DisableCompression:    true, // pass bodies through as they are
-		ExpectContinueTimeout: time.Second,
-	}
+	s.streams.max = o.maxConnsPerSandbox
+	s.transports = make(map[string]*http.Transport)
 	s.rp = &httputil.ReverseProxy{
 		Rewrite:       s.rewrite,
-		Transport:     s.transport,
+		Transport:     roundTripperFunc(s.roundTrip),
 		FlushInterval: -1, // flush every write: server-sent events stream
 		ErrorLog:      slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 		ErrorHandler:  s.proxyError,
@@ -90,6 +95,70 @@ func NewServer(r Resolver, opts ...Option) (*Server, error) {
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 	}
 	return s, nil
+}
+
+// roundTripperFunc adapts a function to http.RoundTripper.
+type roundTripperFunc func(*http.Request) (*http.Response, error)
+
+// RoundTrip calls f.
+func (f roundTripperFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
+
+// roundTrip sends an outbound request through its sandbox's transport.
+func (s *Server) roundTrip(r *http.Request) (*http.Response, error) {
+	dt, _ := r.Context().Value(ctxKey{}).(*dialTarget)
+	if dt == nil {
+		return nil, errdefs.Wrap(errdefs.ErrInternalFailure, errors.New("proxy: no route in the request"))
+	}
+	return s.transport(dt.route.SandboxID, true).RoundTrip(r)
+}
+
+// transport returns the keep-alive pool of a sandbox, made when create is
+// set and there is none; nil otherwise. Each sandbox has its own, so that
+// its idle streams can be closed without touching other sandboxes'.
+func (s *Server) transport(id string, create bool) *http.Transport {
+	s.tmu.Lock()
+	defer s.tmu.Unlock()
+	tr := s.transports[id]
+	if tr == nil && create {
+		maxIdle := min(maxIdlePerSandbox, s.opts.maxConnsPerSandbox)
+		tr = &http.Transport{
+			Proxy:                 nil, // never an environment proxy
+			DialContext:           s.dialGuest,
+			MaxIdleConns:          maxIdle, // over all of the sandbox's ports
+			MaxIdleConnsPerHost:   min(s.opts.maxIdlePerRoute, maxIdle),
+			DisableKeepAlives:     s.opts.maxIdlePerRoute == 0,
+			IdleConnTimeout:       s.opts.idleTimeout,
+			DisableCompression:    true, // pass bodies through as they are
+			ExpectContinueTimeout: time.Second,
+		}
+		s.transports[id] = tr
+	}
+	return tr
+}
+
+// takeStream takes one of sandbox id's stream slots for a new stream to the
+// guest. When they are all taken, it closes the sandbox's idle keep-alive
+// streams and tries again; false when that did not free one.
+func (s *Server) takeStream(id string) bool {
+	if s.streams.acquire(id) {
+		return true
+	}
+	if tr := s.transport(id, false); tr != nil {
+		tr.CloseIdleConnections() // their onClose gives their slots back
+	}
+	return s.streams.acquire(id)
+}
+
+// trackStream tracks a new stream to sandbox id's guest, holding a slot
+// taken by takeStream until it is closed.
+func (s *Server) trackStream(id string, c net.Conn) (*trackedConn, error) {
+	return s.conns.track(id, c, func() { s.streams.release(id) })
+}
+
+// streamCapError is the error of a stream the sandbox's cap refuses.
+func (s *Server) streamCapError(rt Route) error {
+	return &dialError{route: rt, err: errdefs.Wrap(errdefs.ErrCapacity,
+		fmt.Errorf("sandbox has %d streams to the guest open, the most allowed", s.opts.maxConnsPerSandbox))}
 }
 
 // Domain returns the domain route host names end with.
@@ -139,7 +208,7 @@ func (s *Server) claim(ln net.Listener) error {
 // serve runs the HTTP server on ln.
 func (s *Server) serve(ln net.Listener) error {
 	defer close(s.done)
-	err := s.http.Serve(ln)
+	err := s.http.Serve(netutil.LimitListener(ln, s.opts.maxClientConns))
 	if errors.Is(err, http.ErrServerClosed) {
 		return nil
 	}
@@ -167,7 +236,11 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		err = errdefs.Wrap(errdefs.ErrTimeout, fmt.Errorf("proxy: shutdown: %w", err))
 	}
 	s.conns.closeAll() // ends upgraded (hijacked) conns, which Shutdown leaves alone
-	s.transport.CloseIdleConnections()
+	s.tmu.Lock()
+	for _, tr := range s.transports {
+		tr.CloseIdleConnections()
+	}
+	s.tmu.Unlock()
 	s.mu.Lock()
 	serving := s.serving
 	s.mu.Unlock()
@@ -184,6 +257,13 @@ func (s *Server) Shutdown(ctx context.Context) error {
 // keep-alive conns as well as requests and WebSockets in flight. Call it
 // when the sandbox goes away.
 func (s *Server) CloseSandbox(sandboxID string) {
+	s.tmu.Lock()
+	tr := s.transports[sandboxID]
+	delete(s.transports, sandboxID)
+	s.tmu.Unlock()
+	if tr != nil {
+		tr.CloseIdleConnections()
+	}
 	s.conns.closeSandbox(sandboxID)
 }
 
@@ -271,18 +351,23 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // protocols other than HTTP (curl -p, ssh's ProxyCommand through an HTTP
 // proxy). The authority names the route like a Host (its port is ignored).
 func (s *Server) tunnel(w http.ResponseWriter, r *http.Request, rt Route, target Target) {
+	if !s.takeStream(rt.SandboxID) {
+		s.proxyError(w, r, s.streamCapError(rt))
+		return
+	}
 	ctx, cancel := context.WithTimeout(r.Context(), s.opts.dialTimeout)
 	guest, err := target.Dial(ctx, rt.Port)
 	timedOut := ctx.Err() != nil
 	cancel()
 	if err != nil {
+		s.streams.release(rt.SandboxID)
 		if timedOut {
 			err = errdefs.Wrap(errdefs.ErrTimeout, err)
 		}
 		s.proxyError(w, r, &dialError{route: rt, err: err})
 		return
 	}
-	gc, err := s.conns.track(rt.SandboxID, guest)
+	gc, err := s.trackStream(rt.SandboxID, guest)
 	if err != nil {
 		s.fail(w, r, http.StatusServiceUnavailable, "proxy shutting down")
 		return
@@ -310,7 +395,7 @@ func (s *Server) tunnel(w http.ResponseWriter, r *http.Request, rt Route, target
 			return
 		}
 	}
-	cc, err := s.conns.track(rt.SandboxID, client)
+	cc, err := s.conns.track(rt.SandboxID, client, nil)
 	if err != nil {
 		_ = gc.Close()
 		return
@@ -345,22 +430,27 @@ func (e *dialError) Error() string {
 func (e *dialError) Unwrap() error { return e.err }
 
 // dialGuest is the transport's DialContext: it opens a stream to the route
-// carried in ctx (the request's values survive into the dial context).
+// carried in ctx (the request's values survive into the dial context),
+// within the sandbox's cap on streams.
 func (s *Server) dialGuest(ctx context.Context, _, addr string) (net.Conn, error) {
 	dt, _ := ctx.Value(ctxKey{}).(*dialTarget)
 	if dt == nil || addr != dt.route.String()+":80" {
 		return nil, errdefs.Wrap(errdefs.ErrInternalFailure, fmt.Errorf("proxy: dial %s: no route in the request", addr))
 	}
+	if !s.takeStream(dt.route.SandboxID) {
+		return nil, s.streamCapError(dt.route)
+	}
 	ctx, cancel := context.WithTimeout(ctx, s.opts.dialTimeout)
 	defer cancel()
 	c, err := dt.dial(ctx, dt.route.Port)
 	if err != nil {
+		s.streams.release(dt.route.SandboxID)
 		if ctx.Err() != nil && !errors.Is(err, errdefs.ErrTimeout) {
 			err = errdefs.Wrap(errdefs.ErrTimeout, err)
 		}
 		return nil, &dialError{route: dt.route, err: err}
 	}
-	tc, err := s.conns.track(dt.route.SandboxID, c)
+	tc, err := s.trackStream(dt.route.SandboxID, c)
 	if err != nil {
 		return nil, &dialError{route: dt.route, err: err}
 	}
@@ -378,6 +468,10 @@ func (s *Server) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 		rt = de.route
 	}
 	switch {
+	case errors.As(err, &de) && errors.Is(err, errdefs.ErrCapacity):
+		w.Header().Set("Retry-After", "1")
+		s.fail(w, r, http.StatusTooManyRequests,
+			fmt.Sprintf("sandbox %s has %d connections through the proxy open, the most allowed; retry when one ends", rt.SandboxID, s.opts.maxConnsPerSandbox), "err", err)
 	case errors.As(err, &de) && errors.Is(err, errdefs.ErrTimeout):
 		s.fail(w, r, http.StatusGatewayTimeout,
 			fmt.Sprintf("timed out reaching port %d in sandbox %s", rt.Port, rt.SandboxID), "err", err)

@@ -32,8 +32,13 @@ type TCPRoutes struct {
 
 	mu     sync.Mutex
 	closed bool
+	closes uint64 // CloseSandbox calls so far; Open checks none ran while it resolved
 	routes map[Route]*tcpRoute
 }
+
+// openTries bounds how often Open resolves a sandbox again because
+// CloseSandbox ran while it resolved.
+const openTries = 3
 
 // tcpRoute is one open route; ln is nil for a private sandbox's route.
 type tcpRoute struct {
@@ -81,46 +86,71 @@ func NewTCPRoutes(r Resolver, opts ...Option) (*TCPRoutes, error) {
 // route already open returns its address. The sandbox must resolve
 // (errdefs.ErrNotFound otherwise); ctx bounds that check. A sandbox with
 // the most routes already gets an errdefs.ErrCapacity error.
+//
+// When a CloseSandbox runs while Open resolves, the answer may be of a
+// sandbox that has ended, so Open resolves again (the id may name a new
+// sandbox by then); after openTries such races it fails with
+// errdefs.ErrConflict.
 func (t *TCPRoutes) Open(ctx context.Context, sandboxID string, port int) (string, error) {
 	rt := Route{SandboxID: sandboxID, Port: port}
 	if err := rt.Validate(); err != nil {
 		return "", err
 	}
-	if addr, ok := t.Addr(sandboxID, port); ok {
-		return addr, nil
+	for range openTries {
+		if addr, ok := t.Addr(sandboxID, port); ok {
+			return addr, nil
+		}
+		t.mu.Lock()
+		closes := t.closes
+		t.mu.Unlock()
+		target, err := t.resolver.Resolve(ctx, sandboxID)
+		if err != nil {
+			return "", fmt.Errorf("proxy: open tcp route %s: %w", rt, err)
+		}
+		addr, ok, err := t.open(ctx, rt, target, closes)
+		if ok || err != nil {
+			return addr, err
+		}
 	}
-	target, err := t.resolver.Resolve(ctx, sandboxID)
-	if err != nil {
-		return "", fmt.Errorf("proxy: open tcp route %s: %w", rt, err)
-	}
+	return "", errdefs.Wrap(errdefs.ErrConflict,
+		fmt.Errorf("proxy: open tcp route %s: sandboxes kept closing while it was opened; try again", rt))
+}
+
+// open adds the route for a sandbox resolved to target, unless a
+// CloseSandbox ran since t.closes was closes: then ok is false.
+func (t *TCPRoutes) open(ctx context.Context, rt Route, target Target, closes uint64) (addr string, ok bool, err error) {
+	sandboxID, port := rt.SandboxID, rt.Port
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.closed {
-		return "", errdefs.Wrap(errdefs.ErrFailedPrecondition, fmt.Errorf("proxy: open tcp route %s: closed", rt))
+		return "", true, errdefs.Wrap(errdefs.ErrFailedPrecondition, fmt.Errorf("proxy: open tcp route %s: closed", rt))
+	}
+	if t.closes != closes {
+		return "", false, nil // the resolved sandbox may have ended
 	}
 	if r := t.routes[rt]; r != nil {
-		return r.addr(), nil
+		return r.addr(), true, nil
 	}
 	if n := t.countRoutes(sandboxID); n >= t.opts.maxRoutesPerSandbox {
-		return "", errdefs.Wrap(errdefs.ErrCapacity,
+		return "", true, errdefs.Wrap(errdefs.ErrCapacity,
 			fmt.Errorf("proxy: open route %s: sandbox %s has %d routes open, the most allowed", rt, sandboxID, n))
 	}
 	if !target.Public {
 		t.routes[rt] = &tcpRoute{route: rt}
 		t.log.Debug("route open without a tcp listener (private sandbox)", "sandbox", sandboxID, "port", port)
-		return "", nil
+		return "", true, nil
 	}
 	var lc net.ListenConfig
 	ln, err := lc.Listen(ctx, "tcp", net.JoinHostPort(t.opts.tcpHost, "0"))
 	if err != nil {
-		return "", errdefs.Wrap(errdefs.ErrInternalFailure, fmt.Errorf("proxy: open tcp route %s: %w", rt, err))
+		return "", true, errdefs.Wrap(errdefs.ErrInternalFailure, fmt.Errorf("proxy: open tcp route %s: %w", rt, err))
 	}
 	r := &tcpRoute{route: rt, ln: ln}
 	t.routes[rt] = r
 	t.wg.Add(1)
 	go t.accept(r)
 	t.log.Debug("tcp route open", "sandbox", sandboxID, "port", port, "addr", ln.Addr().String())
-	return ln.Addr().String(), nil
+	return ln.Addr().String(), true, nil
 }
 
 // countRoutes returns how many routes sandbox id has open; t.mu is held.
@@ -151,6 +181,7 @@ func (t *TCPRoutes) Addr(sandboxID string, port int) (string, bool) {
 // it when the sandbox goes away: routes end with their sandbox.
 func (t *TCPRoutes) CloseSandbox(sandboxID string) {
 	t.mu.Lock()
+	t.closes++
 	var lns []net.Listener
 	for rt, r := range t.routes {
 		if rt.SandboxID == sandboxID {
@@ -203,7 +234,7 @@ func (t *TCPRoutes) accept(r *tcpRoute) {
 			_ = c.Close()
 			continue
 		}
-		tc, err := t.conns.track(r.route.SandboxID, c)
+		tc, err := t.conns.track(r.route.SandboxID, c, nil)
 		if err != nil {
 			t.accepted.release(r.route.SandboxID)
 			return // closed
@@ -261,7 +292,7 @@ func (t *TCPRoutes) serveConn(r *tcpRoute, client net.Conn) {
 		t.log.Debug("tcp route: dial guest failed", "route", rt.String(), "err", err)
 		return
 	}
-	gc, err := t.conns.track(rt.SandboxID, guest)
+	gc, err := t.conns.track(rt.SandboxID, guest, nil)
 	if err != nil {
 		_ = client.Close()
 		return

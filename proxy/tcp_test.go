@@ -8,6 +8,7 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -291,6 +292,66 @@ func TestProxyConnect(t *testing.T) {
 		_, _, status := connect(t, "priv", "e2b-traffic-access-token: "+token+"\r\n", "")
 		if !strings.HasPrefix(status, "HTTP/1.1 200") {
 			t.Fatalf("status line %q, want 200", status)
+		}
+	})
+}
+
+// closingResolver resolves through sbx, running hook once on the first
+// Resolve, before answering.
+type closingResolver struct {
+	sbx  *fakeSandboxes
+	hook func()
+	ran  atomic.Bool
+}
+
+func (r *closingResolver) Resolve(ctx context.Context, id string) (Target, error) {
+	tgt, err := r.sbx.Resolve(ctx, id)
+	if r.ran.CompareAndSwap(false, true) && r.hook != nil {
+		r.hook()
+	}
+	return tgt, err
+}
+
+// TestTCPRouteOpenRacesClose runs CloseSandbox while Open resolves: the
+// resolved sandbox has ended, so no listener may stay behind for it.
+func TestTCPRouteOpenRacesClose(t *testing.T) {
+	port := lineServer(t)
+
+	t.Run("sandbox gone", func(t *testing.T) {
+		sbx := newFakeSandboxes()
+		sbx.add("sbx1", "")
+		r := &closingResolver{sbx: sbx}
+		routes := newTCPRoutes(t, r)
+		r.hook = func() {
+			sbx.remove("sbx1")
+			routes.CloseSandbox("sbx1")
+		}
+		addr, err := routes.Open(context.Background(), "sbx1", port)
+		if !errors.Is(err, errdefs.ErrNotFound) {
+			t.Errorf("Open racing CloseSandbox: %q, %v; want ErrNotFound", addr, err)
+		}
+		if a, ok := routes.Addr("sbx1", port); ok {
+			t.Errorf("a route of the ended sandbox stayed open at %q", a)
+		}
+	})
+
+	t.Run("new sandbox, same id", func(t *testing.T) {
+		sbx := newFakeSandboxes()
+		sbx.add("sbx1", "")
+		r := &closingResolver{sbx: sbx}
+		routes := newTCPRoutes(t, r)
+		// The old sandbox ends and a private one takes its id: the route
+		// must be the new sandbox's, with no raw listener.
+		r.hook = func() {
+			routes.CloseSandbox("sbx1")
+			sbx.add("sbx1", "0123456789abcdef0123456789abcdef")
+		}
+		addr, err := routes.Open(context.Background(), "sbx1", port)
+		if err != nil || addr != "" {
+			t.Errorf("Open racing a replaced sandbox: %q, %v; want no listener", addr, err)
+		}
+		if a, ok := routes.Addr("sbx1", port); !ok || a != "" {
+			t.Errorf("route after the race: %q, %v; want open without a listener", a, ok)
 		}
 	})
 }
