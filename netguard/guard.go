@@ -199,8 +199,18 @@ func New(ctx context.Context, cfg Config) (*Guard, error) {
 		g.uids[uid] = st
 		script += s
 	}
+	stale, err := staleTables(ctx, nft, cfg.Table, g.tbl.uidFirst, g.tbl.uidLast)
+	if err != nil {
+		log.Warn("netguard: cannot list tables to find stale ones", "err", err)
+	}
+	for _, name := range stale {
+		script = deleteTableScript(name) + script
+	}
 	if err := runNft(ctx, nft, script, false); err != nil {
 		return fail(errdefs.Wrap(errdefs.ErrInternalFailure, fmt.Errorf("netguard: create table %s: %w", cfg.Table, err)))
+	}
+	if len(stale) > 0 {
+		log.Info("netguard: removed tables a gone worker left on this uid range", "tables", stale)
 	}
 	log.Info("netguard: guest egress filtered", "table", cfg.Table, "uids", g.tbl.uidRange(), "dns_upstream", upstream, "policies", len(g.uids), "quarantine", cfg.Quarantine)
 	return g, nil

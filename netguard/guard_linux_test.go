@@ -532,3 +532,36 @@ func nftTables(t *testing.T) string {
 	}
 	return string(out)
 }
+
+// TestStaleTablesOfTheRangeRemoved: a table another (gone) guard left on an
+// overlapping uid range is removed by New, whatever its name; a table on
+// another range is left alone.
+func TestStaleTablesOfTheRangeRemoved(t *testing.T) {
+	ctx := context.Background()
+	first := uint32(3500000000 + rand.IntN(100000)*1000)
+	newGuard := func(first uint32) *Guard {
+		t.Helper()
+		g, err := New(ctx, Config{Table: fmt.Sprintf("firkin_test_%08x", rand.Uint32()), UIDFirst: first, UIDCount: 100, Upstream: "127.0.0.1:53"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return g
+	}
+	gone := newGuard(first)
+	gone.Detach() // a killed worker: its table stays
+	other := newGuard(first + 500)
+	t.Cleanup(func() { _ = other.Close(ctx) })
+	t.Cleanup(func() { _ = exec.Command(mustNft(t), "delete", "table", "inet", gone.Table()).Run() })
+
+	taker := newGuard(first + 50) // overlaps gone's range
+	t.Cleanup(func() { _ = taker.Close(ctx) })
+	tables := nftTables(t)
+	if strings.Contains(tables, gone.Table()+"\n") {
+		t.Errorf("the stale table %s on an overlapping range is still there:\n%s", gone.Table(), tables)
+	}
+	for _, keep := range []string{other.Table(), taker.Table()} {
+		if !strings.Contains(tables, keep+"\n") {
+			t.Errorf("table %s is gone:\n%s", keep, tables)
+		}
+	}
+}

@@ -67,7 +67,11 @@ func (w *Worker) startGuard(ctx context.Context, driver vmpool.Driver) (*netguar
 		return nil, err
 	}
 	return netguard.New(ctx, netguard.Config{
-		Table:    netguard.TableName(w.id),
+		// Named after the uid range, not the worker: a worker that takes
+		// over a range (its last owner crashed and its machines are gone)
+		// replaces the table the last owner left, whose rules would
+		// otherwise still judge the new machines that get those uids.
+		Table:    netguard.TableName(fmt.Sprintf("u%d", first)),
 		UIDFirst: first,
 		UIDCount: count,
 		Upstream: w.cfg.DNSUpstream,
@@ -206,4 +210,13 @@ func (w *Worker) natsListenAddr() string {
 		return ""
 	}
 	return u.Host
+}
+
+// GuardTable is the name of the network guard's nftables table ("" when
+// guests are not filtered).
+func (w *Worker) GuardTable() string {
+	if w.guard == nil {
+		return ""
+	}
+	return w.guard.Table()
 }
