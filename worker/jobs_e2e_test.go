@@ -296,7 +296,7 @@ func TestJobs(t *testing.T) {
 		if err := json.Unmarshal(m.Data, &r); err != nil || r.Status != jobs.StatusSucceeded || r.Commands[0].Stdout != "hi\n" {
 			t.Fatalf("echo-1 = %s (%v)", m.Data, err)
 		}
-		t.Logf("one echo job: publish to result %s (queued %d ms, ran %d ms)", elapsed, r.QueuedMS, r.DurationMS)
+		t.Logf("one echo job: publish to result %s (queued %d ms, ran %d ms; accelerator %s)", elapsed, r.QueuedMS, r.DurationMS, e.w.Backend().Accelerator())
 	})
 
 	t.Run("more jobs than room wait and all complete", func(t *testing.T) {
