@@ -78,6 +78,10 @@ type Config struct {
 	ResultTTL time.Duration
 	// Replicas of the stream and buckets (1).
 	Replicas int
+	// ReplyAllowed says whether a cancel or status request's reply subject
+	// is a client inbox the worker answers on (default: anything but
+	// subjects starting with "$", "<prefix>." or "_FIRKIN_").
+	ReplyAllowed func(reply string) bool
 	Logger   *slog.Logger
 }
 
