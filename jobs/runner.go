@@ -82,7 +82,7 @@ type Config struct {
 	// is a client inbox the worker answers on (default: anything but
 	// subjects starting with "$", "<prefix>." or "_FIRKIN_").
 	ReplyAllowed func(reply string) bool
-	Logger   *slog.Logger
+	Logger       *slog.Logger
 }
 
 // Runner consumes jobs. Start it with Start; Stop hands back the jobs it
