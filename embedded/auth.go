@@ -40,13 +40,14 @@ const WorkerInboxPrefix = "_FIRKIN_WORKER_INBOX"
 func (a Access) WorkerPermissions() *server.Permissions {
 	return &server.Permissions{
 		Publish: &server.SubjectPermission{Allow: []string{
-			a.Prefix + ".logs.>",    // log events
-			a.Prefix + ".events.>",  // lifecycle events
-			a.Prefix + ".results.>", // job results
-			"$JS.API.>",             // streams, buckets, consumers
-			"$KV.>",                 // KV records
-			"$JS.ACK.>",             // acks of its own consumers
-			"$JS.FC.>",              // flow-control replies of KV watchers
+			a.Prefix + ".logs.>",      // log events
+			a.Prefix + ".events.>",    // lifecycle events
+			a.Prefix + ".results.>",   // job results
+			a.Prefix + ".jobs.dead.>", // dead-lettered jobs
+			"$JS.API.>",               // streams, buckets, consumers
+			"$KV.>",                   // KV records
+			"$JS.ACK.>",               // acks of its own consumers
+			"$JS.FC.>",                // flow-control replies of KV watchers
 		}},
 		Subscribe: &server.SubjectPermission{Allow: []string{
 			WorkerInboxPrefix + ".>",
@@ -70,9 +71,10 @@ func (a Access) ServicePermissions() *server.Permissions {
 }
 
 // ClientPermissions are a client's: it may send requests to <prefix>.>
-// (but never publish logs, events or results, which only a worker writes),
-// discover services on $SRV.>, receive replies on _INBOX.>, follow logs
-// and events live, and read ReadStreams (stream info, message and direct
+// (jobs included: <prefix>.jobs.<queue> stores a job), but never publish
+// logs, events, results or dead letters, which only a worker writes;
+// discover services on $SRV.>, receive replies on _INBOX.>, follow logs,
+// events, job results and dead letters live, and read ReadStreams (stream info, message and direct
 // gets, its own ordered or ephemeral consumers, their next-message
 // requests, acks and flow-control replies). It may not write KV records
 // ($KV.> is not allowed), and may not create, update, purge or delete
@@ -104,12 +106,14 @@ func (a Access) ClientPermissions() *server.Permissions {
 	return &server.Permissions{
 		Publish: &server.SubjectPermission{
 			Allow: pub,
-			Deny:  []string{a.Prefix + ".logs.>", a.Prefix + ".events.>", a.Prefix + ".results.>"},
+			Deny:  []string{a.Prefix + ".logs.>", a.Prefix + ".events.>", a.Prefix + ".results.>", a.Prefix + ".jobs.dead.>"},
 		},
 		Subscribe: &server.SubjectPermission{Allow: []string{
 			"_INBOX.>",
 			a.Prefix + ".logs.>",
 			a.Prefix + ".events.>",
+			a.Prefix + ".results.>",
+			a.Prefix + ".jobs.dead.>",
 		}},
 	}
 }

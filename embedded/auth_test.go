@@ -241,6 +241,22 @@ func TestClientMayUseTheAPIAndReadState(t *testing.T) {
 	if _, err := sub.NextMsg(3 * time.Second); err != nil {
 		t.Fatalf("client follows logs live: %v", err)
 	}
+	// Job results and dead letters, published by the worker, live.
+	for _, subject := range []string{"firkin.results.job-1", "firkin.jobs.dead.default"} {
+		live, err := e.client.SubscribeSync(subject)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := e.client.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		if err := e.worker.Publish(subject, []byte(`{"job_id":"job-1"}`)); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := live.NextMsg(3 * time.Second); err != nil {
+			t.Fatalf("client follows %s: %v", subject, err)
+		}
+	}
 	select {
 	case err := <-e.violations:
 		t.Fatalf("unexpected permissions error: %v", err)
@@ -270,7 +286,7 @@ func TestClientMayNotWrite(t *testing.T) {
 	}
 
 	for _, subject := range []string{
-		"firkin.logs.sb1", "firkin.logs.build.tiny", "firkin.events.created.sb1", "firkin.results.x",
+		"firkin.logs.sb1", "firkin.logs.build.tiny", "firkin.events.created.sb1", "firkin.results.x", "firkin.jobs.dead.default",
 		"$KV.firkin_snapshots.snap1", "$KV.firkin_sessions.sb1",
 		"$JS.API.STREAM.PURGE.FIRKIN_LOGS", "$JS.API.STREAM.DELETE.KV_firkin_snapshots",
 		"$JS.API.STREAM.MSG.DELETE.FIRKIN_LOGS", "$JS.API.STREAM.UPDATE.FIRKIN_LOGS",

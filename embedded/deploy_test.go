@@ -148,6 +148,7 @@ func TestDeployPermissionsExample(t *testing.T) {
 		"firkin.sandbox.sb1.kill", "firkin.sandbox.sb1.snapshot", "firkin.sandbox.sb1.route",
 		"firkin.sandbox.sb1.timeout", "firkin.sandbox.sb1.logs", "firkin.snapshot.list",
 		"firkin.snapshot.s1.get", "firkin.snapshot.work.v2.get", "firkin.pool.status",
+		"firkin.jobs.default", "firkin.jobs.status", "firkin.jobs.j1.cancel",
 	} {
 		if m, err := pnc.Request(subject, []byte("{}"), 3*time.Second); err != nil || string(m.Data) != "ok" {
 			t.Errorf("product request %s: %v", subject, err)
@@ -175,6 +176,19 @@ func TestDeployPermissionsExample(t *testing.T) {
 		t.Error("snapshot record x written through a reply subject")
 	}
 
+	// Job results, published by the worker user, reach the product live.
+	results, err := pnc.SubscribeSync("firkin.results.>")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = pnc.Flush()
+	if err := wnc.Publish("firkin.results.j1", []byte(`{"job_id":"j1"}`)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := results.NextMsg(3 * time.Second); err != nil {
+		t.Errorf("product follows job results: %v", err)
+	}
+
 	j, _ := js.New(pnc)
 	cons, err := j.OrderedConsumer(ctx, jetstream.LogStream, js.OrderedConsumerConfig{})
 	if err != nil {
@@ -189,6 +203,7 @@ func TestDeployPermissionsExample(t *testing.T) {
 		"firkin.logs.sb1", "firkin.events.created.sb1", "$KV.firkin_snapshots.s1",
 		"$JS.API.STREAM.PURGE.FIRKIN_LOGS", "$JS.API.STREAM.DELETE.KV_firkin_snapshots",
 		"$JS.API.DIRECT.GET.KV_firkin_sessions", "$JS.API.CONSUMER.CREATE.KV_firkin_sessions",
+		"firkin.results.j1", "firkin.jobs.dead.default", "$JS.API.CONSUMER.MSG.NEXT.FIRKIN_JOBS.jobs-default",
 	} {
 		if err := pnc.Publish(subject, []byte("{}")); err != nil {
 			t.Fatal(err)

@@ -282,6 +282,11 @@ func (s *Service) foreignReply(reply string) bool {
 	return true
 }
 
+// ReplyAllowed says whether the worker answers requests whose reply subject
+// is reply (a client inbox; see Config.ReplyPrefixes). Other services of the
+// worker (the job runner) use it for their own requests.
+func (s *Service) ReplyAllowed(reply string) bool { return reply != "" && !s.foreignReply(reply) }
+
 // reply sends v, or err as an error reply: the one error path of every
 // endpoint.
 func (s *Service) reply(req micro.Request, v any, err error) {

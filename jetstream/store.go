@@ -27,10 +27,11 @@ const (
 )
 
 // ReadableStreams are the streams clients may read (the embedded server's
-// client permissions): the log and event streams and the streams behind the
-// KV buckets.
+// client permissions): the log and event streams, the streams behind the
+// KV buckets (job results included: package jobs' firkin_results) and the
+// dead-lettered jobs (FIRKIN_JOBS_DEAD). Never the work queue FIRKIN_JOBS.
 func ReadableStreams() []string {
-	return []string{LogStream, EventStream, "KV_" + SessionsBucket, "KV_" + SnapshotsBucket}
+	return []string{LogStream, EventStream, "KV_" + SessionsBucket, "KV_" + SnapshotsBucket, "KV_firkin_results", "FIRKIN_JOBS_DEAD"}
 }
 
 // Config bounds the retention of the streams.

@@ -25,6 +25,7 @@ import (
 	"github.com/firkin-dev/firkin-worker/handlers"
 	"github.com/firkin-dev/firkin-worker/images"
 	"github.com/firkin-dev/firkin-worker/jetstream"
+	"github.com/firkin-dev/firkin-worker/jobs"
 	"github.com/firkin-dev/firkin-worker/netguard"
 	"github.com/firkin-dev/firkin-worker/subjects"
 	"github.com/firkin-dev/firkin-worker/tokens"
@@ -92,6 +93,16 @@ type Config struct {
 	// TLS for an external server: a CA bundle, and a client certificate
 	// with its key.
 	NATSTLSCA, NATSTLSCert, NATSTLSKey string
+
+	// JobQueues are the job queues consumed besides "default".
+	JobQueues []string
+	// JobConcurrency is the most jobs run at once (default 2).
+	JobConcurrency int
+	// JobMaxDeliver, JobBackoff and JobAckWait tune the job runner's
+	// retries (see jobs.Config; zero: its defaults).
+	JobMaxDeliver int
+	JobBackoff    time.Duration
+	JobAckWait    time.Duration
 }
 
 // Worker is a running worker.
@@ -112,6 +123,7 @@ type Worker struct {
 	guard   *netguard.Guard // nil: guests have no outbound network
 	// hostPorts are the host ports egress "host:PORT" may open.
 	hostPorts portSet
+	jobs      *jobs.Runner
 
 	// clientSeed is the embedded server's client seed file ("" without one).
 	clientSeed string
@@ -251,6 +263,18 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	if err := step("micro service", w.svc.Start); err != nil {
 		return nil, err
 	}
+	if err := step("job runner", func() (err error) {
+		w.jobs, err = jobs.Start(ctx, jobs.Config{
+			Subjects: subj, WorkerID: w.id, Runtime: w.backend, Store: w.storeNC, Service: w.nc,
+			Queues: cfg.JobQueues, Concurrency: cfg.JobConcurrency,
+			MaxDeliver: cfg.JobMaxDeliver, Backoff: cfg.JobBackoff, AckWait: cfg.JobAckWait,
+			ReplyAllowed: w.svc.ReplyAllowed, Logger: w.log.With("component", "jobs"),
+		})
+		return err
+	}); err != nil {
+		return nil, err
+	}
+	cleanups = append(cleanups, func() { _ = w.jobs.Stop(context.Background()) })
 	w.log.Info("firkin-worker ready", "nats", w.nc.ConnectedUrl(), "driver", driver.Name(), "state_dir", cfg.StateDir, "proxy", w.rt.proxyAddr())
 
 	bgCtx, cancel := context.WithCancel(context.Background())
@@ -288,7 +312,11 @@ func (w *Worker) Stop(ctx context.Context) error {
 		w.bg()
 		<-w.bgDone
 	}
-	errs := []error{w.svc.Stop(ctx), w.backend.Stop(ctx), w.closeGuard(), w.closeDriver()}
+	var jobsErr error
+	if w.jobs != nil {
+		jobsErr = w.jobs.Stop(ctx)
+	}
+	errs := []error{jobsErr, w.svc.Stop(ctx), w.backend.Stop(ctx), w.closeGuard(), w.closeDriver()}
 	w.stopProxy()
 	w.closeNATS()
 	return errors.Join(errs...)

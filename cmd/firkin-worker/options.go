@@ -35,6 +35,8 @@ type options struct {
 	routeTCPHost                                              string
 	maxRoutesPerSandbox, maxProxyConnsPerSandbox              int
 	proxyIdleTimeout                                          time.Duration
+	jobQueues                                                 string
+	jobConcurrency                                            int
 }
 
 func defaultStateDir() string {
@@ -91,6 +93,8 @@ func parseOptions(args []string, getenv func(string) string, readFile func(strin
 	fs.IntVar(&o.maxMemoryMB, "max-memory-mb", 768<<10, "most guest memory handed out at once, MiB")
 	fs.IntVar(&o.minFreeDiskMB, "min-free-disk-mb", 1024, "refuse creates and snapshots below this much free disk, MiB")
 	fs.BoolVar(&o.keepMachines, "keep-machines", true, "let machines outlive a crash of this process, so the restarted worker reattaches to them (a clean stop always stops them)")
+	fs.StringVar(&o.jobQueues, "job-queues", "default", "job queues to consume, comma-separated (default is always consumed)")
+	fs.IntVar(&o.jobConcurrency, "job-concurrency", 2, "most jobs this worker runs at once")
 	fs.DurationVar(&o.logMaxAge, "log-max-age", 24*time.Hour, "how long log events are kept")
 	fs.Usage = func() {
 		out := fs.Output()
@@ -241,6 +245,8 @@ func (o options) workerConfig() worker.Config {
 		LogMaxAge:           o.logMaxAge,
 		MinFreeDiskBytes:    uint64(o.minFreeDiskMB) << 20,
 		KeepMachinesOnExit:  o.keepMachines,
+		JobQueues:           splitList(o.jobQueues),
+		JobConcurrency:      o.jobConcurrency,
 		Limits:              backend.Limits{MaxSessions: o.maxSessions, MaxVCPUs: o.maxVCPUs, MaxMemoryMB: o.maxMemoryMB},
 		RouteLimits: worker.RouteLimits{
 			MaxRoutesPerSandbox: o.maxRoutesPerSandbox,
