@@ -179,7 +179,7 @@ func (s *Service) Own(id string) {
 		if err != nil || verb == subjects.VerbLogs {
 			return // logs are answered by the queue-group endpoint
 		}
-		s.async(s.sandboxVerb)(&msgRequest{msg: m})
+		s.async(s.sandboxVerb)(&msgRequest{msg: m, nc: s.nc})
 	})
 	if err != nil {
 		s.log.Error("subscribe sandbox subjects", "sandbox", id, "err", err)
@@ -249,6 +249,9 @@ func (s *Service) async(handle func(context.Context, micro.Request) (any, error)
 			s.reply(req, nil, capacityError("worker is handling too many requests"))
 			return
 		}
+		// Answer from the goroutine through a request of our own: micro
+		// reads its request's state once this handler returns.
+		req = s.detach(req)
 		s.wg.Add(1)
 		go func() {
 			defer s.wg.Done()
@@ -311,16 +314,39 @@ func (s *Service) reply(req micro.Request, v any, err error) {
 	}
 }
 
-// msgRequest adapts a plain NATS message (per-sandbox subscriptions) to
-// micro.Request, so every subject shares one reply path.
-type msgRequest struct{ msg *nats.Msg }
+// msgRequest adapts a plain NATS message to micro.Request, so every subject
+// shares one reply path: per-sandbox subscriptions, and micro requests
+// answered from another goroutine (detach).
+type msgRequest struct {
+	msg *nats.Msg
+	nc  *nats.Conn // publishes the reply
+}
+
+// detach returns req as a msgRequest that replies through the service's
+// connection, independent of micro's request (which micro reads after its
+// handler returned).
+func (s *Service) detach(req micro.Request) micro.Request {
+	if r, ok := req.(*msgRequest); ok {
+		return r
+	}
+	return &msgRequest{nc: s.nc, msg: &nats.Msg{Subject: req.Subject(), Reply: req.Reply(), Data: req.Data(), Header: nats.Header(req.Headers())}}
+}
+
+// send publishes m as the reply to r.
+func (r *msgRequest) send(m *nats.Msg) error {
+	if r.msg.Reply == "" {
+		return nats.ErrMsgNoReply
+	}
+	m.Subject = r.msg.Reply
+	return r.nc.PublishMsg(m)
+}
 
 func (r *msgRequest) Respond(data []byte, opts ...micro.RespondOpt) error {
 	m := &nats.Msg{Data: data}
 	for _, o := range opts {
 		o(m)
 	}
-	return r.msg.RespondMsg(m)
+	return r.send(m)
 }
 
 func (r *msgRequest) RespondJSON(v any, opts ...micro.RespondOpt) error {
@@ -336,7 +362,7 @@ func (r *msgRequest) Error(code, description string, data []byte, opts ...micro.
 	for _, o := range opts {
 		o(m)
 	}
-	return r.msg.RespondMsg(m)
+	return r.send(m)
 }
 
 func (r *msgRequest) Data() []byte           { return r.msg.Data }
