@@ -98,10 +98,7 @@ func (b *Backend) plan(ctx context.Context, req subjects.CreateSandboxRequest) (
 // snapshot_id, a template snapshot named by template_id, or a built-in image.
 func (b *Backend) resolveSource(ctx context.Context, req subjects.CreateSandboxRequest, p *createPlan) error {
 	if req.SnapshotID != "" {
-		if err := subjects.ValidateSnapshotName(req.SnapshotID); err != nil {
-			return err
-		}
-		rec, err := b.getSnapshot(ctx, req.SnapshotID)
+		rec, err := b.getSnapshot(ctx, req.SnapshotID) // validates the name
 		if err != nil {
 			return err
 		}

@@ -55,17 +55,23 @@ var generationPattern = regexp.MustCompile(`^[a-z0-9]{1,32}$`)
 // maxArtifacts bounds the artifacts of one record.
 const maxArtifacts = 256
 
+// macOf returns "v1:" + hex(HMAC-SHA256(key, label + "\n" + json(v))); what
+// names the record in an encoding error.
+func macOf(key []byte, label, what string, v any) (string, error) {
+	data, err := json.Marshal(v)
+	if err != nil {
+		return "", fmt.Errorf("encode %s: %w", what, err)
+	}
+	m := hmac.New(sha256.New, key)
+	m.Write([]byte(label + "\n"))
+	m.Write(data)
+	return recordMACV1 + hex.EncodeToString(m.Sum(nil)), nil
+}
+
 // recordMAC returns the mac of rec (its own mac ignored).
 func recordMAC(key []byte, rec subjects.SnapshotRecord) (string, error) {
 	rec.MAC = ""
-	data, err := json.Marshal(rec)
-	if err != nil {
-		return "", fmt.Errorf("encode snapshot record %s: %w", rec.SnapshotID, err)
-	}
-	m := hmac.New(sha256.New, key)
-	m.Write([]byte(recordMACLabel + "\n"))
-	m.Write(data)
-	return recordMACV1 + hex.EncodeToString(m.Sum(nil)), nil
+	return macOf(key, recordMACLabel, "snapshot record "+rec.SnapshotID, rec)
 }
 
 // signRecord returns rec with its mac set.
@@ -185,14 +191,7 @@ const sessionMACLabel = "firkin session record v1"
 // sessionMAC returns the mac of rec (its own mac ignored).
 func sessionMAC(key []byte, rec subjects.Sandbox) (string, error) {
 	rec.MAC = ""
-	data, err := json.Marshal(rec)
-	if err != nil {
-		return "", fmt.Errorf("encode session record %s: %w", rec.SandboxID, err)
-	}
-	m := hmac.New(sha256.New, key)
-	m.Write([]byte(sessionMACLabel + "\n"))
-	m.Write(data)
-	return recordMACV1 + hex.EncodeToString(m.Sum(nil)), nil
+	return macOf(key, sessionMACLabel, "session record "+rec.SandboxID, rec)
 }
 
 // putSession signs rec and stores it.

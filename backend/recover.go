@@ -38,18 +38,9 @@ func (b *Backend) recover(ctx context.Context) error {
 		seen[rec.SandboxID] = true
 		rec.MAC = ""
 		var dir string
-		if err == nil {
-			dir, err = b.machineDir(rec)
-		}
-		if err == nil {
-			err = checkSessionBinding(dir, rec.Generation)
-		}
-		if err == nil && kept[dir] {
-			err = errors.New("its machine directory belongs to another sandbox")
-		}
 		var m vmpool.Machine
 		if err == nil {
-			m, err = b.reattach(ctx, rec, dir)
+			dir, m, err = b.reattachSession(ctx, rec, kept)
 		}
 		if err != nil {
 			b.log.Warn("sandbox not recovered; cleaning up", "sandbox", rec.SandboxID, "err", err)
@@ -80,6 +71,27 @@ func (b *Backend) recover(ctx context.Context) error {
 		b.log.Info("sandbox reattached", "sandbox", rec.SandboxID)
 	}
 	return b.sweep(ctx, kept)
+}
+
+// reattachSession finds the machine directory of an authenticated session
+// record, checks that the machine there was made for it and not already
+// claimed by a sandbox in kept, and reattaches it.
+func (b *Backend) reattachSession(ctx context.Context, rec subjects.Sandbox, kept map[string]bool) (string, vmpool.Machine, error) {
+	dir, err := b.machineDir(rec)
+	if err != nil {
+		return "", nil, err
+	}
+	if err := checkSessionBinding(dir, rec.Generation); err != nil {
+		return "", nil, err
+	}
+	if kept[dir] {
+		return "", nil, errors.New("its machine directory belongs to another sandbox")
+	}
+	m, err := b.reattach(ctx, rec, dir)
+	if err != nil {
+		return "", nil, err
+	}
+	return dir, m, nil
 }
 
 // machineDir is the machine directory of a session record, derived from the

@@ -274,21 +274,20 @@ func (s *Service) async(handle func(context.Context, micro.Request) (any, error)
 // server the service connection's permissions forbid it as well; this holds
 // on any server). Such requests are not answered.
 func (s *Service) foreignReply(reply string) bool {
-	if reply == "" {
-		return false
-	}
-	for _, p := range s.cfg.ReplyPrefixes {
-		if strings.HasPrefix(reply, p) && len(reply) > len(p) {
-			return false
-		}
-	}
-	return true
+	return reply != "" && !s.ReplyAllowed(reply)
 }
 
 // ReplyAllowed says whether the worker answers requests whose reply subject
 // is reply (a client inbox; see Config.ReplyPrefixes). Other services of the
 // worker (the job runner) use it for their own requests.
-func (s *Service) ReplyAllowed(reply string) bool { return reply != "" && !s.foreignReply(reply) }
+func (s *Service) ReplyAllowed(reply string) bool {
+	for _, p := range s.cfg.ReplyPrefixes {
+		if strings.HasPrefix(reply, p) && len(reply) > len(p) {
+			return true
+		}
+	}
+	return false
+}
 
 // reply sends v, or err as an error reply: the one error path of every
 // endpoint.

@@ -27,7 +27,7 @@ type TCPRoutes struct {
 	ctx      context.Context // ends at Close; bounds dials
 	cancel   context.CancelFunc
 	conns    connSet      // client and guest conns, by sandbox
-	accepted sandboxLimit // accepted client conns, by sandbox
+	accepted sandboxLimit // accepted client conns open, by sandbox (freed on close)
 	wg       sync.WaitGroup
 
 	mu     sync.Mutex
@@ -234,9 +234,9 @@ func (t *TCPRoutes) accept(r *tcpRoute) {
 			_ = c.Close()
 			continue
 		}
-		tc, err := t.conns.track(r.route.SandboxID, c, nil)
+		id := r.route.SandboxID
+		tc, err := t.conns.track(id, c, func() { t.accepted.release(id) })
 		if err != nil {
-			t.accepted.release(r.route.SandboxID)
 			return // closed
 		}
 		t.wg.Add(1)
@@ -266,7 +266,6 @@ func (t *TCPRoutes) drop(r *tcpRoute) {
 func (t *TCPRoutes) serveConn(r *tcpRoute, client net.Conn) {
 	defer t.wg.Done()
 	rt := r.route
-	defer t.accepted.release(rt.SandboxID)
 	ctx, cancel := context.WithTimeout(t.ctx, t.opts.dialTimeout)
 	target, err := t.resolver.Resolve(ctx, rt.SandboxID)
 	switch {

@@ -64,11 +64,20 @@ func LoadSecret(configured, path string) ([]byte, error) {
 // Surrounding white space is dropped; at least MinSecretLen bytes must remain.
 func SecretFromString(s string) ([]byte, error) {
 	s = strings.TrimSpace(s)
-	if len(s) < MinSecretLen {
-		return nil, errdefs.Wrap(errdefs.ErrInvalidArgument,
-			fmt.Errorf("tokens: secret is %d bytes, want at least %d", len(s), MinSecretLen))
+	if err := checkSecretLen(len(s)); err != nil {
+		return nil, err
 	}
 	return []byte(s), nil
+}
+
+// checkSecretLen refuses, as errdefs.ErrInvalidArgument, a secret of n bytes
+// when that is under MinSecretLen.
+func checkSecretLen(n int) error {
+	if n < MinSecretLen {
+		return errdefs.Wrap(errdefs.ErrInvalidArgument,
+			fmt.Errorf("tokens: secret is %d bytes, want at least %d", n, MinSecretLen))
+	}
+	return nil
 }
 
 // LoadOrCreateSecret reads the secret kept at path, or, when there is no
@@ -205,9 +214,8 @@ type Minter struct{ secret []byte }
 // NewMinter returns a Minter keyed with secret (at least MinSecretLen
 // bytes; see LoadSecret).
 func NewMinter(secret []byte) (*Minter, error) {
-	if len(secret) < MinSecretLen {
-		return nil, errdefs.Wrap(errdefs.ErrInvalidArgument,
-			fmt.Errorf("tokens: secret is %d bytes, want at least %d", len(secret), MinSecretLen))
+	if err := checkSecretLen(len(secret)); err != nil {
+		return nil, err
 	}
 	return &Minter{secret: append([]byte(nil), secret...)}, nil
 }
