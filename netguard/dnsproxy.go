@@ -7,6 +7,8 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -130,48 +132,56 @@ func listenLoopback() (uint16, []net.PacketConn, []net.Listener, error) {
 			return 0, nil, nil, err
 		}
 		port := pc4.LocalAddr().(*net.UDPAddr).Port
-		pcs, lns := []net.PacketConn{pc4}, []net.Listener(nil)
-		closeAll := func() {
-			for _, c := range pcs {
-				c.Close()
-			}
-			for _, l := range lns {
-				l.Close()
-			}
+		pcs, lns, err := listenBeside(pc4, port)
+		if err == nil {
+			return uint16(port), pcs, lns, nil
 		}
-		ln4, err := net.Listen("tcp4", fmt.Sprintf("127.0.0.1:%d", port))
-		if err != nil {
-			closeAll()
-			lastErr = err
-			if errors.Is(err, syscall.EADDRINUSE) {
-				continue
-			}
+		if !errors.Is(err, syscall.EADDRINUSE) {
 			return 0, nil, nil, err
 		}
-		lns = append(lns, ln4)
-		pc6, err := net.ListenPacket("udp6", fmt.Sprintf("[::1]:%d", port))
-		if err != nil {
-			if errors.Is(err, syscall.EADDRINUSE) {
-				closeAll()
-				lastErr = err
-				continue
-			}
-			return uint16(port), pcs, lns, nil // no IPv6 loopback: no IPv6 DNS either
-		}
-		pcs = append(pcs, pc6)
-		ln6, err := net.Listen("tcp6", fmt.Sprintf("[::1]:%d", port))
-		if err != nil {
-			closeAll()
-			lastErr = err
-			if errors.Is(err, syscall.EADDRINUSE) {
-				continue
-			}
-			return 0, nil, nil, err
-		}
-		lns = append(lns, ln6)
-		return uint16(port), pcs, lns, nil
+		lastErr = err // taken on TCP or ::1: try another port
 	}
 	return 0, nil, nil, fmt.Errorf("no free port for UDP and TCP on loopback: %w", lastErr)
+}
+
+// listenBeside binds TCP on 127.0.0.1:port and UDP and TCP on [::1]:port
+// beside pc4 (UDP on 127.0.0.1:port). A host without IPv6 loopback gets
+// IPv4 only (no IPv6 DNS either). On error it closes everything, pc4 too.
+func listenBeside(pc4 net.PacketConn, port int) ([]net.PacketConn, []net.Listener, error) {
+	pcs, lns := []net.PacketConn{pc4}, []net.Listener(nil)
+	for _, network := range []string{"tcp4", "udp6", "tcp6"} {
+		host := "127.0.0.1"
+		if strings.HasSuffix(network, "6") {
+			host = "::1"
+		}
+		addr := net.JoinHostPort(host, strconv.Itoa(port))
+		var err error
+		if strings.HasPrefix(network, "udp") {
+			var pc net.PacketConn
+			if pc, err = net.ListenPacket(network, addr); err == nil {
+				pcs = append(pcs, pc)
+			}
+		} else {
+			var ln net.Listener
+			if ln, err = net.Listen(network, addr); err == nil {
+				lns = append(lns, ln)
+			}
+		}
+		if err == nil {
+			continue
+		}
+		if network == "udp6" && !errors.Is(err, syscall.EADDRINUSE) {
+			return pcs, lns, nil // no IPv6 loopback
+		}
+		for _, c := range pcs {
+			c.Close()
+		}
+		for _, l := range lns {
+			l.Close()
+		}
+		return nil, nil, err
+	}
+	return pcs, lns, nil
 }
 
 // stopped reports whether a read or accept error means the proxy is
@@ -404,7 +414,7 @@ func (px *proxy) unknown(set string, addrs []netip.Addr, timeout time.Duration) 
 	var out []netip.Addr
 	for _, a := range addrs {
 		if until, ok := px.learned[learnKey{set, a}]; !ok || until.Sub(now) < timeout/2 {
-			if !containsAddr(out, a) {
+			if !slices.Contains(out, a) {
 				out = append(out, a)
 			}
 		}
@@ -426,13 +436,4 @@ func (px *proxy) remember(set string, addrs []netip.Addr, timeout time.Duration)
 	for _, a := range addrs {
 		px.learned[learnKey{set, a}] = now.Add(timeout)
 	}
-}
-
-func containsAddr(as []netip.Addr, a netip.Addr) bool {
-	for _, b := range as {
-		if a == b {
-			return true
-		}
-	}
-	return false
 }

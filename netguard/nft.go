@@ -34,25 +34,33 @@ func findNft() (string, error) {
 // runNft runs `nft [-c] -f -` with script on stdin; check only checks it.
 // The error carries nft's message.
 func runNft(ctx context.Context, nft, script string, check bool) error {
-	ctx, cancel := context.WithTimeout(ctx, nftTimeout)
-	defer cancel()
 	args := []string{"-f", "-"}
 	if check {
 		args = []string{"-c", "-f", "-"}
 	}
+	_, err := nftExec(ctx, nft, script, args...)
+	return err
+}
+
+// nftExec runs nft with args and stdin (none when empty) and returns what
+// it printed; the error carries what nft said on standard error.
+func nftExec(ctx context.Context, nft, stdin string, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, nftTimeout)
+	defer cancel()
 	cmd := exec.CommandContext(ctx, nft, args...)
-	cmd.Stdin = strings.NewReader(script)
-	var out bytes.Buffer
-	cmd.Stdout = &out
-	cmd.Stderr = &out
+	if stdin != "" {
+		cmd.Stdin = strings.NewReader(stdin)
+	}
+	var out, errOut bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errOut
 	if err := cmd.Run(); err != nil {
-		msg := strings.TrimSpace(out.String())
+		msg := strings.TrimSpace(errOut.String())
 		if len(msg) > 2000 {
 			msg = msg[:2000] + "..."
 		}
-		return fmt.Errorf("nft: %w: %s", err, msg)
+		return "", fmt.Errorf("nft %s: %w: %s", strings.Join(args, " "), err, msg)
 	}
-	return nil
+	return out.String(), nil
 }
 
 // Available reports why the Guard cannot work on this host, or nil: not

@@ -234,11 +234,7 @@ func applyScript(tbl string, uid uint32, p Policy, in installed, old *installed)
 	w("\t}")
 	w("}")
 	if old != nil {
-		w("delete element inet %s uid_chain { %d }", tbl, uid)
-		if old.dnsPort != 0 {
-			w("delete element inet %s uid_dns { %d }", tbl, uid)
-			w("delete element inet %s dns_ports { %d }", tbl, old.dnsPort)
-		}
+		unmapUID(w, tbl, uid, *old)
 	}
 	w("add element inet %s uid_chain { %d : jump %s }", tbl, uid, in.chain)
 	if in.dnsPort != 0 {
@@ -255,13 +251,19 @@ func applyScript(tbl string, uid uint32, p Policy, in installed, old *installed)
 func removeScript(tbl string, uid uint32, old installed) string {
 	var b strings.Builder
 	w := func(format string, args ...any) { fmt.Fprintf(&b, format+"\n", args...) }
+	unmapUID(w, tbl, uid, old)
+	dropInstalled(w, tbl, old)
+	return b.String()
+}
+
+// unmapUID deletes uid's elements of the maps (and old's DNS port), which
+// point at what old installed.
+func unmapUID(w func(string, ...any), tbl string, uid uint32, old installed) {
 	w("delete element inet %s uid_chain { %d }", tbl, uid)
 	if old.dnsPort != 0 {
 		w("delete element inet %s uid_dns { %d }", tbl, uid)
 		w("delete element inet %s dns_ports { %d }", tbl, old.dnsPort)
 	}
-	dropInstalled(w, tbl, old)
-	return b.String()
 }
 
 func dropInstalled(w func(string, ...any), tbl string, old installed) {

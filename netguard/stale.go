@@ -1,10 +1,7 @@
 package netguard
 
 import (
-	"bytes"
 	"context"
-	"fmt"
-	"os/exec"
 	"regexp"
 	"strconv"
 	"strings"
@@ -23,7 +20,7 @@ var (
 // (killed, with its machines gone too): its rules would still judge the new
 // owner's machines.
 func staleTables(ctx context.Context, nft, keep string, first, last uint32) ([]string, error) {
-	list, err := nftOutput(ctx, nft, "list", "tables", "inet")
+	list, err := nftExec(ctx, nft, "", "list", "tables", "inet")
 	if err != nil {
 		return nil, err
 	}
@@ -33,7 +30,7 @@ func staleTables(ctx context.Context, nft, keep string, first, last uint32) ([]s
 		if m == nil || m[1] == keep {
 			continue
 		}
-		chain, err := nftOutput(ctx, nft, "list", "chain", "inet", m[1], "output")
+		chain, err := nftExec(ctx, nft, "", "list", "chain", "inet", m[1], "output")
 		if err != nil {
 			continue // not one of ours after all (no such chain)
 		}
@@ -48,17 +45,4 @@ func staleTables(ctx context.Context, nft, keep string, first, last uint32) ([]s
 		}
 	}
 	return stale, nil
-}
-
-// nftOutput runs nft with args and returns what it printed.
-func nftOutput(ctx context.Context, nft string, args ...string) (string, error) {
-	ctx, cancel := context.WithTimeout(ctx, nftTimeout)
-	defer cancel()
-	var out, errOut bytes.Buffer
-	cmd := exec.CommandContext(ctx, nft, args...)
-	cmd.Stdout, cmd.Stderr = &out, &errOut
-	if err := cmd.Run(); err != nil {
-		return "", fmt.Errorf("nft %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(errOut.String()))
-	}
-	return out.String(), nil
 }

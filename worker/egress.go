@@ -189,34 +189,17 @@ func parsePortSet(spec string) (portSet, error) {
 // NATS server's and the proxy's): no egress "host:PORT" entry opens them.
 func (w *Worker) ownPorts() []int {
 	var ports []int
-	for _, addr := range []string{w.natsListenAddr(), w.rt.proxyAddr()} {
-		if _, p, err := net.SplitHostPort(addr); err == nil {
-			if n, err := strconv.Atoi(p); err == nil && n > 0 {
+	if w.srv != nil { // nil when the worker joined an external server
+		if u, err := url.Parse(w.srv.ClientURL()); err == nil {
+			if n, err := strconv.Atoi(u.Port()); err == nil && n > 0 {
 				ports = append(ports, n)
 			}
 		}
 	}
+	if w.rt.http != nil {
+		if t, ok := w.rt.http.Addr().(*net.TCPAddr); ok && t.Port > 0 {
+			ports = append(ports, t.Port)
+		}
+	}
 	return ports
-}
-
-// natsListenAddr is the embedded server's client address ("" when the
-// worker joined an external server).
-func (w *Worker) natsListenAddr() string {
-	if w.srv == nil {
-		return ""
-	}
-	u, err := url.Parse(w.srv.ClientURL())
-	if err != nil {
-		return ""
-	}
-	return u.Host
-}
-
-// GuardTable is the name of the network guard's nftables table ("" when
-// guests are not filtered).
-func (w *Worker) GuardTable() string {
-	if w.guard == nil {
-		return ""
-	}
-	return w.guard.Table()
 }
