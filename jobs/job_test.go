@@ -1,6 +1,7 @@
 package jobs
 
 import (
+	"encoding/json"
 	"errors"
 	"strings"
 	"testing"
@@ -139,4 +140,28 @@ func FuzzDecode(f *testing.F) {
 			t.Fatalf("accepted %d bytes of files", total)
 		}
 	})
+}
+
+func TestEncodeResultBounded(t *testing.T) {
+	small := Result{JobID: "j", Commands: []CommandResult{{Command: "echo hi", Stdout: "hi\n"}}}
+	data, err := encodeResult(small)
+	if err != nil || !strings.Contains(string(data), `"stdout":"hi\n"`) {
+		t.Fatalf("small result changed: %s, %v", data, err)
+	}
+	// Commands of '<' escape sixfold: 100 of them far exceed the bound.
+	big := Result{JobID: "j"}
+	for range MaxCommands {
+		big.Commands = append(big.Commands, CommandResult{Command: strings.Repeat("<", MaxCommandBytes), Stdout: strings.Repeat("x", OutputHead)})
+	}
+	data, err = encodeResult(big)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(data) > MaxResultBytes {
+		t.Fatalf("result is %d bytes, want at most %d", len(data), MaxResultBytes)
+	}
+	var back Result
+	if err := json.Unmarshal(data, &back); err != nil || len(back.Commands) != MaxCommands || !back.Commands[0].Truncated || back.Commands[0].Stdout != "" {
+		t.Fatalf("shrunk result: %d commands, %+v, %v", len(back.Commands), back.Commands[0].Truncated, err)
+	}
 }

@@ -107,6 +107,29 @@ type CancelReply struct {
 	Status string `json:"status"`
 }
 
+// MaxResultBytes bounds a stored result: under the embedded server's 8 MiB
+// payload and an external server's 1 MiB default. A job's commands and
+// outputs (JSON-escaped up to sixfold) could exceed it; encodeResult then
+// drops the outputs and cuts the echoed texts.
+const MaxResultBytes = 900 << 10
+
+// encodeResult marshals res, shrinking it to at most MaxResultBytes.
+func encodeResult(res Result) ([]byte, error) {
+	data, err := json.Marshal(res)
+	if err != nil || len(data) <= MaxResultBytes {
+		return data, err
+	}
+	cmds := make([]CommandResult, len(res.Commands))
+	for i, c := range res.Commands {
+		c.Command, c.Error = cut(c.Command, 256), cut(c.Error, 256)
+		c.Stdout, c.Stderr, c.StdoutB64, c.StderrB64 = "", "", "", ""
+		c.Truncated = true
+		cmds[i] = c
+	}
+	res.Commands, res.Error = cmds, cut(res.Error, 4096)
+	return json.Marshal(res)
+}
+
 // head cuts an exec reply's output to OutputHead bytes.
 func head(text, b64 string) (string, string, bool) {
 	if b64 != "" {

@@ -148,6 +148,9 @@ func Start(ctx context.Context, cfg Config) (*Runner, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
+	if cfg.ReplyAllowed == nil {
+		cfg.ReplyAllowed = func(reply string) bool { return strings.HasPrefix(reply, "_INBOX.") }
+	}
 	j, err := js.New(cfg.Store)
 	if err != nil {
 		return nil, fmt.Errorf("jobs: %w", err)
@@ -422,7 +425,7 @@ func (r *Runner) finish(a *attempt, res Result, log *slog.Logger) {
 	res.DurationMS = res.FinishedAt.Sub(res.StartedAt).Milliseconds()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	data, err := json.Marshal(res)
+	data, err := encodeResult(res)
 	if err != nil {
 		log.Error("encode job result", "err", err)
 		return
