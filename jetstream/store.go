@@ -15,6 +15,7 @@ import (
 	js "github.com/nats-io/nats.go/jetstream"
 
 	"github.com/firkin-dev/firkin-worker/errdefs"
+	"github.com/firkin-dev/firkin-worker/jobs"
 	"github.com/firkin-dev/firkin-worker/subjects"
 )
 
@@ -31,7 +32,7 @@ const (
 // KV buckets (job results included: package jobs' firkin_results) and the
 // dead-lettered jobs (FIRKIN_JOBS_DEAD). Never the work queue FIRKIN_JOBS.
 func ReadableStreams() []string {
-	return []string{LogStream, EventStream, "KV_" + SessionsBucket, "KV_" + SnapshotsBucket, "KV_firkin_results", "FIRKIN_JOBS_DEAD"}
+	return []string{LogStream, EventStream, "KV_" + SessionsBucket, "KV_" + SnapshotsBucket, "KV_" + jobs.ResultsBucket, jobs.DeadStream}
 }
 
 // Config bounds the retention of the streams.

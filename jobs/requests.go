@@ -101,10 +101,7 @@ func (r *Runner) onStatus(m *nats.Msg) {
 // foreign reports whether a reply subject names anything but a client
 // inbox (the worker never answers into streams, KV or its own subjects).
 func (r *Runner) foreign(reply string) bool {
-	if r.cfg.ReplyAllowed != nil {
-		return reply == "" || !r.cfg.ReplyAllowed(reply)
-	}
-	return reply == "" || !strings.HasPrefix(reply, "_INBOX.")
+	return reply == "" || !r.cfg.ReplyAllowed(reply)
 }
 
 func (r *Runner) reply(m *nats.Msg, v any) {

@@ -5,8 +5,10 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nkeys"
 
 	"github.com/firkin-dev/firkin-worker/client"
 	"github.com/firkin-dev/firkin-worker/embedded"
@@ -64,30 +66,24 @@ func (w *Worker) startEmbedded(subj subjects.Subjects) (store, service []nats.Op
 			w.cfg.NATSListen+" controls every sandbox; use this for loopback development only", "nats_listen", w.cfg.NATSListen)
 		cfg.Anonymous = true
 	default:
+		names := [3]string{WorkerSeedFile, ServiceSeedFile, ClientSeedFile}
+		var kps [3]nkeys.KeyPair
 		var pubs [3]string
-		for i, name := range []string{WorkerSeedFile, ServiceSeedFile, ClientSeedFile} {
-			kp, err := embedded.LoadOrCreateSeed(filepath.Join(w.cfg.StateDir, name))
-			if err != nil {
+		for i, name := range names {
+			if kps[i], err = embedded.LoadOrCreateSeed(filepath.Join(w.cfg.StateDir, name)); err != nil {
 				return nil, nil, err
 			}
-			if pubs[i], err = kp.PublicKey(); err != nil {
+			if pubs[i], err = kps[i].PublicKey(); err != nil {
 				return nil, nil, err
 			}
-			for j := range i {
-				if pubs[j] == pubs[i] {
-					return nil, nil, errdefs.Wrap(errdefs.ErrInvalidArgument,
-						fmt.Errorf("%s and %s hold the same nkey: each needs an identity of its own (remove %s to have a new one made)", []string{WorkerSeedFile, ServiceSeedFile}[j], name, name))
-				}
-			}
-			switch name {
-			case WorkerSeedFile:
-				store = append(store, nats.Nkey(pubs[i], kp.Sign))
-			case ServiceSeedFile:
-				service = append(service, nats.Nkey(pubs[i], kp.Sign))
-			default:
-				kp.Wipe()
+			if j := slices.Index(pubs[:i], pubs[i]); j >= 0 {
+				return nil, nil, errdefs.Wrap(errdefs.ErrInvalidArgument,
+					fmt.Errorf("%s and %s hold the same nkey: each needs an identity of its own (remove %s to have a new one made)", names[j], name, name))
 			}
 		}
+		store = append(store, nats.Nkey(pubs[0], kps[0].Sign))
+		service = append(service, nats.Nkey(pubs[1], kps[1].Sign))
+		kps[2].Wipe()
 		access := embedded.Access{Prefix: subj.Prefix, ReadStreams: jetstream.ReadableStreams()}
 		cfg.Users = access.Users(pubs[0], pubs[1], pubs[2])
 		w.clientSeed = filepath.Join(w.cfg.StateDir, ClientSeedFile)

@@ -171,7 +171,7 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := step("state dir", func() error { return w.makeStateDir() }); err != nil {
+	if err := step("state dir", w.makeStateDir); err != nil {
 		return nil, err
 	}
 	if err := step("worker id", func() (err error) { w.id, err = loadOrCreateID(filepath.Join(cfg.StateDir, "worker-id")); return }); err != nil {
