@@ -391,3 +391,25 @@ func TestShareWithMachines(t *testing.T) {
 		t.Errorf("the refused file changed: group %d mode %o", g, perm)
 	}
 }
+
+// Reattach takes the uid and gid a machine.json names only together and
+// from the machine ranges: never a host group for the console socket, nor
+// a uid for the allocator, from a record alone.
+func TestReattachRejectsForeignIDs(t *testing.T) {
+	d, err := New(WithStateDir(t.TempDir()), WithConfine(false), WithAccel(AccelTCG))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	in := uint32(jail.RangeBase + 1)
+	for _, ids := range [][2]uint32{{0, 5}, {5, 5}, {in, 0}, {in, 5}, {0, in}} {
+		dir := t.TempDir()
+		st := machineState{ID: "m", Dir: dir, PID: os.Getpid(), UID: ids[0], GID: ids[1]}
+		if err := writeJSON(filepath.Join(dir, stateFile), st); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := d.Reattach(context.Background(), dir); !errors.Is(err, errdefs.ErrIntegrity) {
+			t.Errorf("uid %d gid %d: Reattach = %v, want an integrity error", ids[0], ids[1], err)
+		}
+	}
+}

@@ -48,9 +48,10 @@ func (d *Driver) reattach(ctx context.Context, dir string) (*Machine, error) {
 	if st.PID <= 0 {
 		return nil, gone("no pid")
 	}
-	// The machine's uid owns its directory and could have written this
-	// file: what it says about confinement is checked like the rest.
-	if st.UID != 0 && (!jail.InAnyRange(st.UID) || !jail.InAnyRange(st.GID)) {
+	// machine.json is root's (its directory too, see ownFiles), yet the
+	// ids it names go to the allocator and the console socket's group:
+	// both none (unconfined), or both of the machine ranges.
+	if (st.UID != 0 || st.GID != 0) && (!jail.InAnyRange(st.UID) || !jail.InAnyRange(st.GID)) {
 		return nil, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("qemu: reattach %s: machine.json names uid %d, gid %d outside the machine uid ranges", dir, st.UID, st.GID))
 	}
 	// Open a pidfd first, then check the process behind it: a pid reused
