@@ -184,9 +184,6 @@ func NewAllocator(r Range) *Allocator {
 	return &Allocator{r: r, next: 1, inUse: map[uint32]bool{}}
 }
 
-// Range returns the allocator's range.
-func (a *Allocator) Range() Range { return a.r }
-
 // Allocate returns a free uid.
 func (a *Allocator) Allocate() (uint32, error) {
 	a.mu.Lock()

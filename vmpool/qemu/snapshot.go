@@ -375,14 +375,7 @@ func migrateOut(ctx context.Context, q *qmp.Client, ignoreShared bool, path stri
 		return err
 	}
 	defer f.Close() // QEMU writes through its own copy
-	if err := passFD(ctx, q, f); err != nil {
-		return err
-	}
-	if _, err := q.Execute(ctx, "migrate", map[string]any{"uri": "fd:" + migrationFD}); err != nil {
-		dropFD(ctx, q)
-		return err
-	}
-	return waitMigration(ctx, q)
+	return migrateFD(ctx, q, "migrate", f)
 }
 
 // migrateIn loads the machine's state from the file at path (opened by the
@@ -401,10 +394,16 @@ func migrateIn(ctx context.Context, q *qmp.Client, ignoreShared bool, path strin
 	} else if !st.Mode().IsRegular() {
 		return errdefs.Wrap(errdefs.ErrIntegrity, errors.New("snapshot state is not a regular file"))
 	}
+	return migrateFD(ctx, q, "migrate-incoming", f)
+}
+
+// migrateFD passes f to QEMU, runs command ("migrate" or
+// "migrate-incoming") on it and waits for the end.
+func migrateFD(ctx context.Context, q *qmp.Client, command string, f *os.File) error {
 	if err := passFD(ctx, q, f); err != nil {
 		return err
 	}
-	if _, err := q.Execute(ctx, "migrate-incoming", map[string]any{"uri": "fd:" + migrationFD}); err != nil {
+	if _, err := q.Execute(ctx, command, map[string]any{"uri": "fd:" + migrationFD}); err != nil {
 		dropFD(ctx, q)
 		return err
 	}
@@ -471,6 +470,9 @@ func (d *Driver) restore(ctx context.Context, spec vmpool.RestoreSpec) (*Machine
 	}
 	if meta.Depth < 1 {
 		return nil, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("qemu: restore %s: snapshot disk depth %d", spec.ID, meta.Depth))
+	}
+	if meta.Depth > MaxLayers { // before any layer is linked: QEMU could not take the chain
+		return nil, invalid("qemu: restore %s: snapshot has %d disk layers: at most %d", spec.ID, meta.Depth, MaxLayers)
 	}
 	for _, f := range []string{filepath.Join(snapDir, layerName(meta.Depth)), filepath.Join(snapDir, snapState)} {
 		if _, err := os.Stat(f); err != nil {
