@@ -103,6 +103,10 @@ type Config struct {
 	JobMaxDeliver int
 	JobBackoff    time.Duration
 	JobAckWait    time.Duration
+
+	// Replicas of the streams, KV buckets and object store; 0: 3 when the
+	// NATS server is part of a cluster of three or more, else 1.
+	Replicas int
 }
 
 // Worker is a running worker.
@@ -185,7 +189,7 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 
 	var store *jetstream.Store
 	if err := step("jetstream", func() (err error) {
-		store, err = jetstream.Open(ctx, w.storeNC, jetstream.Config{Subjects: subj, LogMaxAge: cfg.LogMaxAge})
+		store, err = jetstream.Open(ctx, w.storeNC, jetstream.Config{Subjects: subj, LogMaxAge: cfg.LogMaxAge, Replicas: w.replicas()})
 		return err
 	}); err != nil {
 		return nil, err
@@ -267,7 +271,7 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 		w.jobs, err = jobs.Start(ctx, jobs.Config{
 			Subjects: subj, WorkerID: w.id, Runtime: w.backend, Store: w.storeNC, Service: w.nc,
 			Queues: cfg.JobQueues, Concurrency: cfg.JobConcurrency,
-			MaxDeliver: cfg.JobMaxDeliver, Backoff: cfg.JobBackoff, AckWait: cfg.JobAckWait,
+			MaxDeliver: cfg.JobMaxDeliver, Backoff: cfg.JobBackoff, AckWait: cfg.JobAckWait, Replicas: w.replicas(),
 			ReplyAllowed: w.svc.ReplyAllowed, Logger: w.log.With("component", "jobs"),
 		})
 		return err
@@ -390,6 +394,25 @@ func (w *Worker) dial(url, role string, opts []nats.Option) (*nats.Conn, error) 
 		return nil, fmt.Errorf("connect to %s (%s connection): %w", url, role, err)
 	}
 	return nc, nil
+}
+
+// replicas is the replica count of the worker's streams, buckets and
+// object store: Config.Replicas, or, when that is 0, 3 on a NATS cluster
+// of three or more servers (the connection's known servers) and 1
+// otherwise.
+func (w *Worker) replicas() int {
+	if w.cfg.Replicas > 0 {
+		return w.cfg.Replicas
+	}
+	return autoReplicas(w.storeNC.ConnectedClusterName(), len(w.storeNC.Servers()))
+}
+
+// autoReplicas is 3 for a named cluster of at least three servers, else 1.
+func autoReplicas(cluster string, servers int) int {
+	if cluster != "" && servers >= 3 {
+		return 3
+	}
+	return 1
 }
 
 func (w *Worker) closeNATS() {

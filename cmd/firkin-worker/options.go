@@ -37,6 +37,8 @@ type options struct {
 	proxyIdleTimeout                                          time.Duration
 	jobQueues                                                 string
 	jobConcurrency                                            int
+	tokenSecretFile                                           string
+	replicas                                                  int
 }
 
 func defaultStateDir() string {
@@ -83,7 +85,9 @@ func parseOptions(args []string, getenv func(string) string, readFile func(strin
 	fs.StringVar(&o.dnsUpstream, "dns-upstream", "", "resolver the guests' DNS is forwarded to, host:port (default: the first nameserver of /etc/resolv.conf)")
 	fs.StringVar(&o.logFormat, "log-format", "auto", "text (tint, default on a terminal) or json")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
-	fs.StringVar(&o.tokenSecret, "token-secret", "", "secret for access tokens (default: made and kept in the state dir)")
+	fs.StringVar(&o.tokenSecret, "token-secret", "", "secret for access tokens and snapshot records (default: made and kept in the state dir); prefer --token-secret-file or FIRKIN_TOKEN_SECRET, command lines are visible to every user")
+	fs.StringVar(&o.tokenSecretFile, "token-secret-file", "", "file holding the worker secret (workers of one cluster share it: it signs snapshot records and access tokens)")
+	fs.IntVar(&o.replicas, "replicas", 0, "replicas of the streams, KV buckets and object store (0: 3 on a NATS cluster of three or more servers, else 1)")
 	fs.StringVar(&o.routeTCPHost, "route-tcp-host", "127.0.0.1", "address the raw TCP route listeners of public sandboxes bind to (they carry no token check)")
 	fs.IntVar(&o.maxRoutesPerSandbox, "max-routes-per-sandbox", 16, "most routed ports per sandbox")
 	fs.IntVar(&o.maxProxyConnsPerSandbox, "max-proxy-conns-per-sandbox", 64, "most connections per sandbox at once through the proxy (and as many on its raw TCP routes)")
@@ -158,6 +162,12 @@ func parseOptions(args []string, getenv func(string) string, readFile func(strin
 	if err := o.readNATSPassword(getenv, readFile); err != nil {
 		errs = append(errs, err)
 	}
+	if err := o.readTokenSecret(readFile); err != nil {
+		errs = append(errs, err)
+	}
+	if o.replicas < 0 || o.replicas > 5 {
+		errs = append(errs, fmt.Errorf("--replicas %d: want 0 (auto) or 1..5", o.replicas))
+	}
 	if o.maxRoutesPerSandbox < 1 || o.maxProxyConnsPerSandbox < 1 || o.proxyIdleTimeout <= 0 {
 		errs = append(errs, errors.New("--max-routes-per-sandbox, --max-proxy-conns-per-sandbox and --proxy-idle-timeout must be positive"))
 	}
@@ -187,6 +197,25 @@ func (o *options) readNATSPassword(getenv func(string) string, readFile func(str
 	o.natsPassword = strings.TrimRight(string(data), "\r\n")
 	if o.natsPassword == "" {
 		return fmt.Errorf("--nats-password-file %s is empty", o.natsPasswordFile)
+	}
+	return nil
+}
+
+// readTokenSecret fills tokenSecret from --token-secret-file.
+func (o *options) readTokenSecret(readFile func(string) ([]byte, error)) error {
+	if o.tokenSecretFile == "" {
+		return nil
+	}
+	if o.tokenSecret != "" {
+		return errors.New("--token-secret-file and --token-secret (or FIRKIN_TOKEN_SECRET) both given: give the worker secret once")
+	}
+	data, err := readFile(o.tokenSecretFile)
+	if err != nil {
+		return fmt.Errorf("--token-secret-file: %w", err)
+	}
+	o.tokenSecret = strings.TrimSpace(string(data))
+	if o.tokenSecret == "" {
+		return fmt.Errorf("--token-secret-file %s is empty", o.tokenSecretFile)
 	}
 	return nil
 }
@@ -247,6 +276,7 @@ func (o options) workerConfig() worker.Config {
 		KeepMachinesOnExit:  o.keepMachines,
 		JobQueues:           splitList(o.jobQueues),
 		JobConcurrency:      o.jobConcurrency,
+		Replicas:            o.replicas,
 		Limits:              backend.Limits{MaxSessions: o.maxSessions, MaxVCPUs: o.maxVCPUs, MaxMemoryMB: o.maxMemoryMB},
 		RouteLimits: worker.RouteLimits{
 			MaxRoutesPerSandbox: o.maxRoutesPerSandbox,

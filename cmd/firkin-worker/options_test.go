@@ -175,3 +175,32 @@ func TestRouteOptions(t *testing.T) {
 		t.Errorf("from env and flags: host %q, limits %+v", cfg.RouteTCPHost, cfg.RouteLimits)
 	}
 }
+
+func TestOptionsClusterSettings(t *testing.T) {
+	none := func(string) string { return "" }
+	files := map[string]string{"secret": "  shared-cluster-secret-0123456789abcdef\n", "empty": "\n"}
+	read := func(p string) ([]byte, error) {
+		if s, ok := files[p]; ok {
+			return []byte(s), nil
+		}
+		return nil, os.ErrNotExist
+	}
+	o, err := parseOptions([]string{"--token-secret-file", "secret", "--replicas", "3"}, none, read)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg := o.workerConfig(); cfg.TokenSecret != "shared-cluster-secret-0123456789abcdef" || cfg.Replicas != 3 {
+		t.Errorf("worker config: secret %q replicas %d", cfg.TokenSecret, cfg.Replicas)
+	}
+	for _, args := range [][]string{
+		{"--token-secret-file", "empty"},
+		{"--token-secret-file", "missing"},
+		{"--token-secret-file", "secret", "--token-secret", "x"},
+		{"--replicas", "-1"},
+		{"--replicas", "7"},
+	} {
+		if _, err := parseOptions(args, none, read); err == nil {
+			t.Errorf("%q: want an error", args)
+		}
+	}
+}
