@@ -78,6 +78,7 @@ func run() error {
 		n        = flag.Int("n", 10, "samples for create and snapshot figures")
 		nExec    = flag.Int("exec-n", 100, "samples for exec and NATS round trips")
 		accel    = flag.String("accel", "auto", "qemu accelerator")
+		only     = flag.String("only", "", "measure only these, e.g. c,d,i (default: all)")
 	)
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
@@ -119,9 +120,14 @@ func run() error {
 		{"f", b.idleRSS},
 		{"g", func() (Result, error) { return b.natsFloor(*nExec) }},
 		{"h", func() (Result, error) { return b.proxyThroughput() }},
+		{"i", b.jobLatency},
+		{"j", b.jobThroughput},
 	}
 	byKey := map[string]Result{}
 	for _, s := range steps {
+		if *only != "" && !strings.Contains(","+*only+",", ","+s.name+",") {
+			continue
+		}
 		fmt.Fprintf(os.Stderr, "measuring (%s)...\n", s.name)
 		r, err := s.fn()
 		if err != nil {
