@@ -46,3 +46,22 @@ func TestAdmission(t *testing.T) {
 		t.Fatalf("after release: %v", err)
 	}
 }
+
+func TestDefaultLimits(t *testing.T) {
+	for _, c := range []struct {
+		cores, memMB int
+		want         Limits
+	}{
+		{2, 24 << 10, Limits{MaxSessions: 64, MaxVCPUs: 64, MaxMemoryMB: 24<<10 - 2457}},
+		{8, 4 << 10, Limits{MaxSessions: 64, MaxVCPUs: 256, MaxMemoryMB: 3 << 10}},
+		{1, 0, Limits{MaxSessions: 64, MaxVCPUs: 32, MaxMemoryMB: 3 << 10}},
+		{0, 512, Limits{MaxSessions: 64, MaxVCPUs: 32, MaxMemoryMB: MinMemoryMB}},
+	} {
+		if got := defaultLimits(c.cores, c.memMB); got != c.want {
+			t.Errorf("defaultLimits(%d, %d) = %+v, want %+v", c.cores, c.memMB, got, c.want)
+		}
+	}
+	if l := DefaultLimits(); l.MaxVCPUs < vcpuOvercommit || l.MaxMemoryMB < MinMemoryMB {
+		t.Errorf("DefaultLimits() = %+v", l)
+	}
+}

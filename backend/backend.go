@@ -106,14 +106,15 @@ func (c *Config) setDefaults() error {
 	if len(c.RecordKey) < 32 {
 		return errors.New("backend: a record key of at least 32 bytes is required (backend.RecordKey of the worker secret)")
 	}
+	def := DefaultLimits()
 	if c.Limits.MaxSessions == 0 {
-		c.Limits.MaxSessions = 64
+		c.Limits.MaxSessions = def.MaxSessions
 	}
 	if c.Limits.MaxVCPUs == 0 {
-		c.Limits.MaxVCPUs = 256
+		c.Limits.MaxVCPUs = def.MaxVCPUs
 	}
 	if c.Limits.MaxMemoryMB == 0 {
-		c.Limits.MaxMemoryMB = 768 << 10
+		c.Limits.MaxMemoryMB = def.MaxMemoryMB
 	}
 	if c.DefaultResources.VCPUs == 0 {
 		c.DefaultResources.VCPUs = 1
@@ -215,6 +216,7 @@ func New(cfg Config) (*Backend, error) {
 	}
 	b.templates = tpl
 	b.pool = b.newPool()
+	b.log.Info("admission limits", "max_sandboxes", cfg.Limits.MaxSessions, "max_vcpus", cfg.Limits.MaxVCPUs, "max_memory_mb", cfg.Limits.MaxMemoryMB)
 	return b, nil
 }
 
