@@ -5,12 +5,12 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
-	"path/filepath"
 
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nkeys"
 
 	"github.com/firkin-dev/firkin-worker/errdefs"
+	"github.com/firkin-dev/firkin-worker/internal/atomicfile"
 )
 
 // Access names what the embedded server's users reach: the subject prefix
@@ -144,7 +144,7 @@ func LoadOrCreateSeed(path string) (nkeys.KeyPair, error) {
 	if err != nil {
 		return nil, fmt.Errorf("nkey %s: %w", path, err)
 	}
-	if err := writeFileAtomic(path, append(seed, '\n'), 0o600); err != nil {
+	if err := atomicfile.Write(path, append(seed, '\n'), 0o600); err != nil {
 		return nil, fmt.Errorf("nkey %s: %w", path, err)
 	}
 	return kp, nil
@@ -178,45 +178,4 @@ func ReadSeed(path string) (nkeys.KeyPair, error) {
 		return nil, errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf("nkey seed file %s: not a user seed (SU...)", path))
 	}
 	return kp, nil
-}
-
-// writeFileAtomic writes data to a temporary file beside path, syncs it and
-// renames it over path, then syncs the directory, so path is either absent
-// or complete.
-func writeFileAtomic(path string, data []byte, mode os.FileMode) (err error) {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	defer func() {
-		if err != nil {
-			_ = os.Remove(tmp)
-		}
-	}()
-	if err := f.Chmod(mode); err != nil {
-		f.Close()
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }

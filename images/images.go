@@ -46,6 +46,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/firkin-dev/firkin-worker/internal/atomicfile"
 	"github.com/firkin-dev/firkin-worker/vmpool"
 )
 
@@ -67,7 +68,7 @@ const (
 	RootDiskBase  = "tiny" // root disk: tiny-<key>.ext4
 	ManifestFile  = "manifest.json"
 	lockFileName  = ".lock"
-	tmpPrefix     = ".tmp-"
+	tmpPrefix     = atomicfile.TempPrefix
 )
 
 // ModulesListPath is where the initramfs lists the modules the agent loads,
@@ -436,25 +437,7 @@ func writeManifest(dir string, m Manifest) error {
 }
 
 func writeFileAtomic(path string, data []byte) error {
-	f, err := os.CreateTemp(filepath.Dir(path), tmpPrefix+filepath.Base(path)+"-")
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	_, werr := f.Write(data)
-	cerr := f.Close()
-	if err := errors.Join(werr, cerr); err != nil {
-		os.Remove(f.Name())
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := os.Chmod(f.Name(), 0o644); err != nil {
-		os.Remove(f.Name())
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := os.Rename(f.Name(), path); err != nil {
-		os.Remove(f.Name())
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	return nil
+	return atomicfile.Write(path, data, 0o644)
 }
 
 // inputsKey is a short stable hash of an inputs map.

@@ -34,6 +34,7 @@ import (
 	"strings"
 
 	"github.com/firkin-dev/firkin-worker/errdefs"
+	"github.com/firkin-dev/firkin-worker/internal/atomicfile"
 )
 
 // SecretBytes is how many random bytes a generated secret holds.
@@ -119,41 +120,15 @@ func readSecret(path string) ([]byte, error) {
 // createSecret writes a new random secret to path unless a file is already
 // there: it writes a temporary file and links it into place, so a reader
 // never sees a partial secret and a concurrent creator's secret wins.
-func createSecret(path string) (err error) {
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+func createSecret(path string) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return errdefs.Wrap(errdefs.ErrInternalFailure, fmt.Errorf("tokens: create secret: %w", err))
 	}
 	raw := make([]byte, SecretBytes)
 	if _, err := rand.Read(raw); err != nil {
 		return errdefs.Wrap(errdefs.ErrInternalFailure, fmt.Errorf("tokens: create secret: %w", err))
 	}
-	tmp, err := os.CreateTemp(dir, ".secret-*")
-	if err != nil {
-		return errdefs.Wrap(errdefs.ErrInternalFailure, fmt.Errorf("tokens: create secret: %w", err))
-	}
-	defer func() {
-		if rmErr := os.Remove(tmp.Name()); rmErr != nil && !errors.Is(rmErr, fs.ErrNotExist) && err == nil {
-			err = errdefs.Wrap(errdefs.ErrInternalFailure, fmt.Errorf("tokens: create secret: %w", rmErr))
-		}
-	}()
-	// CreateTemp makes the file 0600 already; chmod states it.
-	if err := tmp.Chmod(0o600); err != nil {
-		_ = tmp.Close()
-		return errdefs.Wrap(errdefs.ErrInternalFailure, fmt.Errorf("tokens: create secret: %w", err))
-	}
-	if _, err := tmp.WriteString(hex.EncodeToString(raw) + "\n"); err != nil {
-		_ = tmp.Close()
-		return errdefs.Wrap(errdefs.ErrInternalFailure, fmt.Errorf("tokens: create secret: %w", err))
-	}
-	if err := tmp.Sync(); err != nil {
-		_ = tmp.Close()
-		return errdefs.Wrap(errdefs.ErrInternalFailure, fmt.Errorf("tokens: create secret: %w", err))
-	}
-	if err := tmp.Close(); err != nil {
-		return errdefs.Wrap(errdefs.ErrInternalFailure, fmt.Errorf("tokens: create secret: %w", err))
-	}
-	if err := os.Link(tmp.Name(), path); err != nil && !errors.Is(err, fs.ErrExist) {
+	if err := atomicfile.Create(path, []byte(hex.EncodeToString(raw)+"\n"), 0o600); err != nil && !errors.Is(err, fs.ErrExist) {
 		return errdefs.Wrap(errdefs.ErrInternalFailure, fmt.Errorf("tokens: create secret: %w", err))
 	}
 	return nil

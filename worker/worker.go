@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -24,6 +25,7 @@ import (
 	"github.com/firkin-dev/firkin-worker/errdefs"
 	"github.com/firkin-dev/firkin-worker/handlers"
 	"github.com/firkin-dev/firkin-worker/images"
+	"github.com/firkin-dev/firkin-worker/internal/atomicfile"
 	"github.com/firkin-dev/firkin-worker/jetstream"
 	"github.com/firkin-dev/firkin-worker/jobs"
 	"github.com/firkin-dev/firkin-worker/netguard"
@@ -482,18 +484,27 @@ func (w *Worker) makeStateDir() error {
 	return nil
 }
 
-// loadOrCreateID returns the worker id kept in path, making one on first start.
+// loadOrCreateID returns the worker id kept in path, making one on first
+// start (written atomically; of concurrent first starts one id wins). A file
+// that holds no valid id (a torn write of an older version) is replaced.
 func loadOrCreateID(path string) (string, error) {
-	data, err := os.ReadFile(path)
-	if err == nil {
-		id := strings.TrimSpace(string(data))
-		if subjects.ValidateSandboxID(id) == nil {
-			return id, nil
+	for range 2 {
+		data, err := os.ReadFile(path)
+		if err == nil {
+			id := strings.TrimSpace(string(data))
+			if subjects.ValidateSandboxID(id) == nil {
+				return id, nil
+			}
+			if err := os.Remove(path); err != nil {
+				return "", err
+			}
+		} else if !errors.Is(err, fs.ErrNotExist) {
+			return "", err
+		}
+		id := "w" + backend.NewID(11)
+		if err := atomicfile.Create(path, []byte(id+"\n"), 0o644); err != nil && !errors.Is(err, fs.ErrExist) {
+			return "", err
 		}
 	}
-	id := "w" + backend.NewID(11)
-	if err := os.WriteFile(path, []byte(id+"\n"), 0o644); err != nil {
-		return "", err
-	}
-	return id, nil
+	return "", fmt.Errorf("worker id file %s keeps changing", path)
 }
