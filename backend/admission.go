@@ -10,9 +10,9 @@ import (
 
 // Limits bound what one worker runs at once.
 type Limits struct {
-	MaxSessions int // active sandboxes plus warm machines
-	MaxVCPUs    int
-	MaxMemoryMB int
+	MaxSessions int `json:"max_sandboxes"` // active sandboxes plus warm machines
+	MaxVCPUs    int `json:"max_vcpus"`
+	MaxMemoryMB int `json:"max_memory_mb"`
 }
 
 // Admission is the worker's capacity ledger: active sandboxes and warm pool
@@ -108,4 +108,24 @@ func (a *Admission) usage(m map[string]vmpool.Resources) (n, vcpus, mem int) {
 		mem += r.MemoryMB
 	}
 	return n, vcpus, mem
+}
+
+// Usage is what a worker has handed out, and its limits.
+type Usage struct {
+	// Sandboxes and Warm count active sandboxes and warm machines.
+	Sandboxes int `json:"sandboxes"`
+	Warm      int `json:"warm"`
+	// VCPUs and MemoryMB are reserved by both.
+	VCPUs    int    `json:"vcpus"`
+	MemoryMB int    `json:"memory_mb"`
+	Limits   Limits `json:"limits"`
+}
+
+// Snapshot reports the ledger's reservations and limits.
+func (a *Admission) Snapshot() Usage {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	n1, v1, m1 := a.usage(a.active)
+	n2, v2, m2 := a.usage(a.warm)
+	return Usage{Sandboxes: n1, Warm: n2, VCPUs: v1 + v2, MemoryMB: m1 + m2, Limits: a.limits}
 }

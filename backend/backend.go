@@ -223,6 +223,10 @@ func New(cfg Config) (*Backend, error) {
 // SetHooks installs the ownership hooks; call it before Start.
 func (b *Backend) SetHooks(h Hooks) { b.hooks = h }
 
+// Usage reports the worker's admission ledger: what its sandboxes and warm
+// machines hold, and its limits.
+func (b *Backend) Usage() Usage { return b.admission.Snapshot() }
+
 // WorkerID is this worker's id (the client_id of its sandboxes).
 func (b *Backend) WorkerID() string { return b.cfg.WorkerID }
 

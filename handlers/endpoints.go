@@ -185,6 +185,15 @@ func (s *Service) setPool(ctx context.Context, req micro.Request) (any, error) {
 	return s.rt.SetPool(ctx, in)
 }
 
+// workerStatus answers firkin.worker.status (every worker) and
+// firkin.worker.<id>.status.
+func (s *Service) workerStatus(_ context.Context, req micro.Request) (any, error) {
+	if _, err := decode[struct{}](req); err != nil {
+		return nil, err
+	}
+	return s.cfg.Status.Status(), nil
+}
+
 func capacityError(msg string) error {
 	return errdefs.Wrap(errdefs.ErrCapacity, fmt.Errorf("%s", msg))
 }

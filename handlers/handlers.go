@@ -52,6 +52,11 @@ type Router interface {
 	Route(ctx context.Context, id string, req subjects.RouteRequest) (subjects.RouteReply, error)
 }
 
+// StatusReporter answers firkin.worker.status.
+type StatusReporter interface {
+	Status() subjects.WorkerStatusReply
+}
+
 // Runtime is everything the handlers call.
 type Runtime interface {
 	Sandboxes
@@ -66,9 +71,16 @@ type Config struct {
 	WorkerID string
 	Version  string
 	Runtime  Runtime
-	Logger   *slog.Logger
+	// Status, when set, answers firkin.worker.status and
+	// firkin.worker.<id>.status.
+	Status StatusReporter
+	Logger *slog.Logger
 	// MaxInFlight bounds requests handled at once (default 256).
 	MaxInFlight int
+	// Observe, when set, is told of every answered request: its endpoint
+	// (the micro endpoint's name, or sandbox.<verb>), its reply code
+	// (subjects.CodeOK or the error code) and how long it took.
+	Observe func(endpoint string, code subjects.Code, d time.Duration)
 	// ReplyPrefixes are the subjects requests may ask replies on: the
 	// clients' inboxes (default "_INBOX."). A request whose reply subject
 	// is anything else is not answered, so nobody can make the worker
@@ -147,7 +159,7 @@ func (s *Service) Start() error {
 		if e.everyWorker {
 			opts = append(opts, micro.WithEndpointQueueGroupDisabled())
 		}
-		if err := svc.AddEndpoint(e.name, s.async(e.handle), opts...); err != nil {
+		if err := svc.AddEndpoint(e.name, s.async(e.name, e.handle), opts...); err != nil {
 			_ = svc.Stop()
 			return fmt.Errorf("handlers: endpoint %s: %w", e.name, err)
 		}
@@ -161,7 +173,14 @@ func (s *Service) Start() error {
 }
 
 func (s *Service) endpoints() []endpoint {
-	return []endpoint{
+	var status []endpoint
+	if s.cfg.Status != nil {
+		status = []endpoint{
+			{name: "WorkerStatus", subject: s.subj.WorkerStatus(), handle: s.workerStatus, everyWorker: true},
+			{name: "WorkerStatusOf", subject: s.subj.WorkerStatusOf(s.cfg.WorkerID), handle: s.workerStatus, everyWorker: true},
+		}
+	}
+	return append(status, []endpoint{
 		{name: "CreateSandbox", subject: s.subj.CreateSandbox(), handle: s.createSandbox},
 		{name: "ListSandboxes", subject: s.subj.ListSandboxes(), handle: s.listSandboxes},
 		{name: "SandboxLogs", subject: s.subj.SandboxVerbWildcard(subjects.VerbLogs), handle: s.sandboxLogs},
@@ -169,7 +188,7 @@ func (s *Service) endpoints() []endpoint {
 		{name: "Snapshots", subject: s.subj.Prefix + ".snapshot.>", handle: s.snapshots},
 		{name: "PoolStatus", subject: s.subj.PoolStatus(), handle: s.poolStatus, everyWorker: true},
 		{name: "SetPool", subject: s.subj.SetPool(), handle: s.setPool, everyWorker: true},
-	}
+	}...)
 }
 
 // Own starts answering the per-sandbox subjects of id (this worker owns it).
@@ -179,7 +198,7 @@ func (s *Service) Own(id string) {
 		if err != nil || verb == subjects.VerbLogs {
 			return // logs are answered by the queue-group endpoint
 		}
-		s.async(s.sandboxVerb)(&msgRequest{msg: m, nc: s.nc})
+		s.async("sandbox."+verb, s.sandboxVerb)(&msgRequest{msg: m, nc: s.nc})
 	})
 	if err != nil {
 		s.log.Error("subscribe sandbox subjects", "sandbox", id, "err", err)
@@ -236,17 +255,21 @@ func (s *Service) Stop(ctx context.Context) error {
 
 // async runs handle in its own goroutine (NATS delivers a subscription's
 // messages one at a time; a long exec must not hold up the next), bounded by
-// MaxInFlight, and replies with its result.
-func (s *Service) async(handle func(context.Context, micro.Request) (any, error)) micro.HandlerFunc {
+// MaxInFlight, and replies with its result. endpoint names the request in
+// Config.Observe.
+func (s *Service) async(endpoint string, handle func(context.Context, micro.Request) (any, error)) micro.HandlerFunc {
 	return func(req micro.Request) {
 		if s.foreignReply(req.Reply()) {
 			s.log.Warn("request ignored: its reply subject is not an inbox", "subject", req.Subject(), "reply", req.Reply())
 			return
 		}
+		start := time.Now()
 		select {
 		case s.sem <- struct{}{}:
 		default:
-			s.reply(req, nil, capacityError("worker is handling too many requests"))
+			err := capacityError("worker is handling too many requests")
+			s.reply(req, nil, err)
+			s.observe(endpoint, err, start)
 			return
 		}
 		// Answer from the goroutine through a request of our own: micro
@@ -256,15 +279,30 @@ func (s *Service) async(handle func(context.Context, micro.Request) (any, error)
 		go func() {
 			defer s.wg.Done()
 			defer func() { <-s.sem }()
+			var v any
+			var err error
 			defer func() {
 				if p := recover(); p != nil {
-					s.reply(req, nil, fmt.Errorf("internal error: %v", p))
+					v, err = nil, fmt.Errorf("internal error: %v", p)
 				}
+				s.reply(req, v, err)
+				s.observe(endpoint, err, start)
 			}()
-			v, err := handle(s.ctx, req)
-			s.reply(req, v, err)
+			v, err = handle(s.ctx, req)
 		}()
 	}
+}
+
+// observe tells Config.Observe of an answered request.
+func (s *Service) observe(endpoint string, err error, start time.Time) {
+	if s.cfg.Observe == nil {
+		return
+	}
+	code := subjects.CodeOK
+	if err != nil {
+		code = subjects.CodeOf(err)
+	}
+	s.cfg.Observe(endpoint, code, time.Since(start))
 }
 
 // foreignReply reports whether a request's reply subject is outside the

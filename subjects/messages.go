@@ -316,6 +316,53 @@ type PoolStatusReply struct {
 	Templates []PoolTemplateStatus `json:"templates"`
 }
 
+// CodeOK stands for a successful reply in request counts (it is never an
+// error code).
+const CodeOK Code = "ok"
+
+// WorkerLimits are a worker's admission limits.
+type WorkerLimits struct {
+	MaxSandboxes int `json:"max_sandboxes"`
+	MaxVCPUs     int `json:"max_vcpus"`
+	MaxMemoryMB  int `json:"max_memory_mb"`
+}
+
+// EndpointStats counts the requests one endpoint answered since the worker
+// started.
+type EndpointStats struct {
+	Endpoint         string `json:"endpoint"`
+	Requests         int64  `json:"requests"`
+	Errors           int64  `json:"errors"`
+	ProcessingTimeNs int64  `json:"processing_time_ns"`
+}
+
+// WorkerStatusReply answers firkin.worker.status (every worker) and
+// firkin.worker.<id>.status: the worker, what it holds, and what it has
+// answered.
+type WorkerStatusReply struct {
+	WorkerID    string    `json:"worker_id"`
+	Version     string    `json:"version"`
+	Driver      string    `json:"driver"`
+	Accelerator string    `json:"accelerator,omitempty"`
+	StartedAt   time.Time `json:"started_at"`
+	UptimeS     float64   `json:"uptime_s"`
+	// Sandboxes and Warm count active sandboxes and warm machines; VCPUs
+	// and MemoryMB are what both reserve, within Limits.
+	Sandboxes     int                  `json:"sandboxes"`
+	Warm          int                  `json:"warm"`
+	VCPUs         int                  `json:"vcpus"`
+	MemoryMB      int                  `json:"memory_mb"`
+	Limits        WorkerLimits         `json:"limits"`
+	Pool          []PoolTemplateStatus `json:"pool"`
+	QEMUProcesses int                  `json:"qemu_processes"`
+	// LogDroppedBytes is log output dropped since start.
+	LogDroppedBytes int64 `json:"log_dropped_bytes"`
+	// Endpoints count requests by endpoint: the micro endpoints and the
+	// per-sandbox verbs (sandbox.exec, ...), which are served by
+	// per-sandbox subscriptions and so are not in $SRV.STATS.
+	Endpoints []EndpointStats `json:"endpoints"`
+}
+
 // Decode parses a request body strictly: unknown fields and trailing data are
 // invalid requests. An empty body decodes as {}.
 func Decode(data []byte, v any) error {

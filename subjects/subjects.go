@@ -62,6 +62,14 @@ func validToken(tok string) bool {
 	return tok != "" && !strings.ContainsAny(tok, ".*> \t\r\n")
 }
 
+// WorkerStatus is <prefix>.worker.status: every worker answers.
+func (s Subjects) WorkerStatus() string { return s.Prefix + ".worker.status" }
+
+// WorkerStatusOf is <prefix>.worker.<id>.status: that worker answers.
+func (s Subjects) WorkerStatusOf(workerID string) string {
+	return s.Prefix + ".worker." + workerID + ".status"
+}
+
 // CreateSandbox is <prefix>.sandbox.create.
 func (s Subjects) CreateSandbox() string { return s.Prefix + ".sandbox.create" }
 

@@ -8,6 +8,7 @@ import (
 
 	"github.com/firkin-dev/firkin-worker/backend"
 	"github.com/firkin-dev/firkin-worker/errdefs"
+	"github.com/firkin-dev/firkin-worker/metrics"
 	"github.com/firkin-dev/firkin-worker/proxy"
 	"github.com/firkin-dev/firkin-worker/subjects"
 	"github.com/firkin-dev/firkin-worker/tokens"
@@ -31,8 +32,29 @@ var _ backend.Tokens = (*tokens.Minter)(nil)
 // port routes through this worker's proxy.
 type runtimeFacade struct {
 	*backend.Backend
-	http *proxy.Server
-	tcp  *proxy.TCPRoutes
+	http    *proxy.Server
+	tcp     *proxy.TCPRoutes
+	metrics *metrics.Metrics
+}
+
+// Create makes a sandbox and measures it by the source of its machine.
+func (r *runtimeFacade) Create(ctx context.Context, req subjects.CreateSandboxRequest) (subjects.Sandbox, error) {
+	start := time.Now()
+	sb, err := r.Backend.Create(ctx, req)
+	if err == nil {
+		r.metrics.ObserveCreate(sb.Source, time.Since(start))
+	}
+	return sb, err
+}
+
+// Snapshot saves a sandbox and measures the save.
+func (r *runtimeFacade) Snapshot(ctx context.Context, id string, req subjects.SnapshotRequest) (subjects.SnapshotRecord, error) {
+	start := time.Now()
+	rec, err := r.Backend.Snapshot(ctx, id, req)
+	if err == nil {
+		r.metrics.ObserveSave(rec.Kind, time.Since(start), rec.SizeBytes)
+	}
+	return rec, err
 }
 
 // Route exposes a guest port: a host name through the HTTP proxy and, for a

@@ -11,6 +11,7 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
+	"net/http"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -28,6 +29,7 @@ import (
 	"github.com/firkin-dev/firkin-worker/internal/atomicfile"
 	"github.com/firkin-dev/firkin-worker/jetstream"
 	"github.com/firkin-dev/firkin-worker/jobs"
+	"github.com/firkin-dev/firkin-worker/metrics"
 	"github.com/firkin-dev/firkin-worker/netguard"
 	"github.com/firkin-dev/firkin-worker/subjects"
 	"github.com/firkin-dev/firkin-worker/tokens"
@@ -106,6 +108,9 @@ type Config struct {
 	JobBackoff    time.Duration
 	JobAckWait    time.Duration
 
+	// MetricsListen is the Prometheus endpoint's address ("": off).
+	MetricsListen string
+
 	// Replicas of the streams, KV buckets and object store; 0: 3 when the
 	// NATS server is part of a cluster of three or more, else 1.
 	Replicas int
@@ -130,6 +135,10 @@ type Worker struct {
 	// hostPorts are the host ports egress "host:PORT" may open.
 	hostPorts portSet
 	jobs      *jobs.Runner
+	metrics   *metrics.Metrics
+	// metricsSrv serves Config.MetricsListen (nil when off).
+	metricsSrv  *http.Server
+	metricsAddr string
 
 	// clientSeed is the embedded server's client seed file ("" without one).
 	clientSeed string
@@ -244,13 +253,19 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	}); err != nil {
 		return nil, err
 	}
-	w.rt = &runtimeFacade{Backend: w.backend}
+	w.metrics = w.newMetrics()
+	w.rt = &runtimeFacade{Backend: w.backend, metrics: w.metrics}
+	if err := step("metrics endpoint", w.startMetrics); err != nil {
+		return nil, err
+	}
+	cleanups = append(cleanups, w.stopMetrics)
 	if err := step("port proxy", func() error { return w.startProxy() }); err != nil {
 		return nil, err
 	}
 	cleanups = append(cleanups, w.stopProxy)
 	if err := step("handlers", func() (err error) {
-		w.svc, err = handlers.New(w.nc, handlers.Config{Subjects: subj, WorkerID: w.id, Runtime: w.rt,
+		w.svc, err = handlers.New(w.nc, handlers.Config{Subjects: subj, WorkerID: w.id, Runtime: w.rt, Version: Version,
+			Status: w.metrics, Observe: w.metrics.ObserveRequest,
 			ReplyPrefixes: cfg.ClientInboxPrefixes, Logger: w.log.With("component", "handlers")})
 		return err
 	}); err != nil {
@@ -271,7 +286,7 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	}
 	if err := step("job runner", func() (err error) {
 		w.jobs, err = jobs.Start(ctx, jobs.Config{
-			Subjects: subj, WorkerID: w.id, Runtime: w.backend, Store: w.storeNC, Service: w.nc,
+			Subjects: subj, WorkerID: w.id, Runtime: w.rt, Store: w.storeNC, Service: w.nc,
 			Queues: cfg.JobQueues, Concurrency: cfg.JobConcurrency,
 			MaxDeliver: cfg.JobMaxDeliver, Backoff: cfg.JobBackoff, AckWait: cfg.JobAckWait, Replicas: w.replicas(),
 			ReplyAllowed: w.svc.ReplyAllowed, Logger: w.log.With("component", "jobs"),
@@ -324,6 +339,7 @@ func (w *Worker) Stop(ctx context.Context) error {
 	}
 	errs := []error{jobsErr, w.svc.Stop(ctx), w.backend.Stop(ctx), w.closeGuard(), w.closeDriver()}
 	w.stopProxy()
+	w.stopMetrics()
 	w.closeNATS()
 	return errors.Join(errs...)
 }

@@ -39,6 +39,7 @@ type options struct {
 	jobConcurrency                                            int
 	tokenSecretFile                                           string
 	replicas                                                  int
+	metricsListen                                             string
 }
 
 func defaultStateDir() string {
@@ -87,6 +88,7 @@ func parseOptions(args []string, getenv func(string) string, readFile func(strin
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&o.tokenSecret, "token-secret", "", "secret for access tokens and snapshot records (default: made and kept in the state dir); prefer --token-secret-file or FIRKIN_TOKEN_SECRET, command lines are visible to every user")
 	fs.StringVar(&o.tokenSecretFile, "token-secret-file", "", "file holding the worker secret (workers of one cluster share it: it signs snapshot records and access tokens)")
+	fs.StringVar(&o.metricsListen, "metrics-listen", "", "serve Prometheus metrics at http://<addr>/metrics (off when empty), e.g. 127.0.0.1:9090")
 	fs.IntVar(&o.replicas, "replicas", 0, "replicas of the streams, KV buckets and object store (0: 3 on a NATS cluster of three or more servers, else 1)")
 	fs.StringVar(&o.routeTCPHost, "route-tcp-host", "127.0.0.1", "address the raw TCP route listeners of public sandboxes bind to (they carry no token check)")
 	fs.IntVar(&o.maxRoutesPerSandbox, "max-routes-per-sandbox", 16, "most routed ports per sandbox")
@@ -277,6 +279,7 @@ func (o options) workerConfig() worker.Config {
 		JobQueues:           splitList(o.jobQueues),
 		JobConcurrency:      o.jobConcurrency,
 		Replicas:            o.replicas,
+		MetricsListen:       o.metricsListen,
 		Limits:              backend.Limits{MaxSessions: o.maxSessions, MaxVCPUs: o.maxVCPUs, MaxMemoryMB: o.maxMemoryMB},
 		RouteLimits: worker.RouteLimits{
 			MaxRoutesPerSandbox: o.maxRoutesPerSandbox,
