@@ -1,0 +1,124 @@
+package worker_test
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/firkin-dev/firkin-worker/embedded"
+	"github.com/firkin-dev/firkin-worker/subjects"
+	"github.com/firkin-dev/firkin-worker/worker"
+)
+
+// TestQEMUKilledFromOutside: a sandbox's QEMU killed with SIGKILL is
+// reported as failed within two seconds, and everything it held is
+// released.
+func TestQEMUKilledFromOutside(t *testing.T) {
+	e := startWorker(t)
+	sb := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny"})
+	dir := filepath.Join(e.state, "sandboxes", sb.SandboxID)
+	procs := qemuProcesses(dir)
+	if len(procs) != 1 {
+		t.Fatalf("QEMU processes of %s: %q", sb.SandboxID, procs)
+	}
+	pid, err := strconv.Atoi(strings.TrimSuffix(strings.Fields(procs[0])[0], ":"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	events, err := e.nc.SubscribeSync("firkin.events.*." + sb.SandboxID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	killed := time.Now()
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	var ev subjects.LifecycleEvent
+	for i := 0; i < 8 && ev.Kind != subjects.EventFailed; i++ {
+		m, err := events.NextMsg(time.Until(killed.Add(2 * time.Second)))
+		if err != nil {
+			t.Fatalf("no failed event within 2 s of the kill: %v", err)
+		}
+		if err := json.Unmarshal(m.Data, &ev); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if ev.Kind != subjects.EventFailed {
+		t.Fatalf("event %+v, want failed", ev)
+	}
+	t.Logf("failed event %s after the kill", time.Since(killed))
+	eventually(t, 10*time.Second, "everything released", func() error {
+		if u := e.w.Backend().Usage(); u.Sandboxes != 0 {
+			return fmt.Errorf("admission still holds %+v", u)
+		}
+		if _, err := os.Stat(dir); !os.IsNotExist(err) {
+			return fmt.Errorf("machine dir: %v", err)
+		}
+		if _, err := e.c.Get(e.ctx(5*time.Second), sb.SandboxID); subjects.CodeOf(err) != subjects.CodeSandboxNotFound {
+			return fmt.Errorf("get: %v", err)
+		}
+		return nil
+	})
+}
+
+// TestNATSServerRestarted: the external nats-server a worker uses is
+// stopped and started again under it; the worker reconnects and its
+// subscriptions, micro service and sandboxes answer again.
+func TestNATSServerRestarted(t *testing.T) {
+	store := t.TempDir()
+	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	start := func() *embedded.Server {
+		srv, err := embedded.Start(embedded.Config{Listen: addr, StoreDir: store, Anonymous: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return srv
+	}
+	srv := start()
+	t.Cleanup(func() { srv.Shutdown() })
+	e := startWorker(t, func(c *worker.Config) { c.NATSURL = "nats://" + addr })
+	sb := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny"})
+	e.exec(sb.SandboxID, "echo before")
+
+	srv.Shutdown()
+	time.Sleep(time.Second)
+	srv = start()
+
+	nc, err := nats.Connect("nats://"+addr, nats.MaxReconnects(-1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	eventually(t, 30*time.Second, "the owned sandbox answers again", func() error {
+		r, err := nc.Request("firkin.sandbox."+sb.SandboxID+".exec", []byte(`{"command":"echo after"}`), 5*time.Second)
+		if err != nil {
+			return err
+		}
+		var out subjects.ExecReply
+		if err := json.Unmarshal(r.Data, &out); err != nil || out.Stdout != "after\n" {
+			return fmt.Errorf("exec reply %q: %v", r.Data, err)
+		}
+		return nil
+	})
+	if _, err := nc.Request("$SRV.PING.firkin-worker", nil, 5*time.Second); err != nil {
+		t.Fatalf("micro service after the restart: %v", err)
+	}
+	r, err := nc.Request("firkin.sandbox.create", []byte(`{"template_id":"tiny"}`), time.Minute)
+	if err != nil || strings.Contains(string(r.Data), `"error"`) {
+		t.Fatalf("create after the restart: %v %s", err, r.Data)
+	}
+	var created subjects.Sandbox
+	_ = json.Unmarshal(r.Data, &created)
+	_, _ = nc.Request("firkin.sandbox."+created.SandboxID+".kill", nil, time.Minute)
+}
