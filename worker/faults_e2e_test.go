@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/firkin-dev/firkin-worker/backend"
 	"github.com/firkin-dev/firkin-worker/embedded"
 	"github.com/firkin-dev/firkin-worker/subjects"
 	"github.com/firkin-dev/firkin-worker/worker"
@@ -121,4 +123,70 @@ func TestNATSServerRestarted(t *testing.T) {
 	var created subjects.Sandbox
 	_ = json.Unmarshal(r.Data, &created)
 	_, _ = nc.Request("firkin.sandbox."+created.SandboxID+".kill", nil, time.Minute)
+}
+
+// TestCreateFlood: 100 concurrent creates against room for 8. Every
+// request is answered within its timeout, with a sandbox or
+// capacity_rejected; the worker never holds more than its room, and nothing
+// is left once the sandboxes are killed.
+func TestCreateFlood(t *testing.T) {
+	e := startWorker(t, func(c *worker.Config) { c.Limits = backend.Limits{MaxSessions: 8} })
+	const n = 100
+	type result struct {
+		id  string
+		err error
+	}
+	results := make(chan result, n)
+	for i := 0; i < n; i++ {
+		go func() {
+			sb, err := e.c.Create(e.ctx(3*time.Minute), subjects.CreateSandboxRequest{TemplateID: "tiny"})
+			results <- result{sb.SandboxID, err}
+		}()
+	}
+	var ids []string
+	rejected := 0
+	for i := 0; i < n; i++ {
+		r := <-results
+		switch {
+		case r.err == nil:
+			ids = append(ids, r.id)
+		case subjects.CodeOf(r.err) == subjects.CodeCapacityRejected:
+			rejected++
+		default:
+			t.Errorf("create: %v", r.err)
+		}
+	}
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	t.Logf("%d created, %d capacity_rejected; heap in use %d MiB", len(ids), rejected, ms.HeapInuse>>20)
+	if ms.HeapInuse > 256<<20 {
+		t.Errorf("heap in use %d MiB after the flood, want under 256", ms.HeapInuse>>20)
+	}
+	if len(ids) == 0 || len(ids) > 8 || len(ids)+rejected != n {
+		t.Fatalf("%d created and %d rejected of %d", len(ids), rejected, n)
+	}
+	if u := e.w.Backend().Usage(); u.Sandboxes != len(ids) || u.Sandboxes+u.Warm > 8 {
+		t.Errorf("admission %+v with %d sandboxes", u, len(ids))
+	}
+	for _, id := range ids {
+		if out := e.exec(id, "echo ok"); out.Stdout != "ok\n" {
+			t.Errorf("exec in %s: %+v", id, out)
+		}
+		if err := e.c.Kill(e.ctx(time.Minute), id); err != nil {
+			t.Errorf("kill %s: %v", id, err)
+		}
+	}
+	eventually(t, 30*time.Second, "nothing left", func() error {
+		if u := e.w.Backend().Usage(); u.Sandboxes != 0 {
+			return fmt.Errorf("admission %+v", u)
+		}
+		if p := qemuProcesses(filepath.Join(e.state, "sandboxes")); len(p) != 0 {
+			return fmt.Errorf("QEMU processes left: %q", p)
+		}
+		entries, _ := os.ReadDir(filepath.Join(e.state, "sandboxes"))
+		if len(entries) != 0 {
+			return fmt.Errorf("machine dirs left: %v", entries)
+		}
+		return nil
+	})
 }
