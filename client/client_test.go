@@ -49,8 +49,8 @@ func TestErrorClasses(t *testing.T) {
 }
 
 // TestJobRequestErrors checks the job methods' errors against the worker:
-// a queue nobody consumes, an invalid job, invalid ids, and a wait that
-// ends with its context.
+// a queue nobody consumes, an invalid job, invalid ids, a drain of a
+// worker nobody serves, and a wait that ends with its context.
 func TestJobRequestErrors(t *testing.T) {
 	c := connect()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -70,6 +70,12 @@ func TestJobRequestErrors(t *testing.T) {
 	}
 	if _, err := c.CancelJob(ctx, "bad.id"); subjects.CodeOf(err) != subjects.CodeInvalidRequest {
 		t.Errorf("cancel bad.id: %v, want invalid_request", err)
+	}
+	if err := c.DrainWorker(ctx, "a.b", nil, nil); subjects.CodeOf(err) != subjects.CodeInvalidRequest {
+		t.Errorf("drain worker a.b: %v, want invalid_request", err)
+	}
+	if err := c.DrainWorker(ctx, "nosuchworker", nil, nil); !errors.Is(err, client.ErrNoResponders) {
+		t.Errorf("drain an unknown worker: %v, want no responders", err)
 	}
 	short, cancelShort := context.WithTimeout(ctx, 300*time.Millisecond)
 	defer cancelShort()

@@ -75,21 +75,28 @@ func (c *Client) PoolStatusAll(ctx context.Context) ([]subjects.PoolStatusReply,
 	return gather[subjects.PoolStatusReply](ctx, c, c.subj.PoolStatus())
 }
 
-// WorkersList asks <prefix>.workers.list for the cluster's members and
-// decodes the reply into reply (the cluster package's reply type, or a
-// map). A cluster without membership support answers no responders.
+// WorkersList asks <prefix>.workers.list (one worker answers from the
+// heartbeats in KV firkin_workers) for the cluster's members and decodes
+// the reply into reply (subjects.ListWorkersReply, or a map). Workers
+// without cluster membership give ErrNoResponders.
 func (c *Client) WorkersList(ctx context.Context, reply any) error {
 	return c.Request(ctx, c.subj.Prefix+".workers.list", struct{}{}, reply)
 }
 
-// DrainWorker asks a worker to drain (<prefix>.worker.<id>.drain): it stops
-// taking creates and jobs and finishes or hands back what runs. The reply
-// is decoded into reply (nil: ignored).
-func (c *Client) DrainWorker(ctx context.Context, workerID string, reply any) error {
+// DrainWorker asks a worker to drain (<prefix>.worker.<id>.drain, a lame
+// duck): it stops taking creates and jobs and finishes or hands back what
+// runs. req is the request body (subjects.DrainRequest, e.g. with Wait to
+// be answered once drained; nil sends {}); the reply is decoded into reply
+// (subjects.DrainReply; nil: ignored). A worker id nobody serves gives
+// ErrNoResponders.
+func (c *Client) DrainWorker(ctx context.Context, workerID string, req, reply any) error {
 	if workerID == "" || len(workerID) > 128 || !validToken(workerID) {
-		return &Error{Code: subjects.CodeInvalidRequest, Message: fmt.Sprintf("worker id %q: want one subject token", cut(workerID, 64))}
+		return &Error{Code: subjects.CodeInvalidRequest, Message: fmt.Sprintf("worker id %q: want 1-128 characters of [A-Za-z0-9_-]", cut(workerID, 64))}
 	}
-	return c.Request(ctx, c.subj.Prefix+".worker."+workerID+".drain", struct{}{}, reply)
+	if req == nil {
+		req = struct{}{}
+	}
+	return c.Request(ctx, c.subj.Prefix+".worker."+workerID+".drain", req, reply)
 }
 
 // validToken reports whether s is one subject token of safe characters.
