@@ -77,9 +77,23 @@ func TestJobRequestErrors(t *testing.T) {
 	if err := c.DrainWorker(ctx, "nosuchworker", nil, nil); !errors.Is(err, client.ErrNoResponders) {
 		t.Errorf("drain an unknown worker: %v, want no responders", err)
 	}
+	// A prefix nobody serves (inside the client identity's firkin.>).
+	other, err := subjects.New("firkin.nobody")
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	sctx, scancel := context.WithTimeout(ctx, 5*time.Second)
+	defer scancel()
+	if _, err := c.WithPrefix(other).JobsStatus(sctx); !errors.Is(err, client.ErrNoResponders) || time.Since(start) > time.Second {
+		t.Errorf("jobs status under a prefix nobody serves: %v after %s, want no responders at once", err, time.Since(start))
+	}
+	if st, err := c.PoolStatusAll(ctx); err != nil || len(st) != 1 || len(st[0].Templates) == 0 {
+		t.Errorf("pool status of every worker: %+v, %v; want one worker's", st, err)
+	}
 	short, cancelShort := context.WithTimeout(ctx, 300*time.Millisecond)
 	defer cancelShort()
-	start := time.Now()
+	start = time.Now()
 	if _, err := c.WaitJob(short, client.NewJobID()); !errors.Is(err, context.DeadlineExceeded) {
 		t.Errorf("wait for an unknown job: %v, want deadline exceeded", err)
 	}

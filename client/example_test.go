@@ -59,14 +59,18 @@ func ExampleError() {
 	// Nobody owns this sandbox: NATS answers "no responders" at once.
 	_, err := c.Exec(ctx, "no-such-sandbox", subjects.ExecRequest{Command: "true"})
 	var e *client.Error
-	fmt.Println(errors.As(err, &e), e.Code, e.NoResponders)
+	if !errors.As(err, &e) {
+		fmt.Println("not a *client.Error:", err)
+		return
+	}
+	fmt.Println(e.Code, e.NoResponders)
 	fmt.Println(errors.Is(err, errdefs.ErrNotFound), errors.Is(err, client.ErrNoResponders))
 
 	// An error reply of a worker: its code, and the errdefs class.
 	_, err = c.Create(ctx, subjects.CreateSandboxRequest{TemplateID: "no-such-template"})
 	fmt.Println(subjects.CodeOf(err), errors.Is(err, errdefs.ErrInvalidArgument), errors.Is(err, client.ErrNoResponders))
 	// Output:
-	// true sandbox_not_found true
+	// sandbox_not_found true
 	// true true
 	// invalid_request true false
 }

@@ -13,14 +13,23 @@ import (
 // gatherQuiet is how long gather waits for one more reply.
 const gatherQuiet = 250 * time.Millisecond
 
+// gatherFirst bounds the wait for the first reply when ctx has no deadline
+// (a publish the server refused gets no reply at all).
+const gatherFirst = 30 * time.Second
+
 // gatherMax bounds the replies gather keeps.
 const gatherMax = 4096
 
 // gather sends {} to a subject every worker answers (no queue group) and
-// collects the replies until none came for gatherQuiet, or ctx ends after
-// at least one. Error replies are skipped when another worker answered;
+// collects the replies until none came for gatherQuiet, or ctx (at most
+// gatherFirst without a deadline) ends after at least one. Error replies are skipped when another worker answered;
 // when all of them are errors, the first is returned.
 func gather[T any](ctx context.Context, c *Client, subject string) ([]T, error) {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, gatherFirst)
+		defer cancel()
+	}
 	inbox := c.nc.NewInbox()
 	ch := make(chan *nats.Msg, 64)
 	sub, err := c.nc.ChanSubscribe(inbox, ch)
