@@ -1,6 +1,13 @@
-// Package client is a small typed Go client of the firkin-worker NATS API.
-// Error replies come back as errors classified like the worker's own (match
-// them with errors.Is against the errdefs classes, or use subjects.CodeOf).
+// Package client is a typed Go client of the firkin-worker NATS API for
+// product services: sandboxes (create, exec, snapshot, route, kill, logs),
+// templates, pools, and durable jobs (submit, wait for the result, watch the
+// output live, cancel, status).
+//
+// Every method takes a context that bounds how long it waits (never a
+// sandbox's or a job's lifetime). Error replies come back as *Error, which
+// carries the contract's code and message and matches errors.Is against the
+// errdefs classes (subjects.CodeOf gives the code back); a request nobody
+// answered also matches ErrNoResponders.
 package client
 
 import (
@@ -8,18 +15,25 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sync"
 
 	"github.com/nats-io/nats.go"
+	js "github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/firkin-dev/firkin-worker/errdefs"
 	"github.com/firkin-dev/firkin-worker/subjects"
 )
 
-// Client sends requests to the workers on one NATS connection.
+// Client sends requests to the workers on one NATS connection. It is safe
+// for concurrent use.
 type Client struct {
 	nc   *nats.Conn
 	subj subjects.Subjects
+
+	mu      sync.Mutex
+	js      js.JetStream
+	results js.KeyValue
 }
 
 // NkeyFile authenticates a connection with the nkey user seed in the file at
@@ -42,11 +56,16 @@ func NkeyFile(path string) nats.Option {
 // New returns a client using the default subject prefix.
 func New(nc *nats.Conn) *Client { return &Client{nc: nc, subj: subjects.Default} }
 
-// WithPrefix returns a copy of c using another subject prefix.
+// WithPrefix returns a client on c's connection using another subject prefix.
 func (c *Client) WithPrefix(s subjects.Subjects) *Client { return &Client{nc: c.nc, subj: s} }
 
+// Conn returns the client's NATS connection.
+func (c *Client) Conn() *nats.Conn { return c.nc }
+
 // Request sends req (JSON) to subject and decodes the reply into reply. An
-// error reply becomes a classified error; no responder is ErrNotFound.
+// error reply becomes an *Error. Nobody answering becomes an *Error matching
+// ErrNoResponders: sandbox_not_found on a per-sandbox subject (its owner is
+// gone), runtime_failed elsewhere (no worker runs).
 func (c *Client) Request(ctx context.Context, subject string, req, reply any) error {
 	data, err := json.Marshal(req)
 	if err != nil {
@@ -59,17 +78,24 @@ func (c *Client) Request(ctx context.Context, subject string, req, reply any) er
 func (c *Client) RequestRaw(ctx context.Context, subject string, data []byte, reply any) error {
 	msg, err := c.nc.RequestWithContext(ctx, subject, data)
 	if errors.Is(err, nats.ErrNoResponders) {
-		return errdefs.Wrap(errdefs.ErrNotFound, fmt.Errorf("%s: no worker answers (unknown sandbox?)", subject))
+		return c.noResponders(subject)
 	}
 	if err != nil {
 		return fmt.Errorf("%s: %w", subject, err)
 	}
+	return decodeReply(subject, msg, reply)
+}
+
+// decodeReply turns an error reply into an *Error and decodes any other
+// reply into reply (when not nil).
+func decodeReply(subject string, msg *nats.Msg, reply any) error {
 	if msg.Header.Get(micro.ErrorCodeHeader) != "" {
 		var body subjects.ErrorBody
 		if err := json.Unmarshal(msg.Data, &body); err != nil || body.Error.Code == "" {
-			return fmt.Errorf("%s: error %s: %s", subject, msg.Header.Get(micro.ErrorCodeHeader), msg.Header.Get(micro.ErrorHeader))
+			return &Error{Subject: subject, Code: subjects.CodeRuntimeFailed,
+				Message: fmt.Sprintf("error %s: %s", msg.Header.Get(micro.ErrorCodeHeader), msg.Header.Get(micro.ErrorHeader))}
 		}
-		return body.Error.Err()
+		return &Error{Subject: subject, Code: body.Error.Code, Message: body.Error.Message}
 	}
 	if reply == nil {
 		return nil
@@ -167,8 +193,8 @@ func (c *Client) DeleteSnapshot(ctx context.Context, sid string) error {
 	return c.Request(ctx, c.subj.Snapshot(sid, "delete"), struct{}{}, nil)
 }
 
-// PoolStatus returns the first worker's pool status (use a NATS request
-// with several replies to hear every worker).
+// PoolStatus returns the first worker's pool status (PoolStatusAll hears
+// every worker).
 func (c *Client) PoolStatus(ctx context.Context) (subjects.PoolStatusReply, error) {
 	var r subjects.PoolStatusReply
 	err := c.Request(ctx, c.subj.PoolStatus(), struct{}{}, &r)
