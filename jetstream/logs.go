@@ -11,6 +11,7 @@ import (
 
 	js "github.com/nats-io/nats.go/jetstream"
 
+	"github.com/firkin-dev/firkin-worker/internal/jsonsize"
 	"github.com/firkin-dev/firkin-worker/subjects"
 )
 
@@ -312,11 +313,24 @@ func splitEvent(ev subjects.LogEvent) []subjects.LogEvent {
 
 // ReadLogs returns up to limit events of subject stored after cursor (a
 // stream sequence; 0 reads from the start) and the cursor of the next page.
+// A page is also bounded by bytes, so that its reply fits the connected
+// server's max payload: when it stops early, Truncated is set and the rest
+// follows from NextCursor.
 func (s *Store) ReadLogs(ctx context.Context, sandboxID string, cursor uint64, limit int) (subjects.LogsReply, error) {
-	return s.readLogs(ctx, s.subj.Logs(sandboxID), cursor, limit)
+	return s.readLogs(ctx, s.subj.Logs(sandboxID), cursor, limit, LogsPageBytes(s.nc.MaxPayload()))
 }
 
-func (s *Store) readLogs(ctx context.Context, subject string, cursor uint64, limit int) (subjects.LogsReply, error) {
+// replyHeadroom is what a reply needs beside its body (micro headers, the
+// page's own fields).
+const replyHeadroom = 8 << 10
+
+// LogsPageBytes is how many bytes of encoded events a logs page may carry
+// when replies may be maxPayload bytes long.
+func LogsPageBytes(maxPayload int64) int {
+	return int(max(maxPayload-replyHeadroom, 16<<10))
+}
+
+func (s *Store) readLogs(ctx context.Context, subject string, cursor uint64, limit, maxBytes int) (subjects.LogsReply, error) {
 	reply := subjects.LogsReply{Events: []subjects.LogEvent{}, NextCursor: cursor}
 	cfg := js.OrderedConsumerConfig{FilterSubjects: []string{subject}, DeliverPolicy: js.DeliverAllPolicy}
 	if cursor > 0 {
@@ -332,26 +346,89 @@ func (s *Store) readLogs(ctx context.Context, subject string, cursor uint64, lim
 		return reply, nil
 	}
 	want := min(limit, int(info.NumPending))
-	batch, err := cons.Fetch(want, js.FetchMaxWait(2*time.Second))
+	// The server stops at maxBytes of messages (their data is about the
+	// size of the events in the reply); the exact bound is kept below.
+	batch, err := cons.Fetch(want, js.FetchMaxWait(2*time.Second), js.FetchMaxBytes(maxBytes))
 	if err != nil {
 		return reply, fmt.Errorf("read logs %s: %w", subject, err)
 	}
+	used, got := 0, 0
 	for msg := range batch.Messages() {
+		got++
 		meta, err := msg.Metadata()
 		if err != nil {
 			return reply, fmt.Errorf("read logs %s: %w", subject, err)
 		}
 		var ev subjects.LogEvent
 		if err := json.Unmarshal(msg.Data(), &ev); err != nil {
+			reply.NextCursor = meta.Sequence.Stream
 			continue // not ours; skip rather than fail the page
 		}
+		size := encodedLen(ev) + 1
+		if used+size > maxBytes {
+			reply.Truncated = true
+			break
+		}
+		used += size
 		reply.Events = append(reply.Events, ev)
 		reply.NextCursor = meta.Sequence.Stream
 	}
-	if err := batch.Error(); err != nil && len(reply.Events) == 0 {
-		return reply, fmt.Errorf("read logs %s: %w", subject, err)
+	if got < want {
+		reply.Truncated = true // the server stopped at maxBytes (or the wait)
+	}
+	if len(reply.Events) == 0 && reply.NextCursor == cursor {
+		// Not even one event fits the bound (a server with a small max
+		// payload): return the first, cut, so that paging moves on.
+		return s.readOversized(ctx, subject, cursor, maxBytes, reply, batch.Error())
 	}
 	return reply, nil
+}
+
+// readOversized returns a page of the one event after cursor, its message
+// cut to fit maxBytes.
+func (s *Store) readOversized(ctx context.Context, subject string, cursor uint64, maxBytes int, reply subjects.LogsReply, fetchErr error) (subjects.LogsReply, error) {
+	cfg := js.OrderedConsumerConfig{FilterSubjects: []string{subject}, DeliverPolicy: js.DeliverByStartSequencePolicy, OptStartSeq: cursor + 1}
+	if cursor == 0 {
+		cfg.DeliverPolicy, cfg.OptStartSeq = js.DeliverAllPolicy, 0
+	}
+	cons, err := s.js.OrderedConsumer(ctx, LogStream, cfg)
+	if err != nil {
+		return reply, fmt.Errorf("read logs %s: %w", subject, err)
+	}
+	msg, err := cons.Next(js.FetchMaxWait(2 * time.Second))
+	if err != nil {
+		if fetchErr != nil {
+			err = fetchErr
+		}
+		return reply, fmt.Errorf("read logs %s: %w", subject, err)
+	}
+	meta, err := msg.Metadata()
+	if err != nil {
+		return reply, fmt.Errorf("read logs %s: %w", subject, err)
+	}
+	reply.NextCursor = meta.Sequence.Stream
+	var ev subjects.LogEvent
+	if json.Unmarshal(msg.Data(), &ev) != nil {
+		return reply, nil // not ours; the cursor moved past it
+	}
+	room := maxBytes - encodedLen(subjects.LogEvent{Timestamp: ev.Timestamp, TimestampUnixSeconds: ev.TimestampUnixSeconds,
+		Source: ev.Source, SandboxID: ev.SandboxID, TemplateID: ev.TemplateID, CommandID: ev.CommandID}) - 32
+	if ev.MessageB64 != "" {
+		ev.MessageB64 = ev.MessageB64[:max(min(len(ev.MessageB64), room)/4*4, 0)]
+	} else {
+		ev.Message, _ = jsonsize.Cut(ev.Message, max(room, 2))
+	}
+	reply.Events = append(reply.Events, ev)
+	reply.Truncated = true
+	return reply, nil
+}
+
+func encodedLen(ev subjects.LogEvent) int {
+	b, err := json.Marshal(ev)
+	if err != nil {
+		return 0
+	}
+	return len(b)
 }
 
 // PublishEvent publishes a lifecycle event on <prefix>.events.<kind>.<id>

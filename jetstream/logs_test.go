@@ -237,3 +237,55 @@ func TestLogPublisherCountsPublishErrors(t *testing.T) {
 		t.Errorf("dropped %d, want 4", got)
 	}
 }
+
+func TestLogsPageFitsMaxPayload(t *testing.T) {
+	s := openStore(t)
+	ctx := context.Background()
+	p := s.Logs("big")
+	const n = 60
+	for i := range n {
+		// 64 KiB of output that doubles in JSON (a quote per byte pair).
+		p.Output(ctx, subjects.SourceStdout, "c"+string(rune('a'+i%26)), []byte(strings.Repeat("x\"", MaxLogChunk/2)))
+	}
+	if err := p.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	maxPayload := s.nc.MaxPayload()
+	var cursor uint64
+	seen := 0
+	for range n + 1 { // every page makes progress
+		page, err := s.ReadLogs(ctx, "big", cursor, 200)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := json.Marshal(page)
+		if int64(len(body)) > maxPayload-replyHeadroom {
+			t.Fatalf("page of %d events encodes to %d bytes, server max payload %d", len(page.Events), len(body), maxPayload)
+		}
+		if len(page.Events) == 0 {
+			break
+		}
+		if seen+len(page.Events) < n && !page.Truncated {
+			t.Errorf("a page of %d of %d events is not marked truncated", len(page.Events), n-seen)
+		}
+		seen += len(page.Events)
+		cursor = page.NextCursor
+	}
+	if seen != n {
+		t.Fatalf("paged %d events, want %d", seen, n)
+	}
+
+	// A bound smaller than one event: each page carries one event, cut.
+	page, err := s.readLogs(ctx, s.subj.Logs("big"), 0, 10, 16<<10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := json.Marshal(page)
+	if len(page.Events) != 1 || !page.Truncated || len(body) > 16<<10+64 || page.NextCursor == 0 {
+		t.Fatalf("page under a 16 KiB bound: %d events, truncated %v, %d bytes, next %d", len(page.Events), page.Truncated, len(body), page.NextCursor)
+	}
+	next, err := s.readLogs(ctx, s.subj.Logs("big"), page.NextCursor, 10, 16<<10)
+	if err != nil || len(next.Events) != 1 || next.NextCursor <= page.NextCursor {
+		t.Fatalf("second page under a 16 KiB bound: %+v, %v", next.NextCursor, err)
+	}
+}

@@ -281,9 +281,13 @@ type LogsRequest struct {
 }
 
 // LogsReply is a page of log events; pass NextCursor to get the next page.
+// A page is bounded by bytes as well as by limit, so that it fits the
+// server's max payload: Truncated says it stopped early (or cut the message
+// of one event too large for any page) and more may follow from NextCursor.
 type LogsReply struct {
 	Events     []LogEvent `json:"events"`
 	NextCursor uint64     `json:"next_cursor"`
+	Truncated  bool       `json:"truncated,omitempty"`
 }
 
 // LifecycleEvent is published on firkin.events.<kind>.<id>.
