@@ -88,7 +88,7 @@ func eventBytes(ev subjects.LogEvent) []byte {
 func TestLogPublisherBatchesOutput(t *testing.T) {
 	pub := &fakePub{autoAck: true}
 	p := newLogPublisher(pub, "logs.x", subjects.LogEvent{SandboxID: "sb"})
-	p.linger = time.Hour // only size, a change of source and Flush publish
+	p.linger = time.Hour                       // only size, a change of source and Flush publish
 	line := []byte(strings.Repeat("y\n", 512)) // 1 KiB
 	total := 0
 	for range 300 { // 300 KiB
