@@ -117,8 +117,9 @@ type ExecRequest struct {
 
 // ExecReply is the reply of exec. Output that is not valid UTF-8 comes base64
 // encoded in StdoutB64/StderrB64 instead of Stdout/Stderr. Output over the reply
-// cap is cut and Truncated is set; the full output is in the log stream under
-// CommandID.
+// cap, or beyond what fits the server's max payload once encoded, is cut (the
+// head is kept) and Truncated is set; the full output is in the log stream
+// under CommandID.
 type ExecReply struct {
 	Stdout     string `json:"stdout"`
 	Stderr     string `json:"stderr"`
@@ -130,6 +131,10 @@ type ExecReply struct {
 	DurationMS int64  `json:"duration_ms"`
 	Truncated  bool   `json:"truncated,omitempty"`
 	CommandID  string `json:"command_id,omitempty"`
+	// LogsDroppedBytes is how many bytes of this command's output are not in
+	// the log stream (over the sandbox's log budget, or not stored); a
+	// system log event says the same. 0: the log stream has all of it.
+	LogsDroppedBytes int64 `json:"logs_dropped_bytes,omitempty"`
 }
 
 // KillReply is the reply of kill.
