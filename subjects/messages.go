@@ -317,6 +317,9 @@ type PoolTemplateStatus struct {
 	Ready      int    `json:"ready"`
 	InProgress int    `json:"in_progress"`
 	LastError  string `json:"last_error,omitempty"`
+	// FillTimeouts counts warm fills of the template that missed their
+	// deadline (their machine was stopped) since the worker started.
+	FillTimeouts int `json:"fill_timeouts,omitempty"`
 }
 
 // PoolStatusReply is one worker's reply to firkin.pool.status and pool.set.
