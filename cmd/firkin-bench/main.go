@@ -1,7 +1,8 @@
 // Command firkin-bench measures a real worker through the real NATS path:
 // cold boot, restore and pool creates to first stdout, exec round trips,
 // continuation snapshot saves, host memory per idle sandbox, the port proxy,
-// and the raw NATS request round trip that is the floor under every subject.
+// the raw NATS request round trip that is the floor under every subject, and
+// exec output throughput into the log stream.
 // It prints a table and writes the figures as JSON.
 package main
 
@@ -78,6 +79,7 @@ func run() error {
 		n        = flag.Int("n", 10, "samples for create and snapshot figures")
 		nExec    = flag.Int("exec-n", 100, "samples for exec and NATS round trips")
 		accel    = flag.String("accel", "auto", "qemu accelerator")
+		only     = flag.String("only", "", "run only these measures, e.g. \"d,i\" (default all)")
 	)
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
@@ -119,9 +121,13 @@ func run() error {
 		{"f", b.idleRSS},
 		{"g", func() (Result, error) { return b.natsFloor(*nExec) }},
 		{"h", func() (Result, error) { return b.proxyThroughput() }},
+		{"i", b.outputThroughput},
 	}
 	byKey := map[string]Result{}
 	for _, s := range steps {
+		if *only != "" && !strings.Contains(","+*only+",", ","+s.name+",") {
+			continue
+		}
 		fmt.Fprintf(os.Stderr, "measuring (%s)...\n", s.name)
 		r, err := s.fn()
 		if err != nil {
