@@ -1,6 +1,7 @@
 package jetstream
 
 import (
+	"bytes"
 	"context"
 	"encoding/base64"
 	"encoding/json"
@@ -52,6 +53,7 @@ type LogPublisher struct {
 
 	mu      sync.Mutex
 	pending []pendingEvent // oldest first, at most window
+	free    []*bytes.Buffer // buffers of acknowledged events
 	stalled bool           // the window did not move within stall: drop without waiting
 	err     error
 	dropped int64
@@ -70,7 +72,8 @@ type asyncPublisher interface {
 
 type pendingEvent struct {
 	f     js.PubAckFuture
-	bytes int // output bytes the event carries
+	bytes int           // output bytes the event carries
+	buf   *bytes.Buffer // the encoded event, reused once acknowledged
 }
 
 func newLogPublisher(pub asyncPublisher, subject string, base subjects.LogEvent) *LogPublisher {
@@ -111,6 +114,9 @@ func (p *LogPublisher) Output(ctx context.Context, source, commandID string, dat
 		p.emitLocked(ctx, true)
 	}
 	for len(data) > 0 {
+		if p.batch == nil {
+			p.batch = make([]byte, 0, MaxLogChunk) // the one batch buffer
+		}
 		if len(p.batch) == 0 {
 			p.batchSrc, p.batchCmd, p.batchAt = source, commandID, time.Now()
 		}
@@ -151,9 +157,6 @@ func (p *LogPublisher) emitLocked(ctx context.Context, all bool) {
 	p.publishLocked(ctx, ev, n)
 	rest := copy(p.batch, p.batch[n:])
 	p.batch = p.batch[:rest]
-	if rest == 0 && cap(p.batch) > MaxLogChunk {
-		p.batch = nil
-	}
 	if rest == 0 && p.timer != nil {
 		p.timer.Stop()
 		p.timer = nil
@@ -182,17 +185,33 @@ func (p *LogPublisher) publishLocked(ctx context.Context, ev subjects.LogEvent, 
 		p.dropLocked(n, fmt.Errorf("log events to %s: window of %d unacknowledged events stalled", p.subject, p.window))
 		return
 	}
-	data, err := json.Marshal(ev)
-	if err != nil {
+	var buf *bytes.Buffer
+	if k := len(p.free); k > 0 {
+		buf, p.free = p.free[k-1], p.free[:k-1]
+		buf.Reset()
+	} else {
+		buf = new(bytes.Buffer)
+	}
+	if err := json.NewEncoder(buf).Encode(ev); err != nil {
 		p.dropLocked(n, fmt.Errorf("encode log event: %w", err))
 		return
 	}
-	f, err := p.pub.PublishAsync(p.subject, data)
+	f, err := p.pub.PublishAsync(p.subject, bytes.TrimSuffix(buf.Bytes(), []byte("\n")))
 	if err != nil {
 		p.dropLocked(n, fmt.Errorf("publish log event to %s: %w", p.subject, err))
+		p.free = append(p.free, buf)
 		return
 	}
-	p.pending = append(p.pending, pendingEvent{f: f, bytes: n})
+	p.pending = append(p.pending, pendingEvent{f: f, bytes: n, buf: buf})
+}
+
+// doneLocked forgets the oldest pending event, acknowledged or failed (its
+// buffer is reused: the publish no longer needs it).
+func (p *LogPublisher) doneLocked() {
+	if buf := p.pending[0].buf; buf != nil && buf.Cap() <= 2*MaxLogChunk*6 {
+		p.free = append(p.free, buf)
+	}
+	p.pending = p.pending[1:]
 }
 
 // roomLocked waits until fewer than window events are unacknowledged. It
@@ -221,7 +240,7 @@ func (p *LogPublisher) roomLocked(ctx context.Context) bool {
 			p.stalled = true
 			return false
 		}
-		p.pending = p.pending[1:]
+		p.doneLocked()
 	}
 	return true
 }
@@ -236,7 +255,7 @@ func (p *LogPublisher) reapLocked() {
 		default:
 			return
 		}
-		p.pending = p.pending[1:]
+		p.doneLocked()
 		p.stalled = false
 	}
 	if len(p.pending) == 0 {
@@ -275,9 +294,9 @@ func (p *LogPublisher) Flush(ctx context.Context) error {
 		case <-ctx.Done():
 			return fmt.Errorf("flush log events to %s: %w", p.subject, ctx.Err())
 		}
-		p.pending = p.pending[1:]
+		p.doneLocked()
 	}
-	p.pending, p.stalled = nil, false
+	p.pending, p.free, p.stalled = nil, nil, false
 	return p.err
 }
 

@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -42,7 +43,9 @@ func (p *fakePub) PublishAsync(_ string, data []byte, _ ...js.PublishOpt) (js.Pu
 	if p.fail != nil {
 		return nil, p.fail
 	}
-	f := &fakeFuture{ok: make(chan *js.PubAck, 1), err: make(chan error, 1), data: data}
+	// Copied, as a connection does: the publisher reuses its buffer once
+	// the event is acknowledged.
+	f := &fakeFuture{ok: make(chan *js.PubAck, 1), err: make(chan error, 1), data: append([]byte(nil), data...)}
 	if p.autoAck {
 		f.ok <- &js.PubAck{}
 	}
@@ -288,4 +291,51 @@ func TestLogsPageFitsMaxPayload(t *testing.T) {
 	if err != nil || len(next.Events) != 1 || next.NextCursor <= page.NextCursor {
 		t.Fatalf("second page under a 16 KiB bound: %+v, %v", next.NextCursor, err)
 	}
+}
+
+// BenchmarkLogOutput measures the host side of exec output into FIRKIN_LOGS
+// (a real nats-server, file store): 30 MB written in 16 KiB chunks, then
+// flushed. "batched" is the LogPublisher (64 KiB events, window of 16);
+// "event-per-chunk" is what it replaced: one event per chunk, every ack
+// future kept until the end.
+func BenchmarkLogOutput(b *testing.B) {
+	const total, chunk = 30_000_000, 16 << 10
+	data := []byte(strings.Repeat("y\n", chunk/2))
+	ctx := context.Background()
+	b.Run("batched", func(b *testing.B) {
+		s := openStore(b)
+		b.SetBytes(total)
+		for i := 0; b.Loop(); i++ {
+			p := s.Logs(fmt.Sprintf("b%d", i))
+			for n := 0; n < total; n += chunk {
+				p.Output(ctx, subjects.SourceStdout, "c", data)
+			}
+			if err := p.Flush(ctx); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("event-per-chunk", func(b *testing.B) {
+		s := openStore(b)
+		b.SetBytes(total)
+		for i := 0; b.Loop(); i++ {
+			subject := s.subj.Logs(fmt.Sprintf("u%d", i))
+			var futures []js.PubAckFuture
+			for n := 0; n < total; n += chunk {
+				ev, _ := json.Marshal(subjects.NewLogEvent(subjects.SourceStdout, "u", "c", data))
+				f, err := s.js.PublishAsync(subject, ev)
+				if err != nil {
+					b.Fatal(err)
+				}
+				futures = append(futures, f)
+			}
+			for _, f := range futures {
+				select {
+				case <-f.Ok():
+				case err := <-f.Err():
+					b.Fatal(err)
+				}
+			}
+		}
+	})
 }
