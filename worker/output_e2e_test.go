@@ -183,6 +183,55 @@ func TestExecOutputFlood(t *testing.T) {
 	})
 }
 
+// TestEndlessOutput: `yes` with a timeout ends with error timeout in time
+// (blocking the output stream under backpressure does not hold up the kill),
+// while another sandbox's exec and logs stay fast.
+func TestEndlessOutput(t *testing.T) {
+	e := startWorker(t)
+	a := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny"}).SandboxID
+	b := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny"}).SandboxID
+	e.exec(b, "true") // warm b's first command
+
+	type outcome struct {
+		err  error
+		took time.Duration
+	}
+	done := make(chan outcome, 1)
+	go func() {
+		t0 := time.Now()
+		_, err := e.c.Exec(e.ctx(2*time.Minute), a, subjects.ExecRequest{Command: "yes", TimeoutMS: 10_000})
+		done <- outcome{err, time.Since(t0)}
+	}()
+	var slowest time.Duration
+	var res outcome
+	for i := 0; ; i++ {
+		select {
+		case res = <-done:
+		default:
+			t0 := time.Now()
+			r, err := e.c.Exec(e.ctx(time.Minute), b, subjects.ExecRequest{Command: fmt.Sprintf("echo %d", i)})
+			if err != nil || r.Stdout != fmt.Sprintf("%d\n", i) {
+				t.Fatalf("exec in the other sandbox: %+v, %v", r, err)
+			}
+			if _, err := e.c.Logs(e.ctx(time.Minute), b, subjects.LogsRequest{Limit: 10}); err != nil {
+				t.Fatalf("logs of the other sandbox: %v", err)
+			}
+			slowest = max(slowest, time.Since(t0))
+			time.Sleep(100 * time.Millisecond)
+			continue
+		}
+		break
+	}
+	t.Logf("yes ended after %s (%v); slowest exec+logs in the other sandbox %s", res.took.Round(time.Millisecond), res.err, slowest.Round(time.Millisecond))
+	wantCode(t, "yes with a 10 s timeout", res.err, subjects.CodeTimeout)
+	if res.took > 25*time.Second {
+		t.Errorf("yes with a 10 s timeout answered after %s", res.took)
+	}
+	if slowest > 5*time.Second {
+		t.Errorf("an exec and logs request in the other sandbox took %s during the flood", slowest)
+	}
+}
+
 // TestExecLogBudget: output over the sandbox's log budget is dropped,
 // counted in the reply and told in a system log event.
 func TestExecLogBudget(t *testing.T) {
