@@ -146,7 +146,9 @@ func (f *outputForwarder) finish(ctx context.Context, b *Backend) int64 {
 	b.log.Warn("exec output not all in the log stream", "sandbox", f.sandbox, "command", f.command, "over_budget_bytes", f.overflow, "not_stored_bytes", lost)
 	ev := subjects.NewLogEvent(subjects.SourceSystem, f.sandbox, f.command, []byte(msg))
 	f.logs.Publish(ev)
-	if err := f.logs.Flush(ctx); err != nil {
+	// Flush returns the writer's first error again: the note itself was
+	// lost only when the count of bytes not stored grew.
+	if err := f.logs.Flush(ctx); err != nil && (f.ow == nil || f.ow.Dropped() > max(lost, 0)) {
 		b.log.Warn("write dropped-output log event", "sandbox", f.sandbox, "command", f.command, "err", err)
 	}
 	return f.overflow + max(lost, 0)
