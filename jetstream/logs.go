@@ -52,9 +52,9 @@ type LogPublisher struct {
 	stall   time.Duration
 
 	mu      sync.Mutex
-	pending []pendingEvent // oldest first, at most window
+	pending []pendingEvent  // oldest first, at most window
 	free    []*bytes.Buffer // buffers of acknowledged events
-	stalled bool           // the window did not move within stall: drop without waiting
+	stalled bool            // the window did not move within stall: drop without waiting
 	err     error
 	dropped int64
 
