@@ -181,8 +181,8 @@ func textCut(b []byte) int {
 // publishLocked publishes one event once the window has room; n is how many
 // output bytes it carries (counted as dropped when it is not stored).
 func (p *LogPublisher) publishLocked(ctx context.Context, ev subjects.LogEvent, n int) {
-	if !p.roomLocked(ctx) {
-		p.dropLocked(n, fmt.Errorf("log events to %s: window of %d unacknowledged events stalled", p.subject, p.window))
+	if err := p.roomLocked(ctx); err != nil {
+		p.dropLocked(n, err)
 		return
 	}
 	var buf *bytes.Buffer
@@ -218,13 +218,17 @@ func (p *LogPublisher) doneLocked() {
 // gives up when ctx ends or the oldest event is not acknowledged within the
 // stall timeout; once stalled, it does not wait again until the window
 // moves.
-func (p *LogPublisher) roomLocked(ctx context.Context) bool {
+func (p *LogPublisher) roomLocked(ctx context.Context) error {
+	stalled := fmt.Errorf("log events to %s: no acknowledgement within %s with %d unacknowledged", p.subject, p.stall, p.window)
 	p.reapLocked()
 	if len(p.pending) < p.window {
-		return true
+		return nil
 	}
-	if p.stalled || ctx.Err() != nil {
-		return false
+	if p.stalled {
+		return stalled
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("log events to %s: %w", p.subject, err)
 	}
 	timer := time.NewTimer(p.stall)
 	defer timer.Stop()
@@ -235,14 +239,14 @@ func (p *LogPublisher) roomLocked(ctx context.Context) bool {
 		case err := <-oldest.f.Err():
 			p.dropLocked(oldest.bytes, fmt.Errorf("log event to %s not stored: %w", p.subject, err))
 		case <-ctx.Done():
-			return false
+			return fmt.Errorf("log events to %s: %w", p.subject, ctx.Err())
 		case <-timer.C:
 			p.stalled = true
-			return false
+			return stalled
 		}
 		p.doneLocked()
 	}
-	return true
+	return nil
 }
 
 // reapLocked forgets acknowledged events at the head of the window.
@@ -279,8 +283,9 @@ func (p *LogPublisher) Dropped() int64 {
 }
 
 // Flush publishes the batched output and waits until every published event
-// is stored, or ctx ends. It returns the first error since the publisher was
-// made.
+// is stored, or ctx ends: events not acknowledged by then are counted in
+// Dropped (not confirmed stored). It returns the first error since the
+// publisher was made.
 func (p *LogPublisher) Flush(ctx context.Context) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -292,7 +297,12 @@ func (p *LogPublisher) Flush(ctx context.Context) error {
 		case err := <-oldest.f.Err():
 			p.dropLocked(oldest.bytes, fmt.Errorf("log event to %s not stored: %w", p.subject, err))
 		case <-ctx.Done():
-			return fmt.Errorf("flush log events to %s: %w", p.subject, ctx.Err())
+			err := fmt.Errorf("flush log events to %s: %d events not acknowledged: %w", p.subject, len(p.pending), ctx.Err())
+			for _, e := range p.pending {
+				p.dropLocked(e.bytes, err)
+			}
+			p.pending, p.free, p.stalled = nil, nil, false
+			return err
 		}
 		p.doneLocked()
 	}

@@ -339,3 +339,17 @@ func BenchmarkLogOutput(b *testing.B) {
 		}
 	})
 }
+
+func TestLogPublisherFlushCountsUnconfirmed(t *testing.T) {
+	pub := &fakePub{}
+	p := newLogPublisher(pub, "logs.x", subjects.LogEvent{SandboxID: "sb"})
+	p.Output(context.Background(), "stdout", "c", []byte("never acked"))
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if err := p.Flush(ctx); err == nil {
+		t.Fatal("flush without an ack: no error")
+	}
+	if got := p.Dropped(); got != int64(len("never acked")) {
+		t.Errorf("dropped %d after an unconfirmed flush, want %d", got, len("never acked"))
+	}
+}
