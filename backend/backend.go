@@ -96,7 +96,16 @@ type Config struct {
 	// MinFreeDiskBytes refuses creates and snapshots with disk_pressure when
 	// the state directory's file system has less free space (1 GiB).
 	MinFreeDiskBytes uint64
-	Logger           *slog.Logger
+	// LogBytesPerSecond and LogBytesTotal are each sandbox's log budget:
+	// output beyond it is dropped (counted, reported in a system log event
+	// and the exec reply) rather than filling the shared log stream. The
+	// rate allows bursts of four seconds' worth. Defaults 16 MiB/s and
+	// 256 MiB; negative: no limit.
+	LogBytesPerSecond, LogBytesTotal int64
+	// MaxReplyBytes bounds an exec reply after JSON encoding (the server's
+	// max payload less headroom; default 1 MiB less 8 KiB).
+	MaxReplyBytes int
+	Logger        *slog.Logger
 }
 
 func (c *Config) setDefaults() error {
@@ -140,6 +149,15 @@ func (c *Config) setDefaults() error {
 	if c.MinFreeDiskBytes == 0 {
 		c.MinFreeDiskBytes = 1 << 30
 	}
+	if c.LogBytesPerSecond == 0 {
+		c.LogBytesPerSecond = 16 << 20
+	}
+	if c.LogBytesTotal == 0 {
+		c.LogBytesTotal = 256 << 20
+	}
+	if c.MaxReplyBytes <= 0 {
+		c.MaxReplyBytes = 1<<20 - 8<<10
+	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -181,6 +199,7 @@ type session struct {
 	machine vmpool.Machine
 	timer   *time.Timer
 	ending  bool
+	budget  *logBudget // made by the first exec
 }
 
 func (s *session) record() subjects.Sandbox {

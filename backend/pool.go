@@ -23,7 +23,17 @@ func (b *Backend) newPool() *vmpool.Pool {
 	})
 }
 
-// fillWarm restores one warm machine of template key.
+// Deadlines of a warm fill's steps after the restore (the restore is bounded
+// by the pool's fill timeout).
+const (
+	warmInitTimeout = 30 * time.Second
+	warmExecTimeout = 30 * time.Second
+	warmStopTimeout = 30 * time.Second
+)
+
+// fillWarm restores one warm machine of template key. Every step has a
+// deadline (ctx, from the pool, bounds the whole fill); a machine whose
+// guest misses one is stopped.
 func (b *Backend) fillWarm(ctx context.Context, key string) (vmpool.Machine, error) {
 	rec, ok := b.templates.get(key)
 	if !ok {
@@ -40,23 +50,34 @@ func (b *Backend) fillWarm(ctx context.Context, key string) (vmpool.Machine, err
 	m, err := b.restore(ctx, id, filepath.Join(b.cfg.StateDir, "sandboxes", id), rec, true, false)
 	if err != nil {
 		b.admission.Release(id)
-		return nil, err
+		return nil, fmt.Errorf("restore %s: %w", id, err)
+	}
+	fail := func(step string, err error) (vmpool.Machine, error) {
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), warmStopTimeout)
+		defer cancel()
+		if serr := m.Stop(sctx); serr != nil {
+			b.log.Warn("stop warm machine after a failed fill", "machine", id, "step", step, "err", serr)
+		}
+		b.admission.Release(id)
+		return nil, fmt.Errorf("%s %s: %w", step, id, err)
 	}
 	// A freshly restored QEMU starts with a cold translation cache (under
 	// TCG the first commands take hundreds of milliseconds): run the paths
 	// a create and a first command take — guest init, shell start, fork,
 	// exec — before the machine is handed out. (Init runs again with the
 	// sandbox's identity when the machine is taken.)
-	if err := m.Init(ctx, initRequest(id, rec.TemplateMetadata.Envs)); err != nil {
-		_ = m.Stop(context.WithoutCancel(ctx))
-		b.admission.Release(id)
-		return nil, fmt.Errorf("init %s: %w", id, err)
+	ictx, cancel := context.WithTimeout(ctx, warmInitTimeout)
+	err = m.Init(ictx, initRequest(id, rec.TemplateMetadata.Envs))
+	cancel()
+	if err != nil {
+		return fail("init", err)
 	}
 	for range 3 {
-		if _, err := m.Exec(ctx, agent.ExecRequest{Command: "echo warm >/dev/null", Timeout: 30 * time.Second}, func(agent.Stream, []byte) {}); err != nil {
-			_ = m.Stop(context.WithoutCancel(ctx))
-			b.admission.Release(id)
-			return nil, fmt.Errorf("warm up %s: %w", id, err)
+		ectx, cancel := context.WithTimeout(ctx, warmExecTimeout)
+		_, err := m.Exec(ectx, agent.ExecRequest{Command: "echo warm >/dev/null", Timeout: warmExecTimeout}, func(agent.Stream, []byte) {})
+		cancel()
+		if err != nil {
+			return fail("warm up", err)
 		}
 	}
 	return m, nil
@@ -112,7 +133,7 @@ func (b *Backend) SetPool(_ context.Context, req subjects.PoolSetRequest) (subje
 func (b *Backend) PoolStatus() subjects.PoolStatusReply {
 	reply := subjects.PoolStatusReply{WorkerID: b.cfg.WorkerID, Templates: []subjects.PoolTemplateStatus{}}
 	for _, s := range b.pool.Status() {
-		reply.Templates = append(reply.Templates, subjects.PoolTemplateStatus{TemplateID: s.Key, Target: s.Target, Ready: s.Ready, InProgress: s.InProgress, LastError: s.LastError})
+		reply.Templates = append(reply.Templates, subjects.PoolTemplateStatus{TemplateID: s.Key, Target: s.Target, Ready: s.Ready, InProgress: s.InProgress, LastError: s.LastError, FillTimeouts: s.FillTimeouts})
 	}
 	return reply
 }

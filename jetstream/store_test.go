@@ -12,7 +12,7 @@ import (
 	"github.com/firkin-dev/firkin-worker/subjects"
 )
 
-func openStore(t *testing.T) *Store {
+func openStore(t testing.TB) *Store {
 	t.Helper()
 	nc := testenv.NATS(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)

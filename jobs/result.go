@@ -57,6 +57,8 @@ type CommandResult struct {
 	Error      string `json:"error,omitempty"` // refused or failed to run (exit_code is then -1)
 	CommandID  string `json:"command_id,omitempty"`
 	DurationMS int64  `json:"duration_ms"`
+	// LogsDroppedBytes is the exec reply's: output not in the log stream.
+	LogsDroppedBytes int64 `json:"logs_dropped_bytes,omitempty"`
 }
 
 // DeadLetter is published on <prefix>.jobs.dead.<queue> (and kept in the

@@ -580,6 +580,7 @@ func (r *Runner) run(a *attempt, res *Result, log *slog.Logger) error {
 			continue
 		}
 		cr.ExitCode, cr.Signal, cr.CommandID, cr.DurationMS = rep.ExitCode, rep.Signal, rep.CommandID, rep.DurationMS
+		cr.LogsDroppedBytes = rep.LogsDroppedBytes
 		var t1, t2 bool
 		cr.Stdout, cr.StdoutB64, t1 = head(rep.Stdout, rep.StdoutB64)
 		cr.Stderr, cr.StderrB64, t2 = head(rep.Stderr, rep.StderrB64)

@@ -117,8 +117,9 @@ type ExecRequest struct {
 
 // ExecReply is the reply of exec. Output that is not valid UTF-8 comes base64
 // encoded in StdoutB64/StderrB64 instead of Stdout/Stderr. Output over the reply
-// cap is cut and Truncated is set; the full output is in the log stream under
-// CommandID.
+// cap, or beyond what fits the server's max payload once encoded, is cut (the
+// head is kept) and Truncated is set; the full output is in the log stream
+// under CommandID.
 type ExecReply struct {
 	Stdout     string `json:"stdout"`
 	Stderr     string `json:"stderr"`
@@ -130,6 +131,10 @@ type ExecReply struct {
 	DurationMS int64  `json:"duration_ms"`
 	Truncated  bool   `json:"truncated,omitempty"`
 	CommandID  string `json:"command_id,omitempty"`
+	// LogsDroppedBytes is how many bytes of this command's output are not in
+	// the log stream (over the sandbox's log budget, or not stored); a
+	// system log event says the same. 0: the log stream has all of it.
+	LogsDroppedBytes int64 `json:"logs_dropped_bytes,omitempty"`
 }
 
 // KillReply is the reply of kill.
@@ -281,9 +286,13 @@ type LogsRequest struct {
 }
 
 // LogsReply is a page of log events; pass NextCursor to get the next page.
+// A page is bounded by bytes as well as by limit, so that it fits the
+// server's max payload: Truncated says it stopped early (or cut the message
+// of one event too large for any page) and more may follow from NextCursor.
 type LogsReply struct {
 	Events     []LogEvent `json:"events"`
 	NextCursor uint64     `json:"next_cursor"`
+	Truncated  bool       `json:"truncated,omitempty"`
 }
 
 // LifecycleEvent is published on firkin.events.<kind>.<id>.
@@ -308,6 +317,9 @@ type PoolTemplateStatus struct {
 	Ready      int    `json:"ready"`
 	InProgress int    `json:"in_progress"`
 	LastError  string `json:"last_error,omitempty"`
+	// FillTimeouts counts warm fills of the template that missed their
+	// deadline (their machine was stopped) since the worker started.
+	FillTimeouts int `json:"fill_timeouts,omitempty"`
 }
 
 // PoolStatusReply is one worker's reply to firkin.pool.status and pool.set.

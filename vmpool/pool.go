@@ -3,6 +3,7 @@ package vmpool
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"sort"
 	"sync"
@@ -22,8 +23,16 @@ type PoolConfig struct {
 	// evicted, failed a health check), after it was stopped.
 	Release func(m Machine)
 	// Concurrency bounds fills running at once across all keys (default 1),
-	// so refills never starve requests of CPU.
+	// so refills never starve requests of CPU. A key has at most one fill
+	// running, and keys take turns.
 	Concurrency int
+	// FillTimeout bounds one fill (default 2 min): the fill's context ends
+	// then, the fill must stop its machine, and the timeout is counted.
+	FillTimeout time.Duration
+	// SlowFill is how long a fill holds its concurrency slot (default 20s):
+	// a fill still running then gives it up to another key, so one key's
+	// hung guest delays other keys' fills by at most this long.
+	SlowFill time.Duration
 	// HealthTimeout bounds the ping a machine must answer when it is taken
 	// (default 500ms).
 	HealthTimeout time.Duration
@@ -39,6 +48,8 @@ type PoolStatus struct {
 	Ready      int
 	InProgress int
 	LastError  string
+	// FillTimeouts counts fills that missed FillTimeout.
+	FillTimeouts int
 }
 
 // Pool keeps, per key, a target number of warm machines whose agent answered,
@@ -52,6 +63,7 @@ type Pool struct {
 	wg    sync.WaitGroup
 	mu    sync.Mutex
 	keys  map[string]*poolKey
+	last  string // the key that took the last slot; the next turn starts after it
 	kick  chan struct{}
 	start sync.Once
 }
@@ -64,6 +76,7 @@ type poolKey struct {
 	notBefore  time.Time
 	lastError  string
 	generation int
+	timeouts   int
 }
 
 // NewPool returns a pool; call Start to begin filling.
@@ -73,6 +86,12 @@ func NewPool(cfg PoolConfig) *Pool {
 	}
 	if cfg.HealthTimeout == 0 {
 		cfg.HealthTimeout = 500 * time.Millisecond
+	}
+	if cfg.FillTimeout <= 0 {
+		cfg.FillTimeout = 2 * time.Minute
+	}
+	if cfg.SlowFill <= 0 {
+		cfg.SlowFill = 20 * time.Second
 	}
 	if cfg.MaxBackoff == 0 {
 		cfg.MaxBackoff = 30 * time.Second
@@ -195,7 +214,7 @@ func (p *Pool) Status() []PoolStatus {
 	defer p.mu.Unlock()
 	out := make([]PoolStatus, 0, len(p.keys))
 	for key, k := range p.keys {
-		out = append(out, PoolStatus{Key: key, Target: k.target, Ready: len(k.ready), InProgress: k.inProgress, LastError: k.lastError})
+		out = append(out, PoolStatus{Key: key, Target: k.target, Ready: len(k.ready), InProgress: k.inProgress, LastError: k.lastError, FillTimeouts: k.timeouts})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Key < out[j].Key })
 	return out
@@ -263,7 +282,8 @@ func (p *Pool) loop() {
 }
 
 // startFills launches what it can and returns when to look again (0: on the
-// next kick only).
+// next kick only). Keys take turns, starting after the key served last; a
+// key has at most one fill running.
 func (p *Pool) startFills() time.Duration {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -274,32 +294,48 @@ func (p *Pool) startFills() time.Duration {
 		keys = append(keys, key)
 	}
 	sort.Strings(keys)
+	turn := sort.SearchStrings(keys, p.last+"\x00") // the first key after last
+	keys = append(keys[turn:], keys[:turn]...)
 	for _, key := range keys {
 		k := p.keys[key]
-		for len(k.ready)+k.inProgress < k.target {
-			if now.Before(k.notBefore) {
-				if d := k.notBefore.Sub(now); wait == 0 || d < wait {
-					wait = d
-				}
-				break
-			}
-			select {
-			case p.sem <- struct{}{}:
-			default:
-				return wait // all fill slots busy; a finishing fill kicks us
-			}
-			k.inProgress++
-			p.wg.Add(1)
-			go p.fill(key, k.generation)
+		if k.inProgress > 0 || len(k.ready) >= k.target {
+			continue
 		}
+		if now.Before(k.notBefore) {
+			if d := k.notBefore.Sub(now); wait == 0 || d < wait {
+				wait = d
+			}
+			continue
+		}
+		select {
+		case p.sem <- struct{}{}:
+		default:
+			return wait // all fill slots busy; a finishing or slow fill kicks us
+		}
+		k.inProgress++
+		p.last = key
+		p.wg.Add(1)
+		go p.fill(key, k.generation)
 	}
 	return wait
 }
 
 func (p *Pool) fill(key string, generation int) {
 	defer p.wg.Done()
-	m, err := p.cfg.Fill(p.ctx, key)
-	<-p.sem
+	ctx, cancel := context.WithTimeout(p.ctx, p.cfg.FillTimeout)
+	defer cancel()
+	var once sync.Once
+	release := func() {
+		once.Do(func() {
+			<-p.sem
+			p.wake()
+		})
+	}
+	slow := time.AfterFunc(p.cfg.SlowFill, release)
+	t0 := time.Now()
+	m, err := p.cfg.Fill(ctx, key)
+	slow.Stop()
+	timedOut := err != nil && errors.Is(ctx.Err(), context.DeadlineExceeded) && p.ctx.Err() == nil
 	p.mu.Lock()
 	k := p.key(key)
 	k.inProgress--
@@ -308,6 +344,10 @@ func (p *Pool) fill(key string, generation int) {
 	case err != nil:
 		k.failures++
 		k.lastError = err.Error()
+		if timedOut {
+			k.timeouts++
+			k.lastError = fmt.Sprintf("fill timed out after %s: %v", time.Since(t0).Round(time.Millisecond), err)
+		}
 		bo := backoff.NewExponentialBackOff(backoff.WithInitialInterval(200*time.Millisecond), backoff.WithMaxInterval(p.cfg.MaxBackoff))
 		var d time.Duration
 		for i := 0; i < k.failures; i++ {
@@ -321,8 +361,9 @@ func (p *Pool) fill(key string, generation int) {
 		k.ready = append(k.ready, m)
 	}
 	p.mu.Unlock()
+	release() // after the key's state is updated, so the next turn sees it
 	if err != nil && !errors.Is(err, context.Canceled) {
-		p.log.Warn("warm pool fill failed", "key", key, "err", err)
+		p.log.Warn("warm pool fill failed", "key", key, "timed_out", timedOut, "err", err)
 	}
 	if drop != nil {
 		p.discard([]Machine{drop})

@@ -156,3 +156,67 @@ func TestPoolDrainDropsOldGeneration(t *testing.T) {
 		t.Fatalf("took %v: the machine of the drained generation", m)
 	}
 }
+
+func TestPoolHungFillDoesNotBlockOtherKeys(t *testing.T) {
+	var hungEnded atomic.Bool
+	p := NewPool(PoolConfig{
+		FillTimeout: 400 * time.Millisecond,
+		SlowFill:    50 * time.Millisecond,
+		MaxBackoff:  time.Hour, // one timeout is enough to see
+		Fill: func(ctx context.Context, key string) (Machine, error) {
+			if key == "a-hung" { // a guest that never answers
+				<-ctx.Done()
+				hungEnded.Store(true)
+				return nil, fmt.Errorf("restore: %w", ctx.Err())
+			}
+			return &fakeMachine{id: key, done: make(chan struct{})}, nil
+		},
+	})
+	p.Start()
+	defer p.Stop()
+	p.SetTarget("a-hung", 1) // sorts first, takes the only slot
+	waitFor(t, "the hung fill to start", func() bool { return status(p, "a-hung").InProgress == 1 })
+	t0 := time.Now()
+	p.SetTarget("b", 2)
+	waitFor(t, "the other key to fill", func() bool { return status(p, "b").Ready == 2 })
+	if d := time.Since(t0); d > 300*time.Millisecond {
+		t.Errorf("the other key filled after %s, with a hung fill holding its slot for at most 50ms", d)
+	}
+	if hungEnded.Load() {
+		t.Error("the other key waited for the hung fill's timeout")
+	}
+	waitFor(t, "the hung fill to time out", func() bool { return status(p, "a-hung").FillTimeouts == 1 })
+	s := status(p, "a-hung")
+	if s.InProgress != 0 || s.Ready != 0 || !hungEnded.Load() {
+		t.Errorf("after the timeout: %+v, fill ended %v", s, hungEnded.Load())
+	}
+	if want := "fill timed out after"; len(s.LastError) < len(want) || s.LastError[:len(want)] != want {
+		t.Errorf("last error %q", s.LastError)
+	}
+}
+
+func TestPoolKeysTakeTurns(t *testing.T) {
+	var mu sync.Mutex
+	var order []string
+	gate := make(chan struct{})
+	p := NewPool(PoolConfig{Fill: func(ctx context.Context, key string) (Machine, error) {
+		<-gate
+		mu.Lock()
+		order = append(order, key)
+		mu.Unlock()
+		return &fakeMachine{id: key, done: make(chan struct{})}, nil
+	}})
+	p.Start()
+	defer p.Stop()
+	p.SetTarget("a", 3)
+	p.SetTarget("b", 3)
+	close(gate)
+	waitFor(t, "both keys full", func() bool { return status(p, "a").Ready == 3 && status(p, "b").Ready == 3 })
+	mu.Lock()
+	defer mu.Unlock()
+	for i := 1; i < len(order); i++ {
+		if order[i] == order[i-1] {
+			t.Fatalf("fill order %v: a key filled twice in a row while the other waited", order)
+		}
+	}
+}

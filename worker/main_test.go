@@ -11,5 +11,8 @@ import (
 // (re-executions of the test binary) do their work before any test runs.
 func TestMain(m *testing.M) {
 	jail.Main()
+	if dir := os.Getenv(NATSChildEnv); dir != "" {
+		os.Exit(natsChild(dir))
+	}
 	os.Exit(m.Run())
 }

@@ -67,6 +67,9 @@ type Config struct {
 	Limits          backend.Limits
 	// MinFreeDiskBytes overrides the free-disk floor (see backend.Config).
 	MinFreeDiskBytes uint64
+	// LogBytesPerSecond and LogBytesTotal are each sandbox's log budget (see
+	// backend.Config; 0: the defaults, negative: no limit).
+	LogBytesPerSecond, LogBytesTotal int64
 	// LogMaxAge bounds the log stream's retention.
 	LogMaxAge time.Duration
 	// TokenSecret overrides the token secret kept in the state directory.
@@ -248,6 +251,10 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 			Limits:           cfg.Limits,
 			MinFreeDiskBytes: cfg.MinFreeDiskBytes,
 			Logger:           w.log.With("component", "runtime"),
+
+			LogBytesPerSecond: cfg.LogBytesPerSecond,
+			LogBytesTotal:     cfg.LogBytesTotal,
+			MaxReplyBytes:     int(w.nc.MaxPayload()) - 8<<10,
 		})
 		return err
 	}); err != nil {

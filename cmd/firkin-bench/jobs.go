@@ -11,7 +11,7 @@ import (
 	"github.com/firkin-dev/firkin-worker/jobs"
 )
 
-// jobBurst is the number of jobs in one burst of (j).
+// jobBurst is the number of jobs in one burst of (k).
 const jobBurst = 20
 
 // submitEcho publishes one `echo` job on the default queue (the request
@@ -47,7 +47,7 @@ func waitResult(sub *nats.Subscription, id string, timeout time.Duration) error 
 	return nil
 }
 
-// jobLatency is (i): one job (`tiny`, one echo, pool on) from publish to its
+// jobLatency is (j): one job (`tiny`, one echo, pool on) from publish to its
 // result, one job at a time.
 func (b *bench) jobLatency() (Result, error) {
 	if _, err := b.c.SetPool(b.ctx, "tiny", 2); err != nil {
@@ -69,10 +69,10 @@ func (b *bench) jobLatency() (Result, error) {
 		}
 		samples = append(samples, ms(time.Since(start)))
 	}
-	return summarize("(i) job publish -> result (one echo, pool on)", "ms", samples, "", nil), nil
+	return summarize("(j) job publish -> result (one echo, pool on)", "ms", samples, "", nil), nil
 }
 
-// jobThroughput is (j): a burst of echo jobs submitted at once and run by
+// jobThroughput is (k): a burst of echo jobs submitted at once and run by
 // one worker (its --job-concurrency, pool on), as jobs per minute; each
 // sample is one burst.
 func (b *bench) jobThroughput() (Result, error) {
@@ -102,5 +102,5 @@ func (b *bench) jobThroughput() (Result, error) {
 		}
 		samples = append(samples, jobBurst/time.Since(start).Minutes())
 	}
-	return summarize(fmt.Sprintf("(j) jobs per minute (bursts of %d echo jobs, pool on)", jobBurst), "jobs/min", samples, "", nil), nil
+	return summarize(fmt.Sprintf("(k) jobs per minute (bursts of %d echo jobs, pool on)", jobBurst), "jobs/min", samples, "", nil), nil
 }

@@ -1,7 +1,8 @@
 // Command firkin-bench measures a real worker through the real NATS path:
 // cold boot, restore and pool creates to first stdout, exec round trips,
 // continuation snapshot saves, host memory per idle sandbox, the port proxy,
-// and the raw NATS request round trip that is the floor under every subject.
+// the raw NATS request round trip that is the floor under every subject, and
+// exec output throughput into the log stream.
 // It prints a table and writes the figures as JSON.
 package main
 
@@ -78,7 +79,7 @@ func run() error {
 		n        = flag.Int("n", 10, "samples for create and snapshot figures")
 		nExec    = flag.Int("exec-n", 100, "samples for exec and NATS round trips")
 		accel    = flag.String("accel", "auto", "qemu accelerator")
-		only     = flag.String("only", "", "measure only these, e.g. c,d,i (default: all)")
+		only     = flag.String("only", "", "run only these measures, e.g. \"d,i\" (default all)")
 	)
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
@@ -120,8 +121,9 @@ func run() error {
 		{"f", b.idleRSS},
 		{"g", func() (Result, error) { return b.natsFloor(*nExec) }},
 		{"h", func() (Result, error) { return b.proxyThroughput() }},
-		{"i", b.jobLatency},
-		{"j", b.jobThroughput},
+		{"i", b.outputThroughput},
+		{"j", b.jobLatency},
+		{"k", b.jobThroughput},
 	}
 	byKey := map[string]Result{}
 	for _, s := range steps {

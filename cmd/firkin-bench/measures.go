@@ -346,3 +346,36 @@ func parseTimeReal(out string) float64 {
 	}
 	return 0
 }
+
+// outputThroughput is (i): a command printing 30 MB (`yes | head -c
+// 30000000`), timed from request to reply, which comes once every byte is
+// stored in FIRKIN_LOGS; in MB/s. The name also gives how fast the guest
+// makes that output with nobody reading it (to /dev/null).
+func (b *bench) outputThroughput() (Result, error) {
+	const total = 30_000_000
+	var samples []float64
+	var inGuest float64
+	err := b.withSandbox(func(id string) error {
+		r, err := b.c.Exec(b.ctx, id, subjects.ExecRequest{Command: fmt.Sprintf("time sh -c 'yes | head -c %d >/dev/null'", total)})
+		if err != nil {
+			return err
+		}
+		if s := parseTimeReal(r.Stderr); s > 0 {
+			inGuest = total / s / 1e6
+		}
+		for range max(b.n/3, 3) {
+			start := time.Now()
+			r, err := b.c.Exec(b.ctx, id, subjects.ExecRequest{Command: fmt.Sprintf("yes | head -c %d", total), TimeoutMS: 600_000})
+			if err != nil {
+				return err
+			}
+			if r.ExitCode != 0 || r.LogsDroppedBytes != 0 {
+				return fmt.Errorf("yes | head: exit %d, %d bytes not in the log stream", r.ExitCode, r.LogsDroppedBytes)
+			}
+			samples = append(samples, total/time.Since(start).Seconds()/1e6)
+		}
+		return nil
+	})
+	return summarize(fmt.Sprintf("(i) exec output into FIRKIN_LOGS, 30 MB (guest alone %.0f MB/s)", inGuest), "MB/s", samples, "p50 >= 50",
+		func(r Result) bool { return r.P50 >= 50 }), err
+}

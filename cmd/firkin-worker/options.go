@@ -23,6 +23,7 @@ type options struct {
 	dnsUpstream, egressHostPorts, clientInboxes                         string
 	maxSessions, maxVCPUs, maxMemoryMB                                  int
 	minFreeDiskMB                                                       int
+	logRateKiB, logTotalMiB                                             int64
 	keepMachines                                                        bool
 	logMaxAge                                                           time.Duration
 
@@ -102,6 +103,8 @@ func parseOptions(args []string, getenv func(string) string, readFile func(strin
 	fs.StringVar(&o.jobQueues, "job-queues", "default", "job queues to consume, comma-separated (default is always consumed)")
 	fs.IntVar(&o.jobConcurrency, "job-concurrency", 2, "most jobs this worker runs at once")
 	fs.DurationVar(&o.logMaxAge, "log-max-age", 24*time.Hour, "how long log events are kept")
+	fs.Int64Var(&o.logRateKiB, "log-rate-kib", 16<<10, "each sandbox's log budget: output bytes per second into the log stream (bursts of four seconds' worth), KiB; beyond it output is dropped and counted; 0: no limit")
+	fs.Int64Var(&o.logTotalMiB, "log-total-mib", 256, "each sandbox's log budget: output bytes into the log stream over its life, MiB; 0: no limit")
 	fs.Usage = func() {
 		out := fs.Output()
 		fmt.Fprintln(out, "usage: firkin-worker [flags]\n\nEvery flag may also be set as FIRKIN_<NAME> (e.g. FIRKIN_STATE_DIR) or in --config.")
@@ -275,6 +278,8 @@ func (o options) workerConfig() worker.Config {
 		RouteTCPHost:        o.routeTCPHost,
 		LogMaxAge:           o.logMaxAge,
 		MinFreeDiskBytes:    uint64(o.minFreeDiskMB) << 20,
+		LogBytesPerSecond:   budgetBytes(o.logRateKiB, 10),
+		LogBytesTotal:       budgetBytes(o.logTotalMiB, 20),
 		KeepMachinesOnExit:  o.keepMachines,
 		JobQueues:           splitList(o.jobQueues),
 		JobConcurrency:      o.jobConcurrency,
@@ -298,4 +303,13 @@ func splitList(s string) []string {
 		}
 	}
 	return out
+}
+
+// budgetBytes turns a log budget flag (in units of 1<<shift bytes; 0 or less:
+// no limit) into backend.Config's form (negative: no limit).
+func budgetBytes(v int64, shift uint) int64 {
+	if v <= 0 {
+		return -1
+	}
+	return v << shift
 }
