@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -178,6 +179,8 @@ type Backend struct {
 	hooks     Hooks
 	templates *templates
 	pool      *vmpool.Pool
+	// logDropped counts exec output dropped since start.
+	logDropped atomic.Int64
 
 	// ctx owns the machines' lifetimes (not any request's context).
 	ctx    context.Context
@@ -241,6 +244,10 @@ func New(cfg Config) (*Backend, error) {
 
 // SetHooks installs the ownership hooks; call it before Start.
 func (b *Backend) SetHooks(h Hooks) { b.hooks = h }
+
+// LogDroppedBytes is the exec output dropped since start: over a log budget
+// or not stored in the log stream.
+func (b *Backend) LogDroppedBytes() int64 { return b.logDropped.Load() }
 
 // Usage reports the worker's admission ledger: what its sandboxes and warm
 // machines hold, and its limits.

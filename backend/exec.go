@@ -134,6 +134,7 @@ func (f *outputForwarder) finish(ctx context.Context, b *Backend) int64 {
 	if f.overflow == 0 && lost == 0 {
 		return 0
 	}
+	b.logDropped.Add(f.overflow + max(lost, 0))
 	var msg string
 	switch {
 	case f.overflow > 0 && lost != 0:

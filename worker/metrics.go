@@ -30,9 +30,10 @@ func (w *Worker) metricsState() metrics.State {
 	u := w.backend.Usage()
 	return metrics.State{
 		Sandboxes: u.Sandboxes, Warm: u.Warm, VCPUs: u.VCPUs, MemoryMB: u.MemoryMB,
-		Limits:        subjects.WorkerLimits{MaxSandboxes: u.Limits.MaxSessions, MaxVCPUs: u.Limits.MaxVCPUs, MaxMemoryMB: u.Limits.MaxMemoryMB},
-		Pool:          w.backend.PoolStatus().Templates,
-		QEMUProcesses: countQEMU(w.cfg.StateDir),
+		Limits:          subjects.WorkerLimits{MaxSandboxes: u.Limits.MaxSessions, MaxVCPUs: u.Limits.MaxVCPUs, MaxMemoryMB: u.Limits.MaxMemoryMB},
+		Pool:            w.backend.PoolStatus().Templates,
+		QEMUProcesses:   countQEMU(w.cfg.StateDir),
+		LogDroppedBytes: w.backend.LogDroppedBytes(),
 	}
 }
 

@@ -255,4 +255,7 @@ func TestExecLogBudget(t *testing.T) {
 	if r.Stdout != "more\n" || r.LogsDroppedBytes != 5 {
 		t.Errorf("second exec: %+v", r)
 	}
+	if got := e.w.Backend().LogDroppedBytes(); got != 300_000-budget+5 {
+		t.Errorf("worker's dropped log bytes %d, want %d", got, 300_000-budget+5)
+	}
 }
