@@ -52,6 +52,26 @@ type Router interface {
 	Route(ctx context.Context, id string, req subjects.RouteRequest) (subjects.RouteReply, error)
 }
 
+// Cluster is the worker's membership: the members, where a create goes,
+// and drain. Optional: without it the worker acts alone.
+type Cluster interface {
+	// Members are the live workers.
+	Members(ctx context.Context) ([]subjects.WorkerRecord, error)
+	// Place says where a create goes: "" for this worker, or the id of
+	// the worker to forward it to. pinned creates (forwarded ones, or sent
+	// to this worker's own subject) stay. errdefs.ErrCapacity when this
+	// worker takes no creates and none can go elsewhere.
+	Place(ctx context.Context, req subjects.CreateSandboxRequest, pinned bool) (string, error)
+	// Forward publishes a create's body, with the client's reply subject,
+	// to the worker's own create subject (not through this connection:
+	// the service connection publishes replies only).
+	Forward(ctx context.Context, workerID, reply string, data []byte) error
+	// Drain makes this worker a lame duck (see subjects.DrainRequest).
+	Drain(ctx context.Context, req subjects.DrainRequest) (subjects.DrainReply, error)
+	// Draining reports whether this worker is draining or drained.
+	Draining() bool
+}
+
 // Runtime is everything the handlers call.
 type Runtime interface {
 	Sandboxes
@@ -69,6 +89,8 @@ type Config struct {
 	Logger   *slog.Logger
 	// MaxInFlight bounds requests handled at once (default 256).
 	MaxInFlight int
+	// Cluster is the worker's membership (nil: a worker on its own).
+	Cluster Cluster
 	// ReplyPrefixes are the subjects requests may ask replies on: the
 	// clients' inboxes (default "_INBOX."). A request whose reply subject
 	// is anything else is not answered, so nobody can make the worker
@@ -161,7 +183,15 @@ func (s *Service) Start() error {
 }
 
 func (s *Service) endpoints() []endpoint {
-	return []endpoint{
+	var cluster []endpoint
+	if s.cfg.Cluster != nil {
+		cluster = []endpoint{
+			{name: "ListWorkers", subject: s.subj.ListWorkers(), handle: s.listWorkers},
+			{name: "WorkerCreateSandbox", subject: s.subj.WorkerCreate(s.cfg.WorkerID), handle: s.createSandbox, everyWorker: true},
+			{name: "DrainWorker", subject: s.subj.WorkerDrain(s.cfg.WorkerID), handle: s.drainWorker, everyWorker: true},
+		}
+	}
+	return append(cluster, []endpoint{
 		{name: "CreateSandbox", subject: s.subj.CreateSandbox(), handle: s.createSandbox},
 		{name: "ListSandboxes", subject: s.subj.ListSandboxes(), handle: s.listSandboxes},
 		{name: "SandboxLogs", subject: s.subj.SandboxVerbWildcard(subjects.VerbLogs), handle: s.sandboxLogs},
@@ -169,7 +199,7 @@ func (s *Service) endpoints() []endpoint {
 		{name: "Snapshots", subject: s.subj.Prefix + ".snapshot.>", handle: s.snapshots},
 		{name: "PoolStatus", subject: s.subj.PoolStatus(), handle: s.poolStatus, everyWorker: true},
 		{name: "SetPool", subject: s.subj.SetPool(), handle: s.setPool, everyWorker: true},
-	}
+	}...)
 }
 
 // Own starts answering the per-sandbox subjects of id (this worker owns it).
@@ -262,6 +292,9 @@ func (s *Service) async(handle func(context.Context, micro.Request) (any, error)
 				}
 			}()
 			v, err := handle(s.ctx, req)
+			if errors.Is(err, errAnswered) {
+				return // another worker answers it
+			}
 			s.reply(req, v, err)
 		}()
 	}

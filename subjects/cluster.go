@@ -40,7 +40,9 @@ func (s Subjects) WorkerCreate(workerID string) string {
 }
 
 // WorkerDrain is <prefix>.worker.<id>.drain.
-func (s Subjects) WorkerDrain(workerID string) string { return s.Prefix + ".worker." + workerID + ".drain" }
+func (s Subjects) WorkerDrain(workerID string) string {
+	return s.Prefix + ".worker." + workerID + ".drain"
+}
 
 // WorkerCapacity is what a worker admits at most.
 type WorkerCapacity struct {
