@@ -1,0 +1,258 @@
+package worker_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/firkin-dev/firkin-worker/backend"
+	"github.com/firkin-dev/firkin-worker/internal/testenv"
+	"github.com/firkin-dev/firkin-worker/subjects"
+	"github.com/firkin-dev/firkin-worker/worker"
+)
+
+// clusterOpts are the settings both workers of a cluster test share: short
+// heartbeats, one token secret (session records are signed with it), room
+// for four sandboxes each.
+func clusterOpts(c *worker.Config) {
+	c.HeartbeatInterval = 200 * time.Millisecond
+	c.TokenSecret = "cluster-test-secret-0123456789"
+	c.Limits = backend.Limits{MaxSessions: 4}
+}
+
+// member is a second worker that joined the first one's embedded server.
+type member struct {
+	w       *worker.Worker
+	crashed bool
+}
+
+// joinWorker starts a second worker on e's embedded NATS server, with the
+// first worker's store and service identities.
+func joinWorker(t *testing.T, e *env, opts ...envOption) *member {
+	t.Helper()
+	img := testenv.Image(t, runtime.GOARCH)
+	logs := &syncWriter{}
+	cfg := worker.Config{
+		StateDir:        t.TempDir(),
+		NATSURL:         e.w.NATSURL(),
+		NATSNkey:        filepath.Join(e.state, worker.WorkerSeedFile),
+		NATSServiceNkey: filepath.Join(e.state, worker.ServiceSeedFile),
+		ProxyListen:     "127.0.0.1:0",
+		AgentBinary:     testenv.AgentBinary(t, runtime.GOARCH),
+		Image:           &img,
+		Accel:           "auto",
+		Pool:            map[string]int{},
+		WaitTemplates:   true,
+		Logger:          slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+	}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	w, err := worker.Start(ctx, cfg)
+	if err != nil {
+		t.Fatalf("start second worker: %v\n%s", err, logs.String())
+	}
+	m := &member{w: w}
+	t.Cleanup(func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		if err := w.Stop(sctx); err != nil && !m.crashed {
+			t.Errorf("stop second worker: %v", err)
+		}
+		if t.Failed() {
+			t.Logf("second worker log (tail):\n%s", tail(logs.String(), 6000))
+		}
+	})
+	return m
+}
+
+func (e *env) workers() []subjects.WorkerRecord {
+	e.t.Helper()
+	var rep subjects.ListWorkersReply
+	if err := e.c.Request(e.ctx(30*time.Second), subjects.Default.ListWorkers(), struct{}{}, &rep); err != nil {
+		e.t.Fatalf("workers.list: %v", err)
+	}
+	return rep.Workers
+}
+
+func (e *env) createOn(ctx context.Context, workerID string, req subjects.CreateSandboxRequest) (subjects.Sandbox, error) {
+	var sb subjects.Sandbox
+	err := e.c.Request(ctx, subjects.Default.WorkerCreate(workerID), req, &sb)
+	return sb, err
+}
+
+func (e *env) sessionState(id string) (string, error) {
+	list, err := e.c.List(e.ctx(30 * time.Second))
+	if err != nil {
+		return "", err
+	}
+	for _, sb := range list {
+		if sb.SandboxID == id {
+			return sb.State, nil
+		}
+	}
+	return "", fmt.Errorf("sandbox %s not listed", id)
+}
+
+// TestClusterTwoWorkers runs two workers on one NATS server: both are
+// members, creates spread over both, a requested id is owned by one of
+// them only, a drained worker takes no creates, and the sandboxes of a
+// worker that crashed are marked lost within the bound and their ids can be
+// claimed again.
+func TestClusterTwoWorkers(t *testing.T) {
+	e := startWorker(t, clusterOpts)
+	m2 := joinWorker(t, e, clusterOpts)
+	id1, id2 := e.w.ID(), m2.w.ID()
+	if id1 == id2 {
+		t.Fatal("both workers have one id")
+	}
+
+	// Members.
+	eventually(t, 5*time.Second, "workers.list shows both", func() error {
+		ws := e.workers()
+		if len(ws) != 2 {
+			return fmt.Errorf("%d members: %+v", len(ws), ws)
+		}
+		for _, w := range ws {
+			if w.State != subjects.WorkerActive || w.Capacity.Sandboxes != 4 || w.Driver == "" || w.Version == "" {
+				return fmt.Errorf("member %+v", w)
+			}
+		}
+		return nil
+	})
+
+	// Creates spread: six through the queue group, both workers own some.
+	owned := map[string][]string{}
+	for i := range 6 {
+		sb := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny", TimeoutS: 600})
+		owned[sb.ClientID] = append(owned[sb.ClientID], sb.SandboxID)
+		if got := e.exec(sb.SandboxID, "echo "+sb.SandboxID); strings.TrimSpace(got.Stdout) != sb.SandboxID {
+			t.Fatalf("create %d: exec on %s: %+v", i, sb.SandboxID, got)
+		}
+	}
+	if len(owned[id1]) == 0 || len(owned[id2]) == 0 || len(owned[id1])+len(owned[id2]) != 6 {
+		t.Fatalf("creates not spread over both workers: %v", owned)
+	}
+	t.Logf("six creates: %d on %s, %d on %s", len(owned[id1]), id1, len(owned[id2]), id2)
+	// Keep one sandbox on each worker.
+	for _, ids := range owned {
+		for _, id := range ids[1:] {
+			if err := e.c.Kill(e.ctx(time.Minute), id); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	keep2 := owned[id2][0]
+
+	// One id claimed on both workers at once: one owns it, the other says
+	// conflict.
+	dup := "dup-" + backend.NewID(8)
+	type result struct {
+		sb  subjects.Sandbox
+		err error
+	}
+	results := make(chan result, 2)
+	for _, wid := range []string{id1, id2} {
+		go func() {
+			sb, err := e.createOn(e.ctx(3*time.Minute), wid, subjects.CreateSandboxRequest{TemplateID: "tiny", SandboxID: dup})
+			results <- result{sb, err}
+		}()
+	}
+	var won, conflicts int
+	for range 2 {
+		r := <-results
+		switch {
+		case r.err == nil:
+			won++
+			t.Cleanup(func() { _ = e.c.Kill(context.Background(), dup) })
+		case subjects.CodeOf(r.err) == subjects.CodeConflict:
+			conflicts++
+		default:
+			t.Errorf("concurrent create of %s: %v", dup, r.err)
+		}
+	}
+	if won != 1 || conflicts != 1 {
+		t.Fatalf("concurrent creates of one id: %d succeeded, %d conflicts; want 1 and 1", won, conflicts)
+	}
+	if st, err := e.sessionState(dup); err != nil || st != subjects.StateRunning {
+		t.Errorf("record of %s: %q, %v", dup, st, err)
+	}
+	if err := e.c.Kill(e.ctx(time.Minute), dup); err != nil {
+		t.Fatal(err)
+	}
+
+	// Drain the second worker: answered when drained; new creates go to
+	// the first; its running sandbox keeps running.
+	var drained subjects.DrainReply
+	if err := e.c.Request(e.ctx(time.Minute), subjects.Default.WorkerDrain(id2), subjects.DrainRequest{Wait: true, TimeoutS: 10}, &drained); err != nil {
+		t.Fatalf("drain: %v", err)
+	}
+	if drained.State != subjects.WorkerDrained || drained.WorkerID != id2 || drained.Sandboxes != 1 {
+		t.Errorf("drain reply %+v; want %s drained with one sandbox", drained, id2)
+	}
+	for _, w := range e.workers() {
+		if w.WorkerID == id2 && w.State != subjects.WorkerDrained {
+			t.Errorf("heartbeat of the drained worker says %s", w.State)
+		}
+	}
+	for range 2 {
+		if sb := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny"}); sb.ClientID != id1 {
+			t.Errorf("create after drain placed on %s, want %s", sb.ClientID, id1)
+		}
+	}
+	_, err := e.createOn(e.ctx(time.Minute), id2, subjects.CreateSandboxRequest{TemplateID: "tiny"})
+	wantCode(t, "create on the drained worker's own subject", err, subjects.CodeCapacityRejected)
+	if got := e.exec(keep2, "echo still"); strings.TrimSpace(got.Stdout) != "still" {
+		t.Errorf("sandbox on the drained worker: %+v", got)
+	}
+
+	// The second worker crashes (no goodbye): its sandbox is marked lost
+	// within the heartbeat TTL and one interval, with one event, and its
+	// id can be claimed again.
+	lost, err := e.nc.SubscribeSync(subjects.Default.Event(subjects.EventLost, keep2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = e.nc.Flush()
+	bound := e.w.Cluster().LostWithin()
+	m2.crashed = true
+	worker.Crash(m2.w)
+	crashed := time.Now()
+	eventually(t, bound+5*time.Second, "sandbox of the crashed worker marked lost", func() error {
+		st, err := e.sessionState(keep2)
+		if err != nil {
+			return err
+		}
+		if st != subjects.StateLost {
+			return fmt.Errorf("state %s", st)
+		}
+		return nil
+	})
+	// Polling adds its own latency to the bound.
+	if took := time.Since(crashed); took > bound+time.Second {
+		t.Errorf("marked lost after %s; bound %s", took, bound)
+	}
+	msg, err := lost.NextMsg(5 * time.Second)
+	if err != nil {
+		t.Fatalf("lost event: %v", err)
+	}
+	var ev subjects.LifecycleEvent
+	if err := json.Unmarshal(msg.Data, &ev); err != nil || ev.SandboxID != keep2 || ev.WorkerID != id2 {
+		t.Errorf("lost event %s: %v", msg.Data, err)
+	}
+	if ws := e.workers(); len(ws) != 1 || ws[0].WorkerID != id1 {
+		t.Errorf("members after the crash: %+v", ws)
+	}
+	sb := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny", SandboxID: keep2})
+	if sb.ClientID != id1 || sb.State != subjects.StateRunning {
+		t.Errorf("lost id claimed again: %+v", sb)
+	}
+}
