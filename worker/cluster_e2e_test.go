@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strings"
@@ -254,5 +256,93 @@ func TestClusterTwoWorkers(t *testing.T) {
 	sb := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny", SandboxID: keep2})
 	if sb.ClientID != id1 || sb.State != subjects.StateRunning {
 		t.Errorf("lost id claimed again: %+v", sb)
+	}
+}
+
+// TestClusterRecoveryKeepsClaimedIDs: a worker (a child process, with
+// --keep-machines) is killed; its sandboxes are marked lost; one id is
+// claimed on the other worker meanwhile. The restarted worker reattaches
+// the sandbox nobody claimed and leaves the claimed id to its new owner
+// (its own old machine of that id is swept).
+func TestClusterRecoveryKeepsClaimedIDs(t *testing.T) {
+	e := startWorker(t, clusterOpts)
+	agentBin := testenv.AgentBinary(t, runtime.GOARCH)
+	bin := filepath.Join(t.TempDir(), "firkin-worker")
+	if out, err := exec.Command("go", "build", "-o", bin, "../cmd/firkin-worker").CombinedOutput(); err != nil {
+		t.Fatalf("build worker: %v\n%s", err, out)
+	}
+	state := t.TempDir()
+	_ = os.MkdirAll(filepath.Join(state, "cache"), 0o755)
+	if debs, _ := filepath.Glob(filepath.Join(testenv.CacheDir(t), "debs", "*")); len(debs) > 0 {
+		for _, d := range debs {
+			_ = os.Symlink(d, filepath.Join(state, "cache", filepath.Base(d)))
+		}
+	}
+	args := []string{"--state-dir", state, "--nats-url", e.w.NATSURL(),
+		"--nats-nkey", filepath.Join(e.state, worker.WorkerSeedFile), "--nats-service-nkey", filepath.Join(e.state, worker.ServiceSeedFile),
+		"--token-secret", "cluster-test-secret-0123456789", "--heartbeat-interval", "200ms",
+		"--proxy-listen", "127.0.0.1:0", "--agent", agentBin, "--accel", "auto", "--pool", "", "--keep-machines"}
+	first := startBinary(t, bin, args...)
+	var id2 string
+	eventually(t, 10*time.Second, "second worker listed", func() error {
+		for _, w := range e.workers() {
+			if w.WorkerID != e.w.ID() {
+				id2 = w.WorkerID
+				return nil
+			}
+		}
+		return fmt.Errorf("not yet")
+	})
+	ctx := e.ctx(5 * time.Minute)
+	claimed, kept := "rc-"+backend.NewID(8), "rk-"+backend.NewID(8)
+	for _, id := range []string{claimed, kept} {
+		if _, err := e.createOn(ctx, id2, subjects.CreateSandboxRequest{TemplateID: "tiny", SandboxID: id, TimeoutS: 600}); err != nil {
+			t.Fatalf("create %s on %s: %v", id, id2, err)
+		}
+		t.Cleanup(func() { _ = e.c.Kill(context.Background(), id) })
+	}
+	e.exec(kept, "echo survived > /root/mark; sync")
+
+	_ = first.cmd.Process.Kill() // crash; the machines live on
+	<-first.done
+	eventually(t, e.w.Cluster().LostWithin()+5*time.Second, "sandboxes of the killed worker marked lost", func() error {
+		for _, id := range []string{claimed, kept} {
+			if st, err := e.sessionState(id); err != nil || st != subjects.StateLost {
+				return fmt.Errorf("%s: %s %v", id, st, err)
+			}
+		}
+		return nil
+	})
+	sb := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny", SandboxID: claimed})
+	if sb.ClientID != e.w.ID() {
+		t.Fatalf("lost id claimed by %s", sb.ClientID)
+	}
+	e.exec(claimed, "echo first-worker > /root/owner")
+
+	startBinary(t, bin, args...)
+	eventually(t, time.Minute, "unclaimed sandbox reattached", func() error {
+		r, err := e.c.Exec(e.ctx(30*time.Second), kept, subjects.ExecRequest{Command: "cat /root/mark"})
+		if err != nil || r.Stdout != "survived\n" {
+			return fmt.Errorf("%+v %v", r, err)
+		}
+		return nil
+	})
+	if st, err := e.sessionState(kept); err != nil || st != subjects.StateRunning {
+		t.Errorf("reattached sandbox's record: %s %v", st, err)
+	}
+	list, err := e.c.List(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range list {
+		if s.SandboxID == claimed && (s.ClientID != e.w.ID() || s.State != subjects.StateRunning) {
+			t.Errorf("claimed id's record after the old owner came back: %+v", s)
+		}
+	}
+	if r := e.exec(claimed, "cat /root/owner"); r.Stdout != "first-worker\n" {
+		t.Errorf("claimed id answered by another machine: %+v", r)
+	}
+	if procs := qemuProcesses(filepath.Join(state, "sandboxes", claimed)); len(procs) != 0 {
+		t.Errorf("the old machine of the claimed id still runs: %v", procs)
 	}
 }
