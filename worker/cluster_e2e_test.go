@@ -13,8 +13,11 @@ import (
 	"testing"
 	"time"
 
+	js "github.com/nats-io/nats.go/jetstream"
+
 	"github.com/firkin-dev/firkin-worker/backend"
 	"github.com/firkin-dev/firkin-worker/internal/testenv"
+	"github.com/firkin-dev/firkin-worker/jobs"
 	"github.com/firkin-dev/firkin-worker/subjects"
 	"github.com/firkin-dev/firkin-worker/worker"
 )
@@ -345,4 +348,73 @@ func TestClusterRecoveryKeepsClaimedIDs(t *testing.T) {
 	if procs := qemuProcesses(filepath.Join(state, "sandboxes", claimed)); len(procs) != 0 {
 		t.Errorf("the old machine of the claimed id still runs: %v", procs)
 	}
+}
+
+// TestClusterDrainHandsJobsBack: a worker running a job is drained with a
+// short timeout; the job is handed back and completes on the other worker,
+// and the jobs submitted afterwards run there too.
+func TestClusterDrainHandsJobsBack(t *testing.T) {
+	opts := func(c *worker.Config) {
+		clusterOpts(c)
+		c.JobConcurrency = 1
+		c.Pool = map[string]int{"tiny": 1}
+	}
+	e := startWorker(t, opts)
+	m2 := joinWorker(t, e, opts)
+	ids := map[string]bool{e.w.ID(): true, m2.w.ID(): true}
+	j, err := js.New(e.nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kv, err := j.KeyValue(e.ctx(time.Minute), jobs.ResultsBucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	je := &jobsEnv{env: e, kv: kv}
+	slow := "slow-" + backend.NewID(6)
+	je.submit(`{"job_id":"`+slow+`","template_id":"tiny","commands":["sleep 4","echo done"]}`, "")
+	var runner string
+	eventually(t, time.Minute, "the slow job runs", func() error {
+		for _, w := range e.workers() {
+			if w.Load.Jobs == 1 {
+				runner = w.WorkerID
+				return nil
+			}
+		}
+		return fmt.Errorf("no worker runs it")
+	})
+	delete(ids, runner)
+	var other string
+	for id := range ids {
+		other = id
+	}
+	var rep subjects.DrainReply
+	t0 := time.Now()
+	if err := e.c.Request(e.ctx(time.Minute), subjects.Default.WorkerDrain(runner), subjects.DrainRequest{Wait: true, TimeoutS: 1}, &rep); err != nil {
+		t.Fatalf("drain %s: %v", runner, err)
+	}
+	if rep.State != subjects.WorkerDrained || rep.JobsRunning != 0 {
+		t.Errorf("drain reply %+v", rep)
+	}
+	if took := time.Since(t0); took > 4*time.Second {
+		t.Errorf("drain with a 1 s timeout took %s: the job was not handed back", took)
+	}
+	res := je.result(slow, 2*time.Minute)
+	if res.Status != jobs.StatusSucceeded || res.WorkerID != other || res.Attempts != 2 || len(res.Commands) != 2 || res.Commands[1].Stdout != "done\n" {
+		t.Errorf("handed-back job's result: %+v; want succeeded on %s at the second attempt", res, other)
+	}
+	after := "after-" + backend.NewID(6)
+	je.submit(`{"job_id":"`+after+`","template_id":"tiny","commands":["echo hi"]}`, "")
+	if res := je.result(after, 2*time.Minute); res.Status != jobs.StatusSucceeded || res.WorkerID != other {
+		t.Errorf("job after the drain: %+v; want succeeded on %s", res, other)
+	}
+	// The drained worker released its warm machine and refills nothing.
+	eventually(t, 30*time.Second, "warm machines released", func() error {
+		for _, w := range e.workers() {
+			if w.WorkerID == runner && w.Load.Warm != 0 {
+				return fmt.Errorf("%d warm", w.Load.Warm)
+			}
+		}
+		return nil
+	})
 }
