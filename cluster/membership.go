@@ -27,6 +27,11 @@ const DefaultDrainTimeout = 5 * time.Minute
 // MaxDrainTimeout bounds a drain request's timeout_s.
 const MaxDrainTimeout = time.Hour
 
+// fullScanEvery is how many beats pass between scans of every session
+// record when no member left (a safety net: a member that leaves is
+// noticed at the next beat, and scanned for then).
+const fullScanEvery = 15
+
 // maxSessionBytes bounds a session record read by lost detection.
 const maxSessionBytes = 64 << 10
 
@@ -99,6 +104,12 @@ type Membership struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+
+	// Lost detection (the beat loop's own): the members last seen, and
+	// whether a scan of the sessions is due.
+	prevLive map[string]bool
+	scanDue  bool
+	ticks    int
 
 	mu        sync.Mutex
 	state     string
@@ -230,9 +241,28 @@ func (m *Membership) tick() {
 		// trusted to judge others.
 		return
 	}
-	if err := m.markLost(ctx, live); err != nil && m.ctx.Err() == nil {
-		m.log.Warn("lost session detection", "err", err)
+	// Scan the sessions when a member left since the last beat, at the
+	// first beat, and every fullScanEvery beats.
+	m.ticks++
+	if m.prevLive == nil || m.ticks%fullScanEvery == 0 {
+		m.scanDue = true
 	}
+	for id := range m.prevLive {
+		if !live[id] {
+			m.scanDue = true
+		}
+	}
+	m.prevLive = live
+	if !m.scanDue {
+		return
+	}
+	if err := m.markLost(ctx, live); err != nil {
+		if m.ctx.Err() == nil {
+			m.log.Warn("lost session detection", "err", err)
+		}
+		return
+	}
+	m.scanDue = false
 }
 
 // Record is this worker's heartbeat as of now.
@@ -319,12 +349,13 @@ func (m *Membership) markLost(ctx context.Context, live map[string]bool) error {
 	for k := range lister.Keys() {
 		keys = append(keys, k)
 	}
+	var errs []error
 	for _, key := range keys {
 		if err := m.markOne(ctx, key, live); err != nil {
-			m.log.Warn("mark session lost", "sandbox", key, "err", err)
+			errs = append(errs, fmt.Errorf("sandbox %s: %w", key, err))
 		}
 	}
-	return nil
+	return errors.Join(errs...)
 }
 
 func (m *Membership) markOne(ctx context.Context, key string, live map[string]bool) error {
@@ -336,7 +367,8 @@ func (m *Membership) markOne(ctx context.Context, key string, live map[string]bo
 		return err
 	}
 	if len(e.Value()) > maxSessionBytes {
-		return fmt.Errorf("record of %d bytes ignored", len(e.Value()))
+		m.log.Warn("session record ignored", "sandbox", key, "bytes", len(e.Value()))
+		return nil
 	}
 	var head struct {
 		ClientID string `json:"client_id"`
@@ -345,11 +377,9 @@ func (m *Membership) markOne(ctx context.Context, key string, live map[string]bo
 	// The record is patched, not re-encoded: fields this build does not
 	// know stay as they are.
 	var raw map[string]json.RawMessage
-	if err := json.Unmarshal(e.Value(), &head); err != nil {
-		return fmt.Errorf("record ignored: %w", err)
-	}
-	if err := json.Unmarshal(e.Value(), &raw); err != nil {
-		return fmt.Errorf("record ignored: %w", err)
+	if json.Unmarshal(e.Value(), &head) != nil || json.Unmarshal(e.Value(), &raw) != nil {
+		m.log.Warn("session record ignored: not a JSON object", "sandbox", key)
+		return nil
 	}
 	if head.State == subjects.StateLost || live[head.ClientID] {
 		return nil
