@@ -111,6 +111,8 @@ type Membership struct {
 	scanDue  bool
 	ticks    int
 
+	beatMu sync.Mutex
+
 	mu        sync.Mutex
 	state     string
 	members   []subjects.WorkerRecord // as last read
@@ -279,6 +281,10 @@ func (m *Membership) Record() subjects.WorkerRecord {
 }
 
 func (m *Membership) beat(ctx context.Context) error {
+	// One beat at a time: a beat of the loop must not put an older state
+	// after a drain put a newer one.
+	m.beatMu.Lock()
+	defer m.beatMu.Unlock()
 	data, err := json.Marshal(m.Record())
 	if err != nil {
 		return fmt.Errorf("cluster: encode heartbeat: %w", err)
