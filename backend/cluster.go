@@ -122,3 +122,61 @@ func (b *Backend) claimPlaceholder(id string) subjects.Sandbox {
 	now := time.Now().UTC().Truncate(time.Second)
 	return subjects.Sandbox{SandboxID: id, ClientID: b.cfg.WorkerID, State: subjects.StateCreating, StartedAt: now, EndAt: now}
 }
+
+// Reconcile runs when this worker's heartbeat comes back after a gap longer
+// than its TTL (cut off from NATS): the others may have marked its
+// sandboxes lost meanwhile, and claimed some of their ids. Each sandbox's
+// record is taken back by compare-and-set (running again); a sandbox whose
+// id now belongs to another worker is stopped here, leaving the new owner's
+// record alone, so that no id has two owners.
+func (b *Backend) Reconcile(ctx context.Context) {
+	if _, ok := b.cfg.Store.(SessionCAS); !ok {
+		return
+	}
+	b.mu.Lock()
+	list := make([]*session, 0, len(b.sessions))
+	for _, s := range b.sessions {
+		list = append(list, s)
+	}
+	b.mu.Unlock()
+	for _, s := range list {
+		rec := s.record()
+		rec.MAC = ""
+		_, err := b.reclaimSession(ctx, rec)
+		switch {
+		case errors.Is(err, errClaimedElsewhere):
+			b.log.Warn("sandbox stopped: its id was claimed by another worker while this one was cut off", "sandbox", rec.SandboxID)
+			b.abandon(ctx, rec.SandboxID)
+		case err != nil:
+			b.log.Warn("reconcile sandbox record", "sandbox", rec.SandboxID, "err", err)
+		}
+	}
+}
+
+// abandon stops a sandbox whose record belongs to another worker now: as
+// end does, but its record and lifecycle events are the new owner's.
+func (b *Backend) abandon(ctx context.Context, id string) {
+	b.mu.Lock()
+	s, ok := b.sessions[id]
+	if ok {
+		delete(b.sessions, id)
+	}
+	b.mu.Unlock()
+	if !ok {
+		return
+	}
+	s.mu.Lock()
+	s.ending = true
+	if s.timer != nil {
+		s.timer.Stop()
+	}
+	s.mu.Unlock()
+	if b.hooks.Released != nil {
+		b.hooks.Released(id)
+	}
+	if err := s.machine.Stop(ctx); err != nil {
+		b.log.Warn("stop abandoned sandbox", "sandbox", id, "err", err)
+	}
+	b.removeEgress(ctx, id, s.machine)
+	b.admission.Release(id)
+}

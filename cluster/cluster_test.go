@@ -410,3 +410,46 @@ func TestDrainHandsBackAfterTimeout(t *testing.T) {
 		t.Errorf("only worker drained: Place error %v, want capacity_rejected", err)
 	}
 }
+
+func TestRejoinedAfterGap(t *testing.T) {
+	url := startNATS(t)
+	ncA, ncB := connect(t, url), connect(t, url)
+	sessions := sessionsBucket(t, ncA)
+	var rejoined atomic.Int64
+	var st fakeStatus
+	a := startMember(t, ncA, "wa", &st, func(c *Config) { c.Rejoined = func(context.Context) { rejoined.Add(1) } })
+	b := startMember(t, ncB, "wb", &st)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	data, _ := json.Marshal(subjects.Sandbox{SandboxID: "sa-1", ClientID: "wa", State: subjects.StateRunning})
+	if _, err := sessions.Put(ctx, "sa-1", data); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(3 * a.cfg.Interval)
+	if n := rejoined.Load(); n != 0 {
+		t.Fatalf("Rejoined called %d times while beating", n)
+	}
+	// Cut off for longer than the TTL: b marks wa's sandbox lost, and wa
+	// is told when its heartbeat is back.
+	a.Hold(a.LostWithin() + 2*a.cfg.Interval)
+	poll(t, b.LostWithin()+3*time.Second, "wa's sandbox marked lost", func() error {
+		e, err := sessions.Get(ctx, "sa-1")
+		if err != nil {
+			return err
+		}
+		if !strings.Contains(string(e.Value()), `"lost"`) {
+			return errString("not yet")
+		}
+		return nil
+	})
+	poll(t, 5*time.Second, "Rejoined called", func() error {
+		if rejoined.Load() != 1 {
+			return errString("not yet")
+		}
+		return nil
+	})
+	time.Sleep(3 * a.cfg.Interval)
+	if n := rejoined.Load(); n != 1 {
+		t.Errorf("Rejoined called %d times, want once", n)
+	}
+}

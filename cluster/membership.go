@@ -87,6 +87,10 @@ type Config struct {
 	Status func() Status
 	Jobs   Jobs // nil: no jobs to drain
 	Warm   Warm // nil: no warm pool to release
+	// Rejoined is called after a heartbeat that came longer than the TTL
+	// after the previous one: the others may have judged this worker gone
+	// and marked its sandboxes lost (nil: nothing to do).
+	Rejoined func(ctx context.Context)
 	Logger *slog.Logger
 }
 
@@ -111,7 +115,10 @@ type Membership struct {
 	scanDue  bool
 	ticks    int
 
-	beatMu sync.Mutex
+	beatMu   sync.Mutex
+	lastBeat time.Time // of the last successful put (under beatMu)
+	// heldUntil: no beats before then (Hold).
+	heldUntil time.Time
 
 	mu        sync.Mutex
 	state     string
@@ -220,11 +227,24 @@ func (m *Membership) loop() {
 func (m *Membership) tick() {
 	ctx, cancel := context.WithTimeout(m.ctx, max(2*m.cfg.Interval, 5*time.Second))
 	defer cancel()
+	m.mu.Lock()
+	held := time.Now().Before(m.heldUntil)
+	m.mu.Unlock()
+	if held {
+		return
+	}
+	m.beatMu.Lock()
+	gap := time.Since(m.lastBeat)
+	m.beatMu.Unlock()
 	if err := m.beat(ctx); err != nil {
 		if m.ctx.Err() == nil {
 			m.log.Warn("heartbeat", "err", err)
 		}
 		return
+	}
+	if gap > m.ttl && m.cfg.Rejoined != nil {
+		m.log.Warn("heartbeat back after a gap longer than its TTL: reconciling sandboxes", "gap", gap.Round(time.Millisecond), "ttl", m.ttl)
+		m.cfg.Rejoined(ctx)
 	}
 	list, err := m.Members(ctx)
 	if err != nil {
@@ -292,7 +312,16 @@ func (m *Membership) beat(ctx context.Context) error {
 	if _, err := m.workers.Put(ctx, m.cfg.WorkerID, data); err != nil {
 		return fmt.Errorf("cluster: put heartbeat: %w", err)
 	}
+	m.lastBeat = time.Now()
 	return nil
+}
+
+// Hold skips the heartbeats (and the lost scans) of the next d, as if this
+// worker were cut off from NATS: for tests of what a partition does.
+func (m *Membership) Hold(d time.Duration) {
+	m.mu.Lock()
+	m.heldUntil = time.Now().Add(d)
+	m.mu.Unlock()
 }
 
 // Members reads the live members from the bucket (sorted by id). Records

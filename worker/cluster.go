@@ -18,7 +18,7 @@ func (w *Worker) joinCluster(ctx context.Context, subj subjects.Subjects, driver
 		Subjects: subj, WorkerID: w.id, Version: Version, Driver: driver, Conn: w.storeNC,
 		Interval: w.cfg.HeartbeatInterval, SessionsBucket: jetstream.SessionsBucket,
 		DrainTimeout: w.cfg.DrainTimeout, Status: w.clusterStatus,
-		Jobs: clusterJobs{w}, Warm: w.backend, Logger: w.log.With("component", "cluster"),
+		Jobs: clusterJobs{w}, Warm: w.backend, Rejoined: w.backend.Reconcile, Logger: w.log.With("component", "cluster"),
 	})
 	if err != nil {
 		return err

@@ -438,3 +438,73 @@ func TestClusterDrainHandsJobsBack(t *testing.T) {
 		return nil
 	})
 }
+
+// TestClusterCutOffWorker: a worker whose heartbeat stops for longer than
+// its TTL (cut off, but running) has its sandboxes marked lost; one id is
+// claimed on the other worker meanwhile. When its heartbeat is back it
+// takes back the sandbox nobody claimed and stops its own copy of the
+// claimed one: no id has two owners.
+func TestClusterCutOffWorker(t *testing.T) {
+	e := startWorker(t, clusterOpts)
+	m2 := joinWorker(t, e, clusterOpts)
+	id1, id2 := e.w.ID(), m2.w.ID()
+	ctx := e.ctx(5 * time.Minute)
+	claimed, kept := "cc-"+backend.NewID(8), "ck-"+backend.NewID(8)
+	for _, id := range []string{claimed, kept} {
+		if _, err := e.createOn(ctx, id2, subjects.CreateSandboxRequest{TemplateID: "tiny", SandboxID: id, TimeoutS: 600}); err != nil {
+			t.Fatalf("create %s on %s: %v", id, id2, err)
+		}
+		t.Cleanup(func() { _ = e.c.Kill(context.Background(), id) })
+	}
+	e.exec(kept, "echo kept > /root/mark")
+
+	bound := e.w.Cluster().LostWithin()
+	m2.w.Cluster().Hold(bound + 3*time.Second)
+	eventually(t, bound+5*time.Second, "sandboxes of the cut-off worker marked lost", func() error {
+		for _, id := range []string{claimed, kept} {
+			if st, err := e.sessionState(id); err != nil || st != subjects.StateLost {
+				return fmt.Errorf("%s: %s %v", id, st, err)
+			}
+		}
+		return nil
+	})
+	// Claimed on the first worker while the second is cut off.
+	if sb, err := e.createOn(ctx, id1, subjects.CreateSandboxRequest{TemplateID: "tiny", SandboxID: claimed}); err != nil || sb.ClientID != id1 {
+		t.Fatalf("claim %s on %s: %+v %v", claimed, id1, sb, err)
+	}
+	e.exec(claimed, "echo first > /root/owner")
+
+	eventually(t, 30*time.Second, "the cut-off worker gave up the claimed id and took back the other", func() error {
+		if m2.w.Backend().Owns(claimed) {
+			return fmt.Errorf("%s still owns %s", id2, claimed)
+		}
+		if st, err := e.sessionState(kept); err != nil || st != subjects.StateRunning {
+			return fmt.Errorf("%s: %s %v", kept, st, err)
+		}
+		return nil
+	})
+	if !m2.w.Backend().Owns(kept) {
+		t.Errorf("%s no longer runs %s", id2, kept)
+	}
+	if r := e.exec(kept, "cat /root/mark"); r.Stdout != "kept\n" {
+		t.Errorf("taken-back sandbox: %+v", r)
+	}
+	list, err := e.c.List(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range list {
+		if s.SandboxID == claimed && (s.ClientID != id1 || s.State != subjects.StateRunning) {
+			t.Errorf("claimed id's record: %+v", s)
+		}
+		if s.SandboxID == kept && s.ClientID != id2 {
+			t.Errorf("taken-back sandbox's record: %+v", s)
+		}
+	}
+	// Only the first worker answers for the claimed id.
+	for range 5 {
+		if r := e.exec(claimed, "cat /root/owner"); r.Stdout != "first\n" {
+			t.Fatalf("claimed id answered by another machine: %+v", r)
+		}
+	}
+}
