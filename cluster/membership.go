@@ -91,7 +91,7 @@ type Config struct {
 	// after the previous one: the others may have judged this worker gone
 	// and marked its sandboxes lost (nil: nothing to do).
 	Rejoined func(ctx context.Context)
-	Logger *slog.Logger
+	Logger   *slog.Logger
 }
 
 // Membership is one worker's heartbeat and view of the cluster. Construct
