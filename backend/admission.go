@@ -115,10 +115,13 @@ type Usage struct {
 	// Sandboxes and Warm count active sandboxes and warm machines.
 	Sandboxes int `json:"sandboxes"`
 	Warm      int `json:"warm"`
-	// VCPUs and MemoryMB are reserved by both.
-	VCPUs    int    `json:"vcpus"`
-	MemoryMB int    `json:"memory_mb"`
-	Limits   Limits `json:"limits"`
+	// VCPUs and MemoryMB are reserved by both; ActiveVCPUs and
+	// ActiveMemoryMB by the active sandboxes alone.
+	VCPUs          int    `json:"vcpus"`
+	MemoryMB       int    `json:"memory_mb"`
+	ActiveVCPUs    int    `json:"active_vcpus"`
+	ActiveMemoryMB int    `json:"active_memory_mb"`
+	Limits         Limits `json:"limits"`
 }
 
 // Snapshot reports the ledger's reservations and limits.
@@ -127,5 +130,5 @@ func (a *Admission) Snapshot() Usage {
 	defer a.mu.Unlock()
 	n1, v1, m1 := a.usage(a.active)
 	n2, v2, m2 := a.usage(a.warm)
-	return Usage{Sandboxes: n1, Warm: n2, VCPUs: v1 + v2, MemoryMB: m1 + m2, Limits: a.limits}
+	return Usage{Sandboxes: n1, Warm: n2, VCPUs: v1 + v2, MemoryMB: m1 + m2, ActiveVCPUs: v1, ActiveMemoryMB: m1, Limits: a.limits}
 }

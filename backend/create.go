@@ -273,8 +273,11 @@ func (b *Backend) watchMachine(s *session) {
 }
 
 // claimID reserves id for a create in flight; a taken id is a conflict.
-// A requested id is also checked against the cluster's sessions; a generated
-// one (20 random characters) is not worth the round trip.
+// A requested id is claimed across the cluster too: with a store that can
+// compare-and-set (SessionCAS), by creating a placeholder record (state
+// creating, this worker's id) that only one worker can create, or by taking
+// over a record marked lost at its revision. A generated id (20 random
+// characters) is not worth the round trip.
 func (b *Backend) claimID(ctx context.Context, id string, requested bool) error {
 	b.mu.Lock()
 	_, active := b.sessions[id]
@@ -293,14 +296,59 @@ func (b *Backend) claimID(ctx context.Context, id string, requested bool) error 
 	if !requested {
 		return nil
 	}
-	if _, err := b.cfg.Store.GetSession(ctx, id); err == nil {
-		b.unclaimID(id)
-		return errdefs.Wrap(errdefs.ErrConflict, fmt.Errorf("sandbox %s already exists on another worker", id))
+	taken := errdefs.Wrap(errdefs.ErrConflict, fmt.Errorf("sandbox %s already exists on another worker", id))
+	cas, ok := b.cfg.Store.(SessionCAS)
+	if !ok {
+		if _, err := b.cfg.Store.GetSession(ctx, id); err == nil {
+			b.unclaimLocal(id)
+			return taken
+		}
+		return nil
+	}
+	placeholder := b.claimPlaceholder(id)
+	_, err := cas.CreateSession(ctx, placeholder)
+	if errors.Is(err, errdefs.ErrConflict) {
+		// Taken, unless its record says lost: then take it over, by
+		// revision, so of two workers doing so only one wins.
+		cur, rev, gerr := cas.GetSessionEntry(ctx, id)
+		switch {
+		case gerr == nil && cur.State == subjects.StateLost:
+			_, err = cas.UpdateSession(ctx, placeholder, rev)
+		case errors.Is(gerr, errdefs.ErrNotFound):
+			_, err = cas.CreateSession(ctx, placeholder) // deleted meanwhile
+		}
+	}
+	if err != nil {
+		b.unclaimLocal(id)
+		if errors.Is(err, errdefs.ErrConflict) {
+			return taken
+		}
+		return fmt.Errorf("claim sandbox id %s: %w", id, err)
 	}
 	return nil
 }
 
+// unclaimID ends a create's claim on id. When the create failed, the
+// placeholder record it claimed the id with is deleted (at its revision,
+// and only while it is still this worker's placeholder).
 func (b *Backend) unclaimID(id string) {
+	b.unclaimLocal(id)
+	cas, ok := b.cfg.Store.(SessionCAS)
+	if !ok || b.Owns(id) {
+		return
+	}
+	ctx, cancel := context.WithTimeout(b.ctx, 10*time.Second)
+	defer cancel()
+	cur, rev, err := cas.GetSessionEntry(ctx, id)
+	if err != nil || cur.ClientID != b.cfg.WorkerID || cur.State != subjects.StateCreating {
+		return
+	}
+	if err := cas.DeleteSessionAt(ctx, id, rev); err != nil && !errors.Is(err, errdefs.ErrConflict) {
+		b.log.Warn("release claimed sandbox id", "sandbox", id, "err", err)
+	}
+}
+
+func (b *Backend) unclaimLocal(id string) {
 	b.mu.Lock()
 	delete(b.creating, id)
 	b.mu.Unlock()

@@ -28,7 +28,7 @@ func (b *Backend) recover(ctx context.Context) error {
 		if rec.ClientID != b.cfg.WorkerID {
 			continue
 		}
-		err := b.verifySession(rec)
+		err := b.verifyOwnSession(rec)
 		if err == nil && seen[rec.SandboxID] {
 			// A signed record copied under another key: the first one is
 			// the sandbox's; the copy is neither used nor acted on.
@@ -40,11 +40,20 @@ func (b *Backend) recover(ctx context.Context) error {
 		var dir string
 		var m vmpool.Machine
 		if err == nil {
+			// Ours still (not claimed by another worker while this one
+			// was down), stored again as running: by compare-and-set.
+			rec, err = b.reclaimSession(ctx, rec)
+			if errors.Is(err, errClaimedElsewhere) {
+				b.log.Warn("sandbox not recovered", "sandbox", rec.SandboxID, "err", err)
+				continue // its machine is swept; the record is the new owner's
+			}
+		}
+		if err == nil {
 			dir, m, err = b.reattachSession(ctx, rec, kept)
 		}
 		if err != nil {
 			b.log.Warn("sandbox not recovered; cleaning up", "sandbox", rec.SandboxID, "err", err)
-			_ = b.cfg.Store.DeleteSession(ctx, rec.SandboxID)
+			b.dropSession(ctx, rec.SandboxID)
 			b.event(ctx, subjects.EventFailed, rec.SandboxID, "not recovered after worker restart: "+err.Error())
 			continue
 		}
@@ -57,7 +66,7 @@ func (b *Backend) recover(ctx context.Context) error {
 			_ = m.Stop(ctx)
 			b.removeEgress(ctx, rec.SandboxID, m)
 			b.admission.Release(rec.SandboxID)
-			_ = b.cfg.Store.DeleteSession(ctx, rec.SandboxID)
+			b.dropSession(ctx, rec.SandboxID)
 			b.event(ctx, subjects.EventFailed, rec.SandboxID, "not recovered after worker restart: network policy: "+err.Error())
 			continue
 		}

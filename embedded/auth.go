@@ -33,21 +33,25 @@ const WorkerInboxPrefix = "_FIRKIN_WORKER_INBOX"
 
 // WorkerPermissions are those of the worker's store connection: it sets up
 // and writes its streams and KV buckets, publishes logs, events and
-// results, and acks its own consumers; replies come to it on
+// results, acks its own consumers, and forwards creates placed on another
+// worker to that worker's own subject (<prefix>.worker.*.sandbox.create,
+// a subject derived from a validated member id, carrying the client's
+// reply subject: the target answers the client); replies come to it on
 // WorkerInboxPrefix. It serves nothing: requests are the service
 // connection's (ServicePermissions), so no request can make the store
 // connection publish anywhere.
 func (a Access) WorkerPermissions() *server.Permissions {
 	return &server.Permissions{
 		Publish: &server.SubjectPermission{Allow: []string{
-			a.Prefix + ".logs.>",      // log events
-			a.Prefix + ".events.>",    // lifecycle events
-			a.Prefix + ".results.>",   // job results
-			a.Prefix + ".jobs.dead.>", // dead-lettered jobs
-			"$JS.API.>",               // streams, buckets, consumers
-			"$KV.>",                   // KV records
-			"$JS.ACK.>",               // acks of its own consumers
-			"$JS.FC.>",                // flow-control replies of KV watchers
+			a.Prefix + ".logs.>",                  // log events
+			a.Prefix + ".events.>",                // lifecycle events
+			a.Prefix + ".results.>",               // job results
+			a.Prefix + ".jobs.dead.>",             // dead-lettered jobs
+			a.Prefix + ".worker.*.sandbox.create", // creates forwarded by placement
+			"$JS.API.>",                           // streams, buckets, consumers
+			"$KV.>",                               // KV records
+			"$JS.ACK.>",                           // acks of its own consumers
+			"$JS.FC.>",                            // flow-control replies of KV watchers
 		}},
 		Subscribe: &server.SubjectPermission{Allow: []string{
 			WorkerInboxPrefix + ".>",

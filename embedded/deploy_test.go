@@ -155,7 +155,7 @@ func TestDeployPermissionsExample(t *testing.T) {
 		"firkin.sandbox.sb1.kill", "firkin.sandbox.sb1.snapshot", "firkin.sandbox.sb1.route",
 		"firkin.sandbox.sb1.timeout", "firkin.sandbox.sb1.logs", "firkin.snapshot.list",
 		"firkin.snapshot.s1.get", "firkin.snapshot.work.v2.get", "firkin.pool.status",
-		"firkin.jobs.default", "firkin.jobs.status", "firkin.jobs.j1.cancel",
+		"firkin.jobs.default", "firkin.jobs.status", "firkin.jobs.j1.cancel", "firkin.workers.list",
 	} {
 		if m, err := pnc.Request(subject, []byte("{}"), 3*time.Second); err != nil || string(m.Data) != "ok" {
 			t.Errorf("product request %s: %v", subject, err)
@@ -163,6 +163,27 @@ func TestDeployPermissionsExample(t *testing.T) {
 	}
 	if m, err := pnc.Request("$SRV.PING.firkin-worker", nil, 3*time.Second); err != nil || string(m.Data) != "srv" {
 		t.Errorf("product discovery through the service user: %v", err)
+	}
+
+	// Placement: the worker user forwards a create to another worker's own
+	// subject with the product's reply subject, and that worker's service
+	// user answers the product directly.
+	fwd, err := pnc.SubscribeSync("_INBOX.forwarded")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = pnc.Flush()
+	if err := wnc.PublishMsg(&nats.Msg{Subject: "firkin.worker.w1.sandbox.create", Reply: "_INBOX.forwarded", Data: []byte("{}"),
+		Header: nats.Header{subjects.ForwardedHeader: {"w2"}}}); err != nil {
+		t.Fatal(err)
+	}
+	if m, err := fwd.NextMsg(3 * time.Second); err != nil || string(m.Data) != "ok" {
+		t.Errorf("forwarded create answered to the product: %v", err)
+	}
+	select {
+	case err := <-wErrs:
+		t.Errorf("worker user forwards a create: %v", err)
+	default:
 	}
 
 	// A request naming a KV record or an event subject as its reply subject
@@ -235,6 +256,7 @@ func TestDeployPermissionsExample(t *testing.T) {
 		"$JS.API.DIRECT.GET.KV_firkin_snapshots", "$JS.API.CONSUMER.CREATE.KV_firkin_snapshots",
 		"$KV.firkin_sessions.sb1", "$O.firkin_artifacts.x", "firkin.worker.w1.drain", "firkin.worker.w1.sandbox.create",
 		"firkin.results.j1", "firkin.jobs.dead.default", "$JS.API.CONSUMER.MSG.NEXT.FIRKIN_JOBS.jobs-default",
+		"firkin.worker.w1.drain", "firkin.worker.w1.sandbox.create", "$KV.firkin_workers.w1",
 	} {
 		if err := pnc.Publish(subject, []byte("{}")); err != nil {
 			t.Fatal(err)

@@ -2,6 +2,7 @@ package handlers
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -17,6 +18,9 @@ const (
 	createTimeout   = 3 * time.Minute
 	snapshotTimeout = 3 * time.Minute
 	buildTimeout    = 40 * time.Minute
+	// drainTimeout bounds a drain request that waits (its timeout_s is at
+	// most an hour).
+	drainTimeout = 62 * time.Minute
 )
 
 func decode[T any](req micro.Request) (T, error) {
@@ -25,7 +29,14 @@ func decode[T any](req micro.Request) (T, error) {
 	return v, err
 }
 
-// createSandbox answers firkin.sandbox.create.
+// errAnswered is what a handler returns for a request another worker
+// answers (a forwarded create): no reply from this one.
+var errAnswered = errors.New("answered by another worker")
+
+// createSandbox answers firkin.sandbox.create and
+// firkin.worker.<id>.sandbox.create. With a cluster, a create of the queue
+// group goes through placement first and may be forwarded, once, to the
+// worker with more room, which answers the client itself.
 func (s *Service) createSandbox(ctx context.Context, req micro.Request) (any, error) {
 	in, err := decode[subjects.CreateSandboxRequest](req)
 	if err != nil {
@@ -33,7 +44,47 @@ func (s *Service) createSandbox(ctx context.Context, req micro.Request) (any, er
 	}
 	ctx, cancel := context.WithTimeout(ctx, createTimeout)
 	defer cancel()
+	if c := s.cfg.Cluster; c != nil {
+		pinned := req.Subject() != s.subj.CreateSandbox() || req.Headers().Get(subjects.ForwardedHeader) != ""
+		target, err := c.Place(ctx, in, pinned)
+		if err != nil {
+			return nil, err
+		}
+		if target != "" && target != s.cfg.WorkerID {
+			err := c.Forward(ctx, target, req.Reply(), req.Data())
+			if err == nil {
+				s.log.Debug("create forwarded", "target", target)
+				return nil, errAnswered
+			}
+			s.log.Warn("forward create; creating here", "target", target, "err", err)
+		}
+	}
 	return s.rt.Create(ctx, in)
+}
+
+// listWorkers answers firkin.workers.list.
+func (s *Service) listWorkers(ctx context.Context, req micro.Request) (any, error) {
+	if _, err := decode[struct{}](req); err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, quickTimeout)
+	defer cancel()
+	list, err := s.cfg.Cluster.Members(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return subjects.ListWorkersReply{Workers: list}, nil
+}
+
+// drainWorker answers firkin.worker.<id>.drain.
+func (s *Service) drainWorker(ctx context.Context, req micro.Request) (any, error) {
+	in, err := decode[subjects.DrainRequest](req)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, drainTimeout)
+	defer cancel()
+	return s.cfg.Cluster.Drain(ctx, in)
 }
 
 // listSandboxes answers firkin.sandbox.list.
@@ -181,6 +232,9 @@ func (s *Service) setPool(ctx context.Context, req micro.Request) (any, error) {
 	in, err := decode[subjects.PoolSetRequest](req)
 	if err != nil {
 		return nil, err
+	}
+	if s.cfg.Cluster != nil && s.cfg.Cluster.Draining() && in.Target > 0 {
+		return nil, errdefs.Wrap(errdefs.ErrFailedPrecondition, fmt.Errorf("worker %s is draining: it keeps no warm pool", s.cfg.WorkerID))
 	}
 	return s.rt.SetPool(ctx, in)
 }

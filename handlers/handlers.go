@@ -57,6 +57,26 @@ type StatusReporter interface {
 	Status() subjects.WorkerStatusReply
 }
 
+// Cluster is the worker's membership: the members, where a create goes,
+// and drain. Optional: without it the worker acts alone.
+type Cluster interface {
+	// Members are the live workers.
+	Members(ctx context.Context) ([]subjects.WorkerRecord, error)
+	// Place says where a create goes: "" for this worker, or the id of
+	// the worker to forward it to. pinned creates (forwarded ones, or sent
+	// to this worker's own subject) stay. errdefs.ErrCapacity when this
+	// worker takes no creates and none can go elsewhere.
+	Place(ctx context.Context, req subjects.CreateSandboxRequest, pinned bool) (string, error)
+	// Forward publishes a create's body, with the client's reply subject,
+	// to the worker's own create subject (not through this connection:
+	// the service connection publishes replies only).
+	Forward(ctx context.Context, workerID, reply string, data []byte) error
+	// Drain makes this worker a lame duck (see subjects.DrainRequest).
+	Drain(ctx context.Context, req subjects.DrainRequest) (subjects.DrainReply, error)
+	// Draining reports whether this worker is draining or drained.
+	Draining() bool
+}
+
 // Runtime is everything the handlers call.
 type Runtime interface {
 	Sandboxes
@@ -81,6 +101,8 @@ type Config struct {
 	// (the micro endpoint's name, or sandbox.<verb>), its reply code
 	// (subjects.CodeOK or the error code) and how long it took.
 	Observe func(endpoint string, code subjects.Code, d time.Duration)
+	// Cluster is the worker's membership (nil: a worker on its own).
+	Cluster Cluster
 	// ReplyPrefixes are the subjects requests may ask replies on: the
 	// clients' inboxes (default "_INBOX."). A request whose reply subject
 	// is anything else is not answered, so nobody can make the worker
@@ -173,14 +195,19 @@ func (s *Service) Start() error {
 }
 
 func (s *Service) endpoints() []endpoint {
-	var status []endpoint
+	var extra []endpoint
 	if s.cfg.Status != nil {
-		status = []endpoint{
-			{name: "WorkerStatus", subject: s.subj.WorkerStatus(), handle: s.workerStatus, everyWorker: true},
-			{name: "WorkerStatusOf", subject: s.subj.WorkerStatusOf(s.cfg.WorkerID), handle: s.workerStatus, everyWorker: true},
-		}
+		extra = append(extra,
+			endpoint{name: "WorkerStatus", subject: s.subj.WorkerStatus(), handle: s.workerStatus, everyWorker: true},
+			endpoint{name: "WorkerStatusOf", subject: s.subj.WorkerStatusOf(s.cfg.WorkerID), handle: s.workerStatus, everyWorker: true})
 	}
-	return append(status, []endpoint{
+	if s.cfg.Cluster != nil {
+		extra = append(extra,
+			endpoint{name: "ListWorkers", subject: s.subj.ListWorkers(), handle: s.listWorkers},
+			endpoint{name: "WorkerCreateSandbox", subject: s.subj.WorkerCreate(s.cfg.WorkerID), handle: s.createSandbox, everyWorker: true},
+			endpoint{name: "DrainWorker", subject: s.subj.WorkerDrain(s.cfg.WorkerID), handle: s.drainWorker, everyWorker: true})
+	}
+	return append(extra, []endpoint{
 		{name: "CreateSandbox", subject: s.subj.CreateSandbox(), handle: s.createSandbox},
 		{name: "ListSandboxes", subject: s.subj.ListSandboxes(), handle: s.listSandboxes},
 		{name: "SandboxLogs", subject: s.subj.SandboxVerbWildcard(subjects.VerbLogs), handle: s.sandboxLogs},
@@ -284,6 +311,10 @@ func (s *Service) async(endpoint string, handle func(context.Context, micro.Requ
 			defer func() {
 				if p := recover(); p != nil {
 					v, err = nil, fmt.Errorf("internal error: %v", p)
+				}
+				if errors.Is(err, errAnswered) {
+					s.observe(endpoint+".forwarded", nil, start)
+					return // another worker answers it
 				}
 				s.reply(req, v, err)
 				s.observe(endpoint, err, start)

@@ -140,6 +140,86 @@ func (s *Store) ListSessions(ctx context.Context) ([]subjects.Sandbox, error) {
 	return listJSON[subjects.Sandbox](ctx, s.sessions)
 }
 
+// CreateSession stores a session record only if its id has none (a claim);
+// errdefs.ErrConflict when it has. It returns the record's revision.
+func (s *Store) CreateSession(ctx context.Context, sb subjects.Sandbox) (uint64, error) {
+	data, err := json.Marshal(sb)
+	if err != nil {
+		return 0, fmt.Errorf("encode session %s: %w", sb.SandboxID, err)
+	}
+	rev, err := s.sessions.Create(ctx, sb.SandboxID, data)
+	if errors.Is(err, js.ErrKeyExists) {
+		return 0, errdefs.Wrap(errdefs.ErrConflict, fmt.Errorf("sandbox %s already exists", sb.SandboxID))
+	}
+	if err != nil {
+		return 0, fmt.Errorf("create session %s: %w", sb.SandboxID, err)
+	}
+	return rev, nil
+}
+
+// GetSessionEntry returns a session record with its revision;
+// errdefs.ErrNotFound if absent.
+func (s *Store) GetSessionEntry(ctx context.Context, id string) (subjects.Sandbox, uint64, error) {
+	var sb subjects.Sandbox
+	e, err := s.sessions.Get(ctx, id)
+	if errors.Is(err, js.ErrKeyNotFound) {
+		return sb, 0, errdefs.Wrap(errdefs.ErrNotFound, fmt.Errorf("sandbox %s not found", id))
+	}
+	if err != nil {
+		return sb, 0, fmt.Errorf("get session %s: %w", id, err)
+	}
+	if len(e.Value()) > maxSessionBytes {
+		return sb, 0, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("session %s: record of %d bytes", id, len(e.Value())))
+	}
+	if err := json.Unmarshal(e.Value(), &sb); err != nil {
+		return sb, 0, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("decode session %s: %w", id, err))
+	}
+	return sb, e.Revision(), nil
+}
+
+// UpdateSession replaces a session record only if it is still at revision
+// rev (compare-and-set); errdefs.ErrConflict when it changed. It returns the
+// new revision.
+func (s *Store) UpdateSession(ctx context.Context, sb subjects.Sandbox, rev uint64) (uint64, error) {
+	data, err := json.Marshal(sb)
+	if err != nil {
+		return 0, fmt.Errorf("encode session %s: %w", sb.SandboxID, err)
+	}
+	n, err := s.sessions.Update(ctx, sb.SandboxID, data, rev)
+	if err != nil {
+		if isWrongRevision(err) {
+			return 0, errdefs.Wrap(errdefs.ErrConflict, fmt.Errorf("sandbox %s: record changed meanwhile", sb.SandboxID))
+		}
+		return 0, fmt.Errorf("update session %s: %w", sb.SandboxID, err)
+	}
+	return n, nil
+}
+
+// DeleteSessionAt removes a session record only if it is still at revision
+// rev; errdefs.ErrConflict when it changed.
+func (s *Store) DeleteSessionAt(ctx context.Context, id string, rev uint64) error {
+	if err := s.sessions.Delete(ctx, id, js.LastRevision(rev)); err != nil {
+		if isWrongRevision(err) {
+			return errdefs.Wrap(errdefs.ErrConflict, fmt.Errorf("sandbox %s: record changed meanwhile", id))
+		}
+		return fmt.Errorf("delete session %s: %w", id, err)
+	}
+	return nil
+}
+
+// maxSessionBytes bounds a session record read back (records are written
+// by workers, but the bucket is not trusted).
+const maxSessionBytes = 64 << 10
+
+// isWrongRevision reports a compare-and-set that lost: the key's last
+// revision was not the expected one (or it exists, for a create).
+func isWrongRevision(err error) bool {
+	var apiErr *js.APIError
+	return errors.Is(err, js.ErrKeyExists) || errors.Is(err, js.ErrKeyRevisionMismatch) ||
+		errors.As(err, &apiErr) && (apiErr.ErrorCode == js.JSErrCodeStreamWrongLastSequence ||
+			apiErr.ErrorCode == js.JSErrCodeStreamWrongLastSequenceConstant)
+}
+
 // CreateSnapshot stores a new snapshot record; errdefs.ErrConflict when the
 // id is taken.
 func (s *Store) CreateSnapshot(ctx context.Context, rec subjects.SnapshotRecord) error {

@@ -102,6 +102,12 @@ type Runner struct {
 	mu       sync.Mutex
 	running  map[string]int // per queue
 	counters map[string]*counters
+
+	// paused is closed by Pause: the consumers stop pulling.
+	paused    chan struct{}
+	pauseOnce sync.Once
+	// handlers counts the jobs being handled (Drain waits for them).
+	handlers sync.WaitGroup
 }
 
 type counters struct{ succeeded, failed, invalid, canceled, dead atomic.Int64 }
@@ -156,7 +162,7 @@ func Start(ctx context.Context, cfg Config) (*Runner, error) {
 		return nil, fmt.Errorf("jobs: %w", err)
 	}
 	r := &Runner{cfg: cfg, log: cfg.Logger, js: j, cons: map[string]js.Consumer{}, sem: make(chan struct{}, cfg.Concurrency),
-		running: map[string]int{}, counters: map[string]*counters{}}
+		running: map[string]int{}, counters: map[string]*counters{}, paused: make(chan struct{})}
 	if err := r.setup(ctx); err != nil {
 		return nil, err
 	}
@@ -273,6 +279,53 @@ func (r *Runner) Stop(ctx context.Context) error {
 	}
 }
 
+// Pause stops taking jobs (a draining worker): the consumers stop pulling,
+// and a job fetched meanwhile is handed back at once. Running jobs go on.
+// There is no resume: a paused worker is on its way out.
+func (r *Runner) Pause() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.pauseOnce.Do(func() { close(r.paused) })
+}
+
+func (r *Runner) isPaused() bool {
+	select {
+	case <-r.paused:
+		return true
+	default:
+		return false
+	}
+}
+
+// Drain pauses the runner and waits for the running jobs to finish; when
+// ctx ends first, it hands them back (Nak: another worker takes them at
+// once) and returns when they are.
+func (r *Runner) Drain(ctx context.Context) error {
+	r.Pause()
+	done := make(chan struct{})
+	go func() { r.handlers.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+	}
+	r.log.Info("drain timeout: handing running jobs back", "running", r.Running())
+	r.cancel()
+	<-done
+	return nil
+}
+
+// Running is the number of jobs running now.
+func (r *Runner) Running() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	n := 0
+	for _, c := range r.running {
+		n += c
+	}
+	return n
+}
+
 // consume takes jobs of one queue while this worker has room.
 func (r *Runner) consume(q string) {
 	defer r.wg.Done()
@@ -282,9 +335,11 @@ func (r *Runner) consume(q string) {
 		case r.sem <- struct{}{}:
 		case <-r.ctx.Done():
 			return
+		case <-r.paused:
+			return
 		}
 		msg, err := cons.Next(js.FetchMaxWait(time.Second))
-		if r.ctx.Err() != nil {
+		if r.ctx.Err() != nil || r.isPaused() {
 			if msg != nil {
 				_ = msg.Nak()
 			}
@@ -303,9 +358,21 @@ func (r *Runner) consume(q string) {
 			}
 			continue
 		}
+		// Counted under the lock Pause takes: once paused, Drain's wait
+		// sees every job that will run.
+		r.mu.Lock()
+		if r.isPaused() {
+			r.mu.Unlock()
+			_ = msg.Nak()
+			<-r.sem
+			return
+		}
+		r.handlers.Add(1)
+		r.mu.Unlock()
 		r.wg.Add(1)
 		go func() {
 			defer r.wg.Done()
+			defer r.handlers.Done()
 			defer func() { <-r.sem }()
 			r.handle(q, msg)
 		}()

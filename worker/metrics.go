@@ -15,7 +15,8 @@ import (
 	"github.com/firkin-dev/firkin-worker/subjects"
 )
 
-// Version is the worker's version, in the micro service and status replies.
+// Version is the worker's version: in its heartbeat, micro service and
+// status replies.
 const Version = "0.2.0"
 
 // newMetrics measures the worker; its state is read from the backend at

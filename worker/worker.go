@@ -16,12 +16,14 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
 	"github.com/nats-io/nats.go"
 
 	"github.com/firkin-dev/firkin-worker/backend"
+	"github.com/firkin-dev/firkin-worker/cluster"
 	"github.com/firkin-dev/firkin-worker/embedded"
 	"github.com/firkin-dev/firkin-worker/errdefs"
 	"github.com/firkin-dev/firkin-worker/handlers"
@@ -117,6 +119,14 @@ type Config struct {
 	// Replicas of the streams, KV buckets and object store; 0: 3 when the
 	// NATS server is part of a cluster of three or more, else 1.
 	Replicas int
+
+	// HeartbeatInterval is how often the worker puts its heartbeat in the
+	// firkin_workers bucket (default 2 s; it lives 3.5 intervals). Workers
+	// of one cluster should use the same.
+	HeartbeatInterval time.Duration
+	// DrainTimeout is how long a drain lets running jobs go on before it
+	// hands them back (default 5 min; a drain request may say otherwise).
+	DrainTimeout time.Duration
 }
 
 // Worker is a running worker.
@@ -142,6 +152,9 @@ type Worker struct {
 	// metricsSrv serves Config.MetricsListen (nil when off).
 	metricsSrv  *http.Server
 	metricsAddr string
+	// jobsRef is jobs for the heartbeat and drain, which start before it.
+	jobsRef atomic.Pointer[jobs.Runner]
+	cluster *cluster.Membership
 
 	// clientSeed is the embedded server's client seed file ("" without one).
 	clientSeed string
@@ -270,8 +283,14 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 		return nil, err
 	}
 	cleanups = append(cleanups, w.stopProxy)
+	// The heartbeat starts before recovery: others must not judge this
+	// worker's sessions lost while it reattaches them.
+	if err := step("cluster membership", func() error { return w.joinCluster(ctx, subj, driver.Name()) }); err != nil {
+		return nil, err
+	}
+	cleanups = append(cleanups, func() { _ = w.cluster.Stop(context.Background()) })
 	if err := step("handlers", func() (err error) {
-		w.svc, err = handlers.New(w.nc, handlers.Config{Subjects: subj, WorkerID: w.id, Runtime: w.rt, Version: Version,
+		w.svc, err = handlers.New(w.nc, handlers.Config{Subjects: subj, WorkerID: w.id, Runtime: w.rt, Version: Version, Cluster: w.cluster,
 			Status: w.metrics, Observe: w.metrics.ObserveRequest,
 			ReplyPrefixes: cfg.ClientInboxPrefixes, Logger: w.log.With("component", "handlers")})
 		return err
@@ -302,6 +321,10 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	}); err != nil {
 		return nil, err
 	}
+	w.jobsRef.Store(w.jobs)
+	if w.cluster.Draining() { // a drain came before the runner
+		w.jobs.Pause()
+	}
 	cleanups = append(cleanups, func() { _ = w.jobs.Stop(context.Background()) })
 	w.log.Info("firkin-worker ready", "nats", w.nc.ConnectedUrl(), "driver", driver.Name(), "state_dir", cfg.StateDir, "proxy", w.rt.proxyAddr())
 
@@ -314,6 +337,9 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 			return
 		}
 		for id, n := range cfg.Pool {
+			if w.cluster.Draining() {
+				break
+			}
 			if _, err := w.backend.SetPool(bgCtx, subjects.PoolSetRequest{TemplateID: id, Target: n}); err != nil {
 				w.log.Warn("warm pool target", "template", id, "err", err)
 			}
@@ -336,6 +362,7 @@ func (w *Worker) released(id string) {
 // Stop answers the requests in flight, stops every sandbox and the warm
 // pool, and disconnects (and stops the embedded server).
 func (w *Worker) Stop(ctx context.Context) error {
+	w.cluster.Leave(ctx) // no create is placed here any more
 	if w.bg != nil {
 		w.bg()
 		<-w.bgDone
@@ -345,6 +372,7 @@ func (w *Worker) Stop(ctx context.Context) error {
 		jobsErr = w.jobs.Stop(ctx)
 	}
 	errs := []error{jobsErr, w.svc.Stop(ctx), w.backend.Stop(ctx), w.closeGuard(), w.closeDriver()}
+	errs = append(errs, w.cluster.Stop(ctx)) // after the sandboxes' records are gone
 	w.stopProxy()
 	w.stopMetrics()
 	w.closeNATS()

@@ -41,6 +41,7 @@ type options struct {
 	tokenSecretFile                                           string
 	replicas                                                  int
 	metricsListen                                             string
+	heartbeatInterval, drainTimeout                           time.Duration
 }
 
 func defaultStateDir() string {
@@ -102,6 +103,8 @@ func parseOptions(args []string, getenv func(string) string, readFile func(strin
 	fs.BoolVar(&o.keepMachines, "keep-machines", true, "let machines outlive a crash of this process, so the restarted worker reattaches to them (a clean stop always stops them)")
 	fs.StringVar(&o.jobQueues, "job-queues", "default", "job queues to consume, comma-separated (default is always consumed)")
 	fs.IntVar(&o.jobConcurrency, "job-concurrency", 2, "most jobs this worker runs at once")
+	fs.DurationVar(&o.heartbeatInterval, "heartbeat-interval", 2*time.Second, "how often the worker puts its heartbeat in the firkin_workers bucket (it lives 3.5 intervals; use the same on every worker of a cluster)")
+	fs.DurationVar(&o.drainTimeout, "drain-timeout", 5*time.Minute, "how long a drain lets running jobs go on before it hands them back to the queue")
 	fs.DurationVar(&o.logMaxAge, "log-max-age", 24*time.Hour, "how long log events are kept")
 	fs.Int64Var(&o.logRateKiB, "log-rate-kib", 16<<10, "each sandbox's log budget: output bytes per second into the log stream (bursts of four seconds' worth), KiB; beyond it output is dropped and counted; 0: no limit")
 	fs.Int64Var(&o.logTotalMiB, "log-total-mib", 256, "each sandbox's log budget: output bytes into the log stream over its life, MiB; 0: no limit")
@@ -285,6 +288,8 @@ func (o options) workerConfig() worker.Config {
 		JobConcurrency:      o.jobConcurrency,
 		Replicas:            o.replicas,
 		MetricsListen:       o.metricsListen,
+		HeartbeatInterval:   o.heartbeatInterval,
+		DrainTimeout:        o.drainTimeout,
 		Limits:              backend.Limits{MaxSessions: o.maxSessions, MaxVCPUs: o.maxVCPUs, MaxMemoryMB: o.maxMemoryMB},
 		RouteLimits: worker.RouteLimits{
 			MaxRoutesPerSandbox: o.maxRoutesPerSandbox,

@@ -1,0 +1,10 @@
+package worker
+
+// Crash makes w behave as a crashed worker to the rest of the cluster (for
+// tests): its heartbeat stops without its key being deleted and its NATS
+// connections close at once. Stop afterwards only stops what runs on the host.
+func Crash(w *Worker) {
+	w.cluster.Abandon()
+	w.nc.Close()
+	w.storeNC.Close()
+}
