@@ -84,7 +84,9 @@ func safeName(name string) bool {
 // singleToken reports whether s is one NATS subject token.
 func singleToken(s string) bool { return validToken(s) && strings.IndexFunc(s, isSpace) < 0 }
 
-func isSpace(r rune) bool { return r == ' ' || r == '\t' || r == '\r' || r == '\n' || r == '\f' || r == '\v' }
+func isSpace(r rune) bool {
+	return r == ' ' || r == '\t' || r == '\r' || r == '\n' || r == '\f' || r == '\v'
+}
 
 // FuzzValidateIDs holds the validators to what the code that trusts them
 // needs: an accepted sandbox or template id is one subject token, one file
