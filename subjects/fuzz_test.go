@@ -168,3 +168,44 @@ func FuzzParseSnapshot(f *testing.F) {
 		}
 	})
 }
+
+// knownCodes are the error codes of the contract.
+var knownCodes = []Code{CodeInvalidRequest, CodeSandboxNotFound, CodeSnapshotNotFound, CodeConflict, CodeTemplateBuildFailed,
+	CodeCapacityRejected, CodeRuntimeFailed, CodeUnsupported, CodeProtocolFailure, CodeTimeout, CodeDiskPressure}
+
+// FuzzErrorReply decodes an error reply as a client does: the error it
+// turns into maps back (CodeOf) to the code it came with, or to
+// runtime_failed for a code the contract does not have, whatever the
+// message says; and every code has an error status.
+func FuzzErrorReply(f *testing.F) {
+	for _, s := range []string{
+		`{"error":{"code":"sandbox_not_found","message":"no sandbox x"}}`,
+		`{"error":{"code":"snapshot_not_found","message":"sandbox_not_found"}}`,
+		`{"error":{"code":"disk_pressure","message":""}}`,
+		`{"error":{"code":"teapot","message":"invalid_request: x"}}`,
+		`{"error":{"code":"","message":"x"}}`,
+		`{"error":{"code":"TIMEOUT"}}`,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		var body ErrorBody
+		if json.Unmarshal(data, &body) != nil {
+			return
+		}
+		code := body.Error.Code
+		err := body.Error.Err()
+		want := CodeRuntimeFailed
+		for _, k := range knownCodes {
+			if code == k {
+				want = k
+			}
+		}
+		if got := CodeOf(err); got != want {
+			t.Fatalf("error reply %s: CodeOf(Err()) = %s, want %s", data, got, want)
+		}
+		if s := code.Status(); s < 400 || s > 599 {
+			t.Fatalf("code %q: status %d", code, s)
+		}
+	})
+}
