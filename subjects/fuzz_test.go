@@ -150,7 +150,9 @@ func FuzzValidateIDs(f *testing.F) {
 }
 
 // FuzzParseSnapshot: what ParseSnapshot accepts is a valid snapshot name
-// and a verb without a dot that build the same subject again.
+// and a verb without a dot that build the same subject again; what it and
+// ParseSandbox refuse is an invalid argument (a client's mistake, answered
+// invalid_request, not a runtime failure).
 func FuzzParseSnapshot(f *testing.F) {
 	for _, s := range []string{
 		"firkin.snapshot.abc.get", "firkin.snapshot.a.b.c.delete", "firkin.snapshot..get", "firkin.snapshot.a..b.get",
@@ -159,8 +161,14 @@ func FuzzParseSnapshot(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, s string) {
+		if _, _, err := Default.ParseSandbox(s); err != nil && !errors.Is(err, errdefs.ErrInvalidArgument) {
+			t.Fatalf("ParseSandbox(%q): unclassified error %v", s, err)
+		}
 		sid, verb, err := Default.ParseSnapshot(s)
 		if err != nil {
+			if !errors.Is(err, errdefs.ErrInvalidArgument) {
+				t.Fatalf("ParseSnapshot(%q): unclassified error %v", s, err)
+			}
 			return
 		}
 		if ValidateSnapshotName(sid) != nil || strings.Contains(verb, ".") || Default.Snapshot(sid, verb) != s {
