@@ -39,3 +39,30 @@ func FuzzAptResolution(f *testing.F) {
 		}
 	})
 }
+
+// TestAptResolutionValid: resolutions apt-cache gives on Debian 12 are
+// taken from the cache; ones naming a path or an option are not.
+func TestAptResolutionValid(t *testing.T) {
+	for _, r := range []AptResolution{
+		{ListsStamp: "1", KernelPackage: "linux-image-6.1.0-57-cloud-amd64", KernelVersion: "6.1.192-3", BusyboxVersion: "1:1.35.0-4+deb12u1+b1"},
+		{ListsStamp: "1", KernelPackage: "linux-image-6.1.0-57-cloud-arm64", BusyboxVersion: "1:1.35.0-4+b3"},
+	} {
+		if !r.valid("1") {
+			t.Errorf("%+v refused", r)
+		}
+		if r.valid("2") {
+			t.Errorf("%+v taken with other apt lists", r)
+		}
+	}
+	for _, r := range []AptResolution{
+		{ListsStamp: "1", KernelPackage: "../../../tmp/evil", BusyboxVersion: "1"},
+		{ListsStamp: "1", KernelPackage: "-oDebug::x=1", BusyboxVersion: "1"},
+		{ListsStamp: "1", KernelPackage: "linux-image-x", KernelVersion: "1/../../k", BusyboxVersion: "1"},
+		{ListsStamp: "1", KernelPackage: "linux-image-x", BusyboxVersion: "1 /x"},
+		{ListsStamp: "1", KernelPackage: "linux-image-x"},
+	} {
+		if r.valid("1") {
+			t.Errorf("%+v taken", r)
+		}
+	}
+}
