@@ -2,11 +2,13 @@ package jobs
 
 import (
 	"bytes"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"regexp"
 	"strings"
 	"testing"
+	"unicode/utf8"
 
 	"github.com/firkin-dev/firkin-worker/errdefs"
 	"github.com/firkin-dev/firkin-worker/subjects"
@@ -98,6 +100,57 @@ func FuzzValidateJobIDQueue(f *testing.F) {
 			}
 		} else if !errors.Is(err, errdefs.ErrInvalidArgument) {
 			t.Fatalf("queue %q: unclassified error %v", s, err)
+		}
+	})
+}
+
+// FuzzResultBounds builds the largest results a job can have, n commands
+// of text (repeated to the command bound) with outputs cut by head, and
+// checks that encodeResult keeps every one under MaxResultBytes and
+// decodable, whatever the bytes (the worst escape sixfold in JSON); and
+// that head keeps at most OutputHead bytes of the output's start, valid
+// UTF-8 text staying valid.
+func FuzzResultBounds(f *testing.F) {
+	f.Add([]byte("echo hi"), []byte("hi\n"), uint8(1), false)
+	f.Add([]byte("<"), []byte("<>&\u2028"), uint8(100), false)
+	f.Add([]byte("\xff"), []byte("\xff\xfe"), uint8(100), true)
+	f.Add([]byte("\x00"), []byte("é"), uint8(255), false)
+	f.Fuzz(func(t *testing.T, unit, out []byte, n uint8, b64 bool) {
+		if len(unit) == 0 {
+			return
+		}
+		text := strings.Repeat(string(unit), MaxCommandBytes/len(unit)+1)[:MaxCommandBytes]
+		output := strings.Repeat(string(out)+"x", OutputHead/(len(out)+1)+2)
+		var o, o64 string
+		if b64 {
+			o64 = base64.StdEncoding.EncodeToString([]byte(output))
+		} else {
+			o = output
+		}
+		hs, h64, truncated := head(o, o64)
+		if !truncated || len(hs) > OutputHead || !strings.HasPrefix(output, hs) {
+			t.Fatalf("head kept %d bytes of text (truncated %v)", len(hs), truncated)
+		}
+		if utf8.ValidString(output) && !utf8.ValidString(hs) {
+			t.Fatalf("head cut valid text into invalid UTF-8")
+		}
+		if raw, err := base64.StdEncoding.DecodeString(h64); err != nil || len(raw) > OutputHead || !strings.HasPrefix(output, string(raw)) {
+			t.Fatalf("head kept %d bytes of base64 output: %v", len(raw), err)
+		}
+		res := Result{JobID: strings.Repeat("j", 128), Queue: "default", Status: "failed", Error: text, WorkerID: "w1"}
+		for range min(int(n), MaxCommands) {
+			res.Commands = append(res.Commands, CommandResult{Command: text, Stdout: hs, StdoutB64: h64, Stderr: hs, StderrB64: h64, Error: text, CommandID: "c1"})
+		}
+		data, err := encodeResult(res)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(data) > MaxResultBytes {
+			t.Fatalf("result of %d commands encodes to %d bytes", len(res.Commands), len(data))
+		}
+		var back Result
+		if err := json.Unmarshal(data, &back); err != nil || len(back.Commands) != len(res.Commands) || back.JobID != res.JobID {
+			t.Fatalf("encoded result does not decode to its commands: %v", err)
 		}
 	})
 }
