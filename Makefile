@@ -15,7 +15,7 @@ AGENT_SRC := $(shell find agent cmd/firkin-agent -name '*.go' -not -name '*_test
 # FUZZTIME is how long make fuzz runs each fuzz target; make test runs them
 # for TEST_FUZZTIME each (31 targets: about two minutes in all on 2 cores).
 FUZZTIME      ?= 5s
-TEST_FUZZTIME ?= 3s
+TEST_FUZZTIME ?= 2s
 FUZZ_FLAGS    ?=
 
 .PHONY: all build deps images run test vet fmt fuzz bench sign clean
