@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"strings"
 )
@@ -37,9 +38,7 @@ func (b *builder) resolve(ctx context.Context) error {
 		return nil
 	}
 	stamp := listsStamp()
-	valid := func(r AptResolution) bool {
-		return r.ListsStamp != "" && r.ListsStamp == stamp && r.KernelPackage != "" && r.BusyboxVersion != ""
-	}
+	valid := func(r AptResolution) bool { return r.valid(stamp) }
 	if valid(b.old.Apt) {
 		b.apt = b.old.Apt
 		return nil
@@ -80,6 +79,22 @@ func (b *builder) resolve(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// Debian package names and versions (Debian Policy 5.6.1 and 5.6.12).
+var (
+	debPackagePattern = regexp.MustCompile(`^[a-z0-9][a-z0-9+.-]+$`)
+	debVersionPattern = regexp.MustCompile(`^[A-Za-z0-9.+~:-]*$`)
+)
+
+// valid reports whether r, cached in a manifest or the cache directory,
+// can be used with apt lists of stamp. The names and versions must be
+// Debian's: they make package file names in the cache and apt-get
+// arguments, so a tampered file must not name a path or an option.
+func (r AptResolution) valid(stamp string) bool {
+	return r.ListsStamp != "" && r.ListsStamp == stamp && r.BusyboxVersion != "" &&
+		debPackagePattern.MatchString(r.KernelPackage) && debVersionPattern.MatchString(r.KernelVersion) &&
+		debVersionPattern.MatchString(r.BusyboxVersion)
 }
 
 // listsStamp changes whenever apt-get update replaces a list.

@@ -124,15 +124,15 @@ func (s Subjects) Event(kind, id string) string { return s.Prefix + ".events." +
 func (s Subjects) EventsAll() string { return s.Prefix + ".events.>" }
 
 // ParseSandbox splits <prefix>.sandbox.<id>.<verb> into a validated sandbox id
-// and verb.
+// and verb. Its errors are errdefs.ErrInvalidArgument.
 func (s Subjects) ParseSandbox(subject string) (id, verb string, err error) {
 	rest, ok := strings.CutPrefix(subject, s.Prefix+".sandbox.")
 	if !ok {
-		return "", "", fmt.Errorf("subject %q is not under %s.sandbox", subject, s.Prefix)
+		return "", "", invalid("subject %q is not under %s.sandbox", subject, s.Prefix)
 	}
 	id, verb, ok = strings.Cut(rest, ".")
 	if !ok || strings.Contains(verb, ".") {
-		return "", "", fmt.Errorf("subject %q is not %s.sandbox.<id>.<verb>", subject, s.Prefix)
+		return "", "", invalid("subject %q is not %s.sandbox.<id>.<verb>", subject, s.Prefix)
 	}
 	if err := ValidateSandboxID(id); err != nil {
 		return "", "", err
@@ -141,15 +141,16 @@ func (s Subjects) ParseSandbox(subject string) (id, verb string, err error) {
 }
 
 // ParseSnapshot splits <prefix>.snapshot.<sid>.<verb> into a validated snapshot
-// id and verb.
+// id and verb. Its errors are errdefs.ErrInvalidArgument (a malformed subject
+// is the client's mistake, not a runtime failure).
 func (s Subjects) ParseSnapshot(subject string) (sid, verb string, err error) {
 	rest, ok := strings.CutPrefix(subject, s.Prefix+".snapshot.")
 	if !ok {
-		return "", "", fmt.Errorf("subject %q is not under %s.snapshot", subject, s.Prefix)
+		return "", "", invalid("subject %q is not under %s.snapshot", subject, s.Prefix)
 	}
 	i := strings.LastIndexByte(rest, '.')
 	if i < 0 {
-		return "", "", fmt.Errorf("subject %q is not %s.snapshot.<id>.<verb>", subject, s.Prefix)
+		return "", "", invalid("subject %q is not %s.snapshot.<id>.<verb>", subject, s.Prefix)
 	}
 	sid, verb = rest[:i], rest[i+1:]
 	if err := ValidateSnapshotName(sid); err != nil {
