@@ -185,8 +185,9 @@ func TestNATSCluster(t *testing.T) {
 	if err := os.WriteFile(secret, []byte("cluster-test-secret-0123456789abcdef\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	startClusterWorker(t, bin, c, secret, "--pool", "tiny=1")
-	startClusterWorker(t, bin, c, secret, "--pool", "tiny=1")
+	member := []string{"--pool", "tiny=1", "--max-sandboxes", "4", "--heartbeat-interval", "500ms"}
+	startClusterWorker(t, bin, c, secret, member...)
+	startClusterWorker(t, bin, c, secret, member...)
 
 	nc := c.connect(t, c.clientSeed)
 	cl := client.New(nc)
@@ -196,9 +197,18 @@ func TestNATSCluster(t *testing.T) {
 		return ctx
 	}
 
-	// Both workers answer the every-worker subjects.
-	workers := poolStatusReplies(t, nc)
-	if len(workers) != 2 {
+	// Both workers are members and answer the every-worker subjects.
+	var members subjects.ListWorkersReply
+	eventually(t, 30*time.Second, "two members", func() error {
+		if err := cl.Request(ctx(10*time.Second), subjects.Default.ListWorkers(), struct{}{}, &members); err != nil {
+			return err
+		}
+		if len(members.Workers) != 2 {
+			return fmt.Errorf("members %+v", members.Workers)
+		}
+		return nil
+	})
+	if workers := poolStatusReplies(t, nc); len(workers) != 2 {
 		t.Fatalf("pool.status answered by %v, want two workers", workers)
 	}
 
@@ -217,23 +227,32 @@ func TestNATSCluster(t *testing.T) {
 		}
 	}
 
-	// Creates and execs work on both.
+	// Creates spread over both (placement on the members' loads); execs
+	// reach each owner.
 	owners := map[string]int{}
+	var ids []string
 	for i := 0; i < 4; i++ {
 		sb, err := cl.Create(ctx(3*time.Minute), subjects.CreateSandboxRequest{TemplateID: "tiny"})
 		if err != nil {
 			t.Fatalf("create %d: %v", i, err)
 		}
 		owners[sb.ClientID]++
+		ids = append(ids, sb.SandboxID)
 		out, err := cl.Exec(ctx(time.Minute), sb.SandboxID, subjects.ExecRequest{Command: "echo hi-" + sb.SandboxID})
 		if err != nil || out.ExitCode != 0 || out.Stdout != "hi-"+sb.SandboxID+"\n" {
 			t.Fatalf("exec on %s: %+v %v", sb.ClientID, out, err)
 		}
-		if err := cl.Kill(ctx(time.Minute), sb.SandboxID); err != nil {
+		time.Sleep(time.Second) // the next heartbeat carries the new load
+	}
+	t.Logf("creates per worker: %v", owners)
+	if len(owners) != 2 {
+		t.Errorf("creates per worker %v: want both workers used", owners)
+	}
+	for _, id := range ids {
+		if err := cl.Kill(ctx(time.Minute), id); err != nil {
 			t.Fatal(err)
 		}
 	}
-	t.Logf("creates per worker: %v", owners)
 
 	// One NATS node dies; creates, execs and jobs go on.
 	c.servers[0].Shutdown()
@@ -264,6 +283,32 @@ func TestNATSCluster(t *testing.T) {
 	})
 	if res.Status != jobs.StatusSucceeded || len(res.Commands) != 1 || res.Commands[0].Stdout != "job-done\n" {
 		t.Fatalf("job result = %+v", res)
+	}
+	if err := cl.Kill(ctx(time.Minute), sb.SandboxID); err != nil {
+		t.Fatal(err)
+	}
+
+	// Drain one worker: it says drained, and creates go to the other.
+	drained, other := members.Workers[0].WorkerID, members.Workers[1].WorkerID
+	var dr subjects.DrainReply
+	if err := cl.Request(ctx(2*time.Minute), subjects.Default.WorkerDrain(drained), subjects.DrainRequest{Wait: true, TimeoutS: 60}, &dr); err != nil {
+		t.Fatalf("drain %s: %v", drained, err)
+	}
+	if dr.State != subjects.WorkerDrained {
+		t.Fatalf("drain reply %+v", dr)
+	}
+	time.Sleep(time.Second) // the drained state is in the next heartbeat
+	for i := 0; i < 3; i++ {
+		sb, err := cl.Create(ctx(3*time.Minute), subjects.CreateSandboxRequest{TemplateID: "tiny"})
+		if err != nil {
+			t.Fatalf("create after the drain: %v", err)
+		}
+		if sb.ClientID != other {
+			t.Errorf("create after draining %s went to %s, want %s", drained, sb.ClientID, other)
+		}
+		if err := cl.Kill(ctx(time.Minute), sb.SandboxID); err != nil {
+			t.Fatal(err)
+		}
 	}
 }
 
