@@ -77,6 +77,7 @@ func (b *Backend) Snapshot(ctx context.Context, id string, req subjects.Snapshot
 		_ = os.RemoveAll(b.recordDir(rec))
 		return subjects.SnapshotRecord{}, err
 	}
+	b.upload(rec)
 	if kind == subjects.KindTemplate {
 		if _, _, err := b.templates.put(sid, rec); err != nil {
 			b.log.Warn("record template", "template", sid, "err", err)
@@ -239,9 +240,6 @@ func pathless(err error) error {
 // the driver's description of the snapshot. Its errors name artifacts by
 // name only: no path, no digest.
 func (b *Backend) loadSnapshot(rec subjects.SnapshotRecord) (vmpool.Snapshot, error) {
-	if rec.WorkerID != "" && rec.WorkerID != b.cfg.WorkerID {
-		return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrUnsupported, fmt.Errorf("snapshot %s lives on worker %s; snapshots are restored on the worker that saved them", rec.SnapshotID, rec.WorkerID))
-	}
 	if err := b.verifyRecord(rec.SnapshotID, rec); err != nil {
 		return vmpool.Snapshot{}, err
 	}
@@ -292,6 +290,12 @@ func (b *Backend) restore(ctx context.Context, id, dir string, rec subjects.Snap
 	if !ok {
 		return nil, errdefs.Wrap(errdefs.ErrUnsupported, fmt.Errorf("driver %s cannot restore snapshots", b.cfg.Driver.Name()))
 	}
+	if err := b.verifyRecord(rec.SnapshotID, rec); err != nil {
+		return nil, err
+	}
+	if err := b.ensureLocal(ctx, rec); err != nil {
+		return nil, err
+	}
 	snap, err := b.loadSnapshot(rec)
 	if err != nil {
 		return nil, err
@@ -309,9 +313,11 @@ func (b *Backend) ListSnapshots(ctx context.Context) ([]subjects.SnapshotRecord,
 	return b.listSnapshots(ctx)
 }
 
-// DeleteSnapshot deletes a snapshot and its artifacts. A snapshot that others
-// depend on — a warm pool target, a sandbox whose disk sits on it, another
-// snapshot whose frozen disk is layered on it — is refused with conflict. A
+// DeleteSnapshot deletes a snapshot and its artifacts (this worker's copy
+// and the objects in the artifact store). A snapshot that others depend on
+// anywhere in the cluster — a warm pool target (cluster-wide or of any
+// worker), a sandbox whose disk sits on it, another snapshot whose frozen
+// disk is layered on it — is refused with conflict. A
 // record that fails authentication is refused; one written before records
 // were authenticated (no mac) is removed from the bucket, and no file is
 // touched.
@@ -336,11 +342,12 @@ func (b *Backend) DeleteSnapshot(ctx context.Context, sid string) (subjects.Dele
 	if cur, ok := b.templates.get(sid); ok && cur.Generation == rec.Generation {
 		b.templates.remove(sid)
 	}
-	if rec.WorkerID == b.cfg.WorkerID {
-		if err := os.RemoveAll(b.recordDir(rec)); err != nil {
-			b.log.Warn("remove snapshot artifacts", "snapshot", sid, "err", err)
-		}
+	// This worker's copy (its own, or one it fetched); the other workers
+	// drop theirs when they see the record deleted.
+	if err := os.RemoveAll(b.recordDir(rec)); err != nil {
+		b.log.Warn("remove snapshot artifacts", "snapshot", sid, "err", err)
 	}
+	b.deleteObjects(ctx, rec)
 	return subjects.DeleteSnapshotReply{SnapshotID: sid, Deleted: true}, nil
 }
 
@@ -350,6 +357,11 @@ func (b *Backend) snapshotUsers(ctx context.Context, sid string) ([]string, erro
 	if b.pool.Target(sid) > 0 {
 		users = append(users, "warm pool of worker "+b.cfg.WorkerID)
 	}
+	pools, err := b.poolTargetUsers(ctx, sid)
+	if err != nil {
+		return nil, err
+	}
+	users = append(users, pools...)
 	sessions, err := b.cfg.Store.ListSessions(ctx)
 	if err != nil {
 		return nil, err

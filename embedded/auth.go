@@ -46,6 +46,7 @@ func (a Access) WorkerPermissions() *server.Permissions {
 			a.Prefix + ".jobs.dead.>", // dead-lettered jobs
 			"$JS.API.>",               // streams, buckets, consumers
 			"$KV.>",                   // KV records
+			"$O.>",                    // objects (snapshot artifacts)
 			"$JS.ACK.>",               // acks of its own consumers
 			"$JS.FC.>",                // flow-control replies of KV watchers
 		}},

@@ -2,6 +2,7 @@ package handlers
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -176,14 +177,22 @@ func (s *Service) poolStatus(_ context.Context, req micro.Request) (any, error) 
 	return s.rt.PoolStatus(), nil
 }
 
-// setPool answers firkin.pool.set (every worker applies it and replies).
+// setPool answers firkin.pool.set: every worker applies a cluster-wide
+// target and replies; a target for one worker (worker_id) is applied and
+// answered by that worker only.
 func (s *Service) setPool(ctx context.Context, req micro.Request) (any, error) {
 	in, err := decode[subjects.PoolSetRequest](req)
 	if err != nil {
 		return nil, err
 	}
+	if in.WorkerID != "" && in.WorkerID != s.cfg.WorkerID {
+		return nil, errNoReply
+	}
 	return s.rt.SetPool(ctx, in)
 }
+
+// errNoReply tells reply to send nothing: the request is another worker's.
+var errNoReply = errors.New("not this worker's request")
 
 func capacityError(msg string) error {
 	return errdefs.Wrap(errdefs.ErrCapacity, fmt.Errorf("%s", msg))

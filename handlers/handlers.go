@@ -292,6 +292,9 @@ func (s *Service) ReplyAllowed(reply string) bool {
 // reply sends v, or err as an error reply: the one error path of every
 // endpoint.
 func (s *Service) reply(req micro.Request, v any, err error) {
+	if errors.Is(err, errNoReply) {
+		return
+	}
 	if err == nil {
 		if rerr := req.RespondJSON(v); rerr != nil {
 			s.log.Warn("send reply", "subject", req.Subject(), "err", rerr)

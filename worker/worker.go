@@ -19,6 +19,7 @@ import (
 	"github.com/cenkalti/backoff/v4"
 	"github.com/nats-io/nats.go"
 
+	"github.com/firkin-dev/firkin-worker/artifacts"
 	"github.com/firkin-dev/firkin-worker/backend"
 	"github.com/firkin-dev/firkin-worker/embedded"
 	"github.com/firkin-dev/firkin-worker/errdefs"
@@ -124,6 +125,7 @@ type Worker struct {
 	// hostPorts are the host ports egress "host:PORT" may open.
 	hostPorts portSet
 	jobs      *jobs.Runner
+	artifacts *artifacts.Store
 
 	// clientSeed is the embedded server's client seed file ("" without one).
 	clientSeed string
@@ -190,6 +192,15 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	}); err != nil {
 		return nil, err
 	}
+	var arts *artifacts.Store
+	if err := step("artifact store", func() (err error) {
+		arts, err = artifacts.Open(ctx, store.JetStream(), artifacts.Config{Logger: w.log.With("component", "artifacts")})
+		return err
+	}); err != nil {
+		return nil, err
+	}
+	w.artifacts = arts
+	cleanups = append(cleanups, arts.Close)
 	var img vmpool.Image
 	if err := step("guest images", func() (err error) {
 		if cfg.Image != nil {
@@ -230,6 +241,7 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 			HostPortAllowed:  w.hostPortAllowed,
 			StateDir:         cfg.StateDir,
 			Images:           map[string]vmpool.Image{"tiny": img},
+			Artifacts:        arts,
 			Limits:           cfg.Limits,
 			MinFreeDiskBytes: cfg.MinFreeDiskBytes,
 			Logger:           w.log.With("component", "runtime"),
@@ -285,11 +297,7 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 			w.log.Error("built-in templates", "err", err)
 			return
 		}
-		for id, n := range cfg.Pool {
-			if _, err := w.backend.SetPool(bgCtx, subjects.PoolSetRequest{TemplateID: id, Target: n}); err != nil {
-				w.log.Warn("warm pool target", "template", id, "err", err)
-			}
-		}
+		w.backend.DefaultPool(bgCtx, cfg.Pool)
 		w.log.Info("templates ready", "pool", cfg.Pool)
 	}
 	if cfg.WaitTemplates {
@@ -317,6 +325,7 @@ func (w *Worker) Stop(ctx context.Context) error {
 		jobsErr = w.jobs.Stop(ctx)
 	}
 	errs := []error{jobsErr, w.svc.Stop(ctx), w.backend.Stop(ctx), w.closeGuard(), w.closeDriver()}
+	w.artifacts.Close()
 	w.stopProxy()
 	w.closeNATS()
 	return errors.Join(errs...)
