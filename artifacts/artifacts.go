@@ -42,6 +42,11 @@ import (
 // OBJ_firkin_artifacts). Only workers use it.
 const Bucket = "firkin_artifacts"
 
+// chunkSize is the size of an object's chunks: fewer messages than the
+// default 128 KiB for guest memory and disks, within a server's default
+// 1 MiB max payload.
+const chunkSize = 512 << 10
+
 // maxArtifacts bounds the artifacts of one set (as snapshot records do).
 const maxArtifacts = 256
 
@@ -57,7 +62,9 @@ type Config struct {
 	// WaitMax is how long a fetch waits for an object that is not uploaded
 	// yet before it gives up (default 2 minutes).
 	WaitMax time.Duration
-	Logger  *slog.Logger
+	// GetTimeout bounds the download of one artifact (default 10 minutes).
+	GetTimeout time.Duration
+	Logger     *slog.Logger
 }
 
 // Set names the artifacts of one snapshot: its id, its generation and the
@@ -103,6 +110,9 @@ func Open(ctx context.Context, j js.JetStream, cfg Config) (*Store, error) {
 	}
 	if cfg.WaitMax <= 0 {
 		cfg.WaitMax = 2 * time.Minute
+	}
+	if cfg.GetTimeout <= 0 {
+		cfg.GetTimeout = 10 * time.Minute
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
@@ -209,7 +219,8 @@ func (s *Store) put(ctx context.Context, name, path string, a subjects.Artifact)
 	defer f.Close()
 	h := sha256.New()
 	cr := &checkedReader{r: io.TeeReader(io.LimitReader(f, a.SizeBytes+1), h), h: h, want: a}
-	if _, err := s.obs.Put(ctx, js.ObjectMeta{Name: name}, cr); err != nil {
+	meta := js.ObjectMeta{Name: name, Opts: &js.ObjectMetaOptions{ChunkSize: chunkSize}}
+	if _, err := s.obs.Put(ctx, meta, cr); err != nil {
 		if cr.err != nil {
 			_ = s.obs.Delete(context.WithoutCancel(ctx), name)
 			return cr.err
@@ -424,6 +435,10 @@ func (s *Store) waitObject(ctx context.Context, sid, name, artifact string, dead
 // sha256 against a. Runs of zero bytes become holes (guest memory files are
 // mostly zero).
 func (s *Store) get(ctx context.Context, name, path string, a subjects.Artifact) (err error) {
+	// Without a deadline of its own a Get ends after the client's default
+	// JetStream timeout (5 s), whatever the object's size.
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.GetTimeout)
+	defer cancel()
 	res, err := s.obs.Get(ctx, name)
 	if err != nil {
 		return fmt.Errorf("artifact %s: %w", a.Name, err)

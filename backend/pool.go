@@ -279,11 +279,15 @@ func (b *Backend) poolTargetUsers(ctx context.Context, sid string) ([]string, er
 	if err != nil {
 		return nil, err
 	}
+	var clusterRev uint64
+	for _, e := range cluster {
+		clusterRev = max(clusterRev, e.Revision)
+	}
 	var users []string
 	for _, e := range append(cluster, entries...) {
 		tid, wid, ok := parsePoolKey(e.Key)
-		if !ok || tid != sid {
-			continue
+		if !ok || tid != sid || (wid != "" && e.Revision < clusterRev) {
+			continue // a worker's target set before the cluster-wide one no longer applies
 		}
 		if n, ok := decodePoolValue(e.Value, b.cfg.Limits.MaxSessions); ok && n > 0 {
 			if wid == "" {
