@@ -226,6 +226,11 @@ func hashFile(path string) (int64, string, error) {
 // every restore. Sizes are checked on every restore.
 var verified sync.Map // string -> struct{}
 
+// verifiedKey is the key of a file in verified.
+func verifiedKey(path string, st fs.FileInfo, sum string) string {
+	return fmt.Sprintf("%s|%d|%d|%s", path, st.Size(), st.ModTime().UnixNano(), sum)
+}
+
 // pathless drops the path of an *fs.PathError, keeping its cause.
 func pathless(err error) error {
 	var pe *fs.PathError
@@ -259,7 +264,7 @@ func (b *Backend) loadSnapshot(rec subjects.SnapshotRecord) (vmpool.Snapshot, er
 		if st.Size() != a.SizeBytes {
 			return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("snapshot %s: artifact %s is %d bytes, its record says %d: refusing to restore", rec.SnapshotID, a.Name, st.Size(), a.SizeBytes))
 		}
-		key := fmt.Sprintf("%s|%d|%d|%s", path, st.Size(), st.ModTime().UnixNano(), a.SHA256)
+		key := verifiedKey(path, st, a.SHA256)
 		if _, ok := verified.Load(key); ok {
 			continue
 		}

@@ -212,6 +212,13 @@ func TestTwoWorkersShareTemplatesAndSnapshots(t *testing.T) {
 	}
 	t.Logf("cross-worker restore of a %d MiB continuation snapshot (create → first stdout): first use with the fetch %s, cached %s",
 		rec.SizeBytes>>20, times[0].Round(time.Millisecond), times[1].Round(time.Millisecond))
+	for _, e := range []*env{a, b} {
+		for _, line := range strings.Split(e.logs.String(), "\n") {
+			if strings.Contains(line, "snapshot=cont-1") && (strings.Contains(line, "uploaded") || strings.Contains(line, "fetched") || strings.Contains(line, "waiting")) {
+				t.Log(line)
+			}
+		}
+	}
 	cached := filepath.Join(b.state, "snapshots", "cont-1."+rec.Generation)
 	if _, err := os.Stat(cached); err != nil {
 		t.Fatalf("the second worker has no copy of cont-1: %v", err)
