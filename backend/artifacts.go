@@ -2,13 +2,18 @@ package backend
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/firkin-dev/firkin-worker/artifacts"
 	"github.com/firkin-dev/firkin-worker/errdefs"
@@ -235,4 +240,82 @@ func (b *Backend) snapshotChanged(key string, rec *subjects.SnapshotRecord) {
 			b.retire(old, false)
 		}()
 	}
+}
+
+// baseDigests caches baseDigest by path, size and modification time.
+var baseDigests sync.Map // string -> string
+
+// baseDigest identifies the contents of an image's base disk: sha256 over
+// its size and each data extent (offset, length, bytes), so a sparse 1 GiB
+// disk with a few MiB of data is read in milliseconds. Two workers that
+// built their images apart have different base disks even at the same path
+// (mkfs makes a random UUID); a snapshot layered on one is corrupt on the
+// other. A file system without SEEK_DATA is read whole.
+func baseDigest(path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", fmt.Errorf("base disk: %w", pathless(err))
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return "", fmt.Errorf("base disk: %w", pathless(err))
+	}
+	key := fmt.Sprintf("%s|%d|%d", path, st.Size(), st.ModTime().UnixNano())
+	if d, ok := baseDigests.Load(key); ok {
+		return d.(string), nil
+	}
+	h := sha256.New()
+	fmt.Fprintf(h, "size %d\n", st.Size())
+	var pos int64
+	for pos < st.Size() {
+		start, err := f.Seek(pos, unix.SEEK_DATA)
+		if errors.Is(err, unix.ENXIO) {
+			break // only a hole is left
+		}
+		if err != nil {
+			start = pos // no SEEK_DATA here: the rest is data
+		}
+		end, err := f.Seek(start, unix.SEEK_HOLE)
+		if err != nil || end <= start {
+			end = st.Size()
+		}
+		fmt.Fprintf(h, "extent %d %d\n", start, end-start)
+		if _, err := f.Seek(start, io.SeekStart); err != nil {
+			return "", fmt.Errorf("base disk: %w", pathless(err))
+		}
+		if _, err := io.CopyN(h, f, end-start); err != nil {
+			return "", fmt.Errorf("base disk: %w", pathless(err))
+		}
+		pos = end
+	}
+	d := "v1:" + hex.EncodeToString(h.Sum(nil))
+	baseDigests.Store(key, d)
+	return d, nil
+}
+
+// checkBase refuses a snapshot saved by another worker unless its disk is
+// layered on a base disk of this worker's images with the same contents.
+func (b *Backend) checkBase(rec subjects.SnapshotRecord, meta snapshotMeta) error {
+	if rec.WorkerID == "" || rec.WorkerID == b.cfg.WorkerID || meta.Image.RootDisk == "" {
+		return nil
+	}
+	ours := false
+	for _, img := range b.cfg.Images {
+		ours = ours || img.RootDisk == meta.Image.RootDisk
+	}
+	if !ours {
+		return errdefs.Wrap(errdefs.ErrUnsupported, fmt.Errorf("snapshot %s is layered on a base disk this worker does not have (workers that share snapshots need the same guest image at the same path)", rec.SnapshotID))
+	}
+	if meta.BaseDisk == "" {
+		return nil // saved before base disks were identified
+	}
+	d, err := baseDigest(meta.Image.RootDisk)
+	if err != nil {
+		return err
+	}
+	if d != meta.BaseDisk {
+		return errdefs.Wrap(errdefs.ErrUnsupported, fmt.Errorf("snapshot %s is layered on another build of the base disk than this worker's (workers that share snapshots need the same guest image: copy it, do not build it apart)", rec.SnapshotID))
+	}
+	return nil
 }

@@ -23,6 +23,14 @@ import (
 // artifacts (and covered by the record's integrity data).
 const snapshotMetaFile = "snapshot.json"
 
+// snapshotMeta is snapshotMetaFile: the driver's description and the
+// identity of the base disk the snapshot's disk is layered on (baseDigest),
+// which a restore on another worker checks.
+type snapshotMeta struct {
+	vmpool.Snapshot
+	BaseDisk string `json:"base_disk,omitempty"`
+}
+
 // Snapshot saves a sandbox as a continuation or template snapshot. The disk
 // is frozen at the moment of the save; the sandbox goes on running (on a new
 // overlay) unless the request says to stop it.
@@ -136,7 +144,15 @@ func (b *Backend) save(ctx context.Context, s *session, sid string, opts vmpool.
 // describe writes the snapshot's metadata file and builds its record with
 // the size and sha256 of every artifact.
 func (b *Backend) describe(snap vmpool.Snapshot, sid, gen string, src subjects.Sandbox, kind vmpool.SnapshotKind, meta subjects.TemplateMetadata) (subjects.SnapshotRecord, error) {
-	data, err := json.MarshalIndent(snap, "", "  ")
+	desc := snapshotMeta{Snapshot: snap}
+	if snap.Image.RootDisk != "" {
+		d, err := baseDigest(snap.Image.RootDisk)
+		if err != nil {
+			return subjects.SnapshotRecord{}, err
+		}
+		desc.BaseDisk = d
+	}
+	data, err := json.MarshalIndent(desc, "", "  ")
 	if err != nil {
 		return subjects.SnapshotRecord{}, fmt.Errorf("encode snapshot metadata: %w", err)
 	}
@@ -281,10 +297,14 @@ func (b *Backend) loadSnapshot(rec subjects.SnapshotRecord) (vmpool.Snapshot, er
 	if err != nil {
 		return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("snapshot %s: %s: %w", rec.SnapshotID, snapshotMetaFile, pathless(err)))
 	}
-	var snap vmpool.Snapshot
-	if err := json.Unmarshal(data, &snap); err != nil {
+	var desc snapshotMeta
+	if err := json.Unmarshal(data, &desc); err != nil {
 		return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("snapshot %s: metadata: %w", rec.SnapshotID, err))
 	}
+	if err := b.checkBase(rec, desc); err != nil {
+		return vmpool.Snapshot{}, err
+	}
+	snap := desc.Snapshot
 	snap.Dir = dir
 	return snap, nil
 }
