@@ -234,11 +234,7 @@ func (b *Backend) snapshotChanged(key string, rec *subjects.SnapshotRecord) {
 	b.pool.Drain(key)
 	b.pool.SetTarget(key, b.pool.Target(key)) // a fill that failed for want of it starts again now
 	if had && old.Generation != rec.Generation {
-		b.wg.Add(1)
-		go func() {
-			defer b.wg.Done()
-			b.retire(old, false)
-		}()
+		b.retire(old, false) // this worker's copy; the objects are the replacing worker's to delete
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/firkin-dev/firkin-worker/errdefs"
@@ -69,6 +70,44 @@ func TestBaseDisk(t *testing.T) {
 		err := b.checkBase(tc.rec, tc.meta)
 		if (err == nil) != tc.ok || (err != nil && !errors.Is(err, errdefs.ErrUnsupported)) {
 			t.Errorf("%s: %v, want ok=%v (else unsupported)", tc.name, err, tc.ok)
+		}
+	}
+}
+
+func TestPoolKeys(t *testing.T) {
+	for _, tc := range []struct {
+		key, tid, wid string
+		ok            bool
+	}{
+		{"pool.tiny", "tiny", "", true},
+		{"pool.tiny.wabc123", "tiny", "wabc123", true},
+		{"pool.Tiny", "", "", false},
+		{"pool.tiny.w.x", "", "", false},
+		{"other.tiny", "", "", false},
+		{"pool.", "", "", false},
+	} {
+		tid, wid, ok := parsePoolKey(tc.key)
+		if ok != tc.ok || (ok && (tid != tc.tid || wid != tc.wid)) {
+			t.Errorf("parsePoolKey(%q) = %q, %q, %v", tc.key, tid, wid, ok)
+		}
+		if ok && poolKey(tid, wid) != tc.key {
+			t.Errorf("poolKey(%q, %q) = %q, want %q", tid, wid, poolKey(tid, wid), tc.key)
+		}
+	}
+	for _, tc := range []struct {
+		data string
+		n    int
+		ok   bool
+	}{
+		{`{"target":2}`, 2, true},
+		{`{"target":999}`, 64, true}, // bounded by the worker's limit
+		{`{"target":-1}`, 0, false},
+		{`nope`, 0, false},
+		{`{"target":1}` + strings.Repeat(" ", 2000), 0, false},
+	} {
+		n, ok := decodePoolValue([]byte(tc.data), 64)
+		if n != tc.n || ok != tc.ok {
+			t.Errorf("decodePoolValue(%.20q) = %d, %v; want %d, %v", tc.data, n, ok, tc.n, tc.ok)
 		}
 	}
 }

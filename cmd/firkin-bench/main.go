@@ -1,7 +1,8 @@
 // Command firkin-bench measures a real worker through the real NATS path:
 // cold boot, restore and pool creates to first stdout, exec round trips,
 // continuation snapshot saves, host memory per idle sandbox, the port proxy,
-// and the raw NATS request round trip that is the floor under every subject.
+// the raw NATS request round trip that is the floor under every subject, and
+// a restore on a second worker of a snapshot saved on the first.
 // It prints a table and writes the figures as JSON.
 package main
 
@@ -78,6 +79,7 @@ func run() error {
 		n        = flag.Int("n", 10, "samples for create and snapshot figures")
 		nExec    = flag.Int("exec-n", 100, "samples for exec and NATS round trips")
 		accel    = flag.String("accel", "auto", "qemu accelerator")
+		cross    = flag.Bool("cross-worker", true, "also measure restores on a second worker that joins the first (i, j)")
 	)
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
@@ -86,10 +88,14 @@ func run() error {
 	// but keep the images.
 	_ = os.RemoveAll(filepath.Join(*stateDir, "sandboxes"))
 	_ = os.RemoveAll(filepath.Join(*stateDir, "nats"))
+	secret, err := benchSecret(*stateDir)
+	if err != nil {
+		return err
+	}
 	fmt.Fprintln(os.Stderr, "starting worker (builds images and the tiny template snapshot on first run)...")
 	w, err := worker.Start(ctx, worker.Config{
 		StateDir: *stateDir, NATSListen: "127.0.0.1:-1", ProxyListen: "127.0.0.1:0", AgentBinary: *agent,
-		Accel: *accel, Pool: map[string]int{}, WaitTemplates: true, Logger: log,
+		Accel: *accel, Pool: map[string]int{}, WaitTemplates: true, Logger: log, TokenSecret: secret,
 	})
 	if err != nil {
 		return err
@@ -132,6 +138,14 @@ func run() error {
 		if report.Accel == "" {
 			report.Accel = w.Backend().Accelerator()
 		}
+	}
+	if *cross {
+		fmt.Fprintln(os.Stderr, "measuring (i, j): a second worker joins...")
+		first, cached, err := b.crossWorker(*agent, *accel, secret)
+		if err != nil {
+			return fmt.Errorf("(i, j): %w", err)
+		}
+		report.Results = append(report.Results, first, cached)
 	}
 	if c := byKey["c"].P50; c > 0 {
 		report.Ratios["cold_boot_over_pool_p50"] = byKey["a"].P50 / c
