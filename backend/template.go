@@ -134,13 +134,22 @@ func (t *templates) lock(id string) func() {
 // driver, is used when it restores here — fetched from the artifact store
 // when another worker made it — so workers that start together do not
 // rebuild and overwrite each other's; only a missing or unrestorable one is
-// built.
+// built. Another worker's template that this host cannot run (unsupported:
+// another build of the guest image, another accelerator) is not replaced:
+// the worker reports it and goes without.
 func (b *Backend) EnsureBuiltinTemplates(ctx context.Context) error {
 	var errs []error
 	for id := range b.cfg.Images {
 		if rec, ok := b.templates.get(id); ok && rec.Driver == b.cfg.Driver.Name() {
 			err := b.tryRestore(ctx, rec)
 			if err == nil {
+				continue
+			}
+			if rec.WorkerID != b.cfg.WorkerID && errors.Is(err, errdefs.ErrUnsupported) {
+				// Another worker's template this host cannot run (another
+				// build of the guest image, another accelerator): rebuilding
+				// would replace it for the whole cluster.
+				errs = append(errs, fmt.Errorf("template %s: the cluster's template snapshot (saved by worker %s) does not run on this worker, and is not replaced: give the workers the same guest image and accelerator: %w", id, rec.WorkerID, err))
 				continue
 			}
 			b.log.Warn("built-in template snapshot cannot be restored; rebuilding it", "template", id, "err", err)

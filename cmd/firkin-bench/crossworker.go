@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/firkin-dev/firkin-worker/images"
 	"github.com/firkin-dev/firkin-worker/subjects"
 	"github.com/firkin-dev/firkin-worker/worker"
 )
@@ -40,7 +41,14 @@ func benchSecret(stateDir string) (string, error) {
 func (b *bench) crossWorker(agent, accel, secret string) (first, cached Result, err error) {
 	second := filepath.Join(b.stateDir, "second")
 	_ = os.RemoveAll(second)
+	// Workers that share snapshots run the same guest image (its base disk
+	// is not shipped with them): the first worker's, already built.
+	img, err := images.Build(b.ctx, images.Config{StateDir: b.stateDir, AgentBinary: agent, Logger: b.log})
+	if err != nil {
+		return first, cached, err
+	}
 	w2, err := worker.Start(b.ctx, worker.Config{
+		Image:    &img,
 		StateDir: second, NATSURL: b.w.NATSURL(),
 		NATSNkey: filepath.Join(b.stateDir, worker.WorkerSeedFile), NATSServiceNkey: filepath.Join(b.stateDir, worker.ServiceSeedFile),
 		TokenSecret: secret, ProxyListen: "127.0.0.1:0", AgentBinary: agent, Accel: accel,
