@@ -62,6 +62,11 @@ type Config struct {
 	// WaitMax is how long a fetch waits for an object that is not uploaded
 	// yet before it gives up (default 2 minutes).
 	WaitMax time.Duration
+	// StallAfter gives up waiting for an object early when nothing at all
+	// was written to the bucket for this long (default 20 s): no upload is
+	// running, so the worker that saved the snapshot is gone or its upload
+	// failed.
+	StallAfter time.Duration
 	// GetTimeout bounds the download of one artifact (default 10 minutes).
 	GetTimeout time.Duration
 	Logger     *slog.Logger
@@ -110,6 +115,9 @@ func Open(ctx context.Context, j js.JetStream, cfg Config) (*Store, error) {
 	}
 	if cfg.WaitMax <= 0 {
 		cfg.WaitMax = 2 * time.Minute
+	}
+	if cfg.StallAfter <= 0 {
+		cfg.StallAfter = 20 * time.Second
 	}
 	if cfg.GetTimeout <= 0 {
 		cfg.GetTimeout = 10 * time.Minute
@@ -407,6 +415,7 @@ func (s *Store) fetch(ctx context.Context, set Set, dst string) (err error) {
 func (s *Store) waitObject(ctx context.Context, sid, name, artifact string, deadline time.Time) error {
 	bo := backoff.NewExponentialBackOff(backoff.WithInitialInterval(100*time.Millisecond), backoff.WithMaxInterval(5*time.Second), backoff.WithMaxElapsedTime(0))
 	logged := false
+	start := time.Now()
 	for {
 		_, err := s.obs.GetInfo(ctx, name)
 		if err == nil {
@@ -414,6 +423,9 @@ func (s *Store) waitObject(ctx context.Context, sid, name, artifact string, dead
 		}
 		if !errors.Is(err, js.ErrObjectNotFound) {
 			s.log.Debug("object info", "object", name, "err", err)
+		}
+		if time.Since(start) >= s.cfg.StallAfter && s.idleFor(ctx) >= s.cfg.StallAfter {
+			return errdefs.Wrap(errdefs.ErrTimeout, fmt.Errorf("snapshot %s: artifact %s is not in the object store and no upload is running (nothing written for %s: the worker that saved it is gone or its upload failed)", sid, artifact, s.cfg.StallAfter))
 		}
 		wait := bo.NextBackOff()
 		if time.Until(deadline) < wait {
@@ -429,6 +441,24 @@ func (s *Store) waitObject(ctx context.Context, sid, name, artifact string, dead
 			return ctx.Err()
 		}
 	}
+}
+
+// idleFor is how long ago anything was last written to the bucket (0 when
+// that cannot be told).
+func (s *Store) idleFor(ctx context.Context) time.Duration {
+	st, err := s.obs.Status(ctx)
+	if err != nil {
+		return 0
+	}
+	bs, ok := st.(*js.ObjectBucketStatus)
+	if !ok || bs.StreamInfo() == nil {
+		return 0
+	}
+	last := bs.StreamInfo().State.LastTime
+	if last.IsZero() {
+		return time.Since(time.Time{})
+	}
+	return time.Since(last)
 }
 
 // get streams object name into a new file at path, checking its size and

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -259,5 +260,19 @@ func TestObjectNames(t *testing.T) {
 	bad := Set{SnapshotID: "a", Generation: "g", Artifacts: []subjects.Artifact{{Name: "m", SHA256: "zz"}}}
 	if _, err := bad.validate(); err == nil {
 		t.Error("a set with a bad digest validated")
+	}
+}
+
+func TestFetchGivesUpWhenNoUploadRuns(t *testing.T) {
+	s, _ := openStore(t, Config{WaitMax: time.Minute, StallAfter: time.Second})
+	_, set := snapshotDir(t, "s5")
+	ctx := ctxT(t, time.Minute)
+	t0 := time.Now()
+	err := s.Fetch(ctx, set, filepath.Join(t.TempDir(), "s5.g1"))
+	if !errors.Is(err, errdefs.ErrTimeout) || !strings.Contains(err.Error(), "no upload is running") {
+		t.Fatalf("fetch with nothing uploading: %v, want a timeout saying no upload runs", err)
+	}
+	if d := time.Since(t0); d > 15*time.Second {
+		t.Errorf("gave up after %s: the idle bucket should end the wait after about 1s, not the 1 min WaitMax", d)
 	}
 }

@@ -83,7 +83,14 @@ func (b *Backend) ensureLocal(ctx context.Context, rec subjects.SnapshotRecord) 
 		return nil // loadSnapshot says what is missing
 	}
 	t0 := time.Now()
-	if err := b.cfg.Artifacts.Fetch(ctx, artifactSet(rec), dir); err != nil {
+	fctx, stop := b.awaited.add(ctx, rec.SnapshotID, rec.Generation)
+	err := b.cfg.Artifacts.Fetch(fctx, artifactSet(rec), dir)
+	replaced := fctx.Err() != nil && ctx.Err() == nil
+	stop()
+	if err != nil && replaced {
+		return errdefs.Wrap(errdefs.ErrFailedPrecondition, fmt.Errorf("snapshot %s was replaced or deleted while its artifacts were awaited: try again", rec.SnapshotID))
+	}
+	if err != nil {
 		return err
 	}
 	// The fetch checked every sha256 while it streamed: loadSnapshot need
@@ -204,6 +211,11 @@ func (b *Backend) reupload(ctx context.Context) {
 // was deleted). Template records that authenticate enter the registry;
 // others are logged and ignored.
 func (b *Backend) snapshotChanged(key string, rec *subjects.SnapshotRecord) {
+	gen := ""
+	if rec != nil {
+		gen = rec.Generation
+	}
+	b.awaited.changed(key, gen)
 	if rec == nil {
 		if cur, ok := b.templates.get(key); ok && cur.SnapshotID == key {
 			b.templates.remove(key)
@@ -314,4 +326,55 @@ func (b *Backend) checkBase(rec subjects.SnapshotRecord, meta snapshotMeta) erro
 		return errdefs.Wrap(errdefs.ErrUnsupported, fmt.Errorf("snapshot %s is layered on another build of the base disk than this worker's (workers that share snapshots need the same guest image: copy it, do not build it apart)", rec.SnapshotID))
 	}
 	return nil
+}
+
+// awaitedRecords are the fetches in progress per snapshot id, each for one
+// generation: a fetch waiting for an upload that a replaced or deleted
+// record's worker will never finish gives up at once instead of after the
+// artifact store's wait.
+type awaitedRecords struct {
+	mu sync.Mutex
+	m  map[string]map[*awaited]struct{}
+}
+
+type awaited struct {
+	generation string
+	cancel     context.CancelFunc
+}
+
+// add returns a context that ends when ctx does or when the record of sid
+// stops being generation; call stop when the fetch is done.
+func (a *awaitedRecords) add(ctx context.Context, sid, generation string) (context.Context, func()) {
+	ctx, cancel := context.WithCancel(ctx)
+	w := &awaited{generation: generation, cancel: cancel}
+	a.mu.Lock()
+	if a.m == nil {
+		a.m = map[string]map[*awaited]struct{}{}
+	}
+	if a.m[sid] == nil {
+		a.m[sid] = map[*awaited]struct{}{}
+	}
+	a.m[sid][w] = struct{}{}
+	a.mu.Unlock()
+	return ctx, func() {
+		a.mu.Lock()
+		delete(a.m[sid], w)
+		if len(a.m[sid]) == 0 {
+			delete(a.m, sid)
+		}
+		a.mu.Unlock()
+		cancel()
+	}
+}
+
+// changed ends the fetches of sid for another generation than generation
+// ("" : the record was deleted).
+func (a *awaitedRecords) changed(sid, generation string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for w := range a.m[sid] {
+		if w.generation != generation {
+			w.cancel()
+		}
+	}
 }

@@ -174,6 +174,9 @@ type Backend struct {
 	wg       sync.WaitGroup
 	// accel is the accelerator of the last machine adopted.
 	accel string
+	// awaited are the fetches waiting for a snapshot's artifacts, cut short
+	// when its record changes.
+	awaited awaitedRecords
 }
 
 // session is one sandbox owned by this worker.
