@@ -57,7 +57,8 @@ var generationPattern = regexp.MustCompile(`^[a-z0-9]{1,32}$`)
 type Config struct {
 	// Replicas of the bucket in a cluster (default 1).
 	Replicas int
-	// UploadConcurrency bounds background uploads (default 2).
+	// UploadConcurrency bounds background uploads (default 1: an upload
+	// costs CPU on the worker's host, where its machines run).
 	UploadConcurrency int
 	// WaitMax is how long a fetch waits for an object that is not uploaded
 	// yet before it gives up (default 2 minutes).
@@ -111,7 +112,7 @@ func Open(ctx context.Context, j js.JetStream, cfg Config) (*Store, error) {
 		cfg.Replicas = 1
 	}
 	if cfg.UploadConcurrency <= 0 {
-		cfg.UploadConcurrency = 2
+		cfg.UploadConcurrency = 1
 	}
 	if cfg.WaitMax <= 0 {
 		cfg.WaitMax = 2 * time.Minute
