@@ -83,6 +83,10 @@ func (t *templates) put(id string, rec subjects.SnapshotRecord) (subjects.Snapsh
 	if err != nil {
 		return subjects.SnapshotRecord{}, false, err
 	}
+	// Under the lock: a build and the watch of the snapshots bucket put
+	// the same template at once.
+	t.mu.Lock()
+	defer t.mu.Unlock()
 	tmp := filepath.Join(t.dir, id+".json.tmp")
 	if err := os.WriteFile(tmp, data, 0o600); err != nil {
 		return subjects.SnapshotRecord{}, false, err
@@ -90,8 +94,6 @@ func (t *templates) put(id string, rec subjects.SnapshotRecord) (subjects.Snapsh
 	if err := os.Rename(tmp, filepath.Join(t.dir, id+".json")); err != nil {
 		return subjects.SnapshotRecord{}, false, err
 	}
-	t.mu.Lock()
-	defer t.mu.Unlock()
 	old, had := t.m[id]
 	t.m[id] = rec
 	return old, had, nil
@@ -110,8 +112,8 @@ func (t *templates) ids() []string {
 
 func (t *templates) remove(id string) {
 	t.mu.Lock()
+	defer t.mu.Unlock()
 	delete(t.m, id)
-	t.mu.Unlock()
 	_ = os.Remove(filepath.Join(t.dir, id+".json"))
 }
 
