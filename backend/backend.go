@@ -81,7 +81,10 @@ type Config struct {
 	RecordKey []byte
 	// Images are the built-in templates that boot from an image ("tiny").
 	Images map[string]vmpool.Image
-	Limits Limits
+	// Artifacts shares snapshot artifacts with the other workers of a
+	// cluster (nil: snapshots stay on the worker that saved them).
+	Artifacts Artifacts
+	Limits    Limits
 	// PoolTargets are the warm pool targets per template at start.
 	PoolTargets map[string]int
 	// DefaultResources apply when a create names none (1 vCPU, 256 MiB).
@@ -193,6 +196,9 @@ type Backend struct {
 	wg       sync.WaitGroup
 	// accel is the accelerator of the last machine adopted.
 	accel string
+	// awaited are the fetches waiting for a snapshot's artifacts, cut short
+	// when its record changes.
+	awaited awaitedRecords
 }
 
 // session is one sandbox owned by this worker.
@@ -270,6 +276,9 @@ func (b *Backend) Start(ctx context.Context) error {
 	b.pool.Start()
 	for id, n := range b.cfg.PoolTargets {
 		b.pool.SetTarget(id, n)
+	}
+	if err := b.startCluster(ctx); err != nil {
+		b.log.Warn("following the cluster's records and settings", "err", err)
 	}
 	return nil
 }

@@ -23,6 +23,14 @@ import (
 // artifacts (and covered by the record's integrity data).
 const snapshotMetaFile = "snapshot.json"
 
+// snapshotMeta is snapshotMetaFile: the driver's description and the
+// identity of the base disk the snapshot's disk is layered on (baseDigest),
+// which a restore on another worker checks.
+type snapshotMeta struct {
+	vmpool.Snapshot
+	BaseDisk string `json:"base_disk,omitempty"`
+}
+
 // Snapshot saves a sandbox as a continuation or template snapshot. The disk
 // is frozen at the moment of the save; the sandbox goes on running (on a new
 // overlay) unless the request says to stop it.
@@ -77,6 +85,7 @@ func (b *Backend) Snapshot(ctx context.Context, id string, req subjects.Snapshot
 		_ = os.RemoveAll(b.recordDir(rec))
 		return subjects.SnapshotRecord{}, err
 	}
+	b.upload(rec)
 	if kind == subjects.KindTemplate {
 		if _, _, err := b.templates.put(sid, rec); err != nil {
 			b.log.Warn("record template", "template", sid, "err", err)
@@ -135,7 +144,15 @@ func (b *Backend) save(ctx context.Context, s *session, sid string, opts vmpool.
 // describe writes the snapshot's metadata file and builds its record with
 // the size and sha256 of every artifact.
 func (b *Backend) describe(snap vmpool.Snapshot, sid, gen string, src subjects.Sandbox, kind vmpool.SnapshotKind, meta subjects.TemplateMetadata) (subjects.SnapshotRecord, error) {
-	data, err := json.MarshalIndent(snap, "", "  ")
+	desc := snapshotMeta{Snapshot: snap}
+	if snap.Image.RootDisk != "" {
+		d, err := baseDigest(snap.Image.RootDisk)
+		if err != nil {
+			return subjects.SnapshotRecord{}, err
+		}
+		desc.BaseDisk = d
+	}
+	data, err := json.MarshalIndent(desc, "", "  ")
 	if err != nil {
 		return subjects.SnapshotRecord{}, fmt.Errorf("encode snapshot metadata: %w", err)
 	}
@@ -225,6 +242,11 @@ func hashFile(path string) (int64, string, error) {
 // every restore. Sizes are checked on every restore.
 var verified sync.Map // string -> struct{}
 
+// verifiedKey is the key of a file in verified.
+func verifiedKey(path string, st fs.FileInfo, sum string) string {
+	return fmt.Sprintf("%s|%d|%d|%s", path, st.Size(), st.ModTime().UnixNano(), sum)
+}
+
 // pathless drops the path of an *fs.PathError, keeping its cause.
 func pathless(err error) error {
 	var pe *fs.PathError
@@ -239,9 +261,6 @@ func pathless(err error) error {
 // the driver's description of the snapshot. Its errors name artifacts by
 // name only: no path, no digest.
 func (b *Backend) loadSnapshot(rec subjects.SnapshotRecord) (vmpool.Snapshot, error) {
-	if rec.WorkerID != "" && rec.WorkerID != b.cfg.WorkerID {
-		return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrUnsupported, fmt.Errorf("snapshot %s lives on worker %s; snapshots are restored on the worker that saved them", rec.SnapshotID, rec.WorkerID))
-	}
 	if err := b.verifyRecord(rec.SnapshotID, rec); err != nil {
 		return vmpool.Snapshot{}, err
 	}
@@ -261,7 +280,7 @@ func (b *Backend) loadSnapshot(rec subjects.SnapshotRecord) (vmpool.Snapshot, er
 		if st.Size() != a.SizeBytes {
 			return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("snapshot %s: artifact %s is %d bytes, its record says %d: refusing to restore", rec.SnapshotID, a.Name, st.Size(), a.SizeBytes))
 		}
-		key := fmt.Sprintf("%s|%d|%d|%s", path, st.Size(), st.ModTime().UnixNano(), a.SHA256)
+		key := verifiedKey(path, st, a.SHA256)
 		if _, ok := verified.Load(key); ok {
 			continue
 		}
@@ -278,10 +297,14 @@ func (b *Backend) loadSnapshot(rec subjects.SnapshotRecord) (vmpool.Snapshot, er
 	if err != nil {
 		return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("snapshot %s: %s: %w", rec.SnapshotID, snapshotMetaFile, pathless(err)))
 	}
-	var snap vmpool.Snapshot
-	if err := json.Unmarshal(data, &snap); err != nil {
+	var desc snapshotMeta
+	if err := json.Unmarshal(data, &desc); err != nil {
 		return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("snapshot %s: metadata: %w", rec.SnapshotID, err))
 	}
+	if err := b.checkBase(rec, desc); err != nil {
+		return vmpool.Snapshot{}, err
+	}
+	snap := desc.Snapshot
 	snap.Dir = dir
 	return snap, nil
 }
@@ -291,6 +314,12 @@ func (b *Backend) restore(ctx context.Context, id, dir string, rec subjects.Snap
 	r, ok := b.cfg.Driver.(vmpool.Restorer)
 	if !ok {
 		return nil, errdefs.Wrap(errdefs.ErrUnsupported, fmt.Errorf("driver %s cannot restore snapshots", b.cfg.Driver.Name()))
+	}
+	if err := b.verifyRecord(rec.SnapshotID, rec); err != nil {
+		return nil, err
+	}
+	if err := b.ensureLocal(ctx, rec); err != nil {
+		return nil, err
 	}
 	snap, err := b.loadSnapshot(rec)
 	if err != nil {
@@ -309,9 +338,11 @@ func (b *Backend) ListSnapshots(ctx context.Context) ([]subjects.SnapshotRecord,
 	return b.listSnapshots(ctx)
 }
 
-// DeleteSnapshot deletes a snapshot and its artifacts. A snapshot that others
-// depend on — a warm pool target, a sandbox whose disk sits on it, another
-// snapshot whose frozen disk is layered on it — is refused with conflict. A
+// DeleteSnapshot deletes a snapshot and its artifacts (this worker's copy
+// and the objects in the artifact store). A snapshot that others depend on
+// anywhere in the cluster — a warm pool target (cluster-wide or of any
+// worker), a sandbox whose disk sits on it, another snapshot whose frozen
+// disk is layered on it — is refused with conflict. A
 // record that fails authentication is refused; one written before records
 // were authenticated (no mac) is removed from the bucket, and no file is
 // touched.
@@ -336,11 +367,12 @@ func (b *Backend) DeleteSnapshot(ctx context.Context, sid string) (subjects.Dele
 	if cur, ok := b.templates.get(sid); ok && cur.Generation == rec.Generation {
 		b.templates.remove(sid)
 	}
-	if rec.WorkerID == b.cfg.WorkerID {
-		if err := os.RemoveAll(b.recordDir(rec)); err != nil {
-			b.log.Warn("remove snapshot artifacts", "snapshot", sid, "err", err)
-		}
+	// This worker's copy (its own, or one it fetched); the other workers
+	// drop theirs when they see the record deleted.
+	if err := os.RemoveAll(b.recordDir(rec)); err != nil {
+		b.log.Warn("remove snapshot artifacts", "snapshot", sid, "err", err)
 	}
+	b.deleteObjects(ctx, rec)
 	return subjects.DeleteSnapshotReply{SnapshotID: sid, Deleted: true}, nil
 }
 
@@ -350,6 +382,11 @@ func (b *Backend) snapshotUsers(ctx context.Context, sid string) ([]string, erro
 	if b.pool.Target(sid) > 0 {
 		users = append(users, "warm pool of worker "+b.cfg.WorkerID)
 	}
+	pools, err := b.poolTargetUsers(ctx, sid)
+	if err != nil {
+		return nil, err
+	}
+	users = append(users, pools...)
 	sessions, err := b.cfg.Store.ListSessions(ctx)
 	if err != nil {
 		return nil, err

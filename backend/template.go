@@ -83,6 +83,10 @@ func (t *templates) put(id string, rec subjects.SnapshotRecord) (subjects.Snapsh
 	if err != nil {
 		return subjects.SnapshotRecord{}, false, err
 	}
+	// Under the lock: a build and the watch of the snapshots bucket put
+	// the same template at once.
+	t.mu.Lock()
+	defer t.mu.Unlock()
 	tmp := filepath.Join(t.dir, id+".json.tmp")
 	if err := os.WriteFile(tmp, data, 0o600); err != nil {
 		return subjects.SnapshotRecord{}, false, err
@@ -90,17 +94,26 @@ func (t *templates) put(id string, rec subjects.SnapshotRecord) (subjects.Snapsh
 	if err := os.Rename(tmp, filepath.Join(t.dir, id+".json")); err != nil {
 		return subjects.SnapshotRecord{}, false, err
 	}
-	t.mu.Lock()
-	defer t.mu.Unlock()
 	old, had := t.m[id]
 	t.m[id] = rec
 	return old, had, nil
 }
 
+// ids returns the template ids in the registry.
+func (t *templates) ids() []string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	out := make([]string, 0, len(t.m))
+	for id := range t.m {
+		out = append(out, id)
+	}
+	return out
+}
+
 func (t *templates) remove(id string) {
 	t.mu.Lock()
+	defer t.mu.Unlock()
 	delete(t.m, id)
-	t.mu.Unlock()
 	_ = os.Remove(filepath.Join(t.dir, id+".json"))
 }
 
@@ -117,14 +130,28 @@ func (t *templates) lock(id string) func() {
 }
 
 // EnsureBuiltinTemplates turns every built-in image template that has no
-// template snapshot on this worker yet into one (boot, init, save), so that
-// creates restore instead of cold-booting.
+// usable template snapshot yet into one (boot, init, save), so that creates
+// restore instead of cold-booting. A template snapshot in the cluster's
+// snapshots bucket (the registry follows it, see Start), made by this
+// driver, is used when it restores here — fetched from the artifact store
+// when another worker made it — so workers that start together do not
+// rebuild and overwrite each other's; only a missing or unrestorable one is
+// built. Another worker's template that this host cannot run (unsupported:
+// another build of the guest image, another accelerator) is not replaced:
+// the worker reports it and goes without.
 func (b *Backend) EnsureBuiltinTemplates(ctx context.Context) error {
 	var errs []error
 	for id := range b.cfg.Images {
-		if rec, ok := b.templates.get(id); ok {
+		if rec, ok := b.templates.get(id); ok && rec.Driver == b.cfg.Driver.Name() {
 			err := b.tryRestore(ctx, rec)
 			if err == nil {
+				continue
+			}
+			if rec.WorkerID != b.cfg.WorkerID && errors.Is(err, errdefs.ErrUnsupported) {
+				// Another worker's template this host cannot run (another
+				// build of the guest image, another accelerator): rebuilding
+				// would replace it for the whole cluster.
+				errs = append(errs, fmt.Errorf("template %s: the cluster's template snapshot (saved by worker %s) does not run on this worker, and is not replaced: give the workers the same guest image and accelerator: %w", id, rec.WorkerID, err))
 				continue
 			}
 			b.log.Warn("built-in template snapshot cannot be restored; rebuilding it", "template", id, "err", err)
@@ -293,13 +320,14 @@ func (b *Backend) BuildTemplate(ctx context.Context, req subjects.BuildTemplateR
 		_ = os.RemoveAll(b.recordDir(rec))
 		return fail(fmt.Errorf("store snapshot record: %w", err))
 	}
+	b.upload(rec)
 	old, had, err := b.templates.put(req.TemplateID, rec)
 	if err != nil {
 		return fail(fmt.Errorf("record template: %w", err))
 	}
 	b.pool.Drain(req.TemplateID)
 	if had && old.Generation != rec.Generation {
-		b.retire(old)
+		b.retire(old, true)
 	}
 	progress("template %s ready: snapshot %s, %d bytes", req.TemplateID, rec.SnapshotID, rec.SizeBytes)
 	return rec, nil
@@ -344,10 +372,12 @@ func (b *Backend) startTemplateCommand(id string, m vmpool.Machine, cmd string) 
 	}
 }
 
-// retire removes a replaced template snapshot's files once nothing uses them.
-// old is an authenticated record (from the registry); its directory is
-// derived, and the records it is compared with are only compared.
-func (b *Backend) retire(old subjects.SnapshotRecord) {
+// retire removes a replaced template snapshot's files once nothing uses
+// them, and its objects too when objects is set (the worker that replaced
+// it; the others only drop their copies). old is an authenticated record
+// (from the registry); its directory is derived, and the records it is
+// compared with are only compared.
+func (b *Backend) retire(old subjects.SnapshotRecord, objects bool) {
 	ctx, cancel := context.WithTimeout(b.ctx, 10*time.Second)
 	defer cancel()
 	dir := b.recordDir(old)
@@ -373,5 +403,8 @@ func (b *Backend) retire(old subjects.SnapshotRecord) {
 	}
 	if err := os.RemoveAll(dir); err != nil {
 		b.log.Warn("remove replaced template", "template", old.TemplateID, "err", err)
+	}
+	if objects {
+		b.deleteObjects(ctx, old)
 	}
 }

@@ -50,6 +50,7 @@ func (a Access) WorkerPermissions() *server.Permissions {
 			a.Prefix + ".worker.*.sandbox.create", // creates forwarded by placement
 			"$JS.API.>",                           // streams, buckets, consumers
 			"$KV.>",                               // KV records
+			"$O.>",                                // objects (snapshot artifacts)
 			"$JS.ACK.>",                           // acks of its own consumers
 			"$JS.FC.>",                            // flow-control replies of KV watchers
 		}},

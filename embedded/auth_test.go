@@ -205,7 +205,7 @@ func TestClientMayUseTheAPIAndReadState(t *testing.T) {
 	for range names.Name() {
 		n++
 	}
-	if names.Err() != nil || n != 4 {
+	if names.Err() != nil || n != 5 {
 		t.Fatalf("client lists streams: %d %v", n, names.Err())
 	}
 
@@ -294,6 +294,9 @@ func TestClientMayNotWrite(t *testing.T) {
 		"$JS.API.CONSUMER.CREATE.FIRKIN_JOBS.c.firkin.jobs.x", "$JS.API.CONSUMER.DURABLE.CREATE.FIRKIN_JOBS.workers",
 		"$JS.API.CONSUMER.MSG.NEXT.FIRKIN_JOBS.workers", "$JS.ACK.FIRKIN_JOBS.workers.1.1.1.1.0",
 		"_INBOX.forged", embedded.WorkerInboxPrefix + ".forged",
+		"$O.firkin_artifacts.M.x", "$O.firkin_artifacts.C.x",
+		"$JS.API.STREAM.INFO.OBJ_firkin_artifacts", "$JS.API.DIRECT.GET.OBJ_firkin_artifacts",
+		"$JS.API.CONSUMER.CREATE.OBJ_firkin_artifacts",
 	} {
 		t.Run("publish "+subject, func(t *testing.T) {
 			if err := e.client.Publish(subject, []byte(`{"forged":true}`)); err != nil {
@@ -321,6 +324,28 @@ func TestClientMayNotWrite(t *testing.T) {
 	}
 	if _, err := j.OrderedConsumer(short, "FIRKIN_JOBS", js.OrderedConsumerConfig{}); err == nil {
 		t.Error("client consumed the worker's work stream")
+	}
+	// The snapshot artifacts' object store is the workers' alone.
+	wobs, err := wj.CreateOrUpdateObjectStore(ctx, js.ObjectStoreConfig{Bucket: "firkin_artifacts"})
+	if err != nil {
+		t.Fatalf("worker sets up the object store: %v", err)
+	}
+	if _, err := wobs.PutString(ctx, "s/g/mem", "guest memory"); err != nil {
+		t.Fatalf("worker puts an object: %v", err)
+	}
+	if got, err := wobs.GetString(ctx, "s/g/mem"); err != nil || got != "guest memory" {
+		t.Fatalf("worker gets its object: %q %v", got, err)
+	}
+	if obs, err := j.ObjectStore(short, "firkin_artifacts"); err == nil {
+		if _, err := obs.GetString(short, "s/g/mem"); err == nil {
+			t.Error("client read an object")
+		}
+		if _, err := obs.PutString(short, "s/g/mem", "forged"); err == nil {
+			t.Error("client put an object")
+		}
+	}
+	if got, err := wobs.GetString(ctx, "s/g/mem"); err != nil || got != "guest memory" {
+		t.Fatalf("object after the client's attempts: %q %v", got, err)
 	}
 	// Nothing changed.
 	entry, err := e.store.GetSnapshot(ctx, "snap1")

@@ -227,11 +227,16 @@ func (s *Service) poolStatus(_ context.Context, req micro.Request) (any, error) 
 	return s.rt.PoolStatus(), nil
 }
 
-// setPool answers firkin.pool.set (every worker applies it and replies).
+// setPool answers firkin.pool.set: every worker applies a cluster-wide
+// target and replies; a target for one worker (worker_id) is applied and
+// answered by that worker only.
 func (s *Service) setPool(ctx context.Context, req micro.Request) (any, error) {
 	in, err := decode[subjects.PoolSetRequest](req)
 	if err != nil {
 		return nil, err
+	}
+	if in.WorkerID != "" && in.WorkerID != s.cfg.WorkerID {
+		return nil, errAnswered // that worker answers
 	}
 	if s.cfg.Cluster != nil && s.cfg.Cluster.Draining() && in.Target > 0 {
 		return nil, errdefs.Wrap(errdefs.ErrFailedPrecondition, fmt.Errorf("worker %s is draining: it keeps no warm pool", s.cfg.WorkerID))

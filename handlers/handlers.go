@@ -313,7 +313,6 @@ func (s *Service) async(endpoint string, handle func(context.Context, micro.Requ
 					v, err = nil, fmt.Errorf("internal error: %v", p)
 				}
 				if errors.Is(err, errAnswered) {
-					s.observe(endpoint+".forwarded", nil, start)
 					return // another worker answers it
 				}
 				s.reply(req, v, err)

@@ -25,14 +25,19 @@ const (
 	EventStream     = "FIRKIN_EVENTS"
 	SessionsBucket  = "firkin_sessions"
 	SnapshotsBucket = "firkin_snapshots"
+	// ConfigBucket holds cluster-wide settings, such as warm pool targets
+	// (keys pool.<template id> and pool.<template id>.<worker id>).
+	ConfigBucket = "firkin_config"
 )
 
 // ReadableStreams are the streams clients may read (the embedded server's
 // client permissions): the log and event streams, the streams behind the
 // KV buckets (job results included: package jobs' firkin_results) and the
-// dead-lettered jobs (FIRKIN_JOBS_DEAD). Never the work queue FIRKIN_JOBS.
+// dead-lettered jobs (FIRKIN_JOBS_DEAD), and the cluster settings
+// (firkin_config). Never the work queue FIRKIN_JOBS, nor the snapshot
+// artifacts' object store (workers only).
 func ReadableStreams() []string {
-	return []string{LogStream, EventStream, "KV_" + SessionsBucket, "KV_" + SnapshotsBucket, "KV_" + jobs.ResultsBucket, jobs.DeadStream}
+	return []string{LogStream, EventStream, "KV_" + SessionsBucket, "KV_" + SnapshotsBucket, "KV_" + jobs.ResultsBucket, jobs.DeadStream, "KV_" + ConfigBucket}
 }
 
 // Config bounds the retention of the streams.
@@ -55,6 +60,7 @@ type Store struct {
 	nc        *nats.Conn
 	sessions  js.KeyValue
 	snapshots js.KeyValue
+	config    js.KeyValue
 }
 
 // Open creates or updates the streams and buckets and returns a Store.
@@ -108,6 +114,9 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Store, error) {
 	}
 	if s.snapshots, err = j.CreateOrUpdateKeyValue(ctx, js.KeyValueConfig{Bucket: SnapshotsBucket, Description: "firkin snapshot records", Replicas: cfg.Replicas}); err != nil {
 		return nil, fmt.Errorf("jetstream: bucket %s: %w", SnapshotsBucket, err)
+	}
+	if s.config, err = j.CreateOrUpdateKeyValue(ctx, js.KeyValueConfig{Bucket: ConfigBucket, Description: "firkin cluster settings", Replicas: cfg.Replicas}); err != nil {
+		return nil, fmt.Errorf("jetstream: bucket %s: %w", ConfigBucket, err)
 	}
 	return s, nil
 }
@@ -308,4 +317,122 @@ func listJSON[T any](ctx context.Context, kv js.KeyValue) ([]T, error) {
 		out = append(out, v)
 	}
 	return out, nil
+}
+
+// JetStream is the JetStream context of the store's connection (the
+// artifacts object store is opened on it).
+func (s *Store) JetStream() js.JetStream { return s.js }
+
+// WatchSnapshots calls fn for every snapshot record, then for every change
+// (rec nil: the record of key was deleted), in the bucket's order, from one
+// goroutine until ctx ends. It returns once the records present at the
+// start were delivered. A value that does not decode is passed as a record
+// with only its id (it fails authentication).
+func (s *Store) WatchSnapshots(ctx context.Context, fn func(key string, rec *subjects.SnapshotRecord)) error {
+	w, err := s.snapshots.WatchAll(ctx)
+	if err != nil {
+		return fmt.Errorf("watch %s: %w", SnapshotsBucket, err)
+	}
+	return watchLoop(ctx, w, func(e js.KeyValueEntry) {
+		if e.Operation() != js.KeyValuePut {
+			fn(e.Key(), nil)
+			return
+		}
+		var rec subjects.SnapshotRecord
+		if json.Unmarshal(e.Value(), &rec) != nil {
+			rec = subjects.SnapshotRecord{SnapshotID: e.Key()}
+		}
+		fn(e.Key(), &rec)
+	})
+}
+
+// ConfigEntry is one cluster setting: its key, value and revision (later
+// writes have higher revisions).
+type ConfigEntry struct {
+	Key      string
+	Value    []byte
+	Revision uint64
+	Deleted  bool
+}
+
+// PutConfig stores a cluster setting.
+func (s *Store) PutConfig(ctx context.Context, key string, value []byte) error {
+	if _, err := s.config.Put(ctx, key, value); err != nil {
+		return fmt.Errorf("put %s/%s: %w", ConfigBucket, key, err)
+	}
+	return nil
+}
+
+// ListConfig returns the settings whose keys match the NATS subject
+// pattern filter (e.g. "pool.>").
+func (s *Store) ListConfig(ctx context.Context, filter string) ([]ConfigEntry, error) {
+	w, err := s.config.Watch(ctx, filter, js.IgnoreDeletes())
+	if err != nil {
+		return nil, fmt.Errorf("list %s: %w", ConfigBucket, err)
+	}
+	defer w.Stop()
+	out := []ConfigEntry{}
+	for {
+		select {
+		case e, ok := <-w.Updates():
+			if !ok {
+				return out, nil
+			}
+			if e == nil {
+				return out, nil
+			}
+			out = append(out, ConfigEntry{Key: e.Key(), Value: e.Value(), Revision: e.Revision()})
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+}
+
+// WatchConfig calls fn for every setting matching filter, then for every
+// change, from one goroutine until ctx ends; it returns once the settings
+// present at the start were delivered.
+func (s *Store) WatchConfig(ctx context.Context, filter string, fn func(ConfigEntry)) error {
+	w, err := s.config.Watch(ctx, filter)
+	if err != nil {
+		return fmt.Errorf("watch %s: %w", ConfigBucket, err)
+	}
+	return watchLoop(ctx, w, func(e js.KeyValueEntry) {
+		fn(ConfigEntry{Key: e.Key(), Value: e.Value(), Revision: e.Revision(), Deleted: e.Operation() != js.KeyValuePut})
+	})
+}
+
+// watchLoop delivers w's entries to fn: those present at the start before
+// it returns, later ones from a goroutine until ctx ends.
+func watchLoop(ctx context.Context, w js.KeyWatcher, fn func(js.KeyValueEntry)) error {
+	for {
+		select {
+		case e, ok := <-w.Updates():
+			if !ok {
+				return errors.New("watcher closed")
+			}
+			if e == nil {
+				go func() {
+					defer w.Stop()
+					for {
+						select {
+						case e, ok := <-w.Updates():
+							if !ok {
+								return
+							}
+							if e != nil {
+								fn(e)
+							}
+						case <-ctx.Done():
+							return
+						}
+					}
+				}()
+				return nil
+			}
+			fn(e)
+		case <-ctx.Done():
+			_ = w.Stop()
+			return ctx.Err()
+		}
+	}
 }

@@ -308,6 +308,9 @@ type LifecycleEvent struct {
 type PoolSetRequest struct {
 	TemplateID string `json:"template_id"`
 	Target     int    `json:"target"`
+	// WorkerID, when set, makes the target that worker's only (the others
+	// do not reply); empty sets it cluster-wide.
+	WorkerID string `json:"worker_id,omitempty"`
 }
 
 // PoolTemplateStatus is one template's warm pool on one worker.
@@ -326,6 +329,9 @@ type PoolTemplateStatus struct {
 type PoolStatusReply struct {
 	WorkerID  string               `json:"worker_id"`
 	Templates []PoolTemplateStatus `json:"templates"`
+	// Scope, in a pool.set reply, says where the target applies: "cluster"
+	// (every worker, kept in firkin_config) or "worker" (this one).
+	Scope string `json:"scope,omitempty"`
 }
 
 // CodeOK stands for a successful reply in request counts (it is never an

@@ -13,7 +13,7 @@ import (
 func (w *Worker) joinCluster(ctx context.Context, subj subjects.Subjects, driver string) error {
 	m, err := cluster.Start(ctx, cluster.Config{
 		Subjects: subj, WorkerID: w.id, Version: Version, Driver: driver, Conn: w.storeNC,
-		Interval: w.cfg.HeartbeatInterval, SessionsBucket: jetstream.SessionsBucket,
+		Interval: w.cfg.HeartbeatInterval, SessionsBucket: jetstream.SessionsBucket, Replicas: w.replicas(),
 		DrainTimeout: w.cfg.DrainTimeout, Status: w.clusterStatus,
 		Jobs: clusterJobs{w}, Warm: w.backend, Rejoined: w.backend.Reconcile, Logger: w.log.With("component", "cluster"),
 	})

@@ -34,6 +34,8 @@ func clusterOpts(c *worker.Config) {
 // member is a second worker that joined the first one's embedded server.
 type member struct {
 	w       *worker.Worker
+	state   string
+	logs    *syncWriter
 	crashed bool
 }
 
@@ -65,7 +67,7 @@ func joinWorker(t *testing.T, e *env, opts ...envOption) *member {
 	if err != nil {
 		t.Fatalf("start second worker: %v\n%s", err, logs.String())
 	}
-	m := &member{w: w}
+	m := &member{w: w, state: cfg.StateDir, logs: logs}
 	t.Cleanup(func() {
 		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		defer cancel()
@@ -74,6 +76,7 @@ func joinWorker(t *testing.T, e *env, opts ...envOption) *member {
 		}
 		if t.Failed() {
 			t.Logf("second worker log (tail):\n%s", tail(logs.String(), 6000))
+			dumpConsoles(t, cfg.StateDir)
 		}
 	})
 	return m

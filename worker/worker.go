@@ -22,6 +22,7 @@ import (
 	"github.com/cenkalti/backoff/v4"
 	"github.com/nats-io/nats.go"
 
+	"github.com/firkin-dev/firkin-worker/artifacts"
 	"github.com/firkin-dev/firkin-worker/backend"
 	"github.com/firkin-dev/firkin-worker/cluster"
 	"github.com/firkin-dev/firkin-worker/embedded"
@@ -153,8 +154,9 @@ type Worker struct {
 	metricsSrv  *http.Server
 	metricsAddr string
 	// jobsRef is jobs for the heartbeat and drain, which start before it.
-	jobsRef atomic.Pointer[jobs.Runner]
-	cluster *cluster.Membership
+	jobsRef   atomic.Pointer[jobs.Runner]
+	cluster   *cluster.Membership
+	artifacts *artifacts.Store
 
 	// clientSeed is the embedded server's client seed file ("" without one).
 	clientSeed string
@@ -221,6 +223,15 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	}); err != nil {
 		return nil, err
 	}
+	var arts *artifacts.Store
+	if err := step("artifact store", func() (err error) {
+		arts, err = artifacts.Open(ctx, store.JetStream(), artifacts.Config{Replicas: w.replicas(), Logger: w.log.With("component", "artifacts")})
+		return err
+	}); err != nil {
+		return nil, err
+	}
+	w.artifacts = arts
+	cleanups = append(cleanups, arts.Close)
 	var img vmpool.Image
 	if err := step("guest images", func() (err error) {
 		if cfg.Image != nil {
@@ -261,6 +272,7 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 			HostPortAllowed:  w.hostPortAllowed,
 			StateDir:         cfg.StateDir,
 			Images:           map[string]vmpool.Image{"tiny": img},
+			Artifacts:        arts,
 			Limits:           cfg.Limits,
 			MinFreeDiskBytes: cfg.MinFreeDiskBytes,
 			Logger:           w.log.With("component", "runtime"),
@@ -336,13 +348,8 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 			w.log.Error("built-in templates", "err", err)
 			return
 		}
-		for id, n := range cfg.Pool {
-			if w.cluster.Draining() {
-				break
-			}
-			if _, err := w.backend.SetPool(bgCtx, subjects.PoolSetRequest{TemplateID: id, Target: n}); err != nil {
-				w.log.Warn("warm pool target", "template", id, "err", err)
-			}
+		if !w.cluster.Draining() {
+			w.backend.DefaultPool(bgCtx, cfg.Pool)
 		}
 		w.log.Info("templates ready", "pool", cfg.Pool)
 	}
@@ -372,6 +379,7 @@ func (w *Worker) Stop(ctx context.Context) error {
 		jobsErr = w.jobs.Stop(ctx)
 	}
 	errs := []error{jobsErr, w.svc.Stop(ctx), w.backend.Stop(ctx), w.closeGuard(), w.closeDriver()}
+	w.artifacts.Close()
 	errs = append(errs, w.cluster.Stop(ctx)) // after the sandboxes' records are gone
 	w.stopProxy()
 	w.stopMetrics()

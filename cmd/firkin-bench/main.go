@@ -3,6 +3,7 @@
 // continuation snapshot saves, host memory per idle sandbox, the port proxy,
 // the raw NATS request round trip that is the floor under every subject, and
 // exec output throughput into the log stream.
+// a restore on a second worker of a snapshot saved on the first.
 // It prints a table and writes the figures as JSON.
 package main
 
@@ -80,6 +81,7 @@ func run() error {
 		nExec    = flag.Int("exec-n", 100, "samples for exec and NATS round trips")
 		accel    = flag.String("accel", "auto", "qemu accelerator")
 		only     = flag.String("only", "", "run only these measures, e.g. \"d,i\" (default all)")
+		cross    = flag.Bool("cross-worker", true, "also measure restores on a second worker that joins the first (l, m)")
 	)
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
@@ -88,10 +90,14 @@ func run() error {
 	// but keep the images.
 	_ = os.RemoveAll(filepath.Join(*stateDir, "sandboxes"))
 	_ = os.RemoveAll(filepath.Join(*stateDir, "nats"))
+	secret, err := benchSecret(*stateDir)
+	if err != nil {
+		return err
+	}
 	fmt.Fprintln(os.Stderr, "starting worker (builds images and the tiny template snapshot on first run)...")
 	w, err := worker.Start(ctx, worker.Config{
 		StateDir: *stateDir, NATSListen: "127.0.0.1:-1", ProxyListen: "127.0.0.1:0", AgentBinary: *agent,
-		Accel: *accel, Pool: map[string]int{}, WaitTemplates: true, Logger: log,
+		Accel: *accel, Pool: map[string]int{}, WaitTemplates: true, Logger: log, TokenSecret: secret,
 	})
 	if err != nil {
 		return err
@@ -140,6 +146,14 @@ func run() error {
 		if report.Accel == "" {
 			report.Accel = w.Backend().Accelerator()
 		}
+	}
+	if *cross && (*only == "" || strings.Contains(","+*only+",", ",l,") || strings.Contains(","+*only+",", ",m,")) {
+		fmt.Fprintln(os.Stderr, "measuring (l, m): a second worker joins...")
+		first, cached, err := b.crossWorker(*agent, *accel, secret)
+		if err != nil {
+			return fmt.Errorf("(l, m): %w", err)
+		}
+		report.Results = append(report.Results, first, cached)
 	}
 	if c := byKey["c"].P50; c > 0 {
 		report.Ratios["cold_boot_over_pool_p50"] = byKey["a"].P50 / c
