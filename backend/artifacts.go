@@ -18,6 +18,7 @@ import (
 	"github.com/firkin-dev/firkin-worker/artifacts"
 	"github.com/firkin-dev/firkin-worker/errdefs"
 	"github.com/firkin-dev/firkin-worker/subjects"
+	"github.com/firkin-dev/firkin-worker/vmpool"
 )
 
 // Artifacts moves snapshot artifacts between this worker's disk and the
@@ -302,30 +303,37 @@ func baseDigest(path string) (string, error) {
 	return d, nil
 }
 
-// checkBase refuses a snapshot saved by another worker unless its disk is
-// layered on a base disk of this worker's images with the same contents.
-func (b *Backend) checkBase(rec subjects.SnapshotRecord, meta snapshotMeta) error {
+// baseImage is the image a snapshot's disk layers go on: its own for a
+// snapshot of this worker; for one saved by another worker, this worker's
+// image whose base disk has the same name (root disks are named after their
+// inputs and built reproducibly, so workers that built their images apart
+// have the same disk under their own state directories) and the same
+// contents (baseDigest). A snapshot on a base disk this worker does not have
+// is unsupported.
+func (b *Backend) baseImage(rec subjects.SnapshotRecord, meta snapshotMeta) (vmpool.Image, error) {
 	if rec.WorkerID == "" || rec.WorkerID == b.cfg.WorkerID || meta.Image.RootDisk == "" {
-		return nil
+		return meta.Image, nil
 	}
-	ours := false
 	for _, img := range b.cfg.Images {
-		ours = ours || img.RootDisk == meta.Image.RootDisk
+		if img.Arch != meta.Image.Arch || filepath.Base(img.RootDisk) != filepath.Base(meta.Image.RootDisk) {
+			continue
+		}
+		if meta.BaseDisk == "" {
+			if img.RootDisk == meta.Image.RootDisk {
+				return img, nil // saved before base disks were identified
+			}
+			continue
+		}
+		d, err := baseDigest(img.RootDisk)
+		if err != nil {
+			return vmpool.Image{}, err
+		}
+		if d == meta.BaseDisk {
+			return img, nil
+		}
+		return vmpool.Image{}, errdefs.Wrap(errdefs.ErrUnsupported, fmt.Errorf("snapshot %s is layered on another build of the base disk %s than this worker's (its guest image was built from other inputs or by an older builder)", rec.SnapshotID, filepath.Base(img.RootDisk)))
 	}
-	if !ours {
-		return errdefs.Wrap(errdefs.ErrUnsupported, fmt.Errorf("snapshot %s is layered on a base disk this worker does not have (workers that share snapshots need the same guest image at the same path)", rec.SnapshotID))
-	}
-	if meta.BaseDisk == "" {
-		return nil // saved before base disks were identified
-	}
-	d, err := baseDigest(meta.Image.RootDisk)
-	if err != nil {
-		return err
-	}
-	if d != meta.BaseDisk {
-		return errdefs.Wrap(errdefs.ErrUnsupported, fmt.Errorf("snapshot %s is layered on another build of the base disk than this worker's (workers that share snapshots need the same guest image: copy it, do not build it apart)", rec.SnapshotID))
-	}
-	return nil
+	return vmpool.Image{}, errdefs.Wrap(errdefs.ErrUnsupported, fmt.Errorf("snapshot %s is layered on base disk %s, which this worker does not have (workers that share snapshots need guest images built from the same inputs)", rec.SnapshotID, filepath.Base(meta.Image.RootDisk)))
 }
 
 // awaitedRecords are the fetches in progress per snapshot id, each for one

@@ -48,28 +48,35 @@ func TestBaseDisk(t *testing.T) {
 		t.Fatalf("digests: base %s, another build %s, a copy %s", dBase, dOther, dCopy)
 	}
 
+	// Another worker's state directory holds a disk of the same name.
+	elsewhere := filepath.Join(t.TempDir(), "base.ext4")
 	b := testBackend("secret")
-	b.cfg.Images = map[string]vmpool.Image{"tiny": {RootDisk: base}}
+	b.cfg.Images = map[string]vmpool.Image{"tiny": {RootDisk: base, Arch: "amd64"}}
 	mine := subjects.SnapshotRecord{SnapshotID: "s", WorkerID: "w1"}
 	theirs := subjects.SnapshotRecord{SnapshotID: "s", WorkerID: "w2"}
 	on := func(path, digest string) snapshotMeta {
-		return snapshotMeta{Snapshot: vmpool.Snapshot{Image: vmpool.Image{RootDisk: path}}, BaseDisk: digest}
+		return snapshotMeta{Snapshot: vmpool.Snapshot{Image: vmpool.Image{RootDisk: path, Arch: "amd64"}}, BaseDisk: digest}
 	}
 	for _, tc := range []struct {
 		name string
 		rec  subjects.SnapshotRecord
 		meta snapshotMeta
-		ok   bool
+		want string // the root disk used; "" for unsupported
 	}{
-		{"own snapshot", mine, on("/elsewhere", "v1:x"), true},
-		{"same base", theirs, on(base, dBase), true},
-		{"same path, another build", theirs, on(base, dOther), false},
-		{"a base this worker does not have", theirs, on(other, dOther), false},
-		{"saved before bases were identified", theirs, on(base, ""), true},
+		{"own snapshot", mine, on("/elsewhere", "v1:x"), "/elsewhere"},
+		{"same base", theirs, on(base, dBase), base},
+		{"same base in another worker's state dir", theirs, on(elsewhere, dBase), base},
+		{"same name, another build", theirs, on(elsewhere, dOther), ""},
+		{"a base this worker does not have", theirs, on(other, dOther), ""},
+		{"saved before bases were identified", theirs, on(base, ""), base},
+		{"saved before bases were identified, elsewhere", theirs, on(elsewhere, ""), ""},
 	} {
-		err := b.checkBase(tc.rec, tc.meta)
-		if (err == nil) != tc.ok || (err != nil && !errors.Is(err, errdefs.ErrUnsupported)) {
-			t.Errorf("%s: %v, want ok=%v (else unsupported)", tc.name, err, tc.ok)
+		img, err := b.baseImage(tc.rec, tc.meta)
+		switch {
+		case tc.want == "" && !errors.Is(err, errdefs.ErrUnsupported):
+			t.Errorf("%s: %v, want unsupported", tc.name, err)
+		case tc.want != "" && (err != nil || img.RootDisk != tc.want):
+			t.Errorf("%s: %q %v, want %q", tc.name, img.RootDisk, err, tc.want)
 		}
 	}
 }

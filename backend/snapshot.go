@@ -301,10 +301,12 @@ func (b *Backend) loadSnapshot(rec subjects.SnapshotRecord) (vmpool.Snapshot, er
 	if err := json.Unmarshal(data, &desc); err != nil {
 		return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("snapshot %s: metadata: %w", rec.SnapshotID, err))
 	}
-	if err := b.checkBase(rec, desc); err != nil {
+	img, err := b.baseImage(rec, desc)
+	if err != nil {
 		return vmpool.Snapshot{}, err
 	}
 	snap := desc.Snapshot
+	snap.Image.RootDisk = img.RootDisk
 	snap.Dir = dir
 	return snap, nil
 }

@@ -306,9 +306,14 @@ func aptUpdateLocked(ctx context.Context, log interface{ Info(string, ...any) })
 // run runs a command and returns its combined output; the error carries the
 // output's tail.
 func run(ctx context.Context, dir, name string, args ...string) ([]byte, error) {
+	return runEnv(ctx, nil, dir, name, args...)
+}
+
+// runEnv is run with env added to the command's environment.
+func runEnv(ctx context.Context, env []string, dir, name string, args ...string) ([]byte, error) {
 	cmd := exec.CommandContext(ctx, name, args...)
 	cmd.Dir = dir
-	cmd.Env = append(os.Environ(), "LC_ALL=C", "DEBIAN_FRONTEND=noninteractive")
+	cmd.Env = append(append(os.Environ(), "LC_ALL=C", "DEBIAN_FRONTEND=noninteractive"), env...)
 	var out bytes.Buffer
 	cmd.Stdout = &out
 	cmd.Stderr = &out

@@ -370,6 +370,7 @@ func (b *builder) build(ctx context.Context) (vmpool.Image, error) {
 		"busybox_version": bb.version,
 		"busybox":         bb.key,
 		"disk_size":       fmt.Sprint(b.cfg.DiskSize),
+		"rootfs":          rootfsRecipe,
 	}
 	diskFile := RootDiskBase + "-" + inputsKey(in) + ".ext4"
 	a, ok = b.reuse(b.old.RootDisk, diskFile, in)

@@ -173,6 +173,7 @@ func (b *builder) buildRootDisk(ctx context.Context, src busyboxSource, name str
 			return Artifact{}, err
 		}
 	}
+	repro := reproducible(name)
 
 	disk := filepath.Join(tmp, name)
 	if err := b.step("mkfs.ext4", func() error {
@@ -192,16 +193,14 @@ func (b *builder) buildRootDisk(ctx context.Context, src busyboxSource, name str
 		// lazy_journal_init=1: the file is new and sparse, so the journal
 		// reads as zeros without writing 32 MiB of them (2.6 MB on disk
 		// instead of 35 MB).
-		_, err = run(ctx, "", "mkfs.ext4", "-q", "-F", "-L", "firkin-tiny", "-m", "0",
-			"-d", stage, "-E", "root_owner=0:0,lazy_itable_init=0,lazy_journal_init=1", disk)
+		_, err = runEnv(ctx, repro.env, "", "mkfs.ext4", "-q", "-F", "-L", "firkin-tiny", "-m", "0", "-U", repro.uuid,
+			"-d", stage, "-E", "root_owner=0:0,lazy_itable_init=0,lazy_journal_init=1,hash_seed="+repro.uuid, disk)
 		return err
 	}); err != nil {
 		return Artifact{}, err
 	}
-	if !asRoot {
-		if err := fixOwners(ctx, stage, disk); err != nil {
-			return Artifact{}, err
-		}
+	if err := fixInodes(ctx, stage, disk, !asRoot, repro); err != nil {
+		return Artifact{}, err
 	}
 	a, err := b.install(disk, name, in, false)
 	if err != nil {
@@ -211,20 +210,32 @@ func (b *builder) buildRootDisk(ctx context.Context, src busyboxSource, name str
 	return a, os.Chmod(filepath.Join(b.dir, name), 0o444)
 }
 
-// fixOwners sets every inode of the image to root, and /home/user to 1000,
-// with debugfs (for builds that do not run as root).
-func fixOwners(ctx context.Context, stage, disk string) error {
+// fixInodes rewrites, with debugfs, what mkfs.ext4 -d copied from the
+// staging tree that is not the same on every host: each inode's times (the
+// staging files' are when they were made and read), and, for builds that do
+// not run as root (owners), every inode's owner to root and /home/user's to
+// 1000.
+func fixInodes(ctx context.Context, stage, disk string, owners bool, repro recipe) error {
 	var script strings.Builder
 	err := filepath.Walk(stage, func(p string, _ os.FileInfo, err error) error {
 		if err != nil {
 			return err
 		}
 		rel, _ := filepath.Rel(stage, p)
-		id := "0"
-		if rel == filepath.Join("home", "user") {
-			id = "1000"
+		path := "/" + rel
+		if rel == "." {
+			path = "/"
 		}
-		fmt.Fprintf(&script, "sif /%s uid %s\nsif /%s gid %s\n", rel, id, rel, id)
+		for _, field := range []string{"atime", "mtime", "ctime", "crtime"} {
+			fmt.Fprintf(&script, "sif %q %s @%d\nsif %q %s_extra 0\n", path, field, rootfsEpoch, path, field)
+		}
+		if owners {
+			id := "0"
+			if rel == filepath.Join("home", "user") {
+				id = "1000"
+			}
+			fmt.Fprintf(&script, "sif %q uid %s\nsif %q gid %s\n", path, id, path, id)
+		}
 		return nil
 	})
 	if err != nil {
@@ -235,7 +246,7 @@ func fixOwners(ctx context.Context, stage, disk string) error {
 		return err
 	}
 	defer os.Remove(sf)
-	_, err = run(ctx, "", "debugfs", "-w", "-f", sf, disk)
+	_, err = runEnv(ctx, repro.env, "", "debugfs", "-w", "-f", sf, disk)
 	return err
 }
 

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -51,15 +52,29 @@ func startBinary(t *testing.T, bin string, args ...string) *process {
 	}
 	p := &process{cmd: cmd, done: make(chan struct{})}
 	ready := make(chan string, 1)
-	var logTail []string
+	var mu sync.Mutex
+	var logTail []string // the last 400 lines
+	lines := func() string {
+		mu.Lock()
+		defer mu.Unlock()
+		return strings.Join(logTail, "\n")
+	}
 	go func() {
 		sc := bufio.NewScanner(stderr)
 		sc.Buffer(make([]byte, 1<<20), 1<<20)
 		for sc.Scan() {
 			line := sc.Text()
+			mu.Lock()
 			logTail = append(logTail, line)
+			if len(logTail) > 400 {
+				logTail = logTail[len(logTail)-400:]
+			}
+			mu.Unlock()
 			if strings.Contains(line, `"msg":"templates ready"`) {
-				ready <- line
+				select {
+				case ready <- line:
+				default:
+				}
 			}
 		}
 		_ = cmd.Wait()
@@ -72,13 +87,16 @@ func startBinary(t *testing.T, bin string, args ...string) *process {
 		case <-time.After(90 * time.Second):
 			_ = cmd.Process.Kill()
 		}
+		if t.Failed() {
+			t.Logf("worker %s log (tail):\n%s", filepath.Base(bin), tail(lines(), 12000))
+		}
 	})
 	select {
 	case <-ready:
 	case <-p.done:
-		t.Fatalf("worker exited before it was ready:\n%s", strings.Join(logTail, "\n"))
+		t.Fatalf("worker exited before it was ready:\n%s", lines())
 	case <-time.After(4 * time.Minute):
-		t.Fatal("worker not ready after 4 minutes")
+		t.Fatalf("worker not ready after 4 minutes:\n%s", tail(lines(), 12000))
 	}
 	return p
 }
