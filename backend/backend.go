@@ -107,6 +107,12 @@ type Config struct {
 	// max payload less headroom; default 1 MiB less 8 KiB).
 	MaxReplyBytes int
 	Logger        *slog.Logger
+	// Subjects names the subjects the worker publishes on (live process
+	// output); default prefix when zero.
+	Subjects subjects.Subjects
+	// Live publishes process and exec output live (see proc.go); nil: no
+	// live output, only the log stream.
+	Live LivePublisher
 }
 
 func (c *Config) setDefaults() error {
@@ -193,6 +199,8 @@ type Backend struct {
 	wg       sync.WaitGroup
 	// accel is the accelerator of the last machine adopted.
 	accel string
+	// procs are the sandboxes' processes (proc.go).
+	procs procRegistry
 }
 
 // session is one sandbox owned by this worker.
@@ -400,6 +408,7 @@ func (b *Backend) end(ctx context.Context, id, kind, reason string) error {
 	if err := s.machine.Stop(ctx); err != nil {
 		errs = append(errs, fmt.Errorf("stop machine: %w", err))
 	}
+	b.endProcs(id)
 	b.removeEgress(ctx, id, s.machine)
 	b.admission.Release(id)
 	if err := b.cfg.Store.DeleteSession(ctx, id); err != nil {
