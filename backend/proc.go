@@ -354,7 +354,9 @@ func (b *Backend) lookupProc(ctx context.Context, id, cmdID string) (*session, *
 	if p := b.knownProc(id, cmdID); p != nil {
 		return s, p, nil
 	}
-	return nil, nil, errdefs.Wrap(errdefs.ErrNotFound, fmt.Errorf("no process %s in sandbox %s", cmdID, id))
+	// Not sandbox_not_found: the sandbox is there (no code of the contract
+	// names a missing process).
+	return nil, nil, invalid("no process %s in sandbox %s", cmdID, id)
 }
 
 func (b *Backend) knownProc(id, cmdID string) *proc {
