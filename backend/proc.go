@@ -194,12 +194,17 @@ func (b *Backend) subj() subjects.Subjects {
 	return b.cfg.Subjects
 }
 
-// track adds p to its sandbox's table and starts its pump.
+// track adds p to its sandbox's table and starts its pump, unless the
+// table has it already (two adoptions at once: one pump per process, or
+// their waits would keep ending each other's).
 func (b *Backend) track(sp *sandboxProcs, s *session, p *proc) error {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
 	if sp.closed {
 		return errdefs.Wrap(errdefs.ErrNotFound, fmt.Errorf("sandbox %s ended", p.sandbox))
+	}
+	if _, ok := sp.procs[p.id]; ok {
+		return nil
 	}
 	// Forget the oldest exited processes beyond the bound.
 	var exited []*proc

@@ -2,10 +2,13 @@ package worker_test
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"os"
+	"path/filepath"
 	"runtime"
 	"runtime/debug"
 	"sort"
@@ -16,6 +19,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/firkin-dev/firkin-worker/client"
+	"github.com/firkin-dev/firkin-worker/internal/testenv"
 	"github.com/firkin-dev/firkin-worker/subjects"
 	"github.com/firkin-dev/firkin-worker/worker"
 )
@@ -314,6 +318,35 @@ func TestProcesses(t *testing.T) {
 		wantCode(t, "exec with a foreign stream subject", err, subjects.CodeInvalidRequest)
 	})
 
+	t.Run("output goes on across a snapshot", func(t *testing.T) {
+		// The snapshot drops the agent session and starts another one: the
+		// process runs on, and its output reaches the log stream whole.
+		p, err := e.c.StartProcess(e.ctx(time.Minute), id, subjects.ProcStartRequest{
+			Command: "i=0; while [ $i -lt 60 ]; do echo tick $i; i=$((i+1)); sleep 0.05; done",
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer p.Close()
+		out := p.Output()
+		readUntil(t, out, "tick 3\n", time.Minute)
+		rec, err := e.c.Snapshot(e.ctx(3*time.Minute), id, subjects.SnapshotRequest{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = e.c.DeleteSnapshot(context.Background(), rec.SnapshotID) })
+		rest, err := io.ReadAll(out)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if exit, err := p.Wait(e.ctx(time.Minute)); err != nil || exit.ExitCode != 0 {
+			t.Fatalf("exit = %+v, %v", exit, err)
+		}
+		if missing := missingTicks(t, "tick 0\ntick 1\ntick 2\ntick 3\n"+string(rest), 60); len(missing) > 0 {
+			t.Fatalf("ticks lost across the snapshot: %v", missing)
+		}
+	})
+
 	t.Run("latency of proc.start to first output", func(t *testing.T) {
 		live, err := e.nc.SubscribeSync(subjects.Default.ProcAll())
 		if err != nil {
@@ -432,5 +465,111 @@ func TestProcessSlowReaders(t *testing.T) {
 	}
 	if dropped, _ := stalled.Dropped(); dropped == 0 {
 		t.Logf("the stalled live reader dropped nothing (it kept up?)")
+	}
+}
+
+// missingTicks checks that out is lines "tick <n>" in increasing order and
+// returns the numbers below total that are not there.
+func missingTicks(t *testing.T, out string, total int) []int {
+	t.Helper()
+	seen := map[int]bool{}
+	last := -1
+	for _, line := range strings.Split(strings.TrimSuffix(out, "\n"), "\n") {
+		var n int
+		if _, err := fmt.Sscanf(line, "tick %d", &n); err != nil {
+			t.Fatalf("unexpected output line %q", line)
+		}
+		if n <= last {
+			t.Fatalf("tick %d after tick %d: out of order", n, last)
+		}
+		seen[n], last = true, n
+	}
+	var missing []int
+	for i := range total {
+		if !seen[i] {
+			missing = append(missing, i)
+		}
+	}
+	return missing
+}
+
+// TestProcessAfterWorkerRestart kills the worker with SIGKILL while a
+// background process runs: the restarted worker reattaches the sandbox,
+// follows the process again, and a new client lists it and reads its
+// output from the start, what it printed while no worker ran included.
+func TestProcessAfterWorkerRestart(t *testing.T) {
+	testenv.RequireQEMU(t, runtime.GOARCH)
+	agentBin := testenv.AgentBinary(t, runtime.GOARCH)
+	bin := workerBinary(t)
+	state := t.TempDir()
+	natsAddr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	args := []string{"--state-dir", state, "--nats-listen", natsAddr, "--proxy-listen", "127.0.0.1:0",
+		"--agent", agentBin, "--accel", "tcg", "--pool", "tiny=0", "--keep-machines"}
+	_ = os.MkdirAll(filepath.Join(state, "cache"), 0o755)
+	if debs, _ := filepath.Glob(filepath.Join(testenv.CacheDir(t), "debs", "*")); len(debs) > 0 {
+		for _, d := range debs {
+			_ = os.Symlink(d, filepath.Join(state, "cache", filepath.Base(d)))
+		}
+	}
+	t.Cleanup(func() { killMachines(state) })
+	first := startBinary(t, bin, args...)
+	connect := func() *client.Client {
+		nc, err := nats.Connect("nats://"+natsAddr, client.NkeyFile(filepath.Join(state, "client.nk")))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(nc.Close)
+		return client.New(nc)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	c1 := connect()
+	sb, err := c1.Create(ctx, subjects.CreateSandboxRequest{TemplateID: "tiny"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const total = 100
+	p, err := c1.StartProcess(ctx, sb.SandboxID, subjects.ProcStartRequest{
+		Command: fmt.Sprintf("i=0; while [ $i -lt %d ]; do echo tick $i; i=$((i+1)); sleep 0.1; done", total), Tag: "ticker", Background: true,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	readUntil(t, p.Output(), "tick 5\n", time.Minute)
+	_ = p.Close()
+	c1.Conn().Close()
+
+	_ = first.cmd.Process.Kill() // crash, with the process running
+	<-first.done
+	time.Sleep(time.Second) // the process goes on printing with no worker
+	startBinary(t, bin, args...)
+
+	c2 := connect()
+	list, err := c2.ListProcesses(ctx, sb.SandboxID)
+	if err != nil || len(list) != 1 || list[0].CommandID != p.ID() || list[0].Tag != "ticker" || list[0].PID != p.PID() {
+		t.Fatalf("list after the restart = %+v, %v", list, err)
+	}
+	q, err := c2.ConnectProcess(ctx, sb.SandboxID, p.ID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.Close()
+	all, err := io.ReadAll(q.Output())
+	if err != nil {
+		t.Fatal(err)
+	}
+	exit, err := q.Wait(ctx)
+	if err != nil || exit.ExitCode != 0 {
+		t.Fatalf("exit = %+v, %v", exit, err)
+	}
+	// What the crashed worker had taken from the guest but not yet stored
+	// is lost (at most a chunk or two); the rest is there, in order.
+	missing := missingTicks(t, string(all), total)
+	t.Logf("ticks missing across the crash: %v", missing)
+	if len(missing) > 2 {
+		t.Fatalf("%d ticks lost across the worker's crash: %v", len(missing), missing)
+	}
+	if err := c2.Kill(ctx, sb.SandboxID); err != nil {
+		t.Fatal(err)
 	}
 }
