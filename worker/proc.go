@@ -8,6 +8,7 @@ import (
 
 	"github.com/firkin-dev/firkin-worker/backend"
 	"github.com/firkin-dev/firkin-worker/errdefs"
+	"github.com/firkin-dev/firkin-worker/handlers"
 	"github.com/firkin-dev/firkin-worker/subjects"
 )
 
@@ -40,3 +41,6 @@ func (l livePublisher) PublishLive(subject string, header map[string][]string, d
 	}
 	return errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf("live output subject %q is neither a process subject nor a client inbox", subject))
 }
+
+// The runtime runs processes (handlers find them by type assertion).
+var _ handlers.Processes = (*runtimeFacade)(nil)
