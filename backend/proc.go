@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/firkin-dev/firkin-worker/agent"
 	"github.com/firkin-dev/firkin-worker/errdefs"
@@ -33,6 +34,42 @@ const (
 	// log stream begins (clock skew between worker and server).
 	replayMargin = 5 * time.Second
 )
+
+// Bounds of what a ProcInfo repeats of a process's command line, so that a
+// list of every process fits a reply: the command's first 1 KiB, its first
+// 16 arguments, each cut to 128 bytes.
+const (
+	maxInfoCommand = 1 << 10
+	maxInfoArgs    = 16
+	maxInfoArg     = 128
+)
+
+// cutInfo cuts s to at most n bytes, on a rune boundary, marking the cut.
+func cutInfo(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	s = s[:n]
+	for len(s) > 0 && !utf8.ValidString(s) {
+		s = s[:len(s)-1]
+	}
+	return s + "…"
+}
+
+func cutArgs(args []string) []string {
+	if len(args) == 0 {
+		return nil
+	}
+	out := make([]string, 0, min(len(args), maxInfoArgs+1))
+	for i, a := range args {
+		if i == maxInfoArgs {
+			out = append(out, "…")
+			break
+		}
+		out = append(out, cutInfo(a, maxInfoArg))
+	}
+	return out
+}
 
 // procMachine is a machine whose agent session the backend can use for
 // what the Machine interface does not carry (the qemu driver's machines).
@@ -167,7 +204,7 @@ func (b *Backend) StartProcess(ctx context.Context, id string, req subjects.Proc
 		out = b.subj().ProcOutput(id, cmdID)
 	}
 	p := &proc{sandbox: id, id: cmdID, started: started, done: make(chan struct{}), mon: time.Now()}
-	p.info = subjects.ProcInfo{CommandID: cmdID, PID: pid, Tag: req.Tag, Command: req.Command, Args: req.Args, PTY: req.PTY != nil,
+	p.info = subjects.ProcInfo{CommandID: cmdID, PID: pid, Tag: req.Tag, Command: cutInfo(req.Command, maxInfoCommand), Args: cutArgs(req.Args), PTY: req.PTY != nil,
 		Background: req.Background, StartedAt: started, State: subjects.ProcRunning,
 		OutputSubject: b.subj().ProcOutput(id, cmdID), LogSubject: b.subj().Logs(id)}
 	p.live = []*liveTarget{{subject: out}}
@@ -403,7 +440,7 @@ func (b *Backend) adoptProcs(ctx context.Context, s *session, id string) error {
 			continue // not one of the worker's, or known
 		}
 		p := &proc{sandbox: id, id: gi.ID, started: gi.StartedAt.UTC(), done: make(chan struct{}), mon: time.Now()}
-		p.info = subjects.ProcInfo{CommandID: gi.ID, PID: gi.PID, Tag: gi.Tag, Command: gi.Command, PTY: gi.PTY,
+		p.info = subjects.ProcInfo{CommandID: gi.ID, PID: gi.PID, Tag: cutInfo(gi.Tag, subjects.MaxProcTag), Command: cutInfo(gi.Command, maxInfoCommand), PTY: gi.PTY,
 			StartedAt: gi.StartedAt.UTC(), State: subjects.ProcRunning,
 			OutputSubject: b.subj().ProcOutput(id, gi.ID), LogSubject: b.subj().Logs(id)}
 		p.live = []*liveTarget{{subject: p.info.OutputSubject}}

@@ -67,3 +67,20 @@ func TestPublishLive(t *testing.T) {
 	// Without a publisher nothing happens.
 	(&Backend{}).publishLive(p, "stdout", []byte("x"))
 }
+
+func TestCutInfo(t *testing.T) {
+	if got := cutInfo("héllo", 2); got != "h…" {
+		t.Errorf("cutInfo cut a rune: %q", got)
+	}
+	if got := cutInfo("abc", 3); got != "abc" {
+		t.Errorf("cutInfo(abc, 3) = %q", got)
+	}
+	args := make([]string, 40)
+	for i := range args {
+		args[i] = string(bytes.Repeat([]byte("a"), 300))
+	}
+	got := cutArgs(args)
+	if len(got) != maxInfoArgs+1 || len(got[0]) > maxInfoArg+len("…") || got[maxInfoArgs] != "…" {
+		t.Errorf("cutArgs: %d args, first %d bytes", len(got), len(got[0]))
+	}
+}
