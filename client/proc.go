@@ -40,6 +40,9 @@ type Process struct {
 	// afterSeq, when set, is a log stream sequence before the process's
 	// first event (reading starts after it instead of at from).
 	afterSeq uint64
+	// knownExit is the exit connect reported for a process that had
+	// exited: the end when the stream no longer holds its exit event.
+	knownExit *subjects.ProcExit
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -113,7 +116,9 @@ func (c *Client) ConnectProcess(ctx context.Context, sandboxID, commandID string
 	if err := c.Request(ctx, c.subj.Sandbox(sandboxID, subjects.ProcVerb(commandID, subjects.ProcOpConnect)), subjects.ProcConnectRequest{}, &r); err != nil {
 		return nil, err
 	}
-	return c.newProcess(sandboxID, commandID, r.PID, r.PTY, r.ReplayFrom), nil
+	p := c.newProcess(sandboxID, commandID, r.PID, r.PTY, r.ReplayFrom)
+	p.knownExit = r.Exit
+	return p, nil
 }
 
 // ListProcesses lists a sandbox's processes: running ones and the last
@@ -213,6 +218,19 @@ func (p *Process) read() {
 		return
 	}
 	defer it.Stop()
+	// An exited process whose events aged out of the stream ends with what
+	// connect said.
+	endWithKnown := func() bool {
+		if p.knownExit == nil {
+			return false
+		}
+		p.exit = *p.knownExit
+		_ = p.pw.Close()
+		return true
+	}
+	if info := cons.CachedInfo(); info != nil && info.NumPending == 0 && endWithKnown() {
+		return
+	}
 	go func() {
 		<-p.ctx.Done()
 		it.Stop()
@@ -229,8 +247,15 @@ func (p *Process) read() {
 			fail(fmt.Errorf("read %s: %w", p.logSubj, err))
 			return
 		}
+		last := false
+		if md, err := m.Metadata(); err == nil && md.NumPending == 0 {
+			last = true // the stream holds nothing more now
+		}
 		var ev subjects.LogEvent
 		if json.Unmarshal(m.Data(), &ev) != nil || ev.CommandID != p.id {
+			if last && endWithKnown() {
+				return
+			}
 			continue
 		}
 		switch ev.Source {
@@ -254,6 +279,9 @@ func (p *Process) read() {
 			if _, err := p.pw.Write(data); err != nil {
 				output = false // the reader went away; go on for the exit
 			}
+		}
+		if last && ev.Source != subjects.SourceExit && endWithKnown() {
+			return
 		}
 	}
 }

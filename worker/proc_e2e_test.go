@@ -183,6 +183,19 @@ func TestProcesses(t *testing.T) {
 		err = c2.Request(e.ctx(time.Minute), subjects.Default.Sandbox(id, subjects.ProcVerb(cmd, subjects.ProcOpSignal)),
 			subjects.ProcSignalRequest{Signal: "TERM"}, nil)
 		wantCode(t, "signal an exited process", err, subjects.CodeInvalidRequest)
+		// Connecting after the exit replays the whole output and the exit.
+		q, err := c2.ConnectProcess(e.ctx(time.Minute), id, cmd)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer q.Close()
+		all, err := io.ReadAll(q.Output())
+		if err != nil || !strings.HasPrefix(string(all), "started-web\n") || !strings.Contains(string(all), "response:200") {
+			t.Fatalf("replay after exit: %q, %v", all, err)
+		}
+		if exit, err := q.Wait(e.ctx(time.Minute)); err != nil || exit.Signal != "TERM" {
+			t.Fatalf("exit replayed = %+v, %v", exit, err)
+		}
 	})
 
 	t.Run("shell on a PTY with resize", func(t *testing.T) {
