@@ -178,18 +178,25 @@ func (s *Server) procStart(st io.Writer, req ProcStartRequest) {
 		sendError(st, err)
 		return
 	}
+	// The table lists p already: its fields are set under its locks.
+	p.stdinMu.Lock()
+	p.mu.Lock()
 	outputs, wait, err := s.startProc(cmd, p, req.PTY)
+	if err == nil {
+		p.pid = cmd.Process.Pid
+		p.outputs = len(outputs)
+		for _, o := range outputs {
+			p.outs = append(p.outs, o.f)
+		}
+	}
+	p.mu.Unlock()
+	p.stdinMu.Unlock()
 	if err != nil {
 		s.procs.mu.Lock()
 		delete(s.procs.procs, p.id)
 		s.procs.mu.Unlock()
 		sendError(st, err)
 		return
-	}
-	p.pid = cmd.Process.Pid
-	p.outputs = len(outputs)
-	for _, o := range outputs {
-		p.outs = append(p.outs, o.f)
 	}
 	for _, o := range outputs {
 		go p.pump(o.f, o.typ)
@@ -410,14 +417,17 @@ func (p *guestProc) finishLocked() {
 // kill signals the process group (the process alone when it has none).
 func (p *guestProc) kill(sig syscall.Signal) error {
 	p.mu.Lock()
-	exited := p.exited
+	exited, pid := p.exited, p.pid
 	p.mu.Unlock()
 	if exited {
 		return errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf("process %q has exited", p.id))
 	}
-	err := syscall.Kill(-p.pid, sig)
+	if pid <= 0 {
+		return errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf("process %q is starting", p.id))
+	}
+	err := syscall.Kill(-pid, sig)
 	if errors.Is(err, syscall.ESRCH) {
-		err = syscall.Kill(p.pid, sig)
+		err = syscall.Kill(pid, sig)
 	}
 	if err != nil {
 		return fmt.Errorf("signal process %q: %w", p.id, err)
@@ -442,7 +452,10 @@ func (s *Server) procWait(st io.ReadWriter, id string) {
 		return
 	}
 	w := &procWaiter{st: st, gone: make(chan struct{})}
-	if b, err := json.Marshal(startedMsg{PID: p.pid}); err == nil {
+	p.mu.Lock()
+	pid := p.pid
+	p.mu.Unlock()
+	if b, err := json.Marshal(startedMsg{PID: pid}); err == nil {
 		if writeFrame(st, frameStarted, b) != nil {
 			return
 		}
@@ -560,7 +573,10 @@ func (s *Server) procResize(st io.Writer, id string, cols, rows uint16) {
 		sendError(st, err)
 		return
 	}
-	if p.ptmx == nil {
+	p.mu.Lock()
+	ptmx := p.ptmx
+	p.mu.Unlock()
+	if ptmx == nil {
 		sendError(st, errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf("process %q has no terminal", id)))
 		return
 	}
@@ -568,7 +584,7 @@ func (s *Server) procResize(st io.Writer, id string, cols, rows uint16) {
 		sendError(st, errdefs.Wrap(errdefs.ErrInvalidArgument, errors.New("pty size must not be 0")))
 		return
 	}
-	if err := pty.Setsize(p.ptmx, &pty.Winsize{Cols: cols, Rows: rows}); err != nil {
+	if err := pty.Setsize(ptmx, &pty.Winsize{Cols: cols, Rows: rows}); err != nil {
 		sendError(st, fmt.Errorf("resize: %w", err))
 		return
 	}
