@@ -94,6 +94,9 @@ type sandboxProcs struct {
 	mu     sync.Mutex
 	procs  map[string]*proc
 	closed bool
+	// detached: the pumps stop without reporting an exit (the processes
+	// go on in a machine that is paused or handed on; see detachProcs).
+	detached bool
 }
 
 // proc is one process as the worker knows it.
@@ -135,8 +138,17 @@ func (b *Backend) box(id string, create bool) *sandboxProcs {
 }
 
 // endProcs stops the pumps of sandbox id and forgets its processes; called
-// when the sandbox ends (its machine is stopped: the processes died with it).
-func (b *Backend) endProcs(id string) {
+// when the sandbox ends (its machine is stopped: the processes died with
+// it, and each gets a "lost" exit).
+func (b *Backend) endProcs(id string) { b.stopProcs(id, false) }
+
+// detachProcs stops following the processes of sandbox id without
+// reporting exits: for a machine about to be paused (or handed to another
+// worker) whose processes go on. Output they make meanwhile waits in the
+// guest; AdoptProcesses follows them again after the resume.
+func (b *Backend) detachProcs(id string) { b.stopProcs(id, true) }
+
+func (b *Backend) stopProcs(id string, detach bool) {
 	b.procs.mu.Lock()
 	sp := b.procs.boxes[id]
 	delete(b.procs.boxes, id)
@@ -145,7 +157,7 @@ func (b *Backend) endProcs(id string) {
 		return
 	}
 	sp.mu.Lock()
-	sp.closed = true
+	sp.closed, sp.detached = true, detach
 	sp.mu.Unlock()
 	sp.cancel()
 	sp.wg.Wait()
@@ -258,7 +270,7 @@ func (b *Backend) track(sp *sandboxProcs, s *session, p *proc) error {
 	sp.wg.Add(1)
 	go func() {
 		defer sp.wg.Done()
-		b.pump(sp.ctx, s, p)
+		b.pump(sp, s, p)
 	}()
 	return nil
 }
@@ -279,8 +291,9 @@ func (p *proc) exited() bool {
 // its live subjects (best effort). A broken agent session (a snapshot's
 // quiesce, a restore) is waited out: the guest keeps what it could not
 // deliver. When the sandbox ends, ctx ends and the pump with it.
-func (b *Backend) pump(ctx context.Context, s *session, p *proc) {
+func (b *Backend) pump(sp *sandboxProcs, s *session, p *proc) {
 	defer close(p.done)
+	ctx := sp.ctx
 	logs := b.cfg.Store.Logs(p.sandbox)
 	fwd := newOutputForwarder(ctx, logs, s.logBudget(b.cfg.LogBytesPerSecond, b.cfg.LogBytesTotal), p.sandbox, p.id)
 	out := func(stream agent.Stream, data []byte) {
@@ -320,6 +333,17 @@ func (b *Backend) pump(ctx context.Context, s *session, p *proc) {
 			break
 		}
 		backoff = min(backoff*2, time.Second)
+	}
+	sp.mu.Lock()
+	detached := sp.detached
+	sp.mu.Unlock()
+	if detached && lost {
+		// Followed again after the resume; what the guest did not deliver
+		// waits there. What this pump took is flushed.
+		flushCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		defer cancel()
+		_ = logs.Flush(flushCtx)
+		return
 	}
 	// The sandbox may have ended: the last events still go out, bounded.
 	flushCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
