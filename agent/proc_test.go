@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -170,5 +171,30 @@ func waitFor(t *testing.T, ok func() bool, what string) {
 			t.Fatalf("timed out waiting for %s", what)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// A process whose child keeps its output open still ends: once it exited
+// and the output is idle while a waiter takes it, the outputs are closed.
+func TestProcChildHoldsOutput(t *testing.T) {
+	t.Parallel()
+	c, _, _ := newTestClient(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if _, err := c.ProcStart(ctx, ProcStartRequest{ID: "hold", Command: "sleep 30 & echo child $!"}); err != nil {
+		t.Fatal(err)
+	}
+	var out collector
+	t0 := time.Now()
+	res, err := c.ProcWait(ctx, "hold", out.fn)
+	var child int
+	if _, serr := fmt.Sscanf(out.String(), "child %d\n", &child); serr == nil && child > 0 {
+		t.Cleanup(func() { _ = syscall.Kill(child, syscall.SIGKILL) })
+	}
+	if err != nil || res.ExitCode != 0 || child <= 0 {
+		t.Fatalf("wait = %+v, %v, output %q", res, err, out.String())
+	}
+	if d := time.Since(t0); d > 5*time.Second {
+		t.Fatalf("wait took %s with a child holding the output", d)
 	}
 }
