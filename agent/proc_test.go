@@ -34,9 +34,20 @@ func (c *collector) String() string {
 	return c.buf.String()
 }
 
+// killProcsAtEnd kills what srv's processes left running when the test
+// ends (without a chroot they run on this host).
+func killProcsAtEnd(t *testing.T, srv *Server) {
+	t.Cleanup(func() {
+		for _, p := range srv.procs.list() {
+			_ = p.kill(syscall.SIGKILL)
+		}
+	})
+}
+
 func TestProcStartWaitStdin(t *testing.T) {
 	t.Parallel()
-	c, _, _ := newTestClient(t)
+	c, _, srv := newTestClient(t)
+	killProcsAtEnd(t, srv)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	pid, err := c.ProcStart(ctx, ProcStartRequest{ID: "p1", Command: "read a; echo got $a; echo err >&2; exit 3", Tag: "t"})
@@ -75,7 +86,9 @@ func TestProcStartWaitStdin(t *testing.T) {
 func TestProcOutputOutlivesSession(t *testing.T) {
 	t.Parallel()
 	host, guest := socketPair(t)
-	serve(t, &Server{}, guest)
+	srv := &Server{}
+	serve(t, srv, guest)
+	killProcsAtEnd(t, srv)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	c1 := connect(t, host)
@@ -116,7 +129,8 @@ func TestProcOutputOutlivesSession(t *testing.T) {
 
 func TestProcSignalAndPTY(t *testing.T) {
 	t.Parallel()
-	c, _, _ := newTestClient(t)
+	c, _, srv := newTestClient(t)
+	killProcsAtEnd(t, srv)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	if _, err := c.ProcStart(ctx, ProcStartRequest{ID: "s", Command: "sleep 100"}); err != nil {
@@ -178,7 +192,8 @@ func waitFor(t *testing.T, ok func() bool, what string) {
 // and the output is idle while a waiter takes it, the outputs are closed.
 func TestProcChildHoldsOutput(t *testing.T) {
 	t.Parallel()
-	c, _, _ := newTestClient(t)
+	c, _, srv := newTestClient(t)
+	killProcsAtEnd(t, srv)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	if _, err := c.ProcStart(ctx, ProcStartRequest{ID: "hold", Command: "sleep 30 & echo child $!"}); err != nil {
