@@ -65,6 +65,8 @@ type request struct {
 	Port int          `json:"port,omitempty"`
 	Path string       `json:"path,omitempty"`
 	Mode uint32       `json:"mode,omitempty"`
+	// Proc carries the process operations' arguments (proc.go).
+	Proc *procRequest `json:"proc,omitempty"`
 }
 
 // startedMsg is the payload of a frameStarted frame.

@@ -57,6 +57,8 @@ type Server struct {
 	mu        sync.Mutex
 	env       map[string]string // defaults for every exec, from Init
 	sandboxID string
+
+	procs procTable // processes of proc_start; they outlive sessions
 }
 
 func (s *Server) log() *slog.Logger {
@@ -432,6 +434,8 @@ func (s *Server) handle(ss *session, st *yamux.Stream) {
 		s.readFile(st, req.Path)
 	case opWriteFile:
 		s.writeFile(st, req.Path, os.FileMode(req.Mode))
+	case opProcStart, opProcWait, opProcStdin, opProcSignal, opProcResize, opProcList:
+		s.serveProc(st, req.Op, req.Proc)
 	default:
 		sendError(st, errdefs.Wrap(errdefs.ErrUnsupported, fmt.Errorf("unknown operation %q", req.Op)))
 	}

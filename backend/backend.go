@@ -110,6 +110,12 @@ type Config struct {
 	// max payload less headroom; default 1 MiB less 8 KiB).
 	MaxReplyBytes int
 	Logger        *slog.Logger
+	// Subjects names the subjects the worker publishes on (live process
+	// output); default prefix when zero.
+	Subjects subjects.Subjects
+	// Live publishes process and exec output live (see proc.go); nil: no
+	// live output, only the log stream.
+	Live LivePublisher
 }
 
 func (c *Config) setDefaults() error {
@@ -199,6 +205,8 @@ type Backend struct {
 	// awaited are the fetches waiting for a snapshot's artifacts, cut short
 	// when its record changes.
 	awaited awaitedRecords
+	// procs are the sandboxes' processes (proc.go).
+	procs procRegistry
 }
 
 // session is one sandbox owned by this worker.
@@ -409,6 +417,7 @@ func (b *Backend) end(ctx context.Context, id, kind, reason string) error {
 	if err := s.machine.Stop(ctx); err != nil {
 		errs = append(errs, fmt.Errorf("stop machine: %w", err))
 	}
+	b.endProcs(id)
 	b.removeEgress(ctx, id, s.machine)
 	b.admission.Release(id)
 	if err := b.cfg.Store.DeleteSession(ctx, id); err != nil {

@@ -52,7 +52,8 @@ func (b *Backend) Exec(ctx context.Context, id string, req subjects.ExecRequest)
 	defer cancel()
 	logs := b.cfg.Store.Logs(id)
 	fwd := newOutputForwarder(ctx, logs, s.logBudget(b.cfg.LogBytesPerSecond, b.cfg.LogBytesTotal), id, cmdID)
-	out := newOutputCollector(b.cfg.ReplyOutputCap, fwd.write)
+	forward, endLive := b.execLive(req.StreamSubject, cmdID, fwd.write)
+	out := newOutputCollector(b.cfg.ReplyOutputCap, forward)
 	start := time.Now()
 	res, err := s.machine.Exec(ctx, agent.ExecRequest{
 		Command: req.Command,
@@ -66,6 +67,7 @@ func (b *Backend) Exec(ctx context.Context, id string, req subjects.ExecRequest)
 	flushCtx, flushCancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	defer flushCancel()
 	dropped := fwd.finish(flushCtx, b)
+	endLive(res, err, elapsed, dropped)
 	switch {
 	case errors.Is(err, context.DeadlineExceeded) || (err == nil && res.TimedOut):
 		return subjects.ExecReply{}, errdefs.Wrap(errdefs.ErrTimeout, fmt.Errorf("command %s timed out after %s and was killed (output so far is in the log stream)", cmdID, timeout))

@@ -76,6 +76,9 @@ func (b *Backend) recover(ctx context.Context) error {
 			continue
 		}
 		kept[dir] = true
+		if err := b.AdoptProcesses(ctx, rec.SandboxID); err != nil {
+			b.log.Warn("processes of a reattached sandbox not followed", "sandbox", rec.SandboxID, "err", err)
+		}
 		b.systemLog(ctx, rec.SandboxID, "sandbox reattached after worker restart")
 		b.log.Info("sandbox reattached", "sandbox", rec.SandboxID)
 	}

@@ -1,7 +1,8 @@
 // Package client is a typed Go client of the firkin-worker NATS API for
 // product services: sandboxes (create, exec, snapshot, route, kill, logs),
-// templates, pools, and durable jobs (submit, wait for the result, watch the
-// output live, cancel, status).
+// processes (start, list, connect; output as an io.Reader, stdin as an
+// io.WriteCloser, signal, resize, wait), templates, pools, and durable jobs
+// (submit, wait for the result, watch the output live, cancel, status).
 //
 // Every method takes a context that bounds how long it waits (never a
 // sandbox's or a job's lifetime). Error replies come back as *Error, which

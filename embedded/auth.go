@@ -44,6 +44,7 @@ func (a Access) WorkerPermissions() *server.Permissions {
 	return &server.Permissions{
 		Publish: &server.SubjectPermission{Allow: []string{
 			a.Prefix + ".logs.>",                  // log events
+			a.Prefix + ".proc.>",                  // process output, live
 			a.Prefix + ".events.>",                // lifecycle events
 			a.Prefix + ".results.>",               // job results
 			a.Prefix + ".jobs.dead.>",             // dead-lettered jobs
@@ -111,11 +112,12 @@ func (a Access) ClientPermissions() *server.Permissions {
 	return &server.Permissions{
 		Publish: &server.SubjectPermission{
 			Allow: pub,
-			Deny:  []string{a.Prefix + ".logs.>", a.Prefix + ".events.>", a.Prefix + ".results.>", a.Prefix + ".jobs.dead.>"},
+			Deny:  []string{a.Prefix + ".logs.>", a.Prefix + ".proc.>", a.Prefix + ".events.>", a.Prefix + ".results.>", a.Prefix + ".jobs.dead.>"},
 		},
 		Subscribe: &server.SubjectPermission{Allow: []string{
 			"_INBOX.>",
 			a.Prefix + ".logs.>",
+			a.Prefix + ".proc.>",
 			a.Prefix + ".events.>",
 			a.Prefix + ".results.>",
 			a.Prefix + ".jobs.dead.>",

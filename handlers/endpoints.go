@@ -129,6 +129,12 @@ func (s *Service) sandboxVerb(ctx context.Context, req micro.Request) (any, erro
 	if err != nil {
 		return nil, err
 	}
+	if cmd, op, ok, err := subjects.ParseProcVerb(verb); ok {
+		if err != nil {
+			return nil, err
+		}
+		return s.procVerb(ctx, req, id, cmd, op)
+	}
 	switch verb {
 	case subjects.VerbGet:
 		if _, err := decode[struct{}](req); err != nil {
@@ -138,6 +144,9 @@ func (s *Service) sandboxVerb(ctx context.Context, req micro.Request) (any, erro
 	case subjects.VerbExec:
 		in, err := decode[subjects.ExecRequest](req)
 		if err != nil {
+			return nil, err
+		}
+		if err := s.checkLiveSubject("stream_subject", in.StreamSubject); err != nil {
 			return nil, err
 		}
 		return s.rt.Exec(ctx, id, in) // bounded by the request's timeout_ms

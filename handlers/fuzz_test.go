@@ -149,6 +149,10 @@ func FuzzHandlers(f *testing.F) {
 		{"firkin.template.build", `{"template_id":"t"}`},
 		{"firkin.pool.set", `{"template_id":"t","target":1}`},
 		{"firkin.pool.status", `[]`},
+		{"firkin.sandbox.sb1.proc.start", `{"command":"sh","output_subject":"firkin.logs.x"}`},
+		{"firkin.sandbox.sb1.proc.k1234567890a.stdin", `{"data":"x"}`},
+		{"firkin.sandbox.sb1.proc.k1234567890a.signal", `{"signal":"TERM"}`},
+		{"firkin.sandbox.sb1.proc.BAD.resize", `{"cols":1,"rows":1}`},
 	} {
 		f.Add(s.subject, []byte(s.data))
 	}

@@ -127,6 +127,8 @@ type Service struct {
 
 	mu   sync.Mutex
 	subs map[string]*nats.Subscription
+	// serial are the per-process stdin queues (proc.go).
+	serial serialQueues
 }
 
 // New returns a Service; Start registers it.
@@ -225,7 +227,7 @@ func (s *Service) Own(id string) {
 		if err != nil || verb == subjects.VerbLogs {
 			return // logs are answered by the queue-group endpoint
 		}
-		s.async("sandbox."+verb, s.sandboxVerb)(&msgRequest{msg: m, nc: s.nc})
+		s.dispatchSandbox(id, verb, &msgRequest{msg: m, nc: s.nc})
 	})
 	if err != nil {
 		s.log.Error("subscribe sandbox subjects", "sandbox", id, "err", err)

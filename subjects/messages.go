@@ -113,6 +113,10 @@ type ExecRequest struct {
 	User      string            `json:"user,omitempty"`
 	Stdin     string            `json:"stdin,omitempty"`
 	TimeoutMS int               `json:"timeout_ms,omitempty"`
+	// StreamSubject, when set (under the client's inbox prefix), also gets
+	// the output live as it is produced, in the format of a process's
+	// output subject (see ProcStreamHeader).
+	StreamSubject string `json:"stream_subject,omitempty"`
 }
 
 // ExecReply is the reply of exec. Output that is not valid UTF-8 comes base64

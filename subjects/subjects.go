@@ -58,6 +58,24 @@ func New(prefix string) (Subjects, error) {
 // Default is the subjects under DefaultPrefix.
 var Default = Subjects{Prefix: DefaultPrefix}
 
+// maxVerbTokens bounds the tokens of a per-sandbox verb.
+const maxVerbTokens = 4
+
+// validVerb reports whether verb is 1..maxVerbTokens valid tokens joined by
+// dots.
+func validVerb(verb string) bool {
+	toks := strings.Split(verb, ".")
+	if len(toks) > maxVerbTokens {
+		return false
+	}
+	for _, tok := range toks {
+		if !validToken(tok) {
+			return false
+		}
+	}
+	return true
+}
+
 func validToken(tok string) bool {
 	return tok != "" && !strings.ContainsAny(tok, ".*> \t\r\n")
 }
@@ -81,8 +99,9 @@ func (s Subjects) Sandbox(id, verb string) string {
 	return s.Prefix + ".sandbox." + id + "." + verb
 }
 
-// SandboxAll is <prefix>.sandbox.<id>.*, what the owning worker subscribes to.
-func (s Subjects) SandboxAll(id string) string { return s.Prefix + ".sandbox." + id + ".*" }
+// SandboxAll is <prefix>.sandbox.<id>.>, what the owning worker subscribes
+// to (verbs may have several tokens: proc.start, proc.<command id>.stdin).
+func (s Subjects) SandboxAll(id string) string { return s.Prefix + ".sandbox." + id + ".>" }
 
 // SandboxVerbWildcard is <prefix>.sandbox.*.<verb>.
 func (s Subjects) SandboxVerbWildcard(verb string) string { return s.Prefix + ".sandbox.*." + verb }
@@ -124,14 +143,16 @@ func (s Subjects) Event(kind, id string) string { return s.Prefix + ".events." +
 func (s Subjects) EventsAll() string { return s.Prefix + ".events.>" }
 
 // ParseSandbox splits <prefix>.sandbox.<id>.<verb> into a validated sandbox id
-// and verb. Its errors are errdefs.ErrInvalidArgument.
+// and verb. A verb is one or more tokens (at most maxVerbTokens) joined by
+// dots: "get", "proc.start", "proc.<command id>.stdin". Its errors are
+// errdefs.ErrInvalidArgument.
 func (s Subjects) ParseSandbox(subject string) (id, verb string, err error) {
 	rest, ok := strings.CutPrefix(subject, s.Prefix+".sandbox.")
 	if !ok {
 		return "", "", invalid("subject %q is not under %s.sandbox", subject, s.Prefix)
 	}
 	id, verb, ok = strings.Cut(rest, ".")
-	if !ok || strings.Contains(verb, ".") {
+	if !ok || !validVerb(verb) {
 		return "", "", invalid("subject %q is not %s.sandbox.<id>.<verb>", subject, s.Prefix)
 	}
 	if err := ValidateSandboxID(id); err != nil {

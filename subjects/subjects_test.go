@@ -19,7 +19,12 @@ func TestParseSandbox(t *testing.T) {
 		{"firkin.sandbox.ABC.get", "", "", false},
 		{"firkin.sandbox.-ab.get", "", "", false},
 		{"firkin.sandbox.abc", "", "", false},
-		{"firkin.sandbox.abc.exec.more", "", "", false},
+		{"firkin.sandbox.abc.proc.start", "abc", "proc.start", true},
+		{"firkin.sandbox.abc.proc.k1234567890a.stdin", "abc", "proc.k1234567890a.stdin", true},
+		{"firkin.sandbox.abc.exec.", "", "", false},
+		{"firkin.sandbox.abc.proc..stdin", "", "", false},
+		{"firkin.sandbox.abc.a.b.c.d.e", "", "", false},
+		{"firkin.sandbox.abc.proc.*.stdin", "", "", false},
 		{"other.sandbox.abc.exec", "", "", false},
 		{"firkin.sandbox." + strings.Repeat("a", 64) + ".get", "", "", false},
 	}
@@ -131,9 +136,10 @@ func FuzzDecode(f *testing.F) {
 func FuzzParseSandbox(f *testing.F) {
 	f.Add("firkin.sandbox.abc.exec")
 	f.Add("firkin.sandbox..")
+	f.Add("firkin.sandbox.abc.proc.k1234567890a.stdin")
 	f.Fuzz(func(t *testing.T, s string) {
 		id, verb, err := Default.ParseSandbox(s)
-		if err == nil && (ValidateSandboxID(id) != nil || strings.Contains(verb, ".") || Default.Sandbox(id, verb) != s) {
+		if err == nil && (ValidateSandboxID(id) != nil || !validVerb(verb) || strings.ContainsAny(verb, "*> \t\r\n") || strings.Count(verb, ".") >= maxVerbTokens || Default.Sandbox(id, verb) != s) {
 			t.Fatalf("ParseSandbox(%q) = %q %q but does not round trip", s, id, verb)
 		}
 	})

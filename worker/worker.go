@@ -280,6 +280,8 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 			LogBytesPerSecond: cfg.LogBytesPerSecond,
 			LogBytesTotal:     cfg.LogBytesTotal,
 			MaxReplyBytes:     int(w.nc.MaxPayload()) - 8<<10,
+			Subjects:          subj,
+			Live:              newLivePublisher(w.storeNC, w.nc, subj, w.inboxAllowed),
 		})
 		return err
 	}); err != nil {
@@ -359,6 +361,12 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 		go warm()
 	}
 	return w, nil
+}
+
+// inboxAllowed says whether subject is a client inbox the worker may
+// publish live output to (the handlers' reply check).
+func (w *Worker) inboxAllowed(subject string) bool {
+	return w.svc != nil && w.svc.ReplyAllowed(subject)
 }
 
 func (w *Worker) released(id string) {

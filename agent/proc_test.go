@@ -1,0 +1,215 @@
+//go:build unix
+
+package agent
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/firkin-dev/firkin-worker/errdefs"
+)
+
+// collector gathers process output.
+type collector struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (c *collector) fn(_ Stream, b []byte) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.buf.Write(b)
+}
+
+func (c *collector) String() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.buf.String()
+}
+
+// killProcsAtEnd kills what srv's processes left running when the test
+// ends (without a chroot they run on this host).
+func killProcsAtEnd(t *testing.T, srv *Server) {
+	t.Cleanup(func() {
+		for _, p := range srv.procs.list() {
+			_ = p.kill(syscall.SIGKILL)
+		}
+	})
+}
+
+func TestProcStartWaitStdin(t *testing.T) {
+	t.Parallel()
+	c, _, srv := newTestClient(t)
+	killProcsAtEnd(t, srv)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	pid, err := c.ProcStart(ctx, ProcStartRequest{ID: "p1", Command: "read a; echo got $a; echo err >&2; exit 3", Tag: "t"})
+	if err != nil || pid <= 0 {
+		t.Fatalf("ProcStart: %d %v", pid, err)
+	}
+	if _, err := c.ProcStart(ctx, ProcStartRequest{ID: "p1", Command: "true"}); !errors.Is(err, errdefs.ErrInvalidArgument) {
+		t.Fatalf("duplicate id: %v", err)
+	}
+	list, err := c.ProcList(ctx)
+	if err != nil || len(list) != 1 || list[0].ID != "p1" || !list[0].Running || list[0].Tag != "t" || list[0].PID != pid {
+		t.Fatalf("ProcList = %+v, %v", list, err)
+	}
+	if n, err := c.ProcStdin(ctx, "p1", []byte("hello\n"), false); err != nil || n != 6 {
+		t.Fatalf("ProcStdin: %d %v", n, err)
+	}
+	var out collector
+	res, err := c.ProcWait(ctx, "p1", out.fn)
+	if err != nil || res.ExitCode != 3 || res.PID != pid {
+		t.Fatalf("ProcWait = %+v, %v", res, err)
+	}
+	if got := out.String(); !strings.Contains(got, "got hello\n") || !strings.Contains(got, "err\n") {
+		t.Fatalf("output %q", got)
+	}
+	list, _ = c.ProcList(ctx)
+	if len(list) != 1 || list[0].Running || list[0].Exit == nil || list[0].Exit.ExitCode != 3 {
+		t.Fatalf("after exit: %+v", list)
+	}
+	if _, err := c.ProcWait(ctx, "nope", nil); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Fatalf("wait unknown: %v", err)
+	}
+}
+
+// Output made while nobody waits is kept (the process blocks on its pipe)
+// and survives a waiter that went away and a dropped session.
+func TestProcOutputOutlivesSession(t *testing.T) {
+	t.Parallel()
+	host, guest := socketPair(t)
+	srv := &Server{}
+	serve(t, srv, guest)
+	killProcsAtEnd(t, srv)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c1 := connect(t, host)
+	const lines = 20000 // ~150 KB: more than a pipe holds
+	if _, err := c1.ProcStart(ctx, ProcStartRequest{ID: "bg", Command: fmt.Sprintf("i=0; while [ $i -lt %d ]; do echo line$i; i=$((i+1)); done", lines)}); err != nil {
+		t.Fatal(err)
+	}
+	// A waiter that gives up early.
+	var first collector
+	wctx, wcancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	_, err := c1.ProcWait(wctx, "bg", first.fn)
+	wcancel()
+	if err == nil {
+		t.Log("process finished within the first wait")
+	}
+	if err := c1.Quiesce(ctx); err != nil {
+		t.Fatal(err)
+	}
+	c2, err := Connect(ctx, host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	var rest collector
+	res, err := c2.ProcWait(ctx, "bg", rest.fn)
+	if err != nil || res.ExitCode != 0 {
+		t.Fatalf("second wait: %+v %v", res, err)
+	}
+	all := first.String() + rest.String()
+	var want strings.Builder
+	for i := range lines {
+		fmt.Fprintf(&want, "line%d\n", i)
+	}
+	if all != want.String() {
+		t.Fatalf("output lost or reordered: got %d bytes, want %d", len(all), want.Len())
+	}
+}
+
+func TestProcSignalAndPTY(t *testing.T) {
+	t.Parallel()
+	c, _, srv := newTestClient(t)
+	killProcsAtEnd(t, srv)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if _, err := c.ProcStart(ctx, ProcStartRequest{ID: "s", Command: "sleep 100"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.ProcSignal(ctx, "s", "TERM"); err != nil {
+		t.Fatal(err)
+	}
+	res, err := c.ProcWait(ctx, "s", nil)
+	if err != nil || res.ExitCode != 128+15 || res.Signal == "" {
+		t.Fatalf("after TERM: %+v %v", res, err)
+	}
+	if err := c.ProcSignal(ctx, "s", "TERM"); !errors.Is(err, errdefs.ErrInvalidArgument) {
+		t.Fatalf("signal after exit: %v", err)
+	}
+	if err := c.ProcSignal(ctx, "s", "BOGUS"); !errors.Is(err, errdefs.ErrInvalidArgument) {
+		t.Fatalf("bad signal: %v", err)
+	}
+
+	if _, err := c.ProcStart(ctx, ProcStartRequest{ID: "tty", Command: "sh -i", PTY: &PTYSize{Cols: 80, Rows: 24}}); err != nil {
+		t.Fatal(err)
+	}
+	var out collector
+	waited := make(chan error, 1)
+	go func() { _, err := c.ProcWait(ctx, "tty", out.fn); waited <- err }()
+	if _, err := c.ProcStdin(ctx, "tty", []byte("stty size\n"), false); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return strings.Contains(out.String(), "24 80") }, "stty size 24 80 in "+out.String())
+	if err := c.ProcResize(ctx, "tty", PTYSize{Cols: 120, Rows: 40}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.ProcStdin(ctx, "tty", []byte("stty size; exit 7\n"), false); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-waited; err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out.String(), "40 120") {
+		t.Fatalf("after resize: %q", out.String())
+	}
+	if err := c.ProcResize(ctx, "s", PTYSize{Cols: 1, Rows: 1}); !errors.Is(err, errdefs.ErrInvalidArgument) {
+		t.Fatalf("resize without pty: %v", err)
+	}
+}
+
+func waitFor(t *testing.T, ok func() bool, what string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !ok() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// A process whose child keeps its output open still ends: once it exited
+// and the output is idle while a waiter takes it, the outputs are closed.
+func TestProcChildHoldsOutput(t *testing.T) {
+	t.Parallel()
+	c, _, srv := newTestClient(t)
+	killProcsAtEnd(t, srv)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if _, err := c.ProcStart(ctx, ProcStartRequest{ID: "hold", Command: "sleep 30 & echo child $!"}); err != nil {
+		t.Fatal(err)
+	}
+	var out collector
+	t0 := time.Now()
+	res, err := c.ProcWait(ctx, "hold", out.fn)
+	var child int
+	if _, serr := fmt.Sscanf(out.String(), "child %d\n", &child); serr == nil && child > 0 {
+		t.Cleanup(func() { _ = syscall.Kill(child, syscall.SIGKILL) })
+	}
+	if err != nil || res.ExitCode != 0 || child <= 0 {
+		t.Fatalf("wait = %+v, %v, output %q", res, err, out.String())
+	}
+	if d := time.Since(t0); d > 5*time.Second {
+		t.Fatalf("wait took %s with a child holding the output", d)
+	}
+}

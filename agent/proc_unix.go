@@ -1,0 +1,638 @@
+//go:build unix
+
+package agent
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"sort"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/creack/pty"
+
+	"github.com/firkin-dev/firkin-worker/errdefs"
+)
+
+// stdinWriteTimeout bounds one write to a process's stdin: a process that
+// does not read its stdin makes proc_stdin fail rather than hang.
+const stdinWriteTimeout = 30 * time.Second
+
+// procTable is the guest's table of processes started by proc_start. The
+// zero value is ready to use.
+type procTable struct {
+	mu    sync.Mutex
+	procs map[string]*guestProc
+}
+
+// guestProc is one process of the table.
+type guestProc struct {
+	id, command, tag string
+	pid              int
+	isPTY            bool
+	started          time.Time
+
+	stdinMu sync.Mutex
+	stdin   *os.File // the pipe's write end, or the PTY master; nil once closed
+	ptmx    *os.File // the PTY master (also an output), nil without a PTY
+
+	mu       sync.Mutex
+	cond     *sync.Cond
+	waiter   *procWaiter // who takes output now; nil: output waits
+	exited   bool
+	res      ExecResult
+	outputs  int           // output readers still running
+	outs     []*os.File    // the output ends
+	reading  int           // output readers blocked in a read
+	chunks   uint64        // chunks read so far
+	drained  chan struct{} // closed when the process exited and every output reader finished
+	taken    bool          // an exit was delivered to a waiter
+	finished time.Time
+}
+
+// procWaiter is one proc_wait stream.
+type procWaiter struct {
+	mu   sync.Mutex // serialises frames
+	st   io.Writer
+	gone chan struct{}
+	once sync.Once
+}
+
+func (w *procWaiter) write(frame []byte) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	select {
+	case <-w.gone:
+		return io.ErrClosedPipe
+	default:
+	}
+	_, err := w.st.Write(frame)
+	return err
+}
+
+func (w *procWaiter) end() { w.once.Do(func() { close(w.gone) }) }
+
+func (t *procTable) get(id string) (*guestProc, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	p, ok := t.procs[id]
+	if !ok {
+		return nil, errdefs.Wrap(errdefs.ErrNotFound, fmt.Errorf("no process %q", id))
+	}
+	return p, nil
+}
+
+// add registers p, evicting the oldest finished processes (those whose
+// exit was taken first) when the table is full.
+func (t *procTable) add(p *guestProc) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.procs == nil {
+		t.procs = map[string]*guestProc{}
+	}
+	if _, ok := t.procs[p.id]; ok {
+		return errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf("process %q exists", p.id))
+	}
+	running := 0
+	var done []*guestProc
+	for _, q := range t.procs {
+		q.mu.Lock()
+		if q.exited {
+			done = append(done, q)
+		} else {
+			running++
+		}
+		q.mu.Unlock()
+	}
+	if running >= maxRunningProcs {
+		return errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf("%d processes running, at most %d", running, maxRunningProcs))
+	}
+	sort.Slice(done, func(i, j int) bool {
+		if done[i].taken != done[j].taken {
+			return done[i].taken
+		}
+		return done[i].finished.Before(done[j].finished)
+	})
+	for i := 0; len(t.procs) >= MaxProcs && i < len(done); i++ {
+		delete(t.procs, done[i].id)
+	}
+	t.procs[p.id] = p
+	return nil
+}
+
+func (t *procTable) list() []*guestProc {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	out := make([]*guestProc, 0, len(t.procs))
+	for _, p := range t.procs {
+		out = append(out, p)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].started.Before(out[j].started) })
+	return out
+}
+
+// procStart serves proc_start.
+func (s *Server) procStart(st io.Writer, req ProcStartRequest) {
+	if !validProcID(req.ID) {
+		sendError(st, errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf("proc_start: bad id %q", req.ID)))
+		return
+	}
+	if req.PTY != nil && (req.PTY.Cols == 0 || req.PTY.Rows == 0) {
+		sendError(st, errdefs.Wrap(errdefs.ErrInvalidArgument, errors.New("proc_start: pty size must not be 0")))
+		return
+	}
+	line := req.Command
+	args := []string(nil)
+	if len(req.Args) > 0 {
+		// A shell in the guest's root finds the program in PATH.
+		line = `exec "$0" "$@"`
+		args = append([]string{req.Command}, req.Args...)
+	}
+	cmd, err := s.command(ExecRequest{Command: line, Env: req.Env, Cwd: req.Cwd, User: req.User})
+	if err != nil {
+		sendError(st, err)
+		return
+	}
+	if len(req.Args) > 0 {
+		cmd.Args = append([]string{"/bin/sh", "-c", line}, args...)
+	}
+	p := &guestProc{id: req.ID, command: req.Command, tag: req.Tag, isPTY: req.PTY != nil, started: time.Now(), drained: make(chan struct{})}
+	p.cond = sync.NewCond(&p.mu)
+	if len(req.Args) > 0 {
+		for _, a := range req.Args {
+			p.command += " " + a
+		}
+	}
+	if len(p.command) > maxProcInfoField {
+		p.command = p.command[:maxProcInfoField]
+	}
+	if len(p.tag) > maxProcInfoField {
+		p.tag = p.tag[:maxProcInfoField]
+	}
+	if err := s.procs.add(p); err != nil {
+		sendError(st, err)
+		return
+	}
+	// The table lists p already: its fields are set under its locks.
+	p.stdinMu.Lock()
+	p.mu.Lock()
+	outputs, wait, err := s.startProc(cmd, p, req.PTY)
+	if err == nil {
+		p.pid = cmd.Process.Pid
+		p.outputs = len(outputs)
+		for _, o := range outputs {
+			p.outs = append(p.outs, o.f)
+		}
+	}
+	p.mu.Unlock()
+	p.stdinMu.Unlock()
+	if err != nil {
+		s.procs.mu.Lock()
+		delete(s.procs.procs, p.id)
+		s.procs.mu.Unlock()
+		sendError(st, err)
+		return
+	}
+	for _, o := range outputs {
+		go p.pump(o.f, o.typ)
+	}
+	go p.reap(wait, req.Timeout)
+	_ = writeJSONFrame(st, frameOK, startedMsg{PID: p.pid})
+	s.log().Debug("process started", "id", p.id, "pid", p.pid, "pty", p.isPTY)
+}
+
+type procOutput struct {
+	f   *os.File
+	typ byte
+}
+
+// startProc starts cmd with pipes or a PTY and returns its output ends.
+func (s *Server) startProc(cmd *exec.Cmd, p *guestProc, size *PTYSize) ([]procOutput, <-chan syscall.WaitStatus, error) {
+	if size != nil {
+		ptmx, tty, err := pty.Open()
+		if err != nil {
+			return nil, nil, fmt.Errorf("open pty: %w", err)
+		}
+		if err := pty.Setsize(ptmx, &pty.Winsize{Cols: size.Cols, Rows: size.Rows}); err != nil {
+			_ = ptmx.Close()
+			_ = tty.Close()
+			return nil, nil, fmt.Errorf("pty size: %w", err)
+		}
+		cmd.Stdin, cmd.Stdout, cmd.Stderr = tty, tty, tty
+		cmd.SysProcAttr.Setpgid = false
+		cmd.SysProcAttr.Setsid = true
+		cmd.SysProcAttr.Setctty = true
+		cmd.SysProcAttr.Ctty = 0
+		wait, err := s.start(cmd)
+		_ = tty.Close() // the child has its own
+		if err != nil {
+			_ = ptmx.Close()
+			return nil, nil, startError(err)
+		}
+		p.stdin, p.ptmx = ptmx, ptmx
+		return []procOutput{{ptmx, frameStdout}}, wait, nil
+	}
+	var files []*os.File
+	closeAll := func() {
+		for _, f := range files {
+			_ = f.Close()
+		}
+	}
+	pipe := func() (*os.File, *os.File, error) {
+		r, w, err := os.Pipe()
+		if err == nil {
+			files = append(files, r, w)
+		}
+		return r, w, err
+	}
+	stdinR, stdinW, err1 := pipe()
+	outR, outW, err2 := pipe()
+	errR, errW, err3 := pipe()
+	if err := errors.Join(err1, err2, err3); err != nil {
+		closeAll()
+		return nil, nil, fmt.Errorf("pipes: %w", err)
+	}
+	growPipe(outW)
+	growPipe(errW)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdinR, outW, errW
+	wait, err := s.start(cmd)
+	_ = stdinR.Close()
+	_ = outW.Close()
+	_ = errW.Close()
+	if err != nil {
+		closeAll()
+		return nil, nil, startError(err)
+	}
+	p.stdin = stdinW
+	return []procOutput{{outR, frameStdout}, {errR, frameStderr}}, wait, nil
+}
+
+// pump reads one output of p and hands it to the waiters, in order.
+func (p *guestProc) pump(f *os.File, typ byte) {
+	defer func() {
+		p.mu.Lock()
+		p.outputs--
+		p.finishLocked()
+		p.mu.Unlock()
+	}()
+	buf := make([]byte, frameHeaderSize+outputChunk)
+	for {
+		p.mu.Lock()
+		p.reading++
+		p.mu.Unlock()
+		frame, n, err := readFrameFrom(f, typ, buf)
+		p.mu.Lock()
+		p.reading--
+		if n > 0 {
+			p.chunks++
+		}
+		p.mu.Unlock()
+		if n > 0 {
+			p.deliver(frame)
+		}
+		if err != nil {
+			return // EOF, or EIO on a PTY whose other side is all closed
+		}
+	}
+}
+
+// deliver writes frame to the current waiter, waiting for one while there
+// is none, and to the next one when a write fails.
+func (p *guestProc) deliver(frame []byte) {
+	for {
+		p.mu.Lock()
+		for p.waiter == nil {
+			p.cond.Wait()
+		}
+		w := p.waiter
+		p.mu.Unlock()
+		if w.write(frame) == nil {
+			return
+		}
+		p.detach(w)
+	}
+}
+
+// attach makes w the waiter, ending the previous one.
+func (p *guestProc) attach(w *procWaiter) {
+	p.mu.Lock()
+	old := p.waiter
+	p.waiter = w
+	p.cond.Broadcast()
+	p.mu.Unlock()
+	if old != nil {
+		old.end()
+	}
+}
+
+// detach removes w if it is still the waiter.
+func (p *guestProc) detach(w *procWaiter) {
+	w.end()
+	p.mu.Lock()
+	if p.waiter == w {
+		p.waiter = nil
+	}
+	p.mu.Unlock()
+}
+
+// reap waits for the process, kills it at its timeout, and once it exited
+// lets its outputs drain. Children it left behind may hold them open: once
+// a waiter is attached and every output reader has waited in a read for
+// outputGrace without a byte, the outputs are closed. While nobody waits
+// the output stays (it waits for the next waiter).
+func (p *guestProc) reap(wait <-chan syscall.WaitStatus, timeout time.Duration) {
+	var timedOut bool
+	var tc <-chan time.Time
+	if timeout > 0 {
+		t := time.NewTimer(timeout)
+		defer t.Stop()
+		tc = t.C
+	}
+	var ws syscall.WaitStatus
+	for done := false; !done; {
+		select {
+		case ws = <-wait:
+			done = true
+		case <-tc:
+			timedOut = true
+			_ = p.kill(syscall.SIGKILL)
+			tc = nil
+		}
+	}
+	res := resultOf(ws)
+	res.PID = p.pid
+	res.TimedOut = timedOut
+	p.mu.Lock()
+	p.exited, p.res, p.finished = true, res, time.Now()
+	p.finishLocked()
+	p.mu.Unlock()
+	p.closeStdin()
+	defer func() {
+		for _, f := range p.outs {
+			_ = f.Close()
+		}
+	}()
+
+	tick := time.NewTicker(outputGrace)
+	defer tick.Stop()
+	idle, last := false, uint64(0)
+	for {
+		select {
+		case <-p.drained:
+			return
+		case <-tick.C:
+		}
+		p.mu.Lock()
+		stuck := p.waiter != nil && p.reading == p.outputs && p.chunks == last
+		last = p.chunks
+		p.mu.Unlock()
+		if stuck && idle {
+			break
+		}
+		idle = stuck
+	}
+	// A read blocked on an output ends when it is closed.
+	for _, f := range p.outs {
+		_ = f.SetReadDeadline(time.Now())
+		_ = f.Close()
+	}
+}
+
+// finishLocked closes drained once the process exited and its outputs ended.
+func (p *guestProc) finishLocked() {
+	if p.exited && p.outputs == 0 {
+		select {
+		case <-p.drained:
+		default:
+			close(p.drained)
+		}
+	}
+}
+
+// kill signals the process group (the process alone when it has none).
+func (p *guestProc) kill(sig syscall.Signal) error {
+	p.mu.Lock()
+	exited, pid := p.exited, p.pid
+	p.mu.Unlock()
+	if exited {
+		return errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf("process %q has exited", p.id))
+	}
+	if pid <= 0 {
+		return errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf("process %q is starting", p.id))
+	}
+	err := syscall.Kill(-pid, sig)
+	if errors.Is(err, syscall.ESRCH) {
+		err = syscall.Kill(pid, sig)
+	}
+	if err != nil {
+		return fmt.Errorf("signal process %q: %w", p.id, err)
+	}
+	return nil
+}
+
+func (p *guestProc) closeStdin() {
+	p.stdinMu.Lock()
+	defer p.stdinMu.Unlock()
+	if p.stdin != nil && p.stdin != p.ptmx {
+		_ = p.stdin.Close()
+	}
+	p.stdin = nil
+}
+
+// procWait serves proc_wait: output, then the exit.
+func (s *Server) procWait(st io.ReadWriter, id string) {
+	p, err := s.procs.get(id)
+	if err != nil {
+		sendError(st, err)
+		return
+	}
+	w := &procWaiter{st: st, gone: make(chan struct{})}
+	p.mu.Lock()
+	pid := p.pid
+	p.mu.Unlock()
+	if b, err := json.Marshal(startedMsg{PID: pid}); err == nil {
+		if writeFrame(st, frameStarted, b) != nil {
+			return
+		}
+	}
+	// The host ends the stream (or the session) when it stops waiting.
+	go func() {
+		for {
+			if _, _, err := readFrame(st); err != nil {
+				p.detach(w)
+				return
+			}
+		}
+	}()
+	p.attach(w)
+	select {
+	case <-p.drained:
+	case <-w.gone:
+		return
+	}
+	p.mu.Lock()
+	res := p.res
+	p.mu.Unlock()
+	b, _ := json.Marshal(res)
+	if err := w.write(append(frameHeader(frameExit, len(b)), b...)); err == nil {
+		p.mu.Lock()
+		p.taken = true
+		p.mu.Unlock()
+	}
+	p.detach(w)
+}
+
+// frameHeader returns the header of a frame of type typ carrying n bytes.
+func frameHeader(typ byte, n int) []byte {
+	h := make([]byte, frameHeaderSize, frameHeaderSize+n)
+	h[0] = typ
+	h[1], h[2], h[3], h[4] = byte(n>>24), byte(n>>16), byte(n>>8), byte(n)
+	return h
+}
+
+// procStdin serves proc_stdin: D frames written to stdin until F.
+func (s *Server) procStdin(st io.ReadWriter, id string, closeAfter bool) {
+	p, err := s.procs.get(id)
+	if err != nil {
+		sendError(st, err)
+		return
+	}
+	p.stdinMu.Lock()
+	defer p.stdinMu.Unlock()
+	written := 0
+	var werr error
+	for {
+		typ, payload, err := readFrameLimit(st, frameLimit)
+		if err != nil {
+			return // the host gave up
+		}
+		if typ == frameEOF {
+			break
+		}
+		if typ != frameData {
+			sendError(st, errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf("proc_stdin: unexpected frame %q", typ)))
+			return
+		}
+		if werr != nil {
+			continue
+		}
+		if p.stdin == nil {
+			werr = errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf("process %q: stdin is closed", id))
+			continue
+		}
+		_ = p.stdin.SetWriteDeadline(time.Now().Add(stdinWriteTimeout))
+		n, err := p.stdin.Write(payload)
+		written += n
+		if err != nil {
+			werr = errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf("process %q: write stdin: %w", id, err))
+		}
+	}
+	if werr != nil {
+		sendError(st, werr)
+		return
+	}
+	if closeAfter && p.stdin != nil {
+		if p.ptmx != nil {
+			_, _ = p.ptmx.Write([]byte{4}) // ^D: end of input on a terminal
+		} else {
+			_ = p.stdin.Close()
+			p.stdin = nil
+		}
+	}
+	_ = writeJSONFrame(st, frameOK, procStdinReply{Written: written})
+}
+
+// procSignal serves proc_signal.
+func (s *Server) procSignal(st io.Writer, id, name string) {
+	p, err := s.procs.get(id)
+	if err != nil {
+		sendError(st, err)
+		return
+	}
+	n, ok := procSignals[name]
+	if !ok {
+		sendError(st, errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf("unknown signal %q", name)))
+		return
+	}
+	if err := p.kill(syscall.Signal(n)); err != nil {
+		sendError(st, err)
+		return
+	}
+	_ = writeFrame(st, frameOK, nil)
+}
+
+// procResize serves proc_resize.
+func (s *Server) procResize(st io.Writer, id string, cols, rows uint16) {
+	p, err := s.procs.get(id)
+	if err != nil {
+		sendError(st, err)
+		return
+	}
+	p.mu.Lock()
+	ptmx := p.ptmx
+	p.mu.Unlock()
+	if ptmx == nil {
+		sendError(st, errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf("process %q has no terminal", id)))
+		return
+	}
+	if cols == 0 || rows == 0 {
+		sendError(st, errdefs.Wrap(errdefs.ErrInvalidArgument, errors.New("pty size must not be 0")))
+		return
+	}
+	if err := pty.Setsize(ptmx, &pty.Winsize{Cols: cols, Rows: rows}); err != nil {
+		sendError(st, fmt.Errorf("resize: %w", err))
+		return
+	}
+	// The foreground process group learns of it from the kernel (SIGWINCH).
+	_ = writeFrame(st, frameOK, nil)
+}
+
+// procList serves proc_list.
+func (s *Server) procList(st io.Writer) {
+	for _, p := range s.procs.list() {
+		p.mu.Lock()
+		pi := ProcInfo{ID: p.id, PID: p.pid, Command: p.command, Tag: p.tag, PTY: p.isPTY, StartedAt: p.started, Running: !p.exited}
+		if p.exited {
+			res := p.res
+			pi.Exit = &res
+		}
+		p.mu.Unlock()
+		if err := writeJSONFrame(st, frameData, pi); err != nil {
+			return
+		}
+	}
+	_ = writeFrame(st, frameOK, nil)
+}
+
+// serveProc dispatches the process operations.
+func (s *Server) serveProc(st io.ReadWriter, op string, req *procRequest) {
+	if req == nil && op != opProcList {
+		sendError(st, errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf("%s: no request", op)))
+		return
+	}
+	switch op {
+	case opProcStart:
+		if req.Start == nil {
+			sendError(st, errdefs.Wrap(errdefs.ErrInvalidArgument, errors.New("proc_start: no start")))
+			return
+		}
+		start := *req.Start
+		start.ID = req.ID
+		s.procStart(st, start)
+	case opProcWait:
+		s.procWait(st, req.ID)
+	case opProcStdin:
+		s.procStdin(st, req.ID, req.Close)
+	case opProcSignal:
+		s.procSignal(st, req.ID, req.Signal)
+	case opProcResize:
+		s.procResize(st, req.ID, req.Cols, req.Rows)
+	case opProcList:
+		s.procList(st)
+	}
+}
