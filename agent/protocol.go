@@ -65,6 +65,12 @@ type request struct {
 	Port int          `json:"port,omitempty"`
 	Path string       `json:"path,omitempty"`
 	Mode uint32       `json:"mode,omitempty"`
+	// File operations (fs.go): rename's target, list's depth and the
+	// options of mkdir, remove, write and watch.
+	To        string `json:"to,omitempty"`
+	Depth     int    `json:"depth,omitempty"`
+	Recursive bool   `json:"recursive,omitempty"`
+	Parents   bool   `json:"parents,omitempty"`
 }
 
 // startedMsg is the payload of a frameStarted frame.
@@ -100,6 +106,9 @@ func (e *RemoteError) Unwrap() error {
 	case codeUnsupported:
 		return errdefs.ErrUnsupported
 	default:
+		if class := fsCodeClass(e.Code); class != nil {
+			return class
+		}
 		return errdefs.ErrProtocol
 	}
 }

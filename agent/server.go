@@ -433,6 +433,9 @@ func (s *Server) handle(ss *session, st *yamux.Stream) {
 	case opWriteFile:
 		s.writeFile(st, req.Path, os.FileMode(req.Mode))
 	default:
+		if s.handleFS(ss.ctx, st, req) {
+			return
+		}
 		sendError(st, errdefs.Wrap(errdefs.ErrUnsupported, fmt.Errorf("unknown operation %q", req.Op)))
 	}
 }
