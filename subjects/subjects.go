@@ -81,8 +81,9 @@ func (s Subjects) Sandbox(id, verb string) string {
 	return s.Prefix + ".sandbox." + id + "." + verb
 }
 
-// SandboxAll is <prefix>.sandbox.<id>.*, what the owning worker subscribes to.
-func (s Subjects) SandboxAll(id string) string { return s.Prefix + ".sandbox." + id + ".*" }
+// SandboxAll is <prefix>.sandbox.<id>.>, what the owning worker subscribes
+// to (verbs may have several tokens: fs.read, fs.chunk.<transfer id>).
+func (s Subjects) SandboxAll(id string) string { return s.Prefix + ".sandbox." + id + ".>" }
 
 // SandboxVerbWildcard is <prefix>.sandbox.*.<verb>.
 func (s Subjects) SandboxVerbWildcard(verb string) string { return s.Prefix + ".sandbox.*." + verb }
@@ -124,14 +125,16 @@ func (s Subjects) Event(kind, id string) string { return s.Prefix + ".events." +
 func (s Subjects) EventsAll() string { return s.Prefix + ".events.>" }
 
 // ParseSandbox splits <prefix>.sandbox.<id>.<verb> into a validated sandbox id
-// and verb. Its errors are errdefs.ErrInvalidArgument.
+// and verb. A verb is one or more tokens (at most maxVerbTokens, each
+// without wildcards or white space): "exec", "fs.read",
+// "fs.chunk.<transfer id>". Its errors are errdefs.ErrInvalidArgument.
 func (s Subjects) ParseSandbox(subject string) (id, verb string, err error) {
 	rest, ok := strings.CutPrefix(subject, s.Prefix+".sandbox.")
 	if !ok {
 		return "", "", invalid("subject %q is not under %s.sandbox", subject, s.Prefix)
 	}
 	id, verb, ok = strings.Cut(rest, ".")
-	if !ok || strings.Contains(verb, ".") {
+	if !ok || !validVerb(verb) {
 		return "", "", invalid("subject %q is not %s.sandbox.<id>.<verb>", subject, s.Prefix)
 	}
 	if err := ValidateSandboxID(id); err != nil {
