@@ -121,6 +121,9 @@ type WriteOptions struct {
 	// SHA256, when set (lowercase hex), must be the content's digest, or
 	// the file is left as it was and the write fails.
 	SHA256 string
+	// SHA256AtEOF, when set, is asked for the digest once the source
+	// reached its end (for a digest known only then); it overrides SHA256.
+	SHA256AtEOF func() string
 }
 
 // WriteResult is what a write stored.
@@ -299,7 +302,11 @@ func (c *Client) WriteFileFrom(ctx context.Context, path string, r io.Reader, op
 			return WriteResult{}, fmt.Errorf("agent: write %s: read source: %w", path, rerr)
 		}
 	}
-	if err := writeFrame(st, frameEOF, []byte(opts.SHA256)); err != nil {
+	want := opts.SHA256
+	if opts.SHA256AtEOF != nil {
+		want = opts.SHA256AtEOF()
+	}
+	if err := writeFrame(st, frameEOF, []byte(want)); err != nil {
 		return WriteResult{}, c.sessionError("agent: fs_write", ctx, err)
 	}
 	a := <-replied

@@ -127,6 +127,8 @@ type Service struct {
 
 	mu   sync.Mutex
 	subs map[string]*nats.Subscription
+
+	fs fsState // transfers and watches of the file verbs
 }
 
 // New returns a Service; Start registers it.
@@ -221,9 +223,12 @@ func (s *Service) endpoints() []endpoint {
 // Own starts answering the per-sandbox subjects of id (this worker owns it).
 func (s *Service) Own(id string) {
 	sub, err := s.nc.Subscribe(s.subj.SandboxAll(id), func(m *nats.Msg) {
-		_, verb, err := s.subj.ParseSandbox(m.Subject)
+		id, verb, err := s.subj.ParseSandbox(m.Subject)
 		if err != nil || verb == subjects.VerbLogs {
 			return // logs are answered by the queue-group endpoint
+		}
+		if s.fs.deliver(id, verb, m) {
+			return // a transfer's chunk or ack, in order
 		}
 		s.async("sandbox."+verb, s.sandboxVerb)(&msgRequest{msg: m, nc: s.nc})
 	})
@@ -253,6 +258,7 @@ func (s *Service) Release(id string) {
 	if ok {
 		_ = sub.Unsubscribe()
 	}
+	s.fs.release(id)
 }
 
 // Stop stops taking requests, waits (bounded by ctx) for those in flight to be
