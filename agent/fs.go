@@ -42,6 +42,7 @@ const (
 	opRename  = "rename"
 	opFSWrite = "fs_write"
 	opWatch   = "watch"
+	opFSRead  = "fs_read" // read_file, as a user
 )
 
 // Error codes of file operations (RemoteError.Code), beyond not_found and
@@ -156,9 +157,20 @@ type WatchEvent struct {
 	Count int `json:"count,omitempty"`
 }
 
+// Files are the file operations of a session, done as one guest user.
+type Files struct {
+	c    *Client
+	user string
+}
+
+// Files returns the file operations done as user in the guest (name,
+// uid or uid:gid, as for exec; "" is root): the guest checks permissions
+// as that user would meet them. Watches always run as root.
+func (c *Client) Files(user string) Files { return Files{c: c, user: user} }
+
 // Stat describes the guest file at path (a final symlink is not followed).
-func (c *Client) Stat(ctx context.Context, path string) (FileInfo, error) {
-	reply, err := c.call(ctx, request{Op: opStat, Path: path}, nil)
+func (f Files) Stat(ctx context.Context, path string) (FileInfo, error) {
+	reply, err := f.c.call(ctx, request{Op: opStat, Path: path, User: f.user}, nil)
 	if err != nil {
 		return FileInfo{}, err
 	}
@@ -191,11 +203,11 @@ func (fi *FileInfo) check() error {
 // List lists the directory at path: its entries, and with depth > 1 theirs,
 // down to depth levels (at most MaxListDepth). At most MaxListEntries
 // entries come back; truncated says there were more.
-func (c *Client) List(ctx context.Context, path string, depth int) (entries []FileInfo, truncated bool, err error) {
+func (f Files) List(ctx context.Context, path string, depth int) (entries []FileInfo, truncated bool, err error) {
 	if depth < 1 || depth > MaxListDepth {
 		return nil, false, errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf("list: depth %d: want 1..%d", depth, MaxListDepth))
 	}
-	reply, err := c.call(ctx, request{Op: opList, Path: path, Depth: depth}, func(b []byte) error {
+	reply, err := f.c.call(ctx, request{Op: opList, Path: path, Depth: depth, User: f.user}, func(b []byte) error {
 		var batch []FileInfo
 		if err := json.Unmarshal(b, &batch); err != nil {
 			return protocolError("list: bad entries: %w", err)
@@ -225,31 +237,31 @@ func (c *Client) List(ctx context.Context, path string, depth int) (entries []Fi
 
 // Mkdir makes the directory at path (mode 0: 0755); with parents, missing
 // parents too and an existing directory is no error (mkdir -p).
-func (c *Client) Mkdir(ctx context.Context, path string, mode fs.FileMode, parents bool) error {
-	_, err := c.call(ctx, request{Op: opMkdir, Path: path, Mode: uint32(mode.Perm()), Parents: parents}, nil)
+func (f Files) Mkdir(ctx context.Context, path string, mode fs.FileMode, parents bool) error {
+	_, err := f.c.call(ctx, request{Op: opMkdir, Path: path, Mode: uint32(mode.Perm()), Parents: parents, User: f.user}, nil)
 	return err
 }
 
 // Remove removes the file or empty directory at path; with recursive, a
 // directory and everything in it (rm -r). A missing path is not_found
 // unless recursive.
-func (c *Client) Remove(ctx context.Context, path string, recursive bool) error {
-	_, err := c.call(ctx, request{Op: opRemove, Path: path, Recursive: recursive}, nil)
+func (f Files) Remove(ctx context.Context, path string, recursive bool) error {
+	_, err := f.c.call(ctx, request{Op: opRemove, Path: path, Recursive: recursive, User: f.user}, nil)
 	return err
 }
 
 // Rename renames from to to (replacing a file at to, as rename(2) does).
-func (c *Client) Rename(ctx context.Context, from, to string) error {
-	_, err := c.call(ctx, request{Op: opRename, Path: from, To: to}, nil)
+func (f Files) Rename(ctx context.Context, from, to string) error {
+	_, err := f.c.call(ctx, request{Op: opRename, Path: from, To: to, User: f.user}, nil)
 	return err
 }
 
 // ReadFileTo streams the file at path into w, chunk by chunk (the guest
 // waits while w does: the stream's window is the flow control), and
 // returns how many bytes it wrote. An error of w ends the read.
-func (c *Client) ReadFileTo(ctx context.Context, path string, w io.Writer) (int64, error) {
+func (f Files) ReadFileTo(ctx context.Context, path string, w io.Writer) (int64, error) {
 	var n int64
-	_, err := c.call(ctx, request{Op: opReadFile, Path: path}, func(b []byte) error {
+	_, err := f.c.call(ctx, request{Op: opFSRead, Path: path, User: f.user}, func(b []byte) error {
 		m, err := w.Write(b)
 		n += int64(m)
 		return err
@@ -261,13 +273,13 @@ func (c *Client) ReadFileTo(ctx context.Context, path string, w io.Writer) (int6
 // writes a temporary file next to it and renames it into place once r is
 // done (and the digest matches, when opts.SHA256 is set). An error of r, or
 // ctx ending, leaves the old file as it was.
-func (c *Client) WriteFileFrom(ctx context.Context, path string, r io.Reader, opts WriteOptions) (WriteResult, error) {
+func (f Files) WriteFileFrom(ctx context.Context, path string, r io.Reader, opts WriteOptions) (WriteResult, error) {
 	if opts.SHA256 != "" {
 		if b, err := hex.DecodeString(opts.SHA256); err != nil || len(b) != sha256.Size {
 			return WriteResult{}, errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf("write %s: sha256 %q is not 64 hex digits", path, opts.SHA256))
 		}
 	}
-	st, stop, err := c.open(ctx, request{Op: opFSWrite, Path: path, Mode: uint32(opts.Mode.Perm()), Parents: opts.Parents})
+	st, stop, err := f.c.open(ctx, request{Op: opFSWrite, Path: path, Mode: uint32(opts.Mode.Perm()), Parents: opts.Parents, User: f.user})
 	if err != nil {
 		return WriteResult{}, err
 	}
@@ -289,7 +301,7 @@ func (c *Client) WriteFileFrom(ctx context.Context, path string, r io.Reader, op
 		frame, n, rerr := readFrameFrom(r, frameData, buf)
 		if n > 0 {
 			if _, err := st.Write(frame); err != nil {
-				return WriteResult{}, c.sessionError("agent: fs_write", ctx, err)
+				return WriteResult{}, f.c.sessionError("agent: fs_write", ctx, err)
 			}
 		}
 		if errors.Is(rerr, io.EOF) {
@@ -307,11 +319,11 @@ func (c *Client) WriteFileFrom(ctx context.Context, path string, r io.Reader, op
 		want = opts.SHA256AtEOF()
 	}
 	if err := writeFrame(st, frameEOF, []byte(want)); err != nil {
-		return WriteResult{}, c.sessionError("agent: fs_write", ctx, err)
+		return WriteResult{}, f.c.sessionError("agent: fs_write", ctx, err)
 	}
 	a := <-replied
 	if a.err != nil {
-		return WriteResult{}, c.sessionError("agent: fs_write", ctx, a.err)
+		return WriteResult{}, f.c.sessionError("agent: fs_write", ctx, a.err)
 	}
 	var res WriteResult
 	if err := json.Unmarshal(a.payload, &res); err != nil {
@@ -327,15 +339,15 @@ func (c *Client) WriteFileFrom(ctx context.Context, path string, r io.Reader, op
 // not nil, by closing ready; fn runs on one goroutine, and while it runs
 // the guest queues (and, when its queue overflows, drops with a
 // WatchOverflow event).
-func (c *Client) Watch(ctx context.Context, path string, ready chan<- struct{}, fn func([]WatchEvent)) error {
-	st, stop, err := c.open(ctx, request{Op: opWatch, Path: path})
+func (f Files) Watch(ctx context.Context, path string, ready chan<- struct{}, fn func([]WatchEvent)) error {
+	st, stop, err := f.c.open(ctx, request{Op: opWatch, Path: path, User: f.user})
 	if err != nil {
 		return err
 	}
 	defer stop()
 	defer st.Close()
 	if _, err := readReply(st, nil); err != nil {
-		return c.sessionError("agent: watch", ctx, err)
+		return f.c.sessionError("agent: watch", ctx, err)
 	}
 	if ready != nil {
 		close(ready)
@@ -349,7 +361,7 @@ func (c *Client) Watch(ctx context.Context, path string, ready chan<- struct{}, 
 			if errors.Is(err, io.EOF) {
 				return nil // the guest ended the watch (directory gone)
 			}
-			return c.sessionError("agent: watch", ctx, err)
+			return f.c.sessionError("agent: watch", ctx, err)
 		}
 		switch typ {
 		case frameData:

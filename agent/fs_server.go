@@ -18,6 +18,43 @@ import (
 // operation that is not one of them.
 func (s *Server) handleFS(ctx context.Context, st io.ReadWriteCloser, req request) bool {
 	switch req.Op {
+	case opStat, opList, opMkdir, opRemove, opRename, opFSWrite, opFSRead, opWatch:
+	default:
+		return false
+	}
+	if req.User == "" || req.Op == opWatch {
+		s.fsOp(ctx, st, req)
+		return true
+	}
+	u, err := lookupUser(s.Root, req.User)
+	if err == nil {
+		err = asUser(u, func() error { s.fsOp(ctx, st, req); return nil })
+	}
+	if err != nil {
+		if req.Op == opFSWrite {
+			drainFrames(st)
+		}
+		sendError(st, err)
+	}
+	return true
+}
+
+// drainFrames reads a stream's frames up to an F frame or its end, so
+// that a writer refused up front does not block on a full window.
+func drainFrames(st io.Reader) {
+	for {
+		typ, _, err := readFrame(st)
+		if err != nil || typ == frameEOF {
+			return
+		}
+	}
+}
+
+// fsOp runs one file operation.
+func (s *Server) fsOp(ctx context.Context, st io.ReadWriteCloser, req request) {
+	switch req.Op {
+	case opFSRead:
+		s.fsRead(st, req.Path)
 	case opStat:
 		s.fsStat(st, req.Path)
 	case opList:
@@ -58,10 +95,7 @@ func (s *Server) handleFS(ctx context.Context, st io.ReadWriteCloser, req reques
 		s.fsWrite(st, req)
 	case opWatch:
 		s.watch(ctx, st, req.Path)
-	default:
-		return false
 	}
-	return true
 }
 
 // fsError turns a file system error into the RemoteError the host sees:
@@ -366,7 +400,7 @@ func (s *Server) fsWrite(st io.ReadWriter, req request) {
 	if err == nil {
 		err = f.Chmod(mode)
 	}
-	if err == nil && (uid > 0 || gid > 0) {
+	if err == nil && req.User == "" && (uid > 0 || gid > 0) {
 		err = f.Chown(uid, gid)
 	}
 	if err == nil {
@@ -387,4 +421,43 @@ func (s *Server) fsWrite(st io.ReadWriter, req request) {
 		return
 	}
 	_ = writeJSONFrame(st, frameOK, WriteResult{Size: written, SHA256: sum})
+}
+
+// fsRead is read_file with the error codes of file operations.
+func (s *Server) fsRead(st io.Writer, p string) {
+	err := func() error {
+		root, rel, err := s.fsRoot(p)
+		if err != nil {
+			return err
+		}
+		defer root.Close()
+		f, err := root.Open(rel)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if fi, err := f.Stat(); err == nil && fi.IsDir() {
+			return syscall.EISDIR
+		}
+		buf := make([]byte, frameHeaderSize+fileChunk)
+		for {
+			frame, n, err := readFrameFrom(f, frameData, buf)
+			if n > 0 {
+				if _, werr := st.Write(frame); werr != nil {
+					return werr
+				}
+			}
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			if err != nil {
+				return err
+			}
+		}
+	}()
+	if err != nil {
+		sendError(st, fsError("read", p, err))
+		return
+	}
+	_ = writeFrame(st, frameOK, nil)
 }

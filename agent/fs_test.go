@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -22,12 +23,12 @@ import (
 )
 
 // newRootClient serves a server confined to a temporary root and connects.
-func newRootClient(t *testing.T) (*Client, string) {
+func newRootClient(t *testing.T) (Files, string) {
 	t.Helper()
 	host, guest := socketPair(t)
 	root := t.TempDir()
 	serve(t, &Server{Root: root}, guest)
-	return connect(t, host), root
+	return connect(t, host).Files(""), root
 }
 
 func remoteCode(err error) string {
@@ -366,6 +367,9 @@ func TestMergeEventsBound(t *testing.T) {
 func TestFSBounds(t *testing.T) {
 	// A guest that lists more than MaxListEntries, or lies about a file.
 	c := hostileGuest(t, func(st *yamux.Stream, req request) {
+		if req.Op == opFSRead {
+			return
+		}
 		switch req.Op {
 		case opList:
 			batch := make([]FileInfo, 1000)
@@ -386,10 +390,67 @@ func TestFSBounds(t *testing.T) {
 		}
 	})
 	ctx := bctx(t)
-	_, _, err := c.List(ctx, "/", 1)
+	f := c.Files("")
+	_, _, err := f.List(ctx, "/", 1)
 	wantProtocol(t, "list", err)
-	_, err = c.Stat(ctx, "/x")
+	_, err = f.Stat(ctx, "/x")
 	wantProtocol(t, "stat", err)
-	err = c.Watch(ctx, "/", nil, func([]WatchEvent) {})
+	err = f.Watch(ctx, "/", nil, func([]WatchEvent) {})
 	wantProtocol(t, "watch", err)
+}
+
+func TestFSAsUser(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root (to change the file system uid)") // the e2e test covers it in the guest
+	}
+	host, guest := socketPair(t)
+	root := t.TempDir()
+	serve(t, &Server{Root: root}, guest)
+	c := connect(t, host)
+	for _, d := range []string{root, filepath.Dir(root)} {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.MkdirAll(filepath.Join(root, "etc"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(root, "etc/passwd"), []byte("root:x:0:0::/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(filepath.Join(root, "private"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(root, "private/secret"), []byte("s"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(filepath.Join(root, "home/user"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(filepath.Join(root, "home/user"), 1000, 1000); err != nil {
+		t.Fatal(err)
+	}
+	ctx := bctx(t)
+	u := c.Files("user")
+	var sink bytes.Buffer
+	if _, err := u.ReadFileTo(ctx, "/private/secret", &sink); remoteCode(err) != CodePermissionDenied {
+		t.Errorf("read as user: %v", err)
+	}
+	if _, err := u.WriteFileFrom(ctx, "/private/new", strings.NewReader("x"), WriteOptions{}); remoteCode(err) != CodePermissionDenied {
+		t.Errorf("write as user: %v", err)
+	}
+	if _, err := u.WriteFileFrom(ctx, "/home/user/mine", strings.NewReader("x"), WriteOptions{}); err != nil {
+		t.Fatalf("write as user in its home: %v", err)
+	}
+	fi, err := os.Stat(filepath.Join(root, "home/user/mine"))
+	if err != nil || fi.Sys().(*syscall.Stat_t).Uid != 1000 {
+		t.Fatalf("file written as user: %v %v", fi, err)
+	}
+	// Root again on the same session: the identity did not stick.
+	if _, err := c.Files("").ReadFileTo(ctx, "/private/secret", &sink); err != nil || sink.String() != "s" {
+		t.Fatalf("read as root after: %q %v", sink.String(), err)
+	}
+	if _, err := c.Files("nosuchuser").Stat(ctx, "/"); err == nil {
+		t.Errorf("unknown user: no error")
+	}
 }

@@ -4,6 +4,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"encoding/binary"
 	"io"
 	"os"
@@ -159,15 +160,27 @@ next:
 }
 
 // readInotify reads inotify events until the file is closed or the watch
-// is gone, and sends them in batches (one per read).
+// is gone, and sends them in batches. A read that ends with the first half
+// of a move waits a moment for the second half, so that a rename inside the
+// directory is one event.
 func readInotify(ino *os.File, out chan<- []WatchEvent) {
 	buf := make([]byte, 64<<10)
+	n := 0
+	waited := false
 	for {
-		n, err := ino.Read(buf)
-		if err != nil {
+		m, err := ino.Read(buf[n:])
+		n += m
+		if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
 			return
 		}
-		evs, gone := parseInotify(buf[:n])
+		evs, gone, halfMove := parseInotify(buf[:n])
+		if halfMove && !waited && err == nil && n < len(buf)-(4<<10) {
+			waited = true
+			_ = ino.SetReadDeadline(time.Now().Add(watchLinger))
+			continue
+		}
+		_ = ino.SetReadDeadline(time.Time{})
+		n, waited = 0, false
 		if len(evs) > 0 {
 			out <- evs
 		}
@@ -180,7 +193,7 @@ func readInotify(ino *os.File, out chan<- []WatchEvent) {
 // parseInotify decodes a read of inotify events. A move within the
 // directory whose two halves are in the same read becomes one rename; a
 // lone half is a create (moved in) or a remove (moved out).
-func parseInotify(b []byte) (evs []WatchEvent, gone bool) {
+func parseInotify(b []byte) (evs []WatchEvent, gone, halfMove bool) {
 	from := map[uint32]int{} // cookie → index of its moved-from event
 	for len(b) >= unix.SizeofInotifyEvent {
 		mask := binary.NativeEndian.Uint32(b[4:8])
@@ -221,5 +234,5 @@ func parseInotify(b []byte) (evs []WatchEvent, gone bool) {
 			evs = append(evs, WatchEvent{Op: WatchCreate, Name: name, Dir: isDir})
 		}
 	}
-	return evs, gone
+	return evs, gone, len(from) > 0
 }

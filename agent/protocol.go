@@ -71,6 +71,8 @@ type request struct {
 	Depth     int    `json:"depth,omitempty"`
 	Recursive bool   `json:"recursive,omitempty"`
 	Parents   bool   `json:"parents,omitempty"`
+	// User does a file operation as this guest user (as for exec).
+	User string `json:"user,omitempty"`
 }
 
 // startedMsg is the payload of a frameStarted frame.

@@ -18,8 +18,21 @@ type agentMachine interface {
 	Agent() (*agent.Client, error)
 }
 
-// fsAgent returns the agent session of a sandbox's machine.
-func (b *Backend) fsAgent(id string) (*agent.Client, error) {
+// fsAgent returns the file operations of a sandbox's machine, done as the
+// guest user user ("" for root).
+func (b *Backend) fsAgent(id, user string) (agent.Files, error) {
+	c, err := b.fsClient(id)
+	if err != nil {
+		return agent.Files{}, err
+	}
+	if len(user) > 256 {
+		return agent.Files{}, invalid("user: at most 256 bytes")
+	}
+	return c.Files(user), nil
+}
+
+// fsClient returns the agent session of a sandbox's machine.
+func (b *Backend) fsClient(id string) (*agent.Client, error) {
 	s, err := b.lookup(id)
 	if err != nil {
 		return nil, err
@@ -66,15 +79,15 @@ func checkPath(what, p string) error {
 }
 
 // FSStat describes the guest file at path.
-func (b *Backend) FSStat(ctx context.Context, id, path string) (subjects.FileInfo, error) {
-	if err := checkPath("path", path); err != nil {
+func (b *Backend) FSStat(ctx context.Context, id string, req subjects.FSPathRequest) (subjects.FileInfo, error) {
+	if err := checkPath("path", req.Path); err != nil {
 		return subjects.FileInfo{}, err
 	}
-	c, err := b.fsAgent(id)
+	c, err := b.fsAgent(id, req.User)
 	if err != nil {
 		return subjects.FileInfo{}, err
 	}
-	fi, err := c.Stat(ctx, path)
+	fi, err := c.Stat(ctx, req.Path)
 	if err != nil {
 		return subjects.FileInfo{}, fileError(err)
 	}
@@ -92,7 +105,7 @@ func (b *Backend) FSList(ctx context.Context, id string, req subjects.FSListRequ
 	if req.Depth < 1 || req.Depth > agent.MaxListDepth {
 		return subjects.FSListReply{}, invalid("depth %d: want 1..%d", req.Depth, agent.MaxListDepth)
 	}
-	c, err := b.fsAgent(id)
+	c, err := b.fsAgent(id, req.User)
 	if err != nil {
 		return subjects.FSListReply{}, err
 	}
@@ -115,7 +128,7 @@ func (b *Backend) FSMkdir(ctx context.Context, id string, req subjects.FSMkdirRe
 	if req.Mode > 0o777 {
 		return subjects.FSReply{}, invalid("mode %o: want permission bits (at most 0777)", req.Mode)
 	}
-	c, err := b.fsAgent(id)
+	c, err := b.fsAgent(id, req.User)
 	if err != nil {
 		return subjects.FSReply{}, err
 	}
@@ -130,7 +143,7 @@ func (b *Backend) FSRemove(ctx context.Context, id string, req subjects.FSRemove
 	if err := checkPath("path", req.Path); err != nil {
 		return subjects.FSReply{}, err
 	}
-	c, err := b.fsAgent(id)
+	c, err := b.fsAgent(id, req.User)
 	if err != nil {
 		return subjects.FSReply{}, err
 	}
@@ -148,7 +161,7 @@ func (b *Backend) FSRename(ctx context.Context, id string, req subjects.FSRename
 	if err := checkPath("to", req.To); err != nil {
 		return subjects.FSReply{}, err
 	}
-	c, err := b.fsAgent(id)
+	c, err := b.fsAgent(id, req.User)
 	if err != nil {
 		return subjects.FSReply{}, err
 	}
@@ -160,15 +173,15 @@ func (b *Backend) FSRename(ctx context.Context, id string, req subjects.FSRename
 
 // FSReadTo streams the guest file at path into w (the guest waits while w
 // does) and returns how many bytes it wrote.
-func (b *Backend) FSReadTo(ctx context.Context, id, path string, w io.Writer) (int64, error) {
-	if err := checkPath("path", path); err != nil {
+func (b *Backend) FSReadTo(ctx context.Context, id string, req subjects.FSReadRequest, w io.Writer) (int64, error) {
+	if err := checkPath("path", req.Path); err != nil {
 		return 0, err
 	}
-	c, err := b.fsAgent(id)
+	c, err := b.fsAgent(id, req.User)
 	if err != nil {
 		return 0, err
 	}
-	n, err := c.ReadFileTo(ctx, path, w)
+	n, err := c.ReadFileTo(ctx, req.Path, w)
 	return n, fileError(err)
 }
 
@@ -183,7 +196,7 @@ func (b *Backend) FSWriteFrom(ctx context.Context, id string, req subjects.FSWri
 	if req.Mode > 0o7777 {
 		return subjects.FSWriteReply{}, invalid("mode %o: want at most 07777", req.Mode)
 	}
-	c, err := b.fsAgent(id)
+	c, err := b.fsAgent(id, req.User)
 	if err != nil {
 		return subjects.FSWriteReply{}, err
 	}
@@ -214,7 +227,7 @@ func (b *Backend) FSWatch(ctx context.Context, id, path string, ready func(), em
 	if err := checkPath("path", path); err != nil {
 		return err
 	}
-	c, err := b.fsAgent(id)
+	c, err := b.fsAgent(id, "")
 	if err != nil {
 		return err
 	}

@@ -24,11 +24,20 @@ import (
 // next message.
 const transferIdle = 60 * time.Second
 
+// AsUser returns a client on c's connection whose file operations (Stat,
+// ListFiles, Mkdir, Remove, Rename, ReadFile, WriteFile and the *Bytes
+// forms) run as user in the guest (a name, uid or uid:gid, as exec's
+// user): the guest checks permissions as it would for that user. Watches
+// run as root.
+func (c *Client) AsUser(user string) *Client {
+	return &Client{nc: c.nc, subj: c.subj, fsUser: user}
+}
+
 // Stat describes the guest file at path in sandbox id (a final symlink is
 // not followed). A missing path is file_not_found.
 func (c *Client) Stat(ctx context.Context, id, path string) (subjects.FileInfo, error) {
 	var fi subjects.FileInfo
-	err := c.Request(ctx, c.subj.Sandbox(id, subjects.VerbFSStat), subjects.FSPathRequest{Path: path}, &fi)
+	err := c.Request(ctx, c.subj.Sandbox(id, subjects.VerbFSStat), subjects.FSPathRequest{Path: path, User: c.fsUser}, &fi)
 	return fi, err
 }
 
@@ -36,23 +45,23 @@ func (c *Client) Stat(ctx context.Context, id, path string) (subjects.FileInfo, 
 // 1: its entries only).
 func (c *Client) ListFiles(ctx context.Context, id, path string, depth int) (subjects.FSListReply, error) {
 	var r subjects.FSListReply
-	err := c.Request(ctx, c.subj.Sandbox(id, subjects.VerbFSList), subjects.FSListRequest{Path: path, Depth: depth}, &r)
+	err := c.Request(ctx, c.subj.Sandbox(id, subjects.VerbFSList), subjects.FSListRequest{Path: path, Depth: depth, User: c.fsUser}, &r)
 	return r, err
 }
 
 // Mkdir makes a guest directory (mode 0: 0755); with parents, mkdir -p.
 func (c *Client) Mkdir(ctx context.Context, id, path string, mode fs.FileMode, parents bool) error {
-	return c.Request(ctx, c.subj.Sandbox(id, subjects.VerbFSMkdir), subjects.FSMkdirRequest{Path: path, Mode: uint32(mode.Perm()), Parents: parents}, nil)
+	return c.Request(ctx, c.subj.Sandbox(id, subjects.VerbFSMkdir), subjects.FSMkdirRequest{Path: path, Mode: uint32(mode.Perm()), Parents: parents, User: c.fsUser}, nil)
 }
 
 // Remove removes a guest file or empty directory; with recursive, rm -r.
 func (c *Client) Remove(ctx context.Context, id, path string, recursive bool) error {
-	return c.Request(ctx, c.subj.Sandbox(id, subjects.VerbFSRemove), subjects.FSRemoveRequest{Path: path, Recursive: recursive}, nil)
+	return c.Request(ctx, c.subj.Sandbox(id, subjects.VerbFSRemove), subjects.FSRemoveRequest{Path: path, Recursive: recursive, User: c.fsUser}, nil)
 }
 
 // Rename renames a guest file or directory.
 func (c *Client) Rename(ctx context.Context, id, from, to string) error {
-	return c.Request(ctx, c.subj.Sandbox(id, subjects.VerbFSRename), subjects.FSRenameRequest{Path: from, To: to}, nil)
+	return c.Request(ctx, c.subj.Sandbox(id, subjects.VerbFSRename), subjects.FSRenameRequest{Path: from, To: to, User: c.fsUser}, nil)
 }
 
 // transferStream is the private inbox of one streamed transfer: the
@@ -107,7 +116,7 @@ func (t *transferStream) next(ctx context.Context) (*nats.Msg, error) {
 // held in memory beyond a few chunks.
 func (c *Client) ReadFile(ctx context.Context, id, path string, w io.Writer) (subjects.FSReadReply, error) {
 	subject := c.subj.Sandbox(id, subjects.VerbFSRead)
-	t, err := c.openTransfer(ctx, subject, subjects.FSReadRequest{Path: path, Stream: true})
+	t, err := c.openTransfer(ctx, subject, subjects.FSReadRequest{Path: path, Stream: true, User: c.fsUser})
 	if err != nil {
 		return subjects.FSReadReply{}, err
 	}
@@ -162,7 +171,7 @@ type WriteFileOptions struct {
 // computed here; on any failure the old file stays. Sources of any size.
 func (c *Client) WriteFile(ctx context.Context, id, path string, r io.Reader, opts WriteFileOptions) (subjects.FSWriteReply, error) {
 	subject := c.subj.Sandbox(id, subjects.VerbFSWrite)
-	t, err := c.openTransfer(ctx, subject, subjects.FSWriteRequest{Path: path, Mode: uint32(opts.Mode.Perm()), Parents: opts.Parents, Stream: true})
+	t, err := c.openTransfer(ctx, subject, subjects.FSWriteRequest{Path: path, Mode: uint32(opts.Mode.Perm()), Parents: opts.Parents, Stream: true, User: c.fsUser})
 	if err != nil {
 		return subjects.FSWriteReply{}, err
 	}
@@ -243,14 +252,14 @@ func (c *Client) WriteFile(ctx context.Context, id, path string, r io.Reader, op
 // one message holds; larger files need ReadFile).
 func (c *Client) ReadFileBytes(ctx context.Context, id, path string) ([]byte, error) {
 	var r subjects.FSReadReply
-	err := c.Request(ctx, c.subj.Sandbox(id, subjects.VerbFSRead), subjects.FSReadRequest{Path: path}, &r)
+	err := c.Request(ctx, c.subj.Sandbox(id, subjects.VerbFSRead), subjects.FSReadRequest{Path: path, User: c.fsUser}, &r)
 	return r.Data, err
 }
 
 // WriteFileBytes writes a small guest file in one request.
 func (c *Client) WriteFileBytes(ctx context.Context, id, path string, data []byte, opts WriteFileOptions) (subjects.FSWriteReply, error) {
 	var r subjects.FSWriteReply
-	err := c.Request(ctx, c.subj.Sandbox(id, subjects.VerbFSWrite), subjects.FSWriteRequest{Path: path, Data: data, Mode: uint32(opts.Mode.Perm()), Parents: opts.Parents}, &r)
+	err := c.Request(ctx, c.subj.Sandbox(id, subjects.VerbFSWrite), subjects.FSWriteRequest{Path: path, Data: data, Mode: uint32(opts.Mode.Perm()), Parents: opts.Parents, User: c.fsUser}, &r)
 	return r, err
 }
 

@@ -27,13 +27,13 @@ import (
 // Files is the runtime's guest file API. It is optional: a runtime without
 // it answers the fs verbs with unsupported.
 type Files interface {
-	FSStat(ctx context.Context, id, path string) (subjects.FileInfo, error)
+	FSStat(ctx context.Context, id string, req subjects.FSPathRequest) (subjects.FileInfo, error)
 	FSList(ctx context.Context, id string, req subjects.FSListRequest) (subjects.FSListReply, error)
 	FSMkdir(ctx context.Context, id string, req subjects.FSMkdirRequest) (subjects.FSReply, error)
 	FSRemove(ctx context.Context, id string, req subjects.FSRemoveRequest) (subjects.FSReply, error)
 	FSRename(ctx context.Context, id string, req subjects.FSRenameRequest) (subjects.FSReply, error)
 	// FSReadTo streams a guest file into w; the guest waits while w does.
-	FSReadTo(ctx context.Context, id, path string, w io.Writer) (int64, error)
+	FSReadTo(ctx context.Context, id string, req subjects.FSReadRequest, w io.Writer) (int64, error)
 	// FSWriteFrom streams r into a guest file atomically; sumAtEOF, when
 	// not nil, gives the digest the content must have once r is done.
 	FSWriteFrom(ctx context.Context, id string, req subjects.FSWriteRequest, r io.Reader, sumAtEOF func() string) (subjects.FSWriteReply, error)
@@ -201,7 +201,7 @@ func (s *Service) fsVerb(ctx context.Context, req micro.Request, id, verb string
 		if err != nil {
 			return nil, err
 		}
-		return files.FSStat(ctx, id, in.Path)
+		return files.FSStat(ctx, id, in)
 	case subjects.VerbFSList:
 		in, err := decode[subjects.FSListRequest](req)
 		if err != nil {
@@ -264,7 +264,7 @@ func (l *limitBuffer) Write(p []byte) (int, error) {
 // reply subject under flow control, then the reply.
 func (s *Service) fsRead(ctx context.Context, req micro.Request, files Files, id string, in subjects.FSReadRequest) (any, error) {
 	qctx, cancel := context.WithTimeout(ctx, quickTimeout)
-	fi, err := files.FSStat(qctx, id, in.Path)
+	fi, err := files.FSStat(qctx, id, subjects.FSPathRequest{Path: in.Path, User: in.User})
 	cancel()
 	if err != nil {
 		return nil, err
@@ -276,7 +276,7 @@ func (s *Service) fsRead(ctx context.Context, req micro.Request, files Files, id
 		ctx, cancel := context.WithTimeout(ctx, quickTimeout)
 		defer cancel()
 		buf := &limitBuffer{max: s.inlineMax()}
-		n, err := files.FSReadTo(ctx, id, in.Path, buf)
+		n, err := files.FSReadTo(ctx, id, in, buf)
 		if err != nil {
 			return nil, err
 		}
@@ -295,7 +295,7 @@ func (s *Service) fsRead(ctx context.Context, req micro.Request, files Files, id
 	ctx, cancel = context.WithTimeout(ctx, fsTransferTimeout)
 	defer cancel()
 	cw := &chunkWriter{s: s, ctx: ctx, t: t, tid: tid, reply: req.Reply(), buf: make([]byte, 0, s.chunkSize()), h: sha256.New(), acked: -1}
-	n, err := files.FSReadTo(ctx, id, in.Path, cw)
+	n, err := files.FSReadTo(ctx, id, in, cw)
 	if err == nil {
 		err = cw.flush()
 	}

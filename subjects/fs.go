@@ -101,6 +101,9 @@ type FileInfo struct {
 // FSPathRequest is the body of fs.stat: {"path": "/etc/hostname"}.
 type FSPathRequest struct {
 	Path string `json:"path"`
+	// User does the operation as this guest user (name, uid or uid:gid, as
+	// exec's user; default root): the guest checks permissions as for them.
+	User string `json:"user,omitempty"`
 }
 
 // FSReadRequest is the body of fs.read. Without stream the file comes back
@@ -109,6 +112,9 @@ type FSPathRequest struct {
 type FSReadRequest struct {
 	Path   string `json:"path"`
 	Stream bool   `json:"stream,omitempty"`
+	// User does the operation as this guest user (name, uid or uid:gid, as
+	// exec's user; default root): the guest checks permissions as for them.
+	User string `json:"user,omitempty"`
 }
 
 // FSReadReply ends fs.read: the file as it was read, its size and digest,
@@ -136,6 +142,9 @@ type FSWriteRequest struct {
 	Parents bool   `json:"parents,omitempty"`
 	Stream  bool   `json:"stream,omitempty"`
 	SHA256  string `json:"sha256,omitempty"`
+	// User does the operation as this guest user (name, uid or uid:gid, as
+	// exec's user; default root): the guest checks permissions as for them.
+	User string `json:"user,omitempty"`
 }
 
 // FSWriteReply ends fs.write: the file as written.
@@ -160,6 +169,9 @@ type FSTransfer struct {
 type FSListRequest struct {
 	Path  string `json:"path"`
 	Depth int    `json:"depth,omitempty"`
+	// User does the operation as this guest user (name, uid or uid:gid, as
+	// exec's user; default root): the guest checks permissions as for them.
+	User string `json:"user,omitempty"`
 }
 
 // FSListReply answers fs.list. At most 10000 entries (Truncated when there
@@ -176,6 +188,9 @@ type FSMkdirRequest struct {
 	// Parents makes missing parents and accepts an existing directory
 	// (mkdir -p).
 	Parents bool `json:"parents,omitempty"`
+	// User does the operation as this guest user (name, uid or uid:gid, as
+	// exec's user; default root): the guest checks permissions as for them.
+	User string `json:"user,omitempty"`
 }
 
 // FSRemoveRequest is the body of fs.remove.
@@ -184,12 +199,18 @@ type FSRemoveRequest struct {
 	// Recursive removes a directory and everything in it (rm -r; a
 	// missing path is then no error).
 	Recursive bool `json:"recursive,omitempty"`
+	// User does the operation as this guest user (name, uid or uid:gid, as
+	// exec's user; default root): the guest checks permissions as for them.
+	User string `json:"user,omitempty"`
 }
 
 // FSRenameRequest is the body of fs.rename.
 type FSRenameRequest struct {
 	Path string `json:"path"`
 	To   string `json:"to"`
+	// User does the operation as this guest user (name, uid or uid:gid, as
+	// exec's user; default root): the guest checks permissions as for them.
+	User string `json:"user,omitempty"`
 }
 
 // FSReply answers fs.mkdir, fs.remove, fs.rename and fs.unwatch.
