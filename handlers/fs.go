@@ -151,14 +151,23 @@ func newTransferID() string {
 	return hex.EncodeToString(b[:])
 }
 
+// maxPayload is the server's max payload (1 MiB, the NATS default, before
+// the connection knows it).
+func (s *Service) maxPayload() int {
+	if s.nc == nil || s.nc.MaxPayload() <= 0 {
+		return 1 << 20
+	}
+	return int(s.nc.MaxPayload())
+}
+
 // chunkSize is the largest chunk that fits one message of this server.
 func (s *Service) chunkSize() int {
-	return max(4<<10, min(fsMaxChunk, int(s.nc.MaxPayload())-fsHeadroom))
+	return max(4<<10, min(fsMaxChunk, s.maxPayload()-fsHeadroom))
 }
 
 // inlineMax is the largest file a reply carries inline (base64 in JSON).
 func (s *Service) inlineMax() int {
-	return max(1<<10, (int(s.nc.MaxPayload())-fsHeadroom)/4*3)
+	return max(1<<10, (s.maxPayload()-fsHeadroom)/4*3)
 }
 
 // fsVerb answers firkin.sandbox.<id>.fs.<op>.
@@ -238,7 +247,7 @@ func (s *Service) fsVerb(ctx context.Context, req micro.Request, id, verb string
 // fitList cuts a list reply to the server's max payload (marking it
 // truncated).
 func (s *Service) fitList(out *subjects.FSListReply) {
-	limit := int(s.nc.MaxPayload()) - fsHeadroom
+	limit := s.maxPayload() - fsHeadroom
 	b, _ := json.Marshal(out)
 	for len(b) > limit && len(out.Entries) > 0 {
 		keep := len(out.Entries) * limit / len(b) * 9 / 10
