@@ -4,8 +4,8 @@ package agent
 
 import (
 	"context"
-	"errors"
 	"encoding/binary"
+	"errors"
 	"io"
 	"os"
 	"strconv"
