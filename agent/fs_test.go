@@ -454,3 +454,22 @@ func TestFSAsUser(t *testing.T) {
 		t.Errorf("unknown user: no error")
 	}
 }
+
+func TestStats(t *testing.T) {
+	c, _, _ := newTestClient(t)
+	st, err := c.Stats(bctx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.CPUTotal == 0 || st.CPUBusy > st.CPUTotal || st.MemTotal == 0 || st.MemAvailable > st.MemTotal || st.DiskTotal == 0 {
+		t.Fatalf("stats %+v", st)
+	}
+	busy, total := parseProcStat([]byte("cpu  10 1 5 100 4 0 2 0 7 0\ncpu0 1 2 3 4\n"))
+	if busy != 18 || total != 122 {
+		t.Fatalf("parseProcStat: %d %d", busy, total)
+	}
+	rx, tx := parseNetDev([]byte("Inter-|\n face |bytes\n    lo: 5 1 0 0 0 0 0 0 5 1 0 0 0 0 0 0\n  eth0: 100 2 0 0 0 0 0 0 200 3 0 0 0 0 0 0\n"))
+	if rx != 100 || tx != 200 {
+		t.Fatalf("parseNetDev: %d %d", rx, tx)
+	}
+}

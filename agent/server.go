@@ -436,6 +436,10 @@ func (s *Server) handle(ss *session, st *yamux.Stream) {
 		if s.handleFS(ss.ctx, st, req) {
 			return
 		}
+		if req.Op == opStats {
+			s.stats(st)
+			return
+		}
 		sendError(st, errdefs.Wrap(errdefs.ErrUnsupported, fmt.Errorf("unknown operation %q", req.Op)))
 	}
 }

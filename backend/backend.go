@@ -193,6 +193,8 @@ type Backend struct {
 	wg       sync.WaitGroup
 	// accel is the accelerator of the last machine adopted.
 	accel string
+
+	metrics metricsState // per-sandbox resource samples (metrics.go)
 }
 
 // session is one sandbox owned by this worker.

@@ -45,6 +45,7 @@ func (a Access) WorkerPermissions() *server.Permissions {
 		Publish: &server.SubjectPermission{Allow: []string{
 			a.Prefix + ".logs.>",                  // log events
 			a.Prefix + ".events.>",                // lifecycle events
+			a.Prefix + ".metrics.>",               // per-sandbox resource samples
 			a.Prefix + ".results.>",               // job results
 			a.Prefix + ".jobs.dead.>",             // dead-lettered jobs
 			a.Prefix + ".worker.*.sandbox.create", // creates forwarded by placement
@@ -110,7 +111,7 @@ func (a Access) ClientPermissions() *server.Permissions {
 	return &server.Permissions{
 		Publish: &server.SubjectPermission{
 			Allow: pub,
-			Deny:  []string{a.Prefix + ".logs.>", a.Prefix + ".events.>", a.Prefix + ".results.>", a.Prefix + ".jobs.dead.>"},
+			Deny:  []string{a.Prefix + ".logs.>", a.Prefix + ".events.>", a.Prefix + ".results.>", a.Prefix + ".jobs.dead.>", a.Prefix + ".metrics.>"},
 		},
 		Subscribe: &server.SubjectPermission{Allow: []string{
 			"_INBOX.>",
@@ -118,6 +119,7 @@ func (a Access) ClientPermissions() *server.Permissions {
 			a.Prefix + ".events.>",
 			a.Prefix + ".results.>",
 			a.Prefix + ".jobs.dead.>",
+			a.Prefix + ".metrics.>",
 		}},
 	}
 }

@@ -133,6 +133,9 @@ func (s *Service) sandboxVerb(ctx context.Context, req micro.Request) (any, erro
 	if strings.HasPrefix(verb, "fs.") {
 		return s.fsVerb(ctx, req, id, verb)
 	}
+	if verb == subjects.VerbMetrics {
+		return s.sandboxMetrics(ctx, req, id)
+	}
 	switch verb {
 	case subjects.VerbGet:
 		if _, err := decode[struct{}](req); err != nil {

@@ -79,6 +79,12 @@ type transfer struct {
 	sandbox  string
 	in       chan *nats.Msg
 	overflow atomic.Bool
+	broken   chan struct{} // closed on overflow
+	breakMu  sync.Once
+	// acked is the last chunk of an upload the worker acknowledged (-1:
+	// none yet), set before the ack is sent, so a chunk beyond the window
+	// is known as such when it arrives.
+	acked atomic.Int64
 }
 
 // watch is one running watch.
@@ -96,7 +102,8 @@ func (f *fsState) addTransfer(id, sandbox string, size int) (*transfer, error) {
 	if f.transfers == nil {
 		f.transfers = map[string]*transfer{}
 	}
-	t := &transfer{sandbox: sandbox, in: make(chan *nats.Msg, size)}
+	t := &transfer{sandbox: sandbox, in: make(chan *nats.Msg, size), broken: make(chan struct{})}
+	t.acked.Store(-1)
 	f.transfers[id] = t
 	return t, nil
 }
@@ -125,12 +132,29 @@ func (f *fsState) deliver(sandbox, verb string, m *nats.Msg) bool {
 	if t == nil || t.sandbox != sandbox {
 		return true // unknown or ended: dropped
 	}
+	if seq := m.Header.Get(subjects.HeaderSeq); seq != "" {
+		// An upload's chunk: at most fsWindow unacknowledged, plus the
+		// last message.
+		limit := int64(fsWindow)
+		if m.Header.Get(subjects.HeaderEOF) != "" {
+			limit++
+		}
+		if n, err := strconv.ParseInt(seq, 10, 64); err == nil && n-t.acked.Load() > limit {
+			t.fail()
+		}
+	}
 	select {
 	case t.in <- m:
 	default:
-		t.overflow.Store(true)
+		t.fail()
 	}
 	return true
+}
+
+// fail marks a transfer whose sender ignored the window.
+func (t *transfer) fail() {
+	t.overflow.Store(true)
+	t.breakMu.Do(func() { close(t.broken) })
 }
 
 // release ends the watches of a sandbox this worker no longer owns.
@@ -447,6 +471,7 @@ func (s *Service) fsWrite(ctx context.Context, req micro.Request, files Files, i
 		var m *nats.Msg
 		select {
 		case m = <-t.in:
+		case <-t.broken:
 		case <-idle.C:
 			return fail(errdefs.Wrap(errdefs.ErrTimeout, fmt.Errorf("transfer %s: no chunk for %s", tid, fsIdle)))
 		case r := <-done:
@@ -481,6 +506,7 @@ func (s *Service) fsWrite(ctx context.Context, req micro.Request, files Files, i
 			r := <-done
 			return r.reply, r.err
 		}
+		t.acked.Store(int64(seq))
 		ack := nats.Header{}
 		ack.Set(subjects.HeaderAck, strconv.Itoa(seq))
 		if err := send(ack, nil); err != nil {

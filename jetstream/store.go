@@ -32,7 +32,7 @@ const (
 // KV buckets (job results included: package jobs' firkin_results) and the
 // dead-lettered jobs (FIRKIN_JOBS_DEAD). Never the work queue FIRKIN_JOBS.
 func ReadableStreams() []string {
-	return []string{LogStream, EventStream, "KV_" + SessionsBucket, "KV_" + SnapshotsBucket, "KV_" + jobs.ResultsBucket, jobs.DeadStream}
+	return []string{LogStream, EventStream, "KV_" + SessionsBucket, "KV_" + SnapshotsBucket, "KV_" + jobs.ResultsBucket, jobs.DeadStream, MetricsStream}
 }
 
 // Config bounds the retention of the streams.
@@ -101,6 +101,9 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Store, error) {
 		Replicas:    cfg.Replicas,
 	}); err != nil {
 		return nil, fmt.Errorf("jetstream: stream %s: %w", EventStream, err)
+	}
+	if err := openMetricsStream(ctx, j, cfg); err != nil {
+		return nil, err
 	}
 	s := &Store{subj: cfg.Subjects, js: j, nc: nc}
 	if s.sessions, err = j.CreateOrUpdateKeyValue(ctx, js.KeyValueConfig{Bucket: SessionsBucket, Description: "active firkin sandboxes", Replicas: cfg.Replicas}); err != nil {
