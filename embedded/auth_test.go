@@ -205,7 +205,7 @@ func TestClientMayUseTheAPIAndReadState(t *testing.T) {
 	for range names.Name() {
 		n++
 	}
-	if names.Err() != nil || n != 4 {
+	if names.Err() != nil || n != 5 { // logs, events, metrics, two buckets
 		t.Fatalf("client lists streams: %d %v", n, names.Err())
 	}
 
