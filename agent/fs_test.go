@@ -387,6 +387,8 @@ func TestFSBounds(t *testing.T) {
 		case opWatch:
 			_ = writeFrame(st, frameOK, nil)
 			_ = writeJSONFrame(st, frameData, make([]WatchEvent, MaxWatchBatch+1))
+		case opStats:
+			_ = writeJSONFrame(st, frameOK, GuestStats{CPUBusy: ^uint64(0), CPUTotal: 5, MemTotal: 10, MemAvailable: 1 << 63, DiskUsed: 7})
 		}
 	})
 	ctx := bctx(t)
@@ -397,6 +399,10 @@ func TestFSBounds(t *testing.T) {
 	wantProtocol(t, "stat", err)
 	err = f.Watch(ctx, "/", nil, func([]WatchEvent) {})
 	wantProtocol(t, "watch", err)
+	st, err := c.Stats(ctx)
+	if err != nil || st.CPUBusy > st.CPUTotal || st.MemAvailable > st.MemTotal || st.DiskUsed > st.DiskTotal {
+		t.Errorf("stats of a lying guest: %+v %v", st, err)
+	}
 }
 
 func TestFSAsUser(t *testing.T) {
