@@ -211,6 +211,11 @@ func (c *Client) WriteFile(ctx context.Context, id, path string, r io.Reader, op
 		n, rerr := io.ReadFull(r, buf)
 		eof := errors.Is(rerr, io.EOF) || errors.Is(rerr, io.ErrUnexpectedEOF)
 		if rerr != nil && !eof {
+			// A chunk out of order ends the transfer at once; the guest
+			// drops its temporary file.
+			abort := &nats.Msg{Subject: start.Subject, Header: nats.Header{}}
+			abort.Header.Set(subjects.HeaderSeq, "abort")
+			_ = c.nc.PublishMsg(abort)
 			return subjects.FSWriteReply{}, fmt.Errorf("%s: read source: %w (the file is left as it was)", subject, rerr)
 		}
 		h.Write(buf[:n])

@@ -310,3 +310,27 @@ func TestFSWatchDelivers(t *testing.T) {
 		t.Fatalf("unwatch twice: %v", err)
 	}
 }
+
+// TestFSUploadAbort: a client whose source fails ends the transfer at once
+// and the file is not written.
+func TestFSUploadAbort(t *testing.T) {
+	rt, c, _ := startFSService(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	start := time.Now()
+	_, err := c.WriteFile(ctx, "sb1", "/aborted", io.MultiReader(bytes.NewReader(make([]byte, 3<<20)), &errReader{}), client.WriteFileOptions{})
+	if err == nil {
+		t.Fatal("no error from a failing source")
+	}
+	time.Sleep(100 * time.Millisecond)
+	rt.mu.Lock()
+	_, written := rt.files["/aborted"]
+	rt.mu.Unlock()
+	if written || time.Since(start) > 5*time.Second {
+		t.Fatalf("written %v after %s", written, time.Since(start))
+	}
+}
+
+type errReader struct{}
+
+func (errReader) Read([]byte) (int, error) { return 0, errors.New("source broke") }
