@@ -237,7 +237,9 @@ func decodeRemoteError(payload []byte) error {
 	switch re.Code {
 	case codeInvalid, codeNotFound, codeUnsupported, codeInternal:
 	default:
-		re.Code = codeInternal
+		if fsCodeClass(re.Code) == nil {
+			re.Code = codeInternal
+		}
 	}
 	if len(re.Message) > maxRemoteMessage {
 		re.Message = strings.ToValidUTF8(re.Message[:maxRemoteMessage], "") + " (cut)"

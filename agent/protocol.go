@@ -67,6 +67,14 @@ type request struct {
 	Mode uint32       `json:"mode,omitempty"`
 	// Proc carries the process operations' arguments (proc.go).
 	Proc *procRequest `json:"proc,omitempty"`
+	// File operations (fs.go): rename's target, list's depth and the
+	// options of mkdir, remove, write and watch.
+	To        string `json:"to,omitempty"`
+	Depth     int    `json:"depth,omitempty"`
+	Recursive bool   `json:"recursive,omitempty"`
+	Parents   bool   `json:"parents,omitempty"`
+	// User does a file operation as this guest user (as for exec).
+	User string `json:"user,omitempty"`
 }
 
 // startedMsg is the payload of a frameStarted frame.
@@ -102,6 +110,9 @@ func (e *RemoteError) Unwrap() error {
 	case codeUnsupported:
 		return errdefs.ErrUnsupported
 	default:
+		if class := fsCodeClass(e.Code); class != nil {
+			return class
+		}
 		return errdefs.ErrProtocol
 	}
 }

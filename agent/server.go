@@ -437,6 +437,13 @@ func (s *Server) handle(ss *session, st *yamux.Stream) {
 	case opProcStart, opProcWait, opProcStdin, opProcSignal, opProcResize, opProcList:
 		s.serveProc(st, req.Op, req.Proc)
 	default:
+		if s.handleFS(ss.ctx, st, req) {
+			return
+		}
+		if req.Op == opStats {
+			s.stats(st)
+			return
+		}
 		sendError(st, errdefs.Wrap(errdefs.ErrUnsupported, fmt.Errorf("unknown operation %q", req.Op)))
 	}
 }

@@ -33,6 +33,10 @@
 //	write_file  R{op, path, mode} D* F                  → O | E
 //	exec        R{op, exec} (0* c)? k?                  → S (1|2)* X | E
 //	dial        R{op, port}                             → "OK\n" raw bytes... | "ERR <msg>\n"
+//	stats       R{op}                                   → O{GuestStats}
+//
+// and the file operations of fs.go (stat, list, mkdir, remove, rename,
+// fs_read, fs_write, watch), which may run as a guest user.
 //
 // An exec stream carries stdin as '0' frames closed by 'c'; 'k' kills the
 // command's process group, and so does the end of the stream. The guest
@@ -44,8 +48,9 @@
 // handshake buffer, data frames (MaxFramePayload), the JSON of O, E, S and X
 // frames (64 KiB, refused from the header before the payload is read), guest
 // error messages (cut at 4 KiB, unknown codes read as internal), signal names,
-// the dial answer line (512 bytes, printable characters only) and ReadFile
-// (MaxReadFile). Exceeding a bound is an error of class errdefs.ErrProtocol.
+// the dial answer line (512 bytes, printable characters only), ReadFile
+// (MaxReadFile), file infos (paths and links 4 KiB, known types), lists
+// (MaxListEntries), watch batches (MaxWatchBatch) and guest stats (clamped). Exceeding a bound is an error of class errdefs.ErrProtocol.
 //
 // After a quiesce, or when the host side of the channel goes away, the guest
 // waits for the next hello on the same channel.

@@ -207,6 +207,7 @@ type Backend struct {
 	awaited awaitedRecords
 	// procs are the sandboxes' processes (proc.go).
 	procs procRegistry
+	metrics metricsState // per-sandbox resource samples (metrics.go)
 }
 
 // session is one sandbox owned by this worker.

@@ -31,6 +31,8 @@ import (
 type Client struct {
 	nc   *nats.Conn
 	subj subjects.Subjects
+	// fsUser is the guest user file operations run as (AsUser).
+	fsUser string
 
 	mu      sync.Mutex
 	js      js.JetStream

@@ -46,6 +46,7 @@ func (a Access) WorkerPermissions() *server.Permissions {
 			a.Prefix + ".logs.>",                  // log events
 			a.Prefix + ".proc.>",                  // process output, live
 			a.Prefix + ".events.>",                // lifecycle events
+			a.Prefix + ".metrics.>",               // per-sandbox resource samples
 			a.Prefix + ".results.>",               // job results
 			a.Prefix + ".jobs.dead.>",             // dead-lettered jobs
 			a.Prefix + ".worker.*.sandbox.create", // creates forwarded by placement
@@ -112,7 +113,7 @@ func (a Access) ClientPermissions() *server.Permissions {
 	return &server.Permissions{
 		Publish: &server.SubjectPermission{
 			Allow: pub,
-			Deny:  []string{a.Prefix + ".logs.>", a.Prefix + ".proc.>", a.Prefix + ".events.>", a.Prefix + ".results.>", a.Prefix + ".jobs.dead.>"},
+			Deny:  []string{a.Prefix + ".logs.>", a.Prefix + ".proc.>", a.Prefix + ".events.>", a.Prefix + ".results.>", a.Prefix + ".jobs.dead.>", a.Prefix + ".metrics.>"},
 		},
 		Subscribe: &server.SubjectPermission{Allow: []string{
 			"_INBOX.>",
@@ -121,6 +122,7 @@ func (a Access) ClientPermissions() *server.Permissions {
 			a.Prefix + ".events.>",
 			a.Prefix + ".results.>",
 			a.Prefix + ".jobs.dead.>",
+			a.Prefix + ".metrics.>",
 		}},
 	}
 }

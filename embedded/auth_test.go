@@ -205,7 +205,7 @@ func TestClientMayUseTheAPIAndReadState(t *testing.T) {
 	for range names.Name() {
 		n++
 	}
-	if names.Err() != nil || n != 5 {
+	if names.Err() != nil || n != 6 { // logs, events, metrics, the sessions and snapshots buckets, the config bucket
 		t.Fatalf("client lists streams: %d %v", n, names.Err())
 	}
 

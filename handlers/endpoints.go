@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go/micro"
@@ -128,6 +129,12 @@ func (s *Service) sandboxVerb(ctx context.Context, req micro.Request) (any, erro
 	id, verb, err := s.subj.ParseSandbox(req.Subject())
 	if err != nil {
 		return nil, err
+	}
+	if strings.HasPrefix(verb, "fs.") {
+		return s.fsVerb(ctx, req, id, verb)
+	}
+	if verb == subjects.VerbMetrics {
+		return s.sandboxMetrics(ctx, req, id)
 	}
 	if cmd, op, ok, err := subjects.ParseProcVerb(verb); ok {
 		if err != nil {

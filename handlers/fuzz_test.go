@@ -3,6 +3,7 @@ package handlers
 import (
 	"context"
 	"encoding/json"
+	"io"
 	"log/slog"
 	"strings"
 	"testing"
@@ -108,6 +109,42 @@ func (f *fuzzRuntime) SetPool(context.Context, subjects.PoolSetRequest) (subject
 	return subjects.PoolStatusReply{}, nil
 }
 
+func (f *fuzzRuntime) FSStat(_ context.Context, id string, _ subjects.FSPathRequest) (subjects.FileInfo, error) {
+	f.sandbox(id)
+	return subjects.FileInfo{Type: subjects.FileTypeFile, Size: 2}, nil
+}
+func (f *fuzzRuntime) FSList(_ context.Context, id string, _ subjects.FSListRequest) (subjects.FSListReply, error) {
+	f.sandbox(id)
+	return subjects.FSListReply{}, nil
+}
+func (f *fuzzRuntime) FSMkdir(_ context.Context, id string, _ subjects.FSMkdirRequest) (subjects.FSReply, error) {
+	f.sandbox(id)
+	return subjects.FSReply{OK: true}, nil
+}
+func (f *fuzzRuntime) FSRemove(_ context.Context, id string, _ subjects.FSRemoveRequest) (subjects.FSReply, error) {
+	f.sandbox(id)
+	return subjects.FSReply{OK: true}, nil
+}
+func (f *fuzzRuntime) FSRename(_ context.Context, id string, _ subjects.FSRenameRequest) (subjects.FSReply, error) {
+	f.sandbox(id)
+	return subjects.FSReply{OK: true}, nil
+}
+func (f *fuzzRuntime) FSReadTo(_ context.Context, id string, _ subjects.FSReadRequest, w io.Writer) (int64, error) {
+	f.sandbox(id)
+	n, err := w.Write([]byte("hi"))
+	return int64(n), err
+}
+func (f *fuzzRuntime) FSWriteFrom(_ context.Context, id string, _ subjects.FSWriteRequest, r io.Reader, _ func() string) (subjects.FSWriteReply, error) {
+	f.sandbox(id)
+	n, err := io.Copy(io.Discard, r)
+	return subjects.FSWriteReply{Size: n}, err
+}
+func (f *fuzzRuntime) FSWatch(_ context.Context, id, _ string, ready func(), _ func([]subjects.WatchEvent)) error {
+	f.sandbox(id)
+	ready()
+	return nil
+}
+
 // subjectMatch reports whether subject matches the NATS pattern (with *
 // and >), as the server routes requests.
 func subjectMatch(pattern, subject string) bool {
@@ -153,12 +190,25 @@ func FuzzHandlers(f *testing.F) {
 		{"firkin.sandbox.sb1.proc.k1234567890a.stdin", `{"data":"x"}`},
 		{"firkin.sandbox.sb1.proc.k1234567890a.signal", `{"signal":"TERM"}`},
 		{"firkin.sandbox.sb1.proc.BAD.resize", `{"cols":1,"rows":1}`},
+		{"firkin.sandbox.sb1.fs.read", `{"path":"/etc/hostname"}`},
+		{"firkin.sandbox.sb1.fs.write", `{"path":"/x","data":"AAE=","mode":420}`},
+		{"firkin.sandbox.sb1.fs.list", `{"path":"/","depth":33}`},
+		{"firkin.sandbox.sb1.fs.watch", `{"path":"/","subject":"firkin.events.x"}`},
+		{"firkin.sandbox.sb1.fs.watch", `{"path":"/","subject":"_INBOX.w"}`},
+		{"firkin.sandbox.sb1.fs.chunk.t1", `x`},
+		{"firkin.sandbox.sb1.fs.nope", `{}`},
 	} {
 		f.Add(s.subject, []byte(s.data))
 	}
 	f.Fuzz(func(t *testing.T, subject string, data []byte) {
 		rt := &fuzzRuntime{}
-		s := &Service{subj: subjects.Default, rt: rt, log: slog.New(slog.DiscardHandler)}
+		s := &Service{subj: subjects.Default, rt: rt, log: slog.New(slog.DiscardHandler), ctx: context.Background()}
+		var stream struct {
+			Stream bool `json:"stream"`
+		}
+		if strings.Contains(subject, ".fs.") && json.Unmarshal(data, &stream) == nil && stream.Stream {
+			return // streamed transfers need a live connection: worker/fs_e2e_test.go
+		}
 		var handle func(context.Context, micro.Request) (any, error)
 		for _, ep := range s.endpoints() {
 			if subjectMatch(ep.subject, subject) {

@@ -129,6 +129,7 @@ type Service struct {
 	subs map[string]*nats.Subscription
 	// serial are the per-process stdin queues (proc.go).
 	serial serialQueues
+	fs fsState // transfers and watches of the file verbs
 }
 
 // New returns a Service; Start registers it.
@@ -223,9 +224,12 @@ func (s *Service) endpoints() []endpoint {
 // Own starts answering the per-sandbox subjects of id (this worker owns it).
 func (s *Service) Own(id string) {
 	sub, err := s.nc.Subscribe(s.subj.SandboxAll(id), func(m *nats.Msg) {
-		_, verb, err := s.subj.ParseSandbox(m.Subject)
+		id, verb, err := s.subj.ParseSandbox(m.Subject)
 		if err != nil || verb == subjects.VerbLogs {
 			return // logs are answered by the queue-group endpoint
+		}
+		if s.fs.deliver(id, verb, m) {
+			return // a transfer's chunk or ack, in order
 		}
 		s.dispatchSandbox(id, verb, &msgRequest{msg: m, nc: s.nc})
 	})
@@ -255,6 +259,7 @@ func (s *Service) Release(id string) {
 	if ok {
 		_ = sub.Unsubscribe()
 	}
+	s.fs.release(id)
 }
 
 // Stop stops taking requests, waits (bounded by ctx) for those in flight to be

@@ -37,7 +37,7 @@ const (
 // (firkin_config). Never the work queue FIRKIN_JOBS, nor the snapshot
 // artifacts' object store (workers only).
 func ReadableStreams() []string {
-	return []string{LogStream, EventStream, "KV_" + SessionsBucket, "KV_" + SnapshotsBucket, "KV_" + jobs.ResultsBucket, jobs.DeadStream, "KV_" + ConfigBucket}
+	return []string{LogStream, EventStream, "KV_" + SessionsBucket, "KV_" + SnapshotsBucket, "KV_" + jobs.ResultsBucket, jobs.DeadStream, "KV_" + ConfigBucket, MetricsStream}
 }
 
 // Config bounds the retention of the streams.
@@ -107,6 +107,9 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Store, error) {
 		Replicas:    cfg.Replicas,
 	}); err != nil {
 		return nil, fmt.Errorf("jetstream: stream %s: %w", EventStream, err)
+	}
+	if err := openMetricsStream(ctx, j, cfg); err != nil {
+		return nil, err
 	}
 	s := &Store{subj: cfg.Subjects, js: j, nc: nc}
 	if s.sessions, err = j.CreateOrUpdateKeyValue(ctx, js.KeyValueConfig{Bucket: SessionsBucket, Description: "active firkin sandboxes", Replicas: cfg.Replicas}); err != nil {

@@ -24,6 +24,12 @@ const (
 	CodeProtocolFailure     Code = "protocol_failure"
 	CodeTimeout             Code = "timeout"
 	CodeDiskPressure        Code = "disk_pressure"
+	// CodeFileNotFound is a guest path that does not exist (the sandbox
+	// does: a missing sandbox is sandbox_not_found).
+	CodeFileNotFound Code = "file_not_found"
+	// CodePermissionDenied is a guest file operation the guest refused
+	// (EACCES, EPERM, a read-only file system).
+	CodePermissionDenied Code = "permission_denied"
 )
 
 // Status is the HTTP-like status sent in the Nats-Service-Error-Code header.
@@ -31,8 +37,10 @@ func (c Code) Status() int {
 	switch c {
 	case CodeInvalidRequest:
 		return 400
-	case CodeSandboxNotFound, CodeSnapshotNotFound:
+	case CodeSandboxNotFound, CodeSnapshotNotFound, CodeFileNotFound:
 		return 404
+	case CodePermissionDenied:
+		return 403
 	case CodeConflict:
 		return 409
 	case CodeTemplateBuildFailed:
@@ -66,12 +74,24 @@ type ErrorDetail struct {
 // code is then snapshot_not_found, not sandbox_not_found).
 var ErrSnapshotNotFound = fmt.Errorf("snapshot %w", errdefs.ErrNotFound)
 
+// ErrFileNotFound marks a not-found error as being about a guest path (the
+// code is then file_not_found).
+var ErrFileNotFound = fmt.Errorf("file %w", errdefs.ErrNotFound)
+
+// ErrPermissionDenied marks an invalid-argument error as the guest's
+// refusal of a file operation (the code is then permission_denied).
+var ErrPermissionDenied = fmt.Errorf("permission denied: %w", errdefs.ErrInvalidArgument)
+
 // CodeOf maps an error to its wire code: the one place where error classes
 // become codes.
 func CodeOf(err error) Code {
 	switch {
 	case errors.Is(err, ErrSnapshotNotFound):
 		return CodeSnapshotNotFound
+	case errors.Is(err, ErrFileNotFound):
+		return CodeFileNotFound
+	case errors.Is(err, ErrPermissionDenied):
+		return CodePermissionDenied
 	case errors.Is(err, errdefs.ErrNotFound):
 		return CodeSandboxNotFound
 	case errors.Is(err, errdefs.ErrInvalidArgument), errors.Is(err, errdefs.ErrIntegrity):
@@ -105,6 +125,10 @@ func (d ErrorDetail) Err() error {
 		class = errdefs.ErrNotFound
 	case CodeSnapshotNotFound:
 		class = ErrSnapshotNotFound
+	case CodeFileNotFound:
+		class = ErrFileNotFound
+	case CodePermissionDenied:
+		class = ErrPermissionDenied
 	case CodeConflict:
 		class = errdefs.ErrConflict
 	case CodeTemplateBuildFailed:

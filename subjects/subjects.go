@@ -100,7 +100,8 @@ func (s Subjects) Sandbox(id, verb string) string {
 }
 
 // SandboxAll is <prefix>.sandbox.<id>.>, what the owning worker subscribes
-// to (verbs may have several tokens: proc.start, proc.<command id>.stdin).
+// to (verbs may have several tokens: proc.start, proc.<command id>.stdin,
+// fs.read, fs.chunk.<transfer id>).
 func (s Subjects) SandboxAll(id string) string { return s.Prefix + ".sandbox." + id + ".>" }
 
 // SandboxVerbWildcard is <prefix>.sandbox.*.<verb>.
@@ -143,9 +144,10 @@ func (s Subjects) Event(kind, id string) string { return s.Prefix + ".events." +
 func (s Subjects) EventsAll() string { return s.Prefix + ".events.>" }
 
 // ParseSandbox splits <prefix>.sandbox.<id>.<verb> into a validated sandbox id
-// and verb. A verb is one or more tokens (at most maxVerbTokens) joined by
-// dots: "get", "proc.start", "proc.<command id>.stdin". Its errors are
-// errdefs.ErrInvalidArgument.
+// and verb. A verb is one or more tokens (at most maxVerbTokens, each
+// without wildcards or white space) joined by dots: "get", "proc.start",
+// "proc.<command id>.stdin", "fs.read", "fs.chunk.<transfer id>". Its errors
+// are errdefs.ErrInvalidArgument.
 func (s Subjects) ParseSandbox(subject string) (id, verb string, err error) {
 	rest, ok := strings.CutPrefix(subject, s.Prefix+".sandbox.")
 	if !ok {

@@ -23,8 +23,14 @@ func TestParseSandbox(t *testing.T) {
 		{"firkin.sandbox.abc.proc.k1234567890a.stdin", "abc", "proc.k1234567890a.stdin", true},
 		{"firkin.sandbox.abc.exec.", "", "", false},
 		{"firkin.sandbox.abc.proc..stdin", "", "", false},
-		{"firkin.sandbox.abc.a.b.c.d.e", "", "", false},
 		{"firkin.sandbox.abc.proc.*.stdin", "", "", false},
+		{"firkin.sandbox.abc.exec.more", "abc", "exec.more", true},
+		{"firkin.sandbox.abc.fs.chunk.t1", "abc", "fs.chunk.t1", true},
+		{"firkin.sandbox.abc.fs..read", "", "", false},
+		{"firkin.sandbox.abc.fs.*", "", "", false},
+		{"firkin.sandbox.abc.fs.>", "", "", false},
+		{"firkin.sandbox.abc.fs.", "", "", false},
+		{"firkin.sandbox.abc.a.b.c.d.e.f.g.h.i", "", "", false},
 		{"other.sandbox.abc.exec", "", "", false},
 		{"firkin.sandbox." + strings.Repeat("a", 64) + ".get", "", "", false},
 	}
@@ -137,9 +143,19 @@ func FuzzParseSandbox(f *testing.F) {
 	f.Add("firkin.sandbox.abc.exec")
 	f.Add("firkin.sandbox..")
 	f.Add("firkin.sandbox.abc.proc.k1234567890a.stdin")
+	f.Add("firkin.sandbox.abc.fs.read")
+	f.Add("firkin.sandbox.abc.fs.chunk.0123abcd")
+	f.Add("firkin.sandbox.abc.fs..x")
 	f.Fuzz(func(t *testing.T, s string) {
 		id, verb, err := Default.ParseSandbox(s)
-		if err == nil && (ValidateSandboxID(id) != nil || !validVerb(verb) || strings.ContainsAny(verb, "*> \t\r\n") || strings.Count(verb, ".") >= maxVerbTokens || Default.Sandbox(id, verb) != s) {
+		if err == nil {
+			for _, tok := range strings.Split(verb, ".") {
+				if !validToken(tok) {
+					t.Fatalf("ParseSandbox(%q): verb token %q is not a subject token", s, tok)
+				}
+			}
+		}
+		if err == nil && (ValidateSandboxID(id) != nil || !validVerb(verb) || strings.Count(verb, ".") >= maxVerbTokens || Default.Sandbox(id, verb) != s) {
 			t.Fatalf("ParseSandbox(%q) = %q %q but does not round trip", s, id, verb)
 		}
 	})

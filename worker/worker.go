@@ -75,6 +75,10 @@ type Config struct {
 	LogBytesPerSecond, LogBytesTotal int64
 	// LogMaxAge bounds the log stream's retention.
 	LogMaxAge time.Duration
+	// SandboxMetricsInterval is how often every sandbox's resources are
+	// sampled (firkin.sandbox.<id>.metrics, firkin.metrics.<id>); default
+	// 5 s, negative: never.
+	SandboxMetricsInterval time.Duration
 	// TokenSecret overrides the token secret kept in the state directory.
 	TokenSecret string
 	// RouteTCPHost is the address the raw TCP route listeners of public
@@ -316,6 +320,9 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 		return nil, err
 	}
 	w.endQuarantine(ctx)
+	if cfg.SandboxMetricsInterval >= 0 {
+		w.backend.StartMetrics(backend.MetricsConfig{Every: cfg.SandboxMetricsInterval, Publish: store.PublishMetrics})
+	}
 	cleanups = append(cleanups, func() {
 		sctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()

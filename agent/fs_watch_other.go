@@ -1,0 +1,16 @@
+//go:build !linux
+
+package agent
+
+import (
+	"context"
+	"errors"
+	"io"
+
+	"github.com/firkin-dev/firkin-worker/errdefs"
+)
+
+// watch needs inotify: only Linux guests have it.
+func (s *Server) watch(_ context.Context, st io.ReadWriteCloser, p string) {
+	sendError(st, errdefs.Wrap(errdefs.ErrUnsupported, errors.New("watch "+p+": needs a Linux guest")))
+}
