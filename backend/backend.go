@@ -206,7 +206,7 @@ type Backend struct {
 	// when its record changes.
 	awaited awaitedRecords
 	// procs are the sandboxes' processes (proc.go).
-	procs procRegistry
+	procs   procRegistry
 	metrics metricsState // per-sandbox resource samples (metrics.go)
 }
 

@@ -129,7 +129,7 @@ type Service struct {
 	subs map[string]*nats.Subscription
 	// serial are the per-process stdin queues (proc.go).
 	serial serialQueues
-	fs fsState // transfers and watches of the file verbs
+	fs     fsState // transfers and watches of the file verbs
 }
 
 // New returns a Service; Start registers it.
