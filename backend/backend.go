@@ -38,7 +38,10 @@ type Store interface {
 	ListSessions(ctx context.Context) ([]subjects.Sandbox, error)
 
 	CreateSnapshot(ctx context.Context, rec subjects.SnapshotRecord) error
-	PutSnapshot(ctx context.Context, rec subjects.SnapshotRecord) error
+	// GetSnapshotRevision and ReplaceSnapshot replace a record by
+	// compare-and-set on its revision (a rebuilt template).
+	GetSnapshotRevision(ctx context.Context, id string) (subjects.SnapshotRecord, uint64, error)
+	ReplaceSnapshot(ctx context.Context, rec subjects.SnapshotRecord, rev uint64) error
 	GetSnapshot(ctx context.Context, id string) (subjects.SnapshotRecord, error)
 	DeleteSnapshot(ctx context.Context, id string) error
 	ListSnapshots(ctx context.Context) ([]subjects.SnapshotRecord, error)

@@ -82,7 +82,7 @@ func (b *Backend) recover(ctx context.Context) error {
 		b.systemLog(ctx, rec.SandboxID, "sandbox reattached after worker restart")
 		b.log.Info("sandbox reattached", "sandbox", rec.SandboxID)
 	}
-	return b.sweep(ctx, kept)
+	return errors.Join(b.sweep(ctx, kept), b.sweepSnapshots(ctx))
 }
 
 // reattachSession finds the machine directory of an authenticated session

@@ -82,6 +82,16 @@ func (b *Backend) Snapshot(ctx context.Context, id string, req subjects.Snapshot
 		return subjects.SnapshotRecord{}, err
 	}
 	if err := b.cfg.Store.CreateSnapshot(ctx, rec); err != nil {
+		if req.Stop && !errors.Is(err, errdefs.ErrConflict) {
+			// The machine is stopped: its state is in these files alone.
+			// Keep them, with the record, for the next start.
+			if perr := b.keepPending(rec); perr == nil {
+				if eerr := b.end(ctx, id, subjects.EventKilled, "stopped after snapshot "+sid+" (record pending)"); eerr != nil && !errors.Is(eerr, errdefs.ErrNotFound) {
+					b.log.Warn("stop sandbox after snapshot", "sandbox", id, "err", eerr)
+				}
+				return subjects.SnapshotRecord{}, fmt.Errorf("snapshot %s was saved and its machine stopped, but its record could not be stored; the snapshot's files and record are kept on worker %s and stored when it next starts: %w", sid, b.cfg.WorkerID, err)
+			}
+		}
 		_ = os.RemoveAll(b.recordDir(rec))
 		return subjects.SnapshotRecord{}, err
 	}
@@ -168,6 +178,9 @@ func (b *Backend) describe(snap vmpool.Snapshot, sid, gen string, src subjects.S
 	arts, total, sum, err := hashArtifacts(snap.Dir, names)
 	if err != nil {
 		return subjects.SnapshotRecord{}, err
+	}
+	if err := syncArtifacts(snap.Dir, names); err != nil {
+		return subjects.SnapshotRecord{}, fmt.Errorf("snapshot %s: %w", sid, err)
 	}
 	return subjects.SnapshotRecord{
 		SnapshotID:        sid,

@@ -156,7 +156,7 @@ func (b *Backend) EnsureBuiltinTemplates(ctx context.Context) error {
 			}
 			b.log.Warn("built-in template snapshot cannot be restored; rebuilding it", "template", id, "err", err)
 		}
-		if _, err := b.BuildTemplate(ctx, subjects.BuildTemplateRequest{TemplateID: id, From: id}); err != nil {
+		if _, err := b.BuildTemplate(ctx, subjects.BuildTemplateRequest{TemplateID: id, From: id, Replace: true}); err != nil {
 			errs = append(errs, fmt.Errorf("template %s: %w", id, err))
 		}
 	}
@@ -217,6 +217,19 @@ func (b *Backend) BuildTemplate(ctx context.Context, req subjects.BuildTemplateR
 	}
 	unlock := b.templates.lock(req.TemplateID)
 	defer unlock()
+	// The record this build replaces, if any: checked now, before the
+	// build's work, and replaced at the end only if nobody changed it.
+	prev, prevRev, err := b.cfg.Store.GetSnapshotRevision(ctx, req.TemplateID)
+	switch {
+	case errors.Is(err, subjects.ErrSnapshotNotFound):
+		prevRev = 0
+	case err != nil:
+		return subjects.SnapshotRecord{}, err
+	case prev.Kind != subjects.KindTemplate:
+		return subjects.SnapshotRecord{}, errdefs.Wrap(errdefs.ErrConflict, fmt.Errorf("snapshot %s exists and is a %s snapshot, not a template: template.build never replaces it (delete it, or build under another id)", req.TemplateID, prev.Kind))
+	case !req.Replace:
+		return subjects.SnapshotRecord{}, errdefs.Wrap(errdefs.ErrConflict, fmt.Errorf("template %s exists: build with \"replace\": true to replace it", req.TemplateID))
+	}
 
 	logs := b.cfg.Store.BuildLogs(req.TemplateID)
 	progress := func(format string, args ...any) {
@@ -316,7 +329,12 @@ func (b *Backend) BuildTemplate(ctx context.Context, req subjects.BuildTemplateR
 		_ = os.RemoveAll(b.recordDir(rec))
 		return fail(err)
 	}
-	if err := b.cfg.Store.PutSnapshot(ctx, rec); err != nil {
+	if prevRev == 0 {
+		err = b.cfg.Store.CreateSnapshot(ctx, rec)
+	} else {
+		err = b.cfg.Store.ReplaceSnapshot(ctx, rec, prevRev)
+	}
+	if err != nil {
 		_ = os.RemoveAll(b.recordDir(rec))
 		return fail(fmt.Errorf("store snapshot record: %w", err))
 	}

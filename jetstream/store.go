@@ -248,9 +248,38 @@ func (s *Store) CreateSnapshot(ctx context.Context, rec subjects.SnapshotRecord)
 	return nil
 }
 
-// PutSnapshot stores or replaces a snapshot record.
-func (s *Store) PutSnapshot(ctx context.Context, rec subjects.SnapshotRecord) error {
-	return putJSON(ctx, s.snapshots, rec.SnapshotID, rec)
+// GetSnapshotRevision returns a snapshot record and its revision (the
+// compare-and-set token of ReplaceSnapshot); subjects.ErrSnapshotNotFound
+// if absent.
+func (s *Store) GetSnapshotRevision(ctx context.Context, id string) (subjects.SnapshotRecord, uint64, error) {
+	var rec subjects.SnapshotRecord
+	e, err := s.snapshots.Get(ctx, id)
+	if errors.Is(err, js.ErrKeyNotFound) {
+		return rec, 0, fmt.Errorf("%w: %s", subjects.ErrSnapshotNotFound, id)
+	}
+	if err != nil {
+		return rec, 0, fmt.Errorf("get snapshot %s: %w", id, err)
+	}
+	if err := json.Unmarshal(e.Value(), &rec); err != nil {
+		return rec, 0, fmt.Errorf("decode snapshot %s: %w", id, err)
+	}
+	return rec, e.Revision(), nil
+}
+
+// ReplaceSnapshot replaces a snapshot record if it is still at revision
+// rev; errdefs.ErrConflict when it changed (or was deleted) meanwhile.
+func (s *Store) ReplaceSnapshot(ctx context.Context, rec subjects.SnapshotRecord, rev uint64) error {
+	data, err := json.Marshal(rec)
+	if err != nil {
+		return fmt.Errorf("encode snapshot %s: %w", rec.SnapshotID, err)
+	}
+	if _, err := s.snapshots.Update(ctx, rec.SnapshotID, data, rev); err != nil {
+		if isWrongRevision(err) || errors.Is(err, js.ErrKeyNotFound) {
+			return errdefs.Wrap(errdefs.ErrConflict, fmt.Errorf("snapshot %s changed while it was rebuilt", rec.SnapshotID))
+		}
+		return fmt.Errorf("store snapshot %s: %w", rec.SnapshotID, err)
+	}
+	return nil
 }
 
 // GetSnapshot returns a snapshot record; subjects.ErrSnapshotNotFound if absent.

@@ -242,6 +242,10 @@ type BuildTemplateRequest struct {
 	Resources  *Resources        `json:"resources,omitempty"`
 	// ReadyTimeoutS bounds how long ready_cmd is polled (default 60).
 	ReadyTimeoutS int `json:"ready_timeout_s,omitempty"`
+	// Replace rebuilds a template that exists: without it an existing id
+	// is a conflict. Only a template snapshot is ever replaced, never a
+	// continuation snapshot of the same name.
+	Replace bool `json:"replace,omitempty"`
 }
 
 // RouteRequest is the body of firkin.sandbox.<id>.route.

@@ -3,6 +3,7 @@ package worker_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -29,6 +30,24 @@ type env struct {
 	c     *client.Client
 	state string
 	logs  *syncWriter
+	// stopOnce stops the worker once: in the test (a restart) or at its end.
+	stopOnce sync.Once
+	stopErr  error
+}
+
+// stop stops the worker (once) and closes the client connection; a test
+// restarts a worker on the same state directory with startWorker and an
+// option setting StateDir.
+func (e *env) stop() error {
+	e.stopOnce.Do(func() {
+		if e.nc != nil {
+			e.nc.Close()
+		}
+		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		e.stopErr = e.w.Stop(sctx)
+	})
+	return e.stopErr
 }
 
 type envOption func(*worker.Config)
@@ -65,9 +84,7 @@ func startWorker(t *testing.T, opts ...envOption) *env {
 	}
 	e := &env{t: t, w: w, state: cfg.StateDir, logs: logs}
 	t.Cleanup(func() {
-		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-		defer cancel()
-		if err := w.Stop(sctx); err != nil {
+		if err := e.stop(); err != nil {
 			t.Errorf("stop worker: %v", err)
 		}
 		if t.Failed() {
@@ -138,7 +155,7 @@ func (e *env) create(req subjects.CreateSandboxRequest) subjects.Sandbox {
 	}
 	e.t.Cleanup(func() {
 		err := e.c.Kill(context.Background(), sb.SandboxID)
-		if err != nil && subjects.CodeOf(err) != subjects.CodeSandboxNotFound {
+		if err != nil && subjects.CodeOf(err) != subjects.CodeSandboxNotFound && !errors.Is(err, nats.ErrConnectionClosed) { // closed: the worker was stopped in the test
 			e.t.Errorf("kill %s: %v", sb.SandboxID, err)
 		}
 	})
