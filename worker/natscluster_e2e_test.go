@@ -255,12 +255,26 @@ func TestNATSCluster(t *testing.T) {
 	}
 
 	// One NATS node dies; creates, execs and jobs go on.
+	t.Logf("the client is on %s; node n1 (%s) goes down", nc.ConnectedUrl(), c.servers[0].ClientURL())
 	c.servers[0].Shutdown()
 	c.servers[0].WaitForShutdown()
-	sb, err := cl.Create(ctx(3*time.Minute), subjects.CreateSandboxRequest{TemplateID: "tiny"})
-	if err != nil {
-		t.Fatalf("create with a node down: %v", err)
-	}
+	eventually(t, 30*time.Second, "the client on a live node", func() error {
+		if !nc.IsConnected() {
+			return fmt.Errorf("client %s", nc.Status())
+		}
+		return nil
+	})
+	// A request sent while the client moved may be lost with the node it
+	// was sent to (core NATS is at most once): a client retries.
+	var sb subjects.Sandbox
+	eventually(t, 3*time.Minute, "a create with a node down", func() error {
+		var err error
+		sb, err = cl.Create(ctx(45*time.Second), subjects.CreateSandboxRequest{TemplateID: "tiny"})
+		if err != nil {
+			t.Logf("create with a node down: %v (client on %s)", err, nc.ConnectedUrl())
+		}
+		return err
+	})
 	if out, err := cl.Exec(ctx(time.Minute), sb.SandboxID, subjects.ExecRequest{Command: "echo still"}); err != nil || out.Stdout != "still\n" {
 		t.Fatalf("exec with a node down: %+v %v", out, err)
 	}
