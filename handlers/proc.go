@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -126,11 +127,19 @@ func decodeStdin(body []byte) ([]byte, bool, error) {
 
 // sandboxEndpoint is the name under which a per-sandbox request is counted
 // (Config.Observe): the verb without the command id, so that labels stay few.
+// A verb the worker does not answer counts as "sandbox.unknown": the client
+// chooses it, and every distinct label is a metric series kept for good.
 func sandboxEndpoint(verb string) string {
-	if cmd, op, ok, err := subjects.ParseProcVerb(verb); ok && err == nil && cmd != "" {
+	if _, op, ok, err := subjects.ParseProcVerb(verb); ok {
+		if err != nil {
+			return "sandbox.unknown"
+		}
 		return "sandbox.proc." + op
 	}
-	return "sandbox." + verb
+	if slices.Contains(subjects.SandboxVerbs, verb) || slices.Contains(subjects.FSVerbs, verb) || verb == subjects.VerbMetrics {
+		return "sandbox." + verb
+	}
+	return "sandbox.unknown"
 }
 
 // dispatchSandbox runs a per-sandbox request: stdin writes of one process
