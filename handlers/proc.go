@@ -169,6 +169,16 @@ func (s *Service) ordered(key, endpoint string, req micro.Request) {
 		return
 	}
 	start := time.Now()
+	// A queued write holds a slot of MaxInFlight until it is answered, as
+	// any other request does: queues of many processes are bounded together.
+	select {
+	case s.sem <- struct{}{}:
+	default:
+		err := capacityError("worker is handling too many requests")
+		s.reply(req, nil, err)
+		s.observe(endpoint, err, start)
+		return
+	}
 	req = s.detach(req)
 	s.serial.mu.Lock()
 	if s.serial.q == nil {
@@ -177,6 +187,7 @@ func (s *Service) ordered(key, endpoint string, req micro.Request) {
 	q, running := s.serial.q[key]
 	if len(q) >= maxStdinQueue {
 		s.serial.mu.Unlock()
+		<-s.sem
 		err := capacityError(fmt.Sprintf("%d stdin writes of this process are waiting", maxStdinQueue))
 		s.reply(req, nil, err)
 		s.observe(endpoint, err, start)
@@ -202,6 +213,7 @@ func (s *Service) ordered(key, endpoint string, req micro.Request) {
 			s.serial.q[key] = q[1:]
 			s.serial.mu.Unlock()
 			s.runNow(endpoint, next)
+			<-s.sem
 		}
 	}()
 }
