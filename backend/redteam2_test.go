@@ -28,10 +28,12 @@ type hostileAgentMachine struct {
 	vmpool.Machine
 	c    *agent.Client
 	done chan struct{}
+	dir  string
 }
 
 func (m *hostileAgentMachine) Agent() (*agent.Client, error) { return m.c, nil }
 func (m *hostileAgentMachine) Done() <-chan struct{}         { return m.done }
+func (m *hostileAgentMachine) Dir() string                   { return m.dir }
 
 type discardLogs struct{}
 
@@ -52,7 +54,7 @@ func writeTestFrame(w io.Writer, typ byte, payload []byte) error {
 
 func startHostileAgent(t *testing.T) *agent.Client {
 	host, guest := socketpair.New(t)
-	var next atomic.Int64
+	var next, stats atomic.Int64
 	go func() {
 		r := bufio.NewReader(guest)
 		line, err := r.ReadString('\n')
@@ -100,6 +102,14 @@ func startHostileAgent(t *testing.T) *agent.Client {
 						}
 					}
 					_ = writeTestFrame(st, 'O', nil)
+				case "stats":
+					// Busy ticks that grow faster than all ticks.
+					gs := agent.GuestStats{CPUBusy: 0, CPUTotal: 1_000_000_000, MemTotal: 1, MemAvailable: 1}
+					if stats.Add(1) > 1 {
+						gs.CPUBusy, gs.CPUTotal = 1_000_000_001, 1_000_000_001
+					}
+					b, _ := json.Marshal(gs)
+					_ = writeTestFrame(st, 'O', b)
 				case "proc_wait":
 					_, _ = io.Copy(io.Discard, st) // never ends the process
 				}
@@ -136,5 +146,26 @@ func TestRedteamAdoptedProcessesBounded(t *testing.T) {
 	}
 	if last > agent.MaxProcs {
 		t.Fatalf("the host follows %d processes of one sandbox after 5 lists, want at most %d", last, agent.MaxProcs)
+	}
+}
+
+// Guest CPU counters are the guest's word: a replaced agent whose busy
+// ticks grow faster than its total ticks must not report more than 100%.
+func TestRedteamGuestCPUPercentBounded(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	m := &hostileAgentMachine{c: startHostileAgent(t), done: make(chan struct{}), dir: t.TempDir()}
+	s := &session{machine: m}
+	b := &Backend{ctx: ctx, log: slog.New(slog.DiscardHandler), sessions: map[string]*session{"sb1": s}}
+	b.metrics.cfg.Keep = 10
+	b.metrics.rings, b.metrics.prev = map[string][]subjects.SandboxMetrics{}, map[string]counters{}
+	b.sample(ctx, "sb1", s)
+	time.Sleep(10 * time.Millisecond)
+	got := b.sample(ctx, "sb1", s)
+	if got.Error != "" {
+		t.Fatal(got.Error)
+	}
+	if got.GuestCPUPercent < 0 || got.GuestCPUPercent > 100 {
+		t.Fatalf("guest CPU %.0f%% from a lying guest, want 0..100", got.GuestCPUPercent)
 	}
 }
