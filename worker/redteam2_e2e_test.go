@@ -1,6 +1,7 @@
 package worker_test
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"strings"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/firkin-dev/firkin-worker/client"
 	"github.com/firkin-dev/firkin-worker/subjects"
+	"github.com/firkin-dev/firkin-worker/worker"
 )
 
 // TestRedteam2 attacks a real worker through NATS with the client
@@ -103,4 +105,24 @@ func TestRedteam2(t *testing.T) {
 			}
 		}
 	})
+}
+
+// The Prometheus endpoint (--metrics-listen) is one of the worker's own
+// ports: a create's egress "host:PORT" must not open it to a guest, however
+// wide --egress-host-ports is.
+func TestRedteam2MetricsPortNotEgress(t *testing.T) {
+	e := startWorker(t, func(c *worker.Config) {
+		c.MetricsListen = "127.0.0.1:0"
+		c.EgressHostPorts = "1-65535"
+	})
+	port := portOf(t, "tcp://"+e.w.MetricsAddr())
+	sb, err := e.c.Create(e.ctx(3*time.Minute), subjects.CreateSandboxRequest{TemplateID: "tiny",
+		Egress: &subjects.EgressPolicy{Allow: []string{fmt.Sprintf("host:%d", port)}}})
+	if err == nil {
+		t.Cleanup(func() { _ = e.c.Kill(context.Background(), sb.SandboxID) })
+		if e.guestGet(sb.SandboxID, fmt.Sprintf("http://10.0.2.2:%d/metrics", port), "firkin_") {
+			t.Fatalf("a guest read the worker's metrics endpoint through egress host:%d", port)
+		}
+	}
+	wantCode(t, fmt.Sprintf("host:%d (the worker's metrics port)", port), err, subjects.CodeInvalidRequest)
 }
