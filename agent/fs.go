@@ -81,6 +81,10 @@ const (
 	MaxWatchBatch = 256
 	// maxPathLen bounds a guest path or link target.
 	maxPathLen = 4096
+	// maxListBytes bounds the entry frames of one list the host keeps
+	// (MaxListEntries entries of the longest paths would be 80 MiB); the
+	// entries beyond it are dropped and the list says Truncated.
+	maxListBytes = 8 << 20
 )
 
 // File types of FileInfo.Type.
@@ -207,7 +211,13 @@ func (f Files) List(ctx context.Context, path string, depth int) (entries []File
 	if depth < 1 || depth > MaxListDepth {
 		return nil, false, errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf("list: depth %d: want 1..%d", depth, MaxListDepth))
 	}
+	kept, cut := 0, false
 	reply, err := f.c.call(ctx, request{Op: opList, Path: path, Depth: depth, User: f.user}, func(b []byte) error {
+		if cut || kept+len(b) > maxListBytes {
+			cut = true
+			return nil // read on, keep nothing more
+		}
+		kept += len(b)
 		var batch []FileInfo
 		if err := json.Unmarshal(b, &batch); err != nil {
 			return protocolError("list: bad entries: %w", err)
@@ -232,7 +242,7 @@ func (f Files) List(ctx context.Context, path string, depth int) (entries []File
 			return nil, false, protocolError("list: bad reply: %w", err)
 		}
 	}
-	return entries, res.Truncated, nil
+	return entries, res.Truncated || cut, nil
 }
 
 // Mkdir makes the directory at path (mode 0: 0755); with parents, missing

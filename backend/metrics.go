@@ -179,7 +179,8 @@ func (b *Backend) sample(ctx context.Context, id string, s *session) subjects.Sa
 			m.HostCPUPercent = float64(cur.hostTicks-prev.hostTicks) / clockTicks / dt.Seconds() * 100
 		}
 		if cur.guest && prev.guest && cur.guestAll > prev.guestAll && cur.guestBusy >= prev.guestBusy {
-			m.GuestCPUPercent = float64(cur.guestBusy-prev.guestBusy) / float64(cur.guestAll-prev.guestAll) * 100
+			// The guest's word: busy cannot outgrow all.
+			m.GuestCPUPercent = min(100, float64(cur.guestBusy-prev.guestBusy)/float64(cur.guestAll-prev.guestAll)*100)
 		}
 	}
 	b.metrics.prev[id] = cur

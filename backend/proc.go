@@ -28,6 +28,10 @@ const (
 	// maxExitedProcs is how many exited processes a sandbox's table keeps
 	// (the oldest go first).
 	maxExitedProcs = 64
+	// maxFollowedProcs bounds the running processes the worker follows
+	// per sandbox (each has a pump and an agent stream): the guest's own
+	// table bound, which a replaced agent need not keep.
+	maxFollowedProcs = agent.MaxProcs
 	// maxLiveTargets bounds the live subjects of one process.
 	maxLiveTargets = 8
 	// replayMargin is how much before a process's start a replay of the
@@ -265,6 +269,15 @@ func (b *Backend) track(sp *sandboxProcs, s *session, p *proc) error {
 	sort.Slice(exited, func(i, j int) bool { return exited[i].started.Before(exited[j].started) })
 	for i := 0; i < len(exited)-maxExitedProcs+1; i++ {
 		delete(sp.procs, exited[i].id)
+	}
+	running := 0
+	for _, q := range sp.procs {
+		if !q.exited() {
+			running++
+		}
+	}
+	if running >= maxFollowedProcs {
+		return errdefs.Wrap(errdefs.ErrCapacity, fmt.Errorf("sandbox %s: the worker follows %d running processes of it already", p.sandbox, running))
 	}
 	sp.procs[p.id] = p
 	sp.wg.Add(1)

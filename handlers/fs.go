@@ -519,8 +519,11 @@ func (s *Service) fsWrite(ctx context.Context, req micro.Request, files Files, i
 // caller's subject until fs.unwatch, the directory going, or the sandbox
 // ending, and answers once the guest watches.
 func (s *Service) fsWatch(ctx context.Context, files Files, id string, in subjects.FSWatchRequest) (any, error) {
-	if !s.ReplyAllowed(in.Subject) || strings.ContainsAny(in.Subject, "*> \t\r\n") || strings.Contains(in.Subject, "..") || strings.HasSuffix(in.Subject, ".") {
-		return nil, errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf("watch subject %q: want a subject under %v without wildcards", in.Subject, s.cfg.ReplyPrefixes))
+	// At most 256 bytes (checkLiveSubject): the subject rides in the body,
+	// so the server's control line does not bound it, and a publish to a
+	// longer one than that line would get the worker's connection cut.
+	if in.Subject == "" || s.checkLiveSubject("subject", in.Subject) != nil || strings.Contains(in.Subject, "..") || strings.HasSuffix(in.Subject, ".") {
+		return nil, errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf("watch subject %q: want a subject of at most 256 bytes under %v without wildcards", cutSubject(in.Subject), s.cfg.ReplyPrefixes))
 	}
 	wid := newTransferID()
 	wctx, cancel := context.WithCancel(s.ctx)

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -126,11 +127,19 @@ func decodeStdin(body []byte) ([]byte, bool, error) {
 
 // sandboxEndpoint is the name under which a per-sandbox request is counted
 // (Config.Observe): the verb without the command id, so that labels stay few.
+// A verb the worker does not answer counts as "sandbox.unknown": the client
+// chooses it, and every distinct label is a metric series kept for good.
 func sandboxEndpoint(verb string) string {
-	if cmd, op, ok, err := subjects.ParseProcVerb(verb); ok && err == nil && cmd != "" {
+	if _, op, ok, err := subjects.ParseProcVerb(verb); ok {
+		if err != nil {
+			return "sandbox.unknown"
+		}
 		return "sandbox.proc." + op
 	}
-	return "sandbox." + verb
+	if slices.Contains(subjects.SandboxVerbs, verb) || slices.Contains(subjects.FSVerbs, verb) || verb == subjects.VerbMetrics {
+		return "sandbox." + verb
+	}
+	return "sandbox.unknown"
 }
 
 // dispatchSandbox runs a per-sandbox request: stdin writes of one process
@@ -160,6 +169,16 @@ func (s *Service) ordered(key, endpoint string, req micro.Request) {
 		return
 	}
 	start := time.Now()
+	// A queued write holds a slot of MaxInFlight until it is answered, as
+	// any other request does: queues of many processes are bounded together.
+	select {
+	case s.sem <- struct{}{}:
+	default:
+		err := capacityError("worker is handling too many requests")
+		s.reply(req, nil, err)
+		s.observe(endpoint, err, start)
+		return
+	}
 	req = s.detach(req)
 	s.serial.mu.Lock()
 	if s.serial.q == nil {
@@ -168,6 +187,7 @@ func (s *Service) ordered(key, endpoint string, req micro.Request) {
 	q, running := s.serial.q[key]
 	if len(q) >= maxStdinQueue {
 		s.serial.mu.Unlock()
+		<-s.sem
 		err := capacityError(fmt.Sprintf("%d stdin writes of this process are waiting", maxStdinQueue))
 		s.reply(req, nil, err)
 		s.observe(endpoint, err, start)
@@ -193,6 +213,7 @@ func (s *Service) ordered(key, endpoint string, req micro.Request) {
 			s.serial.q[key] = q[1:]
 			s.serial.mu.Unlock()
 			s.runNow(endpoint, next)
+			<-s.sem
 		}
 	}()
 }

@@ -79,7 +79,10 @@ func TestSandboxEndpoint(t *testing.T) {
 		"exec":                    "sandbox.exec",
 		"proc.start":              "sandbox.proc.start",
 		"proc.k1234567890a.stdin": "sandbox.proc.stdin",
-		"proc.bad.stdin":          "sandbox.proc.bad.stdin",
+		"proc.bad.stdin":          "sandbox.unknown",
+		"fs.read":                 "sandbox.fs.read",
+		"metrics":                 "sandbox.metrics",
+		"whatever.x":              "sandbox.unknown",
 	} {
 		if got := sandboxEndpoint(verb); got != want {
 			t.Errorf("sandboxEndpoint(%q) = %q, want %q", verb, got, want)

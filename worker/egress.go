@@ -186,7 +186,8 @@ func parsePortSet(spec string) (portSet, error) {
 }
 
 // ownPorts are the worker's own listening ports on the host (the embedded
-// NATS server's and the proxy's): no egress "host:PORT" entry opens them.
+// NATS server's, the proxy's and the metrics endpoint's): no egress
+// "host:PORT" entry opens them.
 func (w *Worker) ownPorts() []int {
 	var ports []int
 	if w.srv != nil { // nil when the worker joined an external server
@@ -199,6 +200,13 @@ func (w *Worker) ownPorts() []int {
 	if w.rt.http != nil {
 		if t, ok := w.rt.http.Addr().(*net.TCPAddr); ok && t.Port > 0 {
 			ports = append(ports, t.Port)
+		}
+	}
+	if w.metricsAddr != "" {
+		if _, p, err := net.SplitHostPort(w.metricsAddr); err == nil {
+			if n, err := strconv.Atoi(p); err == nil && n > 0 {
+				ports = append(ports, n)
+			}
 		}
 	}
 	return ports
