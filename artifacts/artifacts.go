@@ -27,11 +27,14 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
+	"github.com/klauspost/compress/s2"
+	"github.com/nats-io/nats.go"
 	js "github.com/nats-io/nats.go/jetstream"
 
 	"github.com/firkin-dev/firkin-worker/errdefs"
@@ -209,7 +212,7 @@ func (s *Store) Upload(ctx context.Context, set Set, dir string) error {
 		return err
 	}
 	for i, a := range set.Artifacts {
-		if info, err := s.obs.GetInfo(ctx, names[i]); err == nil && info.Size == uint64(a.SizeBytes) && info.Digest == objectDigest(a.SHA256) {
+		if info, err := s.obs.GetInfo(ctx, names[i]); err == nil && holds(info, a) {
 			continue
 		}
 		if err := s.put(ctx, names[i], filepath.Join(dir, a.Name), a); err != nil {
@@ -219,7 +222,29 @@ func (s *Store) Upload(ctx context.Context, set Set, dir string) error {
 	return nil
 }
 
-// put uploads one file, checking it against a while it is read.
+// Objects are s2-compressed (github.com/klauspost/compress/s2, the
+// compression nats-server itself uses): guest memory files are mostly zero
+// pages, so a 256 MiB template uploads as a few MiB. The headers say so and
+// name the uncompressed file's size and sha256; the object store's own
+// digest covers the compressed bytes, and a fetch checks the uncompressed
+// ones against the signed record. Objects without the header (stored before
+// compression) are read as they are.
+const (
+	encodingHeader = "Firkin-Encoding"
+	encodingS2     = "s2"
+	sizeHeader     = "Firkin-Size"
+	sha256Header   = "Firkin-Sha256"
+)
+
+// holds reports whether an object already holds artifact a.
+func holds(info *js.ObjectInfo, a subjects.Artifact) bool {
+	if info.Headers.Get(encodingHeader) == encodingS2 {
+		return info.Headers.Get(sizeHeader) == strconv.FormatInt(a.SizeBytes, 10) && info.Headers.Get(sha256Header) == a.SHA256
+	}
+	return info.Size == uint64(a.SizeBytes) && info.Digest == objectDigest(a.SHA256)
+}
+
+// put uploads one file, compressed, checking it against a while it is read.
 func (s *Store) put(ctx context.Context, name, path string, a subjects.Artifact) error {
 	f, err := os.Open(path)
 	if err != nil {
@@ -228,8 +253,20 @@ func (s *Store) put(ctx context.Context, name, path string, a subjects.Artifact)
 	defer f.Close()
 	h := sha256.New()
 	cr := &checkedReader{r: io.TeeReader(io.LimitReader(f, a.SizeBytes+1), h), h: h, want: a}
-	meta := js.ObjectMeta{Name: name, Opts: &js.ObjectMetaOptions{ChunkSize: chunkSize}}
-	if _, err := s.obs.Put(ctx, meta, cr); err != nil {
+	pr, pw := io.Pipe()
+	go func() {
+		zw := s2.NewWriter(pw, s2.WriterConcurrency(1))
+		_, err := io.Copy(zw, cr)
+		if cerr := zw.Close(); err == nil {
+			err = cerr
+		}
+		pw.CloseWithError(err)
+	}()
+	defer pr.Close()
+	meta := js.ObjectMeta{Name: name, Opts: &js.ObjectMetaOptions{ChunkSize: chunkSize}, Headers: nats.Header{
+		encodingHeader: {encodingS2}, sizeHeader: {strconv.FormatInt(a.SizeBytes, 10)}, sha256Header: {a.SHA256},
+	}}
+	if _, err := s.obs.Put(ctx, meta, pr); err != nil {
 		if cr.err != nil {
 			_ = s.obs.Delete(context.WithoutCancel(ctx), name)
 			return cr.err
@@ -299,7 +336,21 @@ func (s *Store) UploadLater(set Set, dir string) {
 		}
 		defer func() { <-s.sem }()
 		t0 := time.Now()
-		if err := s.Upload(s.ctx, set, dir); err != nil {
+		// A loaded cluster may time out an upload (acks of a replicated
+		// stream): retry a few times before giving up until the next start.
+		bo := backoff.WithContext(backoff.WithMaxRetries(backoff.NewExponentialBackOff(
+			backoff.WithInitialInterval(2*time.Second), backoff.WithMaxInterval(30*time.Second)), 4), s.ctx)
+		err := backoff.Retry(func() error {
+			err := s.Upload(s.ctx, set, dir)
+			if errors.Is(err, errdefs.ErrIntegrity) || errors.Is(err, errdefs.ErrInvalidArgument) {
+				return backoff.Permanent(err)
+			}
+			if err != nil && s.ctx.Err() == nil {
+				s.log.Info("snapshot upload failed; retrying", "snapshot", set.SnapshotID, "err", err)
+			}
+			return err
+		}, bo)
+		if err != nil {
 			if s.ctx.Err() == nil {
 				s.log.Warn("snapshot artifacts not uploaded; other workers cannot restore it until they are", "snapshot", set.SnapshotID, "err", err)
 			}
@@ -475,6 +526,10 @@ func (s *Store) get(ctx context.Context, name, path string, a subjects.Artifact)
 		return fmt.Errorf("artifact %s: %w", a.Name, err)
 	}
 	defer res.Close()
+	var src io.Reader = res
+	if info, err := res.Info(); err == nil && info.Headers.Get(encodingHeader) == encodingS2 {
+		src = s2.NewReader(res, s2.ReaderMaxBlockSize(4<<20))
+	}
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return fmt.Errorf("artifact %s: %w", a.Name, pathless(err))
@@ -488,7 +543,7 @@ func (s *Store) get(ctx context.Context, name, path string, a subjects.Artifact)
 	buf := make([]byte, 256<<10)
 	var n int64
 	for {
-		k, rerr := res.Read(buf)
+		k, rerr := src.Read(buf)
 		if k > 0 {
 			n += int64(k)
 			if n > a.SizeBytes {
@@ -508,7 +563,7 @@ func (s *Store) get(ctx context.Context, name, path string, a subjects.Artifact)
 			break
 		}
 		if rerr != nil {
-			if errors.Is(rerr, js.ErrDigestMismatch) {
+			if errors.Is(rerr, js.ErrDigestMismatch) || errors.Is(rerr, s2.ErrCorrupt) || errors.Is(rerr, s2.ErrUnsupported) || errors.Is(rerr, s2.ErrTooLarge) {
 				return errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("artifact %s in the object store is corrupt: refusing it", a.Name))
 			}
 			return fmt.Errorf("artifact %s: %w", a.Name, rerr)

@@ -9,12 +9,15 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/klauspost/compress/s2"
+	"github.com/nats-io/nats.go"
 	js "github.com/nats-io/nats.go/jetstream"
 
 	"github.com/firkin-dev/firkin-worker/errdefs"
@@ -90,7 +93,9 @@ func TestUploadFetch(t *testing.T) {
 		t.Fatal(err)
 	}
 	info, err := obs.GetInfo(ctx, "work.1/g1/mem")
-	if err != nil || info.Size != 3<<20 {
+	// Stored compressed (mostly zero pages), with the file's size in its
+	// headers.
+	if err != nil || info.Size >= 1<<20 || info.Headers.Get("Firkin-Size") != "3145728" || info.Headers.Get("Firkin-Encoding") != "s2" {
 		t.Fatalf("object work.1/g1/mem: %+v, %v", info, err)
 	}
 	if err := s.Upload(ctx, set, src); err != nil { // present: left alone
@@ -152,11 +157,18 @@ func TestFetchRefusesTamperedObjects(t *testing.T) {
 		{"same size, other content", append(append([]byte(nil), mem[:len(mem)-1]...), mem[len(mem)-1]^1)},
 		{"shorter", mem[:len(mem)-4096]},
 		{"longer", append(append([]byte(nil), mem...), 1)},
+		{"compressed, claiming the record's digest, other content", s2Stream(t, append(append([]byte(nil), mem[:len(mem)-1]...), mem[len(mem)-1]^1))},
+		{"compressed, decompressing to far more than the record says", s2Stream(t, make([]byte, 64<<20))},
+		{"compressed, not an s2 stream", s2.Encode(nil, mem)},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			// A writer of the bucket replaces the object: the object store's
 			// own digest matches the new content, the record's does not.
-			if _, err := obs.PutBytes(ctx, "s2/g1/mem", tc.data); err != nil {
+			meta := js.ObjectMeta{Name: "s2/g1/mem"}
+			if strings.HasPrefix(tc.name, "compressed") {
+				meta.Headers = nats.Header{"Firkin-Encoding": {"s2"}, "Firkin-Size": {strconv.Itoa(len(mem))}, "Firkin-Sha256": {set.Artifacts[1].SHA256}}
+			}
+			if _, err := obs.Put(ctx, meta, bytes.NewReader(tc.data)); err != nil {
 				t.Fatal(err)
 			}
 			state := t.TempDir()
@@ -173,6 +185,19 @@ func TestFetchRefusesTamperedObjects(t *testing.T) {
 			}
 		})
 	}
+}
+
+// s2Stream compresses data in the s2 stream format.
+func s2Stream(t *testing.T, data []byte) []byte {
+	var buf bytes.Buffer
+	w := s2.NewWriter(&buf)
+	if _, err := w.Write(data); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
 }
 
 func TestFetchSharesOneDownload(t *testing.T) {

@@ -2,6 +2,7 @@ package worker_test
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -92,6 +93,16 @@ func TestNATSServerRestarted(t *testing.T) {
 	e := startWorker(t, func(c *worker.Config) { c.NATSURL = "nats://" + addr })
 	sb := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny"})
 	e.exec(sb.SandboxID, "echo before")
+	// Not during the template's upload: nats.go's object store Put reuses
+	// its chunk buffer while a publish retried on "no responders" (the
+	// server going away) still reads it (a data race in the library,
+	// v1.55.0); the upload is retried, but -race reports the race.
+	eventually(t, 2*time.Minute, "the template uploaded", func() error {
+		if !strings.Contains(e.logs.String(), "snapshot artifacts uploaded") {
+			return errors.New("not yet")
+		}
+		return nil
+	})
 
 	srv.Shutdown()
 	time.Sleep(time.Second)

@@ -185,7 +185,7 @@ func TestNATSCluster(t *testing.T) {
 	if err := os.WriteFile(secret, []byte("cluster-test-secret-0123456789abcdef\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	member := []string{"--pool", "tiny=1", "--max-sandboxes", "4", "--heartbeat-interval", "500ms"}
+	member := []string{"--pool", "tiny=1", "--max-sandboxes", "4", "--heartbeat-interval", "1s"}
 	startClusterWorker(t, bin, c, secret, member...)
 	startClusterWorker(t, bin, c, secret, member...)
 
@@ -242,7 +242,7 @@ func TestNATSCluster(t *testing.T) {
 		if err != nil || out.ExitCode != 0 || out.Stdout != "hi-"+sb.SandboxID+"\n" {
 			t.Fatalf("exec on %s: %+v %v", sb.ClientID, out, err)
 		}
-		time.Sleep(time.Second) // the next heartbeat carries the new load
+		time.Sleep(1500 * time.Millisecond) // the next heartbeat carries the new load
 	}
 	t.Logf("creates per worker: %v", owners)
 	if len(owners) != 2 {
@@ -311,7 +311,7 @@ func TestNATSCluster(t *testing.T) {
 	if dr.State != subjects.WorkerDrained {
 		t.Fatalf("drain reply %+v", dr)
 	}
-	time.Sleep(time.Second) // the drained state is in the next heartbeat
+	time.Sleep(1500 * time.Millisecond) // the drained state is in the next heartbeat
 	for i := 0; i < 3; i++ {
 		sb, err := cl.Create(ctx(3*time.Minute), subjects.CreateSandboxRequest{TemplateID: "tiny"})
 		if err != nil {
