@@ -438,8 +438,18 @@ func (s *Store) fetch(ctx context.Context, set Set, dst string) (err error) {
 		if err := s.waitObject(ctx, set.SnapshotID, names[i], a.Name, deadline); err != nil {
 			return err
 		}
-		if err := s.get(ctx, names[i], filepath.Join(tmp, a.Name), a); err != nil {
-			return fmt.Errorf("fetch snapshot %s: %w", set.SnapshotID, err)
+		// A download that stalls (the object was replaced by a retried
+		// upload, whose new chunks these are not) starts over, twice.
+		var gerr error
+		for attempt := 0; attempt < 3; attempt++ {
+			_ = os.Remove(filepath.Join(tmp, a.Name))
+			if gerr = s.get(ctx, names[i], filepath.Join(tmp, a.Name), a); !errors.Is(gerr, errStalled) {
+				break
+			}
+			s.log.Info("snapshot download stalled; starting it again", "snapshot", set.SnapshotID, "artifact", a.Name)
+		}
+		if gerr != nil {
+			return fmt.Errorf("fetch snapshot %s: %w", set.SnapshotID, gerr)
 		}
 		total += a.SizeBytes
 		if s.downloaded != nil {
@@ -513,6 +523,9 @@ func (s *Store) idleFor(ctx context.Context) time.Duration {
 	return time.Since(last)
 }
 
+// errStalled ends a download that received nothing for StallAfter.
+var errStalled = errors.New("download stalled")
+
 // get streams object name into a new file at path, checking its size and
 // sha256 against a. Runs of zero bytes become holes (guest memory files are
 // mostly zero).
@@ -521,6 +534,28 @@ func (s *Store) get(ctx context.Context, name, path string, a subjects.Artifact)
 	// JetStream timeout (5 s), whatever the object's size.
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.GetTimeout)
 	defer cancel()
+	// A download that receives nothing for StallAfter is given up
+	// (errStalled) rather than waited on until GetTimeout.
+	ctx, stall := context.WithCancelCause(ctx)
+	defer stall(nil)
+	progress := make(chan struct{}, 1)
+	go func() {
+		for {
+			select {
+			case <-progress:
+			case <-time.After(s.cfg.StallAfter):
+				stall(errStalled)
+				return
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	defer func() {
+		if context.Cause(ctx) == errStalled {
+			err = errdefs.Wrap(errdefs.ErrTimeout, fmt.Errorf("artifact %s: %w", a.Name, errStalled))
+		}
+	}()
 	res, err := s.obs.Get(ctx, name)
 	if err != nil {
 		return fmt.Errorf("artifact %s: %w", a.Name, err)
@@ -544,6 +579,10 @@ func (s *Store) get(ctx context.Context, name, path string, a subjects.Artifact)
 	var n int64
 	for {
 		k, rerr := src.Read(buf)
+		select {
+		case progress <- struct{}{}:
+		default:
+		}
 		if k > 0 {
 			n += int64(k)
 			if n > a.SizeBytes {
