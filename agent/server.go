@@ -465,7 +465,9 @@ func (s *Server) init(req InitRequest) error {
 		return errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf("init: bad hostname %q", req.Hostname))
 	}
 	s.mu.Lock()
-	s.env = maps.Clone(req.Env)
+	if !req.KeepEnv {
+		s.env = maps.Clone(req.Env)
+	}
 	s.sandboxID = req.SandboxID
 	s.mu.Unlock()
 	if !s.ManageSystem {

@@ -170,9 +170,9 @@ func (b *Backend) abandon(ctx context.Context, id string) {
 	if b.hooks.Released != nil {
 		b.hooks.Released(id)
 	}
-	if err := s.machine.Stop(ctx); err != nil {
+	if err := s.mach().Stop(ctx); err != nil {
 		b.log.Warn("stop abandoned sandbox", "sandbox", id, "err", err)
 	}
-	b.removeEgress(ctx, id, s.machine)
+	b.removeEgress(ctx, id, s.mach())
 	b.admission.Release(id)
 }

@@ -1,0 +1,334 @@
+package backend
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/firkin-dev/firkin-worker/agent"
+	"github.com/firkin-dev/firkin-worker/errdefs"
+	"github.com/firkin-dev/firkin-worker/subjects"
+	"github.com/firkin-dev/firkin-worker/vmpool"
+)
+
+// minResumeLifetime: a sandbox resumed with less than this left of its
+// deadline (one paused at its deadline, on_timeout pause) gets the default
+// timeout instead.
+const minResumeLifetime = 10 * time.Second
+
+// errPaused is the class of a request to a paused sandbox that does not
+// resume it.
+func errPaused(id string) error {
+	return errdefs.Wrap(errdefs.ErrFailedPrecondition, fmt.Errorf("sandbox %s is paused: resume it first (or create it with auto_resume)", id))
+}
+
+// pausedMachine stands for the machine of a paused sandbox: there is none,
+// every use fails with failed_precondition.
+type pausedMachine struct{ id string }
+
+func (p pausedMachine) ID() string                                    { return p.id }
+func (p pausedMachine) Dir() string                                   { return "" }
+func (p pausedMachine) Init(context.Context, agent.InitRequest) error { return errPaused(p.id) }
+func (p pausedMachine) Exec(context.Context, agent.ExecRequest, agent.OutputFunc) (agent.ExecResult, error) {
+	return agent.ExecResult{}, errPaused(p.id)
+}
+func (p pausedMachine) DialGuest(context.Context, int) (net.Conn, error) { return nil, errPaused(p.id) }
+func (p pausedMachine) Ping(context.Context) error                       { return errPaused(p.id) }
+func (p pausedMachine) Stop(context.Context) error                       { return nil }
+func (p pausedMachine) Done() <-chan struct{}                            { return nil }
+func (p pausedMachine) Agent() (*agent.Client, error)                    { return nil, errPaused(p.id) }
+
+var _ vmpool.Machine = pausedMachine{}
+
+// isPaused reports whether a session is paused.
+func (s *session) isPaused() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.paused
+}
+
+// Pause saves a running sandbox as a continuation snapshot and stops its
+// machine. The session stays on this worker (its subjects answered, its
+// routes registered, its token valid) in state paused, holding no machine
+// and no admission reservation; its deadline is suspended. Pausing a
+// paused sandbox answers its record.
+func (b *Backend) Pause(ctx context.Context, id string, _ subjects.PauseRequest) (subjects.Sandbox, error) {
+	s, err := b.lookup(id)
+	if err != nil {
+		return subjects.Sandbox{}, err
+	}
+	s.life.Lock()
+	defer s.life.Unlock()
+	return b.pauseLocked(ctx, s, "paused on request")
+}
+
+func (b *Backend) pauseLocked(ctx context.Context, s *session, reason string) (subjects.Sandbox, error) {
+	s.mu.Lock()
+	id := s.rec.SandboxID
+	switch {
+	case s.ending:
+		s.mu.Unlock()
+		return subjects.Sandbox{}, errdefs.Wrap(errdefs.ErrNotFound, fmt.Errorf("sandbox %s not found", id))
+	case s.paused:
+		rec := s.rec.WithoutTokens()
+		s.mu.Unlock()
+		return rec, nil
+	}
+	if s.timer != nil {
+		s.timer.Stop()
+	}
+	remaining := time.Until(s.rec.EndAt)
+	s.paused = true // the machine's exit is the pause's, not a failure
+	s.mu.Unlock()
+	t0 := time.Now()
+	b.detachProcs(id)
+	sid := id + "-pause-" + NewID(6)
+	rec, err := b.save(ctx, s, sid, vmpool.SaveOptions{Kind: vmpool.Continuation, Stop: true}, subjects.TemplateMetadata{Envs: map[string]string{}})
+	if err != nil {
+		// The driver leaves the machine running after a failed save.
+		s.mu.Lock()
+		s.paused = false
+		s.mu.Unlock()
+		b.armDeadline(s)
+		if aerr := b.AdoptProcesses(ctx, id); aerr != nil {
+			b.log.Warn("follow processes after a failed pause", "sandbox", id, "err", aerr)
+		}
+		return subjects.Sandbox{}, fmt.Errorf("pause sandbox %s: %w", id, err)
+	}
+	if rec, err = b.signRecord(rec); err == nil {
+		err = b.cfg.Store.CreateSnapshot(ctx, rec)
+	}
+	if err != nil {
+		// The machine is gone and its state cannot be kept: the sandbox
+		// ends.
+		_ = os.RemoveAll(b.recordDir(rec))
+		s.mu.Lock()
+		s.paused = false
+		s.mu.Unlock()
+		_ = b.end(context.WithoutCancel(ctx), id, subjects.EventFailed, "pause failed: "+err.Error())
+		return subjects.Sandbox{}, fmt.Errorf("pause sandbox %s: store snapshot: %w", id, err)
+	}
+	b.upload(rec)
+	old := s.mach()
+	b.removeEgress(ctx, id, old)
+	b.admission.Release(id)
+	if remaining < 0 {
+		remaining = 0
+	}
+	s.mu.Lock()
+	s.machine = pausedMachine{id: id}
+	s.rec.State = subjects.StatePaused
+	s.rec.Paused = &subjects.PausedInfo{SnapshotID: sid, PausedAt: time.Now().UTC(), RemainingMS: remaining.Milliseconds()}
+	s.rec.DiskParent, s.rec.DiskParentLocation = sid, b.recordDir(rec)
+	s.rec.Dir = ""
+	updated := s.rec
+	s.mu.Unlock()
+	if err := b.putSession(ctx, updated); err != nil {
+		b.log.Warn("store paused session", "sandbox", id, "err", err)
+	}
+	b.systemLog(ctx, id, fmt.Sprintf("sandbox paused (%s) into snapshot %s (%d bytes)", reason, sid, rec.SizeBytes))
+	b.event(ctx, subjects.EventPaused, id, reason)
+	b.log.Info("sandbox paused", "sandbox", id, "snapshot", sid, "reason", reason, "elapsed", time.Since(t0))
+	return updated.WithoutTokens(), nil
+}
+
+// Resume restores a paused sandbox from its pause snapshot under the same
+// id, generation (so the same traffic token) and routes; its processes go
+// on where they were and are followed again. Its deadline is what was left
+// when it was paused (at least 10 s, else the default timeout), or
+// req.TimeoutS when set. Resuming a running sandbox answers its record.
+func (b *Backend) Resume(ctx context.Context, id string, req subjects.ResumeRequest) (subjects.Sandbox, error) {
+	if req.TimeoutS < 0 || time.Duration(req.TimeoutS)*time.Second > b.cfg.MaxTimeout {
+		return subjects.Sandbox{}, invalid("timeout_s %d: want 0..%d", req.TimeoutS, int(b.cfg.MaxTimeout/time.Second))
+	}
+	s, err := b.lookup(id)
+	if err != nil {
+		return subjects.Sandbox{}, err
+	}
+	s.life.Lock()
+	defer s.life.Unlock()
+	return b.resumeLocked(ctx, s, time.Duration(req.TimeoutS)*time.Second)
+}
+
+func (b *Backend) resumeLocked(ctx context.Context, s *session, timeout time.Duration) (subjects.Sandbox, error) {
+	s.mu.Lock()
+	rec := s.rec
+	paused, ending := s.paused, s.ending
+	s.mu.Unlock()
+	id := rec.SandboxID
+	switch {
+	case ending:
+		return subjects.Sandbox{}, errdefs.Wrap(errdefs.ErrNotFound, fmt.Errorf("sandbox %s not found", id))
+	case !paused:
+		return rec.WithoutTokens(), nil
+	case rec.Paused == nil:
+		return subjects.Sandbox{}, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("paused sandbox %s has no pause snapshot in its record", id))
+	}
+	t0 := time.Now()
+	snap, err := b.getSnapshot(ctx, rec.Paused.SnapshotID)
+	if err != nil {
+		return subjects.Sandbox{}, fmt.Errorf("resume sandbox %s: %w", id, err)
+	}
+	res := vmpool.Resources{VCPUs: rec.Resources.VCPUs, MemoryMB: rec.Resources.MemoryMB}
+	evict, err := b.admission.Admit(id, res)
+	if err != nil {
+		return subjects.Sandbox{}, err
+	}
+	var undo undoStack
+	undo.push("release admission", func(context.Context) error { b.admission.Release(id); return nil })
+	fail := func(err error) (subjects.Sandbox, error) {
+		undo.run(b.ctx, b.log)
+		return subjects.Sandbox{}, fmt.Errorf("resume sandbox %s: %w", id, err)
+	}
+	b.evictWarm(ctx, evict)
+	if err := b.checkDisk(); err != nil {
+		return fail(err)
+	}
+	dir := filepath.Join(b.cfg.StateDir, "sandboxes", id)
+	m, err := b.restore(ctx, id, dir, snap, rec.Network, false)
+	if err != nil {
+		return fail(err)
+	}
+	undo.push("remove network policy", func(ctx context.Context) error { b.removeEgress(ctx, id, m); return nil })
+	undo.push("stop machine", m.Stop)
+	if err := b.applyEgress(ctx, id, m, rec.Network, rec.Egress); err != nil {
+		return fail(err)
+	}
+	if err := m.Init(ctx, resumeInit(id)); err != nil {
+		return fail(fmt.Errorf("init guest: %w", err))
+	}
+	if err := bindSession(m.Dir(), rec.Generation); err != nil {
+		return fail(err)
+	}
+	tRestored := time.Since(t0)
+	life := timeout
+	if life == 0 {
+		life = time.Duration(rec.Paused.RemainingMS) * time.Millisecond
+		if life < minResumeLifetime {
+			life = b.cfg.DefaultTimeout
+		}
+	}
+	s.mu.Lock()
+	s.machine = m
+	s.paused = false
+	s.rec.State = subjects.StateRunning
+	s.rec.Paused = nil
+	s.rec.Dir = m.Dir()
+	s.rec.EndAt = time.Now().UTC().Add(life).Truncate(time.Second)
+	updated := s.rec
+	s.mu.Unlock()
+	if err := b.putSession(ctx, updated); err != nil {
+		b.log.Warn("store resumed session", "sandbox", id, "err", err)
+	}
+	b.armDeadline(s)
+	b.watchMachine(s)
+	if err := b.AdoptProcesses(ctx, id); err != nil {
+		b.log.Warn("follow processes after resume", "sandbox", id, "err", err)
+	}
+	b.systemLog(ctx, id, fmt.Sprintf("sandbox resumed from snapshot %s on worker %s", snap.SnapshotID, b.cfg.WorkerID))
+	b.event(ctx, subjects.EventResumed, id, snap.SnapshotID)
+	b.log.Info("sandbox resumed", "sandbox", id, "snapshot", snap.SnapshotID, "restore", tRestored, "total", time.Since(t0))
+	return updated.WithoutTokens(), nil
+}
+
+// resumeInit is the guest init of a resume: the same identity, the env the
+// guest keeps, the host's clock and fresh entropy.
+func resumeInit(id string) agent.InitRequest {
+	entropy := make([]byte, 64)
+	_, _ = rand.Read(entropy)
+	return agent.InitRequest{SandboxID: id, Hostname: id, KeepEnv: true, UnixNano: time.Now().UnixNano(), Entropy: entropy}
+}
+
+// Wake makes sandbox id ready for a request that needs its machine: a
+// running sandbox is; a paused one is resumed when it was created with
+// auto_resume, and refused with failed_precondition otherwise.
+func (b *Backend) Wake(ctx context.Context, id string) error {
+	s, err := b.lookup(id)
+	if err != nil {
+		return err
+	}
+	if !s.isPaused() {
+		return nil
+	}
+	if !s.record().AutoResume {
+		return errPaused(id)
+	}
+	s.life.Lock()
+	defer s.life.Unlock()
+	_, err = b.resumeLocked(ctx, s, 0)
+	return err
+}
+
+// expire runs at a sandbox's deadline: it pauses a sandbox created with
+// on_timeout pause and reports true, or reports false (the caller ends it).
+func (b *Backend) expire(ctx context.Context, id string) bool {
+	s, err := b.lookup(id)
+	if err != nil || s.record().OnTimeout != subjects.OnTimeoutPause {
+		return false
+	}
+	s.life.Lock()
+	defer s.life.Unlock()
+	if _, err := b.pauseLocked(ctx, s, "deadline reached"); err != nil {
+		b.log.Warn("pause at deadline failed; the sandbox ends", "sandbox", id, "err", err)
+		return false
+	}
+	return true
+}
+
+// adoptPaused registers a paused sandbox found in the store at start (this
+// worker's, authenticated): its subjects are answered again and it can be
+// resumed here.
+func (b *Backend) adoptPaused(rec subjects.Sandbox) error {
+	if rec.Paused == nil {
+		return errors.New("paused record without pause snapshot")
+	}
+	s := &session{rec: rec, machine: pausedMachine{id: rec.SandboxID}, paused: true}
+	b.mu.Lock()
+	if b.closed {
+		b.mu.Unlock()
+		return errdefs.Wrap(errdefs.ErrFailedPrecondition, errors.New("worker is shutting down"))
+	}
+	b.sessions[rec.SandboxID] = s
+	b.mu.Unlock()
+	if b.hooks.Owned != nil {
+		b.hooks.Owned(rec.SandboxID)
+	}
+	b.log.Info("paused sandbox recovered", "sandbox", rec.SandboxID, "snapshot", rec.Paused.SnapshotID)
+	return nil
+}
+
+// forget drops a paused sandbox from this worker without touching its
+// record (the worker stops; the sandbox stays paused in the store).
+func (b *Backend) forget(id string) {
+	b.mu.Lock()
+	delete(b.sessions, id)
+	b.mu.Unlock()
+	if b.hooks.Released != nil {
+		b.hooks.Released(id)
+	}
+}
+
+// ListPage answers a filtered, paginated list of the cluster's sandboxes.
+func (b *Backend) ListPage(ctx context.Context, req subjects.ListSandboxesRequest) (subjects.ListSandboxesReply, error) {
+	if err := req.Validate(); err != nil {
+		return subjects.ListSandboxesReply{}, err
+	}
+	list, err := b.List(ctx)
+	if err != nil {
+		return subjects.ListSandboxesReply{}, err
+	}
+	return subjects.PageSandboxes(list, req), nil
+}
+
+// mach returns the session's current machine (a pause and a resume replace
+// it).
+func (s *session) mach() vmpool.Machine {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.machine
+}
