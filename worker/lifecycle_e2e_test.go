@@ -1,0 +1,167 @@
+package worker_test
+
+import (
+	"fmt"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/firkin-dev/firkin-worker/subjects"
+)
+
+// median is the p50 of ds.
+func median(ds []time.Duration) time.Duration {
+	s := append([]time.Duration(nil), ds...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	return s[len(s)/2]
+}
+
+// TestPauseResume pauses and resumes a sandbox three times in a row: a
+// background process started with proc.start (busybox httpd) keeps
+// running with the same pid and keeps answering through its port route,
+// and a file written before the first pause (and appended to after every
+// resume) is whole. While paused the sandbox holds no machine, answers get
+// with state paused, refuses exec (conflict) and its route answers 503.
+func TestPauseResume(t *testing.T) {
+	e := startWorker(t)
+	sb := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny", TimeoutS: 600, Metadata: map[string]string{"suite": "lifecycle"}})
+	id := sb.SandboxID
+	e.exec(id, "echo before-pause > /root/keep; sync")
+	p, err := e.c.StartProcess(e.ctx(time.Minute), id, subjects.ProcStartRequest{
+		Command: "mkdir -p /srv && echo paused-page > /srv/index.html && exec httpd -f -p 8000 -h /srv", Tag: "web", Background: true,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid, cmd := p.PID(), p.ID()
+	_ = p.Close()
+	route, err := e.c.Route(e.ctx(10*time.Second), id, 8000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	url := "http://127.0.0.1:" + route.URL[strings.LastIndex(route.URL, ":")+1:] + "/"
+	hdr := map[string]string{"e2b-sandbox-id": id, "e2b-sandbox-port": "8000"}
+	eventually(t, 30*time.Second, "httpd through the proxy", func() error {
+		if code, body := httpGet(t, url, hdr); code != 200 || body != "paused-page\n" {
+			return fmt.Errorf("GET: %d %q", code, body)
+		}
+		return nil
+	})
+
+	var pauses, resumes []time.Duration
+	want := "before-pause\n"
+	for round := 1; round <= 3; round++ {
+		t0 := time.Now()
+		paused, err := e.c.Pause(e.ctx(3*time.Minute), id)
+		pauses = append(pauses, time.Since(t0))
+		if err != nil {
+			t.Fatalf("round %d: pause: %v", round, err)
+		}
+		if paused.State != subjects.StatePaused || paused.Paused == nil || paused.Paused.SnapshotID == "" {
+			t.Fatalf("round %d: pause reply %+v", round, paused)
+		}
+		if got, err := e.c.Get(e.ctx(10*time.Second), id); err != nil || got.State != subjects.StatePaused {
+			t.Fatalf("round %d: get while paused: %+v %v", round, got, err)
+		}
+		if u := e.w.Backend().Usage(); u.Sandboxes != 0 {
+			t.Errorf("round %d: a paused sandbox holds an admission reservation: %+v", round, u)
+		}
+		if n := len(qemuProcesses(e.state)); n != 0 {
+			t.Errorf("round %d: %d machines run while the only sandbox is paused", round, n)
+		}
+		_, err = e.c.Exec(e.ctx(10*time.Second), id, subjects.ExecRequest{Command: "true"})
+		wantCode(t, "exec while paused", err, subjects.CodeConflict)
+		if code, _ := httpGet(t, url, hdr); code != 503 {
+			t.Errorf("round %d: route while paused: %d, want 503", round, code)
+		}
+		if page, err := e.c.ListPage(e.ctx(10*time.Second), subjects.ListSandboxesRequest{State: subjects.StatePaused, Metadata: map[string]string{"suite": "lifecycle"}}); err != nil ||
+			len(page.Sandboxes) != 1 || page.Sandboxes[0].SandboxID != id {
+			t.Errorf("round %d: list paused: %+v %v", round, page, err)
+		}
+
+		t0 = time.Now()
+		resumed, err := e.c.Resume(e.ctx(3*time.Minute), id, subjects.ResumeRequest{})
+		resumes = append(resumes, time.Since(t0))
+		if err != nil {
+			t.Fatalf("round %d: resume: %v", round, err)
+		}
+		if resumed.State != subjects.StateRunning || resumed.Generation != sb.Generation || resumed.Paused != nil {
+			t.Fatalf("round %d: resume reply %+v", round, resumed)
+		}
+		if r := e.exec(id, "cat /root/keep"); r.Stdout != want {
+			t.Fatalf("round %d: file after resume = %q, want %q", round, r.Stdout, want)
+		}
+		line := fmt.Sprintf("after-resume-%d\n", round)
+		e.exec(id, "printf '"+strings.TrimSuffix(line, "\n")+"\\n' >> /root/keep; sync")
+		want += line
+		procs, err := e.c.ListProcesses(e.ctx(10*time.Second), id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		found := false
+		for _, pi := range procs {
+			if pi.CommandID == cmd && pi.PID == pid && pi.State == subjects.ProcRunning {
+				found = true
+			}
+		}
+		if !found {
+			t.Errorf("round %d: httpd (%s, pid %d) not running after resume: %+v", round, cmd, pid, procs)
+		}
+		if r := e.exec(id, fmt.Sprintf("kill -0 %d && echo alive", pid)); r.Stdout != "alive\n" {
+			t.Errorf("round %d: httpd pid %d gone: %+v", round, pid, r)
+		}
+		eventually(t, 20*time.Second, "route after resume", func() error {
+			if code, body := httpGet(t, url, hdr); code != 200 || body != "paused-page\n" {
+				return fmt.Errorf("GET: %d %q", code, body)
+			}
+			return nil
+		})
+	}
+	if r := e.exec(id, "cat /root/keep"); r.Stdout != want {
+		t.Fatalf("file at the end = %q, want %q", r.Stdout, want)
+	}
+	t.Logf("pause p50 %v (%v), resume p50 %v (%v), accel %s", median(pauses), pauses, median(resumes), resumes, e.w.Backend().Accelerator())
+}
+
+// TestPauseOnTimeoutAndAutoResume: a sandbox created with on_timeout pause
+// is paused at its deadline, not killed, and resumes with its files; one
+// created with auto_resume is resumed by an exec.
+func TestPauseOnTimeoutAndAutoResume(t *testing.T) {
+	e := startWorker(t)
+	t.Run("on_timeout pause", func(t *testing.T) {
+		sb := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny", TimeoutS: 5, OnTimeout: subjects.OnTimeoutPause})
+		e.exec(sb.SandboxID, "echo kept > /root/f; sync")
+		eventually(t, 2*time.Minute, "paused at the deadline", func() error {
+			got, err := e.c.Get(e.ctx(10*time.Second), sb.SandboxID)
+			if err != nil || got.State != subjects.StatePaused {
+				return fmt.Errorf("get: %+v %v", got, err)
+			}
+			return nil
+		})
+		got, err := e.c.Resume(e.ctx(3*time.Minute), sb.SandboxID, subjects.ResumeRequest{TimeoutS: 300})
+		if err != nil || got.State != subjects.StateRunning || time.Until(got.EndAt) < 200*time.Second {
+			t.Fatalf("resume: %+v %v", got, err)
+		}
+		if r := e.exec(sb.SandboxID, "cat /root/f"); r.Stdout != "kept\n" {
+			t.Fatalf("after resume: %+v", r)
+		}
+	})
+	t.Run("bad on_timeout", func(t *testing.T) {
+		_, err := e.c.Create(e.ctx(time.Minute), subjects.CreateSandboxRequest{TemplateID: "tiny", OnTimeout: "sleep"})
+		wantCode(t, "on_timeout sleep", err, subjects.CodeInvalidRequest)
+	})
+	t.Run("auto_resume on exec", func(t *testing.T) {
+		sb := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny", TimeoutS: 600, AutoResume: true})
+		e.exec(sb.SandboxID, "echo auto > /root/f; sync")
+		if _, err := e.c.Pause(e.ctx(3*time.Minute), sb.SandboxID); err != nil {
+			t.Fatal(err)
+		}
+		if r := e.exec(sb.SandboxID, "cat /root/f"); r.Stdout != "auto\n" {
+			t.Fatalf("exec on a paused auto_resume sandbox: %+v", r)
+		}
+		if got, err := e.c.Get(e.ctx(10*time.Second), sb.SandboxID); err != nil || got.State != subjects.StateRunning {
+			t.Fatalf("get after auto-resume: %+v %v", got, err)
+		}
+	})
+}
