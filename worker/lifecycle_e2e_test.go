@@ -1,13 +1,21 @@
 package worker_test
 
 import (
+	"context"
 	"fmt"
+	"log/slog"
+	"runtime"
 	"sort"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
+
+	"github.com/firkin-dev/firkin-worker/client"
+	"github.com/firkin-dev/firkin-worker/internal/testenv"
 	"github.com/firkin-dev/firkin-worker/subjects"
+	"github.com/firkin-dev/firkin-worker/worker"
 )
 
 // median is the p50 of ds.
@@ -164,4 +172,79 @@ func TestPauseOnTimeoutAndAutoResume(t *testing.T) {
 			t.Fatalf("get after auto-resume: %+v %v", got, err)
 		}
 	})
+}
+
+// TestPauseSurvivesWorkerRestart pauses a sandbox, stops the worker (a
+// paused sandbox is not ended by a worker stop), starts a new worker on
+// the same state directory and resumes it there with its file.
+func TestPauseSurvivesWorkerRestart(t *testing.T) {
+	testenv.RequireQEMU(t, runtime.GOARCH)
+	img := testenv.Image(t, runtime.GOARCH)
+	logs := &syncWriter{}
+	cfg := worker.Config{
+		StateDir: t.TempDir(), NATSListen: "127.0.0.1:-1", ProxyListen: "127.0.0.1:0",
+		AgentBinary: testenv.AgentBinary(t, runtime.GOARCH), Image: &img, Accel: "auto",
+		Pool: map[string]int{}, WaitTemplates: true,
+		Logger: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+	}
+	start := func() (*worker.Worker, *client.Client) {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		defer cancel()
+		w, err := worker.Start(ctx, cfg)
+		if err != nil {
+			t.Fatalf("start worker: %v\n%s", err, tail(logs.String(), 4000))
+		}
+		nc, err := nats.Connect(w.NATSURL(), w.ClientOptions()...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(nc.Close)
+		return w, client.New(nc)
+	}
+	stop := func(w *worker.Worker) {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		if err := w.Stop(ctx); err != nil {
+			t.Errorf("stop worker: %v", err)
+		}
+	}
+	defer func() {
+		if t.Failed() {
+			t.Logf("worker log (tail):\n%s", tail(logs.String(), 6000))
+		}
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	w1, c1 := start()
+	sb, err := c1.Create(ctx, subjects.CreateSandboxRequest{TemplateID: "tiny", TimeoutS: 600})
+	if err != nil {
+		stop(w1)
+		t.Fatal(err)
+	}
+	if _, err := c1.Exec(ctx, sb.SandboxID, subjects.ExecRequest{Command: "echo overnight > /root/f; sync"}); err != nil {
+		stop(w1)
+		t.Fatal(err)
+	}
+	if _, err := c1.Pause(ctx, sb.SandboxID); err != nil {
+		stop(w1)
+		t.Fatal(err)
+	}
+	stop(w1)
+
+	w2, c2 := start()
+	defer stop(w2)
+	got, err := c2.Get(ctx, sb.SandboxID)
+	if err != nil || got.State != subjects.StatePaused {
+		t.Fatalf("get after the restart: %+v %v", got, err)
+	}
+	if _, err := c2.Resume(ctx, sb.SandboxID, subjects.ResumeRequest{}); err != nil {
+		t.Fatalf("resume after the restart: %v", err)
+	}
+	r, err := c2.Exec(ctx, sb.SandboxID, subjects.ExecRequest{Command: "cat /root/f"})
+	if err != nil || r.Stdout != "overnight\n" {
+		t.Fatalf("file after resume on the restarted worker: %+v %v", r, err)
+	}
+	if err := c2.Kill(ctx, sb.SandboxID); err != nil {
+		t.Error(err)
+	}
 }
