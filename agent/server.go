@@ -489,6 +489,11 @@ func (s *Server) init(req InitRequest) error {
 			errs = append(errs, fmt.Errorf("init: entropy: %w", err))
 		}
 	}
+	if req.MAC != "" {
+		if err := setMAC(req.MAC); err != nil {
+			errs = append(errs, fmt.Errorf("init: mac: %w", err))
+		}
+	}
 	return errors.Join(errs...)
 }
 

@@ -104,6 +104,9 @@ type InitRequest struct {
 	// KeepEnv keeps the default env the guest has (a resume: the env is
 	// in guest memory already); Env is then ignored.
 	KeepEnv bool `json:"keep_env,omitempty"`
+	// MAC, when set, becomes the hardware address of the guest's first
+	// ethernet interface (a fork's own network identity).
+	MAC string `json:"mac,omitempty"`
 }
 
 // OutputFunc receives exec output as it is produced. It is called from one

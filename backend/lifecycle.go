@@ -332,3 +332,146 @@ func (s *session) mach() vmpool.Machine {
 	defer s.mu.Unlock()
 	return s.machine
 }
+
+// Fork makes req.Count new running sandboxes from a running one: it saves
+// the source as a continuation snapshot (the source goes on running, its
+// processes followed again) and creates each fork from it, as a create
+// with snapshot_id does (its own id, generation and traffic token, guest
+// hostname, clock and fresh entropy, the CRNG reseeded), then gives each
+// guest a new MAC address and follows the processes it inherited. The
+// forks keep the source's resources, network settings, auto_resume and
+// on_timeout; metadata and lifetime are the request's or the source's.
+// A fork that fails is reported by the error, with the forks made so far
+// killed.
+func (b *Backend) Fork(ctx context.Context, id string, req subjects.ForkRequest) (subjects.ForkReply, error) {
+	if err := req.Validate(); err != nil {
+		return subjects.ForkReply{}, err
+	}
+	s, err := b.lookup(id)
+	if err != nil {
+		return subjects.ForkReply{}, err
+	}
+	if s.isPaused() {
+		return subjects.ForkReply{}, errPaused(id)
+	}
+	t0 := time.Now()
+	snap, err := b.forkSnapshot(ctx, s)
+	if err != nil {
+		return subjects.ForkReply{}, err
+	}
+	tSaved := time.Since(t0)
+	src := s.record()
+	create := subjects.CreateSandboxRequest{SnapshotID: snap.SnapshotID, Metadata: src.Metadata, TimeoutS: req.TimeoutS,
+		Resources:     &subjects.Resources{VCPUs: src.Resources.VCPUs, MemoryMB: src.Resources.MemoryMB},
+		PublicTraffic: &src.PublicTraffic, Network: &src.Network, Egress: src.Egress, AutoResume: src.AutoResume, OnTimeout: src.OnTimeout}
+	if req.Metadata != nil {
+		create.Metadata = req.Metadata
+	}
+	if create.TimeoutS == 0 {
+		create.TimeoutS = max(int(time.Until(src.EndAt)/time.Second), int(minResumeLifetime/time.Second))
+	}
+	out := make([]subjects.Sandbox, req.Count)
+	errs := make([]error, req.Count)
+	done := make(chan int, req.Count)
+	for i := range req.Count {
+		go func() {
+			out[i], errs[i] = b.forkOne(ctx, id, create)
+			done <- i
+		}()
+	}
+	for range req.Count {
+		<-done
+	}
+	if err := errors.Join(errs...); err != nil {
+		for _, sb := range out {
+			if sb.SandboxID != "" {
+				_ = b.end(context.WithoutCancel(ctx), sb.SandboxID, subjects.EventFailed, "another fork of the same request failed")
+			}
+		}
+		return subjects.ForkReply{}, err
+	}
+	ids := make([]string, len(out))
+	for i, sb := range out {
+		ids[i] = sb.SandboxID
+	}
+	b.systemLog(ctx, id, fmt.Sprintf("sandbox forked into %v from snapshot %s", ids, snap.SnapshotID))
+	b.event(ctx, subjects.EventForked, id, snap.SnapshotID)
+	b.log.Info("sandbox forked", "sandbox", id, "count", req.Count, "snapshot", snap.SnapshotID, "save", tSaved, "total", time.Since(t0))
+	return subjects.ForkReply{SourceID: id, Sandboxes: out, SnapshotID: snap.SnapshotID}, nil
+}
+
+// forkSnapshot saves a running sandbox as the continuation snapshot its
+// forks restore, and follows its processes again.
+func (b *Backend) forkSnapshot(ctx context.Context, s *session) (subjects.SnapshotRecord, error) {
+	s.life.Lock()
+	defer s.life.Unlock()
+	if s.isPaused() {
+		return subjects.SnapshotRecord{}, errPaused(s.record().SandboxID)
+	}
+	id := s.record().SandboxID
+	sid := id + "-fork-" + NewID(6)
+	b.detachProcs(id)
+	defer func() {
+		if err := b.AdoptProcesses(ctx, id); err != nil {
+			b.log.Warn("follow processes after fork", "sandbox", id, "err", err)
+		}
+	}()
+	rec, err := b.save(ctx, s, sid, vmpool.SaveOptions{Kind: vmpool.Continuation}, subjects.TemplateMetadata{Envs: map[string]string{}})
+	if err != nil {
+		return rec, fmt.Errorf("fork sandbox %s: %w", id, err)
+	}
+	if rec, err = b.signRecord(rec); err == nil {
+		err = b.cfg.Store.CreateSnapshot(ctx, rec)
+	}
+	if err != nil {
+		_ = os.RemoveAll(b.recordDir(rec))
+		return subjects.SnapshotRecord{}, fmt.Errorf("fork sandbox %s: store snapshot: %w", id, err)
+	}
+	b.upload(rec)
+	s.mu.Lock()
+	s.rec.DiskParent, s.rec.DiskParentLocation = sid, b.recordDir(rec)
+	updated := s.rec
+	s.mu.Unlock()
+	if err := b.putSession(ctx, updated); err != nil {
+		b.log.Warn("update session after fork snapshot", "sandbox", id, "err", err)
+	}
+	return rec, nil
+}
+
+// forkOne creates one fork and gives it its own network identity.
+func (b *Backend) forkOne(ctx context.Context, source string, req subjects.CreateSandboxRequest) (subjects.Sandbox, error) {
+	sb, err := b.Create(ctx, req)
+	if err != nil {
+		return sb, err
+	}
+	s, err := b.lookup(sb.SandboxID)
+	if err != nil {
+		return subjects.Sandbox{}, err
+	}
+	init := resumeInit(sb.SandboxID)
+	if sb.Network {
+		init.MAC = newMAC()
+	}
+	if err := s.mach().Init(ctx, init); err != nil {
+		b.log.Warn("fork: new network identity", "sandbox", sb.SandboxID, "err", err)
+	}
+	s.mu.Lock()
+	s.rec.ForkedFrom = source
+	rec := s.rec
+	s.mu.Unlock()
+	if err := b.putSession(ctx, rec); err != nil {
+		b.log.Warn("store fork session", "sandbox", sb.SandboxID, "err", err)
+	}
+	if err := b.AdoptProcesses(ctx, sb.SandboxID); err != nil {
+		b.log.Warn("follow processes of a fork", "sandbox", sb.SandboxID, "err", err)
+	}
+	sb.ForkedFrom = source
+	return sb, nil
+}
+
+// newMAC is a random locally administered unicast address in QEMU's range.
+func newMAC() string {
+	b := make([]byte, 3)
+	_, _ = rand.Read(b)
+	return fmt.Sprintf("52:54:00:%02x:%02x:%02x", b[0], b[1], b[2])
+}

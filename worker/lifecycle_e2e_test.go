@@ -248,3 +248,72 @@ func TestPauseSurvivesWorkerRestart(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// TestFork forks a running sandbox three times: the source goes on
+// running; each fork runs, has its own id and token, its own MAC address
+// and random stream, the source's file and running process, and a file
+// changed in one is unchanged in the others.
+func TestFork(t *testing.T) {
+	e := startWorker(t)
+	src := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny", TimeoutS: 600, Metadata: map[string]string{"role": "source"}})
+	e.exec(src.SandboxID, "echo original > /root/f; sync")
+	p, err := e.c.StartProcess(e.ctx(time.Minute), src.SandboxID, subjects.ProcStartRequest{Command: "exec sleep 100000", Tag: "sleeper", Background: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = p.Close()
+	t0 := time.Now()
+	reply, err := e.c.Fork(e.ctx(6*time.Minute), src.SandboxID, subjects.ForkRequest{Count: 3, Metadata: map[string]string{"role": "fork"}})
+	if err != nil {
+		t.Fatalf("fork: %v", err)
+	}
+	t.Logf("fork of 3: %v", time.Since(t0))
+	for _, sb := range reply.Sandboxes {
+		t.Cleanup(func() { _ = e.c.Kill(context.Background(), sb.SandboxID) })
+	}
+	if len(reply.Sandboxes) != 3 || reply.SourceID != src.SandboxID || reply.SnapshotID == "" {
+		t.Fatalf("fork reply %+v", reply)
+	}
+	all := append([]subjects.Sandbox{src}, reply.Sandboxes...)
+	ids, macs, seeds, tokens := map[string]bool{}, map[string]string{}, map[string]string{}, map[string]bool{}
+	for i, sb := range all {
+		if i > 0 && (sb.State != subjects.StateRunning || sb.TrafficAccessToken == "" || sb.ForkedFrom != src.SandboxID || sb.Metadata["role"] != "fork") {
+			t.Errorf("fork record %+v", sb)
+		}
+		ids[sb.SandboxID], tokens[sb.TrafficAccessToken] = true, true
+		r := e.exec(sb.SandboxID, "cat /root/f; cat /sys/class/net/eth0/address; head -c 16 /dev/urandom | od -x | head -1; hostname; ps | grep -q '[s]leep 100000' && echo sleeping")
+		lines := strings.Split(strings.TrimSpace(r.Stdout), "\n")
+		if len(lines) != 5 || lines[0] != "original" || lines[3] != sb.SandboxID || lines[4] != "sleeping" {
+			t.Fatalf("%s: %q (stderr %q)", sb.SandboxID, r.Stdout, r.Stderr)
+		}
+		for other, mac := range macs {
+			if mac == lines[1] {
+				t.Errorf("%s and %s share MAC %s", sb.SandboxID, other, mac)
+			}
+		}
+		for other, seed := range seeds {
+			if seed == lines[2] {
+				t.Errorf("%s and %s read the same random bytes %s", sb.SandboxID, other, seed)
+			}
+		}
+		macs[sb.SandboxID], seeds[sb.SandboxID] = lines[1], lines[2]
+		t.Logf("%s: mac %s ip %s", sb.SandboxID, lines[1], strings.TrimSpace(e.exec(sb.SandboxID, "ip -4 -o addr show eth0 | awk '{print $4}'").Stdout))
+	}
+	if len(ids) != 4 || len(tokens) != 4 {
+		t.Errorf("ids %v tokens %d: want 4 distinct", ids, len(tokens))
+	}
+	changed := reply.Sandboxes[1].SandboxID
+	e.exec(changed, "echo changed > /root/f; touch /root/only-here; sync")
+	for _, sb := range all {
+		r := e.exec(sb.SandboxID, "cat /root/f; ls /root/only-here 2>/dev/null || echo absent")
+		want := "original\nabsent\n"
+		if sb.SandboxID == changed {
+			want = "changed\n/root/only-here\n"
+		}
+		if r.Stdout != want {
+			t.Errorf("%s after a change in %s: %q, want %q", sb.SandboxID, changed, r.Stdout, want)
+		}
+	}
+	_, err = e.c.Fork(e.ctx(time.Minute), src.SandboxID, subjects.ForkRequest{Count: 9})
+	wantCode(t, "fork of 9", err, subjects.CodeInvalidRequest)
+}
