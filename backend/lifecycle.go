@@ -359,8 +359,16 @@ func (b *Backend) Fork(ctx context.Context, id string, req subjects.ForkRequest)
 	if err != nil {
 		return subjects.ForkReply{}, err
 	}
-	tSaved := time.Since(t0)
 	src := s.record()
+	if req.Count > 1 {
+		// Forks of a shared-memory snapshot map its RAM file copy-on-write.
+		if shared, err := b.sharedForkBase(ctx, src, snap); err != nil {
+			b.log.Warn("fork: no shared-memory base; each fork loads its own memory", "sandbox", id, "err", err)
+		} else {
+			snap = shared
+		}
+	}
+	tSaved := time.Since(t0)
 	create := subjects.CreateSandboxRequest{SnapshotID: snap.SnapshotID, Metadata: src.Metadata, TimeoutS: req.TimeoutS,
 		Resources:     &subjects.Resources{VCPUs: src.Resources.VCPUs, MemoryMB: src.Resources.MemoryMB},
 		PublicTraffic: &src.PublicTraffic, Network: &src.Network, Egress: src.Egress, AutoResume: src.AutoResume, OnTimeout: src.OnTimeout}
@@ -436,6 +444,45 @@ func (b *Backend) forkSnapshot(ctx context.Context, s *session) (subjects.Snapsh
 		b.log.Warn("update session after fork snapshot", "sandbox", id, "err", err)
 	}
 	return rec, nil
+}
+
+// sharedForkBase turns the fork snapshot stream (memory in the migration
+// stream, loaded into each restored machine's own RAM) into a snapshot
+// whose memory is a file that every fork maps copy-on-write: a machine is
+// restored from stream with its RAM in a shared file and saved at once
+// with that file (the driver's shared-memory format), then stopped.
+func (b *Backend) sharedForkBase(ctx context.Context, src subjects.Sandbox, stream subjects.SnapshotRecord) (subjects.SnapshotRecord, error) {
+	baseID := "forkbase-" + NewID(12)
+	dir := filepath.Join(b.cfg.StateDir, "sandboxes", baseID)
+	m, err := b.restore(ctx, baseID, dir, stream, src.Network, true)
+	if err != nil {
+		return subjects.SnapshotRecord{}, err
+	}
+	defer func() { _ = m.Stop(context.WithoutCancel(ctx)) }()
+	rec := src
+	rec.DiskParent, rec.DiskParentLocation = stream.SnapshotID, b.recordDir(stream)
+	tmp := &session{rec: rec, machine: m}
+	sid := src.SandboxID + "-forkmem-" + NewID(6)
+	out, err := b.save(ctx, tmp, sid, vmpool.SaveOptions{Kind: vmpool.Template, Stop: true}, subjects.TemplateMetadata{Envs: map[string]string{}})
+	if err != nil {
+		return subjects.SnapshotRecord{}, err
+	}
+	if out.Format == stream.Format {
+		_ = os.RemoveAll(b.recordDir(out))
+		return subjects.SnapshotRecord{}, fmt.Errorf("driver %s saved format %q: no shared memory", b.cfg.Driver.Name(), out.Format)
+	}
+	// A base of forks, not a template (the driver's kind only chose the
+	// memory format).
+	out.Kind = subjects.KindContinuation
+	if out, err = b.signRecord(out); err == nil {
+		err = b.cfg.Store.CreateSnapshot(ctx, out)
+	}
+	if err != nil {
+		_ = os.RemoveAll(b.recordDir(out))
+		return subjects.SnapshotRecord{}, err
+	}
+	b.upload(out)
+	return out, nil
 }
 
 // forkOne creates one fork and gives it its own network identity.

@@ -4,14 +4,17 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"os"
 	"runtime"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/firkin-dev/firkin-worker/backend"
 	"github.com/firkin-dev/firkin-worker/client"
 	"github.com/firkin-dev/firkin-worker/internal/testenv"
 	"github.com/firkin-dev/firkin-worker/subjects"
@@ -316,4 +319,84 @@ func TestFork(t *testing.T) {
 	}
 	_, err = e.c.Fork(e.ctx(time.Minute), src.SandboxID, subjects.ForkRequest{Count: 9})
 	wantCode(t, "fork of 9", err, subjects.CodeInvalidRequest)
+}
+
+// TestLifecycleBench measures fork of 1, 4 and 8, and the host memory
+// (PSS of the QEMU processes) of 8 forks against 8 independent sandboxes.
+// It runs only with FIRKIN_LIFECYCLE_BENCH=1 (many machines at once).
+func TestLifecycleBench(t *testing.T) {
+	if os.Getenv("FIRKIN_LIFECYCLE_BENCH") == "" {
+		t.Skip("set FIRKIN_LIFECYCLE_BENCH=1 to measure fork times and memory")
+	}
+	e := startWorker(t, func(c *worker.Config) {
+		c.Limits = backend.Limits{MaxSessions: 64, MaxVCPUs: 64, MaxMemoryMB: 16 << 10}
+	})
+	pss := func(ids []string) (total int) {
+		for _, id := range ids {
+			sb, err := e.c.Get(e.ctx(10*time.Second), id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			procs := qemuProcesses(sb.Dir)
+			if len(procs) != 1 {
+				t.Fatalf("%s: %d QEMU processes", id, len(procs))
+			}
+			pid, _ := strconv.Atoi(strings.SplitN(procs[0], ":", 2)[0])
+			data, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, line := range strings.Split(string(data), "\n") {
+				if f := strings.Fields(line); len(f) >= 2 && f[0] == "Pss:" {
+					kib, _ := strconv.Atoi(f[1])
+					total += kib
+				}
+			}
+		}
+		return total
+	}
+	kill := func(ids []string) {
+		for _, id := range ids {
+			_ = e.c.Kill(context.Background(), id)
+		}
+	}
+	src := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny", TimeoutS: 1200})
+	e.exec(src.SandboxID, "echo x > /root/f")
+	var forkIDs []string
+	for _, n := range []int{1, 4, 8} {
+		t0 := time.Now()
+		reply, err := e.c.Fork(e.ctx(10*time.Minute), src.SandboxID, subjects.ForkRequest{Count: n})
+		if err != nil {
+			t.Fatalf("fork %d: %v", n, err)
+		}
+		d := time.Since(t0)
+		var ids []string
+		for _, sb := range reply.Sandboxes {
+			ids = append(ids, sb.SandboxID)
+			e.exec(sb.SandboxID, "true")
+		}
+		t.Logf("fork of %d: %v (%v per fork)", n, d.Round(time.Millisecond), (d / time.Duration(n)).Round(time.Millisecond))
+		if n == 8 {
+			forkIDs = ids
+		} else {
+			kill(ids)
+		}
+	}
+	time.Sleep(2 * time.Second)
+	forkPSS := pss(forkIDs)
+	kill(forkIDs)
+	var indep []string
+	for range 8 {
+		sb, err := e.c.Create(e.ctx(3*time.Minute), subjects.CreateSandboxRequest{TemplateID: "tiny", TimeoutS: 600})
+		if err != nil {
+			t.Fatal(err)
+		}
+		indep = append(indep, sb.SandboxID)
+		e.exec(sb.SandboxID, "echo x > /root/f")
+	}
+	defer kill(indep)
+	time.Sleep(2 * time.Second)
+	indepPSS := pss(indep)
+	t.Logf("host PSS of 8 forks: %d MiB (%d MiB each); of 8 independent sandboxes: %d MiB (%d MiB each)",
+		forkPSS>>10, forkPSS>>10/8, indepPSS>>10, indepPSS>>10/8)
 }
