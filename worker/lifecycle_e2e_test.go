@@ -302,6 +302,13 @@ func TestFork(t *testing.T) {
 		macs[sb.SandboxID], seeds[sb.SandboxID] = lines[1], lines[2]
 		t.Logf("%s: mac %s ip %s", sb.SandboxID, lines[1], strings.TrimSpace(e.exec(sb.SandboxID, "ip -4 -o addr show eth0 | awk '{print $4}'").Stdout))
 	}
+	if t.Failed() {
+		for _, l := range strings.Split(e.logs.String(), "\n") {
+			if strings.Contains(l, "network identity") || strings.Contains(l, "fork") && strings.Contains(l, "level=WARN") {
+				t.Log(l)
+			}
+		}
+	}
 	if len(ids) != 4 || len(tokens) != 4 {
 		t.Errorf("ids %v tokens %d: want 4 distinct", ids, len(tokens))
 	}
