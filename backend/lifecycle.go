@@ -500,7 +500,8 @@ func (b *Backend) forkOne(ctx context.Context, source string, req subjects.Creat
 		init.MAC = newMAC()
 	}
 	if err := s.mach().Init(ctx, init); err != nil {
-		b.log.Warn("fork: new network identity", "sandbox", sb.SandboxID, "err", err)
+		// Two sandboxes with one MAC address: not a fork to hand out.
+		return sb, fmt.Errorf("fork %s: new network identity: %w", sb.SandboxID, err)
 	}
 	s.mu.Lock()
 	s.rec.ForkedFrom = source

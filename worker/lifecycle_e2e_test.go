@@ -271,6 +271,13 @@ func TestFork(t *testing.T) {
 		t.Fatalf("fork: %v", err)
 	}
 	t.Logf("fork of 3: %v", time.Since(t0))
+	if time.Since(t0) > 30*time.Second {
+		for _, l := range strings.Split(e.logs.String(), "\n") {
+			if strings.Contains(l, "component=qemu") || strings.Contains(l, "component=runtime") || strings.Contains(l, "component=agent") {
+				t.Log(l)
+			}
+		}
+	}
 	for _, sb := range reply.Sandboxes {
 		t.Cleanup(func() { _ = e.c.Kill(context.Background(), sb.SandboxID) })
 	}
