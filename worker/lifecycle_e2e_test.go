@@ -174,6 +174,35 @@ func TestPauseOnTimeoutAndAutoResume(t *testing.T) {
 		if got, err := e.c.Get(e.ctx(10*time.Second), sb.SandboxID); err != nil || got.State != subjects.StateRunning {
 			t.Fatalf("get after auto-resume: %+v %v", got, err)
 		}
+		// Traffic through the proxy resumes it too.
+		p, err := e.c.StartProcess(e.ctx(time.Minute), sb.SandboxID, subjects.ProcStartRequest{
+			Command: "mkdir -p /srv && echo woke > /srv/index.html && exec httpd -f -p 8000 -h /srv", Background: true,
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = p.Close()
+		route, err := e.c.Route(e.ctx(10*time.Second), sb.SandboxID, 8000)
+		if err != nil {
+			t.Fatal(err)
+		}
+		url := "http://127.0.0.1:" + route.URL[strings.LastIndex(route.URL, ":")+1:] + "/"
+		hdr := map[string]string{"e2b-sandbox-id": sb.SandboxID, "e2b-sandbox-port": "8000"}
+		eventually(t, 30*time.Second, "httpd up", func() error {
+			if code, _ := httpGet(t, url, hdr); code != 200 {
+				return fmt.Errorf("GET: %d", code)
+			}
+			return nil
+		})
+		if _, err := e.c.Pause(e.ctx(3*time.Minute), sb.SandboxID); err != nil {
+			t.Fatal(err)
+		}
+		if code, body := httpGet(t, url, hdr); code != 200 || body != "woke\n" {
+			t.Fatalf("GET through the proxy to a paused auto_resume sandbox: %d %q", code, body)
+		}
+		if got, err := e.c.Get(e.ctx(10*time.Second), sb.SandboxID); err != nil || got.State != subjects.StateRunning {
+			t.Fatalf("get after auto-resume by traffic: %+v %v", got, err)
+		}
 	})
 }
 
