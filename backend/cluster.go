@@ -136,6 +136,9 @@ func (b *Backend) Reconcile(ctx context.Context) {
 	}
 	b.mu.Unlock()
 	for _, s := range list {
+		if s.isPaused() {
+			continue // never marked lost, so never claimed: still ours
+		}
 		rec := s.record()
 		rec.MAC = ""
 		_, err := b.reclaimSession(ctx, rec)
