@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/firkin-dev/firkin-worker/agent"
@@ -87,7 +88,7 @@ func (b *Backend) pauseLocked(ctx context.Context, s *session, reason string) (s
 	s.mu.Unlock()
 	t0 := time.Now()
 	b.detachProcs(id)
-	sid := id + "-pause-" + NewID(6)
+	sid := pauseSnapshotPrefix(id) + NewID(6)
 	rec, err := b.save(ctx, s, sid, vmpool.SaveOptions{Kind: vmpool.Continuation, Stop: true}, subjects.TemplateMetadata{Envs: map[string]string{}})
 	if err != nil {
 		// The driver leaves the machine running after a failed save.
@@ -522,4 +523,39 @@ func newMAC() string {
 	b := make([]byte, 3)
 	_, _ = rand.Read(b)
 	return fmt.Sprintf("52:54:00:%02x:%02x:%02x", b[0], b[1], b[2])
+}
+
+// pauseSnapshotPrefix starts the names of a sandbox's pause snapshots.
+func pauseSnapshotPrefix(id string) string { return id + "-pause-" }
+
+// dropPauseSnapshots deletes, in the background, the pause snapshots of a
+// sandbox that ended: from the snapshot its disk sat on down its chain of
+// parents, each one that is this sandbox's pause snapshot and that nothing
+// uses any more (DeleteSnapshot refuses one a fork or another snapshot
+// still depends on, and the walk stops there).
+func (b *Backend) dropPauseSnapshots(id, sid string) {
+	if sid == "" || !strings.HasPrefix(sid, pauseSnapshotPrefix(id)) {
+		return
+	}
+	b.wg.Add(1)
+	go func() {
+		defer b.wg.Done()
+		ctx, cancel := context.WithTimeout(b.ctx, 2*time.Minute)
+		defer cancel()
+		for range 1000 { // a chain is one snapshot per pause
+			rec, err := b.getSnapshot(ctx, sid)
+			if err != nil || rec.SourceSandboxID != id || rec.Kind != subjects.KindContinuation {
+				return
+			}
+			if _, err := b.DeleteSnapshot(ctx, sid); err != nil {
+				b.log.Debug("pause snapshot kept", "sandbox", id, "snapshot", sid, "err", err)
+				return
+			}
+			b.log.Info("pause snapshot deleted", "sandbox", id, "snapshot", sid)
+			sid = rec.Parent
+			if !strings.HasPrefix(sid, pauseSnapshotPrefix(id)) {
+				return
+			}
+		}
+	}()
 }

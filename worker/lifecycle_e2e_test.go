@@ -133,6 +133,23 @@ func TestPauseResume(t *testing.T) {
 		t.Fatalf("file at the end = %q, want %q", r.Stdout, want)
 	}
 	t.Logf("pause p50 %v (%v), resume p50 %v (%v), accel %s", median(pauses), pauses, median(resumes), resumes, e.w.Backend().Accelerator())
+
+	// Killed, the sandbox's pause snapshots (a chain of three) go too.
+	if err := e.c.Kill(e.ctx(time.Minute), id); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, time.Minute, "pause snapshots deleted", func() error {
+		list, err := e.c.ListSnapshots(e.ctx(10*time.Second))
+		if err != nil {
+			return err
+		}
+		for _, r := range list {
+			if strings.HasPrefix(r.SnapshotID, id+"-pause-") {
+				return fmt.Errorf("%s still listed", r.SnapshotID)
+			}
+		}
+		return nil
+	})
 }
 
 // TestPauseOnTimeoutAndAutoResume: a sandbox created with on_timeout pause
