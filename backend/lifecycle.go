@@ -559,3 +559,54 @@ func (b *Backend) dropPauseSnapshots(id, sid string) {
 		}
 	}()
 }
+
+// TakeOver resumes, on this worker, a paused sandbox whose worker is not
+// live (live reports the live workers): its session record moves to this
+// worker by compare-and-set on its revision (of two workers trying, one
+// wins; the other answers conflict), then it resumes as Resume does, from
+// the pause snapshot fetched from the artifact store. A sandbox this
+// worker owns is resumed; one whose worker is live is refused with
+// conflict (its owner answers firkin.sandbox.<id>.resume).
+func (b *Backend) TakeOver(ctx context.Context, req subjects.TakeOverRequest, live func(workerID string) bool) (subjects.Sandbox, error) {
+	id := req.SandboxID
+	if err := subjects.ValidateSandboxID(id); err != nil {
+		return subjects.Sandbox{}, err
+	}
+	if b.Owns(id) {
+		return b.Resume(ctx, id, subjects.ResumeRequest{TimeoutS: req.TimeoutS})
+	}
+	cas, ok := b.cfg.Store.(SessionCAS)
+	if !ok {
+		return subjects.Sandbox{}, errdefs.Wrap(errdefs.ErrUnsupported, errors.New("this worker's store cannot move a sandbox between workers"))
+	}
+	cur, rev, err := cas.GetSessionEntry(ctx, id)
+	if err != nil {
+		return subjects.Sandbox{}, err
+	}
+	switch {
+	case cur.State != subjects.StatePaused || cur.Paused == nil:
+		return subjects.Sandbox{}, errdefs.Wrap(errdefs.ErrConflict, fmt.Errorf("sandbox %s is %s, not paused: its worker answers it", id, cur.State))
+	case cur.ClientID == b.cfg.WorkerID:
+		return subjects.Sandbox{}, errdefs.Wrap(errdefs.ErrConflict, fmt.Errorf("sandbox %s is this worker's but not loaded: retry", id))
+	case live(cur.ClientID):
+		return subjects.Sandbox{}, errdefs.Wrap(errdefs.ErrConflict, fmt.Errorf("sandbox %s belongs to live worker %s: send its resume request", id, cur.ClientID))
+	}
+	if err := b.verifySession(cur); err != nil {
+		return subjects.Sandbox{}, err
+	}
+	moved := cur
+	moved.MAC = ""
+	moved.ClientID = b.cfg.WorkerID
+	signed := moved
+	if signed.MAC, err = sessionMAC(b.cfg.RecordKey, moved); err != nil {
+		return subjects.Sandbox{}, err
+	}
+	if _, err := cas.UpdateSession(ctx, signed, rev); err != nil {
+		return subjects.Sandbox{}, fmt.Errorf("take over sandbox %s: %w", id, err)
+	}
+	if err := b.adoptPaused(moved); err != nil {
+		return subjects.Sandbox{}, err
+	}
+	b.log.Info("paused sandbox taken over", "sandbox", id, "from", cur.ClientID)
+	return b.Resume(ctx, id, subjects.ResumeRequest{TimeoutS: req.TimeoutS})
+}

@@ -58,3 +58,11 @@ func (c *Client) ListAll(ctx context.Context, req subjects.ListSandboxesRequest)
 	}
 	return all, fmt.Errorf("list: more than %d pages", maxListPages)
 }
+
+// TakeOver resumes a paused sandbox whose worker is gone on whichever
+// worker answers firkin.sandbox.resume (its record moves there).
+func (c *Client) TakeOver(ctx context.Context, req subjects.TakeOverRequest) (subjects.Sandbox, error) {
+	var sb subjects.Sandbox
+	err := c.Request(ctx, c.subj.ResumeSandbox(), req, &sb)
+	return sb, err
+}

@@ -101,3 +101,32 @@ func (s *Service) lifecycleVerb(ctx context.Context, req micro.Request, id, verb
 	}
 	return out, true, nil
 }
+
+// TakeOver is the runtime's resume of a paused sandbox of a worker that is
+// gone (optional).
+type TakeOver interface {
+	TakeOver(ctx context.Context, req subjects.TakeOverRequest, live func(workerID string) bool) (subjects.Sandbox, error)
+}
+
+// resumeElsewhere answers firkin.sandbox.resume (queue group).
+func (s *Service) resumeElsewhere(ctx context.Context, req micro.Request) (any, error) {
+	in, err := decode[subjects.TakeOverRequest](req)
+	if err != nil {
+		return nil, err
+	}
+	to, ok := s.rt.(TakeOver)
+	if !ok || s.cfg.Cluster == nil {
+		return nil, errdefs.Wrap(errdefs.ErrUnsupported, errors.New("this worker cannot take sandboxes over"))
+	}
+	ctx, cancel := context.WithTimeout(ctx, snapshotTimeout)
+	defer cancel()
+	members, err := s.cfg.Cluster.Members(ctx)
+	if err != nil {
+		return nil, err
+	}
+	live := map[string]bool{}
+	for _, m := range members {
+		live[m.WorkerID] = true
+	}
+	return to.TakeOver(ctx, in, func(id string) bool { return live[id] })
+}

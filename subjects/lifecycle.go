@@ -160,3 +160,13 @@ func PageSandboxes(list []Sandbox, req ListSandboxesRequest) ListSandboxesReply 
 	}
 	return reply
 }
+
+// ResumeSandbox is <prefix>.sandbox.resume (queue group): resume a paused
+// sandbox whose worker is gone, on the worker that answers.
+func (s Subjects) ResumeSandbox() string { return s.Prefix + ".sandbox.resume" }
+
+// TakeOverRequest is the body of firkin.sandbox.resume.
+type TakeOverRequest struct {
+	SandboxID string `json:"sandbox_id"`
+	TimeoutS  int    `json:"timeout_s,omitempty"`
+}

@@ -139,7 +139,7 @@ func TestPauseResume(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, time.Minute, "pause snapshots deleted", func() error {
-		list, err := e.c.ListSnapshots(e.ctx(10*time.Second))
+		list, err := e.c.ListSnapshots(e.ctx(10 * time.Second))
 		if err != nil {
 			return err
 		}
@@ -459,4 +459,57 @@ func TestLifecycleBench(t *testing.T) {
 	indepPSS := pss(indep)
 	t.Logf("host PSS of 8 forks: %d MiB (%d MiB each); of 8 independent sandboxes: %d MiB (%d MiB each)",
 		forkPSS>>10, forkPSS>>10/8, indepPSS>>10, indepPSS>>10/8)
+}
+
+// TestPausedSandboxMovesToAnotherWorker pauses a sandbox on the second
+// worker of a cluster, stops that worker for good, and resumes the
+// sandbox on the first through firkin.sandbox.resume: its record moves by
+// compare-and-set, the pause snapshot comes from the artifact store, and
+// its file is there.
+func TestPausedSandboxMovesToAnotherWorker(t *testing.T) {
+	e := startWorker(t, clusterOpts)
+	m2 := joinWorker(t, e, clusterOpts)
+	ctx := e.ctx(10 * time.Minute)
+	sb, err := e.createOn(ctx, m2.w.ID(), subjects.CreateSandboxRequest{TemplateID: "tiny", TimeoutS: 600})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = e.c.Kill(context.Background(), sb.SandboxID) })
+	e.exec(sb.SandboxID, "echo moved > /root/f; sync")
+	paused, err := e.c.Pause(ctx, sb.SandboxID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// While its worker is live, another worker does not take it.
+	_, err = e.w.Backend().TakeOver(ctx, subjects.TakeOverRequest{SandboxID: sb.SandboxID}, func(string) bool { return true })
+	wantCode(t, "take over from a live worker", err, subjects.CodeConflict)
+	eventually(t, 2*time.Minute, "pause snapshot uploaded", func() error {
+		if !strings.Contains(m2.logs.String(), "snapshot artifacts uploaded") || !strings.Contains(m2.logs.String(), paused.Paused.SnapshotID) {
+			return fmt.Errorf("not yet")
+		}
+		return nil
+	})
+	m2.crashed = true // stopped here; its cleanup's second stop may complain
+	sctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	err = m2.w.Stop(sctx)
+	cancel()
+	if err != nil {
+		t.Fatalf("stop second worker: %v", err)
+	}
+	eventually(t, 30*time.Second, "second worker gone", func() error {
+		if ws := e.workers(); len(ws) != 1 {
+			return fmt.Errorf("%d members", len(ws))
+		}
+		return nil
+	})
+	got, err := e.c.TakeOver(ctx, subjects.TakeOverRequest{SandboxID: sb.SandboxID})
+	if err != nil {
+		t.Fatalf("take over: %v", err)
+	}
+	if got.State != subjects.StateRunning || got.ClientID != e.w.ID() || got.Generation != sb.Generation {
+		t.Fatalf("taken over: %+v", got)
+	}
+	if r := e.exec(sb.SandboxID, "cat /root/f"); r.Stdout != "moved\n" {
+		t.Fatalf("file on the new worker: %+v", r)
+	}
 }
