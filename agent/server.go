@@ -465,7 +465,9 @@ func (s *Server) init(req InitRequest) error {
 		return errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf("init: bad hostname %q", req.Hostname))
 	}
 	s.mu.Lock()
-	s.env = maps.Clone(req.Env)
+	if !req.KeepEnv {
+		s.env = maps.Clone(req.Env)
+	}
 	s.sandboxID = req.SandboxID
 	s.mu.Unlock()
 	if !s.ManageSystem {
@@ -485,6 +487,11 @@ func (s *Server) init(req InitRequest) error {
 	if len(req.Entropy) > 0 {
 		if err := addEntropy(req.Entropy); err != nil {
 			errs = append(errs, fmt.Errorf("init: entropy: %w", err))
+		}
+	}
+	if req.MAC != "" {
+		if err := setMAC(req.MAC); err != nil {
+			errs = append(errs, fmt.Errorf("init: mac: %w", err))
 		}
 	}
 	return errors.Join(errs...)

@@ -2,7 +2,9 @@ package agent
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
+	"net"
 	"os"
 	"unsafe"
 
@@ -52,6 +54,49 @@ func addEntropy(b []byte) error {
 	}
 	if ioErr != nil {
 		return fmt.Errorf("RNDADDENTROPY: %w", ioErr)
+	}
+	// Reseed the CRNG from the pool now (a restored or forked guest must
+	// not go on with the stream its snapshot had); best effort on kernels
+	// without the ioctl.
+	_ = rc.Control(func(fd uintptr) {
+		_, _, _ = unix.Syscall(unix.SYS_IOCTL, fd, unix.RNDRESEEDCRNG, 0)
+	})
+	return nil
+}
+
+// setMAC gives the guest's first ethernet interface the hardware address
+// mac (a fork's own), with SIOCSIFHWADDR on the live link.
+func setMAC(mac string) error {
+	hw, err := net.ParseMAC(mac)
+	if err != nil || len(hw) != 6 {
+		return fmt.Errorf("mac %q: want 6 bytes", mac)
+	}
+	ifs, err := net.Interfaces()
+	if err != nil {
+		return err
+	}
+	name := ""
+	for _, i := range ifs {
+		if i.Flags&net.FlagLoopback == 0 && len(i.HardwareAddr) == 6 {
+			name = i.Name
+			break
+		}
+	}
+	if name == "" || len(name) >= unix.IFNAMSIZ {
+		return errors.New("no ethernet interface")
+	}
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	// struct ifreq: the name, then struct sockaddr (family ARPHRD_ETHER, data).
+	var ifr [unix.IFNAMSIZ + 24]byte
+	copy(ifr[:], name)
+	binary.NativeEndian.PutUint16(ifr[unix.IFNAMSIZ:], unix.ARPHRD_ETHER)
+	copy(ifr[unix.IFNAMSIZ+2:], hw)
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.SIOCSIFHWADDR, uintptr(unsafe.Pointer(&ifr[0]))); errno != 0 {
+		return fmt.Errorf("SIOCSIFHWADDR %s: %w", name, errno)
 	}
 	return nil
 }

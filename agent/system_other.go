@@ -13,3 +13,4 @@ var errSystem = errdefs.Wrap(errdefs.ErrUnsupported, errors.New("only on linux g
 func setHostname(string) error { return errSystem }
 func setClock(int64) error     { return errSystem }
 func addEntropy([]byte) error  { return errSystem }
+func setMAC(string) error      { return errSystem }

@@ -101,6 +101,12 @@ type InitRequest struct {
 	UnixNano int64 `json:"unix_nano"`
 	// Entropy is mixed into the guest's random pool (and credited).
 	Entropy []byte `json:"entropy,omitempty"`
+	// KeepEnv keeps the default env the guest has (a resume: the env is
+	// in guest memory already); Env is then ignored.
+	KeepEnv bool `json:"keep_env,omitempty"`
+	// MAC, when set, becomes the hardware address of the guest's first
+	// ethernet interface (a fork's own network identity).
+	MAC string `json:"mac,omitempty"`
 }
 
 // OutputFunc receives exec output as it is produced. It is called from one

@@ -221,6 +221,11 @@ type session struct {
 	timer   *time.Timer
 	ending  bool
 	budget  *logBudget // made by the first exec
+	// paused: the sandbox is paused (lifecycle.go); machine is then a
+	// pausedMachine.
+	paused bool
+	// life serialises pause, resume and fork of the sandbox.
+	life sync.Mutex
 }
 
 func (s *session) record() subjects.Sandbox {
@@ -306,6 +311,10 @@ func (b *Backend) Stop(ctx context.Context) error {
 	b.mu.Unlock()
 	var errs []error
 	for _, id := range ids {
+		if s, err := b.lookup(id); err == nil && s.isPaused() {
+			b.forget(id) // stays paused in the store, resumable after a restart
+			continue
+		}
 		if err := b.end(ctx, id, subjects.EventKilled, "worker shutting down"); err != nil && !errors.Is(err, errdefs.ErrNotFound) {
 			errs = append(errs, err)
 		}
@@ -389,8 +398,11 @@ func (b *Backend) armDeadline(s *session) {
 	}
 	id := s.rec.SandboxID
 	s.timer = time.AfterFunc(time.Until(s.rec.EndAt), func() {
-		ctx, cancel := context.WithTimeout(b.ctx, time.Minute)
+		ctx, cancel := context.WithTimeout(b.ctx, 3*time.Minute)
 		defer cancel()
+		if b.expire(ctx, id) {
+			return // paused instead (on_timeout pause)
+		}
 		if err := b.end(ctx, id, subjects.EventExpired, "deadline reached"); err != nil && !errors.Is(err, errdefs.ErrNotFound) {
 			b.log.Warn("expire sandbox", "sandbox", id, "err", err)
 		}
@@ -418,15 +430,16 @@ func (b *Backend) end(ctx context.Context, id, kind, reason string) error {
 		b.hooks.Released(id)
 	}
 	var errs []error
-	if err := s.machine.Stop(ctx); err != nil {
+	if err := s.mach().Stop(ctx); err != nil {
 		errs = append(errs, fmt.Errorf("stop machine: %w", err))
 	}
 	b.endProcs(id)
-	b.removeEgress(ctx, id, s.machine)
+	b.removeEgress(ctx, id, s.mach())
 	b.admission.Release(id)
 	if err := b.cfg.Store.DeleteSession(ctx, id); err != nil {
 		errs = append(errs, err)
 	}
+	b.dropPauseSnapshots(id, s.record().DiskParent)
 	b.systemLog(ctx, id, fmt.Sprintf("sandbox %s: %s", kind, reason))
 	b.event(ctx, kind, id, reason)
 	b.log.Info("sandbox ended", "sandbox", id, "kind", kind, "reason", reason)
@@ -499,7 +512,10 @@ type RouteTarget struct {
 }
 
 // Target returns the route target of a sandbox this worker owns.
-func (b *Backend) Target(_ context.Context, id string) (RouteTarget, error) {
+func (b *Backend) Target(ctx context.Context, id string) (RouteTarget, error) {
+	if err := b.Wake(ctx, id); err != nil {
+		return RouteTarget{}, err
+	}
 	s, err := b.lookup(id)
 	if err != nil {
 		return RouteTarget{}, err
@@ -507,7 +523,7 @@ func (b *Backend) Target(_ context.Context, id string) (RouteTarget, error) {
 	rec := s.record()
 	gen := rec.Generation
 	verify := func(token string) bool { return b.cfg.Tokens.VerifyTraffic(id, gen, token) }
-	return RouteTarget{Dial: s.machine.DialGuest, Public: rec.PublicTraffic, VerifyToken: verify}, nil
+	return RouteTarget{Dial: s.mach().DialGuest, Public: rec.PublicTraffic, VerifyToken: verify}, nil
 }
 
 // Accelerator names the accelerator of this worker's machines (e.g. "kvm"

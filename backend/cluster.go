@@ -136,6 +136,9 @@ func (b *Backend) Reconcile(ctx context.Context) {
 	}
 	b.mu.Unlock()
 	for _, s := range list {
+		if s.isPaused() {
+			continue // never marked lost, so never claimed: still ours
+		}
 		rec := s.record()
 		rec.MAC = ""
 		_, err := b.reclaimSession(ctx, rec)
@@ -170,9 +173,9 @@ func (b *Backend) abandon(ctx context.Context, id string) {
 	if b.hooks.Released != nil {
 		b.hooks.Released(id)
 	}
-	if err := s.machine.Stop(ctx); err != nil {
+	if err := s.mach().Stop(ctx); err != nil {
 		b.log.Warn("stop abandoned sandbox", "sandbox", id, "err", err)
 	}
-	b.removeEgress(ctx, id, s.machine)
+	b.removeEgress(ctx, id, s.mach())
 	b.admission.Release(id)
 }

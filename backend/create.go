@@ -82,6 +82,11 @@ func (b *Backend) plan(ctx context.Context, req subjects.CreateSandboxRequest) (
 		return p, err
 	}
 	p.egress = req.Egress
+	switch req.OnTimeout {
+	case "", subjects.OnTimeoutKill, subjects.OnTimeoutPause:
+	default:
+		return p, invalid("on_timeout %q: want kill or pause", req.OnTimeout)
+	}
 	for k := range req.Env {
 		if k == "" || len(k) > 256 {
 			return p, invalid("env: key %q: want 1..256 characters", k)
@@ -198,6 +203,8 @@ func (b *Backend) Create(ctx context.Context, req subjects.CreateSandboxRequest)
 		Egress:        p.egress,
 		Driver:        b.cfg.Driver.Name(),
 		Dir:           m.Dir(),
+		AutoResume:    req.AutoResume,
+		OnTimeout:     req.OnTimeout,
 	}
 	if p.snapshot != nil {
 		rec.SnapshotID = p.snapshot.SnapshotID
@@ -251,15 +258,20 @@ func (b *Backend) adopt(rec subjects.Sandbox, m vmpool.Machine) error {
 // watchMachine ends the session when its machine dies on its own.
 func (b *Backend) watchMachine(s *session) {
 	b.wg.Add(1)
+	s.mu.Lock()
+	m := s.machine
+	s.mu.Unlock()
 	go func() {
 		defer b.wg.Done()
 		select {
-		case <-s.machine.Done():
+		case <-m.Done():
 		case <-b.ctx.Done():
 			return
 		}
 		s.mu.Lock()
-		ending := s.ending
+		// Ending, or paused (its machine stopped by the pause, maybe a new
+		// one since): not a failure.
+		ending := s.ending || s.paused || s.machine != m
 		s.mu.Unlock()
 		if ending {
 			return

@@ -55,7 +55,7 @@ func (b *Backend) Exec(ctx context.Context, id string, req subjects.ExecRequest)
 	forward, endLive := b.execLive(req.StreamSubject, cmdID, fwd.write)
 	out := newOutputCollector(b.cfg.ReplyOutputCap, forward)
 	start := time.Now()
-	res, err := s.machine.Exec(ctx, agent.ExecRequest{
+	res, err := s.mach().Exec(ctx, agent.ExecRequest{
 		Command: req.Command,
 		Env:     req.Env,
 		Cwd:     req.Cwd,

@@ -37,7 +37,7 @@ func (b *Backend) fsClient(id string) (*agent.Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	m, ok := s.machine.(agentMachine)
+	m, ok := s.mach().(agentMachine)
 	if !ok {
 		return nil, errdefs.Wrap(errdefs.ErrUnsupported, fmt.Errorf("sandbox %s: driver %s has no file operations", id, b.cfg.Driver.Name()))
 	}

@@ -130,6 +130,9 @@ func (b *Backend) sampleAll(ctx context.Context) {
 	var wg sync.WaitGroup
 	sem := make(chan struct{}, 8)
 	for id, s := range owned {
+		if s.isPaused() {
+			continue // no machine to measure
+		}
 		wg.Add(1)
 		sem <- struct{}{}
 		go func() {
@@ -151,13 +154,13 @@ func (b *Backend) sample(ctx context.Context, id string, s *session) subjects.Sa
 	now := time.Now()
 	m := subjects.SandboxMetrics{SandboxID: id, At: now.UTC(), HostCPUPercent: -1, GuestCPUPercent: -1}
 	cur := counters{at: now}
-	if p, ok := s.machine.(interface{ PID() int }); ok && p.PID() > 0 {
+	if p, ok := s.mach().(interface{ PID() int }); ok && p.PID() > 0 {
 		if ticks, rss, err := procUsage(p.PID()); err == nil {
 			cur.hostTicks, m.HostRSSBytes = ticks, rss
 		}
 	}
-	m.HostDiskBytes = overlayBytes(s.machine.Dir())
-	if am, ok := s.machine.(agentMachine); ok {
+	m.HostDiskBytes = overlayBytes(s.mach().Dir())
+	if am, ok := s.mach().(agentMachine); ok {
 		if c, err := am.Agent(); err == nil {
 			sctx, cancel := context.WithTimeout(ctx, guestStatsTimeout)
 			st, err := c.Stats(sctx)

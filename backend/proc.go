@@ -169,7 +169,7 @@ func (b *Backend) stopProcs(id string, detach bool) {
 
 // agentOf returns the current agent session of a sandbox's machine.
 func agentOf(s *session) (*agent.Client, error) {
-	pm, ok := s.machine.(procMachine)
+	pm, ok := s.mach().(procMachine)
 	if !ok {
 		return nil, errdefs.Wrap(errdefs.ErrUnsupported, errors.New("this driver's machines do not run processes"))
 	}
@@ -335,7 +335,7 @@ func (b *Backend) pump(sp *sandboxProcs, s *session, p *proc) {
 		t := time.NewTimer(backoff)
 		select {
 		case <-t.C:
-		case <-s.machine.Done():
+		case <-s.mach().Done():
 			t.Stop()
 			lost = true
 		case <-ctx.Done():

@@ -36,6 +36,13 @@ func (b *Backend) recover(ctx context.Context) error {
 			continue
 		}
 		seen[rec.SandboxID] = true
+		if err == nil && rec.State == subjects.StatePaused {
+			rec.MAC = ""
+			if err := b.adoptPaused(rec); err != nil {
+				b.log.Warn("paused sandbox not recovered", "sandbox", rec.SandboxID, "err", err)
+			}
+			continue // no machine: nothing to reattach
+		}
 		rec.MAC = ""
 		var dir string
 		var m vmpool.Machine

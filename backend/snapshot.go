@@ -137,7 +137,7 @@ func (b *Backend) save(ctx context.Context, s *session, sid string, opts vmpool.
 		return subjects.SnapshotRecord{}, fmt.Errorf("snapshot dir: %w", err)
 	}
 	src := s.record()
-	snap, err := saver.Save(ctx, s.machine, dir, opts)
+	snap, err := saver.Save(ctx, s.mach(), dir, opts)
 	if err != nil {
 		_ = os.RemoveAll(dir)
 		return subjects.SnapshotRecord{}, fmt.Errorf("save sandbox %s: %w", src.SandboxID, err)

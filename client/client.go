@@ -116,11 +116,9 @@ func (c *Client) Create(ctx context.Context, req subjects.CreateSandboxRequest) 
 	return sb, err
 }
 
-// List lists the sandboxes of the cluster.
+// List lists the sandboxes of the cluster (every page).
 func (c *Client) List(ctx context.Context) ([]subjects.Sandbox, error) {
-	var r subjects.ListSandboxesReply
-	err := c.Request(ctx, c.subj.ListSandboxes(), struct{}{}, &r)
-	return r.Sandboxes, err
+	return c.ListAll(ctx, subjects.ListSandboxesRequest{Limit: subjects.MaxListLimit})
 }
 
 // Get returns a sandbox.

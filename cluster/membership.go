@@ -416,7 +416,9 @@ func (m *Membership) markOne(ctx context.Context, key string, live map[string]bo
 		m.log.Warn("session record ignored: not a JSON object", "sandbox", key)
 		return nil
 	}
-	if head.State == subjects.StateLost || live[head.ClientID] {
+	// A paused sandbox has no machine to lose: it stays paused, for its
+	// worker to resume when it is back.
+	if head.State == subjects.StateLost || head.State == subjects.StatePaused || live[head.ClientID] {
 		return nil
 	}
 	raw["state"] = json.RawMessage(`"` + subjects.StateLost + `"`)

@@ -90,11 +90,15 @@ func (s *Service) drainWorker(ctx context.Context, req micro.Request) (any, erro
 
 // listSandboxes answers firkin.sandbox.list.
 func (s *Service) listSandboxes(ctx context.Context, req micro.Request) (any, error) {
-	if _, err := decode[struct{}](req); err != nil {
+	in, err := decode[subjects.ListSandboxesRequest](req)
+	if err != nil {
 		return nil, err
 	}
 	ctx, cancel := context.WithTimeout(ctx, quickTimeout)
 	defer cancel()
+	if l, ok := s.rt.(Lister); ok {
+		return l.ListPage(ctx, in)
+	}
 	list, err := s.rt.List(ctx)
 	if err != nil {
 		return nil, err
@@ -129,6 +133,9 @@ func (s *Service) sandboxVerb(ctx context.Context, req micro.Request) (any, erro
 	id, verb, err := s.subj.ParseSandbox(req.Subject())
 	if err != nil {
 		return nil, err
+	}
+	if out, handled, err := s.lifecycleVerb(ctx, req, id, verb); handled {
+		return out, err
 	}
 	if strings.HasPrefix(verb, "fs.") {
 		return s.fsVerb(ctx, req, id, verb)

@@ -208,7 +208,8 @@ func (s *Service) endpoints() []endpoint {
 		extra = append(extra,
 			endpoint{name: "ListWorkers", subject: s.subj.ListWorkers(), handle: s.listWorkers},
 			endpoint{name: "WorkerCreateSandbox", subject: s.subj.WorkerCreate(s.cfg.WorkerID), handle: s.createSandbox, everyWorker: true},
-			endpoint{name: "DrainWorker", subject: s.subj.WorkerDrain(s.cfg.WorkerID), handle: s.drainWorker, everyWorker: true})
+			endpoint{name: "DrainWorker", subject: s.subj.WorkerDrain(s.cfg.WorkerID), handle: s.drainWorker, everyWorker: true},
+			endpoint{name: "ResumeSandbox", subject: s.subj.ResumeSandbox(), handle: s.resumeElsewhere})
 	}
 	return append(extra, []endpoint{
 		{name: "CreateSandbox", subject: s.subj.CreateSandbox(), handle: s.createSandbox},

@@ -33,6 +33,13 @@ type CreateSandboxRequest struct {
 	// snapshot or taking a warm machine (benchmarks and debugging; only for
 	// built-in image templates).
 	ColdBoot bool `json:"cold_boot,omitempty"`
+	// AutoResume: a request to the sandbox while it is paused (exec,
+	// proc.*, fs.*, metrics, snapshot, fork, and port traffic) resumes it
+	// first.
+	AutoResume bool `json:"auto_resume,omitempty"`
+	// OnTimeout is what happens at the deadline: "kill" (default) or
+	// "pause".
+	OnTimeout string `json:"on_timeout,omitempty"`
 }
 
 // Sandbox states.
@@ -91,6 +98,13 @@ type Sandbox struct {
 	// from the worker secret): a restarted worker believes only signed
 	// session records.
 	MAC string `json:"mac,omitempty"`
+	// AutoResume and OnTimeout are the create's (see CreateSandboxRequest).
+	AutoResume bool   `json:"auto_resume,omitempty"`
+	OnTimeout  string `json:"on_timeout,omitempty"`
+	// Paused is set while the sandbox is paused (state paused).
+	Paused *PausedInfo `json:"paused,omitempty"`
+	// ForkedFrom is the sandbox a fork was made from.
+	ForkedFrom string `json:"forked_from,omitempty"`
 }
 
 // WithoutTokens returns s with its access token cleared. Only the create
@@ -103,6 +117,9 @@ func (s Sandbox) WithoutTokens() Sandbox {
 // ListSandboxesReply is the reply of firkin.sandbox.list.
 type ListSandboxesReply struct {
 	Sandboxes []Sandbox `json:"sandboxes"`
+	// NextCursor, when set, asks for the next page (see
+	// ListSandboxesRequest).
+	NextCursor string `json:"next_cursor,omitempty"`
 }
 
 // ExecRequest is the body of firkin.sandbox.<id>.exec.

@@ -25,7 +25,7 @@ const (
 )
 
 // SandboxVerbs lists the verbs the owning worker answers.
-var SandboxVerbs = []string{VerbGet, VerbExec, VerbKill, VerbSnapshot, VerbRoute, VerbTimeout}
+var SandboxVerbs = []string{VerbGet, VerbExec, VerbKill, VerbSnapshot, VerbRoute, VerbTimeout, VerbPause, VerbResume, VerbFork}
 
 // Lifecycle event kinds, published on firkin.events.<kind>.<id>.
 const (
