@@ -246,6 +246,12 @@ func holds(info *js.ObjectInfo, a subjects.Artifact) bool {
 
 // put uploads one file, compressed, checking it against a while it is read.
 func (s *Store) put(ctx context.Context, name, path string, a subjects.Artifact) error {
+	// With a deadline, the object store waits for its chunks' acks until
+	// then; without one it gives each ack the JetStream default of 5 s,
+	// which a replicated stream on a loaded cluster misses, and then
+	// retries chunks (nats.go v1.55.0 races its reused chunk buffer there).
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.GetTimeout)
+	defer cancel()
 	f, err := os.Open(path)
 	if err != nil {
 		return fmt.Errorf("artifact %s: %w", a.Name, pathless(err))

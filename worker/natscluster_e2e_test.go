@@ -169,7 +169,7 @@ func startClusterWorker(t *testing.T, bin string, c *natsCluster, secretFile str
 	args := append([]string{"--state-dir", state, "--nats-url", c.url(),
 		"--nats-nkey", c.workerSeed, "--nats-service-nkey", c.serviceSeed,
 		"--token-secret-file", secretFile, "--proxy-listen", "127.0.0.1:0",
-		"--agent", testenv.AgentBinary(t, runtime.GOARCH), "--accel", "tcg", "--keep-machines=false"}, extra...)
+		"--agent", testenv.AgentBinary(t, runtime.GOARCH), "--accel", "tcg", "--keep-machines=false", "--log-level", "debug"}, extra...)
 	p := startBinary(t, bin, args...)
 	t.Cleanup(func() { killMachines(state) })
 	return clusterWorker{process: p, state: state}
