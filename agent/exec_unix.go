@@ -102,6 +102,42 @@ func (s *Server) start(cmd *exec.Cmd) (<-chan syscall.WaitStatus, error) {
 	return ch, nil
 }
 
+// stdio are the pipes of a command's stdin, stdout and stderr.
+type stdio struct {
+	stdinR, stdinW, outR, outW, errR, errW *os.File
+	files                                  []*os.File
+}
+
+// closeAll closes every end of the pipes.
+func (p *stdio) closeAll() {
+	for _, f := range p.files {
+		_ = f.Close()
+	}
+}
+
+// newStdio makes the three pipes of a command, the output ones enlarged.
+func newStdio() (*stdio, error) {
+	p := &stdio{}
+	pipe := func() (*os.File, *os.File, error) {
+		r, w, err := os.Pipe()
+		if err == nil {
+			p.files = append(p.files, r, w)
+		}
+		return r, w, err
+	}
+	var err1, err2, err3 error
+	p.stdinR, p.stdinW, err1 = pipe()
+	p.outR, p.outW, err2 = pipe()
+	p.errR, p.errW, err3 = pipe()
+	if err := errors.Join(err1, err2, err3); err != nil {
+		p.closeAll()
+		return nil, fmt.Errorf("pipes: %w", err)
+	}
+	growPipe(p.outW)
+	growPipe(p.errW)
+	return p, nil
+}
+
 // startError classes an error from starting a command.
 func startError(err error) error {
 	err = fmt.Errorf("start command: %w", err)
@@ -138,31 +174,12 @@ func (s *Server) exec(ctx context.Context, st io.ReadWriter, req ExecRequest) {
 		return
 	}
 
-	var files []*os.File
-	closeAll := func() {
-		for _, f := range files {
-			_ = f.Close()
-		}
-	}
-	pipe := func() (*os.File, *os.File, error) {
-		r, w, err := os.Pipe()
-		if err == nil {
-			files = append(files, r, w)
-		}
-		return r, w, err
-	}
-	stdinR, stdinW, err1 := pipe()
-	outR, outW, err2 := pipe()
-	errR, errW, err3 := pipe()
-	if err1 == nil && err2 == nil && err3 == nil {
-		growPipe(outW)
-		growPipe(errW)
-	}
-	if err := errors.Join(err1, err2, err3); err != nil {
-		closeAll()
-		sendError(st, fmt.Errorf("pipes: %w", err))
+	pipes, err := newStdio()
+	if err != nil {
+		sendError(st, err)
 		return
 	}
+	closeAll, stdinR, stdinW, outR, outW, errR, errW := pipes.closeAll, pipes.stdinR, pipes.stdinW, pipes.outR, pipes.outW, pipes.errR, pipes.errW
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdinR, outW, errW
 	wait, err := s.start(cmd)
 	// The child has its own copies now.

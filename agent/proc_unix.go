@@ -237,28 +237,11 @@ func (s *Server) startProc(cmd *exec.Cmd, p *guestProc, size *PTYSize) ([]procOu
 		p.stdin, p.ptmx = ptmx, ptmx
 		return []procOutput{{ptmx, frameStdout}}, wait, nil
 	}
-	var files []*os.File
-	closeAll := func() {
-		for _, f := range files {
-			_ = f.Close()
-		}
+	pipes, err := newStdio()
+	if err != nil {
+		return nil, nil, err
 	}
-	pipe := func() (*os.File, *os.File, error) {
-		r, w, err := os.Pipe()
-		if err == nil {
-			files = append(files, r, w)
-		}
-		return r, w, err
-	}
-	stdinR, stdinW, err1 := pipe()
-	outR, outW, err2 := pipe()
-	errR, errW, err3 := pipe()
-	if err := errors.Join(err1, err2, err3); err != nil {
-		closeAll()
-		return nil, nil, fmt.Errorf("pipes: %w", err)
-	}
-	growPipe(outW)
-	growPipe(errW)
+	closeAll, stdinR, stdinW, outR, outW, errR, errW := pipes.closeAll, pipes.stdinR, pipes.stdinW, pipes.outR, pipes.outW, pipes.errR, pipes.errW
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdinR, outW, errW
 	wait, err := s.start(cmd)
 	_ = stdinR.Close()
