@@ -294,17 +294,8 @@ func (s *Service) Stop(ctx context.Context) error {
 // Config.Observe.
 func (s *Service) async(endpoint string, handle func(context.Context, micro.Request) (any, error)) micro.HandlerFunc {
 	return func(req micro.Request) {
-		if s.foreignReply(req.Reply()) {
-			s.log.Warn("request ignored: its reply subject is not an inbox", "subject", req.Subject(), "reply", req.Reply())
-			return
-		}
-		start := time.Now()
-		select {
-		case s.sem <- struct{}{}:
-		default:
-			err := capacityError("worker is handling too many requests")
-			s.reply(req, nil, err)
-			s.observe(endpoint, err, start)
+		start, ok := s.admit(endpoint, req)
+		if !ok {
 			return
 		}
 		// Answer from the goroutine through a request of our own: micro
@@ -328,6 +319,27 @@ func (s *Service) async(endpoint string, handle func(context.Context, micro.Requ
 			}()
 			v, err = handle(s.ctx, req)
 		}()
+	}
+}
+
+// admit takes a slot of MaxInFlight for req, or answers it
+// capacity_rejected; a request whose reply subject is not an inbox is
+// ignored. It returns when the request arrived and whether it holds a slot
+// (release it with <-s.sem once answered).
+func (s *Service) admit(endpoint string, req micro.Request) (time.Time, bool) {
+	if s.foreignReply(req.Reply()) {
+		s.log.Warn("request ignored: its reply subject is not an inbox", "subject", req.Subject(), "reply", req.Reply())
+		return time.Time{}, false
+	}
+	start := time.Now()
+	select {
+	case s.sem <- struct{}{}:
+		return start, true
+	default:
+		err := capacityError("worker is handling too many requests")
+		s.reply(req, nil, err)
+		s.observe(endpoint, err, start)
+		return start, false
 	}
 }
 

@@ -164,19 +164,10 @@ type serialQueues struct {
 // ordered queues req behind the others of key and runs the queue in one
 // goroutine.
 func (s *Service) ordered(key, endpoint string, req micro.Request) {
-	if s.foreignReply(req.Reply()) {
-		s.log.Warn("request ignored: its reply subject is not an inbox", "subject", req.Subject(), "reply", req.Reply())
-		return
-	}
-	start := time.Now()
 	// A queued write holds a slot of MaxInFlight until it is answered, as
 	// any other request does: queues of many processes are bounded together.
-	select {
-	case s.sem <- struct{}{}:
-	default:
-		err := capacityError("worker is handling too many requests")
-		s.reply(req, nil, err)
-		s.observe(endpoint, err, start)
+	start, ok := s.admit(endpoint, req)
+	if !ok {
 		return
 	}
 	req = s.detach(req)
