@@ -104,7 +104,9 @@ func TestJobsWorkerKilled(t *testing.T) {
 		return json.Unmarshal(entry.Value(), &res)
 	})
 	t.Logf("result %s after the kill", time.Since(killedAt))
-	if res.Status != jobs.StatusSucceeded || res.WorkerID != e.w.ID() || res.WorkerID == workerA || res.Attempts != 2 ||
+	// Attempt 1 died with worker A; the new worker may need more than one
+	// (its first create can wait for the template A was still uploading).
+	if res.Status != jobs.StatusSucceeded || res.WorkerID != e.w.ID() || res.WorkerID == workerA || res.Attempts < 2 ||
 		len(res.Commands) != 1 || res.Commands[0].Stdout != "done\n" {
 		t.Fatalf("result = %+v (killed worker %s)", res, workerA)
 	}
