@@ -10,7 +10,10 @@ GO        ?= go
 ARCH      := $(shell $(GO) env GOARCH)
 BIN       := bin
 STATE_DIR ?= $(if $(filter 0,$(shell id -u)),/var/lib/firkin,$(HOME)/.firkin)
-TEST_FLAGS ?= -race -count=1 -timeout 30m
+# -p 1: one test binary at a time. The VM tests time guests under TCG on
+# two cores; a second package's QEMUs running beside them starve guests into
+# timeouts that are not the code's.
+TEST_FLAGS ?= -race -count=1 -timeout 30m -p 1
 AGENT_SRC := $(shell find agent cmd/firkin-agent -name '*.go' -not -name '*_test.go')
 # FUZZTIME is how long make fuzz runs each fuzz target; make test runs them
 # for TEST_FUZZTIME each (31 targets: about two minutes in all on 2 cores).
