@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -23,8 +24,12 @@ import (
 // and stored at the next start; every other directory under snapshots/
 // without a record (a crashed save, a fetch given up) is removed at start.
 
-// pendingRecordFile holds a signed record that waits to be stored.
-const pendingRecordFile = "record.pending.json"
+// pendingRecordFile holds a signed record that waits to be stored; at
+// most maxPendingRecord bytes of it are read.
+const (
+	pendingRecordFile = "record.pending.json"
+	maxPendingRecord  = 1 << 20
+)
 
 // syncArtifacts fsyncs the files names of dir (in parallel), then dir and
 // its parent.
@@ -112,12 +117,14 @@ func (b *Backend) sweepSnapshots(ctx context.Context) error {
 // authentic and names dir, and reports whether dir is now a recorded
 // snapshot (or must be kept because the store still refuses).
 func (b *Backend) storePending(ctx context.Context, dir string) bool {
-	data, err := os.ReadFile(filepath.Join(dir, pendingRecordFile))
+	f, err := os.Open(filepath.Join(dir, pendingRecordFile))
 	if err != nil {
 		return false
 	}
+	data, err := io.ReadAll(io.LimitReader(f, maxPendingRecord+1))
+	f.Close()
 	var rec subjects.SnapshotRecord
-	if len(data) > 1<<20 || json.Unmarshal(data, &rec) != nil || b.verifyRecord(rec.SnapshotID, rec) != nil || b.recordDir(rec) != dir {
+	if err != nil || len(data) > maxPendingRecord || json.Unmarshal(data, &rec) != nil || b.verifyRecord(rec.SnapshotID, rec) != nil || b.recordDir(rec) != dir {
 		b.log.Warn("pending snapshot record refused (damaged, forged or not this directory's)", "dir", filepath.Base(dir))
 		return false
 	}
