@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
@@ -298,12 +297,7 @@ func TestClusterRecoveryKeepsClaimedIDs(t *testing.T) {
 		t.Fatalf("build worker: %v\n%s", err, out)
 	}
 	state := t.TempDir()
-	_ = os.MkdirAll(filepath.Join(state, "cache"), 0o755)
-	if debs, _ := filepath.Glob(filepath.Join(testenv.CacheDir(t), "debs", "*")); len(debs) > 0 {
-		for _, d := range debs {
-			_ = os.Symlink(d, filepath.Join(state, "cache", filepath.Base(d)))
-		}
-	}
+	shareDebCache(t, state)
 	args := []string{"--state-dir", state, "--nats-url", e.w.NATSURL(),
 		"--nats-nkey", filepath.Join(e.state, worker.WorkerSeedFile), "--nats-service-nkey", filepath.Join(e.state, worker.ServiceSeedFile),
 		"--token-secret", "cluster-test-secret-0123456789", "--heartbeat-interval", "200ms",

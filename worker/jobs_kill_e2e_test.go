@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
@@ -42,12 +41,7 @@ func TestJobsWorkerKilled(t *testing.T) {
 		t.Fatalf("build worker: %v\n%s", err, out)
 	}
 	stateA := t.TempDir()
-	_ = os.MkdirAll(filepath.Join(stateA, "cache"), 0o755)
-	if debs, _ := filepath.Glob(filepath.Join(testenv.CacheDir(t), "debs", "*")); len(debs) > 0 {
-		for _, d := range debs {
-			_ = os.Symlink(d, filepath.Join(stateA, "cache", filepath.Base(d)))
-		}
-	}
+	shareDebCache(t, stateA)
 	a := startBinary(t, bin, "--state-dir", stateA, "--nats-url", url, "--proxy-listen", "127.0.0.1:0",
 		"--agent", agentBin, "--pool", "tiny=0", "--keep-machines=false", "--token-secret", secret)
 	t.Cleanup(func() { killMachines(stateA) })

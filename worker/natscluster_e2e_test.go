@@ -160,12 +160,7 @@ type clusterWorker struct {
 func startClusterWorker(t *testing.T, bin string, c *natsCluster, secretFile string, extra ...string) clusterWorker {
 	t.Helper()
 	state := t.TempDir()
-	_ = os.MkdirAll(filepath.Join(state, "cache"), 0o755)
-	if debs, _ := filepath.Glob(filepath.Join(testenv.CacheDir(t), "debs", "*")); len(debs) > 0 {
-		for _, d := range debs {
-			_ = os.Symlink(d, filepath.Join(state, "cache", filepath.Base(d)))
-		}
-	}
+	shareDebCache(t, state)
 	args := append([]string{"--state-dir", state, "--nats-url", c.url(),
 		"--nats-nkey", c.workerSeed, "--nats-service-nkey", c.serviceSeed,
 		"--token-secret-file", secretFile, "--proxy-listen", "127.0.0.1:0",

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
@@ -518,12 +517,7 @@ func TestProcessAfterWorkerRestart(t *testing.T) {
 	natsAddr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	args := []string{"--state-dir", state, "--nats-listen", natsAddr, "--proxy-listen", "127.0.0.1:0",
 		"--agent", agentBin, "--accel", "tcg", "--pool", "tiny=0", "--keep-machines"}
-	_ = os.MkdirAll(filepath.Join(state, "cache"), 0o755)
-	if debs, _ := filepath.Glob(filepath.Join(testenv.CacheDir(t), "debs", "*")); len(debs) > 0 {
-		for _, d := range debs {
-			_ = os.Symlink(d, filepath.Join(state, "cache", filepath.Base(d)))
-		}
-	}
+	shareDebCache(t, state)
 	t.Cleanup(func() { killMachines(state) })
 	first := startBinary(t, bin, args...)
 	connect := func() *client.Client {

@@ -38,6 +38,17 @@ func freePort(t *testing.T) int {
 	return ln.Addr().(*net.TCPAddr).Port
 }
 
+// shareDebCache links the test image cache's downloaded packages into a
+// worker binary's state directory, so it does not fetch the kernel again.
+func shareDebCache(t *testing.T, state string) {
+	t.Helper()
+	_ = os.MkdirAll(filepath.Join(state, "cache"), 0o755)
+	debs, _ := filepath.Glob(filepath.Join(testenv.CacheDir(t), "debs", "*"))
+	for _, d := range debs {
+		_ = os.Symlink(d, filepath.Join(state, "cache", filepath.Base(d)))
+	}
+}
+
 // startBinary runs the worker binary and waits for its ready line.
 func startBinary(t *testing.T, bin string, args ...string) *process {
 	t.Helper()
@@ -117,13 +128,7 @@ func TestRecoveryAfterCrash(t *testing.T) {
 	natsAddr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	args := []string{"--state-dir", state, "--nats-listen", natsAddr, "--proxy-listen", "127.0.0.1:0",
 		"--agent", agentBin, "--accel", "tcg", "--pool", "tiny=1", "--keep-machines"}
-	// Share the test image cache's downloads so the worker does not fetch the kernel again.
-	_ = os.MkdirAll(filepath.Join(state, "cache"), 0o755)
-	if debs, _ := filepath.Glob(filepath.Join(testenv.CacheDir(t), "debs", "*")); len(debs) > 0 {
-		for _, d := range debs {
-			_ = os.Symlink(d, filepath.Join(state, "cache", filepath.Base(d)))
-		}
-	}
+	shareDebCache(t, state)
 
 	first := startBinary(t, bin, args...)
 	// As a client of the README: the client identity the worker made; the
