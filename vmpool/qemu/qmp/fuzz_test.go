@@ -25,6 +25,9 @@ func FuzzStream(f *testing.F) {
 	f.Add([]byte(`{"QMP": {"version": {"qemu": {"major": 0}}}}`+"\n"), []byte{})
 	f.Add([]byte(`{"QMP": 1}`+"\n"), []byte{})
 	f.Add([]byte(greeting[:20]), []byte{})
+	// QEMU answers the capabilities early, then sends garbage: the reader
+	// closes the connection before the next command is written.
+	f.Add([]byte(greeting+`{"return": {}, "id": "c1"}`+"\n"+`not json`+"\n"), []byte{})
 	f.Fuzz(func(t *testing.T, greet, reply []byte) {
 		a, b := socketpair(t)
 		go func() {

@@ -285,8 +285,10 @@ func (c *Client) execute(ctx context.Context, command string, args any, f *os.Fi
 	_ = c.conn.SetWriteDeadline(time.Time{})
 	c.wmu.Unlock()
 	if err != nil {
+		// A write that fails leaves the connection unusable (QEMU hung up,
+		// or the reader closed it on a bad message): report it as closed.
 		c.forget(id)
-		return nil, errdefs.Wrap(errdefs.ErrFailedPrecondition, fmt.Errorf("qmp: %s: %w", command, err))
+		return nil, errdefs.Wrap(errdefs.ErrFailedPrecondition, fmt.Errorf("qmp: %s: %w: %w", command, ErrClosed, err))
 	}
 	select {
 	case r := <-ch:
