@@ -40,6 +40,10 @@ type CreateSandboxRequest struct {
 	// OnTimeout is what happens at the deadline: "kill" (default) or
 	// "pause".
 	OnTimeout string `json:"on_timeout,omitempty"`
+	// Secure issues an envd access token with the sandbox: the E2B
+	// sandbox API (port 49983 through the proxy) then requires it in
+	// X-Access-Token.
+	Secure bool `json:"secure,omitempty"`
 }
 
 // Sandbox states.
@@ -63,15 +67,17 @@ const (
 // the create reply carries it (see WithoutTokens), it is never stored.
 // Generation is a random nonce made at every create, stored in the record:
 // the token is bound to it, so it opens this instance only, never a later
-// sandbox with the same id. It is not secret. The wire name
-// envd_access_token is reserved: the E2B-compatible envd API will issue and
-// check it; it is not issued today.
+// sandbox with the same id. It is not secret. EnvdAccessToken, issued for
+// a Secure sandbox, opens its E2B sandbox API (port 49983); like the
+// traffic token only the create reply carries it.
 type Sandbox struct {
 	SandboxID          string            `json:"sandbox_id"`
 	TemplateID         string            `json:"template_id,omitempty"`
 	SnapshotID         string            `json:"snapshot_id,omitempty"`
 	ClientID           string            `json:"client_id"`
 	TrafficAccessToken string            `json:"traffic_access_token,omitempty"`
+	EnvdAccessToken    string            `json:"envd_access_token,omitempty"`
+	Secure             bool              `json:"secure,omitempty"`
 	Generation         string            `json:"generation,omitempty"`
 	State              string            `json:"state"`
 	StartedAt          time.Time         `json:"started_at"`
@@ -111,6 +117,7 @@ type Sandbox struct {
 // reply carries the token: get, list, timeout and the session record do not.
 func (s Sandbox) WithoutTokens() Sandbox {
 	s.TrafficAccessToken = ""
+	s.EnvdAccessToken = ""
 	return s
 }
 
