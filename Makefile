@@ -13,6 +13,7 @@ STATE_DIR ?= $(if $(filter 0,$(shell id -u)),/var/lib/firkin,$(HOME)/.firkin)
 # -p 1: one test binary at a time. The VM tests time guests under TCG on
 # two cores; a second package's QEMUs running beside them starve guests into
 # timeouts that are not the code's.
+BENCH_FLAGS ?=
 TEST_FLAGS ?= -race -count=1 -timeout 30m -p 1
 AGENT_SRC := $(shell find agent cmd/firkin-agent -name '*.go' -not -name '*_test.go')
 # FUZZTIME is how long make fuzz runs each fuzz target; make test runs them
@@ -79,9 +80,11 @@ fuzz:
 		done; \
 	done
 
-## bench: cold boot, restore, pool, exec, snapshot, RSS and the NATS floor
+## bench: cold boot, restore, pool, exec, snapshot, RSS, the NATS floor, proxy,
+## output, jobs, cross-worker restore, pause/resume, burst and density
+## (BENCH_FLAGS, e.g. BENCH_FLAGS="-density 8,16,32,64" for the density run by hand)
 bench: deps build
-	$(GO) run ./cmd/firkin-bench -out bench-results.json
+	$(GO) run ./cmd/firkin-bench -out bench-results.json $(BENCH_FLAGS)
 
 ## sign: codesign the worker with the virtualization entitlement (macOS only)
 sign: $(BIN)/firkin-worker

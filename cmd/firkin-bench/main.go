@@ -1,9 +1,10 @@
 // Command firkin-bench measures a real worker through the real NATS path:
 // cold boot, restore and pool creates to first stdout, exec round trips,
 // continuation snapshot saves, host memory per idle sandbox, the port proxy,
-// the raw NATS request round trip that is the floor under every subject, and
-// exec output throughput into the log stream.
-// a restore on a second worker of a snapshot saved on the first.
+// the raw NATS request round trip that is the floor under every subject,
+// exec output throughput into the log stream, jobs, a restore on a second
+// worker of a snapshot saved on the first, pause and resume, a burst of
+// creates, and density (idle host CPU, PSS, latency at 8..64 sandboxes).
 // It prints a table and writes the figures as JSON.
 package main
 
@@ -82,8 +83,14 @@ func run() error {
 		accel    = flag.String("accel", "auto", "qemu accelerator")
 		only     = flag.String("only", "", "run only these measures, e.g. \"d,i\" (default all)")
 		cross    = flag.Bool("cross-worker", true, "also measure restores on a second worker that joins the first (l, m)")
+		levels   = flag.String("density", "8,16", "idle sandbox counts for the density measure (q), ascending; by hand: 8,16,32,64")
+		idleWin  = flag.Duration("idle-window", 10*time.Second, "how long (q) measures idle host CPU at each level")
 	)
 	flag.Parse()
+	densityLevels, err := parseLevels(*levels)
+	if err != nil {
+		return err
+	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	ctx := context.Background()
 	// Sandboxes of an earlier run are swept at start; start from clean state
@@ -115,21 +122,30 @@ func run() error {
 	b := &bench{ctx: ctx, c: client.New(nc), nc: nc, w: w, log: log, n: *n, stateDir: *stateDir}
 	report := Report{When: time.Now().UTC(), Host: hostDescription(), Ratios: map[string]float64{}}
 
+	one := func(fn func() (Result, error)) func() ([]Result, error) {
+		return func() ([]Result, error) {
+			r, err := fn()
+			return []Result{r}, err
+		}
+	}
 	steps := []struct {
 		name string
-		fn   func() (Result, error)
+		fn   func() ([]Result, error)
 	}{
-		{"a", b.coldBoot},
-		{"b", b.restoreCreate},
-		{"c", b.poolCreate},
-		{"d", func() (Result, error) { return b.execRoundTrip(*nExec) }},
-		{"e", b.snapshotSave},
-		{"f", b.idleRSS},
-		{"g", func() (Result, error) { return b.natsFloor(*nExec) }},
-		{"h", func() (Result, error) { return b.proxyThroughput() }},
-		{"i", b.outputThroughput},
-		{"j", b.jobLatency},
-		{"k", b.jobThroughput},
+		{"a", one(b.coldBoot)},
+		{"b", one(b.restoreCreate)},
+		{"c", one(b.poolCreate)},
+		{"d", one(func() (Result, error) { return b.execRoundTrip(*nExec) })},
+		{"e", one(b.snapshotSave)},
+		{"f", one(b.idleRSS)},
+		{"g", one(func() (Result, error) { return b.natsFloor(*nExec) })},
+		{"h", one(b.proxyThroughput)},
+		{"i", one(b.outputThroughput)},
+		{"j", one(b.jobLatency)},
+		{"k", one(b.jobThroughput)},
+		{"n", b.pauseResume},
+		{"p", one(b.burst)},
+		{"q", func() ([]Result, error) { return b.density(densityLevels, *idleWin) }},
 	}
 	byKey := map[string]Result{}
 	for _, s := range steps {
@@ -137,12 +153,12 @@ func run() error {
 			continue
 		}
 		fmt.Fprintf(os.Stderr, "measuring (%s)...\n", s.name)
-		r, err := s.fn()
+		rs, err := s.fn()
 		if err != nil {
 			return fmt.Errorf("(%s): %w", s.name, err)
 		}
-		byKey[s.name] = r
-		report.Results = append(report.Results, r)
+		byKey[s.name] = rs[0]
+		report.Results = append(report.Results, rs...)
 		if report.Accel == "" {
 			report.Accel = w.Backend().Accelerator()
 		}
