@@ -43,6 +43,9 @@ func TestExecBasics(t *testing.T) {
 		{name: "user by uid", req: ExecRequest{Command: "id -u", User: "65534"}, stdout: "65534\n"},
 		{name: "user uid:gid", req: ExecRequest{Command: "id -u; id -g", User: "1234:4321"}, stdout: "1234\n4321\n"},
 		{name: "killed by signal", req: ExecRequest{Command: "kill -9 $$"}, exitCode: 137, wantSignal: "killed"},
+		{name: "argv, no shell", req: ExecRequest{Command: "echo", Args: []string{"$HOME", "a;b", "c d"}, Direct: true}, stdout: "$HOME a;b c d\n"},
+		{name: "argv by path", req: ExecRequest{Command: "/bin/sh", Args: []string{"-c", "echo $0 $FOO", "zero"}, Env: map[string]string{"FOO": "f"}, Direct: true}, stdout: "zero f\n"},
+		{name: "argv exit code", req: ExecRequest{Command: "false", Direct: true}, exitCode: 1},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -284,5 +287,60 @@ func TestFiles(t *testing.T) {
 	}
 	if err := c.Ping(ctx); err != nil {
 		t.Errorf("Ping after failed write: %v", err)
+	}
+}
+
+func TestExecDirectProgramNotFound(t *testing.T) {
+	t.Parallel()
+	c, _, _ := newTestClient(t)
+	_, _, err := run(t, c, ExecRequest{Command: "no-such-program-here", Direct: true})
+	if !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), "not found in PATH") {
+		t.Fatalf("err = %v, want invalid argument, not found in PATH", err)
+	}
+}
+
+func TestLookPathIn(t *testing.T) {
+	root := t.TempDir()
+	for _, d := range []string{"usr/bin", "bin", "rel"} {
+		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write := func(p string, mode os.FileMode) {
+		if err := os.WriteFile(filepath.Join(root, p), []byte("#!/bin/sh\n"), mode); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("usr/bin/prog", 0o755)
+	write("bin/prog", 0o755)
+	write("bin/plain", 0o644)
+	write("rel/relprog", 0o755)
+	if err := os.Symlink("/bin/busybox-not-on-this-host", filepath.Join(root, "bin/applet")); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		prog, path, want string
+	}{
+		{"prog", "/usr/bin:/bin", "/usr/bin/prog"},
+		{"prog", "/bin:/usr/bin", "/bin/prog"},
+		{"applet", "/usr/bin:/bin", "/bin/applet"}, // a symlink resolved inside the root at exec
+		{"/any/path", "", "/any/path"},
+		{"./x", "/bin", "./x"},
+	}
+	for _, tt := range tests {
+		got, err := lookPathIn(root, tt.path, tt.prog)
+		if err != nil || got != tt.want {
+			t.Errorf("lookPathIn(%q, %q) = %q, %v; want %q", tt.prog, tt.path, got, err, tt.want)
+		}
+	}
+	for _, bad := range []struct{ prog, path string }{
+		{"plain", "/bin"},       // not executable
+		{"relprog", "rel:/bin"}, // relative PATH entries are skipped
+		{"missing", "/usr/bin:/bin"},
+		{"", "/bin"},
+	} {
+		if got, err := lookPathIn(root, bad.path, bad.prog); !errors.Is(err, errdefs.ErrInvalidArgument) {
+			t.Errorf("lookPathIn(%q, %q) = %q, %v; want invalid argument", bad.prog, bad.path, got, err)
+		}
 	}
 }

@@ -11,7 +11,9 @@ import (
 	"io/fs"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -28,7 +30,10 @@ const outputChunk = 256<<10 - frameHeaderSize
 // command exited (from children it left behind holding its stdout).
 const outputGrace = 500 * time.Millisecond
 
-// command builds the /bin/sh -lc command for req.
+// command builds the command for req: /bin/sh -lc req.Command, or, when
+// req.Direct, the program req.Command (found in the command's PATH inside
+// the root) run with req.Args and no shell: one exec instead of a login
+// shell's start-up and then the program's.
 func (s *Server) command(req ExecRequest) (*exec.Cmd, error) {
 	u, err := lookupUser(s.Root, req.User)
 	if err != nil {
@@ -38,7 +43,18 @@ func (s *Server) command(req ExecRequest) (*exec.Cmd, error) {
 	if err != nil {
 		return nil, err
 	}
-	cmd := exec.Command("/bin/sh", "-lc", req.Command)
+	var cmd *exec.Cmd
+	if req.Direct {
+		prog, err := lookPathIn(s.Root, envValue(env, "PATH"), req.Command)
+		if err != nil {
+			return nil, err
+		}
+		// Not exec.Command: it would look the name up in the agent's own
+		// file system, not the command's root.
+		cmd = &exec.Cmd{Path: prog, Args: append([]string{req.Command}, req.Args...)}
+	} else {
+		cmd = exec.Command("/bin/sh", "-lc", req.Command)
+	}
 	cmd.Env = env
 	cmd.Dir = req.Cwd
 	if cmd.Dir == "" {
@@ -50,6 +66,47 @@ func (s *Server) command(req ExecRequest) (*exec.Cmd, error) {
 	}
 	cmd.SysProcAttr = attr
 	return cmd, nil
+}
+
+// lookPathIn finds program as the shell would in pathList (absolute
+// directories only), inside root, and returns its path as seen from inside
+// the root. A name with a slash is taken as it is. A symlink counts as found
+// (busybox's applets are absolute symlinks, resolved by the kernel inside
+// the root at exec).
+func lookPathIn(root, pathList, program string) (string, error) {
+	if program == "" {
+		return "", errdefs.Wrap(errdefs.ErrInvalidArgument, errors.New("no program to run"))
+	}
+	if strings.Contains(program, "/") {
+		return program, nil
+	}
+	if root == "" {
+		root = "/"
+	}
+	for _, dir := range filepath.SplitList(pathList) {
+		if !filepath.IsAbs(dir) {
+			continue
+		}
+		p := filepath.Join(dir, program)
+		fi, err := os.Lstat(filepath.Join(root, p))
+		if err != nil {
+			continue
+		}
+		if fi.Mode()&fs.ModeSymlink != 0 || (fi.Mode().IsRegular() && fi.Mode()&0o111 != 0) {
+			return p, nil
+		}
+	}
+	return "", errdefs.Wrap(errdefs.ErrInvalidArgument, fmt.Errorf("program %q not found in PATH %q", program, pathList))
+}
+
+// envValue is the value of key in an environ list.
+func envValue(env []string, key string) string {
+	for _, kv := range env {
+		if v, ok := strings.CutPrefix(kv, key+"="); ok {
+			return v
+		}
+	}
+	return ""
 }
 
 // environ is the env of a command: defaults, then Init's env, then the

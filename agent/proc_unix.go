@@ -146,20 +146,10 @@ func (s *Server) procStart(st io.Writer, req ProcStartRequest) {
 		sendError(st, errdefs.Wrap(errdefs.ErrInvalidArgument, errors.New("proc_start: pty size must not be 0")))
 		return
 	}
-	line := req.Command
-	args := []string(nil)
-	if len(req.Args) > 0 {
-		// A shell in the guest's root finds the program in PATH.
-		line = `exec "$0" "$@"`
-		args = append([]string{req.Command}, req.Args...)
-	}
-	cmd, err := s.command(ExecRequest{Command: line, Env: req.Env, Cwd: req.Cwd, User: req.User})
+	cmd, err := s.command(ExecRequest{Command: req.Command, Args: req.Args, Direct: len(req.Args) > 0, Env: req.Env, Cwd: req.Cwd, User: req.User})
 	if err != nil {
 		sendError(st, err)
 		return
-	}
-	if len(req.Args) > 0 {
-		cmd.Args = append([]string{"/bin/sh", "-c", line}, args...)
 	}
 	p := &guestProc{id: req.ID, command: req.Command, tag: req.Tag, isPTY: req.PTY != nil, started: time.Now(), drained: make(chan struct{})}
 	p.cond = sync.NewCond(&p.mu)

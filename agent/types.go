@@ -70,7 +70,11 @@ const (
 // ExecRequest asks the guest to run one command with /bin/sh -lc inside the
 // sandbox's root file system.
 type ExecRequest struct {
+	// Command is run with /bin/sh -lc, or, when Direct, is the program
+	// (found in PATH) run with Args and no shell.
 	Command string            `json:"command"`
+	Args    []string          `json:"args,omitempty"`
+	Direct  bool              `json:"direct,omitempty"`
 	Env     map[string]string `json:"env,omitempty"`
 	Cwd     string            `json:"cwd,omitempty"`  // default "/"
 	User    string            `json:"user,omitempty"` // name, uid or uid:gid; default root

@@ -31,8 +31,8 @@ type OutputWriter interface {
 // reply would not fit MaxReplyBytes). A command that outlives its timeout is
 // killed and the call fails with errdefs.ErrTimeout.
 func (b *Backend) Exec(ctx context.Context, id string, req subjects.ExecRequest) (subjects.ExecReply, error) {
-	if req.Command == "" {
-		return subjects.ExecReply{}, invalid("command is required")
+	if err := req.Validate(); err != nil {
+		return subjects.ExecReply{}, err
 	}
 	timeout := b.cfg.ExecDefaultTimeout
 	if req.TimeoutMS < 0 || time.Duration(req.TimeoutMS)*time.Millisecond > b.cfg.ExecMaxTimeout {
@@ -57,6 +57,8 @@ func (b *Backend) Exec(ctx context.Context, id string, req subjects.ExecRequest)
 	start := time.Now()
 	res, err := s.mach().Exec(ctx, agent.ExecRequest{
 		Command: req.Command,
+		Args:    req.Args,
+		Direct:  req.Args != nil,
 		Env:     req.Env,
 		Cwd:     req.Cwd,
 		User:    req.User,

@@ -131,7 +131,13 @@ type ListSandboxesReply struct {
 
 // ExecRequest is the body of firkin.sandbox.<id>.exec.
 type ExecRequest struct {
+	// Command is a shell command line run with /bin/sh -lc. With Args
+	// (even `[]`), Command is the program, looked up in PATH, and Args its
+	// arguments, run directly with no shell (faster: one exec). Args is
+	// not omitted when empty, so that `[]` (a program with no arguments)
+	// survives encoding.
 	Command   string            `json:"command"`
+	Args      []string          `json:"args"`
 	Cwd       string            `json:"cwd,omitempty"`
 	Env       map[string]string `json:"env,omitempty"`
 	User      string            `json:"user,omitempty"`

@@ -158,6 +158,35 @@ const (
 	MaxProcCommand = 128 << 10
 )
 
+// validateArgs bounds an argv: entries, total bytes, no NUL.
+func validateArgs(args []string) error {
+	if len(args) > MaxProcArgs {
+		return invalid("args: %d entries, at most %d", len(args), MaxProcArgs)
+	}
+	total := 0
+	for _, a := range args {
+		total += len(a)
+		if strings.IndexByte(a, 0) >= 0 {
+			return invalid("args: an argument has a NUL byte")
+		}
+	}
+	if total > MaxProcArgLen {
+		return invalid("args: %d bytes, at most %d", total, MaxProcArgLen)
+	}
+	return nil
+}
+
+// Validate checks what needs no sandbox: command and args.
+func (r ExecRequest) Validate() error {
+	if r.Command == "" {
+		return invalid("command is required")
+	}
+	if r.Args != nil && (len(r.Command) > MaxProcCommand || strings.IndexByte(r.Command, 0) >= 0) {
+		return invalid("command: at most %d bytes, no NUL", MaxProcCommand)
+	}
+	return validateArgs(r.Args)
+}
+
 // Validate checks what needs no sandbox: command, args, tag, pty, timeout.
 func (r ProcStartRequest) Validate() error {
 	if r.Command == "" {
@@ -166,18 +195,8 @@ func (r ProcStartRequest) Validate() error {
 	if len(r.Command) > MaxProcCommand || strings.IndexByte(r.Command, 0) >= 0 {
 		return invalid("command: at most %d bytes, no NUL", MaxProcCommand)
 	}
-	if len(r.Args) > MaxProcArgs {
-		return invalid("args: %d entries, at most %d", len(r.Args), MaxProcArgs)
-	}
-	total := 0
-	for _, a := range r.Args {
-		total += len(a)
-		if strings.IndexByte(a, 0) >= 0 {
-			return invalid("args: an argument has a NUL byte")
-		}
-	}
-	if total > MaxProcArgLen {
-		return invalid("args: %d bytes, at most %d", total, MaxProcArgLen)
+	if err := validateArgs(r.Args); err != nil {
+		return err
 	}
 	if len(r.Tag) > MaxProcTag || !printable(r.Tag) {
 		return invalid("tag: at most %d printable characters", MaxProcTag)

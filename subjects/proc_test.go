@@ -78,6 +78,25 @@ func TestProcStartRequestValidate(t *testing.T) {
 	}
 }
 
+func TestExecRequestValidate(t *testing.T) {
+	for _, ok := range []ExecRequest{{Command: "echo hi"}, {Command: "echo", Args: []string{"a b"}}, {Command: "true", Args: []string{}}} {
+		if err := ok.Validate(); err != nil {
+			t.Errorf("%+v: %v", ok, err)
+		}
+	}
+	for name, r := range map[string]ExecRequest{
+		"no command": {},
+		"argv nul":   {Command: "a\x00b", Args: []string{}},
+		"arg nul":    {Command: "a", Args: []string{"x\x00"}},
+		"many args":  {Command: "a", Args: make([]string, MaxProcArgs+1)},
+		"long args":  {Command: "a", Args: []string{strings.Repeat("a", MaxProcArgLen+1)}},
+	} {
+		if err := r.Validate(); !errors.Is(err, errdefs.ErrInvalidArgument) {
+			t.Errorf("%s: Validate = %v, want invalid", name, err)
+		}
+	}
+}
+
 // FuzzParseProcVerb: whatever verb the subject carries, an accepted one
 // names a valid command id (one subject token) and a known op, and builds
 // back to itself.

@@ -58,6 +58,17 @@ func TestSandboxLifecycle(t *testing.T) {
 			t.Fatalf("got %+v, %v", r, err)
 		}
 	})
+	t.Run("argv with no shell", func(t *testing.T) {
+		// $GREETING comes from the create's env; no shell expands it here.
+		r, err := e.c.Exec(e.ctx(time.Minute), id, subjects.ExecRequest{Command: "printf", Args: []string{"%s|", "a b", "$GREETING", "x;y"}, Cwd: "/tmp"})
+		if err != nil || r.Stdout != "a b|$GREETING|x;y|" || r.ExitCode != 0 {
+			t.Fatalf("got %+v, %v", r, err)
+		}
+		_, err = e.c.Exec(e.ctx(time.Minute), id, subjects.ExecRequest{Command: "no-such-program", Args: []string{}})
+		if subjects.CodeOf(err) != subjects.CodeInvalidRequest || !strings.Contains(err.Error(), "not found in PATH") {
+			t.Fatalf("unknown program: %v", err)
+		}
+	})
 	t.Run("hostname is the sandbox id", func(t *testing.T) {
 		if r := e.exec(id, "hostname"); r.Stdout != id+"\n" {
 			t.Fatalf("hostname = %q", r.Stdout)
