@@ -143,6 +143,7 @@ func run() error {
 		{"i", one(b.outputThroughput)},
 		{"j", one(b.jobLatency)},
 		{"k", one(b.jobThroughput)},
+		{"r", one(func() (Result, error) { return b.execArgvRoundTrip(*nExec) })},
 		{"n", b.pauseResume},
 		{"p", one(b.burst)},
 		{"q", func() ([]Result, error) { return b.density(densityLevels, *idleWin) }},
