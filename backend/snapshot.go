@@ -12,6 +12,8 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/firkin-dev/firkin-worker/errdefs"
@@ -70,10 +72,12 @@ func (b *Backend) Snapshot(ctx context.Context, id string, req subjects.Snapshot
 		}
 	}
 	src := s.record()
+	t0 := time.Now()
 	rec, err := b.save(ctx, s, sid, vmpool.SaveOptions{Kind: vmpool.SnapshotKind(kind), Stop: req.Stop}, meta)
 	if err != nil {
 		return rec, err
 	}
+	tSaved := time.Now()
 	if kind == subjects.KindTemplate {
 		rec.TemplateID = sid
 	}
@@ -117,7 +121,8 @@ func (b *Backend) Snapshot(ctx context.Context, id string, req subjects.Snapshot
 			b.log.Warn("update session after snapshot", "sandbox", id, "err", err)
 		}
 	}
-	b.log.Info("snapshot saved", "sandbox", id, "snapshot", sid, "kind", kind, "source_disk_parent", src.DiskParent)
+	b.log.Info("snapshot saved", "sandbox", id, "snapshot", sid, "kind", kind, "source_disk_parent", src.DiskParent,
+		"save", tSaved.Sub(t0).Round(time.Microsecond), "total", time.Since(t0).Round(time.Microsecond))
 	return rec, nil
 }
 
@@ -137,13 +142,16 @@ func (b *Backend) save(ctx context.Context, s *session, sid string, opts vmpool.
 		return subjects.SnapshotRecord{}, fmt.Errorf("snapshot dir: %w", err)
 	}
 	src := s.record()
+	tStart := time.Now()
 	snap, err := saver.Save(ctx, s.mach(), dir, opts)
 	if err != nil {
 		_ = os.RemoveAll(dir)
 		return subjects.SnapshotRecord{}, fmt.Errorf("save sandbox %s: %w", src.SandboxID, err)
 	}
 	snap.Dir = dir
+	tDriver := time.Now()
 	rec, err := b.describe(snap, sid, gen, src, opts.Kind, meta)
+	b.log.Debug("snapshot described", "snapshot", sid, "driver", tDriver.Sub(tStart).Round(time.Microsecond), "describe", time.Since(tDriver).Round(time.Microsecond))
 	if err != nil {
 		_ = os.RemoveAll(dir)
 		return subjects.SnapshotRecord{}, err
@@ -175,7 +183,7 @@ func (b *Backend) describe(snap vmpool.Snapshot, sid, gen string, src subjects.S
 			return subjects.SnapshotRecord{}, fmt.Errorf("driver named snapshot artifact %q: not a file name", n)
 		}
 	}
-	arts, total, sum, err := hashArtifacts(snap.Dir, names)
+	arts, total, sum, err := hashArtifacts(snap.Dir, names, snap.Digests)
 	if err != nil {
 		return subjects.SnapshotRecord{}, err
 	}
@@ -209,7 +217,11 @@ func (b *Backend) describe(snap vmpool.Snapshot, sid, gen string, src subjects.S
 
 // hashArtifacts returns each file's size and sha256, their total size, and
 // one sha256 over the list (name, size, digest) that stands for the snapshot.
-func hashArtifacts(dir string, names []string) ([]subjects.Artifact, int64, string, error) {
+// known holds digests the driver computed while writing (not read again);
+// files hashed before (hard links of kernels and disk layers) come from
+// digestCache. Every artifact is then marked verified, so a restore on this
+// worker does not read it again either.
+func hashArtifacts(dir string, names []string, known map[string]string) ([]subjects.Artifact, int64, string, error) {
 	arts := make([]subjects.Artifact, len(names))
 	errs := make([]error, len(names))
 	var wg sync.WaitGroup
@@ -217,8 +229,14 @@ func hashArtifacts(dir string, names []string) ([]subjects.Artifact, int64, stri
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			size, sum, err := hashFile(filepath.Join(dir, name))
-			arts[i], errs[i] = subjects.Artifact{Name: name, SizeBytes: size, SHA256: sum}, err
+			path := filepath.Join(dir, name)
+			st, sum, err := digestOf(path, known[name])
+			if err != nil {
+				errs[i] = err
+				return
+			}
+			arts[i] = subjects.Artifact{Name: name, SizeBytes: st.Size(), SHA256: sum}
+			verified.Store(verifiedKey(path, st, sum), struct{}{})
 		}()
 	}
 	wg.Wait()
@@ -234,20 +252,73 @@ func hashArtifacts(dir string, names []string) ([]subjects.Artifact, int64, stri
 	return arts, total, hex.EncodeToString(all.Sum(nil)), nil
 }
 
-// hashFile returns the size and sha256 of the file at path. Its errors name
-// only the file's base name.
-func hashFile(path string) (int64, string, error) {
+// digestOf returns the file's stat and sha256: known when the caller has
+// it, else from digestCache, else read and hashed (and cached).
+func digestOf(path, known string) (fs.FileInfo, string, error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return 0, "", fmt.Errorf("open %s: %w", filepath.Base(path), pathless(err))
+		return nil, "", fmt.Errorf("open %s: %w", filepath.Base(path), pathless(err))
 	}
 	defer f.Close()
-	h := sha256.New()
-	n, err := io.Copy(h, f)
+	st, err := f.Stat()
 	if err != nil {
-		return 0, "", fmt.Errorf("read %s: %w", filepath.Base(path), pathless(err))
+		return nil, "", fmt.Errorf("stat %s: %w", filepath.Base(path), pathless(err))
 	}
-	return n, hex.EncodeToString(h.Sum(nil)), nil
+	key, keyed := inodeKeyOf(st)
+	if known != "" {
+		if keyed {
+			cacheDigest(key, known)
+		}
+		return st, known, nil
+	}
+	if keyed {
+		if sum, ok := digestCache.Load(key); ok {
+			return st, sum.(string), nil
+		}
+	}
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return nil, "", fmt.Errorf("read %s: %w", filepath.Base(path), pathless(err))
+	}
+	sum := hex.EncodeToString(h.Sum(nil))
+	if keyed {
+		cacheDigest(key, sum)
+	}
+	return st, sum, nil
+}
+
+// inodeKey names a file's contents as long as nobody rewrote it: a rewrite
+// changes its size or modification time. Hard links share it.
+type inodeKey struct {
+	dev, ino    uint64
+	size, mtime int64
+}
+
+func inodeKeyOf(st fs.FileInfo) (inodeKey, bool) {
+	sys, ok := st.Sys().(*syscall.Stat_t)
+	if !ok {
+		return inodeKey{}, false
+	}
+	return inodeKey{dev: uint64(sys.Dev), ino: uint64(sys.Ino), size: st.Size(), mtime: st.ModTime().UnixNano()}, true
+}
+
+// digestCache holds sha256s of snapshot files by inodeKey (at most
+// maxCachedDigests; emptied when full).
+var (
+	digestCache   sync.Map // inodeKey -> string
+	cachedDigests atomic.Int64
+)
+
+const maxCachedDigests = 4096
+
+func cacheDigest(key inodeKey, sum string) {
+	if _, loaded := digestCache.LoadOrStore(key, sum); loaded {
+		return
+	}
+	if cachedDigests.Add(1) > maxCachedDigests {
+		digestCache.Clear()
+		cachedDigests.Store(0)
+	}
 }
 
 // verified remembers artifacts whose sha256 matched, by path, size and
@@ -297,7 +368,7 @@ func (b *Backend) loadSnapshot(rec subjects.SnapshotRecord) (vmpool.Snapshot, er
 		if _, ok := verified.Load(key); ok {
 			continue
 		}
-		_, sum, err := hashFile(path)
+		_, sum, err := digestOf(path, "")
 		if err != nil {
 			return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("snapshot %s: %w", rec.SnapshotID, err))
 		}

@@ -94,6 +94,9 @@ type Snapshot struct {
 	NetworkMACs       []string
 	Resources         Resources
 	Image             Image // kernel and initramfs the machine was booted with
+	// Digests holds the sha256 (hex) of artifacts the driver computed
+	// while it wrote them, by name, so they need not be read again.
+	Digests map[string]string
 }
 
 // Saver is implemented by drivers that can snapshot a running machine.

@@ -91,6 +91,14 @@ func startWorker(t *testing.T, opts ...envOption) *env {
 			t.Logf("worker log (tail):\n%s", tail(logs.String(), 6000))
 			dumpConsoles(t, cfg.StateDir)
 		}
+		// FIRKIN_TEST_WORKER_LOG=<file> appends every worker's whole log
+		// (for profiling a path by its timing fields).
+		if path := os.Getenv("FIRKIN_TEST_WORKER_LOG"); path != "" {
+			if f, err := os.OpenFile(path, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600); err == nil {
+				_, _ = f.WriteString(logs.String())
+				_ = f.Close()
+			}
+		}
 	})
 	// The client identity (client.nk), not the worker's own.
 	nc, err := nats.Connect(w.NATSURL(), w.ClientOptions()...)

@@ -2,8 +2,11 @@ package qemu
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -151,7 +154,8 @@ func (m *Machine) save(ctx context.Context, dir string, opts vmpool.SaveOptions)
 	// The worker makes the state file (root's, 0600, in the snapshot
 	// directory) and QEMU writes it through a descriptor: confined or not,
 	// it needs no permission on it.
-	if err := migrateOut(ctx, q, format == FormatSharedMemory, filepath.Join(dir, snapState)); err != nil {
+	stateSum, err := migrateOut(ctx, q, format == FormatSharedMemory, filepath.Join(dir, snapState))
+	if err != nil {
 		return snap, err
 	}
 	tMigrated := time.Now()
@@ -192,7 +196,8 @@ func (m *Machine) save(ctx context.Context, dir string, opts vmpool.SaveOptions)
 		return snap, err
 	}
 	snap = vmpool.Snapshot{Dir: dir, Artifacts: artifacts, Disk: filepath.Join(dir, snapDisk), Format: format,
-		Resources: vmpool.Resources{VCPUs: m.cfg.VCPUs, MemoryMB: m.cfg.MemoryMB}, Image: m.image}
+		Resources: vmpool.Resources{VCPUs: m.cfg.VCPUs, MemoryMB: m.cfg.MemoryMB}, Image: m.image,
+		Digests: map[string]string{snapState: stateSum}}
 	if m.cfg.Network {
 		snap.NetworkMACs = []string{m.cfg.MAC}
 	}
@@ -365,17 +370,76 @@ func dropFD(ctx context.Context, q *qmp.Client) {
 
 // migrateOut writes the machine's state into a new file at path (mode
 // 0600, created by the worker and passed to QEMU as a descriptor) and waits
-// for the end.
-func migrateOut(ctx context.Context, q *qmp.Client, ignoreShared bool, path string) error {
+// for the end. While QEMU writes, the worker reads what is already written
+// and hashes it: the returned sha256 (hex) is ready almost as soon as the
+// migration is, with no second read of the whole file afterwards and
+// nothing in QEMU's write path.
+func migrateOut(ctx context.Context, q *qmp.Client, ignoreShared bool, path string) (string, error) {
 	if err := setMigration(ctx, q, ignoreShared); err != nil {
-		return err
+		return "", err
 	}
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
-		return err
+		return "", err
 	}
 	defer f.Close() // QEMU writes through its own copy
-	return migrateFD(ctx, q, "migrate", f)
+	rf, err := os.Open(path)
+	if err != nil {
+		return "", err
+	}
+	defer rf.Close()
+	written := make(chan struct{})
+	hashed := make(chan hashResult, 1)
+	go func() { hashed <- hashGrowing(rf, written) }()
+	err = migrateFD(ctx, q, "migrate", f)
+	close(written)
+	res := <-hashed
+	if err != nil {
+		return "", err
+	}
+	if res.err != nil {
+		return "", fmt.Errorf("hash migration stream: %w", res.err)
+	}
+	return res.sum, nil
+}
+
+type hashResult struct {
+	sum string
+	err error
+}
+
+// hashGrowing hashes f while another writer appends to it: it reads to the
+// current end, waits a little when there is nothing new, and once written
+// is closed (the writer is done) reads to the end one last time. What it
+// has read it also sends on to the disk (startWriteback).
+func hashGrowing(f *os.File, written <-chan struct{}) hashResult {
+	h := sha256.New()
+	buf := make([]byte, 1<<20)
+	idle := time.NewTicker(time.Millisecond)
+	defer idle.Stop()
+	done := false
+	var off, flushed int64
+	for {
+		n, err := f.Read(buf)
+		h.Write(buf[:n])
+		if off += int64(n); off-flushed >= 8<<20 {
+			startWriteback(f, flushed, off-flushed)
+			flushed = off
+		}
+		switch {
+		case err == nil:
+			continue
+		case !errors.Is(err, io.EOF):
+			return hashResult{err: err}
+		case done:
+			return hashResult{sum: hex.EncodeToString(h.Sum(nil))}
+		}
+		select {
+		case <-written:
+			done = true // one more pass to the end
+		case <-idle.C:
+		}
+	}
 }
 
 // migrateIn loads the machine's state from the file at path (opened by the
