@@ -220,6 +220,10 @@ func (b *Backend) FSWriteFrom(ctx context.Context, id string, req subjects.FSWri
 	return subjects.FSWriteReply{File: fileInfo(fi), Size: res.Size, SHA256: res.SHA256}, nil
 }
 
+// The wire and the agent bound a recursive watch alike (a compile error
+// when they differ).
+const _ = uint(agent.MaxWatchDirs-subjects.MaxWatchDirs) + uint(subjects.MaxWatchDirs-agent.MaxWatchDirs)
+
 // FSWatch reports the changes in a guest directory (and, with
 // req.Recursive, below it) to emit until ctx ends (nil), the directory
 // goes, or the sandbox ends. ready is called once the guest watches.
