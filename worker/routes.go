@@ -81,6 +81,9 @@ func (r *runtimeFacade) Route(ctx context.Context, id string, req subjects.Route
 // cannot be opened on a fork fails the fork request, with the forks
 // killed.
 func (r *runtimeFacade) Fork(ctx context.Context, id string, req subjects.ForkRequest) (subjects.ForkReply, error) {
+	if r.tcp == nil || r.http == nil {
+		return r.Backend.Fork(ctx, id, req)
+	}
 	ports := r.tcp.Ports(id)
 	out, err := r.Backend.Fork(ctx, id, req)
 	if err != nil || len(ports) == 0 {
