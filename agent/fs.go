@@ -10,7 +10,7 @@ package agent
 //	remove      R{op, path, recursive}                    → O | E
 //	rename      R{op, path, to}                           → O | E
 //	fs_write    R{op, path, mode, parents} D* F{sha256?}  → O{WriteResult} | E
-//	watch       R{op, path}                               → O D{[]WatchEvent}* (until the host closes) | E
+//	watch       R{op, path, recursive}                    → O D{[]WatchEvent}* (until the host closes) | E
 //
 // fs_write writes to a temporary file next to the target and renames it
 // over the target once everything arrived (and, when the F frame names a
@@ -79,6 +79,10 @@ const (
 	MaxListDepth = 32
 	// MaxWatchBatch is the most events in one watch frame.
 	MaxWatchBatch = 256
+	// MaxWatchDirs is the most directories one recursive watch watches
+	// (the watched one included); a directory beyond it is reported by a
+	// WatchLimit event and not watched.
+	MaxWatchDirs = 1024
 	// maxPathLen bounds a guest path or link target.
 	maxPathLen = 4096
 	// maxListBytes bounds the entry frames of one list the host keeps
@@ -145,12 +149,17 @@ const (
 	WatchRename   = "rename"
 	WatchOverflow = "overflow" // the guest's queue overflowed: events were lost
 	WatchGone     = "gone"     // the watched directory was removed or moved
+	// WatchLimit names a directory a recursive watch does not watch: it
+	// watches MaxWatchDirs already.
+	WatchLimit = "limit"
 )
 
 // WatchEvent is one change in a watched directory.
 type WatchEvent struct {
 	Op string `json:"op"`
-	// Name is the entry's name in the directory (rename: the old name).
+	// Name is the entry's name in the directory (rename: the old name); in
+	// a recursive watch, its path relative to the watched directory
+	// ("sub/dir/file").
 	Name string `json:"name,omitempty"`
 	// To is a rename's new name.
 	To string `json:"to,omitempty"`
@@ -342,7 +351,8 @@ func (f Files) WriteFileFrom(ctx context.Context, path string, r io.Reader, opts
 	return res, nil
 }
 
-// Watch reports changes in the directory at path (not its subdirectories)
+// Watch reports changes in the directory at path (not its subdirectories:
+// see WatchWith)
 // to fn, in batches of at most MaxWatchBatch events, until ctx ends (nil
 // then), the directory goes (after a WatchGone event; nil), or the session
 // fails. It returns once the watch is set up in the guest when ready is
@@ -350,7 +360,21 @@ func (f Files) WriteFileFrom(ctx context.Context, path string, r io.Reader, opts
 // the guest queues (and, when its queue overflows, drops with a
 // WatchOverflow event).
 func (f Files) Watch(ctx context.Context, path string, ready chan<- struct{}, fn func([]WatchEvent)) error {
-	st, stop, err := f.c.open(ctx, request{Op: opWatch, Path: path, User: f.user})
+	return f.WatchWith(ctx, path, WatchOptions{}, ready, fn)
+}
+
+// WatchOptions are the options of a watch.
+type WatchOptions struct {
+	// Recursive watches the directories below the watched one too, at
+	// most MaxWatchDirs in all, new ones as they appear (their entries
+	// that appeared before are reported as created); events name paths
+	// relative to the watched directory.
+	Recursive bool
+}
+
+// WatchWith is Watch with options.
+func (f Files) WatchWith(ctx context.Context, path string, o WatchOptions, ready chan<- struct{}, fn func([]WatchEvent)) error {
+	st, stop, err := f.c.open(ctx, request{Op: opWatch, Path: path, User: f.user, Recursive: o.Recursive})
 	if err != nil {
 		return err
 	}

@@ -94,7 +94,7 @@ func (s *Server) fsOp(ctx context.Context, st io.ReadWriteCloser, req request) {
 	case opFSWrite:
 		s.fsWrite(st, req)
 	case opWatch:
-		s.watch(ctx, st, req.Path)
+		s.watch(ctx, st, req.Path, req.Recursive)
 	}
 }
 

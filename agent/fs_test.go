@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -477,5 +478,158 @@ func TestStats(t *testing.T) {
 	rx, tx := parseNetDev([]byte("Inter-|\n face |bytes\n    lo: 5 1 0 0 0 0 0 0 5 1 0 0 0 0 0 0\n  eth0: 100 2 0 0 0 0 0 0 200 3 0 0 0 0 0 0\n"))
 	if rx != 100 || tx != 200 {
 		t.Fatalf("parseNetDev: %d %d", rx, tx)
+	}
+}
+
+// TestFSWatchRecursive watches a tree: events below the watched directory
+// name paths relative to it, new directories are watched as they appear
+// (with what was made in them before), renamed ones keep being watched
+// under their new names, ones moved out are not, and a tree of more than
+// MaxWatchDirs directories is watched up to the bound with a limit event
+// for each directory left out.
+func TestFSWatchRecursive(t *testing.T) {
+	c, root := newRootClient(t)
+	w := filepath.Join(root, "w")
+	if err := os.MkdirAll(filepath.Join(w, "a", "b"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(bctx(t))
+	defer cancel()
+	var mu sync.Mutex
+	var got []WatchEvent
+	ready := make(chan struct{})
+	done := make(chan error, 1)
+	go func() {
+		done <- c.WatchWith(ctx, "/w", WatchOptions{Recursive: true}, ready, func(evs []WatchEvent) {
+			mu.Lock()
+			got = append(got, evs...)
+			mu.Unlock()
+		})
+	}()
+	select {
+	case <-ready:
+	case err := <-done:
+		t.Fatalf("watch: %v", err)
+	}
+	has := func(op, name, to string) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, e := range got {
+			if e.Op == op && e.Name == name && e.To == to {
+				return true
+			}
+		}
+		return false
+	}
+	wait := func(what string, cond func() bool) {
+		t.Helper()
+		for deadline := time.Now().Add(5 * time.Second); !cond(); time.Sleep(20 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				mu.Lock()
+				defer mu.Unlock()
+				t.Fatalf("%s: events %+v", what, got)
+			}
+		}
+	}
+	write := func(rel string) {
+		t.Helper()
+		if err := os.WriteFile(filepath.Join(w, rel), []byte("x"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("a/b/f")
+	wait("a file two levels down", func() bool { return has(WatchCreate, "a/b/f", "") && has(WatchWrite, "a/b/f", "") })
+
+	// A new tree: its directories are watched, what appeared in them
+	// before is reported as created.
+	if err := os.MkdirAll(filepath.Join(w, "n", "deep"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	write("n/deep/early")
+	wait("a new directory", func() bool { return has(WatchCreate, "n", "") && has(WatchCreate, "n/deep/early", "") })
+	write("n/deep/late")
+	wait("a file in a new directory", func() bool { return has(WatchCreate, "n/deep/late", "") })
+
+	// Renamed inside the tree: watched under its new name.
+	if err := os.Rename(filepath.Join(w, "a"), filepath.Join(w, "c")); err != nil {
+		t.Fatal(err)
+	}
+	wait("a renamed directory", func() bool { return has(WatchRename, "a", "c") })
+	write("c/b/g")
+	wait("a file in a renamed directory", func() bool { return has(WatchCreate, "c/b/g", "") })
+
+	// Moved out: no longer watched.
+	if err := os.Rename(filepath.Join(w, "c"), filepath.Join(root, "out")); err != nil {
+		t.Fatal(err)
+	}
+	wait("a directory moved out", func() bool { return has(WatchRemove, "c", "") })
+	if err := os.WriteFile(filepath.Join(root, "out", "b", "h"), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	write("marker")
+	wait("the marker", func() bool { return has(WatchCreate, "marker", "") })
+	mu.Lock()
+	for _, e := range got {
+		if strings.HasSuffix(e.Name, "/h") || e.Name == "h" || e.Op == WatchGone || e.Op == WatchLimit {
+			t.Errorf("event after the move out: %+v", e)
+		}
+	}
+	mu.Unlock()
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("watch after cancel: %v", err)
+	}
+
+	// More directories than a watch takes.
+	big := filepath.Join(root, "big")
+	extra := 7
+	for i := range MaxWatchDirs - 1 + extra {
+		if err := os.MkdirAll(filepath.Join(big, "d"+strings.Repeat("x", i%3), "s"+strconv.Itoa(i)), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// 3 middle directories hold the rest: MaxWatchDirs-1+extra+3 below big.
+	extra += 3
+	var limits []string
+	ctx2, cancel2 := context.WithCancel(bctx(t))
+	defer cancel2()
+	ready2 := make(chan struct{})
+	done2 := make(chan error, 1)
+	go func() {
+		done2 <- c.WatchWith(ctx2, "/big", WatchOptions{Recursive: true}, ready2, func(evs []WatchEvent) {
+			mu.Lock()
+			for _, e := range evs {
+				if e.Op == WatchLimit {
+					limits = append(limits, e.Name)
+				}
+			}
+			mu.Unlock()
+		})
+	}()
+	select {
+	case <-ready2:
+	case err := <-done2:
+		t.Fatalf("watch big: %v", err)
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		mu.Lock()
+		n := len(limits)
+		mu.Unlock()
+		if n >= extra {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("limit events: %d, want %d (%v)", n, extra, limits)
+		}
+	}
+	time.Sleep(100 * time.Millisecond)
+	mu.Lock()
+	if len(limits) != extra {
+		t.Errorf("limit events: %d, want %d", len(limits), extra)
+	}
+	mu.Unlock()
+	cancel2()
+	if err := <-done2; err != nil {
+		t.Fatalf("watch big after cancel: %v", err)
 	}
 }

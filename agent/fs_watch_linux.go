@@ -8,7 +8,9 @@ import (
 	"errors"
 	"io"
 	"os"
+	"path"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -23,16 +25,18 @@ const watchMask = unix.IN_CREATE | unix.IN_MODIFY | unix.IN_CLOSE_WRITE | unix.I
 // so that a burst of writes to one file becomes one event.
 const watchLinger = 20 * time.Millisecond
 
-// watch reports the changes in one directory until the host closes the
-// stream, the session ends or the directory goes.
-func (s *Server) watch(ctx context.Context, st io.ReadWriteCloser, p string) {
+// watch reports the changes in one directory (and, when recursive, in
+// the directories below it, at most MaxWatchDirs of them, new ones added
+// as they appear) until the host closes the stream, the session ends or
+// the directory goes.
+func (s *Server) watch(ctx context.Context, st io.ReadWriteCloser, p string, recursive bool) {
 	root, rel, err := s.fsRoot(p)
 	if err != nil {
 		sendError(st, fsError("watch", p, err))
 		return
 	}
+	defer root.Close()
 	dir, err := root.Open(rel)
-	root.Close()
 	if err != nil {
 		sendError(st, fsError("watch", p, err))
 		return
@@ -54,13 +58,20 @@ func (s *Server) watch(ctx context.Context, st io.ReadWriteCloser, p string) {
 	defer ino.Close()
 	// Watch the directory opened inside the root, through its descriptor,
 	// so that no symlink can point the watch outside the root.
-	if _, err := unix.InotifyAddWatch(fd, "/proc/self/fd/"+strconv.Itoa(int(dir.Fd())), watchMask); err != nil {
+	wd, err := unix.InotifyAddWatch(fd, "/proc/self/fd/"+strconv.Itoa(int(dir.Fd())), watchMask)
+	if err != nil {
 		sendError(st, fsError("watch", p, err))
 		return
 	}
 	// An open descriptor would keep a removed directory's inode alive, and
 	// with it the IN_DELETE_SELF that ends the watch.
 	_ = dir.Close()
+	tree := &watchTree{root: root, rel: rel, fd: fd, recursive: recursive, rootWD: int32(wd),
+		paths: map[int32]string{int32(wd): ""}, wds: map[string]int32{"": int32(wd)}}
+	var pending []WatchEvent
+	if recursive {
+		pending = tree.addTree("", false, nil)
+	}
 	if err := writeFrame(st, frameOK, nil); err != nil {
 		return
 	}
@@ -82,10 +93,12 @@ func (s *Server) watch(ctx context.Context, st io.ReadWriteCloser, p string) {
 	events := make(chan []WatchEvent, 1)
 	go func() {
 		defer close(events)
-		readInotify(ino, events)
+		readInotify(ino, tree, events)
 	}()
-	var pending []WatchEvent
 	var linger <-chan time.Time
+	if len(pending) > 0 {
+		linger = time.After(0)
+	}
 	for {
 		select {
 		case evs, ok := <-events:
@@ -116,6 +129,205 @@ func (s *Server) watch(ctx context.Context, st io.ReadWriteCloser, p string) {
 		}
 		pending = nil
 	}
+}
+
+// maxWatchScan bounds the directory entries one addTree reads (a new
+// directory tree moved into a recursive watch is scanned for the
+// directories to watch and the entries to report).
+const maxWatchScan = 64 << 10
+
+// watchTree is the directories of one watch: the watched one (path "")
+// and, for a recursive watch, those below it, by watch descriptor and by
+// path relative to the watched one. Only the goroutine reading inotify
+// uses it (after set-up).
+type watchTree struct {
+	root      *os.Root // the guest's file system
+	rel       string   // the watched directory, relative to root
+	fd        int      // inotify
+	recursive bool
+	rootWD    int32
+	paths     map[int32]string
+	wds       map[string]int32
+}
+
+// add watches directory d (relative to the watched one), opened inside the
+// root without following a final symlink; added is false when it was
+// watched already (under another name: a bind mount) or could not be.
+func (t *watchTree) add(d string) (added bool) {
+	f, err := t.root.OpenFile(path.Join(t.rel, d), os.O_RDONLY|syscall.O_DIRECTORY|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		return false // gone already, or not a directory any more
+	}
+	wd, err := unix.InotifyAddWatch(t.fd, "/proc/self/fd/"+strconv.Itoa(int(f.Fd())), watchMask)
+	_ = f.Close()
+	if err != nil {
+		return false
+	}
+	if _, ok := t.paths[int32(wd)]; ok {
+		return false
+	}
+	t.paths[int32(wd)], t.wds[d] = d, int32(wd)
+	return true
+}
+
+// addTree watches the directories below d (d itself too unless it is
+// watched), breadth first, and returns evs with, when report is set, a
+// create event for each entry found (they appeared before their directory
+// was watched), a limit event for each directory left unwatched because
+// the watch has MaxWatchDirs, and an overflow event when the scan stopped
+// at maxWatchScan entries.
+func (t *watchTree) addTree(d string, report bool, evs []WatchEvent) []WatchEvent {
+	queue := []string{d}
+	scanned := 0
+	for len(queue) > 0 {
+		cur := queue[0]
+		queue = queue[1:]
+		if _, ok := t.wds[cur]; !ok {
+			if len(t.paths) >= MaxWatchDirs {
+				evs = append(evs, WatchEvent{Op: WatchLimit, Name: cur, Dir: true})
+				continue
+			}
+			if !t.add(cur) {
+				continue
+			}
+		} else if cur != d {
+			continue
+		}
+		f, err := t.root.OpenFile(path.Join(t.rel, cur), os.O_RDONLY|syscall.O_DIRECTORY|syscall.O_NOFOLLOW, 0)
+		if err != nil {
+			continue
+		}
+		for {
+			ents, err := f.ReadDir(256)
+			for _, e := range ents {
+				name := path.Join(cur, e.Name())
+				if report {
+					evs = append(evs, WatchEvent{Op: WatchCreate, Name: name, Dir: e.IsDir()})
+				}
+				if e.IsDir() {
+					queue = append(queue, name)
+				}
+			}
+			if scanned += len(ents); scanned >= maxWatchScan {
+				_ = f.Close()
+				return append(evs, WatchEvent{Op: WatchOverflow})
+			}
+			if err != nil || len(ents) == 0 {
+				break
+			}
+		}
+		_ = f.Close()
+	}
+	return evs
+}
+
+// under reports whether p is d or below it.
+func under(p, d string) bool {
+	return p == d || strings.HasPrefix(p, d+"/")
+}
+
+// drop stops watching d and the directories below it (moved out of the
+// watched tree).
+func (t *watchTree) drop(d string) {
+	for wd, p := range t.paths {
+		if wd != t.rootWD && under(p, d) {
+			_, _ = unix.InotifyRmWatch(t.fd, uint32(wd))
+			delete(t.paths, wd)
+			delete(t.wds, p)
+		}
+	}
+}
+
+// move renames directory from and those below it to to (moved inside the
+// watched tree: their watches stay, their names change).
+func (t *watchTree) move(from, to string) {
+	for wd, p := range t.paths {
+		if wd != t.rootWD && under(p, from) {
+			np := to + p[len(from):]
+			delete(t.wds, p)
+			t.paths[wd] = np
+		}
+	}
+	for wd, p := range t.paths {
+		t.wds[p] = wd
+	}
+}
+
+// events turns inotify events into watch events named by their path
+// relative to the watched directory, following the tree: a directory
+// created or moved into a recursive watch is watched, one removed or moved
+// out is not. gone is set when the watched directory itself went. A move
+// whose two halves are in raws becomes one rename; a lone half is a
+// create (moved in) or a remove (moved out).
+func (t *watchTree) events(raws []inotifyEvent) (evs []WatchEvent, gone bool) {
+	type half struct {
+		i    int
+		name string
+		dir  bool
+	}
+	from := map[uint32]half{} // cookie → its moved-from event
+	for _, r := range raws {
+		if r.mask&unix.IN_Q_OVERFLOW != 0 {
+			evs = append(evs, WatchEvent{Op: WatchOverflow})
+			continue
+		}
+		d, ok := t.paths[r.wd]
+		if !ok {
+			continue // a directory no longer watched
+		}
+		if r.mask&(unix.IN_DELETE_SELF|unix.IN_MOVE_SELF|unix.IN_IGNORED) != 0 {
+			if r.wd != t.rootWD {
+				// Its parent reports it; a watch that ended is forgotten.
+				if r.mask&unix.IN_IGNORED != 0 {
+					delete(t.paths, r.wd)
+					if t.wds[d] == r.wd {
+						delete(t.wds, d)
+					}
+				}
+				continue
+			}
+			if !gone {
+				evs = append(evs, WatchEvent{Op: WatchGone})
+			}
+			gone = true
+			continue
+		}
+		name := path.Join(d, r.name)
+		isDir := r.mask&unix.IN_ISDIR != 0
+		switch {
+		case r.mask&unix.IN_CREATE != 0:
+			evs = append(evs, WatchEvent{Op: WatchCreate, Name: name, Dir: isDir})
+			if isDir && t.recursive {
+				evs = t.addTree(name, true, evs)
+			}
+		case r.mask&(unix.IN_MODIFY|unix.IN_CLOSE_WRITE) != 0:
+			evs = append(evs, WatchEvent{Op: WatchWrite, Name: name})
+		case r.mask&unix.IN_DELETE != 0:
+			evs = append(evs, WatchEvent{Op: WatchRemove, Name: name, Dir: isDir})
+		case r.mask&unix.IN_MOVED_FROM != 0:
+			from[r.cookie] = half{i: len(evs), name: name, dir: isDir}
+			evs = append(evs, WatchEvent{Op: WatchRemove, Name: name, Dir: isDir})
+		case r.mask&unix.IN_MOVED_TO != 0:
+			if h, ok := from[r.cookie]; ok {
+				evs[h.i].Op, evs[h.i].To = WatchRename, name
+				delete(from, r.cookie)
+				if isDir && t.recursive {
+					t.move(h.name, name)
+				}
+				continue
+			}
+			evs = append(evs, WatchEvent{Op: WatchCreate, Name: name, Dir: isDir})
+			if isDir && t.recursive {
+				evs = t.addTree(name, true, evs)
+			}
+		}
+	}
+	for _, h := range from {
+		if h.dir && t.recursive {
+			t.drop(h.name) // moved out of the tree
+		}
+	}
+	return evs, gone
 }
 
 func hasGone(evs []WatchEvent) bool {
@@ -160,10 +372,10 @@ next:
 }
 
 // readInotify reads inotify events until the file is closed or the watch
-// is gone, and sends them in batches. A read that ends with the first half
-// of a move waits a moment for the second half, so that a rename inside the
-// directory is one event.
-func readInotify(ino *os.File, out chan<- []WatchEvent) {
+// is gone, and sends them in batches, named through tree. A read that ends
+// with the first half of a move waits a moment for the second half, so
+// that a rename inside the watch is one event.
+func readInotify(ino *os.File, tree *watchTree, out chan<- []WatchEvent) {
 	buf := make([]byte, 64<<10)
 	n := 0
 	waited := false
@@ -173,14 +385,15 @@ func readInotify(ino *os.File, out chan<- []WatchEvent) {
 		if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
 			return
 		}
-		evs, gone, halfMove := parseInotify(buf[:n])
-		if halfMove && !waited && err == nil && n < len(buf)-(4<<10) {
+		raws := decodeInotify(buf[:n])
+		if halfMove(raws) && !waited && err == nil && n < len(buf)-(4<<10) {
 			waited = true
 			_ = ino.SetReadDeadline(time.Now().Add(watchLinger))
 			continue
 		}
 		_ = ino.SetReadDeadline(time.Time{})
 		n, waited = 0, false
+		evs, gone := tree.events(raws)
 		if len(evs) > 0 {
 			out <- evs
 		}
@@ -190,14 +403,19 @@ func readInotify(ino *os.File, out chan<- []WatchEvent) {
 	}
 }
 
-// parseInotify decodes a read of inotify events. A move within the
-// directory whose two halves are in the same read becomes one rename; a
-// lone half is a create (moved in) or a remove (moved out).
-func parseInotify(b []byte) (evs []WatchEvent, gone, halfMove bool) {
-	from := map[uint32]int{} // cookie → index of its moved-from event
+// inotifyEvent is one decoded inotify event.
+type inotifyEvent struct {
+	wd     int32
+	mask   uint32
+	cookie uint32
+	name   string
+}
+
+// decodeInotify decodes a read of inotify events (a cut-off last event is
+// left out).
+func decodeInotify(b []byte) []inotifyEvent {
+	var out []inotifyEvent
 	for len(b) >= unix.SizeofInotifyEvent {
-		mask := binary.NativeEndian.Uint32(b[4:8])
-		cookie := binary.NativeEndian.Uint32(b[8:12])
 		nameLen := int(binary.NativeEndian.Uint32(b[12:16]))
 		if unix.SizeofInotifyEvent+nameLen > len(b) {
 			break
@@ -206,33 +424,28 @@ func parseInotify(b []byte) (evs []WatchEvent, gone, halfMove bool) {
 		for len(name) > 0 && name[len(name)-1] == 0 {
 			name = name[:len(name)-1]
 		}
+		out = append(out, inotifyEvent{
+			wd:     int32(binary.NativeEndian.Uint32(b[0:4])),
+			mask:   binary.NativeEndian.Uint32(b[4:8]),
+			cookie: binary.NativeEndian.Uint32(b[8:12]),
+			name:   name,
+		})
 		b = b[unix.SizeofInotifyEvent+nameLen:]
-		isDir := mask&unix.IN_ISDIR != 0
+	}
+	return out
+}
+
+// halfMove reports whether raws hold the first half of a move without its
+// second.
+func halfMove(raws []inotifyEvent) bool {
+	from := map[uint32]bool{}
+	for _, r := range raws {
 		switch {
-		case mask&unix.IN_Q_OVERFLOW != 0:
-			evs = append(evs, WatchEvent{Op: WatchOverflow})
-		case mask&(unix.IN_DELETE_SELF|unix.IN_MOVE_SELF|unix.IN_IGNORED) != 0:
-			if !gone {
-				evs = append(evs, WatchEvent{Op: WatchGone})
-			}
-			gone = true
-		case mask&unix.IN_CREATE != 0:
-			evs = append(evs, WatchEvent{Op: WatchCreate, Name: name, Dir: isDir})
-		case mask&(unix.IN_MODIFY|unix.IN_CLOSE_WRITE) != 0:
-			evs = append(evs, WatchEvent{Op: WatchWrite, Name: name})
-		case mask&unix.IN_DELETE != 0:
-			evs = append(evs, WatchEvent{Op: WatchRemove, Name: name, Dir: isDir})
-		case mask&unix.IN_MOVED_FROM != 0:
-			from[cookie] = len(evs)
-			evs = append(evs, WatchEvent{Op: WatchRemove, Name: name, Dir: isDir})
-		case mask&unix.IN_MOVED_TO != 0:
-			if i, ok := from[cookie]; ok {
-				evs[i].Op, evs[i].To = WatchRename, name
-				delete(from, cookie)
-				continue
-			}
-			evs = append(evs, WatchEvent{Op: WatchCreate, Name: name, Dir: isDir})
+		case r.mask&unix.IN_MOVED_FROM != 0:
+			from[r.cookie] = true
+		case r.mask&unix.IN_MOVED_TO != 0:
+			delete(from, r.cookie)
 		}
 	}
-	return evs, gone, len(from) > 0
+	return len(from) > 0
 }

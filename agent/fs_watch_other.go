@@ -11,6 +11,6 @@ import (
 )
 
 // watch needs inotify: only Linux guests have it.
-func (s *Server) watch(_ context.Context, st io.ReadWriteCloser, p string) {
+func (s *Server) watch(_ context.Context, st io.ReadWriteCloser, p string, _ bool) {
 	sendError(st, errdefs.Wrap(errdefs.ErrUnsupported, errors.New("watch "+p+": needs a Linux guest")))
 }

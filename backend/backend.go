@@ -439,7 +439,7 @@ func (b *Backend) end(ctx context.Context, id, kind, reason string) error {
 	if err := b.cfg.Store.DeleteSession(ctx, id); err != nil {
 		errs = append(errs, err)
 	}
-	b.dropPauseSnapshots(id, s.record().DiskParent)
+	b.dropSnapshots(id, s.record().DiskParent)
 	b.systemLog(ctx, id, fmt.Sprintf("sandbox %s: %s", kind, reason))
 	b.event(ctx, kind, id, reason)
 	b.log.Info("sandbox ended", "sandbox", id, "kind", kind, "reason", reason)

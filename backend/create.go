@@ -143,6 +143,19 @@ func (p *createPlan) restoreFrom(rec subjects.SnapshotRecord, snapshotResources 
 // pool, a snapshot restore or a cold boot), guest init, session record and
 // deadline. Any failure after the machine exists undoes what was made.
 func (b *Backend) Create(ctx context.Context, req subjects.CreateSandboxRequest) (subjects.Sandbox, error) {
+	return b.create(ctx, req, createOptions{})
+}
+
+// createOptions change how create initialises the guest (a fork's).
+type createOptions struct {
+	// keepGuestEnv keeps the default env the restored guest has in memory
+	// (the source's create env) instead of the snapshot's template envs.
+	keepGuestEnv bool
+	// mac, when set, becomes the guest's MAC address.
+	mac string
+}
+
+func (b *Backend) create(ctx context.Context, req subjects.CreateSandboxRequest, o createOptions) (subjects.Sandbox, error) {
 	p, err := b.plan(ctx, req)
 	if err != nil {
 		return subjects.Sandbox{}, err
@@ -180,7 +193,14 @@ func (b *Backend) Create(ctx context.Context, req subjects.CreateSandboxRequest)
 		return fail(err)
 	}
 
-	if err := m.Init(ctx, initRequest(p.id, p.env)); err != nil {
+	init := initRequest(p.id, p.env)
+	if o.keepGuestEnv {
+		init.Env, init.KeepEnv = nil, true
+	}
+	if p.network {
+		init.MAC = o.mac
+	}
+	if err := m.Init(ctx, init); err != nil {
 		return fail(fmt.Errorf("create sandbox %s: init guest: %w", p.id, err))
 	}
 	tInit := time.Since(t0) - tMachine

@@ -220,10 +220,15 @@ func (b *Backend) FSWriteFrom(ctx context.Context, id string, req subjects.FSWri
 	return subjects.FSWriteReply{File: fileInfo(fi), Size: res.Size, SHA256: res.SHA256}, nil
 }
 
-// FSWatch reports the changes in a guest directory to emit until ctx ends
-// (nil), the directory goes, or the sandbox ends. ready is called once the
-// guest watches.
-func (b *Backend) FSWatch(ctx context.Context, id, path string, ready func(), emit func([]subjects.WatchEvent)) error {
+// The wire and the agent bound a recursive watch alike (a compile error
+// when they differ).
+const _ = uint(agent.MaxWatchDirs-subjects.MaxWatchDirs) + uint(subjects.MaxWatchDirs-agent.MaxWatchDirs)
+
+// FSWatch reports the changes in a guest directory (and, with
+// req.Recursive, below it) to emit until ctx ends (nil), the directory
+// goes, or the sandbox ends. ready is called once the guest watches.
+func (b *Backend) FSWatch(ctx context.Context, id string, req subjects.FSWatchRequest, ready func(), emit func([]subjects.WatchEvent)) error {
+	path := req.Path
 	if err := checkPath("path", path); err != nil {
 		return err
 	}
@@ -239,7 +244,7 @@ func (b *Backend) FSWatch(ctx context.Context, id, path string, ready func(), em
 		case <-ctx.Done():
 		}
 	}()
-	err = c.Watch(ctx, path, readyCh, func(evs []agent.WatchEvent) {
+	err = c.WatchWith(ctx, path, agent.WatchOptions{Recursive: req.Recursive}, readyCh, func(evs []agent.WatchEvent) {
 		out := make([]subjects.WatchEvent, len(evs))
 		for i, e := range evs {
 			out[i] = subjects.WatchEvent{Op: e.Op, Name: e.Name, To: e.To, Dir: e.Dir, Count: e.Count}

@@ -338,12 +338,15 @@ func (s *session) mach() vmpool.Machine {
 // the source as a continuation snapshot (the source goes on running, its
 // processes followed again) and creates each fork from it, as a create
 // with snapshot_id does (its own id, generation and traffic token, guest
-// hostname, clock and fresh entropy, the CRNG reseeded), then gives each
-// guest a new MAC address and follows the processes it inherited. The
-// forks keep the source's resources, network settings, auto_resume and
-// on_timeout; metadata and lifetime are the request's or the source's.
-// A fork that fails is reported by the error, with the forks made so far
-// killed.
+// hostname, clock and fresh entropy, the CRNG reseeded, a new MAC
+// address) and follows the processes it inherited. The forks keep the
+// source's resources, public_traffic, network and egress policy,
+// auto_resume and on_timeout, and its guest's default env (the create
+// env); metadata and lifetime are the request's or the source's. (Port
+// routes are the proxy's: the worker copies them.) A fork that fails is
+// reported by the error, with the forks made so far killed. The fork
+// snapshots are intermediate: the last of their users to end deletes them
+// (see dropSnapshots).
 func (b *Backend) Fork(ctx context.Context, id string, req subjects.ForkRequest) (subjects.ForkReply, error) {
 	if err := req.Validate(); err != nil {
 		return subjects.ForkReply{}, err
@@ -397,6 +400,7 @@ func (b *Backend) Fork(ctx context.Context, id string, req subjects.ForkRequest)
 				_ = b.end(context.WithoutCancel(ctx), sb.SandboxID, subjects.EventFailed, "another fork of the same request failed")
 			}
 		}
+		b.dropSnapshots(id, snap.SnapshotID)
 		return subjects.ForkReply{}, err
 	}
 	ids := make([]string, len(out))
@@ -418,7 +422,7 @@ func (b *Backend) forkSnapshot(ctx context.Context, s *session) (subjects.Snapsh
 		return subjects.SnapshotRecord{}, errPaused(s.record().SandboxID)
 	}
 	id := s.record().SandboxID
-	sid := id + "-fork-" + NewID(6)
+	sid := id + forkSnapshotInfix + NewID(6)
 	b.detachProcs(id)
 	defer func() {
 		if err := b.AdoptProcesses(ctx, id); err != nil {
@@ -463,7 +467,7 @@ func (b *Backend) sharedForkBase(ctx context.Context, src subjects.Sandbox, stre
 	rec := src
 	rec.DiskParent, rec.DiskParentLocation = stream.SnapshotID, b.recordDir(stream)
 	tmp := &session{rec: rec, machine: m}
-	sid := src.SandboxID + "-forkmem-" + NewID(6)
+	sid := src.SandboxID + forkMemInfix + NewID(6)
 	out, err := b.save(ctx, tmp, sid, vmpool.SaveOptions{Kind: vmpool.Template, Stop: true}, subjects.TemplateMetadata{Envs: map[string]string{}})
 	if err != nil {
 		return subjects.SnapshotRecord{}, err
@@ -486,23 +490,16 @@ func (b *Backend) sharedForkBase(ctx context.Context, src subjects.Sandbox, stre
 	return out, nil
 }
 
-// forkOne creates one fork and gives it its own network identity.
+// forkOne creates one fork with its own network identity (MAC address)
+// and the default env the source's guest has (its create env).
 func (b *Backend) forkOne(ctx context.Context, source string, req subjects.CreateSandboxRequest) (subjects.Sandbox, error) {
-	sb, err := b.Create(ctx, req)
+	sb, err := b.create(ctx, req, createOptions{keepGuestEnv: true, mac: newMAC()})
 	if err != nil {
-		return sb, err
+		return sb, fmt.Errorf("fork of %s: %w", source, err)
 	}
 	s, err := b.lookup(sb.SandboxID)
 	if err != nil {
 		return subjects.Sandbox{}, err
-	}
-	init := resumeInit(sb.SandboxID)
-	if sb.Network {
-		init.MAC = newMAC()
-	}
-	if err := s.mach().Init(ctx, init); err != nil {
-		// Two sandboxes with one MAC address: not a fork to hand out.
-		return sb, fmt.Errorf("fork %s: new network identity: %w", sb.SandboxID, err)
 	}
 	s.mu.Lock()
 	s.rec.ForkedFrom = source
@@ -528,13 +525,46 @@ func newMAC() string {
 // pauseSnapshotPrefix starts the names of a sandbox's pause snapshots.
 func pauseSnapshotPrefix(id string) string { return id + "-pause-" }
 
-// dropPauseSnapshots deletes, in the background, the pause snapshots of a
-// sandbox that ended: from the snapshot its disk sat on down its chain of
-// parents, each one that is this sandbox's pause snapshot and that nothing
-// uses any more (DeleteSnapshot refuses one a fork or another snapshot
-// still depends on, and the walk stops there).
-func (b *Backend) dropPauseSnapshots(id, sid string) {
-	if sid == "" || !strings.HasPrefix(sid, pauseSnapshotPrefix(id)) {
+// Fork snapshots are named <source id><forkSnapshotInfix><6 characters>
+// (the continuation the forks restore) and <source id><forkMemInfix><6
+// characters> (its shared-memory copy for a fork of 2 or more).
+const (
+	forkSnapshotInfix = "-fork-"
+	forkMemInfix      = "-forkmem-"
+)
+
+// forkSnapshot reports whether rec is an intermediate snapshot a fork made.
+func isForkSnapshot(rec subjects.SnapshotRecord) bool {
+	if rec.Kind != subjects.KindContinuation || rec.SourceSandboxID == "" {
+		return false
+	}
+	rest, ok := strings.CutPrefix(rec.SnapshotID, rec.SourceSandboxID)
+	if !ok {
+		return false
+	}
+	for _, infix := range []string{forkSnapshotInfix, forkMemInfix} {
+		if suffix, ok := strings.CutPrefix(rest, infix); ok && len(suffix) == 6 {
+			return true
+		}
+	}
+	return false
+}
+
+// maxSnapshotChain bounds the walk of dropSnapshots (a chain grows by one
+// snapshot per pause or fork).
+const maxSnapshotChain = 1000
+
+// dropSnapshots deletes, in the background, the intermediate snapshots a
+// sandbox that ended (id) no longer needs: from the snapshot its disk sat
+// on (sid) down its chain of parents, each one that is a pause snapshot of
+// this sandbox, a pause snapshot of a sandbox that is gone, or a fork
+// snapshot, and that nothing uses any more. DeleteSnapshot refuses one a
+// sandbox, a pool or another snapshot still depends on, and the walk stops
+// there: that user's own end (or deletion) walks on from it later, so the
+// last fork of a fork snapshot to end deletes it. Snapshots a user named
+// (snapshot, template) are never touched.
+func (b *Backend) dropSnapshots(id, sid string) {
+	if sid == "" {
 		return
 	}
 	b.wg.Add(1)
@@ -542,22 +572,39 @@ func (b *Backend) dropPauseSnapshots(id, sid string) {
 		defer b.wg.Done()
 		ctx, cancel := context.WithTimeout(b.ctx, 2*time.Minute)
 		defer cancel()
-		for range 1000 { // a chain is one snapshot per pause
+		for range maxSnapshotChain {
 			rec, err := b.getSnapshot(ctx, sid)
-			if err != nil || rec.SourceSandboxID != id || rec.Kind != subjects.KindContinuation {
+			if err != nil || !b.disposable(ctx, id, rec) {
 				return
 			}
 			if _, err := b.DeleteSnapshot(ctx, sid); err != nil {
-				b.log.Debug("pause snapshot kept", "sandbox", id, "snapshot", sid, "err", err)
+				b.log.Debug("intermediate snapshot kept", "sandbox", id, "snapshot", sid, "err", err)
 				return
 			}
-			b.log.Info("pause snapshot deleted", "sandbox", id, "snapshot", sid)
-			sid = rec.Parent
-			if !strings.HasPrefix(sid, pauseSnapshotPrefix(id)) {
+			b.log.Info("intermediate snapshot deleted", "sandbox", id, "snapshot", sid)
+			if sid = rec.Parent; sid == "" {
 				return
 			}
 		}
 	}()
+}
+
+// disposable reports whether rec is an intermediate snapshot dropSnapshots
+// may delete once unused: a fork snapshot, a pause snapshot of sandbox id
+// (which ended), or a pause snapshot of a sandbox that has no session.
+func (b *Backend) disposable(ctx context.Context, id string, rec subjects.SnapshotRecord) bool {
+	switch {
+	case rec.Kind != subjects.KindContinuation:
+		return false
+	case isForkSnapshot(rec):
+		return true
+	case !strings.HasPrefix(rec.SnapshotID, pauseSnapshotPrefix(rec.SourceSandboxID)):
+		return false
+	case rec.SourceSandboxID == id:
+		return true
+	}
+	_, err := b.cfg.Store.GetSession(ctx, rec.SourceSandboxID)
+	return errors.Is(err, errdefs.ErrNotFound)
 }
 
 // TakeOver resumes, on this worker, a paused sandbox whose worker is not

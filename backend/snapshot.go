@@ -11,6 +11,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -51,6 +52,11 @@ func (b *Backend) Snapshot(ctx context.Context, id string, req subjects.Snapshot
 	}
 	if err := subjects.ValidateSnapshotName(sid); err != nil {
 		return subjects.SnapshotRecord{}, err
+	}
+	if probe := (subjects.SnapshotRecord{SnapshotID: sid, SourceSandboxID: id, Kind: subjects.KindContinuation}); isForkSnapshot(probe) || strings.HasPrefix(sid, pauseSnapshotPrefix(id)) {
+		// Names the worker gives its intermediate snapshots, which it
+		// deletes once unused.
+		return subjects.SnapshotRecord{}, invalid("snapshot name %q: %s-pause-…, -fork-… and -forkmem-… are the worker's own", sid, id)
 	}
 	if kind == subjects.KindTemplate {
 		if err := subjects.ValidateTemplateID(sid); err != nil {

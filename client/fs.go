@@ -292,6 +292,18 @@ const watchBuffer = 1024
 // sandbox ending (then Events is closed and Err says why: nil for a
 // directory that went or a Close).
 func (c *Client) Watch(ctx context.Context, id, path string) (*Watcher, error) {
+	return c.watch(ctx, id, subjects.FSWatchRequest{Path: path})
+}
+
+// WatchRecursive is Watch of the directory at path and the directories
+// below it (at most subjects.MaxWatchDirs, new ones as they appear): event
+// names are paths relative to path, and a directory left unwatched at the
+// bound comes as a subjects.WatchLimit event.
+func (c *Client) WatchRecursive(ctx context.Context, id, path string) (*Watcher, error) {
+	return c.watch(ctx, id, subjects.FSWatchRequest{Path: path, Recursive: true})
+}
+
+func (c *Client) watch(ctx context.Context, id string, req subjects.FSWatchRequest) (*Watcher, error) {
 	w := &Watcher{c: c, sandbox: id, events: make(chan subjects.WatchEvent, watchBuffer)}
 	inbox := c.nc.NewInbox()
 	sub, err := c.nc.Subscribe(inbox, w.handle)
@@ -300,7 +312,7 @@ func (c *Client) Watch(ctx context.Context, id, path string) (*Watcher, error) {
 	}
 	w.sub = sub
 	var reply subjects.FSWatchReply
-	if err := c.Request(ctx, c.subj.Sandbox(id, subjects.VerbFSWatch), subjects.FSWatchRequest{Path: path, Subject: inbox}, &reply); err != nil {
+	if err := c.Request(ctx, c.subj.Sandbox(id, subjects.VerbFSWatch), subjects.FSWatchRequest{Path: req.Path, Subject: inbox, Recursive: req.Recursive}, &reply); err != nil {
 		_ = sub.Unsubscribe()
 		return nil, err
 	}

@@ -39,7 +39,7 @@ type Files interface {
 	FSWriteFrom(ctx context.Context, id string, req subjects.FSWriteRequest, r io.Reader, sumAtEOF func() string) (subjects.FSWriteReply, error)
 	// FSWatch reports a guest directory's changes to emit until ctx ends
 	// or the directory or the sandbox goes; ready is called once watching.
-	FSWatch(ctx context.Context, id, path string, ready func(), emit func([]subjects.WatchEvent)) error
+	FSWatch(ctx context.Context, id string, req subjects.FSWatchRequest, ready func(), emit func([]subjects.WatchEvent)) error
 }
 
 // Bounds of the file endpoints.
@@ -60,6 +60,11 @@ const (
 	fsTransferTimeout = time.Hour
 	// fsMaxWatches bounds the watches a worker runs at once.
 	fsMaxWatches = 64
+	// fsClientShare is the most of the worker's transfers (and of its
+	// watches) one client holds at once, as a fraction: 1/fsClientShare.
+	// A client is the connection a request comes from, known by its reply
+	// subject's prefix (see clientOf).
+	fsClientShare = 2
 	// fsWatchQueue is how many event batches wait for publishing before
 	// new ones are dropped (and counted).
 	fsWatchQueue = 64
@@ -71,12 +76,53 @@ type fsState struct {
 	mu        sync.Mutex
 	transfers map[string]*transfer
 	watches   map[string]*watch
+	// byClient counts the transfers and watches each client holds.
+	transfersBy map[string]int
+	watchesBy   map[string]int
+}
+
+// clientOf names the client that sent a request by its reply subject: a
+// NATS connection asks all its requests' replies under one inbox prefix
+// (_INBOX.<connection nuid>.<request token>), so the prefix before the last
+// token stands for the connection. A client using a fresh inbox per
+// request (old-style requests) counts as a new client each time: the
+// share is a guard against one busy client starving the others by
+// accident, not against one that means to; the worker-wide bounds stay.
+func clientOf(reply string) string {
+	if i := strings.LastIndexByte(reply, '.'); i > 0 && strings.Count(reply, ".") >= 2 {
+		return reply[:i]
+	}
+	return reply
+}
+
+// share is the most of total one client may hold.
+func share(total int) int { return max(1, total/fsClientShare) }
+
+// claim takes one of total slots for client, counted in by, or fails with
+// a capacity error naming what ran out.
+func claim(by map[string]int, n, total int, client, what string) error {
+	if n >= total {
+		return capacityError(fmt.Sprintf("worker runs %d %s already (its most): retry later", total, what))
+	}
+	if by[client] >= share(total) {
+		return capacityError(fmt.Sprintf("this client holds %d of the worker's %d %s, its share: retry when one of them ends", by[client], total, what))
+	}
+	by[client]++
+	return nil
+}
+
+// unclaim gives client's slot back.
+func unclaim(by map[string]int, client string) {
+	if by[client]--; by[client] <= 0 {
+		delete(by, client)
+	}
 }
 
 // transfer is one streamed read or write: the chunks (upload) or acks
 // (download) the sandbox's subscription hands it, in order.
 type transfer struct {
 	sandbox  string
+	client   string
 	in       chan *nats.Msg
 	overflow atomic.Bool
 	broken   chan struct{} // closed on overflow
@@ -90,19 +136,22 @@ type transfer struct {
 // watch is one running watch.
 type watch struct {
 	sandbox string
+	client  string
 	cancel  context.CancelFunc
 }
 
-func (f *fsState) addTransfer(id, sandbox string, size int) (*transfer, error) {
+// addTransfer registers a transfer of client's, within the worker's
+// bound and the client's share of it.
+func (f *fsState) addTransfer(id, sandbox, client string, size int) (*transfer, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if len(f.transfers) >= fsMaxTransfers {
-		return nil, capacityError(fmt.Sprintf("worker runs %d streamed transfers already: retry later", fsMaxTransfers))
-	}
 	if f.transfers == nil {
-		f.transfers = map[string]*transfer{}
+		f.transfers, f.transfersBy = map[string]*transfer{}, map[string]int{}
 	}
-	t := &transfer{sandbox: sandbox, in: make(chan *nats.Msg, size), broken: make(chan struct{})}
+	if err := claim(f.transfersBy, len(f.transfers), fsMaxTransfers, client, "streamed transfers"); err != nil {
+		return nil, err
+	}
+	t := &transfer{sandbox: sandbox, client: client, in: make(chan *nats.Msg, size), broken: make(chan struct{})}
 	t.acked.Store(-1)
 	f.transfers[id] = t
 	return t, nil
@@ -110,8 +159,37 @@ func (f *fsState) addTransfer(id, sandbox string, size int) (*transfer, error) {
 
 func (f *fsState) removeTransfer(id string) {
 	f.mu.Lock()
-	delete(f.transfers, id)
+	if t := f.transfers[id]; t != nil {
+		delete(f.transfers, id)
+		unclaim(f.transfersBy, t.client)
+	}
 	f.mu.Unlock()
+}
+
+// addWatch registers a watch, within the worker's bound and its client's
+// share of it.
+func (f *fsState) addWatch(id string, w *watch) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.watches == nil {
+		f.watches, f.watchesBy = map[string]*watch{}, map[string]int{}
+	}
+	if err := claim(f.watchesBy, len(f.watches), fsMaxWatches, w.client, "watches"); err != nil {
+		return err
+	}
+	f.watches[id] = w
+	return nil
+}
+
+// removeWatchLocked forgets watch id (f.mu is held) and returns it, nil
+// when it is not there.
+func (f *fsState) removeWatchLocked(id string) *watch {
+	w := f.watches[id]
+	if w != nil {
+		delete(f.watches, id)
+		unclaim(f.watchesBy, w.client)
+	}
+	return w
 }
 
 // deliver hands a chunk or ack message (verb fs.chunk.<tid> or
@@ -164,7 +242,7 @@ func (f *fsState) release(sandbox string) {
 	for id, w := range f.watches {
 		if w.sandbox == sandbox {
 			w.cancel()
-			delete(f.watches, id)
+			f.removeWatchLocked(id)
 		}
 	}
 }
@@ -218,7 +296,7 @@ func (s *Service) fsVerb(ctx context.Context, req micro.Request, id, verb string
 		if err != nil {
 			return nil, err
 		}
-		return s.fsWatch(ctx, files, id, in)
+		return s.fsWatch(ctx, files, id, clientOf(req.Reply()), in)
 	case subjects.VerbFSUnwatch:
 		in, err := decode[subjects.FSUnwatchRequest](req)
 		if err != nil {
@@ -320,7 +398,7 @@ func (s *Service) fsRead(ctx context.Context, req micro.Request, files Files, id
 		return nil, errdefs.Wrap(errdefs.ErrInvalidArgument, errors.New("a streamed read needs a reply subject"))
 	}
 	tid := newTransferID()
-	t, err := s.fs.addTransfer(tid, id, 4*fsWindow)
+	t, err := s.fs.addTransfer(tid, id, clientOf(req.Reply()), 4*fsWindow)
 	if err != nil {
 		return nil, err
 	}
@@ -430,7 +508,7 @@ func (s *Service) fsWrite(ctx context.Context, req micro.Request, files Files, i
 		return nil, errdefs.Wrap(errdefs.ErrInvalidArgument, errors.New("a streamed write needs a reply subject"))
 	}
 	tid := newTransferID()
-	t, err := s.fs.addTransfer(tid, id, fsWindow+2)
+	t, err := s.fs.addTransfer(tid, id, clientOf(req.Reply()), fsWindow+2)
 	if err != nil {
 		return nil, err
 	}
@@ -518,7 +596,7 @@ func (s *Service) fsWrite(ctx context.Context, req micro.Request, files Files, i
 // fsWatch answers fs.watch: it starts a watch that publishes to the
 // caller's subject until fs.unwatch, the directory going, or the sandbox
 // ending, and answers once the guest watches.
-func (s *Service) fsWatch(ctx context.Context, files Files, id string, in subjects.FSWatchRequest) (any, error) {
+func (s *Service) fsWatch(ctx context.Context, files Files, id, client string, in subjects.FSWatchRequest) (any, error) {
 	// At most 256 bytes (checkLiveSubject): the subject rides in the body,
 	// so the server's control line does not bound it, and a publish to a
 	// longer one than that line would get the worker's connection cut.
@@ -527,17 +605,10 @@ func (s *Service) fsWatch(ctx context.Context, files Files, id string, in subjec
 	}
 	wid := newTransferID()
 	wctx, cancel := context.WithCancel(s.ctx)
-	s.fs.mu.Lock()
-	if len(s.fs.watches) >= fsMaxWatches {
-		s.fs.mu.Unlock()
+	if err := s.fs.addWatch(wid, &watch{sandbox: id, client: client, cancel: cancel}); err != nil {
 		cancel()
-		return nil, capacityError(fmt.Sprintf("worker runs %d watches already", fsMaxWatches))
+		return nil, err
 	}
-	if s.fs.watches == nil {
-		s.fs.watches = map[string]*watch{}
-	}
-	s.fs.watches[wid] = &watch{sandbox: id, cancel: cancel}
-	s.fs.mu.Unlock()
 
 	publish := func(msg subjects.FSWatchMessage) {
 		msg.Watch = wid
@@ -551,7 +622,7 @@ func (s *Service) fsWatch(ctx context.Context, files Files, id string, in subjec
 	ready := make(chan struct{})
 	ended := make(chan error, 1)
 	go func() {
-		err := files.FSWatch(wctx, id, in.Path, func() { close(ready) }, func(evs []subjects.WatchEvent) {
+		err := files.FSWatch(wctx, id, in, func() { close(ready) }, func(evs []subjects.WatchEvent) {
 			select {
 			case queue <- evs:
 			default:
@@ -564,7 +635,7 @@ func (s *Service) fsWatch(ctx context.Context, files Files, id string, in subjec
 	go func() {
 		defer func() {
 			s.fs.mu.Lock()
-			delete(s.fs.watches, wid)
+			s.fs.removeWatchLocked(wid)
 			s.fs.mu.Unlock()
 			cancel()
 		}()
@@ -611,7 +682,7 @@ func (s *Service) fsUnwatch(id string, in subjects.FSUnwatchRequest) (any, error
 	s.fs.mu.Lock()
 	w := s.fs.watches[in.Watch]
 	if w != nil && w.sandbox == id {
-		delete(s.fs.watches, in.Watch)
+		s.fs.removeWatchLocked(in.Watch)
 	}
 	s.fs.mu.Unlock()
 	if w == nil || w.sandbox != id {

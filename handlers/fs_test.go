@@ -90,7 +90,7 @@ func (f *fsRuntime) FSWriteFrom(_ context.Context, _ string, req subjects.FSWrit
 	f.mu.Unlock()
 	return subjects.FSWriteReply{File: subjects.FileInfo{Path: req.Path, Size: int64(len(b))}, Size: int64(len(b)), SHA256: hexSum}, nil
 }
-func (f *fsRuntime) FSWatch(ctx context.Context, _, _ string, ready func(), emit func([]subjects.WatchEvent)) error {
+func (f *fsRuntime) FSWatch(ctx context.Context, _ string, _ subjects.FSWatchRequest, ready func(), emit func([]subjects.WatchEvent)) error {
 	ready()
 	for {
 		select {

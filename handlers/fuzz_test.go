@@ -139,7 +139,7 @@ func (f *fuzzRuntime) FSWriteFrom(_ context.Context, id string, _ subjects.FSWri
 	n, err := io.Copy(io.Discard, r)
 	return subjects.FSWriteReply{Size: n}, err
 }
-func (f *fuzzRuntime) FSWatch(_ context.Context, id, _ string, ready func(), _ func([]subjects.WatchEvent)) error {
+func (f *fuzzRuntime) FSWatch(_ context.Context, id string, _ subjects.FSWatchRequest, ready func(), _ func([]subjects.WatchEvent)) error {
 	f.sandbox(id)
 	ready()
 	return nil

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
 	"sync"
 
 	"github.com/firkin-dev/firkin-worker/errdefs"
@@ -175,6 +176,20 @@ func (t *TCPRoutes) Addr(sandboxID string, port int) (string, bool) {
 		return "", false
 	}
 	return r.addr(), true
+}
+
+// Ports returns the guest ports of a sandbox's open routes, in order.
+func (t *TCPRoutes) Ports(sandboxID string) []int {
+	t.mu.Lock()
+	var ports []int
+	for rt := range t.routes {
+		if rt.SandboxID == sandboxID {
+			ports = append(ports, rt.Port)
+		}
+	}
+	t.mu.Unlock()
+	slices.Sort(ports)
+	return ports
 }
 
 // CloseSandbox closes a sandbox's listeners and its live connections. Call

@@ -88,6 +88,12 @@ func TestTCPRoute(t *testing.T) {
 	if err != nil || again != addr {
 		t.Errorf("second Open = %q, %v; want %q", again, err, addr)
 	}
+	if got := routes.Ports("sbx1"); len(got) != 1 || got[0] != port {
+		t.Errorf("Ports(sbx1) = %v, want [%d]", got, port)
+	}
+	if got := routes.Ports("sbx2"); len(got) != 0 {
+		t.Errorf("Ports(sbx2) = %v, want none", got)
+	}
 
 	// A line protocol both ways, then a half-close passed on to the guest.
 	c, err := net.Dial("tcp", addr)

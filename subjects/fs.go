@@ -200,13 +200,21 @@ type FSReply struct {
 	OK bool `json:"ok"`
 }
 
-// FSWatchRequest is the body of fs.watch: the directory to watch (not its
-// subdirectories) and the subject the events go to, which must be under
-// the clients' inbox prefix (_INBOX.).
+// FSWatchRequest is the body of fs.watch: the directory to watch and the
+// subject the events go to, which must be under the clients' inbox prefix
+// (_INBOX.). Recursive watches the directories below it too (at most
+// MaxWatchDirs in all, new ones as they appear; events then name paths
+// relative to the watched directory); without it, only the directory.
 type FSWatchRequest struct {
-	Path    string `json:"path"`
-	Subject string `json:"subject"`
+	Path      string `json:"path"`
+	Subject   string `json:"subject"`
+	Recursive bool   `json:"recursive,omitempty"`
 }
+
+// MaxWatchDirs is the most directories one recursive watch watches (the
+// watched one included); each directory beyond it is reported by a
+// WatchLimit event and not watched.
+const MaxWatchDirs = 1024
 
 // FSWatchReply answers fs.watch once the watch is set up in the guest.
 type FSWatchReply struct {
@@ -227,6 +235,9 @@ const (
 	WatchRename   = "rename"
 	WatchOverflow = "overflow"
 	WatchGone     = "gone"
+	// WatchLimit names a directory a recursive watch left unwatched (it
+	// watches MaxWatchDirs already).
+	WatchLimit = "limit"
 )
 
 // WatchEvent is one change in a watched directory. Count says how many

@@ -74,6 +74,10 @@ type ForkReply struct {
 	Sandboxes []Sandbox `json:"sandboxes"`
 	// SnapshotID is the continuation snapshot the forks were restored from.
 	SnapshotID string `json:"snapshot_id"`
+	// Routes are the port routes each fork got, by fork id: the source's
+	// routes, opened again on the fork (its own host names and, for a
+	// public sandbox, its own raw TCP listeners).
+	Routes map[string][]RouteReply `json:"routes,omitempty"`
 }
 
 // Bounds of a list request.

@@ -160,6 +160,29 @@ func TestFilesE2E(t *testing.T) {
 	}
 	for range w.Events() {
 	}
+	// A recursive watch names paths below the watched directory and follows
+	// directories made after it started.
+	rw, err := e.c.WatchRecursive(ctx, id, "/work")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.exec(id, "mkdir -p /work/watched/new/deep && echo x > /work/watched/new/deep/early && sleep 0.3 && echo y > /work/watched/new/deep/late")
+	seen = map[string]bool{}
+	deadline = time.After(30 * time.Second)
+	for !(seen["create watched/new"] && seen["create watched/new/deep/early"] && seen["create watched/new/deep/late"] && seen["write watched/new/deep/late"]) {
+		select {
+		case ev, ok := <-rw.Events():
+			if !ok {
+				t.Fatalf("recursive watch ended early: %v (seen %v)", rw.Err(), seen)
+			}
+			seen[strings.TrimSpace(ev.Op+" "+ev.Name+" "+ev.To)] = true
+		case <-deadline:
+			t.Fatalf("recursive watch events so far: %v", seen)
+		}
+	}
+	if err := rw.Close(); err != nil {
+		t.Fatalf("close recursive watch: %v", err)
+	}
 	// A watch subject outside the client inboxes is refused.
 	err = e.c.Request(ctx, subjects.Default.Sandbox(id, subjects.VerbFSWatch), subjects.FSWatchRequest{Path: "/work", Subject: "firkin.events.x"}, nil)
 	wantCode(t, "watch to a non-inbox subject", err, subjects.CodeInvalidRequest)

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"runtime"
 	"sort"
 	"strconv"
@@ -304,13 +305,37 @@ func TestPauseSurvivesWorkerRestart(t *testing.T) {
 // changed in one is unchanged in the others.
 func TestFork(t *testing.T) {
 	e := startWorker(t)
-	src := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny", TimeoutS: 600, Metadata: map[string]string{"role": "source"}})
+	private := false
+	src := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny", TimeoutS: 600, Metadata: map[string]string{"role": "source"},
+		PublicTraffic: &private, Env: map[string]string{"GREETING": "from-create"}, AutoResume: true, OnTimeout: subjects.OnTimeoutPause})
 	e.exec(src.SandboxID, "echo original > /root/f; sync")
 	p, err := e.c.StartProcess(e.ctx(time.Minute), src.SandboxID, subjects.ProcStartRequest{Command: "exec sleep 100000", Tag: "sleeper", Background: true})
 	if err != nil {
 		t.Fatal(err)
 	}
 	_ = p.Close()
+	web, err := e.c.StartProcess(e.ctx(time.Minute), src.SandboxID, subjects.ProcStartRequest{
+		Command: "mkdir -p /srv && hostname > /srv/index.html && exec httpd -f -p 8000 -h /srv", Tag: "web", Background: true,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = web.Close()
+	route, err := e.c.Route(e.ctx(10*time.Second), src.SandboxID, 8000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxyURL := "http://127.0.0.1:" + route.URL[strings.LastIndex(route.URL, ":")+1:] + "/"
+	// get asks sandbox id's port 8000 through the proxy with token tok.
+	get := func(id, tok string) (int, string) {
+		return httpGet(t, proxyURL, map[string]string{"e2b-sandbox-id": id, "e2b-sandbox-port": "8000", "e2b-traffic-access-token": tok})
+	}
+	eventually(t, 30*time.Second, "source's httpd through the proxy", func() error {
+		if code, body := get(src.SandboxID, src.TrafficAccessToken); code != 200 || body != src.SandboxID+"\n" {
+			return fmt.Errorf("GET: %d %q", code, body)
+		}
+		return nil
+	})
 	t0 := time.Now()
 	reply, err := e.c.Fork(e.ctx(6*time.Minute), src.SandboxID, subjects.ForkRequest{Count: 3, Metadata: map[string]string{"role": "fork"}})
 	if err != nil {
@@ -365,6 +390,35 @@ func TestFork(t *testing.T) {
 	if len(ids) != 4 || len(tokens) != 4 {
 		t.Errorf("ids %v tokens %d: want 4 distinct", ids, len(tokens))
 	}
+	// The source's create settings and routes are the forks' too; each
+	// fork answers on the source's routed port with its own token only.
+	for _, sb := range reply.Sandboxes {
+		if sb.PublicTraffic || !sb.AutoResume || sb.OnTimeout != subjects.OnTimeoutPause {
+			t.Errorf("fork %s settings: public %v auto_resume %v on_timeout %q", sb.SandboxID, sb.PublicTraffic, sb.AutoResume, sb.OnTimeout)
+		}
+		if r := e.exec(sb.SandboxID, "echo $GREETING"); r.Stdout != "from-create\n" {
+			t.Errorf("fork %s create env: GREETING=%q", sb.SandboxID, r.Stdout)
+		}
+		if rts := reply.Routes[sb.SandboxID]; len(rts) != 1 || !strings.HasPrefix(rts[0].Host, "8000-"+sb.SandboxID+".") || rts[0].TCP != "" {
+			t.Errorf("fork %s routes %+v, want port 8000 without a raw listener", sb.SandboxID, rts)
+		}
+		if code, body := get(sb.SandboxID, sb.TrafficAccessToken); code != 200 || body != src.SandboxID+"\n" {
+			t.Errorf("fork %s through the proxy with its token: %d %q", sb.SandboxID, code, body)
+		}
+		if code, _ := get(sb.SandboxID, src.TrafficAccessToken); code != 403 {
+			t.Errorf("fork %s with the source's token: %d, want 403", sb.SandboxID, code)
+		}
+		if code, _ := get(src.SandboxID, sb.TrafficAccessToken); code != 403 {
+			t.Errorf("source with fork %s's token: %d, want 403", sb.SandboxID, code)
+		}
+	}
+	if code, _ := get(src.SandboxID, src.TrafficAccessToken); code != 200 {
+		t.Errorf("source after the fork: %d", code)
+	}
+	if r := e.exec(src.SandboxID, "echo $GREETING"); r.Stdout != "from-create\n" {
+		t.Errorf("source create env after the fork: %q", r.Stdout)
+	}
+
 	changed := reply.Sandboxes[1].SandboxID
 	e.exec(changed, "echo changed > /root/f; touch /root/only-here; sync")
 	for _, sb := range all {
@@ -379,6 +433,41 @@ func TestFork(t *testing.T) {
 	}
 	_, err = e.c.Fork(e.ctx(time.Minute), src.SandboxID, subjects.ForkRequest{Count: 9})
 	wantCode(t, "fork of 9", err, subjects.CodeInvalidRequest)
+
+	// The fork snapshots are intermediate: once the source and every fork
+	// ended, neither their records nor their files are left.
+	forkSnaps := func() (left []string) {
+		recs, err := e.w.Backend().ListSnapshots(e.ctx(10 * time.Second))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range recs {
+			if strings.HasPrefix(r.SnapshotID, src.SandboxID+"-fork") {
+				left = append(left, "record "+r.SnapshotID)
+			}
+		}
+		dirs, _ := os.ReadDir(filepath.Join(e.state, "snapshots"))
+		for _, d := range dirs {
+			if strings.HasPrefix(d.Name(), src.SandboxID+"-fork") {
+				left = append(left, "dir "+d.Name())
+			}
+		}
+		return left
+	}
+	if left := forkSnaps(); len(left) < 2 {
+		t.Errorf("while the forks run: fork snapshots %v, want the fork and shared-memory snapshots", left)
+	}
+	for _, sb := range all {
+		if err := e.c.Kill(e.ctx(time.Minute), sb.SandboxID); err != nil {
+			t.Errorf("kill %s: %v", sb.SandboxID, err)
+		}
+	}
+	eventually(t, 30*time.Second, "fork snapshots deleted", func() error {
+		if left := forkSnaps(); len(left) > 0 {
+			return fmt.Errorf("left: %v", left)
+		}
+		return nil
+	})
 }
 
 // TestLifecycleBench measures fork of 1, 4 and 8, and the host memory

@@ -2,6 +2,7 @@ package worker
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"path/filepath"
 	"time"
@@ -72,6 +73,45 @@ func (r *runtimeFacade) Route(ctx context.Context, id string, req subjects.Route
 		return subjects.RouteReply{}, fmt.Errorf("open TCP route: %w", err)
 	}
 	return r.http.RouteReply(rt, tcp), nil
+}
+
+// Fork forks a sandbox and opens the source's port routes on each fork:
+// the forks answer on the same ports, each through the proxy with its own
+// token (and, when public, on raw TCP listeners of its own). A route that
+// cannot be opened on a fork fails the fork request, with the forks
+// killed.
+func (r *runtimeFacade) Fork(ctx context.Context, id string, req subjects.ForkRequest) (subjects.ForkReply, error) {
+	if r.tcp == nil || r.http == nil {
+		return r.Backend.Fork(ctx, id, req)
+	}
+	ports := r.tcp.Ports(id)
+	out, err := r.Backend.Fork(ctx, id, req)
+	if err != nil || len(ports) == 0 {
+		return out, err
+	}
+	out.Routes = make(map[string][]subjects.RouteReply, len(out.Sandboxes))
+	for _, sb := range out.Sandboxes {
+		for _, port := range ports {
+			rt, rerr := r.Route(ctx, sb.SandboxID, subjects.RouteRequest{Port: port})
+			if rerr != nil {
+				err = fmt.Errorf("fork of %s: route port %d on fork %s: %w", id, port, sb.SandboxID, rerr)
+				break
+			}
+			out.Routes[sb.SandboxID] = append(out.Routes[sb.SandboxID], rt)
+		}
+		if err != nil {
+			break
+		}
+	}
+	if err != nil {
+		for _, sb := range out.Sandboxes {
+			if _, kerr := r.Kill(context.WithoutCancel(ctx), sb.SandboxID); kerr != nil {
+				err = errors.Join(err, fmt.Errorf("kill fork %s: %w", sb.SandboxID, kerr))
+			}
+		}
+		return subjects.ForkReply{}, err
+	}
+	return out, nil
 }
 
 func (r *runtimeFacade) proxyAddr() string {
