@@ -516,12 +516,12 @@ type RouteTarget struct {
 	// token opens this instance of the sandbox.
 	VerifyToken func(token string) bool
 	// Secure is set for a sandbox created with secure: its E2B sandbox API
-	// takes only requests whose X-Access-Token VerifyEnvd accepts.
+	// takes only requests that carry EnvdToken (in X-Access-Token, or a
+	// signature made with it).
 	Secure bool
-	// VerifyEnvd reports, in constant time, whether a presented envd
-	// access token opens this instance of a secure sandbox (false for
-	// every token when the sandbox is not secure).
-	VerifyEnvd func(token string) bool
+	// EnvdToken is the envd access token of this instance of a secure
+	// sandbox; empty otherwise. Compare with tokens.Equal.
+	EnvdToken string
 }
 
 // Target returns the route target of a sandbox this worker owns.
@@ -536,9 +536,11 @@ func (b *Backend) Target(ctx context.Context, id string) (RouteTarget, error) {
 	rec := s.record()
 	gen := rec.Generation
 	verify := func(token string) bool { return b.cfg.Tokens.VerifyTraffic(id, gen, token) }
-	secure := rec.Secure
-	verifyEnvd := func(token string) bool { return secure && b.cfg.Tokens.VerifyEnvd(id, gen, token) }
-	return RouteTarget{Dial: s.mach().DialGuest, Public: rec.PublicTraffic, VerifyToken: verify, Secure: secure, VerifyEnvd: verifyEnvd}, nil
+	t := RouteTarget{Dial: s.mach().DialGuest, Public: rec.PublicTraffic, VerifyToken: verify, Secure: rec.Secure}
+	if rec.Secure {
+		t.EnvdToken = b.cfg.Tokens.EnvdToken(id, gen)
+	}
+	return t, nil
 }
 
 // Accelerator names the accelerator of this worker's machines (e.g. "kvm"
