@@ -66,7 +66,7 @@ const Version = "0.5.7"
 
 // Headers of the sandbox API.
 const (
-	AccessTokenHeader  = "X-Access-Token"
+	AccessTokenHeader   = "X-Access-Token"
 	keepalivePingHeader = "Keepalive-Ping-Interval"
 )
 
