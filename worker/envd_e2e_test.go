@@ -175,6 +175,40 @@ func TestE2BSandboxAPI(t *testing.T) {
 	for cat.stdout.String() != "hello\n" {
 		next("echoed input")
 	}
+	// Connect follows the same process; StreamInput writes in order.
+	cctx, stopConnect := context.WithCancel(ctx)
+	defer stopConnect()
+	cs, err := cl.proc.Connect(cctx, crpc.NewRequest(&pb.ConnectRequest{Process: sel}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !cs.Receive() || cs.Msg().GetEvent().GetStart().GetPid() != cat.pid {
+		t.Fatalf("connect: no start event with pid %d: %v", cat.pid, cs.Err())
+	}
+	in := cl.proc.StreamInput(ctx)
+	for _, m := range []*pb.StreamInputRequest{
+		{Event: &pb.StreamInputRequest_Start{Start: &pb.StreamInputRequest_StartEvent{Process: sel}}},
+		{Event: &pb.StreamInputRequest_Data{Data: &pb.StreamInputRequest_DataEvent{Input: &pb.ProcessInput{Input: &pb.ProcessInput_Stdin{Stdin: []byte("a")}}}}},
+		{Event: &pb.StreamInputRequest_Data{Data: &pb.StreamInputRequest_DataEvent{Input: &pb.ProcessInput{Input: &pb.ProcessInput_Stdin{Stdin: []byte("gain\n")}}}}},
+	} {
+		if err := in.Send(m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := in.CloseAndReceive(); err != nil {
+		t.Fatalf("stream input: %v", err)
+	}
+	var follower procEvents
+	for !strings.Contains(follower.stdout.String(), "again\n") && cs.Receive() {
+		follower.add(cs.Msg().GetEvent())
+	}
+	if follower.stdout.String() != "again\n" {
+		t.Errorf("connect: stdout %q, want again (from now on): %v", follower.stdout.String(), cs.Err())
+	}
+	stopConnect()
+	for cat.stdout.String() != "hello\nagain\n" {
+		next("streamed input")
+	}
 	list, err := cl.proc.List(ctx, crpc.NewRequest(&pb.ListRequest{}))
 	if err != nil {
 		t.Fatal(err)
@@ -195,6 +229,26 @@ func TestE2BSandboxAPI(t *testing.T) {
 	}
 	if cat.end.GetStatus() != "signal: killed" || cat.end.GetExitCode() != -1 {
 		t.Errorf("end after SIGKILL: %v", cat.end)
+	}
+
+	// CloseStdin: cat sees the end of its input and exits 0.
+	cat2, err := cl.proc.Start(ctx, crpc.NewRequest(&pb.StartRequest{Process: &pb.ProcessConfig{Cmd: "cat"}, Stdin: &yes}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var closed procEvents
+	if !cat2.Receive() {
+		t.Fatalf("cat: no start event: %v", cat2.Err())
+	}
+	closed.add(cat2.Msg().GetEvent())
+	if _, err := cl.proc.CloseStdin(ctx, crpc.NewRequest(&pb.CloseStdinRequest{Process: &pb.ProcessSelector{Selector: &pb.ProcessSelector_Pid{Pid: closed.pid}}})); err != nil {
+		t.Fatal(err)
+	}
+	for cat2.Receive() {
+		closed.add(cat2.Msg().GetEvent())
+	}
+	if closed.end == nil || closed.end.GetExitCode() != 0 || closed.end.GetStatus() != "exit status 0" {
+		t.Errorf("cat after CloseStdin: end %v: %v", closed.end, cat2.Err())
 	}
 
 	// A PTY: resize, then ask the terminal its size.
@@ -307,6 +361,34 @@ func TestE2BSandboxAPI(t *testing.T) {
 	if strings.Join(names, ",") != "moved.bin:FILE_TYPE_FILE,sub:FILE_TYPE_DIRECTORY" {
 		t.Errorf("list dir: %v", names)
 	}
+	// A polled watcher sees the removal.
+	cw, err := cl.fs.CreateWatcher(ctx, crpc.NewRequest(&fspb.CreateWatcherRequest{Path: dir}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cl.fs.Remove(ctx, crpc.NewRequest(&fspb.RemoveRequest{Path: dir + "/moved.bin"})); err != nil {
+		t.Fatal(err)
+	}
+	sawRemove := false
+	for deadline := time.Now().Add(20 * time.Second); !sawRemove && time.Now().Before(deadline); {
+		evs, err := cl.fs.GetWatcherEvents(ctx, crpc.NewRequest(&fspb.GetWatcherEventsRequest{WatcherId: cw.Msg.GetWatcherId()}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, fe := range evs.Msg.GetEvents() {
+			sawRemove = sawRemove || fe.GetName() == "moved.bin" && fe.GetType() == fspb.EventType_EVENT_TYPE_REMOVE
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if !sawRemove {
+		t.Error("the polled watcher saw no removal")
+	}
+	if _, err := cl.fs.RemoveWatcher(ctx, crpc.NewRequest(&fspb.RemoveWatcherRequest{WatcherId: cw.Msg.GetWatcherId()})); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cl.fs.GetWatcherEvents(ctx, crpc.NewRequest(&fspb.GetWatcherEventsRequest{WatcherId: cw.Msg.GetWatcherId()})); crpc.CodeOf(err) != crpc.CodeNotFound {
+		t.Errorf("events of a removed watcher: %v, want not found", err)
+	}
 	if _, err := cl.fs.Remove(ctx, crpc.NewRequest(&fspb.RemoveRequest{Path: dir + "/sub"})); err != nil {
 		t.Fatal(err)
 	}
@@ -316,5 +398,25 @@ func TestE2BSandboxAPI(t *testing.T) {
 	var ce *crpc.Error
 	if _, err := cl.fs.Stat(ctx, crpc.NewRequest(&fspb.StatRequest{Path: "bad\x00path"})); !errors.As(err, &ce) || ce.Code() != crpc.CodeInvalidArgument {
 		t.Errorf("stat a path with NUL: %v, want invalid argument", err)
+	}
+}
+
+// TestE2BSandboxAPIPrivate: a sandbox that is not secure and whose traffic
+// is private takes sandbox API requests with its traffic token only.
+func TestE2BSandboxAPIPrivate(t *testing.T) {
+	e := startWorker(t)
+	private := false
+	sb := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny", PublicTraffic: &private})
+	if sb.EnvdAccessToken != "" {
+		t.Fatalf("a create without secure has an envd token")
+	}
+	ctx := e.ctx(30 * time.Second)
+	addr := e.w.ProxyAddr()
+	if _, err := newEnvdClients(addr, sb.SandboxID, "").fs.Stat(ctx, crpc.NewRequest(&fspb.StatRequest{Path: "/"})); crpc.CodeOf(err) != crpc.CodeUnauthenticated {
+		t.Errorf("no token: %v, want unauthenticated", err)
+	}
+	st, err := newEnvdClients(addr, sb.SandboxID, sb.TrafficAccessToken).fs.Stat(ctx, crpc.NewRequest(&fspb.StatRequest{Path: "~"}))
+	if err != nil || st.Msg.GetEntry().GetPath() != "/home/user" || st.Msg.GetEntry().GetType() != fspb.FileType_FILE_TYPE_DIRECTORY {
+		t.Errorf("stat ~ with the traffic token: %v, %v", st, err)
 	}
 }
