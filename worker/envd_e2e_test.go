@@ -399,6 +399,25 @@ func TestE2BSandboxAPI(t *testing.T) {
 	if _, err := cl.fs.Stat(ctx, crpc.NewRequest(&fspb.StatRequest{Path: "bad\x00path"})); !errors.As(err, &ce) || ce.Code() != crpc.CodeInvalidArgument {
 		t.Errorf("stat a path with NUL: %v, want invalid argument", err)
 	}
+
+	// Pause and resume keep the instance, so the token: the resume reply
+	// hands it out again (E2B's connect does), and it still opens the API.
+	if _, err := e.c.Pause(e.ctx(2*time.Minute), sb.SandboxID); err != nil {
+		t.Fatal(err)
+	}
+	res, err := e.c.Resume(e.ctx(2*time.Minute), sb.SandboxID, subjects.ResumeRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.EnvdAccessToken != sb.EnvdAccessToken || res.TrafficAccessToken != "" {
+		t.Errorf("resume reply: envd token %q traffic token %q, want the create's envd token only", res.EnvdAccessToken, res.TrafficAccessToken)
+	}
+	if st, err := cl.fs.Stat(e.ctx(30*time.Second), crpc.NewRequest(&fspb.StatRequest{Path: dir})); err != nil || st.Msg.GetEntry().GetType() != fspb.FileType_FILE_TYPE_DIRECTORY {
+		t.Errorf("stat after resume: %v, %v", st, err)
+	}
+	if _, err := newEnvdClients(addr, sb.SandboxID, "").fs.Stat(e.ctx(30*time.Second), crpc.NewRequest(&fspb.StatRequest{Path: dir})); crpc.CodeOf(err) != crpc.CodeUnauthenticated {
+		t.Errorf("no token after resume: %v, want unauthenticated", err)
+	}
 }
 
 // TestE2BSandboxAPIPrivate: a sandbox that is not secure and whose traffic
