@@ -164,3 +164,29 @@ func TestStartRequest(t *testing.T) {
 		t.Error("a PTY of 0 columns is accepted")
 	}
 }
+
+func TestFSEvents(t *testing.T) {
+	tmp := ".a.txt.firkin-0123456789ab"
+	for _, c := range []struct {
+		ev   subjects.WatchEvent
+		want string
+	}{
+		{subjects.WatchEvent{Op: "create", Name: "a"}, "a:EVENT_TYPE_CREATE"},
+		{subjects.WatchEvent{Op: "write", Name: "a"}, "a:EVENT_TYPE_WRITE"},
+		{subjects.WatchEvent{Op: "remove", Name: "a"}, "a:EVENT_TYPE_REMOVE"},
+		{subjects.WatchEvent{Op: "rename", Name: "a", To: "b"}, "a:EVENT_TYPE_RENAME b:EVENT_TYPE_CREATE"},
+		{subjects.WatchEvent{Op: "create", Name: tmp}, ""},
+		{subjects.WatchEvent{Op: "write", Name: tmp}, ""},
+		{subjects.WatchEvent{Op: "rename", Name: tmp, To: "a.txt"}, "a.txt:EVENT_TYPE_CREATE a.txt:EVENT_TYPE_WRITE"},
+		{subjects.WatchEvent{Op: "create", Name: ".a.firkin-notahexvalue"}, ".a.firkin-notahexvalue:EVENT_TYPE_CREATE"},
+		{subjects.WatchEvent{Op: "overflow"}, ""},
+	} {
+		var got []string
+		for _, fe := range fsEvents(c.ev) {
+			got = append(got, fe.GetName()+":"+fe.GetType().String())
+		}
+		if strings.Join(got, " ") != c.want {
+			t.Errorf("fsEvents(%+v) = %q, want %q", c.ev, got, c.want)
+		}
+	}
+}
