@@ -72,10 +72,15 @@ const (
 
 // Bounds.
 const (
-	// MaxUploadBytes bounds one /files upload request (all its files).
+	// DefaultMaxUploadBytes bounds one /files upload request (all its
+	// files).
 	DefaultMaxUploadBytes = 4 << 30
 	// maxWatchersPerSandbox bounds CreateWatcher's watchers of one sandbox.
 	maxWatchersPerSandbox = 16
+	// maxWatchers bounds CreateWatcher's watchers of the worker, and
+	// watcherIdle ends one nobody polled for that long.
+	maxWatchers = 1024
+	watcherIdle = 10 * time.Minute
 	// maxWatcherEvents bounds the events a watcher keeps between
 	// GetWatcherEvents calls (older ones are dropped).
 	maxWatcherEvents = 1024

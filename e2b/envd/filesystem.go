@@ -229,23 +229,37 @@ func fsEvents(ev subjects.WatchEvent) []*pb.FilesystemEvent {
 
 // watcher is a CreateWatcher watch: its events wait for GetWatcherEvents.
 type watcher struct {
-	sandbox string
-	w       *client.Watcher
+	sandbox  string
+	w        *client.Watcher
+	lastUsed time.Time // guarded by Server.mu
+}
+
+// sweepWatchers ends the watchers nobody polled for watcherIdle (their
+// client went away, or their sandbox did); s.mu is held.
+func (s *Server) sweepWatchers(now time.Time) {
+	for wid, w := range s.watchers {
+		if now.Sub(w.lastUsed) > watcherIdle {
+			delete(s.watchers, wid)
+			go func() { _ = w.w.Close() }()
+		}
+	}
 }
 
 // CreateWatcher starts a watch whose events GetWatcherEvents collects.
 func (f *filesystemService) CreateWatcher(ctx context.Context, req *connect.Request[pb.CreateWatcherRequest]) (*connect.Response[pb.CreateWatcherResponse], error) {
 	id := sandboxOf(ctx)
 	f.s.mu.Lock()
+	f.s.sweepWatchers(time.Now())
 	n := 0
 	for _, w := range f.s.watchers {
 		if w.sandbox == id {
 			n++
 		}
 	}
+	total := len(f.s.watchers)
 	f.s.mu.Unlock()
-	if n >= maxWatchersPerSandbox {
-		return nil, connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("sandbox has %d watchers, the most allowed", n))
+	if n >= maxWatchersPerSandbox || total >= maxWatchers {
+		return nil, connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("sandbox has %d watchers (the worker %d), the most allowed", n, total))
 	}
 	// The watch outlives this request: it ends with RemoveWatcher.
 	w, _, err := f.watch(context.WithoutCancel(ctx), req.Msg.GetPath(), req.Msg.GetRecursive(), req)
@@ -259,7 +273,7 @@ func (f *filesystemService) CreateWatcher(ctx context.Context, req *connect.Requ
 		_ = w.Close()
 		return nil, connect.NewError(connect.CodeUnavailable, errors.New("shutting down"))
 	}
-	f.s.watchers[wid] = &watcher{sandbox: id, w: w}
+	f.s.watchers[wid] = &watcher{sandbox: id, w: w, lastUsed: time.Now()}
 	f.s.mu.Unlock()
 	return connect.NewResponse(&pb.CreateWatcherResponse{WatcherId: wid}), nil
 }
@@ -272,6 +286,7 @@ func (f *filesystemService) lookupWatcher(ctx context.Context, wid string) (*wat
 	if w == nil || w.sandbox != sandboxOf(ctx) {
 		return nil, connect.NewError(connect.CodeNotFound, fmt.Errorf("watcher %q not found", wid))
 	}
+	w.lastUsed = time.Now()
 	return w, nil
 }
 

@@ -96,18 +96,22 @@ func (p *processService) Start(ctx context.Context, req *connect.Request[pb.Star
 	}
 	defer out.close()
 	preq.OutputSubject = out.subject
-	proc, err := p.s.cfg.Client.StartProcess(ctx, id, preq)
-	if err != nil {
+	// A bare proc.start: the output comes live on our subject, so the
+	// client's look-up of the log stream is not needed.
+	var r subjects.ProcStartReply
+	if err := p.s.cfg.Client.Request(ctx, p.s.subjects().Sandbox(id, subjects.VerbProcStart), preq, &r); err != nil {
 		return connectError(err)
 	}
-	_ = proc.Close() // output comes live on our subject
+	if subjects.ValidateCommandID(r.CommandID) != nil {
+		return connect.NewError(connect.CodeInternal, errors.New("proc.start: bad command id in the reply"))
+	}
 	if req.Msg.Stdin != nil && !req.Msg.GetStdin() && preq.PTY == nil {
-		if err := p.s.closeStdin(ctx, id, proc.ID()); err != nil {
+		if err := p.s.closeStdin(ctx, id, r.CommandID); err != nil {
 			p.s.log.Debug("close stdin", "sandbox", id, "err", err)
 		}
 	}
 	send := func(ev *pb.ProcessEvent) error { return stream.Send(&pb.StartResponse{Event: ev}) }
-	return p.s.follow(ctx, id, proc.ID(), proc.PID(), preq.PTY != nil, nil, out, keepaliveEvery(req.Header()), send)
+	return p.s.follow(ctx, id, r.CommandID, r.PID, preq.PTY != nil, nil, out, keepaliveEvery(req.Header()), send)
 }
 
 // Connect streams a running process's output from now on and its end.
