@@ -22,7 +22,7 @@ FUZZTIME      ?= 5s
 TEST_FUZZTIME ?= 2s
 FUZZ_FLAGS    ?=
 
-.PHONY: all build deps images run test vet fmt fuzz bench sign clean
+.PHONY: all build deps images run test vet fmt fuzz bench sign clean proto
 
 all: build
 
@@ -91,6 +91,11 @@ sign: $(BIN)/firkin-worker
 	@if [ "$$(uname -s)" != Darwin ]; then echo "sign: macOS only"; exit 1; fi
 	codesign --force --sign - --entitlements deploy/darwin/entitlements.plist $(BIN)/firkin-worker
 	codesign --display --entitlements - $(BIN)/firkin-worker
+
+# Regenerates the E2B sandbox API's Go code from e2b/envd/proto (needs the Go
+# module proxy; the generated code is committed, so builds never need it).
+proto:
+	cd e2b/envd && go run github.com/bufbuild/buf/cmd/buf@v1.75.0 generate
 
 clean:
 	rm -rf $(BIN)

@@ -62,6 +62,12 @@ type Tokens interface {
 	// VerifyTraffic reports, in constant time, whether token is the traffic
 	// token of that generation of the sandbox.
 	VerifyTraffic(sandboxID, generation, token string) bool
+	// EnvdToken is the envd access token of that generation of a secure
+	// sandbox (its E2B sandbox API's X-Access-Token).
+	EnvdToken(sandboxID, generation string) string
+	// VerifyEnvd reports, in constant time, whether token is the envd
+	// access token of that generation of the sandbox.
+	VerifyEnvd(sandboxID, generation, token string) bool
 }
 
 // Config configures a Backend.
@@ -509,6 +515,13 @@ type RouteTarget struct {
 	// VerifyToken reports, in constant time, whether a presented traffic
 	// token opens this instance of the sandbox.
 	VerifyToken func(token string) bool
+	// Secure is set for a sandbox created with secure: its E2B sandbox API
+	// takes only requests that carry EnvdToken (in X-Access-Token, or a
+	// signature made with it).
+	Secure bool
+	// EnvdToken is the envd access token of this instance of a secure
+	// sandbox; empty otherwise. Compare with tokens.Equal.
+	EnvdToken string
 }
 
 // Target returns the route target of a sandbox this worker owns.
@@ -523,7 +536,11 @@ func (b *Backend) Target(ctx context.Context, id string) (RouteTarget, error) {
 	rec := s.record()
 	gen := rec.Generation
 	verify := func(token string) bool { return b.cfg.Tokens.VerifyTraffic(id, gen, token) }
-	return RouteTarget{Dial: s.mach().DialGuest, Public: rec.PublicTraffic, VerifyToken: verify}, nil
+	t := RouteTarget{Dial: s.mach().DialGuest, Public: rec.PublicTraffic, VerifyToken: verify, Secure: rec.Secure}
+	if rec.Secure {
+		t.EnvdToken = b.cfg.Tokens.EnvdToken(id, gen)
+	}
+	return t, nil
 }
 
 // Accelerator names the accelerator of this worker's machines (e.g. "kvm"

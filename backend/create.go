@@ -225,6 +225,7 @@ func (b *Backend) create(ctx context.Context, req subjects.CreateSandboxRequest,
 		Dir:           m.Dir(),
 		AutoResume:    req.AutoResume,
 		OnTimeout:     req.OnTimeout,
+		Secure:        req.Secure,
 	}
 	if p.snapshot != nil {
 		rec.SnapshotID = p.snapshot.SnapshotID
@@ -251,6 +252,9 @@ func (b *Backend) create(ctx context.Context, req subjects.CreateSandboxRequest,
 	// Only this reply carries the token: the record (stored and kept) does not.
 	reply := rec
 	reply.TrafficAccessToken = trafficToken
+	if rec.Secure {
+		reply.EnvdAccessToken = b.cfg.Tokens.EnvdToken(p.id, generation)
+	}
 	return reply, nil
 }
 

@@ -166,7 +166,7 @@ func (b *Backend) resumeLocked(ctx context.Context, s *session, timeout time.Dur
 	case ending:
 		return subjects.Sandbox{}, errdefs.Wrap(errdefs.ErrNotFound, fmt.Errorf("sandbox %s not found", id))
 	case !paused:
-		return rec.WithoutTokens(), nil
+		return b.withEnvdToken(rec), nil
 	case rec.Paused == nil:
 		return subjects.Sandbox{}, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("paused sandbox %s has no pause snapshot in its record", id))
 	}
@@ -234,7 +234,21 @@ func (b *Backend) resumeLocked(ctx context.Context, s *session, timeout time.Dur
 	b.systemLog(ctx, id, fmt.Sprintf("sandbox resumed from snapshot %s on worker %s", snap.SnapshotID, b.cfg.WorkerID))
 	b.event(ctx, subjects.EventResumed, id, snap.SnapshotID)
 	b.log.Info("sandbox resumed", "sandbox", id, "snapshot", snap.SnapshotID, "restore", tRestored, "total", time.Since(t0))
-	return updated.WithoutTokens(), nil
+	return b.withEnvdToken(updated), nil
+}
+
+// withEnvdToken is rec as a resume answers it: without the traffic token,
+// with the envd access token of a secure sandbox (the same one the create
+// reply carried: the generation is kept). Whoever may resume a sandbox
+// controls it through the NATS API anyway; E2B's connect hands the token
+// out the same way, so an SDK that connects to a secure sandbox can reach
+// its sandbox API.
+func (b *Backend) withEnvdToken(rec subjects.Sandbox) subjects.Sandbox {
+	rec = rec.WithoutTokens()
+	if rec.Secure {
+		rec.EnvdAccessToken = b.cfg.Tokens.EnvdToken(rec.SandboxID, rec.Generation)
+	}
+	return rec
 }
 
 // resumeInit is the guest init of a resume: the same identity, the env the
@@ -375,7 +389,8 @@ func (b *Backend) Fork(ctx context.Context, id string, req subjects.ForkRequest)
 	tSaved := time.Since(t0)
 	create := subjects.CreateSandboxRequest{SnapshotID: snap.SnapshotID, Metadata: src.Metadata, TimeoutS: req.TimeoutS,
 		Resources:     &subjects.Resources{VCPUs: src.Resources.VCPUs, MemoryMB: src.Resources.MemoryMB},
-		PublicTraffic: &src.PublicTraffic, Network: &src.Network, Egress: src.Egress, AutoResume: src.AutoResume, OnTimeout: src.OnTimeout}
+		PublicTraffic: &src.PublicTraffic, Network: &src.Network, Egress: src.Egress, AutoResume: src.AutoResume, OnTimeout: src.OnTimeout,
+		Secure: src.Secure}
 	if req.Metadata != nil {
 		create.Metadata = req.Metadata
 	}

@@ -62,6 +62,9 @@ func New(nc *nats.Conn) *Client { return &Client{nc: nc, subj: subjects.Default}
 // WithPrefix returns a client on c's connection using another subject prefix.
 func (c *Client) WithPrefix(s subjects.Subjects) *Client { return &Client{nc: c.nc, subj: s} }
 
+// Subjects returns the subjects c's requests go to (its prefix's).
+func (c *Client) Subjects() subjects.Subjects { return c.subj }
+
 // Conn returns the client's NATS connection.
 func (c *Client) Conn() *nats.Conn { return c.nc }
 

@@ -96,6 +96,10 @@ func Start(cfg Config) (*Server, error) {
 // ClientURL is the URL clients connect to, e.g. nats://127.0.0.1:4222.
 func (s *Server) ClientURL() string { return s.ns.ClientURL() }
 
+// InProcessConn opens a connection to the server that skips the network
+// (nats.InProcessServer(s) uses it).
+func (s *Server) InProcessConn() (net.Conn, error) { return s.ns.InProcessConn() }
+
 // Shutdown stops the server and waits for it to finish.
 func (s *Server) Shutdown() {
 	s.ns.Shutdown()

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"strings"
 	"time"
 
@@ -37,6 +38,7 @@ type options struct {
 	streamIdleTimeout   time.Duration
 	readHeaderTimeout   time.Duration
 	maxClientConns      int
+	localPorts          map[int]http.Handler
 }
 
 // Option configures a Server or TCPRoutes.
@@ -181,6 +183,29 @@ func WithMaxClientConns(n int) Option {
 			return fmt.Errorf("max client conns %d: want >= 1", n)
 		}
 		o.maxClientConns = n
+		return nil
+	}
+}
+
+// WithLocalPort answers requests routed to port of any sandbox with h, in
+// the worker, instead of forwarding them to the guest (Server). The
+// sandbox is resolved first (unknown: 404; the resolver wakes a paused
+// one), the request counts against the sandbox's connection cap, and
+// LocalRoute(r.Context()) names the route. The traffic access token is not
+// checked: h authenticates the request itself. The E2B sandbox API (port
+// 49983, package e2b/envd) is served this way.
+func WithLocalPort(port int, h http.Handler) Option {
+	return func(o *options) error {
+		if port < 1 || port > 65535 {
+			return fmt.Errorf("local port %d: want 1..65535", port)
+		}
+		if h == nil {
+			return fmt.Errorf("local port %d: nil handler", port)
+		}
+		if o.localPorts == nil {
+			o.localPorts = map[int]http.Handler{}
+		}
+		o.localPorts[port] = h
 		return nil
 	}
 }

@@ -36,6 +36,9 @@
 //
 // Nothing reaches the guest when the token check fails, and the token
 // header is removed before a request is forwarded.
+//
+// A port given WithLocalPort is answered in the worker by its handler (the
+// E2B sandbox API at 49983), which checks its own token.
 package proxy
 
 import (

@@ -315,6 +315,10 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, status, msg, "sandbox", rt.SandboxID, "err", err)
 		return
 	}
+	if h := s.opts.localPorts[rt.Port]; h != nil {
+		s.serveLocal(w, r, rt, h)
+		return
+	}
 	if !target.Public {
 		tok := r.Header.Get(TrafficTokenHeader)
 		if tok == "" {
@@ -345,6 +349,29 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx := context.WithValue(r.Context(), ctxKey{}, &dialTarget{route: rt, dial: target.Dial})
 	s.rp.ServeHTTP(w, r.WithContext(ctx))
+}
+
+// localRouteKey keys the route of a request to a local port.
+type localRouteKey struct{}
+
+// LocalRoute returns the route of a request a WithLocalPort handler
+// serves: the sandbox id and the port.
+func LocalRoute(ctx context.Context) (Route, bool) {
+	rt, ok := ctx.Value(localRouteKey{}).(Route)
+	return rt, ok
+}
+
+// serveLocal hands a request to a local port's handler, within the
+// sandbox's cap on requests in flight.
+func (s *Server) serveLocal(w http.ResponseWriter, r *http.Request, rt Route, h http.Handler) {
+	if !s.inFlight.acquire(rt.SandboxID) {
+		w.Header().Set("Retry-After", "1")
+		s.fail(w, r, http.StatusTooManyRequests,
+			fmt.Sprintf("sandbox %s has %d connections through the proxy open, the most allowed; retry when one ends", rt.SandboxID, s.opts.maxConnsPerSandbox))
+		return
+	}
+	defer s.inFlight.release(rt.SandboxID)
+	h.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), localRouteKey{}, rt)))
 }
 
 // tunnel answers a CONNECT request with a raw stream to the guest port, for

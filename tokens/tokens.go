@@ -11,8 +11,10 @@
 // verify a token, which never is: with the secret, the generation and the
 // id, any worker can recompute and check a token.
 //
-// envd_access_token is not issued: nothing checks it yet. The name is
-// reserved for the E2B-compatible envd API, which will issue and check it.
+// envd_access_token, issued for a secure sandbox, opens its E2B sandbox
+// API (port 49983, package e2b/envd; sent in X-Access-Token): it is made
+// the same way under its own purpose label, so neither token passes as the
+// other.
 //
 // The secret is text: either configured by the operator or made on first
 // start (32 random bytes, hex encoded) and kept in a 0600 file in the state
@@ -50,6 +52,9 @@ const GenerationBytes = 16
 // another purpose under the same secret never passes as one. v2 binds the
 // generation; v1 tokens (of the sandbox id alone) are no longer accepted.
 const purposeTraffic = "firkin traffic access v2"
+
+// purposeEnvd labels the envd access token.
+const purposeEnvd = "firkin envd access v1"
 
 // LoadSecret returns the worker secret: configured when it is not empty
 // (the operator's choice overrides the file), otherwise the one kept at path
@@ -159,6 +164,22 @@ func VerifyTraffic(secret []byte, sandboxID, generation, tok string) bool {
 	return Equal(tok, TrafficToken(secret, sandboxID, generation))
 }
 
+// EnvdToken returns the envd_access_token of generation of sandbox
+// sandboxID, which requests to a secure sandbox's E2B sandbox API carry in
+// X-Access-Token. It is empty when the generation is.
+func EnvdToken(secret []byte, sandboxID, generation string) string {
+	if generation == "" {
+		return ""
+	}
+	return token(secret, purposeEnvd, sandboxID, generation)
+}
+
+// VerifyEnvd reports whether tok is the envd_access_token of generation of
+// sandbox sandboxID, in constant time. Nothing matches an empty generation.
+func VerifyEnvd(secret []byte, sandboxID, generation, tok string) bool {
+	return Equal(tok, EnvdToken(secret, sandboxID, generation))
+}
+
 // Equal compares a presented token with the expected one in constant time
 // (the time depends only on the lengths). An empty expected token matches
 // nothing.
@@ -206,4 +227,16 @@ func (m *Minter) MintTraffic(sandboxID string) (generation, token string) {
 // sandbox sandboxID, in constant time.
 func (m *Minter) VerifyTraffic(sandboxID, generation, tok string) bool {
 	return VerifyTraffic(m.secret, sandboxID, generation, tok)
+}
+
+// EnvdToken returns the envd access token of generation of sandbox
+// sandboxID (a secure sandbox's; see EnvdToken).
+func (m *Minter) EnvdToken(sandboxID, generation string) string {
+	return EnvdToken(m.secret, sandboxID, generation)
+}
+
+// VerifyEnvd reports whether tok is the envd access token of generation of
+// sandbox sandboxID, in constant time.
+func (m *Minter) VerifyEnvd(sandboxID, generation, tok string) bool {
+	return VerifyEnvd(m.secret, sandboxID, generation, tok)
 }

@@ -222,3 +222,30 @@ func TestLoadOrCreateSecretErrors(t *testing.T) {
 		t.Error("a directory as the secret path: no error")
 	}
 }
+
+// TestEnvdToken: the envd token opens its own (id, generation) only, is not
+// the traffic token of the same pair, and nothing opens an empty generation.
+func TestEnvdToken(t *testing.T) {
+	secret := []byte("envd test secret of enough bytes")
+	tok := EnvdToken(secret, "sb1", "gen1")
+	if len(tok) != 64 {
+		t.Fatalf("envd token %q: want 64 hex digits", tok)
+	}
+	if tok == TrafficToken(secret, "sb1", "gen1") {
+		t.Fatal("the envd token equals the traffic token of the same sandbox")
+	}
+	if !VerifyEnvd(secret, "sb1", "gen1", tok) {
+		t.Fatal("the envd token does not open its sandbox")
+	}
+	for _, c := range []struct{ id, gen, tok string }{
+		{"sb1", "gen2", tok}, {"sb2", "gen1", tok}, {"sb1", "gen1", TrafficToken(secret, "sb1", "gen1")},
+		{"sb1", "", ""}, {"sb1", "gen1", ""},
+	} {
+		if VerifyEnvd(secret, c.id, c.gen, c.tok) {
+			t.Errorf("VerifyEnvd(%q, %q, %q) = true, want false", c.id, c.gen, c.tok)
+		}
+	}
+	if VerifyTraffic(secret, "sb1", "gen1", tok) {
+		t.Error("the envd token passes as the traffic token")
+	}
+}

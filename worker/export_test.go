@@ -7,4 +7,7 @@ func Crash(w *Worker) {
 	w.cluster.Abandon()
 	w.nc.Close()
 	w.storeNC.Close()
+	if w.envdNC != nil {
+		w.envdNC.Close()
+	}
 }

@@ -176,16 +176,23 @@ func proxyOptions(cfg Config) []proxy.Option {
 func (w *Worker) startProxy() error {
 	resolver := proxy.ResolverFunc(w.rt.resolve)
 	common := proxyOptions(w.cfg)
-	srv, err := proxy.NewServer(resolver, append([]proxy.Option{proxy.WithDomain(w.cfg.Domain), proxy.WithLogger(w.log.With("component", "proxy"))}, common...)...)
+	envdOpt, err := w.startEnvd()
 	if err != nil {
+		return fmt.Errorf("e2b sandbox api: %w", err)
+	}
+	srv, err := proxy.NewServer(resolver, append([]proxy.Option{proxy.WithDomain(w.cfg.Domain), proxy.WithLogger(w.log.With("component", "proxy")), envdOpt}, common...)...)
+	if err != nil {
+		w.stopEnvd()
 		return err
 	}
 	tcp, err := proxy.NewTCPRoutes(resolver, append([]proxy.Option{proxy.WithLogger(w.log.With("component", "tcp-routes"))}, common...)...)
 	if err != nil {
+		w.stopEnvd()
 		return err
 	}
 	if err := srv.Start(context.Background(), w.cfg.ProxyListen); err != nil {
 		_ = tcp.Close()
+		w.stopEnvd()
 		return err
 	}
 	w.rt.http, w.rt.tcp = srv, tcp
@@ -204,4 +211,5 @@ func (w *Worker) stopProxy() {
 	if w.rt.tcp != nil {
 		_ = w.rt.tcp.Close()
 	}
+	w.stopEnvd()
 }

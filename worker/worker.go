@@ -25,6 +25,7 @@ import (
 	"github.com/firkin-dev/firkin-worker/artifacts"
 	"github.com/firkin-dev/firkin-worker/backend"
 	"github.com/firkin-dev/firkin-worker/cluster"
+	"github.com/firkin-dev/firkin-worker/e2b/envd"
 	"github.com/firkin-dev/firkin-worker/embedded"
 	"github.com/firkin-dev/firkin-worker/errdefs"
 	"github.com/firkin-dev/firkin-worker/handlers"
@@ -164,6 +165,12 @@ type Worker struct {
 
 	// clientSeed is the embedded server's client seed file ("" without one).
 	clientSeed string
+	// envdAuth are the credentials of the E2B sandbox API's connection to
+	// an external server (the store connection's); envdNC is that
+	// connection and envd the API (see envd.go).
+	envdAuth []nats.Option
+	envdNC   *nats.Conn
+	envd     *envd.Server
 }
 
 // ID is the worker's id (the client_id of its sandboxes).
@@ -427,6 +434,7 @@ func (w *Worker) connect(subj subjects.Subjects) error {
 		}
 	} else {
 		storeAuth, serviceAuth, err = w.externalOptions()
+		w.envdAuth = storeAuth
 	}
 	if err != nil {
 		return err

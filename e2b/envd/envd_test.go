@@ -1,0 +1,192 @@
+package envd
+
+import (
+	"crypto/sha256"
+	"encoding/base64"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strings"
+	"testing"
+	"time"
+
+	pb "github.com/firkin-dev/firkin-worker/e2b/envd/gen/process"
+	"github.com/firkin-dev/firkin-worker/subjects"
+)
+
+// sign makes a signature the way the SDK's getSignature does.
+func sign(path, op, user, token, exp string) string {
+	raw := path + ":" + op + ":" + user + ":" + token
+	if exp != "" {
+		raw += ":" + exp
+	}
+	sum := sha256.Sum256([]byte(raw))
+	return url.QueryEscape("v1_" + strings.TrimRight(base64.StdEncoding.EncodeToString(sum[:]), "="))
+}
+
+func TestCheckSignature(t *testing.T) {
+	const tok = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+	now := time.Unix(1_800_000_000, 0)
+	for _, c := range []struct {
+		name, method, query string
+		ok                  bool
+	}{
+		{"read", "GET", "path=/a&username=user&signature=" + sign("/a", "read", "user", tok, ""), true},
+		{"write", "POST", "path=/a&signature=" + sign("/a", "write", "", tok, ""), true},
+		{"expiry ahead", "GET", "path=/a&signature_expiration=1800000060&signature=" + sign("/a", "read", "", tok, "1800000060"), true},
+		{"expired", "GET", "path=/a&signature_expiration=1799999999&signature=" + sign("/a", "read", "", tok, "1799999999"), false},
+		{"read signature used to write", "POST", "path=/a&signature=" + sign("/a", "read", "", tok, ""), false},
+		{"other path", "GET", "path=/b&signature=" + sign("/a", "read", "", tok, ""), false},
+		{"other user", "GET", "path=/a&username=root&signature=" + sign("/a", "read", "user", tok, ""), false},
+		{"other token", "GET", "path=/a&signature=" + sign("/a", "read", "", strings.Repeat("1", 64), ""), false},
+		{"expiry dropped", "GET", "path=/a&signature=" + sign("/a", "read", "", tok, "1800000060"), false},
+	} {
+		r := httptest.NewRequest(c.method, "/files?"+c.query, nil)
+		if err := checkSignature(r, tok, now); (err == nil) != c.ok {
+			t.Errorf("%s: %v, want ok %v", c.name, err, c.ok)
+		}
+	}
+	r := httptest.NewRequest("GET", "/files?path=/a&signature="+sign("/a", "read", "", "", ""), nil)
+	if checkSignature(r, "", now) == nil {
+		t.Error("a signature with an empty token passes")
+	}
+}
+
+func TestGuestPath(t *testing.T) {
+	for _, c := range []struct{ in, user, want string }{
+		{"/etc/hosts", "user", "/etc/hosts"},
+		{"a/b", "user", "/home/user/a/b"},
+		{"~", "root", "/root"},
+		{"~/x", "user", "/home/user/x"},
+		{"../../etc/passwd", "user", "/etc/passwd"}, // a guest path: the guest decides who may read it
+		{"/a/./b//c/", "user", "/a/b/c"},
+	} {
+		if got, err := guestPath(c.in, c.user); err != nil || got != c.want {
+			t.Errorf("guestPath(%q, %q) = %q, %v; want %q", c.in, c.user, got, err, c.want)
+		}
+	}
+	for _, bad := range []string{"", "a\x00b", "/" + strings.Repeat("a", maxPathLen)} {
+		if _, err := guestPath(bad, "user"); err == nil {
+			t.Errorf("guestPath(%.20q) accepted", bad)
+		}
+	}
+}
+
+func TestUserOf(t *testing.T) {
+	s := &Server{cfg: Config{DefaultUser: "user"}}
+	basic := func(s string) string { return "Basic " + base64.StdEncoding.EncodeToString([]byte(s)) }
+	for _, c := range []struct {
+		auth, want string
+		ok         bool
+	}{
+		{"", "user", true}, {basic("root:"), "root", true}, {basic(":"), "user", true}, {basic("1000:"), "1000", true},
+		{basic("x y:"), "", false}, {basic("-rf:"), "", false}, {basic("../x:"), "", false}, {"Bearer x", "", false}, {"Basic !!", "", false},
+		{basic(strings.Repeat("a", 33) + ":"), "", false},
+	} {
+		h := http.Header{}
+		if c.auth != "" {
+			h.Set("Authorization", c.auth)
+		}
+		got, err := s.userOf(h)
+		if (err == nil) != c.ok || got != c.want && c.ok {
+			t.Errorf("userOf(%q) = %q, %v; want %q ok %v", c.auth, got, err, c.want, c.ok)
+		}
+	}
+}
+
+func TestAdmit(t *testing.T) {
+	s := &Server{}
+	const envdTok, trafficTok = "envd-token", "traffic-token"
+	secure := Access{Secure: true, EnvdToken: envdTok}
+	private := Access{VerifyTraffic: func(tok string) bool { return tok == trafficTok }}
+	for _, c := range []struct {
+		name   string
+		acc    Access
+		header map[string]string
+		ok     bool
+	}{
+		{"secure, right token", secure, map[string]string{AccessTokenHeader: envdTok}, true},
+		{"secure, no token", secure, nil, false},
+		{"secure, wrong token", secure, map[string]string{AccessTokenHeader: "x"}, false},
+		{"secure, traffic header only", secure, map[string]string{"E2b-Traffic-Access-Token": envdTok}, false},
+		{"public", Access{Public: true}, nil, true},
+		{"private, traffic token in X-Access-Token", private, map[string]string{AccessTokenHeader: trafficTok}, true},
+		{"private, traffic token header", private, map[string]string{"E2b-Traffic-Access-Token": trafficTok}, true},
+		{"private, no token", private, nil, false},
+		{"private, wrong token", private, map[string]string{AccessTokenHeader: envdTok}, false},
+	} {
+		r := httptest.NewRequest("POST", "/process.Process/List", nil)
+		for k, v := range c.header {
+			r.Header.Set(k, v)
+		}
+		if status, msg := s.admit(r, c.acc); (status == 0) != c.ok {
+			t.Errorf("%s: %d %s, want ok %v", c.name, status, msg, c.ok)
+		}
+	}
+}
+
+func TestEndEvent(t *testing.T) {
+	for _, c := range []struct {
+		ex     subjects.ProcExit
+		code   int32
+		exited bool
+		status string
+	}{
+		{subjects.ProcExit{ExitCode: 0}, 0, true, "exit status 0"},
+		{subjects.ProcExit{ExitCode: 3}, 3, true, "exit status 3"},
+		{subjects.ProcExit{ExitCode: 137, Signal: "KILL"}, -1, false, "signal: killed"},
+		{subjects.ProcExit{ExitCode: 143, Signal: "TERM"}, -1, false, "signal: terminated"},
+		{subjects.ProcExit{ExitCode: -1, Lost: true}, -1, false, "lost"},
+	} {
+		end := endEvent(c.ex).GetEnd()
+		if end.GetExitCode() != c.code || end.GetExited() != c.exited || end.GetStatus() != c.status {
+			t.Errorf("endEvent(%+v) = %v", c.ex, end)
+		}
+	}
+}
+
+func TestStartRequest(t *testing.T) {
+	cwd := "work"
+	req, err := startRequest(&pb.StartRequest{Process: &pb.ProcessConfig{Cmd: "/bin/bash", Args: []string{"-l", "-c", "echo hi"}, Cwd: &cwd}}, "user")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if req.Command != "/bin/sh" || req.Cwd != "/home/user/work" || !req.Background || req.User != "user" {
+		t.Errorf("start request %+v", req)
+	}
+	if cmd, args := unwrapCommand(req.Command, req.Args); cmd != "/bin/bash" || strings.Join(args, " ") != "-l -c echo hi" {
+		t.Errorf("unwrap: %q %q", cmd, args)
+	}
+	if _, err := startRequest(&pb.StartRequest{Process: &pb.ProcessConfig{}}, "user"); err == nil {
+		t.Error("a start without cmd is accepted")
+	}
+	if _, err := startRequest(&pb.StartRequest{Process: &pb.ProcessConfig{Cmd: "sh"}, Pty: &pb.PTY{Size: &pb.PTY_Size{Cols: 0, Rows: 24}}}, "user"); err == nil {
+		t.Error("a PTY of 0 columns is accepted")
+	}
+}
+
+func TestFSEvents(t *testing.T) {
+	tmp := ".a.txt.firkin-0123456789ab"
+	for _, c := range []struct {
+		ev   subjects.WatchEvent
+		want string
+	}{
+		{subjects.WatchEvent{Op: "create", Name: "a"}, "a:EVENT_TYPE_CREATE"},
+		{subjects.WatchEvent{Op: "write", Name: "a"}, "a:EVENT_TYPE_WRITE"},
+		{subjects.WatchEvent{Op: "remove", Name: "a"}, "a:EVENT_TYPE_REMOVE"},
+		{subjects.WatchEvent{Op: "rename", Name: "a", To: "b"}, "a:EVENT_TYPE_RENAME b:EVENT_TYPE_CREATE"},
+		{subjects.WatchEvent{Op: "create", Name: tmp}, ""},
+		{subjects.WatchEvent{Op: "write", Name: tmp}, ""},
+		{subjects.WatchEvent{Op: "rename", Name: tmp, To: "a.txt"}, "a.txt:EVENT_TYPE_CREATE a.txt:EVENT_TYPE_WRITE"},
+		{subjects.WatchEvent{Op: "create", Name: ".a.firkin-notahexvalue"}, ".a.firkin-notahexvalue:EVENT_TYPE_CREATE"},
+		{subjects.WatchEvent{Op: "overflow"}, ""},
+	} {
+		var got []string
+		for _, fe := range fsEvents(c.ev) {
+			got = append(got, fe.GetName()+":"+fe.GetType().String())
+		}
+		if strings.Join(got, " ") != c.want {
+			t.Errorf("fsEvents(%+v) = %q, want %q", c.ev, got, c.want)
+		}
+	}
+}
