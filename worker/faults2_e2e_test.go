@@ -1,13 +1,22 @@
 package worker_test
 
 import (
+	"context"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
+	"strings"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
+
+	"github.com/firkin-dev/firkin-worker/client"
+	"github.com/firkin-dev/firkin-worker/internal/testenv"
 	"github.com/firkin-dev/firkin-worker/subjects"
 	"github.com/firkin-dev/firkin-worker/worker"
 )
@@ -128,4 +137,155 @@ func TestWarmFillGuestNeverAnswers(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// TestWorkerKilledDuringSave: the worker process is killed with SIGKILL
+// while it saves a snapshot (its state file being written). After the
+// restart the half-written snapshot directory is swept and logged, the
+// snapshot id is absent (or whole: never a record naming missing files),
+// the source sandbox is reattached (its paused machine continued) with its
+// disk intact and can be saved again, and a clean stop leaves no QEMU
+// process, machine directory or nft table.
+func TestWorkerKilledDuringSave(t *testing.T) {
+	testenv.RequireQEMU(t, runtime.GOARCH)
+	agentBin := testenv.AgentBinary(t, runtime.GOARCH)
+	_ = testenv.Image(t, runtime.GOARCH) // the worker builds its own copy from the same cached inputs
+	bin := filepath.Join(t.TempDir(), "firkin-worker")
+	if out, err := exec.Command("go", "build", "-o", bin, "../cmd/firkin-worker").CombinedOutput(); err != nil {
+		t.Fatalf("build worker: %v\n%s", err, out)
+	}
+	state := t.TempDir()
+	natsAddr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	args := []string{"--state-dir", state, "--nats-listen", natsAddr, "--proxy-listen", "127.0.0.1:0",
+		"--agent", agentBin, "--accel", "tcg", "--pool", "tiny=0", "--keep-machines"}
+	shareDebCache(t, state)
+	first := startBinary(t, bin, args...)
+	table := regexp.MustCompile(`"table":"(firkin_[A-Za-z0-9_]+)"`).FindStringSubmatch(first.log())
+	if table == nil {
+		t.Fatal("the worker logged no nft table")
+	}
+	nc, err := nats.Connect("nats://"+natsAddr, client.NkeyFile(filepath.Join(state, "client.nk")),
+		nats.MaxReconnects(-1), nats.ReconnectWait(100*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	c := client.New(nc)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	sb, err := c.Create(ctx, subjects.CreateSandboxRequest{TemplateID: "tiny"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Memory the save must write: the kill lands while it is written.
+	if _, err := c.Exec(ctx, sb.SandboxID, subjects.ExecRequest{Command: "echo survived > /root/mark; sync; head -c 48000000 /dev/urandom > /tmp/ballast"}); err != nil {
+		t.Fatal(err)
+	}
+
+	saved := make(chan error, 1)
+	go func() {
+		// The worker's NATS server dies with it: the request ends by its
+		// own deadline.
+		sctx, scancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer scancel()
+		_, err := c.Snapshot(sctx, sb.SandboxID, subjects.SnapshotRequest{Name: "crashsnap"})
+		saved <- err
+	}()
+	snapshots := filepath.Join(state, "snapshots")
+	var stateFile string
+	var written int64
+	deadline := time.Now().Add(time.Minute)
+	for stateFile == "" {
+		if time.Now().After(deadline) {
+			t.Fatal("the save never started writing its state file")
+		}
+		if m, _ := filepath.Glob(filepath.Join(snapshots, "crashsnap.*", "state")); len(m) == 1 {
+			if st, err := os.Stat(m[0]); err == nil && st.Size() > 0 {
+				stateFile, written = m[0], st.Size()
+				break
+			}
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	_ = first.cmd.Process.Kill()
+	<-first.done
+	killedAt := time.Now()
+	half := filepath.Dir(stateFile)
+	st, _ := os.Stat(stateFile)
+	t.Logf("worker killed with %d bytes of the state file written (%d a moment later); snapshot dir %s", written, st.Size(), filepath.Base(half))
+	if len(qemuProcesses(filepath.Join(state, "sandboxes"))) != 1 {
+		t.Fatalf("the sandbox's machine did not outlive the crash (--keep-machines): %q", qemuProcesses(state))
+	}
+
+	select {
+	case err := <-saved:
+		if err == nil {
+			t.Fatal("the snapshot succeeded although its worker was killed")
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the snapshot request never ended")
+	}
+	restart := time.Now()
+	second := startBinary(t, bin, args...)
+	t.Logf("restarted in %s (%s after the kill); the source's machine was paused and continued: %v", time.Since(restart).Round(time.Millisecond),
+		time.Since(killedAt).Round(time.Millisecond), strings.Contains(second.log(), "machine was paused; continuing it"))
+	if _, err := os.Stat(half); !os.IsNotExist(err) {
+		t.Errorf("the half-written snapshot dir is still there: %v", err)
+	}
+	if !strings.Contains(second.log(), "removed a snapshot directory without a record") || !strings.Contains(second.log(), filepath.Base(half)) {
+		t.Errorf("the restarted worker did not log the sweep of %s", filepath.Base(half))
+	}
+	// The id is absent, or whole.
+	if rec, err := c.GetSnapshot(ctx, "crashsnap"); err == nil {
+		for _, a := range rec.Artifacts {
+			fi, err := os.Stat(filepath.Join(state, "snapshots", "crashsnap."+rec.Generation, a.Name))
+			if err != nil || fi.Size() != a.SizeBytes {
+				t.Errorf("snapshot record names %s (%d bytes): %v", a.Name, a.SizeBytes, err)
+			}
+		}
+	} else if subjects.CodeOf(err) != subjects.CodeSnapshotNotFound {
+		t.Fatalf("get snapshot: %v", err)
+	}
+	// The source was reattached: its paused machine continued, its disk
+	// as before, and it saves and restores again.
+	r, err := c.Exec(ctx, sb.SandboxID, subjects.ExecRequest{Command: "cat /root/mark; ls -l /tmp/ballast | wc -l"})
+	if err != nil || r.Stdout != "survived\n1\n" {
+		t.Fatalf("exec in the source sandbox after the restart: %+v %v", r, err)
+	}
+	if _, err := c.Snapshot(ctx, sb.SandboxID, subjects.SnapshotRequest{Name: "crashsnap"}); err != nil {
+		t.Fatalf("save the source again after the restart: %v", err)
+	}
+	again, err := c.Create(ctx, subjects.CreateSandboxRequest{SnapshotID: "crashsnap"})
+	if err != nil {
+		t.Fatalf("restore the new save: %v", err)
+	}
+	if r, err := c.Exec(ctx, again.SandboxID, subjects.ExecRequest{Command: "cat /root/mark"}); err != nil || r.Stdout != "survived\n" {
+		t.Fatalf("exec in the restored sandbox: %+v %v", r, err)
+	}
+	for _, id := range []string{again.SandboxID, sb.SandboxID} {
+		if err := c.Kill(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := c.DeleteSnapshot(ctx, "crashsnap"); err != nil {
+		t.Fatal(err)
+	}
+	_ = second.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-second.done:
+	case <-time.After(90 * time.Second):
+		t.Fatal("the worker did not stop")
+	}
+	if p := qemuProcesses(state); len(p) != 0 {
+		t.Errorf("QEMU processes left: %q", p)
+	}
+	if entries, _ := os.ReadDir(filepath.Join(state, "sandboxes")); len(entries) != 0 {
+		t.Errorf("machine dirs left: %v", entries)
+	}
+	if m, _ := filepath.Glob(filepath.Join(snapshots, "crashsnap.*")); len(m) != 0 {
+		t.Errorf("snapshot dirs left: %v", m)
+	}
+	if out, err := exec.Command("nft", "list", "table", "inet", table[1]).CombinedOutput(); err == nil {
+		t.Errorf("nft table %s left after the stop:\n%s", table[1], out)
+	}
 }
