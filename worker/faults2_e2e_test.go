@@ -289,3 +289,123 @@ func TestWorkerKilledDuringSave(t *testing.T) {
 		t.Errorf("nft table %s left after the stop:\n%s", table[1], out)
 	}
 }
+
+// mountTmpfs mounts a tmpfs of size bytes on a new directory and unmounts
+// it when the test ends (after the cleanups registered later, such as the
+// worker's stop).
+func mountTmpfs(t *testing.T, size uint64) string {
+	t.Helper()
+	dir := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", fmt.Sprintf("size=%d,mode=0700", size), "tmpfs", dir).CombinedOutput(); err != nil {
+		t.Skipf("cannot mount a tmpfs (needs root): %v: %s", err, out)
+	}
+	t.Cleanup(func() {
+		if out, err := exec.Command("umount", dir).CombinedOutput(); err != nil {
+			t.Errorf("umount %s: %v: %s", dir, err, out)
+		}
+	})
+	return dir
+}
+
+// resizeTmpfs gives the tmpfs at dir room for free more bytes than it
+// holds now, and returns the free bytes statfs then reports.
+func resizeTmpfs(t *testing.T, dir string, free uint64) uint64 {
+	t.Helper()
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	used := (st.Blocks - st.Bfree) * uint64(st.Bsize)
+	if out, err := exec.Command("mount", "-o", fmt.Sprintf("remount,size=%d", used+free), dir).CombinedOutput(); err != nil {
+		t.Fatalf("resize the tmpfs: %v: %s", err, out)
+	}
+	return freeBytes(t, dir)
+}
+
+func freeBytes(t *testing.T, dir string) uint64 {
+	t.Helper()
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Bavail * uint64(st.Bsize)
+}
+
+// TestDiskPressureDuringSaveAndRestore: the worker's state directory is a
+// file system the test fills. A save that runs out of space while QEMU
+// writes the state file, a save and a restore below the free-space floor
+// the test sets: each answers disk_pressure through NATS, the source
+// sandbox keeps running, and no snapshot or machine directory is left
+// half-written. With room again, the same restore works.
+func TestDiskPressureDuringSaveAndRestore(t *testing.T) {
+	const floor = 8 << 20
+	state := mountTmpfs(t, 4<<30)
+	// The embedded NATS server's store lives elsewhere (as an external
+	// server's would): a full state directory must not take JetStream down.
+	if err := os.Symlink(t.TempDir(), filepath.Join(state, "nats")); err != nil {
+		t.Fatal(err)
+	}
+	e := startWorker(t, func(c *worker.Config) { c.StateDir, c.MinFreeDiskBytes = state, floor })
+	sb := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny"})
+	// Nothing of the guest's left to write back: a full disk during the
+	// test would otherwise pause the guest on its next disk write.
+	e.exec(sb.SandboxID, "echo alive > /root/mark; sync")
+	if _, err := e.c.Snapshot(e.ctx(time.Minute), sb.SandboxID, subjects.SnapshotRequest{Name: "roomy"}); err != nil {
+		t.Fatalf("save with room: %v", err)
+	}
+	snapshotDirs := func() []string {
+		m, _ := filepath.Glob(filepath.Join(state, "snapshots", "*"))
+		return m
+	}
+	machineDirs := func() []string {
+		m, _ := filepath.Glob(filepath.Join(state, "sandboxes", "*"))
+		return m
+	}
+	dirsBefore, machinesBefore := snapshotDirs(), machineDirs()
+	sourceRuns := func(what string) {
+		t.Helper()
+		r, err := e.c.Exec(e.ctx(time.Minute), sb.SandboxID, subjects.ExecRequest{Command: "cat /root/mark"})
+		if err != nil || r.Stdout != "alive\n" {
+			t.Fatalf("source sandbox after %s: %+v %v", what, r, err)
+		}
+		if d := snapshotDirs(); len(d) != len(dirsBefore) {
+			t.Errorf("after %s: snapshot dirs %v, want %v", what, d, dirsBefore)
+		}
+		if d := machineDirs(); len(d) != len(machinesBefore) {
+			t.Errorf("after %s: machine dirs %v, want %v", what, d, machinesBefore)
+		}
+	}
+
+	// 1. Room above the floor, not for the state file: QEMU's write fails.
+	free := resizeTmpfs(t, state, floor+1<<20)
+	t0 := time.Now()
+	_, err := e.c.Snapshot(e.ctx(time.Minute), sb.SandboxID, subjects.SnapshotRequest{Name: "full"})
+	wantCode(t, "save that fills the disk", err, subjects.CodeDiskPressure)
+	t.Logf("save with %d KiB free (floor %d KiB): %v after %s", free>>10, floor>>10, err, time.Since(t0).Round(time.Millisecond))
+	if after := freeBytes(t, state); after+256<<10 < free {
+		t.Errorf("%d KiB free after the failed save, %d KiB before: something was left", after>>10, free>>10)
+	}
+	sourceRuns("the save that filled the disk")
+	_, err = e.c.Snapshot(e.ctx(time.Minute), sb.SandboxID, subjects.SnapshotRequest{Name: "full", Stop: true})
+	wantCode(t, `a "stop": true save that fills the disk`, err, subjects.CodeDiskPressure)
+	sourceRuns(`the "stop": true save that filled the disk`)
+	if _, err := e.c.GetSnapshot(e.ctx(10*time.Second), "full"); subjects.CodeOf(err) != subjects.CodeSnapshotNotFound {
+		t.Errorf("snapshot of the failed save: %v, want snapshot_not_found", err)
+	}
+
+	// 2. Below the floor: refused before anything is written.
+	free = resizeTmpfs(t, state, floor/2)
+	_, err = e.c.Snapshot(e.ctx(time.Minute), sb.SandboxID, subjects.SnapshotRequest{Name: "full"})
+	wantCode(t, "save below the floor", err, subjects.CodeDiskPressure)
+	_, err = e.c.Create(e.ctx(time.Minute), subjects.CreateSandboxRequest{SnapshotID: "roomy"})
+	wantCode(t, "restore below the floor", err, subjects.CodeDiskPressure)
+	t.Logf("restore with %d KiB free: %v", free>>10, err)
+	sourceRuns("a save and a restore below the floor")
+
+	// 3. Room again: the same restore works.
+	resizeTmpfs(t, state, 2<<30)
+	restored := e.create(subjects.CreateSandboxRequest{SnapshotID: "roomy"})
+	if out := e.exec(restored.SandboxID, "cat /root/mark"); out.Stdout != "alive\n" {
+		t.Fatalf("restored sandbox: %+v", out)
+	}
+}
