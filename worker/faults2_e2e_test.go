@@ -2,6 +2,7 @@ package worker_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -16,6 +17,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/firkin-dev/firkin-worker/client"
+	"github.com/firkin-dev/firkin-worker/embedded"
 	"github.com/firkin-dev/firkin-worker/internal/testenv"
 	"github.com/firkin-dev/firkin-worker/subjects"
 	"github.com/firkin-dev/firkin-worker/worker"
@@ -407,5 +409,142 @@ func TestDiskPressureDuringSaveAndRestore(t *testing.T) {
 	restored := e.create(subjects.CreateSandboxRequest{SnapshotID: "roomy"})
 	if out := e.exec(restored.SandboxID, "cat /root/mark"); out.Stdout != "alive\n" {
 		t.Fatalf("restored sandbox: %+v", out)
+	}
+}
+
+// TestNATSServerRestartedUnderLoad: an exec prints 1 KiB lines at a steady
+// rate while the external nats-server the worker uses is shut down and
+// started again. Output of the outage waits, bounded (the log publisher's
+// window of unacknowledged events, then the guest's stream), and is in
+// FIRKIN_LOGS after the reconnect; whatever is not is counted in the
+// reply's logs_dropped_bytes and a system log event: never lost in
+// silence.
+func TestNATSServerRestartedUnderLoad(t *testing.T) {
+	store := t.TempDir()
+	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	start := func() *embedded.Server {
+		srv, err := embedded.Start(embedded.Config{Listen: addr, StoreDir: store, Anonymous: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return srv
+	}
+	srv := start()
+	t.Cleanup(func() { srv.Shutdown() })
+	e := startWorker(t, func(c *worker.Config) { c.NATSURL = "nats://" + addr })
+	// Not during the template's upload (see TestNATSServerRestarted).
+	eventually(t, 2*time.Minute, "the template uploaded", func() error {
+		if !strings.Contains(e.logs.String(), "snapshot artifacts uploaded") {
+			return errors.New("not yet")
+		}
+		return nil
+	})
+	nc, err := nats.Connect("nats://"+addr, nats.MaxReconnects(-1), nats.ReconnectWait(100*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	c := client.New(nc)
+	sb, err := c.Create(e.ctx(3*time.Minute), subjects.CreateSandboxRequest{TemplateID: "tiny"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Kill(context.Background(), sb.SandboxID) })
+
+	const lines = 160 // 20 a second: 8 s
+	type result struct {
+		r   subjects.ExecReply
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		r, err := c.Exec(e.ctx(2*time.Minute), sb.SandboxID, subjects.ExecRequest{Command: fmt.Sprintf(
+			`pad=$(head -c 1000 /dev/zero | tr '\0' x); i=0; while [ $i -lt %d ]; do echo "line-$i $pad"; i=$((i+1)); sleep 0.05; done`, lines)})
+		done <- result{r, err}
+	}()
+	// Some output stored, then the outage.
+	eventually(t, time.Minute, "output in the log stream", func() error {
+		page, err := c.Logs(e.ctx(10*time.Second), sb.SandboxID, subjects.LogsRequest{Limit: 200})
+		if err != nil {
+			return err
+		}
+		for _, ev := range page.Events {
+			if ev.Source == subjects.SourceStdout {
+				return nil
+			}
+		}
+		return errors.New("none yet")
+	})
+	down := time.Now()
+	srv.Shutdown()
+	time.Sleep(1500 * time.Millisecond)
+	srv = start()
+	up := time.Now()
+
+	var res result
+	select {
+	case res = <-done:
+	case <-time.After(90 * time.Second):
+		t.Fatal("no exec reply after the restart")
+	}
+	if res.err != nil || res.r.ExitCode != 0 {
+		t.Fatalf("exec across the restart: %+v %v", res.r, res.err)
+	}
+	// Everything the command printed, as the log stream has it.
+	var out strings.Builder
+	var outage, system int
+	var events []subjects.LogEvent
+	cursor := uint64(0)
+	for range 100 {
+		page, err := c.Logs(e.ctx(10*time.Second), sb.SandboxID, subjects.LogsRequest{Cursor: cursor, Limit: 200})
+		if err != nil {
+			t.Fatal(err)
+		}
+		events = append(events, page.Events...)
+		if len(page.Events) == 0 || page.NextCursor == cursor {
+			break
+		}
+		cursor = page.NextCursor
+	}
+	for _, ev := range events {
+		if ev.CommandID != res.r.CommandID {
+			continue
+		}
+		switch ev.Source {
+		case subjects.SourceStdout:
+			out.WriteString(ev.Message)
+			if at, err := time.Parse(time.RFC3339Nano, ev.Timestamp); err == nil && at.After(down) && at.Before(up) {
+				outage += len(ev.Message)
+			}
+		case subjects.SourceSystem:
+			system++
+			t.Logf("system log event: %s", ev.Message)
+		}
+	}
+	got := strings.Split(strings.TrimSuffix(out.String(), "\n"), "\n")
+	seen := map[string]int{}
+	for _, l := range got {
+		seen[strings.Fields(l + " ")[0]]++
+	}
+	missing := 0
+	for i := range lines {
+		switch seen[fmt.Sprintf("line-%d", i)] {
+		case 0:
+			missing += len(fmt.Sprintf("line-%d ", i)) + 1000 + 1
+		case 1:
+		default:
+			t.Errorf("line-%d is %d times in the log stream", i, seen[fmt.Sprintf("line-%d", i)])
+		}
+	}
+	t.Logf("outage %s; exec took %d ms (8 s of output); %d bytes of output reached the worker during the outage and were stored after the reconnect; %d of %d lines stored, %d bytes missing, logs_dropped_bytes %d, %d system events",
+		up.Sub(down).Round(time.Millisecond), res.r.DurationMS, outage, len(got), lines, missing, res.r.LogsDroppedBytes, system)
+	if int64(missing) > res.r.LogsDroppedBytes {
+		t.Errorf("%d bytes of output missing from the log stream but only %d counted as dropped: lost in silence", missing, res.r.LogsDroppedBytes)
+	}
+	if res.r.LogsDroppedBytes > 0 && system == 0 {
+		t.Error("output dropped without a system log event saying so")
+	}
+	if outage == 0 {
+		t.Error("no output reached the worker during the outage: the test did not test buffering")
 	}
 }
