@@ -445,40 +445,64 @@ func TestNATSServerRestartedUnderLoad(t *testing.T) {
 	}
 	t.Cleanup(nc.Close)
 	c := client.New(nc)
-	sb, err := c.Create(e.ctx(3*time.Minute), subjects.CreateSandboxRequest{TemplateID: "tiny"})
+	sb, err := c.Create(e.ctx(3*time.Minute), subjects.CreateSandboxRequest{TemplateID: "tiny", TimeoutS: 600})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = c.Kill(context.Background(), sb.SandboxID) })
 
-	const lines = 160 // 20 a second: 8 s
+	// A short outage: held and stored afterwards. One longer than the log
+	// window's stall (10 s): the held output is stored afterwards, what
+	// comes after the stall is dropped and counted.
+	for _, tc := range []struct {
+		outage time.Duration
+		lines  int  // 20 a second
+		drops  bool // the stall must have dropped output
+	}{{1500 * time.Millisecond, 100, false}, {11 * time.Second, 300, true}} {
+		t.Run(tc.outage.String(), func(t *testing.T) {
+			restart := func() {
+				srv.Shutdown()
+				time.Sleep(tc.outage)
+				srv = start()
+			}
+			if dropped := outageUnderLoad(t, e, c, sb.SandboxID, tc.lines, restart); tc.drops && dropped == 0 {
+				t.Errorf("nothing dropped in an outage of %s, longer than the log window's stall", tc.outage)
+			}
+		})
+	}
+}
+
+// outageUnderLoad runs an exec printing numbered 1 KiB lines, 20 a
+// second, calls restart (the NATS server's outage) once some are stored,
+// and checks that every line missing from the log stream is counted. It
+// returns the reply's logs_dropped_bytes.
+func outageUnderLoad(t *testing.T, e *env, c *client.Client, id string, lines int, restart func()) int64 {
 	type result struct {
 		r   subjects.ExecReply
 		err error
 	}
 	done := make(chan result, 1)
 	go func() {
-		r, err := c.Exec(e.ctx(2*time.Minute), sb.SandboxID, subjects.ExecRequest{Command: fmt.Sprintf(
+		r, err := c.Exec(e.ctx(2*time.Minute), id, subjects.ExecRequest{Command: fmt.Sprintf(
 			`pad=$(head -c 1000 /dev/zero | tr '\0' x); i=0; while [ $i -lt %d ]; do echo "line-$i $pad"; i=$((i+1)); sleep 0.05; done`, lines)})
 		done <- result{r, err}
 	}()
-	// Some output stored, then the outage.
+	// Some output of this command stored, then the outage.
+	started := time.Now()
 	eventually(t, time.Minute, "output in the log stream", func() error {
-		page, err := c.Logs(e.ctx(10*time.Second), sb.SandboxID, subjects.LogsRequest{Limit: 200})
+		page, err := c.Logs(e.ctx(10*time.Second), id, subjects.LogsRequest{Limit: 1000})
 		if err != nil {
 			return err
 		}
 		for _, ev := range page.Events {
-			if ev.Source == subjects.SourceStdout {
+			if at, err := time.Parse(time.RFC3339Nano, ev.Timestamp); err == nil && ev.Source == subjects.SourceStdout && at.After(started) {
 				return nil
 			}
 		}
 		return errors.New("none yet")
 	})
 	down := time.Now()
-	srv.Shutdown()
-	time.Sleep(1500 * time.Millisecond)
-	srv = start()
+	restart()
 	up := time.Now()
 
 	var res result
@@ -496,7 +520,7 @@ func TestNATSServerRestartedUnderLoad(t *testing.T) {
 	var events []subjects.LogEvent
 	cursor := uint64(0)
 	for range 100 {
-		page, err := c.Logs(e.ctx(10*time.Second), sb.SandboxID, subjects.LogsRequest{Cursor: cursor, Limit: 200})
+		page, err := c.Logs(e.ctx(10*time.Second), id, subjects.LogsRequest{Cursor: cursor, Limit: 200})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -536,8 +560,18 @@ func TestNATSServerRestartedUnderLoad(t *testing.T) {
 			t.Errorf("line-%d is %d times in the log stream", i, seen[fmt.Sprintf("line-%d", i)])
 		}
 	}
-	t.Logf("outage %s; exec took %d ms (8 s of output); %d bytes of output reached the worker during the outage and were stored after the reconnect; %d of %d lines stored, %d bytes missing, logs_dropped_bytes %d, %d system events",
-		up.Sub(down).Round(time.Millisecond), res.r.DurationMS, outage, len(got), lines, missing, res.r.LogsDroppedBytes, system)
+	t.Logf("outage %s; exec took %d ms (%d ms of output); %d bytes of output reached the worker during the outage and were stored after the reconnect; %d of %d lines stored, %d bytes missing, logs_dropped_bytes %d, %d system events",
+		up.Sub(down).Round(time.Millisecond), res.r.DurationMS, lines*50, outage, lines-missing/1008, lines, missing, res.r.LogsDroppedBytes, system)
+	// When the worker's connections were back (each reconnects with its
+	// own backoff, up to 10 s apart).
+	for _, l := range strings.Split(e.logs.String(), "\n") {
+		if !strings.Contains(l, `msg="reconnected to NATS"`) || !strings.HasPrefix(l, "time=") {
+			continue
+		}
+		if at, err := time.Parse(time.RFC3339Nano, strings.Fields(l)[0][len("time="):]); err == nil && at.After(down) {
+			t.Logf("%s after the server was back: %s", (at.Sub(up)).Round(time.Millisecond), l[strings.Index(l, "connection="):])
+		}
+	}
 	if int64(missing) > res.r.LogsDroppedBytes {
 		t.Errorf("%d bytes of output missing from the log stream but only %d counted as dropped: lost in silence", missing, res.r.LogsDroppedBytes)
 	}
@@ -547,4 +581,5 @@ func TestNATSServerRestartedUnderLoad(t *testing.T) {
 	if outage == 0 {
 		t.Error("no output reached the worker during the outage: the test did not test buffering")
 	}
+	return res.r.LogsDroppedBytes
 }
