@@ -188,7 +188,7 @@ func TestWorkerKilledDuringSave(t *testing.T) {
 	go func() {
 		// The worker's NATS server dies with it: the request ends by its
 		// own deadline.
-		sctx, scancel := context.WithTimeout(context.Background(), 10*time.Second)
+		sctx, scancel := context.WithTimeout(context.Background(), 3*time.Second)
 		defer scancel()
 		_, err := c.Snapshot(sctx, sb.SandboxID, subjects.SnapshotRequest{Name: "crashsnap"})
 		saved <- err
@@ -221,9 +221,7 @@ func TestWorkerKilledDuringSave(t *testing.T) {
 
 	select {
 	case err := <-saved:
-		if err == nil {
-			t.Fatal("the snapshot succeeded although its worker was killed")
-		}
+		t.Logf("the snapshot request: %v", err) // an answer only if the save beat the kill
 	case <-time.After(30 * time.Second):
 		t.Fatal("the snapshot request never ended")
 	}
@@ -231,22 +229,28 @@ func TestWorkerKilledDuringSave(t *testing.T) {
 	second := startBinary(t, bin, args...)
 	t.Logf("restarted in %s (%s after the kill); the source's machine was paused and continued: %v", time.Since(restart).Round(time.Millisecond),
 		time.Since(killedAt).Round(time.Millisecond), strings.Contains(second.log(), "machine was paused; continuing it"))
-	if _, err := os.Stat(half); !os.IsNotExist(err) {
-		t.Errorf("the half-written snapshot dir is still there: %v", err)
-	}
-	if !strings.Contains(second.log(), "removed a snapshot directory without a record") || !strings.Contains(second.log(), filepath.Base(half)) {
-		t.Errorf("the restarted worker did not log the sweep of %s", filepath.Base(half))
-	}
-	// The id is absent, or whole.
+	// The id is absent and its directory swept, or (the save finished
+	// before the kill landed) whole.
 	if rec, err := c.GetSnapshot(ctx, "crashsnap"); err == nil {
+		t.Logf("the save was recorded before the kill (generation %s): checking it is whole", rec.Generation)
 		for _, a := range rec.Artifacts {
 			fi, err := os.Stat(filepath.Join(state, "snapshots", "crashsnap."+rec.Generation, a.Name))
 			if err != nil || fi.Size() != a.SizeBytes {
 				t.Errorf("snapshot record names %s (%d bytes): %v", a.Name, a.SizeBytes, err)
 			}
 		}
+		if err := c.DeleteSnapshot(ctx, "crashsnap"); err != nil {
+			t.Fatal(err)
+		}
 	} else if subjects.CodeOf(err) != subjects.CodeSnapshotNotFound {
 		t.Fatalf("get snapshot: %v", err)
+	} else {
+		if _, err := os.Stat(half); !os.IsNotExist(err) {
+			t.Errorf("the half-written snapshot dir is still there: %v", err)
+		}
+		if !strings.Contains(second.log(), "removed a snapshot directory without a record") || !strings.Contains(second.log(), filepath.Base(half)) {
+			t.Errorf("the restarted worker did not log the sweep of %s", filepath.Base(half))
+		}
 	}
 	// The source was reattached: its paused machine continued, its disk
 	// as before, and it saves and restores again.
