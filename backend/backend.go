@@ -109,6 +109,12 @@ type Config struct {
 	// MinFreeDiskBytes refuses creates and snapshots with disk_pressure when
 	// the state directory's file system has less free space (1 GiB).
 	MinFreeDiskBytes uint64
+	// FillTimeout bounds one warm fill, every step of it (restore, guest
+	// init, warm-up commands) included (default 2 min): a fill that misses
+	// it, or one of its steps' own deadlines, has its machine stopped and
+	// is counted (pool.status fill_timeouts). A fill still running after a
+	// quarter of it (at most 20 s) lets another template's fill start.
+	FillTimeout time.Duration
 	// LogBytesPerSecond and LogBytesTotal are each sandbox's log budget:
 	// output beyond it is dropped (counted, reported in a system log event
 	// and the exec reply) rather than filling the shared log stream. The
@@ -164,6 +170,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.ReplyOutputCap == 0 {
 		c.ReplyOutputCap = 256 << 10
+	}
+	if c.FillTimeout <= 0 {
+		c.FillTimeout = 2 * time.Minute
 	}
 	if c.MinFreeDiskBytes == 0 {
 		c.MinFreeDiskBytes = 1 << 30

@@ -20,10 +20,13 @@ import (
 // newPool makes the warm pool: per template id, machines restored from the
 // template's snapshot, each holding a warm capacity reservation.
 func (b *Backend) newPool() *vmpool.Pool {
+	slow := min(20*time.Second, b.cfg.FillTimeout/4)
 	return vmpool.NewPool(vmpool.PoolConfig{
-		Fill:    b.fillWarm,
-		Release: func(m vmpool.Machine) { b.admission.Release(m.ID()) },
-		Logger:  b.log.With("component", "pool"),
+		Fill:        b.fillWarm,
+		FillTimeout: b.cfg.FillTimeout,
+		SlowFill:    slow,
+		Release:     func(m vmpool.Machine) { b.admission.Release(m.ID()) },
+		Logger:      b.log.With("component", "pool"),
 	})
 }
 

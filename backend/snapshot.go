@@ -17,6 +17,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/firkin-dev/firkin-worker/errdefs"
 	"github.com/firkin-dev/firkin-worker/subjects"
 	"github.com/firkin-dev/firkin-worker/vmpool"
@@ -151,6 +153,7 @@ func (b *Backend) save(ctx context.Context, s *session, sid string, opts vmpool.
 	tStart := time.Now()
 	snap, err := saver.Save(ctx, s.mach(), dir, opts)
 	if err != nil {
+		err = b.diskError(dir, err) // measured before the partial files go
 		_ = os.RemoveAll(dir)
 		return subjects.SnapshotRecord{}, fmt.Errorf("save sandbox %s: %w", src.SandboxID, err)
 	}
@@ -159,6 +162,7 @@ func (b *Backend) save(ctx context.Context, s *session, sid string, opts vmpool.
 	rec, err := b.describe(snap, sid, gen, src, opts.Kind, meta)
 	b.log.Debug("snapshot described", "snapshot", sid, "driver", tDriver.Sub(tStart).Round(time.Microsecond), "describe", time.Since(tDriver).Round(time.Microsecond))
 	if err != nil {
+		err = b.diskError(dir, err)
 		_ = os.RemoveAll(dir)
 		return subjects.SnapshotRecord{}, err
 	}
@@ -417,7 +421,36 @@ func (b *Backend) restore(ctx context.Context, id, dir string, rec subjects.Snap
 	if err != nil {
 		return nil, err
 	}
-	return r.Restore(ctx, vmpool.RestoreSpec{ID: id, Dir: dir, Snapshot: snap, Network: network, SnapshotReady: snapshotReady})
+	m, err := r.Restore(ctx, vmpool.RestoreSpec{ID: id, Dir: dir, Snapshot: snap, Network: network, SnapshotReady: snapshotReady})
+	if err != nil {
+		// The driver removed the machine's directory: measure its parent.
+		return nil, b.diskError(filepath.Dir(dir), err)
+	}
+	return m, nil
+}
+
+// diskError classes err, a failed save or restore that wrote under dir, as
+// disk_pressure when the file system ran out of space: ENOSPC, or less
+// free space under dir than the floor (MinFreeDiskBytes) at the moment of
+// the failure (a QEMU migration's error carries no errno). The cause's
+// text is kept but not its class: a full disk is what the caller must
+// hear, whatever step it broke.
+func (b *Backend) diskError(dir string, err error) error {
+	if errors.Is(err, context.Canceled) {
+		return err
+	}
+	// The driver may have seen ENOSPC itself (and classed it, but as a
+	// step's failure a class that CodeOf would name first).
+	full := errors.Is(err, errdefs.ErrDiskPressure) || errors.Is(err, unix.ENOSPC)
+	var st unix.Statfs_t
+	if !full && unix.Statfs(dir, &st) == nil {
+		full = st.Bavail*uint64(st.Bsize) < b.cfg.MinFreeDiskBytes
+	}
+	if !full {
+		return err
+	}
+	b.log.Warn("save or restore failed on a full disk", "dir", filepath.Base(dir), "err", err)
+	return errdefs.Wrap(errdefs.ErrDiskPressure, fmt.Errorf("the file system under the state directory is full: %v", err))
 }
 
 // GetSnapshot returns a snapshot record once it is authenticated.

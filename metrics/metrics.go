@@ -161,12 +161,13 @@ var (
 	descLimit     = prometheus.NewDesc("firkin_admission_limit", "Admission limits, by resource.", []string{"resource"}, nil)
 	descPoolReady = prometheus.NewDesc("firkin_pool_ready", "Warm machines ready, by template.", []string{"template"}, nil)
 	descPoolTgt   = prometheus.NewDesc("firkin_pool_target", "Warm pool target, by template.", []string{"template"}, nil)
+	descFillTO    = prometheus.NewDesc("firkin_pool_fill_timeouts_total", "Warm fills whose machine missed a deadline and was stopped, by template.", []string{"template"}, nil)
 	descQEMU      = prometheus.NewDesc("firkin_qemu_processes", "QEMU processes of this worker's state directory.", nil, nil)
 	descDropped   = prometheus.NewDesc("firkin_log_dropped_bytes_total", "Log output dropped (budgets, publish failures).", nil, nil)
 )
 
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descSandboxes, descReserved, descLimit, descPoolReady, descPoolTgt, descQEMU, descDropped} {
+	for _, d := range []*prometheus.Desc{descSandboxes, descReserved, descLimit, descPoolReady, descPoolTgt, descFillTO, descQEMU, descDropped} {
 		ch <- d
 	}
 }
@@ -187,6 +188,7 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, p := range st.Pool {
 		gauge(descPoolReady, p.Ready, p.TemplateID)
 		gauge(descPoolTgt, p.Target, p.TemplateID)
+		ch <- prometheus.MustNewConstMetric(descFillTO, prometheus.CounterValue, float64(p.FillTimeouts), p.TemplateID)
 	}
 	gauge(descQEMU, st.QEMUProcesses)
 	ch <- prometheus.MustNewConstMetric(descDropped, prometheus.CounterValue, float64(st.LogDroppedBytes))

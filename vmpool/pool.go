@@ -48,7 +48,8 @@ type PoolStatus struct {
 	Ready      int
 	InProgress int
 	LastError  string
-	// FillTimeouts counts fills that missed FillTimeout.
+	// FillTimeouts counts fills that missed FillTimeout or a deadline of
+	// one of their steps.
 	FillTimeouts int
 }
 
@@ -335,7 +336,10 @@ func (p *Pool) fill(key string, generation int) {
 	t0 := time.Now()
 	m, err := p.cfg.Fill(ctx, key)
 	slow.Stop()
-	timedOut := err != nil && errors.Is(ctx.Err(), context.DeadlineExceeded) && p.ctx.Err() == nil
+	// The fill's deadline, or one of its steps' own (a guest that never
+	// answered): either way a machine missed a deadline and was stopped.
+	timedOut := err != nil && p.ctx.Err() == nil &&
+		(errors.Is(ctx.Err(), context.DeadlineExceeded) || errors.Is(err, context.DeadlineExceeded))
 	p.mu.Lock()
 	k := p.key(key)
 	k.inProgress--

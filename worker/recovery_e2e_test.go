@@ -27,6 +27,8 @@ type process struct {
 	cmd  *exec.Cmd
 	done chan struct{}
 	url  string
+	// log returns the last lines the process logged.
+	log func() string
 }
 
 func freePort(t *testing.T) int {
@@ -109,6 +111,7 @@ func startBinary(t *testing.T, bin string, args ...string) *process {
 	case <-time.After(4 * time.Minute):
 		t.Fatalf("worker not ready after 4 minutes:\n%s", tail(lines(), 12000))
 	}
+	p.log = lines
 	return p
 }
 

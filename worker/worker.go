@@ -71,6 +71,8 @@ type Config struct {
 	Limits          backend.Limits
 	// MinFreeDiskBytes overrides the free-disk floor (see backend.Config).
 	MinFreeDiskBytes uint64
+	// FillTimeout bounds one warm fill (see backend.Config; 0: 2 min).
+	FillTimeout time.Duration
 	// LogBytesPerSecond and LogBytesTotal are each sandbox's log budget (see
 	// backend.Config; 0: the defaults, negative: no limit).
 	LogBytesPerSecond, LogBytesTotal int64
@@ -286,6 +288,7 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 			Artifacts:        arts,
 			Limits:           cfg.Limits,
 			MinFreeDiskBytes: cfg.MinFreeDiskBytes,
+			FillTimeout:      cfg.FillTimeout,
 			Logger:           w.log.With("component", "runtime"),
 
 			LogBytesPerSecond: cfg.LogBytesPerSecond,

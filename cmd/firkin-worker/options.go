@@ -26,6 +26,7 @@ type options struct {
 	logRateKiB, logTotalMiB                                             int64
 	keepMachines                                                        bool
 	logMaxAge                                                           time.Duration
+	fillTimeout                                                         time.Duration
 
 	// NATS authentication: the embedded server's mode, or credentials and
 	// TLS for an external one. natsPassword comes from --nats-password-file
@@ -100,6 +101,7 @@ func parseOptions(args []string, getenv func(string) string, readFile func(strin
 	fs.IntVar(&o.maxVCPUs, "max-vcpus", 0, "most vCPUs handed out at once (0: 32 per host core)")
 	fs.IntVar(&o.maxMemoryMB, "max-memory-mb", 0, "most guest memory handed out at once, MiB (0: the host's memory less max(1 GiB, 10%))")
 	fs.IntVar(&o.minFreeDiskMB, "min-free-disk-mb", 1024, "refuse creates and snapshots below this much free disk, MiB")
+	fs.DurationVar(&o.fillTimeout, "fill-timeout", 2*time.Minute, "deadline of one warm pool fill, all its steps included: a machine whose guest misses it is stopped and counted (pool.status fill_timeouts)")
 	fs.BoolVar(&o.keepMachines, "keep-machines", true, "let machines outlive a crash of this process, so the restarted worker reattaches to them (a clean stop always stops them)")
 	fs.StringVar(&o.jobQueues, "job-queues", "default", "job queues to consume, comma-separated (default is always consumed)")
 	fs.IntVar(&o.jobConcurrency, "job-concurrency", 2, "most jobs this worker runs at once")
@@ -175,6 +177,9 @@ func parseOptions(args []string, getenv func(string) string, readFile func(strin
 	}
 	if o.replicas < 0 || o.replicas > 5 {
 		errs = append(errs, fmt.Errorf("--replicas %d: want 0 (auto) or 1..5", o.replicas))
+	}
+	if o.fillTimeout < time.Second || o.fillTimeout > time.Hour {
+		errs = append(errs, fmt.Errorf("--fill-timeout %s: want 1s..1h", o.fillTimeout))
 	}
 	if o.maxRoutesPerSandbox < 1 || o.maxProxyConnsPerSandbox < 1 || o.proxyIdleTimeout <= 0 {
 		errs = append(errs, errors.New("--max-routes-per-sandbox, --max-proxy-conns-per-sandbox and --proxy-idle-timeout must be positive"))
@@ -281,6 +286,7 @@ func (o options) workerConfig() worker.Config {
 		RouteTCPHost:        o.routeTCPHost,
 		LogMaxAge:           o.logMaxAge,
 		MinFreeDiskBytes:    uint64(o.minFreeDiskMB) << 20,
+		FillTimeout:         o.fillTimeout,
 		LogBytesPerSecond:   budgetBytes(o.logRateKiB, 10),
 		LogBytesTotal:       budgetBytes(o.logTotalMiB, 20),
 		KeepMachinesOnExit:  o.keepMachines,
