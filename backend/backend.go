@@ -486,7 +486,7 @@ func (b *Backend) checkDisk() error {
 	}
 	free := st.Bavail * uint64(st.Bsize)
 	if free < b.cfg.MinFreeDiskBytes {
-		return errdefs.Wrap(errdefs.ErrDiskPressure, fmt.Errorf("only %d MiB free under %s (need %d MiB)", free>>20, b.cfg.StateDir, b.cfg.MinFreeDiskBytes>>20))
+		return errdefs.Wrap(errdefs.ErrDiskPressure, fmt.Errorf("only %d MiB free on the worker's state file system (need %d MiB)", free>>20, b.cfg.MinFreeDiskBytes>>20))
 	}
 	return nil
 }

@@ -459,9 +459,11 @@ func (w *Worker) connect(subj subjects.Subjects) error {
 }
 
 // dial connects to url as one of the worker's connections, reconnecting
-// with backoff for ever.
+// with backoff for ever. The backoff stops growing at 2 s (randomized):
+// output held during an outage is dropped after 10 s, so a worker must not
+// sleep through most of that after the server is back.
 func (w *Worker) dial(url, role string, opts []nats.Option) (*nats.Conn, error) {
-	bo := backoff.NewExponentialBackOff(backoff.WithInitialInterval(250*time.Millisecond), backoff.WithMaxInterval(10*time.Second))
+	bo := backoff.NewExponentialBackOff(backoff.WithInitialInterval(250*time.Millisecond), backoff.WithMaxInterval(2*time.Second))
 	nc, err := nats.Connect(url, append(opts,
 		nats.Name("firkin-worker "+w.id+" "+role),
 		nats.MaxReconnects(-1),
