@@ -265,6 +265,8 @@ type session struct {
 	ctx    context.Context // ends with the session; running commands die with it
 	cancel context.CancelFunc
 	tail   []byte
+	// heard is set once the host sent the session a byte (see feed).
+	heard bool
 }
 
 func (s *Server) startSession(ctx context.Context, w *devWriter, initial []byte) (*session, error) {
@@ -302,6 +304,9 @@ func (s *Server) startSession(ctx context.Context, w *devWriter, initial []byte)
 }
 
 func (ss *session) addTail(b []byte) {
+	if len(b) > 0 {
+		ss.heard = true
+	}
 	ss.tail = append(ss.tail, b...)
 	if len(ss.tail) > tailSize {
 		ss.tail = append([]byte(nil), ss.tail[len(ss.tail)-tailSize:]...)
@@ -335,6 +340,20 @@ func (ss *session) feed(ctx context.Context, chunks <-chan chunk, readErr <-chan
 	for {
 		select {
 		case c := <-chunks:
+			if c.eof && !ss.heard {
+				// Not this session's host: the disconnection before it,
+				// reported late. A virtio-serial driver handles the
+				// control message "host connected" in a work queue, so
+				// the new host's hello can be read while the port still
+				// reads as disconnected (it takes no writes then either:
+				// the ready line went out only once the driver caught
+				// up). Ending the session here would leave the host
+				// waiting for answers that never come. Should the host
+				// really have gone, the next one's hello breaks this
+				// idle session (it is no yamux frame) and is found
+				// again in the tail.
+				continue
+			}
 			if c.eof {
 				// The host went away: this session is over.
 				ss.close()
