@@ -95,7 +95,7 @@ func (s *Server) serve(ctx context.Context, dev io.ReadWriter, eofFinal bool) er
 	defer cancel()
 	chunks := make(chan chunk)
 	readErr := make(chan error, 1)
-	go func() { readErr <- pump(ctx, dev, chunks, eofFinal) }()
+	go func() { readErr <- pump(ctx, dev, chunks, eofFinal, s.log()) }()
 
 	w := &devWriter{w: dev}
 	var prev *session
@@ -134,10 +134,10 @@ func (s *Server) serve(ctx context.Context, dev io.ReadWriter, eofFinal bool) er
 }
 
 // pump is the only reader of dev. It hands every chunk read to the
-// dispatcher, reports end of file once per disconnection, and polls with a
-// short back-off while dev reads as EOF. It returns when ctx ends, when dev
-// is closed, or at the first EOF when eofFinal is set.
-func pump(ctx context.Context, dev io.Reader, out chan<- chunk, eofFinal bool) error {
+// dispatcher, reports end of file once per disconnection (and logs it), and
+// polls with a short back-off while dev reads as EOF. It returns when ctx
+// ends, when dev is closed, or at the first EOF when eofFinal is set.
+func pump(ctx context.Context, dev io.Reader, out chan<- chunk, eofFinal bool, log *slog.Logger) error {
 	backoff := minEOFBackoff
 	connected := true
 	buf := make([]byte, readSize)
@@ -167,6 +167,7 @@ func pump(ctx context.Context, dev io.Reader, out chan<- chunk, eofFinal bool) e
 		if n == 0 && connected {
 			// n == 0 with or without io.EOF: the host side is gone.
 			connected = false
+			log.Info("the agent channel reads as disconnected")
 			select {
 			case out <- chunk{eof: true}:
 			case <-ctx.Done():
