@@ -95,7 +95,7 @@ func (s *Server) serve(ctx context.Context, dev io.ReadWriter, eofFinal bool) er
 	defer cancel()
 	chunks := make(chan chunk)
 	readErr := make(chan error, 1)
-	go func() { readErr <- pump(ctx, dev, chunks, eofFinal) }()
+	go func() { readErr <- pump(ctx, dev, chunks, eofFinal, s.log()) }()
 
 	w := &devWriter{w: dev}
 	var prev *session
@@ -134,10 +134,10 @@ func (s *Server) serve(ctx context.Context, dev io.ReadWriter, eofFinal bool) er
 }
 
 // pump is the only reader of dev. It hands every chunk read to the
-// dispatcher, reports end of file once per disconnection, and polls with a
-// short back-off while dev reads as EOF. It returns when ctx ends, when dev
-// is closed, or at the first EOF when eofFinal is set.
-func pump(ctx context.Context, dev io.Reader, out chan<- chunk, eofFinal bool) error {
+// dispatcher, reports end of file once per disconnection (and logs it), and
+// polls with a short back-off while dev reads as EOF. It returns when ctx
+// ends, when dev is closed, or at the first EOF when eofFinal is set.
+func pump(ctx context.Context, dev io.Reader, out chan<- chunk, eofFinal bool, log *slog.Logger) error {
 	backoff := minEOFBackoff
 	connected := true
 	buf := make([]byte, readSize)
@@ -167,6 +167,7 @@ func pump(ctx context.Context, dev io.Reader, out chan<- chunk, eofFinal bool) e
 		if n == 0 && connected {
 			// n == 0 with or without io.EOF: the host side is gone.
 			connected = false
+			log.Info("the agent channel reads as disconnected")
 			select {
 			case out <- chunk{eof: true}:
 			case <-ctx.Done():
@@ -265,6 +266,8 @@ type session struct {
 	ctx    context.Context // ends with the session; running commands die with it
 	cancel context.CancelFunc
 	tail   []byte
+	// heard is set once the host sent the session a byte (see feed).
+	heard bool
 }
 
 func (s *Server) startSession(ctx context.Context, w *devWriter, initial []byte) (*session, error) {
@@ -302,6 +305,9 @@ func (s *Server) startSession(ctx context.Context, w *devWriter, initial []byte)
 }
 
 func (ss *session) addTail(b []byte) {
+	if len(b) > 0 {
+		ss.heard = true
+	}
 	ss.tail = append(ss.tail, b...)
 	if len(ss.tail) > tailSize {
 		ss.tail = append([]byte(nil), ss.tail[len(ss.tail)-tailSize:]...)
@@ -335,6 +341,20 @@ func (ss *session) feed(ctx context.Context, chunks <-chan chunk, readErr <-chan
 	for {
 		select {
 		case c := <-chunks:
+			if c.eof && !ss.heard {
+				// Not this session's host: the disconnection before it,
+				// reported late. A virtio-serial driver handles the
+				// control message "host connected" in a work queue, so
+				// the new host's hello can be read while the port still
+				// reads as disconnected (it takes no writes then either:
+				// the ready line went out only once the driver caught
+				// up). Ending the session here would leave the host
+				// waiting for answers that never come. Should the host
+				// really have gone, the next one's hello breaks this
+				// idle session (it is no yamux frame) and is found
+				// again in the tail.
+				continue
+			}
 			if c.eof {
 				// The host went away: this session is over.
 				ss.close()

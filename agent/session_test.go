@@ -3,6 +3,7 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"io"
@@ -259,6 +260,89 @@ func TestNewHostAfterRestore(t *testing.T) {
 		t.Fatal(err)
 	}
 	c3.Close()
+}
+
+// lateOpenPort behaves like a virtio-serial port whose driver learns of a
+// new host connection late: the guest's driver handles the control message
+// that says "host connected" in a work queue, after the data that followed
+// it. So the new host's hello can be read while the port still reads as
+// disconnected: the next read returns end of file once, and the port takes
+// no writes until the driver caught up (will_write_block).
+type lateOpenPort struct {
+	f    *os.File
+	mu   sync.Mutex
+	seen bool          // the hello was read
+	eof  bool          // the stale end of file was returned
+	open chan struct{} // closed once the driver caught up
+}
+
+func (p *lateOpenPort) Read(b []byte) (int, error) {
+	p.mu.Lock()
+	if p.seen && !p.eof {
+		p.eof = true
+		close(p.open)
+		p.mu.Unlock()
+		return 0, io.EOF
+	}
+	p.mu.Unlock()
+	n, err := p.f.Read(b)
+	if bytes.Contains(b[:n], []byte(helloPrefix)) {
+		p.mu.Lock()
+		p.seen = true
+		p.mu.Unlock()
+	}
+	return n, err
+}
+
+func (p *lateOpenPort) Write(b []byte) (int, error) {
+	p.mu.Lock()
+	seen := p.seen
+	p.mu.Unlock()
+	if seen {
+		<-p.open
+	}
+	return p.f.Write(b)
+}
+
+// TestStaleEOFAfterHello: an end of file the guest reads after a hello and
+// before the session's first byte is the old disconnection reported late,
+// not the new host leaving: the session it started must answer (it used
+// to end there, and the host's first call hung until yamux gave up on the
+// stream open after a minute: "ping: unexpected EOF" after a restore).
+func TestStaleEOFAfterHello(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	lateOpen := func() (net.Conn, *lateOpenPort) {
+		host, guest := socketPair(t)
+		port := &lateOpenPort{f: guest, open: make(chan struct{})}
+		serve(t, &Server{}, port)
+		return host, port
+	}
+
+	host, port := lateOpen()
+	c := connect(t, host)
+	if err := c.Ping(ctx); err != nil {
+		t.Fatalf("Ping after a stale end of file: %v", err)
+	}
+	port.mu.Lock()
+	stale := port.eof
+	port.mu.Unlock()
+	if !stale {
+		t.Fatal("the port never returned its stale end of file")
+	}
+
+	// A host that leaves before its first call (no quiesce, nothing sent)
+	// leaves the guest an idle session: the next host's hello ends it.
+	host, _ = lateOpen()
+	c = connect(t, host)
+	if err := c.sess.Close(); err != nil {
+		t.Fatal(err)
+	}
+	c2 := connect(t, host)
+	if err := c2.Ping(ctx); err != nil {
+		t.Fatalf("Ping from the host after one that left an idle session: %v", err)
+	}
 }
 
 func TestConnectTimeout(t *testing.T) {

@@ -53,7 +53,11 @@
 // (MaxListEntries), watch batches (MaxWatchBatch) and guest stats (clamped). Exceeding a bound is an error of class errdefs.ErrProtocol.
 //
 // After a quiesce, or when the host side of the channel goes away, the guest
-// waits for the next hello on the same channel.
+// waits for the next hello on the same channel. An end of file read before
+// the host sent a session its first byte does not end that session: a
+// virtio-serial driver can report the previous host's disconnection after
+// the new host's hello. A host that leaves a session idle is replaced by the
+// next hello, which breaks it.
 package agent
 
 import "time"

@@ -327,8 +327,8 @@ type launch struct {
 	dir   string
 	cfg   vmConfig
 	image vmpool.Image
-	// setup runs after QMP is up and before the agent is connected (a
-	// restore loads its state here).
+	// setup runs after QMP and the agent channel are connected and before
+	// the agent handshake (a restore loads its state here).
 	setup func(ctx context.Context, m *Machine) error
 	// agentTimeout, when set, bounds the agent connection separately (probe).
 	agentTimeout time.Duration
@@ -380,7 +380,8 @@ func randomMAC() string {
 }
 
 // start runs the ordered steps of a launch: validate, start QEMU, connect
-// QMP, the setup hook, connect the agent, ping. On failure everything done
+// QMP and the agent channel, the setup hook (or cont), the agent handshake,
+// ping. On failure everything done
 // so far is undone, and the error names the step and has the console tail.
 func (d *Driver) start(ctx context.Context, l *launch, u *undo) (*Machine, error) {
 	if l.cfg.Network && d.restrictNet.Load() {
@@ -475,13 +476,6 @@ func (d *Driver) start(ctx context.Context, l *launch, u *undo) (*Machine, error
 	u.add("close qmp", q.Close)
 
 	m.console.waitConnected(ctx, consoleConnect, m.done)
-	if l.setup != nil {
-		if err := l.setup(ctx, m); err != nil {
-			return fail("load state", err)
-		}
-	} else if _, err := q.Execute(ctx, "cont", nil); err != nil { // started with -S
-		return fail("start guest", err)
-	}
 
 	actx := ctx
 	if l.agentTimeout > 0 {
@@ -489,11 +483,27 @@ func (d *Driver) start(ctx context.Context, l *launch, u *undo) (*Machine, error
 		actx, cancel = context.WithTimeout(ctx, l.agentTimeout)
 		defer cancel()
 	}
+	// The agent channel is connected before the guest runs. A restored
+	// guest was saved with its port connected; when the new QEMU finds no
+	// host on it after the load, it tells the guest its host went away,
+	// and the guest's driver may report that only after the hello of the
+	// host that connects next (virtio-serial handles "host connected" in a
+	// work queue), which ended the new session before its first call.
 	conn, err := dialUnix(actx, l.cfg.Agent, m.pid, m.done)
 	if err != nil {
 		return fail("connect agent", err)
 	}
 	u.add("close agent channel", conn.Close)
+	if l.setup != nil {
+		if err := l.setup(ctx, m); err != nil {
+			return fail("load state", err)
+		}
+		if afterLoad != nil {
+			afterLoad()
+		}
+	} else if _, err := q.Execute(ctx, "cont", nil); err != nil { // started with -S
+		return fail("start guest", err)
+	}
 	c, err := connectAgent(actx, conn, m.done)
 	if err != nil {
 		return fail("agent handshake", err)
@@ -509,6 +519,10 @@ func (d *Driver) start(ctx context.Context, l *launch, u *undo) (*Machine, error
 	}
 	return m, nil
 }
+
+// afterLoad, when set (by tests), runs between a restore's state load and
+// its agent handshake.
+var afterLoad func()
 
 // connectAgent runs agent.Connect, giving up early when QEMU exits.
 func connectAgent(ctx context.Context, conn net.Conn, exited <-chan struct{}) (*agent.Client, error) {

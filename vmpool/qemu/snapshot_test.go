@@ -219,3 +219,30 @@ func TestTemplateClones(t *testing.T) {
 		t.Errorf("clone c after the second-generation template: %q", out)
 	}
 }
+
+// A restored guest never finds its agent channel disconnected: the channel
+// is connected before the state loads, as it was when the guest was saved.
+// (It used to be connected once the guest ran: QEMU then told the guest
+// that its host had gone, and the guest's driver could report that after
+// the new host's hello, which ended the new session before its first call:
+// a restore failing with "ping: unexpected EOF" after a minute.)
+func TestRestoreKeepsAgentChannel(t *testing.T) {
+	d := testDriver(t)
+	src := bootTest(t, d, vmpool.BootSpec{ID: "src"})
+	snap := save(t, d, src, vmpool.SaveOptions{Kind: vmpool.Continuation, Stop: true})
+	// Time for the restored guest to notice a disconnection, were there one.
+	afterLoad = func() { time.Sleep(300 * time.Millisecond) }
+	t.Cleanup(func() { afterLoad = nil })
+	r := restore(t, d, "r", snap, false)
+	run(t, r, "echo restore-mark > /dev/console")
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.Contains(r.ConsoleTail(8<<10), "restore-mark") {
+		if time.Now().After(deadline) {
+			t.Fatalf("the mark never reached the console:\n%s", r.ConsoleTail(3000))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if con := r.ConsoleTail(8 << 10); strings.Contains(con, "reads as disconnected") {
+		t.Errorf("the restored guest saw its agent channel disconnected:\n%s", con)
+	}
+}
