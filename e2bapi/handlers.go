@@ -927,4 +927,3 @@ func (s *Server) listed(lq listQuery, list []subjects.Sandbox) []sandboxDetail {
 	}
 	return out
 }
-
