@@ -39,6 +39,7 @@ func run(args []string) error {
 	natsURL := fs.String("nats-url", "nats://127.0.0.1:4222", "NATS server or cluster of the workers")
 	nkey := fs.String("nats-nkey", "", "nkey user seed file of a client identity (e.g. <worker state dir>/client.nk)")
 	creds := fs.String("nats-creds", "", "credentials file of a client user")
+	user := fs.String("nats-user", "", "a client user (e.g. product of deploy/nats/accounts.conf); its password comes from FIRKIN_NATS_PASSWORD")
 	tlsCA := fs.String("nats-tls-ca", "", "CA bundle to verify the NATS server with")
 	prefix := fs.String("prefix", "firkin", "subject prefix")
 	keysFile := fs.String("api-keys-file", "", "file of accepted API keys, one a line (else FIRKIN_E2B_API_KEYS, else one made in --state-dir)")
@@ -67,6 +68,9 @@ func run(args []string) error {
 	}
 	if *creds != "" {
 		opts = append(opts, nats.UserCredentials(*creds))
+	}
+	if *user != "" {
+		opts = append(opts, nats.UserInfo(*user, os.Getenv("FIRKIN_NATS_PASSWORD")))
 	}
 	if *tlsCA != "" {
 		opts = append(opts, nats.RootCAs(*tlsCA))
