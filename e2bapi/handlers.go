@@ -241,9 +241,12 @@ func (s *Server) resolveTemplate(ctx context.Context, id string) (templateID, sn
 	return id, "", nil
 }
 
-// e2bTemplate is the E2B template id of a firkin sandbox.
+// e2bTemplate is the E2B template id of a firkin sandbox: the snapshot it
+// was created from when that is one the user made (in E2B a snapshot is a
+// template), else its template, under its E2B name.
 func (s *Server) e2bTemplate(sb subjects.Sandbox) string {
-	if sb.TemplateID == "" {
+	if sb.TemplateID == "" || (sb.SnapshotID != "" && sb.SnapshotID != sb.TemplateID && sb.ForkedFrom == "" &&
+		!strings.Contains(sb.SnapshotID, "-pause-")) {
 		return sb.SnapshotID
 	}
 	if a := s.aliases[sb.TemplateID]; a != "" {

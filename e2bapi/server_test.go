@@ -381,6 +381,37 @@ func TestListFiltersAndPages(t *testing.T) {
 	}
 }
 
+func TestE2BTemplate(t *testing.T) {
+	srv, err := New(Config{API: newStub(), Keys: mustKeys(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		sb   subjects.Sandbox
+		want string
+	}{
+		{subjects.Sandbox{TemplateID: "tiny", SnapshotID: "tiny"}, "base"},
+		{subjects.Sandbox{TemplateID: "py", SnapshotID: "py"}, "py"},
+		{subjects.Sandbox{TemplateID: "tiny", SnapshotID: "my-snap"}, "my-snap"},
+		{subjects.Sandbox{TemplateID: "tiny", SnapshotID: "sbx-fork-abc", ForkedFrom: "sbx"}, "base"},
+		{subjects.Sandbox{TemplateID: "tiny", SnapshotID: "sbx-pause-abc"}, "base"},
+		{subjects.Sandbox{SnapshotID: "old"}, "old"},
+	} {
+		if got := srv.e2bTemplate(tc.sb); got != tc.want {
+			t.Errorf("%+v: %q, want %q", tc.sb, got, tc.want)
+		}
+	}
+}
+
+func mustKeys(t *testing.T) *Keys {
+	t.Helper()
+	k, err := NewKeys([]string{testKey})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
 func TestLoadOrCreateKey(t *testing.T) {
 	dir := t.TempDir()
 	key, path, created, err := LoadOrCreateKey(dir)
