@@ -490,6 +490,7 @@ func (s *Server) resumeOrConnect(w http.ResponseWriter, r *http.Request, id stri
 		s.fail(w, r, err)
 		return
 	}
+	s.tokens.put(sb) // a resume reply that carries tokens renews them
 	tok := s.tokens.get(sb)
 	envd, traffic := sb.EnvdAccessToken, sb.TrafficAccessToken
 	if envd == "" {
