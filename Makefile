@@ -22,7 +22,7 @@ FUZZTIME      ?= 5s
 TEST_FUZZTIME ?= 2s
 FUZZ_FLAGS    ?=
 
-.PHONY: all build deps images run test vet fmt fuzz bench sign clean proto
+.PHONY: all build deps images run test vet fmt fuzz bench sign clean proto e2b-test
 
 all: build
 
@@ -56,7 +56,18 @@ vet:
 test: deps build vet
 	$(GO) run ./tools/darwincheck ./cmd/firkin-worker ./vmpool/... ./worker/...
 	$(GO) test $(TEST_FLAGS) ./...
+	$(MAKE) e2b-test
 	$(MAKE) fuzz FUZZTIME=$(TEST_FUZZTIME)
+
+## e2b-test: the official E2B JavaScript SDK (npm e2b, pinned in
+## e2bapi/testdata/sdk/package-lock.json), unchanged, against a worker started
+## with --e2b-listen. Needs Node.js >= 20.18 and npm.
+E2B_SDK_DIR := e2bapi/testdata/sdk
+e2b-test: build
+	@command -v node >/dev/null && command -v npm >/dev/null || { echo "e2b-test needs Node.js >= 20.18 and npm (e.g. from nodesource)"; exit 1; }
+	@node -e 'const [a,b]=process.versions.node.split(".").map(Number); if (a<20||(a===20&&b<18)) { console.error("e2b-test needs Node.js >= 20.18, found "+process.versions.node); process.exit(1) }'
+	cd $(E2B_SDK_DIR) && if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then npm ci --no-audit --no-fund; fi
+	cd $(E2B_SDK_DIR) && FIRKIN_WORKER=$(CURDIR)/$(BIN)/firkin-worker npm test
 
 ## fuzz: every fuzz target (func FuzzX in a _test.go file), one at a time, for
 ## FUZZTIME each; plain go test runs their seed corpora (testdata/fuzz/FuzzX).

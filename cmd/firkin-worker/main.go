@@ -53,7 +53,16 @@ func run(args []string) error {
 	if err != nil {
 		return err
 	}
+	stopE2B, err := startE2B(opts, w, logger)
+	if err != nil {
+		sctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		return errors.Join(fmt.Errorf("e2b api: %w", err), w.Stop(sctx))
+	}
 	<-ctx.Done()
+	if stopE2B != nil {
+		stopE2B(context.Background())
+	}
 	logger.Info("shutting down: answering requests in flight, stopping machines")
 	sctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()

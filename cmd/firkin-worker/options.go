@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/firkin-dev/firkin-worker/backend"
+	"github.com/firkin-dev/firkin-worker/e2bapi"
 	"github.com/firkin-dev/firkin-worker/worker"
 )
 
@@ -43,6 +44,9 @@ type options struct {
 	replicas                                                  int
 	metricsListen                                             string
 	heartbeatInterval, drainTimeout                           time.Duration
+
+	// E2B's control API (e2b.go): off unless e2bListen is set.
+	e2bListen, e2bKeysFile, e2bTemplates, e2bDomain string
 }
 
 func defaultStateDir() string {
@@ -109,6 +113,10 @@ func parseOptions(args []string, getenv func(string) string, readFile func(strin
 	fs.DurationVar(&o.drainTimeout, "drain-timeout", 5*time.Minute, "how long a drain lets running jobs go on before it hands them back to the queue")
 	fs.DurationVar(&o.logMaxAge, "log-max-age", 24*time.Hour, "how long log events are kept")
 	fs.Int64Var(&o.logRateKiB, "log-rate-kib", 16<<10, "each sandbox's log budget: output bytes per second into the log stream (bursts of four seconds' worth), KiB; beyond it output is dropped and counted; 0: no limit")
+	fs.StringVar(&o.e2bListen, "e2b-listen", "", "serve E2B's REST control API here (off when empty), e.g. 127.0.0.1:3000: point the E2B SDK's E2B_API_URL at it")
+	fs.StringVar(&o.e2bKeysFile, "e2b-api-keys-file", "", "file of accepted E2B API keys, one a line (else FIRKIN_E2B_API_KEYS, comma-separated; else one made and kept in <state-dir>/e2b-api-key)")
+	fs.StringVar(&o.e2bTemplates, "e2b-templates", "base=tiny", "E2B template ids mapped to firkin templates, e.g. base=tiny,python=py (other ids are used as they are)")
+	fs.StringVar(&o.e2bDomain, "e2b-domain", "", "sandbox domain the E2B API tells the SDK, for getHost(port) = <port>-<id>.<domain> (default: --domain and the proxy's port, e.g. localhost:8080)")
 	fs.Int64Var(&o.logTotalMiB, "log-total-mib", 256, "each sandbox's log budget: output bytes into the log stream over its life, MiB; 0: no limit")
 	fs.Usage = func() {
 		out := fs.Output()
@@ -162,6 +170,9 @@ func parseOptions(args []string, getenv func(string) string, readFile func(strin
 		if fs.Lookup(k) == nil {
 			errs = append(errs, fmt.Errorf("--config %s: unknown setting %q", configPath, k))
 		}
+	}
+	if _, err := e2bapi.ParseTemplates(o.e2bTemplates); err != nil {
+		errs = append(errs, err)
 	}
 	if _, err := parsePool(o.pool); err != nil {
 		errs = append(errs, err)
