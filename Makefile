@@ -60,9 +60,9 @@ test: deps build vet
 	$(MAKE) fuzz FUZZTIME=$(TEST_FUZZTIME)
 
 ## e2b-test: the official E2B JavaScript SDK (npm e2b, pinned in
-## e2bapi/testdata/sdk/package-lock.json), unchanged, against a worker started
+## e2b/api/testdata/sdk/package-lock.json), unchanged, against a worker started
 ## with --e2b-listen. Needs Node.js >= 20.18 and npm.
-E2B_SDK_DIR := e2bapi/testdata/sdk
+E2B_SDK_DIR := e2b/api/testdata/sdk
 e2b-test: build
 	@command -v node >/dev/null && command -v npm >/dev/null || { echo "e2b-test needs Node.js >= 20.18 and npm (e.g. from nodesource)"; exit 1; }
 	@node -e 'const [a,b]=process.versions.node.split(".").map(Number); if (a<20||(a===20&&b<18)) { console.error("e2b-test needs Node.js >= 20.18, found "+process.versions.node); process.exit(1) }'

@@ -22,7 +22,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/firkin-dev/firkin-worker/client"
-	"github.com/firkin-dev/firkin-worker/e2bapi"
+	e2bapi "github.com/firkin-dev/firkin-worker/e2b/api"
 	"github.com/firkin-dev/firkin-worker/subjects"
 )
 

@@ -13,7 +13,7 @@ import (
 	"time"
 
 	"github.com/firkin-dev/firkin-worker/backend"
-	"github.com/firkin-dev/firkin-worker/e2bapi"
+	e2bapi "github.com/firkin-dev/firkin-worker/e2b/api"
 	"github.com/firkin-dev/firkin-worker/worker"
 )
 

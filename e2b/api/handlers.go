@@ -1,4 +1,4 @@
-package e2bapi
+package api
 
 import (
 	"context"

@@ -1,4 +1,4 @@
-// Package e2bapi serves E2B's REST control API (the one the official E2B
+// Package api serves E2B's REST control API (the one the official E2B
 // SDKs reach at E2B_API_URL) as a client of the firkin-worker NATS API:
 // create, list, get, kill, timeout, pause, connect/resume, fork, snapshots
 // and metrics of sandboxes, each turned into one or two NATS requests to
@@ -10,7 +10,7 @@
 // the configured keys; errors are E2B's {"code":N,"message":"…"} with E2B's
 // status codes. The sandbox API (envd, port 49983 through the proxy) is not
 // served here.
-package e2bapi
+package api
 
 import (
 	"context"
@@ -25,15 +25,15 @@ import (
 	"time"
 
 	"github.com/firkin-dev/firkin-worker/client"
+	"github.com/firkin-dev/firkin-worker/e2b/envd"
 	"github.com/firkin-dev/firkin-worker/errdefs"
 	"github.com/firkin-dev/firkin-worker/subjects"
 )
 
 // EnvdVersion is the envd version the API reports for every sandbox: the
-// highest version the JavaScript SDK 2.51.0 gates a feature on (watching
-// directories on network mounts, 0.6.4), so the SDK enables everything. The
-// sandbox API behind the proxy must answer as that envd does.
-const EnvdVersion = "0.6.4"
+// one the worker's sandbox API (package e2b/envd) answers as. The SDK turns
+// features on by it, so it must never claim more than that API serves.
+const EnvdVersion = envd.Version
 
 // API is what the server asks of the firkin workers; *client.Client has
 // it.

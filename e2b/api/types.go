@@ -1,4 +1,4 @@
-package e2bapi
+package api
 
 // The wire types of E2B's REST control API (spec/openapi.yml of
 // e2b-dev/E2B, as the JavaScript SDK e2b 2.51.0 sends and reads them).
