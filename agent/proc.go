@@ -97,6 +97,23 @@ type procRequest struct {
 	Cols   uint16            `json:"cols,omitempty"`
 	Rows   uint16            `json:"rows,omitempty"`
 	Close  bool              `json:"close,omitempty"`
+	// From (proc_wait) is how much output the host has: what it lacks of
+	// the output the guest still keeps is sent again.
+	From *ProcOffsets `json:"from,omitempty"`
+}
+
+// ProcOffsets counts a process's output bytes per stream.
+type ProcOffsets struct {
+	Stdout int64 `json:"stdout"`
+	Stderr int64 `json:"stderr"`
+}
+
+// ProcCursor is how much of a process's output a host has had. The zero
+// value knows nothing yet: the first wait takes the output from where the
+// guest is and learns where that is.
+type ProcCursor struct {
+	ProcOffsets
+	Known bool
 }
 
 // procStdinReply is the O payload of proc_stdin.
@@ -149,7 +166,21 @@ func (c *Client) ProcStart(ctx context.Context, req ProcStartRequest) (int, erro
 // ProcWait. Only one ProcWait per process is served at a time: a new one
 // ends an older one (which then fails with errdefs.ErrProtocol).
 func (c *Client) ProcWait(ctx context.Context, id string, out OutputFunc) (ExecResult, error) {
-	st, stop, err := c.open(ctx, request{Op: opProcWait, Proc: &procRequest{ID: id}})
+	return c.ProcWaitFrom(ctx, id, nil, out)
+}
+
+// ProcWaitFrom is ProcWait that keeps cur, the caller's place in the
+// output, across waits: each wait moves it by what it passes to out, and a
+// wait with a known cursor first gets again what the caller lacks of the
+// output the guest still keeps (the last 2 MiB sent), such as frames in
+// flight when an earlier wait broke. A nil cur is ProcWait.
+func (c *Client) ProcWaitFrom(ctx context.Context, id string, cur *ProcCursor, out OutputFunc) (ExecResult, error) {
+	req := &procRequest{ID: id}
+	if cur != nil && cur.Known {
+		from := cur.ProcOffsets
+		req.From = &from
+	}
+	st, stop, err := c.open(ctx, request{Op: opProcWait, Proc: req})
 	if err != nil {
 		return ExecResult{}, err
 	}
@@ -170,6 +201,13 @@ func (c *Client) ProcWait(ctx context.Context, id string, out OutputFunc) (ExecR
 			if typ == frameStderr {
 				s = Stderr
 			}
+			if cur != nil {
+				if s == Stderr {
+					cur.Stderr += int64(len(payload))
+				} else {
+					cur.Stdout += int64(len(payload))
+				}
+			}
 			if out != nil {
 				out(s, payload)
 			}
@@ -177,6 +215,9 @@ func (c *Client) ProcWait(ctx context.Context, id string, out OutputFunc) (ExecR
 			var m startedMsg
 			if err := json.Unmarshal(payload, &m); err == nil {
 				res.PID = m.PID
+				if cur != nil && m.At != nil && m.At.Stdout >= 0 && m.At.Stderr >= 0 {
+					cur.ProcOffsets, cur.Known = *m.At, true
+				}
 			}
 		case frameExit:
 			pid := res.PID

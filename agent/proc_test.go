@@ -97,10 +97,15 @@ func TestProcOutputOutlivesSession(t *testing.T) {
 		t.Fatal(err)
 	}
 	// A waiter that gives up early.
+	// One cursor across the waits, as the worker keeps one per process.
+	var cur ProcCursor
 	var first collector
 	wctx, wcancel := context.WithTimeout(ctx, 300*time.Millisecond)
-	_, err := c1.ProcWait(wctx, "bg", first.fn)
+	_, err := c1.ProcWaitFrom(wctx, "bg", &cur, first.fn)
 	wcancel()
+	if !cur.Known || cur.Stdout != int64(len(first.String())) {
+		t.Fatalf("cursor after the first wait: %+v, %d bytes taken", cur, len(first.String()))
+	}
 	if err == nil {
 		t.Log("process finished within the first wait")
 	}
@@ -112,8 +117,10 @@ func TestProcOutputOutlivesSession(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c2.Close()
+	// The second waiter says how much it has: what the first one lost in
+	// flight (written by the guest, never read by its host) comes again.
 	var rest collector
-	res, err := c2.ProcWait(ctx, "bg", rest.fn)
+	res, err := c2.ProcWaitFrom(ctx, "bg", &cur, rest.fn)
 	if err != nil || res.ExitCode != 0 {
 		t.Fatalf("second wait: %+v %v", res, err)
 	}
@@ -211,5 +218,55 @@ func TestProcChildHoldsOutput(t *testing.T) {
 	}
 	if d := time.Since(t0); d > 5*time.Second {
 		t.Fatalf("wait took %s with a child holding the output", d)
+	}
+}
+
+// TestProcWaitFromResendsInFlight: a waiter whose host stops reading
+// (frames the guest wrote sit in the host's stream buffer) and then closes
+// its stream loses those frames; the next waiter, saying how much it has,
+// gets them again, so the output is whole, in order, with nothing twice.
+func TestProcWaitFromResendsInFlight(t *testing.T) {
+	t.Parallel()
+	host, guest := socketPair(t)
+	srv := &Server{}
+	serve(t, srv, guest)
+	killProcsAtEnd(t, srv)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c1 := connect(t, host)
+	const lines = 40000 // ~290 KB: more than the host's stream window
+	if _, err := c1.ProcStart(ctx, ProcStartRequest{ID: "fl", Command: fmt.Sprintf("i=0; while [ $i -lt %d ]; do echo line$i; i=$((i+1)); done", lines)}); err != nil {
+		t.Fatal(err)
+	}
+	// A waiter that reads a few frames, stops reading while the guest
+	// writes on into its window, and closes its stream.
+	st, stop, err := c1.open(ctx, request{Op: opProcWait, Proc: &procRequest{ID: "fl"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var first bytes.Buffer
+	for first.Len() < 10000 {
+		typ, payload, err := readFrameLimit(st, frameLimit)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if typ == frameStdout {
+			first.Write(payload)
+		}
+	}
+	time.Sleep(300 * time.Millisecond)
+	stop()
+	_ = st.Close()
+	var rest collector
+	res, err := c1.ProcWaitFrom(ctx, "fl", &ProcCursor{ProcOffsets: ProcOffsets{Stdout: int64(first.Len())}, Known: true}, rest.fn)
+	if err != nil || res.ExitCode != 0 {
+		t.Fatalf("second wait: %+v %v", res, err)
+	}
+	var want strings.Builder
+	for i := range lines {
+		fmt.Fprintf(&want, "line%d\n", i)
+	}
+	if all := first.String() + rest.String(); all != want.String() {
+		t.Fatalf("output lost, doubled or reordered: got %d bytes, want %d", len(all), want.Len())
 	}
 }

@@ -53,7 +53,31 @@ type guestProc struct {
 	drained  chan struct{} // closed when the process exited and every output reader finished
 	taken    bool          // an exit was delivered to a waiter
 	finished time.Time
+
+	// Output frames in order, numbered from base: the current waiter sends
+	// frame next. Sent frames stay (up to retainBytes) because a frame the
+	// guest wrote may still be in flight when its waiter goes (a snapshot's
+	// quiesce ends the session): a new waiter that says how much it has
+	// (ProcOffsets) gets those again.
+	frames   []procFrame
+	base     uint64
+	next     uint64
+	retained int
+	queued   ProcOffsets // bytes of each stream queued so far
 }
+
+// procFrame is one output frame and where its data starts in its stream.
+type procFrame struct {
+	frame []byte // header and data
+	off   int64
+}
+
+// retainBytes is how much sent output a process keeps for a new waiter:
+// more than can be in flight (the host's stream window is 256 KiB).
+const (
+	retainBytes  = 2 << 20
+	retainFrames = 8192
+)
 
 // procWaiter is one proc_wait stream.
 type procWaiter struct {
@@ -274,33 +298,87 @@ func (p *guestProc) pump(f *os.File, typ byte) {
 	}
 }
 
-// deliver writes frame to the current waiter, waiting for one while there
-// is none, and to the next one when a write fails.
+// deliver queues frame for the waiters and returns once one took it (the
+// pump reads no more meanwhile: that is the flow control).
 func (p *guestProc) deliver(frame []byte) {
-	for {
-		p.mu.Lock()
-		for p.waiter == nil {
-			p.cond.Wait()
-		}
-		w := p.waiter
-		p.mu.Unlock()
-		if w.write(frame) == nil {
-			return
-		}
-		p.detach(w)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := int64(len(frame) - frameHeaderSize)
+	count := &p.queued.Stdout
+	if frame[0] == frameStderr {
+		count = &p.queued.Stderr
+	}
+	p.frames = append(p.frames, procFrame{frame: append([]byte(nil), frame...), off: *count})
+	*count += n
+	p.retained += len(frame)
+	seq := p.base + uint64(len(p.frames)) - 1
+	p.cond.Broadcast()
+	for p.next <= seq {
+		p.cond.Wait()
 	}
 }
 
-// attach makes w the waiter, ending the previous one.
-func (p *guestProc) attach(w *procWaiter) {
+// trimLocked drops the oldest sent frames beyond retainBytes or
+// retainFrames.
+func (p *guestProc) trimLocked() {
+	for (p.retained > retainBytes || len(p.frames) > retainFrames) && p.base < p.next {
+		p.retained -= len(p.frames[0].frame)
+		p.frames[0] = procFrame{}
+		p.frames = p.frames[1:]
+		p.base++
+	}
+}
+
+// rewindLocked makes next the first frame a waiter that has from lacks.
+// Frames before base are gone: the waiter starts at base then.
+func (p *guestProc) rewindLocked(from ProcOffsets) {
+	seq := p.base
+	for i, f := range p.frames {
+		have := from.Stdout
+		if f.frame[0] == frameStderr {
+			have = from.Stderr
+		}
+		if f.off+int64(len(f.frame)-frameHeaderSize) > have {
+			if have > f.off { // part of it arrived: keep the rest only
+				cut := have - f.off
+				data := f.frame[frameHeaderSize+int(cut):]
+				nf := append(frameHeader(f.frame[0], len(data)), data...)
+				p.retained += len(nf) - len(f.frame)
+				p.frames[i] = procFrame{frame: nf, off: have}
+			}
+			break
+		}
+		seq++
+	}
+	if seq < p.next {
+		p.next = seq
+	}
+}
+
+// attach makes w the waiter, ending the previous one, and returns where
+// in the output w's frames start. With from, frames the host does not have
+// are sent again first.
+func (p *guestProc) attach(w *procWaiter, from *ProcOffsets) ProcOffsets {
 	p.mu.Lock()
 	old := p.waiter
 	p.waiter = w
+	if from != nil {
+		p.rewindLocked(*from)
+	}
+	at := p.queued
+	for _, f := range p.frames[p.next-p.base:] {
+		if f.frame[0] == frameStderr {
+			at.Stderr -= int64(len(f.frame) - frameHeaderSize)
+		} else {
+			at.Stdout -= int64(len(f.frame) - frameHeaderSize)
+		}
+	}
 	p.cond.Broadcast()
 	p.mu.Unlock()
 	if old != nil {
 		old.end()
 	}
+	return at
 }
 
 // detach removes w if it is still the waiter.
@@ -310,7 +388,60 @@ func (p *guestProc) detach(w *procWaiter) {
 	if p.waiter == w {
 		p.waiter = nil
 	}
+	p.cond.Broadcast()
 	p.mu.Unlock()
+}
+
+// serve sends w the frames from next on, then, once the process exited
+// and every output ended, the exit. It returns when w is done or replaced.
+func (p *guestProc) serve(w *procWaiter) {
+	for {
+		p.mu.Lock()
+		for p.waiter == w && p.next == p.base+uint64(len(p.frames)) && !p.drainedLocked() {
+			p.cond.Wait()
+		}
+		if p.waiter != w {
+			p.mu.Unlock()
+			return
+		}
+		if p.next < p.base+uint64(len(p.frames)) {
+			seq := p.next
+			frame := p.frames[seq-p.base].frame
+			p.mu.Unlock()
+			if w.write(frame) != nil {
+				p.detach(w)
+				return
+			}
+			p.mu.Lock()
+			if p.waiter == w && p.next == seq {
+				p.next++
+				p.trimLocked()
+				p.cond.Broadcast()
+			}
+			p.mu.Unlock()
+			continue
+		}
+		res := p.res
+		p.mu.Unlock()
+		b, _ := json.Marshal(res)
+		if err := w.write(append(frameHeader(frameExit, len(b)), b...)); err == nil {
+			p.mu.Lock()
+			p.taken = true
+			p.mu.Unlock()
+		}
+		p.detach(w)
+		return
+	}
+}
+
+// drainedLocked reports whether the process exited and its outputs ended.
+func (p *guestProc) drainedLocked() bool {
+	select {
+	case <-p.drained:
+		return true
+	default:
+		return false
+	}
 }
 
 // reap waits for the process, kills it at its timeout, and once it exited
@@ -383,6 +514,7 @@ func (p *guestProc) finishLocked() {
 		case <-p.drained:
 		default:
 			close(p.drained)
+			p.cond.Broadcast()
 		}
 	}
 }
@@ -417,19 +549,24 @@ func (p *guestProc) closeStdin() {
 	p.stdin = nil
 }
 
-// procWait serves proc_wait: output, then the exit.
-func (s *Server) procWait(st io.ReadWriter, id string) {
+// procWait serves proc_wait: output, then the exit. With from, output
+// the host lacks is sent again first (see guestProc.frames).
+func (s *Server) procWait(st io.ReadWriter, id string, from *ProcOffsets) {
 	p, err := s.procs.get(id)
 	if err != nil {
 		sendError(st, err)
 		return
 	}
 	w := &procWaiter{st: st, gone: make(chan struct{})}
+	// Attached first: the started frame says where the frames that follow
+	// start, and only this goroutine writes to w.
+	at := p.attach(w, from)
 	p.mu.Lock()
 	pid := p.pid
 	p.mu.Unlock()
-	if b, err := json.Marshal(startedMsg{PID: pid}); err == nil {
-		if writeFrame(st, frameStarted, b) != nil {
+	if b, err := json.Marshal(startedMsg{PID: pid, At: &at}); err == nil {
+		if w.write(append(frameHeader(frameStarted, len(b)), b...)) != nil {
+			p.detach(w)
 			return
 		}
 	}
@@ -442,22 +579,7 @@ func (s *Server) procWait(st io.ReadWriter, id string) {
 			}
 		}
 	}()
-	p.attach(w)
-	select {
-	case <-p.drained:
-	case <-w.gone:
-		return
-	}
-	p.mu.Lock()
-	res := p.res
-	p.mu.Unlock()
-	b, _ := json.Marshal(res)
-	if err := w.write(append(frameHeader(frameExit, len(b)), b...)); err == nil {
-		p.mu.Lock()
-		p.taken = true
-		p.mu.Unlock()
-	}
-	p.detach(w)
+	p.serve(w)
 }
 
 // frameHeader returns the header of a frame of type typ carrying n bytes.
@@ -598,7 +720,7 @@ func (s *Server) serveProc(st io.ReadWriter, op string, req *procRequest) {
 		start.ID = req.ID
 		s.procStart(st, start)
 	case opProcWait:
-		s.procWait(st, req.ID)
+		s.procWait(st, req.ID, req.From)
 	case opProcStdin:
 		s.procStdin(st, req.ID, req.Close)
 	case opProcSignal:

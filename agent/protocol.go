@@ -80,6 +80,8 @@ type request struct {
 // startedMsg is the payload of a frameStarted frame.
 type startedMsg struct {
 	PID int `json:"pid"`
+	// At (proc_wait) is where in the output the frames that follow start.
+	At *ProcOffsets `json:"at,omitempty"`
 }
 
 // Error codes carried by frameError frames.

@@ -309,6 +309,12 @@ func (b *Backend) pump(sp *sandboxProcs, s *session, p *proc) {
 	ctx := sp.ctx
 	logs := b.cfg.Store.Logs(p.sandbox)
 	fwd := newOutputForwarder(ctx, logs, s.logBudget(b.cfg.LogBytesPerSecond, b.cfg.LogBytesTotal), p.sandbox, p.id)
+	// cur is where the pump is in the output: after the first wait it
+	// tells the guest, so output in flight when a wait broke (a snapshot's
+	// quiesce) comes again rather than being lost. The first wait takes the
+	// output from where the guest is (after a worker restart, what an
+	// earlier worker stored is not sent twice).
+	var cur agent.ProcCursor
 	out := func(stream agent.Stream, data []byte) {
 		fwd.write(stream, data)
 		b.publishLive(p, string(stream), data)
@@ -319,7 +325,7 @@ func (b *Backend) pump(sp *sandboxProcs, s *session, p *proc) {
 	for {
 		c, err := agentOf(s)
 		if err == nil {
-			res, err = c.ProcWait(ctx, p.id, out)
+			res, err = c.ProcWaitFrom(ctx, p.id, &cur, out)
 			if err == nil {
 				break
 			}
