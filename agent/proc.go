@@ -114,6 +114,9 @@ type ProcOffsets struct {
 type ProcCursor struct {
 	ProcOffsets
 	Known bool
+	// Lost counts bytes a wait found gone: the guest no longer kept them
+	// (its retention is bounded) when the cursor asked for them again.
+	Lost int64
 }
 
 // procStdinReply is the O payload of proc_stdin.
@@ -216,6 +219,9 @@ func (c *Client) ProcWaitFrom(ctx context.Context, id string, cur *ProcCursor, o
 			if err := json.Unmarshal(payload, &m); err == nil {
 				res.PID = m.PID
 				if cur != nil && m.At != nil && m.At.Stdout >= 0 && m.At.Stderr >= 0 {
+					if cur.Known {
+						cur.Lost += max(m.At.Stdout-cur.Stdout, 0) + max(m.At.Stderr-cur.Stderr, 0)
+					}
 					cur.ProcOffsets, cur.Known = *m.At, true
 				}
 			}

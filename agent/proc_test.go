@@ -267,6 +267,60 @@ func TestProcWaitFromResendsInFlight(t *testing.T) {
 		fmt.Fprintf(&want, "line%d\n", i)
 	}
 	if all := first.String() + rest.String(); all != want.String() {
-		t.Fatalf("output lost, doubled or reordered: got %d bytes, want %d", len(all), want.Len())
+		t.Fatalf("output lost, doubled or reordered: got %d bytes (first %d), want %d; %+v", len(all), first.Len(), want.Len(), res)
+	}
+}
+
+// TestProcRetentionBounded: sent output kept for new waiters is bounded per
+// process and, across the table, trimmed from the other processes when a
+// busy one needs room.
+func TestProcRetentionBounded(t *testing.T) {
+	var table procTable
+	mk := func(id string) *guestProc {
+		p := &guestProc{id: id, drained: make(chan struct{})}
+		p.cond = sync.NewCond(&p.mu)
+		if err := table.add(p); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	frame := append(frameHeader(frameStdout, 64<<10), make([]byte, 64<<10)...)
+	// send waits for a queued frame and marks it sent, as a waiter would.
+	send := func(p *guestProc) {
+		p.mu.Lock()
+		for p.next == p.base+uint64(len(p.frames)) {
+			p.cond.Wait()
+		}
+		p.next = p.base + uint64(len(p.frames))
+		p.trimLocked()
+		p.cond.Broadcast()
+		p.mu.Unlock()
+	}
+	var procs []*guestProc
+	for i := range 6 {
+		p := mk(fmt.Sprintf("p%d", i))
+		procs = append(procs, p)
+		for range 80 { // 5 MiB each
+			go send(p) // deliver waits until its frame is sent
+			p.deliver(frame)
+		}
+		p.mu.Lock()
+		kept := p.retained
+		p.mu.Unlock()
+		if kept > retainBytes {
+			t.Fatalf("%s keeps %d bytes, more than %d", p.id, kept, retainBytes)
+		}
+	}
+	if got := table.retained.Load(); got > guestRetainBytes+retainBytes {
+		t.Fatalf("the table keeps %d bytes, more than %d", got, guestRetainBytes+retainBytes)
+	}
+	var sum int64
+	for _, p := range procs {
+		p.mu.Lock()
+		sum += int64(p.retained)
+		p.mu.Unlock()
+	}
+	if sum != table.retained.Load() {
+		t.Fatalf("the table counts %d bytes, its processes keep %d", table.retained.Load(), sum)
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -28,6 +29,8 @@ const stdinWriteTimeout = 30 * time.Second
 type procTable struct {
 	mu    sync.Mutex
 	procs map[string]*guestProc
+	// retained is the sent output all its processes keep.
+	retained atomic.Int64
 }
 
 // guestProc is one process of the table.
@@ -63,7 +66,9 @@ type guestProc struct {
 	base     uint64
 	next     uint64
 	retained int
-	queued   ProcOffsets // bytes of each stream queued so far
+	queued   ProcOffsets   // bytes of each stream queued so far
+	budget   *atomic.Int64 // the table's retained
+	table    *procTable
 }
 
 // procFrame is one output frame and where its data starts in its stream.
@@ -72,11 +77,17 @@ type procFrame struct {
 	off   int64
 }
 
-// retainBytes is how much sent output a process keeps for a new waiter:
-// more than can be in flight (the host's stream window is 256 KiB).
+// How much sent output processes keep for a new waiter. In flight can be
+// up to the host's stream window (4 MiB, see protocol.go): one process
+// keeps that much and a little more, all of them together guestRetainBytes,
+// and under that pressure each still keeps minRetainBytes (the window a
+// stream starts with). What a new waiter lacks beyond that is reported as
+// lost (ProcCursor.Lost), never sent in the wrong place.
 const (
-	retainBytes  = 2 << 20
-	retainFrames = 8192
+	retainBytes      = 4<<20 + 256<<10
+	minRetainBytes   = 256 << 10
+	guestRetainBytes = 16 << 20
+	retainFrames     = 8192
 )
 
 // procWaiter is one proc_wait stream.
@@ -143,10 +154,35 @@ func (t *procTable) add(p *guestProc) error {
 		return done[i].finished.Before(done[j].finished)
 	})
 	for i := 0; len(t.procs) >= MaxProcs && i < len(done); i++ {
-		delete(t.procs, done[i].id)
+		q := done[i]
+		q.mu.Lock()
+		q.releaseAllLocked()
+		q.mu.Unlock()
+		delete(t.procs, q.id)
 	}
+	p.budget, p.table = &t.retained, t
 	t.procs[p.id] = p
 	return nil
+}
+
+// trimOthers, while the table keeps more than guestRetainBytes, cuts
+// what the other processes keep down to minRetainBytes each, oldest
+// first. It takes one process lock at a time.
+func (t *procTable) trimOthers(except *guestProc) {
+	if t.retained.Load() <= guestRetainBytes {
+		return
+	}
+	for _, q := range t.list() {
+		if q == except {
+			continue
+		}
+		q.mu.Lock()
+		q.trimToLocked(minRetainBytes)
+		q.mu.Unlock()
+		if t.retained.Load() <= guestRetainBytes {
+			return
+		}
+	}
 }
 
 func (t *procTable) list() []*guestProc {
@@ -301,6 +337,7 @@ func (p *guestProc) pump(f *os.File, typ byte) {
 // deliver queues frame for the waiters and returns once one took it (the
 // pump reads no more meanwhile: that is the flow control).
 func (p *guestProc) deliver(frame []byte) {
+	p.table.trimOthers(p)
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	n := int64(len(frame) - frameHeaderSize)
@@ -311,6 +348,7 @@ func (p *guestProc) deliver(frame []byte) {
 	p.frames = append(p.frames, procFrame{frame: append([]byte(nil), frame...), off: *count})
 	*count += n
 	p.retained += len(frame)
+	p.budget.Add(int64(len(frame)))
 	seq := p.base + uint64(len(p.frames)) - 1
 	p.cond.Broadcast()
 	for p.next <= seq {
@@ -318,11 +356,12 @@ func (p *guestProc) deliver(frame []byte) {
 	}
 }
 
-// trimLocked drops the oldest sent frames beyond retainBytes or
-// retainFrames.
+// trimLocked drops the oldest sent frames beyond what p may keep.
 func (p *guestProc) trimLocked() {
-	for (p.retained > retainBytes || len(p.frames) > retainFrames) && p.base < p.next {
+	for p.base < p.next && (p.retained > retainBytes || len(p.frames) > retainFrames ||
+		(p.budget.Load() > guestRetainBytes && p.retained > minRetainBytes)) {
 		p.retained -= len(p.frames[0].frame)
+		p.budget.Add(-int64(len(p.frames[0].frame)))
 		p.frames[0] = procFrame{}
 		p.frames = p.frames[1:]
 		p.base++
@@ -344,6 +383,7 @@ func (p *guestProc) rewindLocked(from ProcOffsets) {
 				data := f.frame[frameHeaderSize+int(cut):]
 				nf := append(frameHeader(f.frame[0], len(data)), data...)
 				p.retained += len(nf) - len(f.frame)
+				p.budget.Add(int64(len(nf) - len(f.frame)))
 				p.frames[i] = procFrame{frame: nf, off: have}
 			}
 			break
@@ -432,6 +472,26 @@ func (p *guestProc) serve(w *procWaiter) {
 		p.detach(w)
 		return
 	}
+}
+
+// trimToLocked drops p's oldest sent frames until it keeps at most keep
+// bytes.
+func (p *guestProc) trimToLocked(keep int) {
+	for p.base < p.next && len(p.frames) > 0 && p.retained > keep {
+		p.retained -= len(p.frames[0].frame)
+		p.budget.Add(-int64(len(p.frames[0].frame)))
+		p.frames[0] = procFrame{}
+		p.frames = p.frames[1:]
+		p.base++
+	}
+}
+
+// releaseAllLocked gives back everything p keeps (it leaves the table).
+func (p *guestProc) releaseAllLocked() {
+	if p.budget != nil {
+		p.budget.Add(-int64(p.retained))
+	}
+	p.frames, p.retained = nil, 0
 }
 
 // drainedLocked reports whether the process exited and its outputs ended.
