@@ -364,6 +364,10 @@ func (b *Backend) pump(sp *sandboxProcs, s *session, p *proc) {
 		_ = logs.Flush(flushCtx)
 		return
 	}
+	if cur.Lost > 0 { // bytes the guest no longer held when followed again
+		fwd.overflow += cur.Lost
+		fwd.overWhy = "gone from the guest before they were delivered again"
+	}
 	// The sandbox may have ended: the last events still go out, bounded.
 	flushCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	defer cancel()
