@@ -180,6 +180,10 @@ func TestFSEvents(t *testing.T) {
 		{subjects.WatchEvent{Op: "rename", Name: tmp, To: "a.txt"}, "a.txt:EVENT_TYPE_CREATE a.txt:EVENT_TYPE_WRITE"},
 		{subjects.WatchEvent{Op: "create", Name: ".a.firkin-notahexvalue"}, ".a.firkin-notahexvalue:EVENT_TYPE_CREATE"},
 		{subjects.WatchEvent{Op: "overflow"}, ""},
+		// A recursive watch names paths relative to the watched directory.
+		{subjects.WatchEvent{Op: "create", Name: "d/e", Dir: true}, "d/e:EVENT_TYPE_CREATE"},
+		{subjects.WatchEvent{Op: "rename", Name: "d/" + tmp, To: "d/a.txt"}, "d/a.txt:EVENT_TYPE_CREATE d/a.txt:EVENT_TYPE_WRITE"},
+		{subjects.WatchEvent{Op: "limit", Name: "d/deep", Dir: true}, ""},
 	} {
 		var got []string
 		for _, fe := range fsEvents(c.ev) {
