@@ -142,6 +142,16 @@ func TestEndEvent(t *testing.T) {
 		if end.GetExitCode() != c.code || end.GetExited() != c.exited || end.GetStatus() != c.status {
 			t.Errorf("endEvent(%+v) = %v", c.ex, end)
 		}
+		// error is set (the SDK's CommandExitError message) unless the
+		// process exited cleanly; it is the status except for a lost one.
+		switch {
+		case c.code == 0 && end.Error != nil:
+			t.Errorf("endEvent(%+v): error %q on a clean exit", c.ex, end.GetError())
+		case c.code != 0 && end.Error == nil:
+			t.Errorf("endEvent(%+v): no error", c.ex)
+		case c.code != 0 && !c.ex.Lost && end.GetError() != c.status:
+			t.Errorf("endEvent(%+v): error %q, want %q", c.ex, end.GetError(), c.status)
+		}
 	}
 }
 

@@ -430,7 +430,9 @@ var signalNames = map[string]string{"TERM": "terminated", "KILL": "killed", "INT
 
 // endEvent is envd's end event of an exit: a process ended by a signal
 // has exit code -1, exited false and status "signal: killed", as Go's
-// os.ProcessState says.
+// os.ProcessState says. Like envd (the text of cmd.Wait's error), every
+// end but a clean exit also has error set to the status: the SDK's
+// CommandExitError takes it as its message.
 func endEvent(ex subjects.ProcExit) *pb.ProcessEvent {
 	end := &pb.ProcessEvent_EndEvent{ExitCode: int32(ex.ExitCode), Exited: true, Status: "exit status " + strconv.Itoa(ex.ExitCode)}
 	switch {
@@ -443,6 +445,9 @@ func endEvent(ex subjects.ProcExit) *pb.ProcessEvent {
 			name = "SIG" + ex.Signal
 		}
 		end.ExitCode, end.Exited, end.Status = -1, false, "signal: "+name
+		end.Error = &end.Status
+	case ex.ExitCode != 0:
+		end.Error = &end.Status
 	}
 	return &pb.ProcessEvent{Event: &pb.ProcessEvent_End{End: end}}
 }
