@@ -204,3 +204,22 @@ func TestFSEvents(t *testing.T) {
 		}
 	}
 }
+
+func TestLifetimeMS(t *testing.T) {
+	now := time.Unix(1_000_000, 0)
+	for _, c := range []struct {
+		deadline time.Time
+		ok       bool
+		want     int
+	}{
+		{time.Time{}, false, 0},
+		{now.Add(60 * time.Second), true, 60_000},
+		{now.Add(-time.Second), true, 1},
+		{now.Add(24 * time.Hour), true, 86_400_000},
+		{now.Add(25 * time.Hour), true, 0},
+	} {
+		if got := lifetimeMS(c.deadline, c.ok, now); got != c.want {
+			t.Errorf("lifetimeMS(%v, %v) = %d, want %d", c.deadline.Sub(now), c.ok, got, c.want)
+		}
+	}
+}

@@ -29,7 +29,26 @@ const (
 	exitPoll = 5 * time.Second
 	// maxInputBytes bounds one input message.
 	maxInputBytes = 1 << 20
+	// maxLifetime is the longest process lifetime proc.start takes with
+	// background (the worker's bound on timeouts, 24 h); a longer one
+	// asked for runs the process without one.
+	maxLifetime = 24 * time.Hour
 )
+
+// lifetimeMS is proc.start's timeout_ms of a Start whose context ends at
+// deadline: envd makes the request's timeout (the SDK's timeoutMs, sent as
+// Connect-Timeout-Ms) the process's lifetime and kills it then, whether or
+// not the client still follows it; no deadline (timeoutMs 0) is no limit.
+func lifetimeMS(deadline time.Time, ok bool, now time.Time) int {
+	if !ok {
+		return 0
+	}
+	d := deadline.Sub(now)
+	if d > maxLifetime {
+		return 0
+	}
+	return int(max(d.Milliseconds(), 1))
+}
 
 // bashWrapper runs the SDK's /bin/bash where the guest has one, else
 // /bin/sh with the same arguments (firkin's images are busybox).
@@ -89,6 +108,8 @@ func (p *processService) Start(ctx context.Context, req *connect.Request[pb.Star
 	if err != nil {
 		return err
 	}
+	dl, ok := ctx.Deadline()
+	preq.TimeoutMS = lifetimeMS(dl, ok, time.Now())
 	id := sandboxOf(ctx)
 	out, err := p.s.subscribeOutput()
 	if err != nil {
