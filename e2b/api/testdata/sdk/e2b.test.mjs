@@ -296,6 +296,14 @@ test('sandbox lifecycle through the SDK', { timeout: 10 * 60_000 }, async (t) =>
     assert.equal(await sbx.commands.kill(h.pid), false, 'killing it again says false');
   });
 
+  await t.test('a command is killed when its timeoutMs passes', async () => {
+    const err = await sbx.commands.run(`exec sleep 37${run.length}`, { timeoutMs: 1000 }).then(() => null, (e) => e);
+    assert.ok(err instanceof E2B.TimeoutError, String(err));
+    const sleeping = async () => (await sbx.commands.list()).some((p) => p.args.join(' ').includes(`sleep 37${run.length}`));
+    for (let i = 0; i < 50 && await sleeping(); i++) await new Promise((r) => setTimeout(r, 100));
+    assert.equal(await sleeping(), false, 'the command outlived its timeoutMs');
+  });
+
   await t.test('files: write, read (text and bytes), list, remove', async () => {
     const info = await sbx.files.write('notes/a.txt', `hello ${note}`);
     assert.equal(info.path, '/home/user/notes/a.txt', 'a relative path is in the user\'s home');
@@ -383,7 +391,8 @@ test('sandbox lifecycle through the SDK', { timeout: 10 * 60_000 }, async (t) =>
   let server; // the background command serving getHost
   await t.test('getHost reaches a server in the sandbox through the proxy', async () => {
     await sbx.files.write('/tmp/www/index.html', `hello-${run}\n`);
-    server = await sbx.commands.run('exec httpd -f -p 8000 -h /tmp/www', { background: true });
+    // timeoutMs 0: no lifetime (the SDK's default, 60 s, would end it then).
+    server = await sbx.commands.run('exec httpd -f -p 8000 -h /tmp/www', { background: true, timeoutMs: 0 });
     const host = sbx.getHost(8000);
     assert.equal(host, `8000-${sbx.sandboxId}.localhost:${ports.proxy}`);
     // The server listens a moment after it starts: poll, bounded.
