@@ -3,6 +3,7 @@ package envd
 import (
 	"crypto/sha256"
 	"encoding/base64"
+	"encoding/json"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	pb "github.com/firkin-dev/firkin-worker/e2b/envd/gen/process"
+	"github.com/firkin-dev/firkin-worker/proxy"
 	"github.com/firkin-dev/firkin-worker/subjects"
 )
 
@@ -220,6 +222,23 @@ func TestLifetimeMS(t *testing.T) {
 	} {
 		if got := lifetimeMS(c.deadline, c.ok, now); got != c.want {
 			t.Errorf("lifetimeMS(%v, %v) = %d, want %d", c.deadline.Sub(now), c.ok, got, c.want)
+		}
+	}
+}
+
+// TestFailRoute: an unknown or stopped sandbox is 502 (the SDK's "not
+// running"), other failures keep their status; the body is envd's JSON.
+func TestFailRoute(t *testing.T) {
+	s := &Server{}
+	for in, want := range map[int]int{404: 502, 503: 502, 400: 400, 504: 504, 502: 502} {
+		w := httptest.NewRecorder()
+		s.FailRoute(w, httptest.NewRequest("GET", "/health", nil), proxy.Route{SandboxID: "x", Port: Port}, in, "msg")
+		var body struct {
+			Code    int    `json:"code"`
+			Message string `json:"message"`
+		}
+		if err := json.Unmarshal(w.Body.Bytes(), &body); err != nil || w.Code != want || body.Code != want || body.Message != "msg" {
+			t.Errorf("FailRoute(%d) = %d %q (%v), want %d", in, w.Code, w.Body.String(), err, want)
 		}
 	}
 }
