@@ -434,7 +434,12 @@ test('sandbox lifecycle through the SDK', { timeout: 10 * 60_000 }, async (t) =>
   });
 
   await t.test('kill', async () => {
+    assert.equal(await sbx.isRunning(), true);
     assert.equal(await sbx.kill(), true);
+    // The sandbox API of a killed sandbox says it is not running.
+    assert.equal(await sbx.isRunning(), false);
+    await assert.rejects(sbx.commands.run('echo hi'), E2B.SandboxNotFoundError);
+    await assert.rejects(sbx.files.read('/home/user/kept.txt'), E2B.TimeoutError);
     await assert.rejects(E2B.Sandbox.getInfo(sbx.sandboxId), E2B.SandboxNotFoundError);
     assert.equal(await E2B.Sandbox.kill(sbx.sandboxId), false);
     const mine = await E2B.Sandbox.list({ query: { metadata: { run } } }).nextItems();
