@@ -3,6 +3,7 @@ package proxy
 import (
 	"io"
 	"net/http"
+	"strconv"
 	"testing"
 )
 
@@ -54,5 +55,44 @@ func TestLocalPort(t *testing.T) {
 	}
 	if err := WithLocalPort(0, local)(&options{}); err == nil {
 		t.Error("local port 0 accepted")
+	}
+}
+
+// failingLocal is a local port handler that answers unresolved routes
+// itself.
+type failingLocal struct{ http.HandlerFunc }
+
+func (failingLocal) FailRoute(w http.ResponseWriter, _ *http.Request, rt Route, status int, msg string) {
+	w.WriteHeader(http.StatusTeapot)
+	_, _ = io.WriteString(w, rt.String()+" "+strconv.Itoa(status)+" "+msg)
+}
+
+// TestLocalPortRouteFailer: a local port handler that is a RouteFailer
+// answers the requests for an unknown sandbox; other ports keep the
+// proxy's 404.
+func TestLocalPortRouteFailer(t *testing.T) {
+	sbx := newFakeSandboxes()
+	sbx.add("pub", "")
+	local := failingLocal{func(w http.ResponseWriter, _ *http.Request) { _, _ = io.WriteString(w, "local") }}
+	s := startProxy(t, sbx, WithLocalPort(49983, local))
+	c := proxyClient(t, s)
+	get := func(url string) (int, string) {
+		t.Helper()
+		resp, err := c.Get(url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	if code, body := get(proxyURL(s, 49983, "nope", "/x")); code != http.StatusTeapot || body != "49983-nope 404 sandbox nope not found" {
+		t.Errorf("local port of an unknown sandbox: %d %q, want the handler's FailRoute", code, body)
+	}
+	if code, body := get(proxyURL(s, 49983, "pub", "/x")); code != 200 || body != "local" {
+		t.Errorf("local port of a known sandbox: %d %q", code, body)
+	}
+	if code, _ := get(proxyURL(s, 8000, "nope", "/x")); code != http.StatusNotFound {
+		t.Errorf("another port of an unknown sandbox: %d, want 404", code)
 	}
 }

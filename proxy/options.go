@@ -189,8 +189,8 @@ func WithMaxClientConns(n int) Option {
 
 // WithLocalPort answers requests routed to port of any sandbox with h, in
 // the worker, instead of forwarding them to the guest (Server). The
-// sandbox is resolved first (unknown: 404; the resolver wakes a paused
-// one), the request counts against the sandbox's connection cap, and
+// sandbox is resolved first (unknown: 404, or h's answer when h is a
+// RouteFailer; the resolver wakes a paused one), the request counts against the sandbox's connection cap, and
 // LocalRoute(r.Context()) names the route. The traffic access token is not
 // checked: h authenticates the request itself. The E2B sandbox API (port
 // 49983, package e2b/envd) is served this way.

@@ -312,6 +312,11 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	target, err := s.resolver.Resolve(r.Context(), rt.SandboxID)
 	if err != nil {
 		status, msg := resolveFailure(rt, err)
+		if f, ok := s.opts.localPorts[rt.Port].(RouteFailer); ok {
+			s.log.Debug("proxy: local port of an unresolved sandbox", "sandbox", rt.SandboxID, "status", status, "err", err)
+			f.FailRoute(w, r, rt, status, msg)
+			return
+		}
 		s.fail(w, r, status, msg, "sandbox", rt.SandboxID, "err", err)
 		return
 	}
@@ -359,6 +364,14 @@ type localRouteKey struct{}
 func LocalRoute(ctx context.Context) (Route, bool) {
 	rt, ok := ctx.Value(localRouteKey{}).(Route)
 	return rt, ok
+}
+
+// RouteFailer is an optional interface of a WithLocalPort handler: it
+// answers, in its own protocol's way, the requests for a sandbox the proxy
+// could not resolve (status and msg are what the proxy would answer: 404
+// unknown, 503 not running, ...), instead of the proxy's plain-text error.
+type RouteFailer interface {
+	FailRoute(w http.ResponseWriter, r *http.Request, rt Route, status int, msg string)
 }
 
 // serveLocal hands a request to a local port's handler, within the

@@ -194,7 +194,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	acc, err := s.cfg.Access(r.Context(), rt.SandboxID)
 	if err != nil {
 		if errors.Is(err, errdefs.ErrNotFound) {
-			httpError(w, http.StatusNotFound, fmt.Sprintf("sandbox %s not found", rt.SandboxID))
+			httpError(w, http.StatusBadGateway, fmt.Sprintf("sandbox %s not found", rt.SandboxID))
 			return
 		}
 		httpError(w, http.StatusBadGateway, fmt.Sprintf("sandbox %s cannot be reached", rt.SandboxID))
@@ -206,6 +206,21 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx := context.WithValue(r.Context(), sandboxKey{}, rt.SandboxID)
 	s.mux.ServeHTTP(w, r.WithContext(ctx))
+}
+
+var _ proxy.RouteFailer = (*Server)(nil)
+
+// FailRoute answers a request for a sandbox the proxy could not resolve
+// as E2B's proxy does: an unknown sandbox (404) or one not running (503)
+// is 502, which the SDK reads as a sandbox that is not running (isRunning
+// false, SandboxNotFoundError or TimeoutError, not a Connect
+// "unimplemented" for a 404); other failures keep their status. The body
+// is envd's JSON error.
+func (s *Server) FailRoute(w http.ResponseWriter, _ *http.Request, _ proxy.Route, status int, msg string) {
+	if status == http.StatusNotFound || status == http.StatusServiceUnavailable {
+		status = http.StatusBadGateway
+	}
+	httpError(w, status, msg)
 }
 
 // admit checks a request's token; 0 admits it.

@@ -3,6 +3,7 @@ package envd
 import (
 	"crypto/sha256"
 	"encoding/base64"
+	"encoding/json"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	pb "github.com/firkin-dev/firkin-worker/e2b/envd/gen/process"
+	"github.com/firkin-dev/firkin-worker/proxy"
 	"github.com/firkin-dev/firkin-worker/subjects"
 )
 
@@ -142,6 +144,16 @@ func TestEndEvent(t *testing.T) {
 		if end.GetExitCode() != c.code || end.GetExited() != c.exited || end.GetStatus() != c.status {
 			t.Errorf("endEvent(%+v) = %v", c.ex, end)
 		}
+		// error is set (the SDK's CommandExitError message) unless the
+		// process exited cleanly; it is the status except for a lost one.
+		switch {
+		case c.code == 0 && end.Error != nil:
+			t.Errorf("endEvent(%+v): error %q on a clean exit", c.ex, end.GetError())
+		case c.code != 0 && end.Error == nil:
+			t.Errorf("endEvent(%+v): no error", c.ex)
+		case c.code != 0 && !c.ex.Lost && end.GetError() != c.status:
+			t.Errorf("endEvent(%+v): error %q, want %q", c.ex, end.GetError(), c.status)
+		}
 	}
 }
 
@@ -180,6 +192,10 @@ func TestFSEvents(t *testing.T) {
 		{subjects.WatchEvent{Op: "rename", Name: tmp, To: "a.txt"}, "a.txt:EVENT_TYPE_CREATE a.txt:EVENT_TYPE_WRITE"},
 		{subjects.WatchEvent{Op: "create", Name: ".a.firkin-notahexvalue"}, ".a.firkin-notahexvalue:EVENT_TYPE_CREATE"},
 		{subjects.WatchEvent{Op: "overflow"}, ""},
+		// A recursive watch names paths relative to the watched directory.
+		{subjects.WatchEvent{Op: "create", Name: "d/e", Dir: true}, "d/e:EVENT_TYPE_CREATE"},
+		{subjects.WatchEvent{Op: "rename", Name: "d/" + tmp, To: "d/a.txt"}, "d/a.txt:EVENT_TYPE_CREATE d/a.txt:EVENT_TYPE_WRITE"},
+		{subjects.WatchEvent{Op: "limit", Name: "d/deep", Dir: true}, ""},
 	} {
 		var got []string
 		for _, fe := range fsEvents(c.ev) {
@@ -187,6 +203,42 @@ func TestFSEvents(t *testing.T) {
 		}
 		if strings.Join(got, " ") != c.want {
 			t.Errorf("fsEvents(%+v) = %q, want %q", c.ev, got, c.want)
+		}
+	}
+}
+
+func TestLifetimeMS(t *testing.T) {
+	now := time.Unix(1_000_000, 0)
+	for _, c := range []struct {
+		deadline time.Time
+		ok       bool
+		want     int
+	}{
+		{time.Time{}, false, 0},
+		{now.Add(60 * time.Second), true, 60_000},
+		{now.Add(-time.Second), true, 1},
+		{now.Add(24 * time.Hour), true, 86_400_000},
+		{now.Add(25 * time.Hour), true, 0},
+	} {
+		if got := lifetimeMS(c.deadline, c.ok, now); got != c.want {
+			t.Errorf("lifetimeMS(%v, %v) = %d, want %d", c.deadline.Sub(now), c.ok, got, c.want)
+		}
+	}
+}
+
+// TestFailRoute: an unknown or stopped sandbox is 502 (the SDK's "not
+// running"), other failures keep their status; the body is envd's JSON.
+func TestFailRoute(t *testing.T) {
+	s := &Server{}
+	for in, want := range map[int]int{404: 502, 503: 502, 400: 400, 504: 504, 502: 502} {
+		w := httptest.NewRecorder()
+		s.FailRoute(w, httptest.NewRequest("GET", "/health", nil), proxy.Route{SandboxID: "x", Port: Port}, in, "msg")
+		var body struct {
+			Code    int    `json:"code"`
+			Message string `json:"message"`
+		}
+		if err := json.Unmarshal(w.Body.Bytes(), &body); err != nil || w.Code != want || body.Code != want || body.Message != "msg" {
+			t.Errorf("FailRoute(%d) = %d %q (%v), want %d", in, w.Code, w.Body.String(), err, want)
 		}
 	}
 }

@@ -128,17 +128,19 @@ func (f *filesystemService) Remove(ctx context.Context, req *connect.Request[pb.
 	return connect.NewResponse(&pb.RemoveResponse{}), nil
 }
 
-// watch starts a fs.watch of a directory (not recursive: firkin watches
-// one level).
+// watch starts a fs.watch of a directory; a recursive one watches the
+// directories below it too, and its event names are paths relative to the
+// watched directory, as envd's are.
 func (f *filesystemService) watch(ctx context.Context, p string, recursive bool, hdr connectHeader) (*client.Watcher, string, error) {
-	if recursive {
-		return nil, "", connect.NewError(connect.CodeUnimplemented, errors.New("recursive watches are not supported: watch each directory"))
-	}
 	c, gp, err := f.userPath(p, hdr)
 	if err != nil {
 		return nil, "", err
 	}
-	w, err := c.Watch(ctx, sandboxOf(ctx), gp)
+	watch := c.Watch
+	if recursive {
+		watch = c.WatchRecursive
+	}
+	w, err := watch(ctx, sandboxOf(ctx), gp)
 	if err != nil {
 		return nil, "", connectError(err)
 	}

@@ -29,7 +29,26 @@ const (
 	exitPoll = 5 * time.Second
 	// maxInputBytes bounds one input message.
 	maxInputBytes = 1 << 20
+	// maxLifetime is the longest process lifetime proc.start takes with
+	// background (the worker's bound on timeouts, 24 h); a longer one
+	// asked for runs the process without one.
+	maxLifetime = 24 * time.Hour
 )
+
+// lifetimeMS is proc.start's timeout_ms of a Start whose context ends at
+// deadline: envd makes the request's timeout (the SDK's timeoutMs, sent as
+// Connect-Timeout-Ms) the process's lifetime and kills it then, whether or
+// not the client still follows it; no deadline (timeoutMs 0) is no limit.
+func lifetimeMS(deadline time.Time, ok bool, now time.Time) int {
+	if !ok {
+		return 0
+	}
+	d := deadline.Sub(now)
+	if d > maxLifetime {
+		return 0
+	}
+	return int(max(d.Milliseconds(), 1))
+}
 
 // bashWrapper runs the SDK's /bin/bash where the guest has one, else
 // /bin/sh with the same arguments (firkin's images are busybox).
@@ -89,6 +108,8 @@ func (p *processService) Start(ctx context.Context, req *connect.Request[pb.Star
 	if err != nil {
 		return err
 	}
+	dl, ok := ctx.Deadline()
+	preq.TimeoutMS = lifetimeMS(dl, ok, time.Now())
 	id := sandboxOf(ctx)
 	out, err := p.s.subscribeOutput()
 	if err != nil {
@@ -159,7 +180,7 @@ func (p *processService) List(ctx context.Context, _ *connect.Request[pb.ListReq
 // Update resizes a process's PTY.
 func (p *processService) Update(ctx context.Context, req *connect.Request[pb.UpdateRequest]) (*connect.Response[pb.UpdateResponse], error) {
 	id := sandboxOf(ctx)
-	info, err := p.s.findProcess(ctx, id, req.Msg.GetProcess())
+	info, err := p.s.findRunning(ctx, id, req.Msg.GetProcess())
 	if err != nil {
 		return nil, err
 	}
@@ -168,7 +189,7 @@ func (p *processService) Update(ctx context.Context, req *connect.Request[pb.Upd
 		rs := subjects.ProcResizeRequest{Cols: int(sz.GetCols()), Rows: int(sz.GetRows())}
 		verb := subjects.ProcVerb(info.CommandID, subjects.ProcOpResize)
 		if err := p.s.cfg.Client.Request(ctx, p.s.subjects().Sandbox(id, verb), rs, nil); err != nil {
-			return nil, connectError(err)
+			return nil, p.s.processError(ctx, id, info.CommandID, err)
 		}
 	}
 	return connect.NewResponse(&pb.UpdateResponse{}), nil
@@ -177,7 +198,7 @@ func (p *processService) Update(ctx context.Context, req *connect.Request[pb.Upd
 // SendInput writes to a process's stdin (or its PTY).
 func (p *processService) SendInput(ctx context.Context, req *connect.Request[pb.SendInputRequest]) (*connect.Response[pb.SendInputResponse], error) {
 	id := sandboxOf(ctx)
-	info, err := p.s.findProcess(ctx, id, req.Msg.GetProcess())
+	info, err := p.s.findRunning(ctx, id, req.Msg.GetProcess())
 	if err != nil {
 		return nil, err
 	}
@@ -198,7 +219,7 @@ func (p *processService) StreamInput(ctx context.Context, stream *connect.Client
 			if cmd != "" {
 				return nil, connect.NewError(connect.CodeInvalidArgument, errors.New("a second start event"))
 			}
-			info, err := p.s.findProcess(ctx, id, ev.Start.GetProcess())
+			info, err := p.s.findRunning(ctx, id, ev.Start.GetProcess())
 			if err != nil {
 				return nil, err
 			}
@@ -230,13 +251,13 @@ func (p *processService) SendSignal(ctx context.Context, req *connect.Request[pb
 	default:
 		return nil, connect.NewError(connect.CodeInvalidArgument, errors.New("signal: want SIGTERM or SIGKILL"))
 	}
-	info, err := p.s.findProcess(ctx, id, req.Msg.GetProcess())
+	info, err := p.s.findRunning(ctx, id, req.Msg.GetProcess())
 	if err != nil {
 		return nil, err
 	}
 	verb := subjects.ProcVerb(info.CommandID, subjects.ProcOpSignal)
 	if err := p.s.cfg.Client.Request(ctx, p.s.subjects().Sandbox(id, verb), subjects.ProcSignalRequest{Signal: sig}, nil); err != nil {
-		return nil, connectError(err)
+		return nil, p.s.processError(ctx, id, info.CommandID, err)
 	}
 	return connect.NewResponse(&pb.SendSignalResponse{}), nil
 }
@@ -244,12 +265,12 @@ func (p *processService) SendSignal(ctx context.Context, req *connect.Request[pb
 // CloseStdin closes a process's stdin.
 func (p *processService) CloseStdin(ctx context.Context, req *connect.Request[pb.CloseStdinRequest]) (*connect.Response[pb.CloseStdinResponse], error) {
 	id := sandboxOf(ctx)
-	info, err := p.s.findProcess(ctx, id, req.Msg.GetProcess())
+	info, err := p.s.findRunning(ctx, id, req.Msg.GetProcess())
 	if err != nil {
 		return nil, err
 	}
 	if err := p.s.closeStdin(ctx, id, info.CommandID); err != nil {
-		return nil, connectError(err)
+		return nil, p.s.processError(ctx, id, info.CommandID, err)
 	}
 	return connect.NewResponse(&pb.CloseStdinResponse{}), nil
 }
@@ -280,11 +301,41 @@ func (s *Server) writeInput(ctx context.Context, id, cmd string, in *pb.ProcessI
 		var r subjects.ProcStdinReply
 		verb := subjects.ProcVerb(cmd, subjects.ProcOpStdin)
 		if err := s.cfg.Client.Request(ctx, s.subjects().Sandbox(id, verb), subjects.ProcStdinRequest{DataB64: data[:n]}, &r); err != nil {
-			return connectError(err)
+			return s.processError(ctx, id, cmd, err)
 		}
 		data = data[n:]
 	}
 	return nil
+}
+
+// findRunning is findProcess of a running process: envd forgets a
+// process when it ends, so signalling, writing to or resizing an ended one
+// is NotFound (the SDK's kill then answers false).
+func (s *Server) findRunning(ctx context.Context, id string, sel *pb.ProcessSelector) (subjects.ProcInfo, error) {
+	info, err := s.findProcess(ctx, id, sel)
+	if err == nil && info.State != "running" {
+		return info, connect.NewError(connect.CodeNotFound, fmt.Errorf("process with pid %d has ended", info.PID))
+	}
+	return info, err
+}
+
+// processError is the Connect error of a failed request to process cmd:
+// NotFound when the process ended since it was looked up (the guest
+// refuses a request to an ended process as invalid), else connectError.
+func (s *Server) processError(ctx context.Context, id, cmd string, err error) error {
+	if codeOf(err) != subjects.CodeInvalidRequest {
+		return connectError(err)
+	}
+	list, lerr := s.cfg.Client.ListProcesses(ctx, id)
+	if lerr != nil {
+		return connectError(err)
+	}
+	for _, info := range list {
+		if info.CommandID == cmd && info.State != "running" {
+			return connect.NewError(connect.CodeNotFound, fmt.Errorf("process with pid %d has ended", info.PID))
+		}
+	}
+	return connectError(err)
 }
 
 // findProcess finds the process a selector names: by pid (a running one
@@ -430,7 +481,9 @@ var signalNames = map[string]string{"TERM": "terminated", "KILL": "killed", "INT
 
 // endEvent is envd's end event of an exit: a process ended by a signal
 // has exit code -1, exited false and status "signal: killed", as Go's
-// os.ProcessState says.
+// os.ProcessState says. Like envd (the text of cmd.Wait's error), every
+// end but a clean exit also has error set to the status: the SDK's
+// CommandExitError takes it as its message.
 func endEvent(ex subjects.ProcExit) *pb.ProcessEvent {
 	end := &pb.ProcessEvent_EndEvent{ExitCode: int32(ex.ExitCode), Exited: true, Status: "exit status " + strconv.Itoa(ex.ExitCode)}
 	switch {
@@ -443,6 +496,9 @@ func endEvent(ex subjects.ProcExit) *pb.ProcessEvent {
 			name = "SIG" + ex.Signal
 		}
 		end.ExitCode, end.Exited, end.Status = -1, false, "signal: "+name
+		end.Error = &end.Status
+	case ex.ExitCode != 0:
+		end.Error = &end.Status
 	}
 	return &pb.ProcessEvent{Event: &pb.ProcessEvent_End{End: end}}
 }
