@@ -53,3 +53,47 @@ func TestHashGrowing(t *testing.T) {
 		t.Fatal("hashGrowing did not end after the writer was done")
 	}
 }
+
+// TestHashGrowingEndsWhileWriterGoesOn: a writer that goes on appending
+// after it said it was done is not followed: the hash ends.
+func TestHashGrowingEndsWhileWriterGoesOn(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "state")
+	w, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	r, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		chunk := make([]byte, 1<<20)
+		for i := 0; i < 2000; i++ { // bounded: at most 2 GB, stopped long before
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if _, err := w.Write(chunk); err != nil {
+				return
+			}
+		}
+	}()
+	written := make(chan struct{})
+	got := make(chan hashResult, 1)
+	go func() { got <- hashGrowing(r, written) }()
+	time.Sleep(50 * time.Millisecond)
+	close(written)
+	select {
+	case res := <-got:
+		if res.err != nil {
+			t.Fatal(res.err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("hashGrowing follows a writer that never stops")
+	}
+}

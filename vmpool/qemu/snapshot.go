@@ -418,25 +418,37 @@ func hashGrowing(f *os.File, written <-chan struct{}) hashResult {
 	idle := time.NewTicker(time.Millisecond)
 	defer idle.Stop()
 	done := false
-	var off, flushed int64
+	var off, flushed, end int64
 	for {
-		n, err := f.Read(buf)
-		h.Write(buf[:n])
+		b := buf
+		if done && end-off < int64(len(b)) {
+			b = buf[:max(end-off, 0)]
+		}
+		n, err := f.Read(b)
+		h.Write(b[:n])
 		if off += int64(n); off-flushed >= 8<<20 {
 			startWriteback(f, flushed, off-flushed)
 			flushed = off
 		}
 		switch {
+		case done && off >= end:
+			return hashResult{sum: hex.EncodeToString(h.Sum(nil))}
 		case err == nil:
 			continue
 		case !errors.Is(err, io.EOF):
 			return hashResult{err: err}
-		case done:
-			return hashResult{sum: hex.EncodeToString(h.Sum(nil))}
+		case done: // shorter than it was when the writer finished
+			return hashResult{err: fmt.Errorf("state file shrank to %d bytes from %d", off, end)}
 		}
 		select {
 		case <-written:
-			done = true // one more pass to the end
+			// One more pass, to the size the file has now: a writer that
+			// goes on after it said it was done is not followed.
+			st, err := f.Stat()
+			if err != nil {
+				return hashResult{err: err}
+			}
+			done, end = true, st.Size()
 		case <-idle.C:
 		}
 	}
