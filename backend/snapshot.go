@@ -231,7 +231,7 @@ func (b *Backend) describe(snap vmpool.Snapshot, sid, gen string, src subjects.S
 // files hashed before (hard links of kernels and disk layers) come from
 // digestCache. Every artifact is then marked verified, so a restore on this
 // worker does not read it again either.
-func hashArtifacts(dir string, names []string, known map[string]string) ([]subjects.Artifact, int64, string, error) {
+func hashArtifacts(dir string, names []string, known map[string]vmpool.Digest) ([]subjects.Artifact, int64, string, error) {
 	arts := make([]subjects.Artifact, len(names))
 	errs := make([]error, len(names))
 	var wg sync.WaitGroup
@@ -263,8 +263,9 @@ func hashArtifacts(dir string, names []string, known map[string]string) ([]subje
 }
 
 // digestOf returns the file's stat and sha256: known when the caller has
-// it, else from digestCache, else read and hashed (and cached).
-func digestOf(path, known string) (fs.FileInfo, string, error) {
+// it (and the file is still the size it was hashed at), else from
+// digestCache, else read and hashed (and cached).
+func digestOf(path string, known vmpool.Digest) (fs.FileInfo, string, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, "", fmt.Errorf("open %s: %w", filepath.Base(path), pathless(err))
@@ -275,11 +276,11 @@ func digestOf(path, known string) (fs.FileInfo, string, error) {
 		return nil, "", fmt.Errorf("stat %s: %w", filepath.Base(path), pathless(err))
 	}
 	key, keyed := inodeKeyOf(st)
-	if known != "" {
+	if known.SHA256 != "" && known.Size == st.Size() {
 		if keyed {
-			cacheDigest(key, known)
+			cacheDigest(key, known.SHA256)
 		}
-		return st, known, nil
+		return st, known.SHA256, nil
 	}
 	if keyed {
 		if sum, ok := digestCache.Load(key); ok {
@@ -378,7 +379,7 @@ func (b *Backend) loadSnapshot(rec subjects.SnapshotRecord) (vmpool.Snapshot, er
 		if _, ok := verified.Load(key); ok {
 			continue
 		}
-		_, sum, err := digestOf(path, "")
+		_, sum, err := digestOf(path, vmpool.Digest{})
 		if err != nil {
 			return vmpool.Snapshot{}, errdefs.Wrap(errdefs.ErrIntegrity, fmt.Errorf("snapshot %s: %w", rec.SnapshotID, err))
 		}

@@ -94,9 +94,15 @@ type Snapshot struct {
 	NetworkMACs       []string
 	Resources         Resources
 	Image             Image // kernel and initramfs the machine was booted with
-	// Digests holds the sha256 (hex) of artifacts the driver computed
-	// while it wrote them, by name, so they need not be read again.
-	Digests map[string]string
+	// Digests holds what the driver computed of artifacts while it wrote
+	// them, by name, so they need not be read again.
+	Digests map[string]Digest
+}
+
+// Digest is an artifact's sha256 (hex) over its first Size bytes.
+type Digest struct {
+	SHA256 string
+	Size   int64
 }
 
 // Saver is implemented by drivers that can snapshot a running machine.

@@ -154,7 +154,7 @@ func (m *Machine) save(ctx context.Context, dir string, opts vmpool.SaveOptions)
 	// The worker makes the state file (root's, 0600, in the snapshot
 	// directory) and QEMU writes it through a descriptor: confined or not,
 	// it needs no permission on it.
-	stateSum, err := migrateOut(ctx, q, format == FormatSharedMemory, filepath.Join(dir, snapState))
+	stateDigest, err := migrateOut(ctx, q, format == FormatSharedMemory, filepath.Join(dir, snapState))
 	if err != nil {
 		return snap, err
 	}
@@ -197,7 +197,7 @@ func (m *Machine) save(ctx context.Context, dir string, opts vmpool.SaveOptions)
 	}
 	snap = vmpool.Snapshot{Dir: dir, Artifacts: artifacts, Disk: filepath.Join(dir, snapDisk), Format: format,
 		Resources: vmpool.Resources{VCPUs: m.cfg.VCPUs, MemoryMB: m.cfg.MemoryMB}, Image: m.image,
-		Digests: map[string]string{snapState: stateSum}}
+		Digests: map[string]vmpool.Digest{snapState: stateDigest}}
 	if m.cfg.Network {
 		snap.NetworkMACs = []string{m.cfg.MAC}
 	}
@@ -374,18 +374,18 @@ func dropFD(ctx context.Context, q *qmp.Client) {
 // and hashes it: the returned sha256 (hex) is ready almost as soon as the
 // migration is, with no second read of the whole file afterwards and
 // nothing in QEMU's write path.
-func migrateOut(ctx context.Context, q *qmp.Client, ignoreShared bool, path string) (string, error) {
+func migrateOut(ctx context.Context, q *qmp.Client, ignoreShared bool, path string) (vmpool.Digest, error) {
 	if err := setMigration(ctx, q, ignoreShared); err != nil {
-		return "", err
+		return vmpool.Digest{}, err
 	}
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
-		return "", err
+		return vmpool.Digest{}, err
 	}
 	defer f.Close() // QEMU writes through its own copy
 	rf, err := os.Open(path)
 	if err != nil {
-		return "", err
+		return vmpool.Digest{}, err
 	}
 	defer rf.Close()
 	written := make(chan struct{})
@@ -395,17 +395,18 @@ func migrateOut(ctx context.Context, q *qmp.Client, ignoreShared bool, path stri
 	close(written)
 	res := <-hashed
 	if err != nil {
-		return "", err
+		return vmpool.Digest{}, err
 	}
 	if res.err != nil {
-		return "", fmt.Errorf("hash migration stream: %w", res.err)
+		return vmpool.Digest{}, fmt.Errorf("hash migration stream: %w", res.err)
 	}
-	return res.sum, nil
+	return vmpool.Digest{SHA256: res.sum, Size: res.size}, nil
 }
 
 type hashResult struct {
-	sum string
-	err error
+	sum  string
+	size int64
+	err  error
 }
 
 // hashGrowing hashes f while another writer appends to it: it reads to the
@@ -432,7 +433,7 @@ func hashGrowing(f *os.File, written <-chan struct{}) hashResult {
 		}
 		switch {
 		case done && off >= end:
-			return hashResult{sum: hex.EncodeToString(h.Sum(nil))}
+			return hashResult{sum: hex.EncodeToString(h.Sum(nil)), size: off}
 		case err == nil:
 			continue
 		case !errors.Is(err, io.EOF):
