@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strings"
@@ -292,10 +291,7 @@ func TestClusterTwoWorkers(t *testing.T) {
 func TestClusterRecoveryKeepsClaimedIDs(t *testing.T) {
 	e := startWorker(t, clusterOpts)
 	agentBin := testenv.AgentBinary(t, runtime.GOARCH)
-	bin := filepath.Join(t.TempDir(), "firkin-worker")
-	if out, err := exec.Command("go", "build", "-o", bin, "../cmd/firkin-worker").CombinedOutput(); err != nil {
-		t.Fatalf("build worker: %v\n%s", err, out)
-	}
+	bin := workerBinary(t)
 	state := t.TempDir()
 	shareDebCache(t, state)
 	args := []string{"--state-dir", state, "--nats-url", e.w.NATSURL(),

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"log/slog"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strings"
@@ -256,4 +257,35 @@ func (s *syncWriter) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
+}
+
+// builtWorker is the worker binary the tests that run it as a child
+// process share: built once per test binary run, removed after the last
+// test.
+var builtWorker struct {
+	once sync.Once
+	dir  string
+	bin  string
+	err  error
+	out  []byte
+}
+
+// workerBinary returns the path of the worker binary, building it on first
+// use.
+func workerBinary(t *testing.T) string {
+	t.Helper()
+	builtWorker.once.Do(func() {
+		builtWorker.dir, builtWorker.err = os.MkdirTemp("", "firkin-worker-bin-")
+		if builtWorker.err != nil {
+			return
+		}
+		dir := builtWorker.dir
+		worker.AfterTests = append(worker.AfterTests, func() { _ = os.RemoveAll(dir) })
+		builtWorker.bin = filepath.Join(builtWorker.dir, "firkin-worker")
+		builtWorker.out, builtWorker.err = exec.Command("go", "build", "-o", builtWorker.bin, "../cmd/firkin-worker").CombinedOutput()
+	})
+	if builtWorker.err != nil {
+		t.Fatalf("build worker: %v\n%s", builtWorker.err, builtWorker.out)
+	}
+	return builtWorker.bin
 }

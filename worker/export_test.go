@@ -11,3 +11,7 @@ func Crash(w *Worker) {
 		w.envdNC.Close()
 	}
 }
+
+// AfterTests run once every test of the package has run (TestMain): the
+// external tests clean up what they share across tests with it.
+var AfterTests []func()

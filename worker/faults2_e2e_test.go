@@ -17,7 +17,6 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/firkin-dev/firkin-worker/client"
-	"github.com/firkin-dev/firkin-worker/embedded"
 	"github.com/firkin-dev/firkin-worker/internal/testenv"
 	"github.com/firkin-dev/firkin-worker/subjects"
 	"github.com/firkin-dev/firkin-worker/worker"
@@ -152,10 +151,7 @@ func TestWorkerKilledDuringSave(t *testing.T) {
 	testenv.RequireQEMU(t, runtime.GOARCH)
 	agentBin := testenv.AgentBinary(t, runtime.GOARCH)
 	_ = testenv.Image(t, runtime.GOARCH) // the worker builds its own copy from the same cached inputs
-	bin := filepath.Join(t.TempDir(), "firkin-worker")
-	if out, err := exec.Command("go", "build", "-o", bin, "../cmd/firkin-worker").CombinedOutput(); err != nil {
-		t.Fatalf("build worker: %v\n%s", err, out)
-	}
+	bin := workerBinary(t)
 	state := t.TempDir()
 	natsAddr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	args := []string{"--state-dir", state, "--nats-listen", natsAddr, "--proxy-listen", "127.0.0.1:0",
@@ -424,15 +420,7 @@ func TestDiskPressureDuringSaveAndRestore(t *testing.T) {
 // reply's logs_dropped_bytes and a system log event: never lost in
 // silence.
 func TestNATSServerRestartedUnderLoad(t *testing.T) {
-	store := t.TempDir()
-	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	start := func() *embedded.Server {
-		srv, err := embedded.Start(embedded.Config{Listen: addr, StoreDir: store, Anonymous: true})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return srv
-	}
+	addr, start := restartableNATS(t)
 	srv := start()
 	t.Cleanup(func() { srv.Shutdown() })
 	e := startWorker(t, func(c *worker.Config) { c.NATSURL = "nats://" + addr })

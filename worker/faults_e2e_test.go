@@ -79,15 +79,7 @@ func TestQEMUKilledFromOutside(t *testing.T) {
 // stopped and started again under it; the worker reconnects and its
 // subscriptions, micro service and sandboxes answer again.
 func TestNATSServerRestarted(t *testing.T) {
-	store := t.TempDir()
-	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	start := func() *embedded.Server {
-		srv, err := embedded.Start(embedded.Config{Listen: addr, StoreDir: store, Anonymous: true})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return srv
-	}
+	addr, start := restartableNATS(t)
 	srv := start()
 	t.Cleanup(func() { srv.Shutdown() })
 	e := startWorker(t, func(c *worker.Config) { c.NATSURL = "nats://" + addr })
@@ -200,4 +192,19 @@ func TestCreateFlood(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// restartableNATS makes an anonymous nats-server on a free loopback port
+// with its store in a temporary directory; start starts it (again: same
+// port, same store).
+func restartableNATS(t *testing.T) (addr string, start func() *embedded.Server) {
+	store := t.TempDir()
+	addr = fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	return addr, func() *embedded.Server {
+		srv, err := embedded.Start(embedded.Config{Listen: addr, StoreDir: store, Anonymous: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return srv
+	}
 }

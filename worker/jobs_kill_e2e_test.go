@@ -4,8 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"os/exec"
-	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
@@ -36,10 +34,7 @@ func TestJobsWorkerKilled(t *testing.T) {
 	url := srv.ClientURL()
 	const secret = "jobs-kill-test-secret-0123456789abcdef"
 
-	bin := filepath.Join(t.TempDir(), "firkin-worker")
-	if out, err := exec.Command("go", "build", "-o", bin, "../cmd/firkin-worker").CombinedOutput(); err != nil {
-		t.Fatalf("build worker: %v\n%s", err, out)
-	}
+	bin := workerBinary(t)
 	stateA := t.TempDir()
 	shareDebCache(t, stateA)
 	a := startBinary(t, bin, "--state-dir", stateA, "--nats-url", url, "--proxy-listen", "127.0.0.1:0",

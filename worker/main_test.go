@@ -14,5 +14,9 @@ func TestMain(m *testing.M) {
 	if dir := os.Getenv(NATSChildEnv); dir != "" {
 		os.Exit(natsChild(dir))
 	}
-	os.Exit(m.Run())
+	code := m.Run()
+	for _, fn := range AfterTests {
+		fn()
+	}
+	os.Exit(code)
 }

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strings"
@@ -137,16 +136,6 @@ func (c *natsCluster) connect(t *testing.T, seed string) *nats.Conn {
 	}
 	t.Cleanup(nc.Close)
 	return nc
-}
-
-// workerBinary builds the worker binary once per test.
-func workerBinary(t *testing.T) string {
-	t.Helper()
-	bin := filepath.Join(t.TempDir(), "firkin-worker")
-	if out, err := exec.Command("go", "build", "-o", bin, "../cmd/firkin-worker").CombinedOutput(); err != nil {
-		t.Fatalf("build worker: %v\n%s", err, out)
-	}
-	return bin
 }
 
 // clusterWorker is one worker process joined to the cluster.

@@ -123,10 +123,7 @@ func TestRecoveryAfterCrash(t *testing.T) {
 	agentBin := testenv.AgentBinary(t, runtime.GOARCH)
 	img := testenv.Image(t, runtime.GOARCH)
 	_ = img // the worker builds its own copy from the same cached inputs
-	bin := filepath.Join(t.TempDir(), "firkin-worker")
-	if out, err := exec.Command("go", "build", "-o", bin, "../cmd/firkin-worker").CombinedOutput(); err != nil {
-		t.Fatalf("build worker: %v\n%s", err, out)
-	}
+	bin := workerBinary(t)
 	state := t.TempDir()
 	natsAddr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	args := []string{"--state-dir", state, "--nats-listen", natsAddr, "--proxy-listen", "127.0.0.1:0",
