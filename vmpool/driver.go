@@ -95,8 +95,9 @@ type Snapshot struct {
 	Resources         Resources
 	Image             Image // kernel and initramfs the machine was booted with
 	// Digests holds what the driver computed of artifacts while it wrote
-	// them, by name, so they need not be read again.
-	Digests map[string]Digest
+	// them, by name, so they need not be read again. It is for the save
+	// only: never written into a snapshot's metadata.
+	Digests map[string]Digest `json:"-"`
 }
 
 // Digest is an artifact's sha256 (hex) over its first Size bytes.
