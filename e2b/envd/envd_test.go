@@ -111,7 +111,13 @@ func TestAdmit(t *testing.T) {
 		{"secure, no token", secure, nil, false},
 		{"secure, wrong token", secure, map[string]string{AccessTokenHeader: "x"}, false},
 		{"secure, traffic header only", secure, map[string]string{"E2b-Traffic-Access-Token": envdTok}, false},
-		{"public", Access{Public: true}, nil, true},
+		// public_traffic opens the guest's ports, not this one: a
+		// sandbox made with firkin's defaults (public, not secure) must
+		// not run commands for anyone who knows its id.
+		{"public, no token", Access{Public: true, VerifyTraffic: private.VerifyTraffic}, nil, false},
+		{"public, wrong token", Access{Public: true, VerifyTraffic: private.VerifyTraffic}, map[string]string{AccessTokenHeader: "x"}, false},
+		{"public, traffic token", Access{Public: true, VerifyTraffic: private.VerifyTraffic}, map[string]string{AccessTokenHeader: trafficTok}, true},
+		{"public, no verifier", Access{Public: true}, map[string]string{AccessTokenHeader: trafficTok}, false},
 		{"private, traffic token in X-Access-Token", private, map[string]string{AccessTokenHeader: trafficTok}, true},
 		{"private, traffic token header", private, map[string]string{"E2b-Traffic-Access-Token": trafficTok}, true},
 		{"private, no token", private, nil, false},
