@@ -203,12 +203,34 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		httpError(w, http.StatusBadGateway, fmt.Sprintf("sandbox %s cannot be reached", rt.SandboxID))
 		return
 	}
-	if status, msg := s.admit(r, acc); status != 0 {
+	r, status, msg := s.admitRequest(r, acc)
+	if status != 0 {
 		httpError(w, status, msg)
 		return
 	}
 	ctx := context.WithValue(r.Context(), sandboxKey{}, rt.SandboxID)
 	s.mux.ServeHTTP(w, r.WithContext(ctx))
+}
+
+// signedKey marks, in a request's context, a request admitted by its
+// /files signature rather than by a token.
+type signedKey struct{}
+
+// admitRequest is admit, and marks a request it admitted by signature: the
+// signature names the user (the username parameter, none for the default
+// user), so Authorization must not pick another one.
+func (s *Server) admitRequest(r *http.Request, acc Access) (*http.Request, int, string) {
+	status, msg := s.admit(r, acc)
+	if status == 0 && acc.Secure && r.Header.Get(AccessTokenHeader) == "" {
+		r = r.WithContext(context.WithValue(r.Context(), signedKey{}, true))
+	}
+	return r, status, msg
+}
+
+// signedRequest reports whether r was admitted by its signature.
+func signedRequest(r *http.Request) bool {
+	signed, _ := r.Context().Value(signedKey{}).(bool)
+	return signed
 }
 
 var _ proxy.RouteFailer = (*Server)(nil)

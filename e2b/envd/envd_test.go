@@ -54,6 +54,37 @@ func TestCheckSignature(t *testing.T) {
 	}
 }
 
+// TestSignedURLUser: a request admitted by its /files signature runs as
+// the user the signature covers (the username parameter, else the
+// default), whatever Authorization says; with a token, Authorization
+// picks the user.
+func TestSignedURLUser(t *testing.T) {
+	const tok = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+	s := &Server{cfg: Config{DefaultUser: "user"}}
+	acc := Access{Secure: true, EnvdToken: tok}
+	root := "Basic " + base64.StdEncoding.EncodeToString([]byte("root:"))
+	for _, c := range []struct {
+		name, query, token, want string
+	}{
+		{"signed, no username", "path=/a&signature=" + sign("/a", "read", "", tok, ""), "", "user"},
+		{"signed, username", "path=/a&username=user&signature=" + sign("/a", "read", "user", tok, ""), "", "user"},
+		{"token", "path=/a", tok, "root"},
+	} {
+		r := httptest.NewRequest("GET", "/files?"+c.query, nil)
+		r.Header.Set("Authorization", root)
+		if c.token != "" {
+			r.Header.Set(AccessTokenHeader, c.token)
+		}
+		r, status, msg := s.admitRequest(r, acc)
+		if status != 0 {
+			t.Fatalf("%s: refused: %d %s", c.name, status, msg)
+		}
+		if u, err := s.filesUser(r); err != nil || u != c.want {
+			t.Errorf("%s: user %q, %v; want %q", c.name, u, err, c.want)
+		}
+	}
+}
+
 func TestGuestPath(t *testing.T) {
 	for _, c := range []struct{ in, user, want string }{
 		{"/etc/hosts", "user", "/etc/hosts"},

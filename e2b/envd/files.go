@@ -28,10 +28,15 @@ type fileEntry struct {
 }
 
 // filesUser is the user of a /files request: the username query parameter,
-// else the Authorization header's, else the default.
+// else the Authorization header's, else the default. A signed request's
+// user is the one its signature covers: the username parameter, else the
+// default (the holder of a signed URL may not pick root in Authorization).
 func (s *Server) filesUser(r *http.Request) (string, error) {
 	if u := r.URL.Query().Get("username"); u != "" {
 		return u, validateUser(u)
+	}
+	if signedRequest(r) {
+		return s.cfg.DefaultUser, nil
 	}
 	return s.userOf(r.Header)
 }
