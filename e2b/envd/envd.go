@@ -130,7 +130,11 @@ type Server struct {
 
 	mu       sync.Mutex
 	watchers map[string]*watcher // by watcher id
-	closed   bool
+	// pendingWatchers counts, by sandbox, the CreateWatcher calls making
+	// a watch (pendingTotal all of them): they count against the bounds.
+	pendingWatchers map[string]int
+	pendingTotal    int
+	closed          bool
 }
 
 var _ http.Handler = (*Server)(nil)

@@ -8,6 +8,8 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -277,5 +279,40 @@ func TestFailRoute(t *testing.T) {
 		if err := json.Unmarshal(w.Body.Bytes(), &body); err != nil || w.Code != want || body.Code != want || body.Message != "msg" {
 			t.Errorf("FailRoute(%d) = %d %q (%v), want %d", in, w.Code, w.Body.String(), err, want)
 		}
+	}
+}
+
+// TestWatcherSlots: the watcher bounds count the watchers being made, so
+// concurrent CreateWatcher calls cannot pass them; a slot given back is
+// free again.
+func TestWatcherSlots(t *testing.T) {
+	s := &Server{watchers: map[string]*watcher{}}
+	var wg sync.WaitGroup
+	var got atomic.Int32
+	for range 4 * maxWatchersPerSandbox {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if s.reserveWatcher("a") == nil {
+				got.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	if got.Load() != maxWatchersPerSandbox {
+		t.Fatalf("%d watchers of one sandbox reserved at once, want %d", got.Load(), maxWatchersPerSandbox)
+	}
+	if err := s.reserveWatcher("b"); err != nil {
+		t.Fatalf("another sandbox: %v", err)
+	}
+	s.unreserveWatcher("a")
+	if err := s.reserveWatcher("a"); err != nil {
+		t.Fatalf("a slot given back: %v", err)
+	}
+	for i := 0; i < maxWatchers; i++ {
+		s.pendingTotal++
+	}
+	if err := s.reserveWatcher("c"); err == nil {
+		t.Fatal("the worker's bound passed")
 	}
 }
