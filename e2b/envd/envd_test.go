@@ -4,6 +4,7 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -13,6 +14,9 @@ import (
 	"testing"
 	"time"
 
+	"connectrpc.com/connect"
+
+	"github.com/firkin-dev/firkin-worker/client"
 	pb "github.com/firkin-dev/firkin-worker/e2b/envd/gen/process"
 	"github.com/firkin-dev/firkin-worker/proxy"
 	"github.com/firkin-dev/firkin-worker/subjects"
@@ -314,5 +318,30 @@ func TestWatcherSlots(t *testing.T) {
 	}
 	if err := s.reserveWatcher("c"); err == nil {
 		t.Fatal("the worker's bound passed")
+	}
+}
+
+// TestPublicMessage: an internal failure's text (which can name host
+// paths) is not told to the sandbox API's client, only the worker's error
+// id; a refusal keeps its text.
+func TestPublicMessage(t *testing.T) {
+	internal := &client.Error{Code: "runtime_failed", Subject: "firkin.sandbox.a.fs.read",
+		Message: "read: open /var/lib/firkin/sandboxes/a/disk.qcow2: input/output error (error id 1x2y3z)"}
+	for _, err := range []error{internal, errors.New("subscribe to output: /var/lib/firkin/x")} {
+		for _, msg := range []string{publicMessage(err), connectError(err).Error()} {
+			if strings.Contains(msg, "/var/lib") {
+				t.Errorf("%v told as %q", err, msg)
+			}
+		}
+	}
+	if msg := publicMessage(internal); msg != "internal error (error id 1x2y3z)" {
+		t.Errorf("internal: %q", msg)
+	}
+	notFound := &client.Error{Code: subjects.CodeFileNotFound, Message: "/home/user/x: no such file"}
+	if msg := publicMessage(notFound); !strings.Contains(msg, "/home/user/x") {
+		t.Errorf("not found: %q", msg)
+	}
+	if ce := connectError(notFound); connect.CodeOf(ce) != connect.CodeNotFound || !strings.Contains(ce.Error(), "/home/user/x") {
+		t.Errorf("not found: %v", ce)
 	}
 }

@@ -57,7 +57,7 @@ func (s *Server) download(w http.ResponseWriter, r *http.Request) {
 	c := s.cfg.Client.AsUser(user)
 	fi, err := c.Stat(ctx, id, p)
 	if err != nil {
-		httpError(w, httpStatus(err), err.Error())
+		httpError(w, httpStatus(err), publicMessage(err))
 		return
 	}
 	if fi.Type == subjects.FileTypeDir {
@@ -73,7 +73,7 @@ func (s *Server) download(w http.ResponseWriter, r *http.Request) {
 		if cw.n == 0 {
 			h.Del("Content-Length")
 			h.Del("Content-Disposition")
-			httpError(w, httpStatus(err), err.Error())
+			httpError(w, httpStatus(err), publicMessage(err))
 			return
 		}
 		// Headers are out: cut the body short so the client sees an error.
@@ -120,7 +120,7 @@ func (s *Server) upload(w http.ResponseWriter, r *http.Request) {
 				httpError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("upload over %d bytes", s.cfg.MaxUploadBytes))
 				return false
 			}
-			httpError(w, httpStatus(err), err.Error())
+			httpError(w, httpStatus(err), publicMessage(err))
 			return false
 		}
 		written = append(written, fileEntry{Name: path.Base(gp), Type: "file", Path: gp})
@@ -199,7 +199,7 @@ func (s *Server) envs(w http.ResponseWriter, r *http.Request) {
 	ctx, id := r.Context(), sandboxOf(r.Context())
 	rep, err := s.cfg.Client.Exec(ctx, id, subjects.ExecRequest{Command: "env", User: s.cfg.DefaultUser, TimeoutMS: 10000})
 	if err != nil {
-		httpError(w, httpStatus(err), err.Error())
+		httpError(w, httpStatus(err), publicMessage(err))
 		return
 	}
 	out := map[string]string{}
@@ -218,7 +218,7 @@ func (s *Server) metrics(w http.ResponseWriter, r *http.Request) {
 	ctx, id := r.Context(), sandboxOf(r.Context())
 	rep, err := s.cfg.Client.Metrics(ctx, id)
 	if err != nil {
-		httpError(w, httpStatus(err), err.Error())
+		httpError(w, httpStatus(err), publicMessage(err))
 		return
 	}
 	m := map[string]any{"ts": time.Now().Unix()}
