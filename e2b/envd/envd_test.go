@@ -1,10 +1,12 @@
 package envd
 
 import (
+	"compress/gzip"
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -343,5 +345,29 @@ func TestPublicMessage(t *testing.T) {
 	}
 	if ce := connectError(notFound); connect.CodeOf(ce) != connect.CodeNotFound || !strings.Contains(ce.Error(), "/home/user/x") {
 		t.Errorf("not found: %v", ce)
+	}
+}
+
+// TestGzipUploadBound: a gzip upload that inflates past the bound fails
+// with a MaxBytesError (413) instead of being written cut short; one that
+// inflates to the bound exactly is whole.
+func TestGzipUploadBound(t *testing.T) {
+	for _, c := range []struct {
+		size    int
+		tooMuch bool
+	}{{100, false}, {1000, false}, {1001, true}, {1 << 20, true}} {
+		var zb strings.Builder
+		zw := gzip.NewWriter(&zb)
+		_, _ = zw.Write(make([]byte, c.size))
+		_ = zw.Close()
+		zr, err := gzip.NewReader(strings.NewReader(zb.String()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		n, err := io.Copy(io.Discard, &maxReader{r: zr, left: 1000, limit: 1000})
+		var mbe *http.MaxBytesError
+		if got := errors.As(err, &mbe); got != c.tooMuch || (!c.tooMuch && (err != nil || n != int64(c.size))) {
+			t.Errorf("%d bytes: copied %d, %v; want too much %v", c.size, n, err, c.tooMuch)
+		}
 	}
 }

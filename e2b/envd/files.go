@@ -82,6 +82,32 @@ func (s *Server) download(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
+// maxReader reads at most limit bytes of r and fails with
+// *http.MaxBytesError after them: a gzip body that inflates past the bound
+// is refused (413), not written cut short as if it were whole.
+type maxReader struct {
+	r           io.Reader
+	left, limit int64
+}
+
+func (m *maxReader) Read(b []byte) (int, error) {
+	if m.left <= 0 {
+		// One byte more than allowed tells the end from too much.
+		var one [1]byte
+		n, err := m.r.Read(one[:])
+		if n > 0 {
+			return 0, &http.MaxBytesError{Limit: m.limit}
+		}
+		return 0, err
+	}
+	if int64(len(b)) > m.left {
+		b = b[:m.left]
+	}
+	n, err := m.r.Read(b)
+	m.left -= int64(n)
+	return n, err
+}
+
 // countingWriter counts what went through it.
 type countingWriter struct {
 	w io.Writer
@@ -135,7 +161,7 @@ func (s *Server) upload(w http.ResponseWriter, r *http.Request) {
 				httpError(w, http.StatusBadRequest, "bad gzip body")
 				return
 			}
-			body = io.LimitReader(zr, s.cfg.MaxUploadBytes)
+			body = &maxReader{r: zr, left: s.cfg.MaxUploadBytes, limit: s.cfg.MaxUploadBytes}
 		}
 		if qpath == "" {
 			httpError(w, http.StatusBadRequest, "path is required")
