@@ -371,3 +371,12 @@ func TestGzipUploadBound(t *testing.T) {
 		}
 	}
 }
+
+// TestOutputBufferBound: what one live output stream may hold for a
+// client that does not read is bounded by its channel's capacity alone
+// (nats.go takes no pending limits on a channel subscription).
+func TestOutputBufferBound(t *testing.T) {
+	if got := outputBuffer * subjects.MaxLiveChunk; got > maxStreamBuffer {
+		t.Fatalf("a stream buffers up to %d bytes, want at most %d", got, maxStreamBuffer)
+	}
+}
