@@ -87,7 +87,7 @@ func run(args []string) error {
 	if err := srv.Start(*listen); err != nil {
 		return err
 	}
-	log.Info("E2B API ready", "listen", srv.Addr().String(), "nats", nc.ConnectedUrl())
+	log.Info("E2B API ready", "listen", srv.Addr().String(), "nats", logURL(nc))
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	<-ctx.Done()
@@ -95,3 +95,7 @@ func run(args []string) error {
 	defer cancel()
 	return srv.Stop(sctx)
 }
+
+// logURL is the NATS server's URL as logged: without a password the
+// --nats-url may carry (nats://user:password@host).
+func logURL(nc *nats.Conn) string { return nc.ConnectedUrlRedacted() }

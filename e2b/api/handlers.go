@@ -123,8 +123,13 @@ func (s *Server) createRequest(b newSandbox, v2 bool) (subjects.CreateSandboxReq
 		return req, err
 	}
 	req.Metadata, req.Env = b.Metadata, b.EnvVars
-	// /v2/sandboxes is always secured; /sandboxes when it asks.
-	req.Secure = v2 || (b.Secure != nil && *b.Secure)
+	// Every sandbox is secured (/v2/sandboxes always is in E2B; a
+	// /sandboxes create that asks for secure false gets it too): the SDK
+	// then reaches the sandbox API with the envd access token, which it
+	// sends whenever it has one. firkin opens the sandbox API of a sandbox
+	// that is not secure only with its traffic token, which the SDK never
+	// sends there.
+	req.Secure = true
 	switch {
 	case b.MCP != nil:
 		return req, badRequest("mcp is not supported by firkin")

@@ -238,11 +238,13 @@ func TestCreateMapsE2BToFirkin(t *testing.T) {
 		req.Egress == nil || strings.Join(req.Egress.Allow, ",") != "1.1.1.1" || strings.Join(req.Egress.Deny, ",") != "0.0.0.0/0,::/0" {
 		t.Fatalf("firkin request %+v egress %+v", req, req.Egress)
 	}
-	// v1 defaults: 15 s, secure only when asked.
-	if status, _, data := do(t, ts, "POST", "/sandboxes", `{"templateID":"base"}`, testKey); status != 201 {
+	// v1 defaults: 15 s, and secure even when asked not to be (the
+	// sandbox API of a sandbox that is not secure wants the traffic
+	// token, which the SDK never sends there).
+	if status, _, data := do(t, ts, "POST", "/sandboxes", `{"templateID":"base","secure":false}`, testKey); status != 201 {
 		t.Fatalf("v1 create: %d %s", status, data)
 	}
-	if req := api.created[1]; req.TimeoutS != 15 || req.Secure {
+	if req := api.created[1]; req.TimeoutS != 15 || !req.Secure {
 		t.Fatalf("v1 request %+v", req)
 	}
 	// getInfo hands back the envd token of the instance it created.

@@ -21,9 +21,10 @@
 // Access: a secure sandbox (created with secure) takes only requests whose
 // X-Access-Token is its envd access token (compared in constant time), or,
 // for /files, a signature made with it (the SDK's signed URLs). A sandbox
-// that is not secure takes requests without a token when its traffic is
-// public; a private one wants its traffic access token (in X-Access-Token
-// or e2b-traffic-access-token). /health is open. The proxy's own traffic
+// that is not secure wants its traffic access token (in X-Access-Token or
+// e2b-traffic-access-token), whether its traffic is public or not: public
+// traffic opens the ports the guest serves, not a way to run commands in
+// it (E2B's API always makes secure sandboxes). /health is open. The proxy's own traffic
 // token check does not apply to this port: the SDK never sends that
 // header to envd.
 //
@@ -96,9 +97,11 @@ type Access struct {
 	Secure bool
 	// EnvdToken is the secure sandbox's envd access token.
 	EnvdToken string
-	// Public sandboxes that are not secure take any request.
+	// Public is the sandbox's public_traffic (it does not open the
+	// sandbox API: a sandbox that is not secure wants its traffic token).
 	Public bool
-	// VerifyTraffic checks a private sandbox's traffic access token.
+	// VerifyTraffic checks the traffic access token of a sandbox that is
+	// not secure.
 	VerifyTraffic func(token string) bool
 }
 
@@ -127,7 +130,11 @@ type Server struct {
 
 	mu       sync.Mutex
 	watchers map[string]*watcher // by watcher id
-	closed   bool
+	// pendingWatchers counts, by sandbox, the CreateWatcher calls making
+	// a watch (pendingTotal all of them): they count against the bounds.
+	pendingWatchers map[string]int
+	pendingTotal    int
+	closed          bool
 }
 
 var _ http.Handler = (*Server)(nil)
@@ -200,12 +207,34 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		httpError(w, http.StatusBadGateway, fmt.Sprintf("sandbox %s cannot be reached", rt.SandboxID))
 		return
 	}
-	if status, msg := s.admit(r, acc); status != 0 {
+	r, status, msg := s.admitRequest(r, acc)
+	if status != 0 {
 		httpError(w, status, msg)
 		return
 	}
 	ctx := context.WithValue(r.Context(), sandboxKey{}, rt.SandboxID)
 	s.mux.ServeHTTP(w, r.WithContext(ctx))
+}
+
+// signedKey marks, in a request's context, a request admitted by its
+// /files signature rather than by a token.
+type signedKey struct{}
+
+// admitRequest is admit, and marks a request it admitted by signature: the
+// signature names the user (the username parameter, none for the default
+// user), so Authorization must not pick another one.
+func (s *Server) admitRequest(r *http.Request, acc Access) (*http.Request, int, string) {
+	status, msg := s.admit(r, acc)
+	if status == 0 && acc.Secure && r.Header.Get(AccessTokenHeader) == "" {
+		r = r.WithContext(context.WithValue(r.Context(), signedKey{}, true))
+	}
+	return r, status, msg
+}
+
+// signedRequest reports whether r was admitted by its signature.
+func signedRequest(r *http.Request) bool {
+	signed, _ := r.Context().Value(signedKey{}).(bool)
+	return signed
 }
 
 var _ proxy.RouteFailer = (*Server)(nil)
@@ -241,16 +270,18 @@ func (s *Server) admit(r *http.Request, acc Access) (int, string) {
 			return 0, ""
 		}
 		return http.StatusUnauthorized, "missing access token (X-Access-Token)"
-	case acc.Public:
-		return 0, ""
 	default:
+		// Not secure: the traffic access token, public traffic or not. A
+		// public sandbox's ports are open to anyone who knows its id (a
+		// web preview shows it); this port runs commands as any user, so
+		// public traffic alone must not open it.
 		if tok == "" {
 			tok = r.Header.Get(proxy.TrafficTokenHeader)
 		}
 		if tok != "" && acc.VerifyTraffic != nil && acc.VerifyTraffic(tok) {
 			return 0, ""
 		}
-		return http.StatusUnauthorized, "private sandbox: missing or invalid traffic access token"
+		return http.StatusUnauthorized, "sandbox not secure: missing or invalid traffic access token (X-Access-Token)"
 	}
 }
 

@@ -1,16 +1,24 @@
 package envd
 
 import (
+	"compress/gzip"
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"connectrpc.com/connect"
+
+	"github.com/firkin-dev/firkin-worker/client"
 	pb "github.com/firkin-dev/firkin-worker/e2b/envd/gen/process"
 	"github.com/firkin-dev/firkin-worker/proxy"
 	"github.com/firkin-dev/firkin-worker/subjects"
@@ -51,6 +59,37 @@ func TestCheckSignature(t *testing.T) {
 	r := httptest.NewRequest("GET", "/files?path=/a&signature="+sign("/a", "read", "", "", ""), nil)
 	if checkSignature(r, "", now) == nil {
 		t.Error("a signature with an empty token passes")
+	}
+}
+
+// TestSignedURLUser: a request admitted by its /files signature runs as
+// the user the signature covers (the username parameter, else the
+// default), whatever Authorization says; with a token, Authorization
+// picks the user.
+func TestSignedURLUser(t *testing.T) {
+	const tok = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+	s := &Server{cfg: Config{DefaultUser: "user"}}
+	acc := Access{Secure: true, EnvdToken: tok}
+	root := "Basic " + base64.StdEncoding.EncodeToString([]byte("root:"))
+	for _, c := range []struct {
+		name, query, token, want string
+	}{
+		{"signed, no username", "path=/a&signature=" + sign("/a", "read", "", tok, ""), "", "user"},
+		{"signed, username", "path=/a&username=user&signature=" + sign("/a", "read", "user", tok, ""), "", "user"},
+		{"token", "path=/a", tok, "root"},
+	} {
+		r := httptest.NewRequest("GET", "/files?"+c.query, nil)
+		r.Header.Set("Authorization", root)
+		if c.token != "" {
+			r.Header.Set(AccessTokenHeader, c.token)
+		}
+		r, status, msg := s.admitRequest(r, acc)
+		if status != 0 {
+			t.Fatalf("%s: refused: %d %s", c.name, status, msg)
+		}
+		if u, err := s.filesUser(r); err != nil || u != c.want {
+			t.Errorf("%s: user %q, %v; want %q", c.name, u, err, c.want)
+		}
 	}
 }
 
@@ -111,7 +150,13 @@ func TestAdmit(t *testing.T) {
 		{"secure, no token", secure, nil, false},
 		{"secure, wrong token", secure, map[string]string{AccessTokenHeader: "x"}, false},
 		{"secure, traffic header only", secure, map[string]string{"E2b-Traffic-Access-Token": envdTok}, false},
-		{"public", Access{Public: true}, nil, true},
+		// public_traffic opens the guest's ports, not this one: a
+		// sandbox made with firkin's defaults (public, not secure) must
+		// not run commands for anyone who knows its id.
+		{"public, no token", Access{Public: true, VerifyTraffic: private.VerifyTraffic}, nil, false},
+		{"public, wrong token", Access{Public: true, VerifyTraffic: private.VerifyTraffic}, map[string]string{AccessTokenHeader: "x"}, false},
+		{"public, traffic token", Access{Public: true, VerifyTraffic: private.VerifyTraffic}, map[string]string{AccessTokenHeader: trafficTok}, true},
+		{"public, no verifier", Access{Public: true}, map[string]string{AccessTokenHeader: trafficTok}, false},
 		{"private, traffic token in X-Access-Token", private, map[string]string{AccessTokenHeader: trafficTok}, true},
 		{"private, traffic token header", private, map[string]string{"E2b-Traffic-Access-Token": trafficTok}, true},
 		{"private, no token", private, nil, false},
@@ -240,5 +285,98 @@ func TestFailRoute(t *testing.T) {
 		if err := json.Unmarshal(w.Body.Bytes(), &body); err != nil || w.Code != want || body.Code != want || body.Message != "msg" {
 			t.Errorf("FailRoute(%d) = %d %q (%v), want %d", in, w.Code, w.Body.String(), err, want)
 		}
+	}
+}
+
+// TestWatcherSlots: the watcher bounds count the watchers being made, so
+// concurrent CreateWatcher calls cannot pass them; a slot given back is
+// free again.
+func TestWatcherSlots(t *testing.T) {
+	s := &Server{watchers: map[string]*watcher{}}
+	var wg sync.WaitGroup
+	var got atomic.Int32
+	for range 4 * maxWatchersPerSandbox {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if s.reserveWatcher("a") == nil {
+				got.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	if got.Load() != maxWatchersPerSandbox {
+		t.Fatalf("%d watchers of one sandbox reserved at once, want %d", got.Load(), maxWatchersPerSandbox)
+	}
+	if err := s.reserveWatcher("b"); err != nil {
+		t.Fatalf("another sandbox: %v", err)
+	}
+	s.unreserveWatcher("a")
+	if err := s.reserveWatcher("a"); err != nil {
+		t.Fatalf("a slot given back: %v", err)
+	}
+	for i := 0; i < maxWatchers; i++ {
+		s.pendingTotal++
+	}
+	if err := s.reserveWatcher("c"); err == nil {
+		t.Fatal("the worker's bound passed")
+	}
+}
+
+// TestPublicMessage: an internal failure's text (which can name host
+// paths) is not told to the sandbox API's client, only the worker's error
+// id; a refusal keeps its text.
+func TestPublicMessage(t *testing.T) {
+	internal := &client.Error{Code: "runtime_failed", Subject: "firkin.sandbox.a.fs.read",
+		Message: "read: open /var/lib/firkin/sandboxes/a/disk.qcow2: input/output error (error id 1x2y3z)"}
+	for _, err := range []error{internal, errors.New("subscribe to output: /var/lib/firkin/x")} {
+		for _, msg := range []string{publicMessage(err), connectError(err).Error()} {
+			if strings.Contains(msg, "/var/lib") {
+				t.Errorf("%v told as %q", err, msg)
+			}
+		}
+	}
+	if msg := publicMessage(internal); msg != "internal error (error id 1x2y3z)" {
+		t.Errorf("internal: %q", msg)
+	}
+	notFound := &client.Error{Code: subjects.CodeFileNotFound, Message: "/home/user/x: no such file"}
+	if msg := publicMessage(notFound); !strings.Contains(msg, "/home/user/x") {
+		t.Errorf("not found: %q", msg)
+	}
+	if ce := connectError(notFound); connect.CodeOf(ce) != connect.CodeNotFound || !strings.Contains(ce.Error(), "/home/user/x") {
+		t.Errorf("not found: %v", ce)
+	}
+}
+
+// TestGzipUploadBound: a gzip upload that inflates past the bound fails
+// with a MaxBytesError (413) instead of being written cut short; one that
+// inflates to the bound exactly is whole.
+func TestGzipUploadBound(t *testing.T) {
+	for _, c := range []struct {
+		size    int
+		tooMuch bool
+	}{{100, false}, {1000, false}, {1001, true}, {1 << 20, true}} {
+		var zb strings.Builder
+		zw := gzip.NewWriter(&zb)
+		_, _ = zw.Write(make([]byte, c.size))
+		_ = zw.Close()
+		zr, err := gzip.NewReader(strings.NewReader(zb.String()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		n, err := io.Copy(io.Discard, &maxReader{r: zr, left: 1000, limit: 1000})
+		var mbe *http.MaxBytesError
+		if got := errors.As(err, &mbe); got != c.tooMuch || (!c.tooMuch && (err != nil || n != int64(c.size))) {
+			t.Errorf("%d bytes: copied %d, %v; want too much %v", c.size, n, err, c.tooMuch)
+		}
+	}
+}
+
+// TestOutputBufferBound: what one live output stream may hold for a
+// client that does not read is bounded by its channel's capacity alone
+// (nats.go takes no pending limits on a channel subscription).
+func TestOutputBufferBound(t *testing.T) {
+	if got := outputBuffer * subjects.MaxLiveChunk; got > maxStreamBuffer {
+		t.Fatalf("a stream buffers up to %d bytes, want at most %d", got, maxStreamBuffer)
 	}
 }

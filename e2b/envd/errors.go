@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"strings"
 
 	"connectrpc.com/connect"
 
@@ -56,7 +57,30 @@ func connectError(err error) error {
 			code = connect.CodeUnimplemented
 		}
 	}
+	if code == connect.CodeInternal {
+		return connect.NewError(code, errors.New(publicMessage(err)))
+	}
 	return connect.NewError(code, err)
+}
+
+// publicMessage is what a client of the sandbox API is told of err: its
+// text, but for an internal failure only the worker's error id. The
+// worker's message of an internal failure can name host paths (state
+// directories, snapshot files) and is meant for NATS clients and the
+// worker's log, not for the holder of one sandbox's token.
+func publicMessage(err error) string {
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return err.Error()
+	}
+	switch code := codeOf(err); {
+	case code.Status() < 500, code == subjects.CodeTimeout, code == subjects.CodeUnsupported, code == subjects.CodeDiskPressure:
+		return err.Error()
+	}
+	msg := err.Error()
+	if i := strings.LastIndex(msg, "(error id "); i >= 0 && strings.HasSuffix(msg, ")") && len(msg)-i <= 32 {
+		return "internal error " + msg[i:]
+	}
+	return "internal error"
 }
 
 // httpStatus maps an error of the NATS API to the status /files answers.

@@ -28,10 +28,15 @@ type fileEntry struct {
 }
 
 // filesUser is the user of a /files request: the username query parameter,
-// else the Authorization header's, else the default.
+// else the Authorization header's, else the default. A signed request's
+// user is the one its signature covers: the username parameter, else the
+// default (the holder of a signed URL may not pick root in Authorization).
 func (s *Server) filesUser(r *http.Request) (string, error) {
 	if u := r.URL.Query().Get("username"); u != "" {
 		return u, validateUser(u)
+	}
+	if signedRequest(r) {
+		return s.cfg.DefaultUser, nil
 	}
 	return s.userOf(r.Header)
 }
@@ -52,7 +57,7 @@ func (s *Server) download(w http.ResponseWriter, r *http.Request) {
 	c := s.cfg.Client.AsUser(user)
 	fi, err := c.Stat(ctx, id, p)
 	if err != nil {
-		httpError(w, httpStatus(err), err.Error())
+		httpError(w, httpStatus(err), publicMessage(err))
 		return
 	}
 	if fi.Type == subjects.FileTypeDir {
@@ -68,13 +73,39 @@ func (s *Server) download(w http.ResponseWriter, r *http.Request) {
 		if cw.n == 0 {
 			h.Del("Content-Length")
 			h.Del("Content-Disposition")
-			httpError(w, httpStatus(err), err.Error())
+			httpError(w, httpStatus(err), publicMessage(err))
 			return
 		}
 		// Headers are out: cut the body short so the client sees an error.
 		s.log.Debug("download cut short", "sandbox", id, "path", p, "err", err)
 		panic(http.ErrAbortHandler)
 	}
+}
+
+// maxReader reads at most limit bytes of r and fails with
+// *http.MaxBytesError after them: a gzip body that inflates past the bound
+// is refused (413), not written cut short as if it were whole.
+type maxReader struct {
+	r           io.Reader
+	left, limit int64
+}
+
+func (m *maxReader) Read(b []byte) (int, error) {
+	if m.left <= 0 {
+		// One byte more than allowed tells the end from too much.
+		var one [1]byte
+		n, err := m.r.Read(one[:])
+		if n > 0 {
+			return 0, &http.MaxBytesError{Limit: m.limit}
+		}
+		return 0, err
+	}
+	if int64(len(b)) > m.left {
+		b = b[:m.left]
+	}
+	n, err := m.r.Read(b)
+	m.left -= int64(n)
+	return n, err
 }
 
 // countingWriter counts what went through it.
@@ -115,7 +146,7 @@ func (s *Server) upload(w http.ResponseWriter, r *http.Request) {
 				httpError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("upload over %d bytes", s.cfg.MaxUploadBytes))
 				return false
 			}
-			httpError(w, httpStatus(err), err.Error())
+			httpError(w, httpStatus(err), publicMessage(err))
 			return false
 		}
 		written = append(written, fileEntry{Name: path.Base(gp), Type: "file", Path: gp})
@@ -130,7 +161,7 @@ func (s *Server) upload(w http.ResponseWriter, r *http.Request) {
 				httpError(w, http.StatusBadRequest, "bad gzip body")
 				return
 			}
-			body = io.LimitReader(zr, s.cfg.MaxUploadBytes)
+			body = &maxReader{r: zr, left: s.cfg.MaxUploadBytes, limit: s.cfg.MaxUploadBytes}
 		}
 		if qpath == "" {
 			httpError(w, http.StatusBadRequest, "path is required")
@@ -194,7 +225,7 @@ func (s *Server) envs(w http.ResponseWriter, r *http.Request) {
 	ctx, id := r.Context(), sandboxOf(r.Context())
 	rep, err := s.cfg.Client.Exec(ctx, id, subjects.ExecRequest{Command: "env", User: s.cfg.DefaultUser, TimeoutMS: 10000})
 	if err != nil {
-		httpError(w, httpStatus(err), err.Error())
+		httpError(w, httpStatus(err), publicMessage(err))
 		return
 	}
 	out := map[string]string{}
@@ -213,7 +244,7 @@ func (s *Server) metrics(w http.ResponseWriter, r *http.Request) {
 	ctx, id := r.Context(), sandboxOf(r.Context())
 	rep, err := s.cfg.Client.Metrics(ctx, id)
 	if err != nil {
-		httpError(w, httpStatus(err), err.Error())
+		httpError(w, httpStatus(err), publicMessage(err))
 		return
 	}
 	m := map[string]any{"ts": time.Now().Unix()}

@@ -247,22 +247,49 @@ func (s *Server) sweepWatchers(now time.Time) {
 	}
 }
 
-// CreateWatcher starts a watch whose events GetWatcherEvents collects.
-func (f *filesystemService) CreateWatcher(ctx context.Context, req *connect.Request[pb.CreateWatcherRequest]) (*connect.Response[pb.CreateWatcherResponse], error) {
-	id := sandboxOf(ctx)
-	f.s.mu.Lock()
-	f.s.sweepWatchers(time.Now())
-	n := 0
-	for _, w := range f.s.watchers {
+// reserveWatcher takes a watcher slot of sandbox id, counting the
+// watchers being made (a watch takes a round trip to the guest): without
+// that, concurrent CreateWatcher calls all passed the bounds. Give it back
+// with unreserveWatcher once the watcher is in the map (or failed).
+func (s *Server) reserveWatcher(id string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.sweepWatchers(time.Now())
+	n := s.pendingWatchers[id]
+	for _, w := range s.watchers {
 		if w.sandbox == id {
 			n++
 		}
 	}
-	total := len(f.s.watchers)
-	f.s.mu.Unlock()
+	total := len(s.watchers) + s.pendingTotal
 	if n >= maxWatchersPerSandbox || total >= maxWatchers {
-		return nil, connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("sandbox has %d watchers (the worker %d), the most allowed", n, total))
+		return connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("sandbox has %d watchers (the worker %d), the most allowed", n, total))
 	}
+	if s.pendingWatchers == nil {
+		s.pendingWatchers = map[string]int{}
+	}
+	s.pendingWatchers[id]++
+	s.pendingTotal++
+	return nil
+}
+
+// unreserveWatcher gives back a slot reserveWatcher took.
+func (s *Server) unreserveWatcher(id string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.pendingWatchers[id]--; s.pendingWatchers[id] <= 0 {
+		delete(s.pendingWatchers, id)
+	}
+	s.pendingTotal--
+}
+
+// CreateWatcher starts a watch whose events GetWatcherEvents collects.
+func (f *filesystemService) CreateWatcher(ctx context.Context, req *connect.Request[pb.CreateWatcherRequest]) (*connect.Response[pb.CreateWatcherResponse], error) {
+	id := sandboxOf(ctx)
+	if err := f.s.reserveWatcher(id); err != nil {
+		return nil, err
+	}
+	defer f.s.unreserveWatcher(id)
 	// The watch outlives this request: it ends with RemoveWatcher.
 	w, _, err := f.watch(context.WithoutCancel(ctx), req.Msg.GetPath(), req.Msg.GetRecursive(), req)
 	if err != nil {

@@ -19,11 +19,16 @@ import (
 // Bounds of the process service.
 const (
 	// outputBuffer bounds the live output messages a stream holds for a
-	// slow client, and outputPendingBytes their bytes; beyond them NATS
-	// drops messages for this subscriber (the stored copy in FIRKIN_LOGS
-	// keeps them).
-	outputBuffer       = 1024
-	outputPendingBytes = 64 << 20
+	// slow client (each at most subjects.MaxLiveChunk: 16 MiB a stream,
+	// and a sandbox has at most the proxy's 64 requests in flight); beyond
+	// it NATS drops messages for this subscriber (the stored copy in
+	// FIRKIN_LOGS keeps them). A channel subscription takes no pending
+	// limits (nats.go refuses SetPendingLimits on it): the channel's
+	// capacity is the only bound. It was 1024 (64 MiB a stream, 4 GiB a
+	// sandbox whose client held 64 streams of a noisy process unread).
+	outputBuffer = 256
+	// maxStreamBuffer is what one stream's buffer may hold at most.
+	maxStreamBuffer = 16 << 20
 	// exitPoll is how often a stream with no output checks whether its
 	// process ended (in case the exit message was dropped).
 	exitPoll = 5 * time.Second
@@ -393,7 +398,6 @@ func (s *Server) subscribeOutput() (*output, error) {
 	if err != nil {
 		return nil, fmt.Errorf("subscribe to output: %w", err)
 	}
-	_ = sub.SetPendingLimits(outputBuffer, outputPendingBytes)
 	o.sub = sub
 	return o, nil
 }
