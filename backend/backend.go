@@ -517,6 +517,9 @@ func (b *Backend) Logs(ctx context.Context, id string, req subjects.LogsRequest)
 	return b.cfg.Store.ReadLogs(ctx, id, req.Cursor, req.Limit)
 }
 
+// wakeTimeout bounds the resume of a paused sandbox that traffic wakes.
+const wakeTimeout = 2 * time.Minute
+
 // RouteTarget is how the port proxy reaches a sandbox's guest ports.
 type RouteTarget struct {
 	Dial   func(ctx context.Context, port int) (net.Conn, error)
@@ -533,19 +536,39 @@ type RouteTarget struct {
 	EnvdToken string
 }
 
-// Target returns the route target of a sandbox this worker owns.
+// Target returns the route target of a sandbox this worker owns. It never
+// wakes a paused sandbox itself: one created with auto_resume gets a Dial
+// that resumes it, which the proxy calls only after the request passed the
+// token check (an unauthenticated client cannot keep resuming sandboxes).
 func (b *Backend) Target(ctx context.Context, id string) (RouteTarget, error) {
-	if err := b.Wake(ctx, id); err != nil {
-		return RouteTarget{}, err
-	}
 	s, err := b.lookup(id)
 	if err != nil {
 		return RouteTarget{}, err
 	}
 	rec := s.record()
+	dial := s.mach().DialGuest
+	if s.isPaused() {
+		if !rec.AutoResume {
+			return RouteTarget{}, errPaused(id)
+		}
+		dial = func(ctx context.Context, port int) (net.Conn, error) {
+			// A resume outlives the dial's own deadline: stopped halfway
+			// it would only have to start again.
+			wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), wakeTimeout)
+			defer cancel()
+			if err := b.Wake(wctx, id); err != nil {
+				return nil, err
+			}
+			s, err := b.lookup(id)
+			if err != nil {
+				return nil, err
+			}
+			return s.mach().DialGuest(ctx, port)
+		}
+	}
 	gen := rec.Generation
 	verify := func(token string) bool { return b.cfg.Tokens.VerifyTraffic(id, gen, token) }
-	t := RouteTarget{Dial: s.mach().DialGuest, Public: rec.PublicTraffic, VerifyToken: verify, Secure: rec.Secure}
+	t := RouteTarget{Dial: dial, Public: rec.PublicTraffic, VerifyToken: verify, Secure: rec.Secure}
 	if rec.Secure {
 		t.EnvdToken = b.cfg.Tokens.EnvdToken(id, gen)
 	}

@@ -222,6 +222,44 @@ func TestPauseOnTimeoutAndAutoResume(t *testing.T) {
 			t.Fatalf("get after auto-resume by traffic: %+v %v", got, err)
 		}
 	})
+	t.Run("traffic without the token does not wake a private sandbox", func(t *testing.T) {
+		private := false
+		sb := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny", TimeoutS: 600, AutoResume: true, PublicTraffic: &private})
+		p, err := e.c.StartProcess(e.ctx(time.Minute), sb.SandboxID, subjects.ProcStartRequest{
+			Command: "mkdir -p /srv && echo woke > /srv/index.html && exec httpd -f -p 8000 -h /srv", Background: true,
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = p.Close()
+		route, err := e.c.Route(e.ctx(10*time.Second), sb.SandboxID, 8000)
+		if err != nil {
+			t.Fatal(err)
+		}
+		url := "http://127.0.0.1:" + route.URL[strings.LastIndex(route.URL, ":")+1:] + "/"
+		anon := map[string]string{"e2b-sandbox-id": sb.SandboxID, "e2b-sandbox-port": "8000"}
+		withToken := map[string]string{"e2b-sandbox-id": sb.SandboxID, "e2b-sandbox-port": "8000", "e2b-traffic-access-token": sb.TrafficAccessToken}
+		eventually(t, 30*time.Second, "httpd up", func() error {
+			if code, _ := httpGet(t, url, withToken); code != 200 {
+				return fmt.Errorf("GET: %d", code)
+			}
+			return nil
+		})
+		if _, err := e.c.Pause(e.ctx(3*time.Minute), sb.SandboxID); err != nil {
+			t.Fatal(err)
+		}
+		for range 3 {
+			if code, _ := httpGet(t, url, anon); code != 401 {
+				t.Fatalf("GET without the token to a paused private sandbox: %d, want 401", code)
+			}
+		}
+		if got, err := e.c.Get(e.ctx(10*time.Second), sb.SandboxID); err != nil || got.State != subjects.StatePaused {
+			t.Fatalf("a request without the token woke the sandbox: %+v %v", got, err)
+		}
+		if code, body := httpGet(t, url, withToken); code != 200 || body != "woke\n" {
+			t.Fatalf("GET with the token: %d %q", code, body)
+		}
+	})
 }
 
 // TestPauseSurvivesWorkerRestart pauses a sandbox, stops the worker (a
