@@ -179,7 +179,7 @@ type Worker struct {
 func (w *Worker) ID() string { return w.id }
 
 // NATSURL is the address the worker's NATS connection uses.
-func (w *Worker) NATSURL() string { return w.nc.ConnectedUrl() }
+func (w *Worker) NATSURL() string { return w.nc.ConnectedUrlRedacted() }
 
 // ProxyAddr is the address the port-routing proxy listens on.
 func (w *Worker) ProxyAddr() string { return w.rt.proxyAddr() }
@@ -357,7 +357,7 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 		w.jobs.Pause()
 	}
 	cleanups = append(cleanups, func() { _ = w.jobs.Stop(context.Background()) })
-	w.log.Info("firkin-worker ready", "nats", w.nc.ConnectedUrl(), "driver", driver.Name(), "state_dir", cfg.StateDir, "proxy", w.rt.proxyAddr())
+	w.log.Info("firkin-worker ready", "nats", w.nc.ConnectedUrlRedacted(), "driver", driver.Name(), "state_dir", cfg.StateDir, "proxy", w.rt.proxyAddr())
 
 	bgCtx, cancel := context.WithCancel(context.Background())
 	w.bg = cancel
@@ -471,7 +471,7 @@ func (w *Worker) dial(url, role string, opts []nats.Option) (*nats.Conn, error) 
 		nats.CustomReconnectDelay(func(int) time.Duration { return bo.NextBackOff() }),
 		nats.ReconnectHandler(func(nc *nats.Conn) {
 			bo.Reset()
-			w.log.Info("reconnected to NATS", "connection", role, "url", nc.ConnectedUrl())
+			w.log.Info("reconnected to NATS", "connection", role, "url", nc.ConnectedUrlRedacted())
 		}),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
 			if err != nil {
