@@ -179,7 +179,7 @@ type Worker struct {
 func (w *Worker) ID() string { return w.id }
 
 // NATSURL is the address the worker's NATS connection uses.
-func (w *Worker) NATSURL() string { return w.nc.ConnectedUrlRedacted() }
+func (w *Worker) NATSURL() string { return w.nc.ConnectedUrl() }
 
 // ProxyAddr is the address the port-routing proxy listens on.
 func (w *Worker) ProxyAddr() string { return w.rt.proxyAddr() }
