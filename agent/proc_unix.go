@@ -79,10 +79,12 @@ type procFrame struct {
 
 // How much sent output processes keep for a new waiter. In flight can be
 // up to the host's stream window (4 MiB, see protocol.go): one process
-// keeps that much and a little more, all of them together guestRetainBytes,
-// and under that pressure each still keeps minRetainBytes (the window a
-// stream starts with). What a new waiter lacks beyond that is reported as
-// lost (ProcCursor.Lost), never sent in the wrong place.
+// keeps that much and a little more; once the processes together keep more
+// than guestRetainBytes, the others are cut to minRetainBytes each (the
+// window a stream starts with), so the guest keeps at most about
+// retainBytes + MaxProcs × minRetainBytes (36 MiB). What a new waiter
+// lacks beyond what is kept is reported as lost (ProcCursor.Lost), never
+// sent in the wrong place.
 const (
 	retainBytes      = 4<<20 + 256<<10
 	minRetainBytes   = 256 << 10
