@@ -2,13 +2,17 @@ package worker_test
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -102,6 +106,9 @@ func startBinary(t *testing.T, bin string, args ...string) *process {
 		}
 		if t.Failed() {
 			t.Logf("worker %s log (tail):\n%s", filepath.Base(bin), tail(lines(), 12000))
+		}
+		if slices.Contains(args, "--keep-machines") {
+			releaseKeptMachines(t, argValue(args, "--state-dir"), lines())
 		}
 	})
 	select {
@@ -204,4 +211,49 @@ func containsPID(list []string, proc string) bool {
 		}
 	}
 	return false
+}
+
+// argValue is the value that follows flag in args ("" when absent).
+func argValue(args []string, flag string) string {
+	for i, a := range args {
+		if a == flag && i+1 < len(args) {
+			return args[i+1]
+		}
+	}
+	return ""
+}
+
+// releaseKeptMachines ends what a worker run with --keep-machines leaves on
+// purpose when the test is over (also when it failed half-way): the QEMU
+// processes of machines under its state dir and its nft table (named in
+// its log), so no test leaves a machine or a rule behind.
+func releaseKeptMachines(t *testing.T, stateDir, log string) {
+	if stateDir == "" {
+		return
+	}
+	entries, _ := os.ReadDir("/proc")
+	var pids []int
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		cmdline, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err == nil && bytes.Contains(cmdline, []byte("qemu-system")) && bytes.Contains(cmdline, []byte(stateDir+"/")) {
+			if syscall.Kill(pid, syscall.SIGKILL) == nil {
+				pids = append(pids, pid)
+			}
+		}
+	}
+	for _, pid := range pids {
+		for i := 0; i < 100 && syscall.Kill(pid, 0) == nil; i++ { // up to 5 s
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	if len(pids) > 0 {
+		t.Logf("released %d machine(s) the worker kept", len(pids))
+	}
+	for _, m := range regexp.MustCompile(`"table":"(firkin_[A-Za-z0-9_]+)"`).FindAllStringSubmatch(log, -1) {
+		_ = exec.Command("nft", "delete", "table", "inet", m[1]).Run() // gone already when the worker removed it
+	}
 }
