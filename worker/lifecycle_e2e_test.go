@@ -193,18 +193,7 @@ func TestPauseOnTimeoutAndAutoResume(t *testing.T) {
 			t.Fatalf("get after auto-resume: %+v %v", got, err)
 		}
 		// Traffic through the proxy resumes it too.
-		p, err := e.c.StartProcess(e.ctx(time.Minute), sb.SandboxID, subjects.ProcStartRequest{
-			Command: "mkdir -p /srv && echo woke > /srv/index.html && exec httpd -f -p 8000 -h /srv", Background: true,
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-		_ = p.Close()
-		route, err := e.c.Route(e.ctx(10*time.Second), sb.SandboxID, 8000)
-		if err != nil {
-			t.Fatal(err)
-		}
-		url := "http://127.0.0.1:" + route.URL[strings.LastIndex(route.URL, ":")+1:] + "/"
+		url := e.serveWoke(t, sb.SandboxID)
 		hdr := map[string]string{"e2b-sandbox-id": sb.SandboxID, "e2b-sandbox-port": "8000"}
 		eventually(t, 30*time.Second, "httpd up", func() error {
 			if code, _ := httpGet(t, url, hdr); code != 200 {
@@ -225,18 +214,7 @@ func TestPauseOnTimeoutAndAutoResume(t *testing.T) {
 	t.Run("traffic without the token does not wake a private sandbox", func(t *testing.T) {
 		private := false
 		sb := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny", TimeoutS: 600, AutoResume: true, PublicTraffic: &private})
-		p, err := e.c.StartProcess(e.ctx(time.Minute), sb.SandboxID, subjects.ProcStartRequest{
-			Command: "mkdir -p /srv && echo woke > /srv/index.html && exec httpd -f -p 8000 -h /srv", Background: true,
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-		_ = p.Close()
-		route, err := e.c.Route(e.ctx(10*time.Second), sb.SandboxID, 8000)
-		if err != nil {
-			t.Fatal(err)
-		}
-		url := "http://127.0.0.1:" + route.URL[strings.LastIndex(route.URL, ":")+1:] + "/"
+		url := e.serveWoke(t, sb.SandboxID)
 		anon := map[string]string{"e2b-sandbox-id": sb.SandboxID, "e2b-sandbox-port": "8000"}
 		withToken := map[string]string{"e2b-sandbox-id": sb.SandboxID, "e2b-sandbox-port": "8000", "e2b-traffic-access-token": sb.TrafficAccessToken}
 		eventually(t, 30*time.Second, "httpd up", func() error {
@@ -639,4 +617,22 @@ func TestPausedSandboxMovesToAnotherWorker(t *testing.T) {
 	if r := e.exec(sb.SandboxID, "cat /root/f"); r.Stdout != "moved\n" {
 		t.Fatalf("file on the new worker: %+v", r)
 	}
+}
+
+// serveWoke starts httpd on port 8000 of sandbox id serving "woke", routes
+// the port and returns the proxy URL to GET (with the sandbox headers).
+func (e *env) serveWoke(t *testing.T, id string) string {
+	t.Helper()
+	p, err := e.c.StartProcess(e.ctx(time.Minute), id, subjects.ProcStartRequest{
+		Command: "mkdir -p /srv && echo woke > /srv/index.html && exec httpd -f -p 8000 -h /srv", Background: true,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = p.Close()
+	route, err := e.c.Route(e.ctx(10*time.Second), id, 8000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return "http://127.0.0.1:" + route.URL[strings.LastIndex(route.URL, ":")+1:] + "/"
 }

@@ -14,17 +14,7 @@ import (
 // the sha256 of all its bytes, including those written after the hasher
 // last found the end.
 func TestHashGrowing(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "state")
-	w, err := os.Create(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer w.Close()
-	r, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer r.Close()
+	w, r := growingFile(t)
 	written := make(chan struct{})
 	got := make(chan hashResult, 1)
 	go func() { got <- hashGrowing(r, written) }()
@@ -57,17 +47,7 @@ func TestHashGrowing(t *testing.T) {
 // TestHashGrowingEndsWhileWriterGoesOn: a writer that goes on appending
 // after it said it was done is not followed: the hash ends.
 func TestHashGrowingEndsWhileWriterGoesOn(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "state")
-	w, err := os.Create(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer w.Close()
-	r, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer r.Close()
+	w, r := growingFile(t)
 	stop := make(chan struct{})
 	defer close(stop)
 	go func() {
@@ -96,4 +76,21 @@ func TestHashGrowingEndsWhileWriterGoesOn(t *testing.T) {
 	case <-time.After(20 * time.Second):
 		t.Fatal("hashGrowing follows a writer that never stops")
 	}
+}
+
+// growingFile returns a new file's writer and a reader of it, closed when
+// the test ends.
+func growingFile(t *testing.T) (w, r *os.File) {
+	path := filepath.Join(t.TempDir(), "state")
+	w, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { w.Close() })
+	r, err = os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	return w, r
 }
