@@ -2,18 +2,15 @@ package backend
 
 import (
 	"context"
-	"errors"
-	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
 
 	"github.com/firkin-dev/firkin-worker/agent"
+	"github.com/firkin-dev/firkin-worker/internal/procstat"
 	"github.com/firkin-dev/firkin-worker/subjects"
 )
 
@@ -46,9 +43,6 @@ type counters struct {
 	guestBusy, guestAll uint64
 	guest               bool
 }
-
-// clockTicks is the kernel's USER_HZ (100 on every Linux the worker runs on).
-const clockTicks = 100
 
 // guestStatsTimeout bounds one guest's answer to a sample.
 const guestStatsTimeout = 2 * time.Second
@@ -155,8 +149,8 @@ func (b *Backend) sample(ctx context.Context, id string, s *session) subjects.Sa
 	m := subjects.SandboxMetrics{SandboxID: id, At: now.UTC(), HostCPUPercent: -1, GuestCPUPercent: -1}
 	cur := counters{at: now}
 	if p, ok := s.mach().(interface{ PID() int }); ok && p.PID() > 0 {
-		if ticks, rss, err := procUsage(p.PID()); err == nil {
-			cur.hostTicks, m.HostRSSBytes = ticks, rss
+		if st, err := procstat.Read(p.PID()); err == nil {
+			cur.hostTicks, m.HostRSSBytes = st.CPUTicks(), st.RSSPages*uint64(os.Getpagesize())
 		}
 	}
 	m.HostDiskBytes = overlayBytes(s.mach().Dir())
@@ -179,7 +173,7 @@ func (b *Backend) sample(ctx context.Context, id string, s *session) subjects.Sa
 		dt := now.Sub(prev.at)
 		m.IntervalMS = dt.Milliseconds()
 		if dt > 0 && cur.hostTicks >= prev.hostTicks && cur.hostTicks > 0 {
-			m.HostCPUPercent = float64(cur.hostTicks-prev.hostTicks) / clockTicks / dt.Seconds() * 100
+			m.HostCPUPercent = float64(cur.hostTicks-prev.hostTicks) / procstat.ClockTicks / dt.Seconds() * 100
 		}
 		if cur.guest && prev.guest && cur.guestAll > prev.guestAll && cur.guestBusy >= prev.guestBusy {
 			// The guest's word: busy cannot outgrow all.
@@ -199,32 +193,6 @@ func setGuest(m *subjects.SandboxMetrics, st agent.GuestStats) {
 	m.GuestMemTotal, m.GuestMemUsed = st.MemTotal, st.MemTotal-st.MemAvailable
 	m.GuestDiskTotal, m.GuestDiskUsed = st.DiskTotal, st.DiskUsed
 	m.GuestNetRxBytes, m.GuestNetTxBytes = st.NetRx, st.NetTx
-}
-
-// procUsage reads a process's CPU time (user+system clock ticks) and
-// resident memory from /proc.
-func procUsage(pid int) (ticks, rss uint64, err error) {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return 0, 0, err
-	}
-	// The command name may hold spaces and parentheses: fields start
-	// after its last ')'.
-	i := strings.LastIndexByte(string(b), ')')
-	if i < 0 {
-		return 0, 0, errors.New("bad /proc stat")
-	}
-	f := strings.Fields(string(b[i+1:]))
-	if len(f) < 22 {
-		return 0, 0, fmt.Errorf("bad /proc stat: %d fields", len(f))
-	}
-	ut, err1 := strconv.ParseUint(f[11], 10, 64) // field 14 of the whole line
-	st, err2 := strconv.ParseUint(f[12], 10, 64)
-	pages, err3 := strconv.ParseUint(f[21], 10, 64) // field 24: rss in pages
-	if err := errors.Join(err1, err2, err3); err != nil {
-		return 0, 0, err
-	}
-	return ut + st, pages * uint64(os.Getpagesize()), nil
 }
 
 // overlayBytes is the disk space the machine's overlays take (blocks

@@ -4,12 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
 
+	"github.com/firkin-dev/firkin-worker/internal/procstat"
 	"github.com/firkin-dev/firkin-worker/subjects"
 )
 
@@ -144,7 +144,7 @@ func (b *bench) density(levels []int, idleWindow time.Duration) ([]Result, error
 		if err != nil {
 			return results, err
 		}
-		idlePct := 100 * float64(cpu1-cpu0) / clockTicks / idleWindow.Seconds()
+		idlePct := 100 * float64(cpu1-cpu0) / procstat.ClockTicks / idleWindow.Seconds()
 		var pss []float64
 		for _, pid := range pids {
 			kib, err := pssKiB(pid)
@@ -190,36 +190,15 @@ func (b *bench) density(levels []int, idleWindow time.Duration) ([]Result, error
 	return results, nil
 }
 
-// clockTicks is USER_HZ, the unit of utime and stime in /proc/<pid>/stat
-// (100 on every Linux this runs on).
-const clockTicks = 100
-
-// cpuTicks sums utime and stime of pids, in clock ticks.
+// cpuTicks sums the CPU time of pids, in clock ticks.
 func cpuTicks(pids []int) (int64, error) {
 	var sum int64
 	for _, pid := range pids {
-		data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		st, err := procstat.Read(pid)
 		if err != nil {
 			return 0, err
 		}
-		// The command name may hold spaces: fields count from after ")".
-		s := string(data)
-		i := strings.LastIndexByte(s, ')')
-		if i < 0 {
-			return 0, fmt.Errorf("bad /proc/%d/stat", pid)
-		}
-		f := strings.Fields(s[i+1:])
-		if len(f) < 13 {
-			return 0, fmt.Errorf("short /proc/%d/stat", pid)
-		}
-		// After ")": state is field 0; utime, stime are 11 and 12.
-		for _, x := range f[11:13] {
-			v, err := strconv.ParseInt(x, 10, 64)
-			if err != nil {
-				return 0, fmt.Errorf("/proc/%d/stat: %w", pid, err)
-			}
-			sum += v
-		}
+		sum += int64(st.CPUTicks())
 	}
 	return sum, nil
 }

@@ -17,6 +17,7 @@ import (
 
 	"github.com/firkin-dev/firkin-worker/agent"
 	"github.com/firkin-dev/firkin-worker/errdefs"
+	"github.com/firkin-dev/firkin-worker/internal/procstat"
 	"github.com/firkin-dev/firkin-worker/jail"
 	"github.com/firkin-dev/firkin-worker/vmpool"
 	"github.com/firkin-dev/firkin-worker/vmpool/qemu/qmp"
@@ -450,7 +451,7 @@ func (d *Driver) start(ctx context.Context, l *launch, u *undo) (*Machine, error
 		return fail("start qemu", errdefs.Wrap(errdefs.ErrUnsupported, err))
 	}
 	m.pid = cmd.Process.Pid
-	m.started, _ = procStartTime(m.pid)
+	m.started, _ = startTime(m.pid)
 	m.console.expect(m.pid)
 	m.kill = cmd.Process.Kill
 	go func() {
@@ -579,22 +580,8 @@ func dialQMP(ctx context.Context, path string, pid int, exited <-chan struct{}) 
 	return qmp.Connect(ctx, conn)
 }
 
-// procStartTime returns the start time of pid (field 22 of /proc/pid/stat).
-func procStartTime(pid int) (uint64, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, err
-	}
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	if i < 0 {
-		return 0, fmt.Errorf("bad /proc/%d/stat", pid)
-	}
-	f := strings.Fields(s[i+1:])
-	if len(f) < 20 {
-		return 0, fmt.Errorf("bad /proc/%d/stat", pid)
-	}
-	var v uint64
-	_, err = fmt.Sscan(f[19], &v)
-	return v, err
+// startTime returns the start time of pid (clock ticks after boot).
+func startTime(pid int) (uint64, error) {
+	st, err := procstat.Read(pid)
+	return st.StartTime, err
 }

@@ -66,7 +66,7 @@ func (d *Driver) reattach(ctx context.Context, dir string) (*Machine, error) {
 		unix.Close(pidfd)
 		return nil, gone(fmt.Sprintf("pid %d is not its QEMU", st.PID))
 	}
-	if t, err := procStartTime(st.PID); err != nil || t != st.StartTime {
+	if t, err := startTime(st.PID); err != nil || t != st.StartTime {
 		unix.Close(pidfd)
 		return nil, gone(fmt.Sprintf("pid %d was started at another time", st.PID))
 	}
