@@ -341,10 +341,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, http.StatusBadGateway, fmt.Sprintf("sandbox %s cannot be reached", rt.SandboxID), "err", "resolver returned no Dial")
 		return
 	}
-	if !s.inFlight.acquire(rt.SandboxID) {
-		w.Header().Set("Retry-After", "1")
-		s.fail(w, r, http.StatusTooManyRequests,
-			fmt.Sprintf("sandbox %s has %d connections through the proxy open, the most allowed; retry when one ends", rt.SandboxID, s.opts.maxConnsPerSandbox))
+	if !s.admitConn(w, r, rt) {
 		return
 	}
 	defer s.inFlight.release(rt.SandboxID)
@@ -374,13 +371,22 @@ type RouteFailer interface {
 	FailRoute(w http.ResponseWriter, r *http.Request, rt Route, status int, msg string)
 }
 
+// admitConn takes one of the sandbox's connection slots, or answers 429
+// and reports false when it has none left.
+func (s *Server) admitConn(w http.ResponseWriter, r *http.Request, rt Route) bool {
+	if s.inFlight.acquire(rt.SandboxID) {
+		return true
+	}
+	w.Header().Set("Retry-After", "1")
+	s.fail(w, r, http.StatusTooManyRequests,
+		fmt.Sprintf("sandbox %s has %d connections through the proxy open, the most allowed; retry when one ends", rt.SandboxID, s.opts.maxConnsPerSandbox))
+	return false
+}
+
 // serveLocal hands a request to a local port's handler, within the
 // sandbox's cap on requests in flight.
 func (s *Server) serveLocal(w http.ResponseWriter, r *http.Request, rt Route, h http.Handler) {
-	if !s.inFlight.acquire(rt.SandboxID) {
-		w.Header().Set("Retry-After", "1")
-		s.fail(w, r, http.StatusTooManyRequests,
-			fmt.Sprintf("sandbox %s has %d connections through the proxy open, the most allowed; retry when one ends", rt.SandboxID, s.opts.maxConnsPerSandbox))
+	if !s.admitConn(w, r, rt) {
 		return
 	}
 	defer s.inFlight.release(rt.SandboxID)
