@@ -65,9 +65,6 @@ type Tokens interface {
 	// EnvdToken is the envd access token of that generation of a secure
 	// sandbox (its E2B sandbox API's X-Access-Token).
 	EnvdToken(sandboxID, generation string) string
-	// VerifyEnvd reports, in constant time, whether token is the envd
-	// access token of that generation of the sandbox.
-	VerifyEnvd(sandboxID, generation, token string) bool
 }
 
 // Config configures a Backend.

@@ -21,18 +21,12 @@ func (w *Worker) startEnvd() (proxy.Option, error) {
 	if err != nil {
 		return nil, err
 	}
-	opts := []nats.Option{nats.Name("firkin-worker " + w.id + " e2b sandbox api"), nats.MaxReconnects(-1)}
-	url := w.cfg.NATSURL
+	url, opts := w.cfg.NATSURL, w.envdAuth
 	if w.srv != nil {
 		url = w.srv.ClientURL()
-		opts = append(opts, nats.InProcessServer(w.srv))
-		if w.clientSeed != "" {
-			opts = append(opts, client.NkeyFile(w.clientSeed))
-		}
-	} else {
-		opts = append(opts, w.envdAuth...)
+		opts = append([]nats.Option{nats.InProcessServer(w.srv)}, w.ClientOptions()...)
 	}
-	nc, err := nats.Connect(url, opts...)
+	nc, err := w.dial(url, "e2b sandbox api", opts)
 	if err != nil {
 		return nil, err
 	}
