@@ -14,6 +14,7 @@ import (
 	"connectrpc.com/connect"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/firkin-dev/firkin-worker/agent"
 	"github.com/firkin-dev/firkin-worker/client"
 	pb "github.com/firkin-dev/firkin-worker/e2b/envd/gen/filesystem"
 	"github.com/firkin-dev/firkin-worker/e2b/envd/gen/filesystem/filesystemconnect"
@@ -101,7 +102,7 @@ func (f *filesystemService) ListDir(ctx context.Context, req *connect.Request[pb
 	if err != nil {
 		return nil, err
 	}
-	depth := int(min(req.Msg.GetDepth(), 64))
+	depth := int(min(req.Msg.GetDepth(), agent.MaxListDepth)) // deeper is cut, as the worker allows no more
 	r, err := c.ListFiles(ctx, sandboxOf(ctx), p, depth)
 	if err != nil {
 		return nil, connectError(err)
