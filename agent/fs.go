@@ -21,6 +21,7 @@ package agent
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -28,6 +29,8 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"path"
+	"strings"
 	"time"
 
 	"github.com/firkin-dev/firkin-worker/errdefs"
@@ -420,4 +423,31 @@ func (f Files) WatchWith(ctx context.Context, path string, o WatchOptions, ready
 			fn(batch)
 		}
 	}
+}
+
+// writeTempSuffix marks the temporary file an atomic write fills before it
+// renames it into place: .<name>.firkin-<12 hex digits>.
+const writeTempSuffix = ".firkin-"
+
+// writeTempName is the name of a new temporary file for writing p.
+func writeTempName(p string) string {
+	var rnd [6]byte
+	_, _ = rand.Read(rnd[:])
+	return path.Join(path.Dir(p), "."+path.Base(p)+writeTempSuffix+hex.EncodeToString(rnd[:]))
+}
+
+// IsWriteTemp reports whether name (a path or a base name) is such a
+// temporary file, as watchers that hide them need to know.
+func IsWriteTemp(name string) bool {
+	base := path.Base(name)
+	i := strings.LastIndex(base, writeTempSuffix)
+	if !strings.HasPrefix(base, ".") || i < 1 || len(base)-i-len(writeTempSuffix) != 12 {
+		return false
+	}
+	for _, c := range base[i+len(writeTempSuffix):] {
+		if (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+			return false
+		}
+	}
+	return true
 }

@@ -2,7 +2,6 @@ package agent
 
 import (
 	"context"
-	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -350,9 +349,7 @@ func (s *Server) fsWrite(st io.ReadWriter, req request) {
 				return err
 			}
 		}
-		var rnd [6]byte
-		_, _ = rand.Read(rnd[:])
-		tmp = path.Join(path.Dir(rel), "."+path.Base(rel)+".firkin-"+hex.EncodeToString(rnd[:]))
+		tmp = writeTempName(rel)
 		f, err = root.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 		return err
 	}()

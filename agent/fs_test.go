@@ -9,6 +9,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"os"
+	"path"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -631,5 +632,18 @@ func TestFSWatchRecursive(t *testing.T) {
 	cancel2()
 	if err := <-done2; err != nil {
 		t.Fatalf("watch big after cancel: %v", err)
+	}
+}
+
+func TestIsWriteTemp(t *testing.T) {
+	for _, p := range []string{"/a/b.txt", "x", "/dir/.hidden"} {
+		if tmp := writeTempName(p); !IsWriteTemp(tmp) || path.Dir(tmp) != path.Dir(p) {
+			t.Errorf("writeTempName(%q) = %q: not a write temp in the same directory", p, tmp)
+		}
+	}
+	for _, name := range []string{"b.txt", ".b.firkin-12345", ".b.firkin-0123456789ag", "b.firkin-0123456789ab", ".firkin-0123456789ab"} {
+		if IsWriteTemp(name) {
+			t.Errorf("IsWriteTemp(%q) = true", name)
+		}
 	}
 }

@@ -8,7 +8,6 @@ import (
 	"net/http"
 	"path"
 	"strconv"
-	"strings"
 	"time"
 
 	"connectrpc.com/connect"
@@ -185,30 +184,14 @@ func (f *filesystemService) WatchDir(ctx context.Context, req *connect.Request[p
 	}
 }
 
-// isWriteTemp reports whether name is the temporary file of a firkin
-// write (".<name>.firkin-<hex>", renamed into place when complete).
-func isWriteTemp(name string) bool {
-	base := path.Base(name)
-	i := strings.LastIndex(base, ".firkin-")
-	if !strings.HasPrefix(base, ".") || i < 1 || len(base)-i-len(".firkin-") != 12 {
-		return false
-	}
-	for _, c := range base[i+len(".firkin-"):] {
-		if (c < '0' || c > '9') && (c < 'a' || c > 'f') {
-			return false
-		}
-	}
-	return true
-}
-
 // fsEvents maps a firkin watch event to envd's (a rename is the old
 // name's RENAME and the new name's CREATE, as inotify reports it to envd).
 // A firkin write's temporary file is not shown: its rename into place is
 // the file's CREATE and WRITE, as a write in place would be.
 func fsEvents(ev subjects.WatchEvent) []*pb.FilesystemEvent {
 	mk := func(name string, t pb.EventType) *pb.FilesystemEvent { return &pb.FilesystemEvent{Name: name, Type: t} }
-	if isWriteTemp(ev.Name) {
-		if ev.Op == subjects.WatchRename && ev.To != "" && !isWriteTemp(ev.To) {
+	if agent.IsWriteTemp(ev.Name) {
+		if ev.Op == subjects.WatchRename && ev.To != "" && !agent.IsWriteTemp(ev.To) {
 			return []*pb.FilesystemEvent{mk(ev.To, pb.EventType_EVENT_TYPE_CREATE), mk(ev.To, pb.EventType_EVENT_TYPE_WRITE)}
 		}
 		return nil
