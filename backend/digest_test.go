@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/firkin-dev/firkin-worker/subjects"
 	"github.com/firkin-dev/firkin-worker/vmpool"
 )
 
@@ -62,5 +63,42 @@ func TestDigestOfCachesByInode(t *testing.T) {
 	}
 	if _, got, _ := digestOf(a, vmpool.Digest{}); got != sumOf("third, longer contents!") {
 		t.Fatalf("same size, new time: %s", got)
+	}
+}
+
+// TestImageChanged: a template snapshot saved from another initramfs (a
+// new agent) or kernel is told apart from one of the current image;
+// artifacts the record does not name are not compared.
+func TestImageChanged(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, body string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	sumOf := func(b string) string { s := sha256.Sum256([]byte(b)); return hex.EncodeToString(s[:]) }
+	img := vmpool.Image{Kernel: write("vmlinuz", "kernel v1"), Initramfs: write("initramfs", "agent v2")}
+	rec := func(arts ...subjects.Artifact) subjects.SnapshotRecord {
+		return subjects.SnapshotRecord{Artifacts: arts}
+	}
+	for _, tt := range []struct {
+		name string
+		rec  subjects.SnapshotRecord
+		want bool
+	}{
+		{"same image", rec(subjects.Artifact{Name: "kernel", SHA256: sumOf("kernel v1")}, subjects.Artifact{Name: "initramfs", SHA256: sumOf("agent v2")}), false},
+		{"older agent", rec(subjects.Artifact{Name: "kernel", SHA256: sumOf("kernel v1")}, subjects.Artifact{Name: "initramfs", SHA256: sumOf("agent v1")}), true},
+		{"other kernel", rec(subjects.Artifact{Name: "kernel", SHA256: sumOf("kernel v0")}), true},
+		{"no image artifacts", rec(subjects.Artifact{Name: "mem", SHA256: sumOf("x")}), false},
+	} {
+		got, err := imageChanged(tt.rec, img)
+		if err != nil || got != tt.want {
+			t.Errorf("%s: imageChanged = %v, %v; want %v", tt.name, got, err, tt.want)
+		}
+	}
+	if _, err := imageChanged(rec(subjects.Artifact{Name: "kernel", SHA256: "x"}), vmpool.Image{Kernel: filepath.Join(dir, "missing")}); err == nil {
+		t.Error("a missing kernel file is not an error")
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -143,7 +144,23 @@ func (b *Backend) EnsureBuiltinTemplates(ctx context.Context) error {
 	var errs []error
 	for id := range b.cfg.Images {
 		if rec, ok := b.templates.get(id); ok && rec.Driver == b.cfg.Driver.Name() {
-			err := b.tryRestore(ctx, rec)
+			changed, err := imageChanged(rec, b.cfg.Images[id])
+			switch {
+			case err != nil:
+				errs = append(errs, fmt.Errorf("template %s: %w", id, err))
+				continue
+			case changed && rec.WorkerID == b.cfg.WorkerID:
+				// The snapshot resumes the agent it was saved with, not
+				// the one this worker brought: build it again.
+				b.log.Info("built-in template was made from another guest image; rebuilding it", "template", id)
+				if _, err := b.BuildTemplate(ctx, subjects.BuildTemplateRequest{TemplateID: id, From: id, Replace: true}); err != nil {
+					errs = append(errs, fmt.Errorf("template %s: %w", id, err))
+				}
+				continue
+			case changed:
+				b.log.Warn("the cluster's built-in template was made from another guest image (another worker version); used as it is", "template", id, "saved_by", rec.WorkerID)
+			}
+			err = b.tryRestore(ctx, rec)
 			if err == nil {
 				continue
 			}
@@ -161,6 +178,26 @@ func (b *Backend) EnsureBuiltinTemplates(ctx context.Context) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// imageChanged says whether the template snapshot rec was saved from other
+// guest image files (kernel, initramfs with the agent) than img has now.
+// Artifacts the record does not name are not compared.
+func imageChanged(rec subjects.SnapshotRecord, img vmpool.Image) (bool, error) {
+	for _, f := range []struct{ name, path string }{{"kernel", img.Kernel}, {"initramfs", img.Initramfs}} {
+		i := slices.IndexFunc(rec.Artifacts, func(a subjects.Artifact) bool { return a.Name == f.name })
+		if i < 0 || f.path == "" {
+			continue
+		}
+		_, sum, err := digestOf(f.path, vmpool.Digest{})
+		if err != nil {
+			return false, fmt.Errorf("guest image: %w", err)
+		}
+		if sum != rec.Artifacts[i].SHA256 {
+			return true, nil
+		}
+	}
+	return false, nil
 }
 
 // tryRestore restores a template snapshot once and stops the machine: a
