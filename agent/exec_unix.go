@@ -231,26 +231,15 @@ func (s *Server) exec(ctx context.Context, st io.ReadWriter, req ExecRequest) {
 		return
 	}
 
-	pipes, err := newStdio()
+	pid, wait, pipes, warm, err := s.startExec(req, cmd)
 	if err != nil {
 		sendError(st, err)
 		return
 	}
-	closeAll, stdinR, stdinW, outR, outW, errR, errW := pipes.closeAll, pipes.stdinR, pipes.stdinW, pipes.outR, pipes.outW, pipes.errR, pipes.errW
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdinR, outW, errW
-	wait, err := s.start(cmd)
-	// The child has its own copies now.
-	_ = stdinR.Close()
-	_ = outW.Close()
-	_ = errW.Close()
-	if err != nil {
-		closeAll()
-		sendError(st, startError(err))
-		return
-	}
+	defer s.refillWarmShells(req, cmd)
+	closeAll, stdinW, outR, errR := pipes.closeAll, pipes.stdinW, pipes.outR, pipes.errR
 	defer closeAll()
 	started := time.Since(t0)
-	pid := cmd.Process.Pid
 	if b, err := json.Marshal(startedMsg{PID: pid}); err == nil {
 		_ = send(frameStarted, b)
 	}
@@ -371,7 +360,31 @@ func (s *Server) exec(ctx context.Context, st io.ReadWriter, req ExecRequest) {
 		_ = send(frameExit, b)
 	}
 	s.log().Debug("exec", "pid", pid, "exit", res.ExitCode, "signal", res.Signal, "timed_out", res.TimedOut,
-		"start", started, "exited", ran, "total", time.Since(t0))
+		"warm", warm, "start", started, "exited", ran, "total", time.Since(t0))
+}
+
+// startExec starts cmd for req: in a warm shell when one fits, else as a
+// new process. The parent's ends of its pipes are returned; the child's are
+// closed.
+func (s *Server) startExec(req ExecRequest, cmd *exec.Cmd) (pid int, wait <-chan syscall.WaitStatus, pipes *stdio, warm bool, err error) {
+	if sh := s.takeWarmShell(req, cmd); sh != nil {
+		return sh.pid, sh.wait, sh.pipes, true, nil
+	}
+	pipes, err = newStdio()
+	if err != nil {
+		return 0, nil, nil, false, err
+	}
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = pipes.stdinR, pipes.outW, pipes.errW
+	wait, err = s.start(cmd)
+	// The child has its own copies now.
+	_ = pipes.stdinR.Close()
+	_ = pipes.outW.Close()
+	_ = pipes.errW.Close()
+	if err != nil {
+		pipes.closeAll()
+		return 0, nil, nil, false, startError(err)
+	}
+	return cmd.Process.Pid, wait, pipes, false, nil
 }
 
 // execDetached starts cmd in the background with no stdio and reports its

@@ -58,7 +58,8 @@ type Server struct {
 	env       map[string]string // defaults for every exec, from Init
 	sandboxID string
 
-	procs procTable // processes of proc_start; they outlive sessions
+	procs procTable  // processes of proc_start; they outlive sessions
+	warm  warmShells // login shells started ahead of exec (unix)
 }
 
 func (s *Server) log() *slog.Logger {
@@ -91,6 +92,12 @@ type chunk struct {
 }
 
 func (s *Server) serve(ctx context.Context, dev io.ReadWriter, eofFinal bool) error {
+	parent := ctx
+	defer func() {
+		if parent.Err() != nil {
+			s.stopWarmShells()
+		}
+	}()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	chunks := make(chan chunk)

@@ -69,6 +69,34 @@ func TestSandboxLifecycle(t *testing.T) {
 			t.Fatalf("unknown program: %v", err)
 		}
 	})
+	t.Run("warm shells", func(t *testing.T) {
+		// Commands after the first run in login shells the agent started
+		// ahead; they see this sandbox's env and id (not the template's),
+		// their own cwd and stdin, and nothing of the command before.
+		const warmCmdline = "/bin/sh -lc . /proc/self/fd/3 "
+		warm := 0
+		for i := range 8 {
+			time.Sleep(100 * time.Millisecond) // room for the shells' start-up
+			r, err := e.c.Exec(e.ctx(time.Minute), id, subjects.ExecRequest{
+				Command: fmt.Sprintf(`echo "$GREETING|$FIRKIN_SANDBOX_ID|$(pwd)|$LEFT"; LEFT=%d; cat; tr '\0' ' ' </proc/$$/cmdline; echo; echo e >&2; exit %d`, i, i),
+				Cwd:     "/tmp", Stdin: "in\n",
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			first, cmdline, _ := strings.Cut(r.Stdout, "in\n")
+			if first != "hi there|"+id+"|/tmp|\n" || r.Stderr != "e\n" || r.ExitCode != i {
+				t.Fatalf("exec %d = %+v", i, r)
+			}
+			if cmdline == warmCmdline+"\n" {
+				warm++
+			}
+		}
+		if warm == 0 {
+			t.Fatal("no command ran in a warm shell")
+		}
+		t.Logf("%d of 8 commands ran in a warm shell", warm)
+	})
 	t.Run("hostname is the sandbox id", func(t *testing.T) {
 		if r := e.exec(id, "hostname"); r.Stdout != id+"\n" {
 			t.Fatalf("hostname = %q", r.Stdout)

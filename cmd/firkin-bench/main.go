@@ -144,6 +144,7 @@ func run() error {
 		{"j", one(b.jobLatency)},
 		{"k", one(b.jobThroughput)},
 		{"r", one(func() (Result, error) { return b.execArgvRoundTrip(*nExec) })},
+		{"s", one(func() (Result, error) { return b.execPaced(*nExec/2, 100*time.Millisecond) })},
 		{"n", b.pauseResume},
 		{"p", one(b.burst)},
 		{"q", func() ([]Result, error) { return b.density(densityLevels, *idleWin) }},

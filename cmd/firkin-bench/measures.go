@@ -120,11 +120,24 @@ func (b *bench) execArgvRoundTrip(n int) (Result, error) {
 	return b.execRoundTripOf(n, "(r) exec round trip, argv (echo [hi], no shell)", subjects.ExecRequest{Command: "echo", Args: []string{"hi"}})
 }
 
+// execPaced is (s): exec of echo hi with a pause between commands, as an
+// agent or a person uses a sandbox (think, run, read, think), rather than
+// back to back as (d) does: work the guest does between commands (the
+// warm shells' start-up) is off the measured path here, and on it in (d).
+func (b *bench) execPaced(n int, pause time.Duration) (Result, error) {
+	return b.execRoundTripPaced(n, fmt.Sprintf("(s) exec round trip (echo hi), %s apart", pause), subjects.ExecRequest{Command: "echo hi"}, pause)
+}
+
 func (b *bench) execRoundTripOf(n int, name string, req subjects.ExecRequest) (Result, error) {
+	return b.execRoundTripPaced(n, name, req, 0)
+}
+
+func (b *bench) execRoundTripPaced(n int, name string, req subjects.ExecRequest, pause time.Duration) (Result, error) {
 	var samples []float64
 	var inGuest int64 // the reply's duration_ms: the guest call as the worker timed it
 	err := b.withSandbox(func(id string) error {
 		for i := 0; i < n+10; i++ { // the first few warm the translation cache
+			time.Sleep(pause)
 			start := time.Now()
 			r, err := b.c.Exec(b.ctx, id, req)
 			if err != nil {

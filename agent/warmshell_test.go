@@ -1,0 +1,210 @@
+//go:build linux
+
+package agent
+
+import (
+	"context"
+	"errors"
+	"net"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/firkin-dev/firkin-worker/errdefs"
+)
+
+// warmPIDs waits until srv keeps n warm shells and returns their pids.
+func warmPIDs(t *testing.T, srv *Server, n int) []int {
+	t.Helper()
+	var pids []int
+	eventually(t, 10*time.Second, "warm shells to start", func() bool {
+		srv.warm.mu.Lock()
+		defer srv.warm.mu.Unlock()
+		pids = pids[:0]
+		for _, w := range srv.warm.idle {
+			pids = append(pids, w.pid)
+		}
+		return len(pids) >= n
+	})
+	return pids
+}
+
+// runWarm runs req after waiting for a warm shell and says whether it ran
+// in one.
+func runWarm(t *testing.T, c *Client, srv *Server, req ExecRequest) (*output, ExecResult, bool) {
+	t.Helper()
+	pids := warmPIDs(t, srv, 1)
+	o, res := mustRun(t, c, req)
+	return o, res, slices.Contains(pids, res.PID)
+}
+
+func TestWarmShell(t *testing.T) {
+	t.Parallel()
+	c, _, srv := newTestClient(t)
+	dir := t.TempDir()
+	// The first eligible exec starts the shells for the ones after it.
+	mustRun(t, c, ExecRequest{Command: "true"})
+
+	tests := []struct {
+		name     string
+		req      ExecRequest
+		stdout   string
+		stderr   string
+		exitCode int
+		signal   string
+		warm     bool
+	}{
+		{name: "echo", req: ExecRequest{Command: "echo hello"}, stdout: "hello\n", warm: true},
+		{name: "exit code", req: ExecRequest{Command: "exit 3"}, exitCode: 3, warm: true},
+		{name: "stdout and stderr apart", req: ExecRequest{Command: "echo out; echo err >&2"}, stdout: "out\n", stderr: "err\n", warm: true},
+		{name: "cwd", req: ExecRequest{Command: "pwd", Cwd: dir}, stdout: dir + "\n", warm: true},
+		{name: "quote in cwd", req: ExecRequest{Command: "pwd", Cwd: mkdir(t, dir, "it's here")}, stdout: dir + "/it's here\n", warm: true},
+		{name: "default cwd and home", req: ExecRequest{Command: `pwd; echo $HOME`}, stdout: "/\n/root\n", warm: true},
+		{name: "stdin", req: ExecRequest{Command: "cat; echo", Stdin: []byte("from stdin")}, stdout: "from stdin\n", warm: true},
+		{name: "command pipe closed", req: ExecRequest{Command: "[ -e /proc/$$/fd/3 ] && echo open || echo closed"}, stdout: "closed\n", warm: true},
+		{name: "several lines", req: ExecRequest{Command: "a=1\nb=2\necho $((a+b))"}, stdout: "3\n", warm: true},
+		{name: "killed by signal", req: ExecRequest{Command: "kill -9 $$"}, exitCode: 137, signal: "killed", warm: true},
+		{name: "own env", req: ExecRequest{Command: "echo $FOO", Env: map[string]string{"FOO": "x"}}, stdout: "x\n"},
+		{name: "other user", req: ExecRequest{Command: "id -u", User: "nobody"}, stdout: "65534\n"},
+		{name: "argv", req: ExecRequest{Command: "echo", Args: []string{"a"}, Direct: true}, stdout: "a\n"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			o, res, warm := runWarm(t, c, srv, tt.req)
+			if got := o.Stdout(); got != tt.stdout {
+				t.Errorf("stdout = %q, want %q", got, tt.stdout)
+			}
+			if got := o.Stderr(); got != tt.stderr {
+				t.Errorf("stderr = %q, want %q", got, tt.stderr)
+			}
+			if res.ExitCode != tt.exitCode || res.Signal != tt.signal {
+				t.Errorf("result = %+v, want exit %d signal %q", res, tt.exitCode, tt.signal)
+			}
+			if warm != tt.warm {
+				t.Errorf("ran in a warm shell: %v, want %v", warm, tt.warm)
+			}
+		})
+	}
+
+	t.Run("missing cwd", func(t *testing.T) {
+		// Left to a new process, whose start reports it.
+		warmPIDs(t, srv, 1)
+		_, _, err := run(t, c, ExecRequest{Command: "pwd", Cwd: dir + "/nope"})
+		if !errors.Is(err, errdefs.ErrInvalidArgument) {
+			t.Errorf("error = %v, want invalid argument", err)
+		}
+	})
+
+	t.Run("timeout kills it", func(t *testing.T) {
+		o, res, warm := runWarm(t, c, srv, ExecRequest{Command: "echo started; sleep 100", Timeout: 300 * time.Millisecond})
+		if !warm || !res.TimedOut || res.Signal != "killed" || o.Stdout() != "started\n" {
+			t.Errorf("warm %v, result %+v, stdout %q", warm, res, o.Stdout())
+		}
+	})
+
+	t.Run("profile edited", func(t *testing.T) {
+		// A shell that read the old profile is not used.
+		home := t.TempDir()
+		if err := c.Init(context.Background(), InitRequest{Env: map[string]string{"HOME": home}}); err != nil {
+			t.Fatal(err)
+		}
+		mustRun(t, c, ExecRequest{Command: "true"})
+		old := warmPIDs(t, srv, 2)
+		if err := os.WriteFile(home+"/.profile", []byte("P=edited\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		o, res := mustRun(t, c, ExecRequest{Command: "echo $P"})
+		if o.Stdout() != "edited\n" || slices.Contains(old, res.PID) {
+			t.Errorf("stdout %q, pid %d, shells from before the edit %v", o.Stdout(), res.PID, old)
+		}
+		o, _, warm := runWarm(t, c, srv, ExecRequest{Command: "echo $P"})
+		if o.Stdout() != "edited\n" || !warm {
+			t.Errorf("stdout %q, warm %v", o.Stdout(), warm)
+		}
+	})
+
+	t.Run("new env after init", func(t *testing.T) {
+		warmPIDs(t, srv, 2)
+		if err := c.Init(context.Background(), InitRequest{SandboxID: "sb2", Env: map[string]string{"A": "1"}}); err != nil {
+			t.Fatal(err)
+		}
+		// The shells started before Init have the old env: not used, and
+		// stopped.
+		old := warmPIDs(t, srv, 2)
+		o, res := mustRun(t, c, ExecRequest{Command: `echo "$A $FIRKIN_SANDBOX_ID"`})
+		if o.Stdout() != "1 sb2\n" || slices.Contains(old, res.PID) {
+			t.Errorf("stdout %q, pid %d, old shells %v", o.Stdout(), res.PID, old)
+		}
+		for _, pid := range old {
+			eventually(t, 5*time.Second, "the stale shell to end", func() bool { return processGone(pid) || isZombie(pid) })
+		}
+		o, _, warm := runWarm(t, c, srv, ExecRequest{Command: `echo "$A $FIRKIN_SANDBOX_ID"`})
+		if o.Stdout() != "1 sb2\n" || !warm {
+			t.Errorf("stdout %q, warm %v", o.Stdout(), warm)
+		}
+	})
+}
+
+func mkdir(t *testing.T, dir, name string) string {
+	t.Helper()
+	p := dir + "/" + name
+	if err := os.Mkdir(p, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// TestWarmShellsEndWithServer: the shells kept ahead end when the agent
+// stops serving.
+func TestWarmShellsEndWithServer(t *testing.T) {
+	t.Parallel()
+	host, guest := socketPair(t)
+	srv := &Server{}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ctx, guest) }()
+	c := connect(t, host)
+	mustRun(t, c, ExecRequest{Command: "true"})
+	pids := warmPIDs(t, srv, warmShellCount)
+	if len(pids) != warmShellCount {
+		t.Fatalf("warm shells %v, want %d", pids, warmShellCount)
+	}
+	for _, pid := range pids {
+		cmdline, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+		if !strings.Contains(string(cmdline), warmShellScript) {
+			t.Errorf("pid %d is %q, not a warm shell", pid, cmdline)
+		}
+	}
+	cancel()
+	_ = host.(net.Conn).Close()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Serve did not return")
+	}
+	for _, pid := range pids {
+		eventually(t, 5*time.Second, "the warm shell to end", func() bool { return processGone(pid) || isZombie(pid) })
+	}
+}
+
+func TestWarmScript(t *testing.T) {
+	if got, want := warmScript("/", "echo hi"), "exec 3<&-\necho hi\n"; got != want {
+		t.Errorf("warmScript = %q, want %q", got, want)
+	}
+	if got, want := warmScript("/a'b", "x"), "exec 3<&-\ncd -- '/a'\\''b' || exit 1\nx\n"; got != want {
+		t.Errorf("warmScript = %q, want %q", got, want)
+	}
+	for _, req := range []ExecRequest{
+		{Command: "a\x00b"},
+		{Command: strings.Repeat("x", maxWarmScript)},
+		{Command: "x", User: "root"},
+		{Command: "x", Detach: true},
+	} {
+		if warmEligible(req) {
+			t.Errorf("%+.40v is eligible", req)
+		}
+	}
+}

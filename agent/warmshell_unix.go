@@ -1,0 +1,276 @@
+//go:build unix
+
+package agent
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// Warm shells: an exec of a command line costs a fork and an exec of a
+// login shell, its start-up, and only then the command; under TCG that is
+// most of an exec's time in the guest. The agent keeps a few login shells
+// started ahead of time, each blocked reading, from a pipe on its fd 3, the
+// script it will run. An exec whose command line would run in such a shell
+// exactly as in a new one (same environment, root, user; no extra env)
+// takes one and hands it its command: a builtin like echo then runs with no
+// process created at all. A taken shell is replaced in the background, at
+// the lowest priority, once the exec that took it has ended.
+
+// warmShellCount is how many shells are kept started per agent.
+const warmShellCount = 2
+
+// maxWarmScript is the longest script handed to a warm shell: it is
+// written into the pipe's buffer in one go. Longer commands start a shell
+// of their own.
+const maxWarmScript = 16 << 10
+
+// warmShellScript is what a warm shell runs: its command, read from fd 3
+// once the agent writes it and closes the pipe.
+const warmShellScript = ". /proc/self/fd/3"
+
+// warmShell is a login shell waiting for its command on ctl.
+type warmShell struct {
+	key   string // what it was started with (env, root, credential)
+	pid   int
+	wait  <-chan syscall.WaitStatus
+	pipes *stdio
+	ctl   *os.File // write end of the pipe the shell reads its script from
+}
+
+// warmShells are the started shells of one Server.
+type warmShells struct {
+	mu      sync.Mutex
+	idle    []*warmShell
+	filling bool
+	closed  bool // the server has stopped: no more shells
+}
+
+// shellKey is what decides whether a warm shell runs cmd as a new
+// /bin/sh -lc would: its environment, root and credential, and the login
+// profiles it read (a profile edited since it started makes it stale).
+func shellKey(cmd *exec.Cmd) string {
+	var b strings.Builder
+	root := "/"
+	if cmd.SysProcAttr != nil && cmd.SysProcAttr.Chroot != "" {
+		root = cmd.SysProcAttr.Chroot
+	}
+	for _, p := range []string{"/etc/profile", envValue(cmd.Env, "HOME") + "/.profile"} {
+		if fi, err := os.Stat(filepath.Join(root, p)); err == nil {
+			fmt.Fprintf(&b, "%s %d %d;", p, fi.Size(), fi.ModTime().UnixNano())
+		}
+	}
+	b.WriteByte(0)
+	if a := cmd.SysProcAttr; a != nil {
+		b.WriteString(a.Chroot)
+		b.WriteByte(0)
+		if c := a.Credential; c != nil {
+			fmt.Fprintf(&b, "%d:%d:%v", c.Uid, c.Gid, c.Groups)
+		}
+		b.WriteByte(0)
+	}
+	for _, kv := range cmd.Env {
+		b.WriteString(kv)
+		b.WriteByte(0)
+	}
+	return b.String()
+}
+
+// warmEligible says whether req may run in a warm shell: a command line
+// for the default user with no env of its own (the request's env is set
+// before the login shell's profile runs, which a started shell has done
+// already), no NUL (a new shell would refuse it) and short enough.
+func warmEligible(req ExecRequest) bool {
+	return !req.Direct && !req.Detach && req.User == "" && len(req.Env) == 0 &&
+		len(req.Command) <= maxWarmScript-4096 && strings.IndexByte(req.Command, 0) < 0
+}
+
+// shellQuote quotes s for a POSIX shell.
+func shellQuote(s string) string {
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
+}
+
+// warmScript is the script a warm shell runs for command in dir: close the
+// command pipe, change to dir, run command.
+func warmScript(dir, command string) string {
+	var b strings.Builder
+	b.WriteString("exec 3<&-\n")
+	if dir != "/" {
+		b.WriteString("cd -- " + shellQuote(dir) + " || exit 1\n")
+	}
+	b.WriteString(command)
+	b.WriteByte('\n')
+	return b.String()
+}
+
+// takeWarmShell hands cmd's command line to a warm shell started like cmd
+// and returns it, or nil when there is none (the caller starts cmd as
+// usual). Shells started for another environment are stopped.
+func (s *Server) takeWarmShell(req ExecRequest, cmd *exec.Cmd) *warmShell {
+	if !warmEligible(req) || !s.dirExists(cmd.Dir) {
+		return nil
+	}
+	key := shellKey(cmd)
+	var sh *warmShell
+	var stale []*warmShell
+	s.warm.mu.Lock()
+	for len(s.warm.idle) > 0 && sh == nil {
+		w := s.warm.idle[0]
+		s.warm.idle = s.warm.idle[1:]
+		if w.key == key {
+			sh = w
+		} else {
+			stale = append(stale, w)
+		}
+	}
+	s.warm.mu.Unlock()
+	if len(stale) > 0 {
+		go func() {
+			for _, w := range stale {
+				w.stop()
+			}
+		}()
+	}
+	if sh == nil {
+		return nil
+	}
+	// Back to the normal priority before the command runs, so that what it
+	// starts does not inherit the start-up's.
+	_ = unix.Setpriority(unix.PRIO_PROCESS, sh.pid, 0)
+	_, err := sh.ctl.WriteString(warmScript(cmd.Dir, req.Command))
+	cerr := sh.ctl.Close()
+	if err != nil || cerr != nil {
+		// The shell is gone (killed from inside the guest, say): start anew.
+		sh.stop()
+		return nil
+	}
+	return sh
+}
+
+// dirExists says whether dir is a directory inside the command root. A
+// warm shell changes to it with cd; one that is missing is left to the
+// normal start, which reports it as the error it is.
+func (s *Server) dirExists(dir string) bool {
+	if dir == "/" {
+		return true
+	}
+	root := s.Root
+	if root == "" {
+		root = "/"
+	}
+	r, err := os.OpenRoot(root)
+	if err != nil {
+		return false
+	}
+	defer r.Close()
+	fi, err := r.Stat(strings.TrimPrefix(dir, "/"))
+	return err == nil && fi.IsDir()
+}
+
+// refillWarmShells starts warm shells like cmd until there are
+// warmShellCount, unless a refill already runs.
+func (s *Server) refillWarmShells(req ExecRequest, cmd *exec.Cmd) {
+	if !warmEligible(req) {
+		return
+	}
+	s.warm.mu.Lock()
+	if s.warm.closed || s.warm.filling || len(s.warm.idle) >= warmShellCount {
+		s.warm.mu.Unlock()
+		return
+	}
+	s.warm.filling = true
+	s.warm.mu.Unlock()
+	key := shellKey(cmd)
+	go func() {
+		defer func() {
+			s.warm.mu.Lock()
+			s.warm.filling = false
+			s.warm.mu.Unlock()
+		}()
+		for range warmShellCount {
+			s.warm.mu.Lock()
+			full := len(s.warm.idle) >= warmShellCount
+			s.warm.mu.Unlock()
+			if full {
+				return
+			}
+			w, err := s.startWarmShell(cmd, key)
+			if err != nil {
+				s.log().Debug("warm shell", "err", err)
+				return
+			}
+			s.warm.mu.Lock()
+			closed := s.warm.closed
+			if !closed {
+				s.warm.idle = append(s.warm.idle, w)
+			}
+			s.warm.mu.Unlock()
+			if closed {
+				w.stop()
+				return
+			}
+		}
+	}()
+}
+
+// startWarmShell starts a login shell like cmd that waits for its script.
+func (s *Server) startWarmShell(like *exec.Cmd, key string) (*warmShell, error) {
+	pipes, err := newStdio()
+	if err != nil {
+		return nil, err
+	}
+	ctlR, ctlW, err := os.Pipe()
+	if err != nil {
+		pipes.closeAll()
+		return nil, fmt.Errorf("pipes: %w", err)
+	}
+	attr := *like.SysProcAttr
+	cmd := exec.Command("/bin/sh", "-lc", warmShellScript)
+	cmd.Env = slices.Clone(like.Env)
+	cmd.Dir = "/"
+	cmd.SysProcAttr = &attr
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = pipes.stdinR, pipes.outW, pipes.errW
+	cmd.ExtraFiles = []*os.File{ctlR}
+	wait, err := s.start(cmd)
+	_ = ctlR.Close()
+	_ = pipes.stdinR.Close()
+	_ = pipes.outW.Close()
+	_ = pipes.errW.Close()
+	if err != nil {
+		_ = ctlW.Close()
+		pipes.closeAll()
+		return nil, startError(err)
+	}
+	pid := cmd.Process.Pid
+	// Its start-up (the profile) yields to everything else.
+	_ = unix.Setpriority(unix.PRIO_PROCESS, pid, 19)
+	return &warmShell{key: key, pid: pid, wait: wait, pipes: pipes, ctl: ctlW}, nil
+}
+
+// stop ends an unused warm shell and releases its pipes.
+func (w *warmShell) stop() {
+	_ = w.ctl.Close()
+	_ = syscall.Kill(-w.pid, syscall.SIGKILL)
+	<-w.wait
+	w.pipes.closeAll()
+}
+
+// stopWarmShells stops every unused warm shell, for good.
+func (s *Server) stopWarmShells() {
+	s.warm.mu.Lock()
+	idle := s.warm.idle
+	s.warm.idle = nil
+	s.warm.closed = true
+	s.warm.mu.Unlock()
+	for _, w := range idle {
+		w.stop()
+	}
+}
