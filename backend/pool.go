@@ -54,7 +54,9 @@ func (b *Backend) fillWarm(ctx context.Context, key string) (vmpool.Machine, err
 	if err := b.admission.ReserveWarm(id, res); err != nil {
 		return nil, err
 	}
-	m, err := b.restore(ctx, id, filepath.Join(b.cfg.StateDir, "sandboxes", id), rec, true, false)
+	// In the background: a fill's restore and warm-up must not take CPU
+	// from the first commands of machines just handed out.
+	m, err := b.restore(inBackground(ctx), id, filepath.Join(b.cfg.StateDir, "sandboxes", id), rec, true, false)
 	if err != nil {
 		b.admission.Release(id)
 		return nil, fmt.Errorf("restore %s: %w", id, err)
@@ -105,6 +107,11 @@ func (b *Backend) takeWarm(ctx context.Context, p createPlan) (vmpool.Machine, b
 	}
 	// The warm reservation becomes the sandbox's; drop the one Create made.
 	b.admission.Release(m.ID())
+	if fg, ok := m.(vmpool.Foregrounder); ok {
+		if err := fg.Foreground(); err != nil {
+			b.log.Warn("warm machine keeps its background CPU share", "machine", m.ID(), "err", err)
+		}
+	}
 	return m, true
 }
 

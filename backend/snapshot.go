@@ -406,6 +406,20 @@ func (b *Backend) loadSnapshot(rec subjects.SnapshotRecord) (vmpool.Snapshot, er
 	return snap, nil
 }
 
+// backgroundKey marks a context whose restore is a warm pool fill.
+type backgroundKey struct{}
+
+// inBackground marks ctx: machines restored with it start with a small
+// CPU share (vmpool.RestoreSpec.Background).
+func inBackground(ctx context.Context) context.Context {
+	return context.WithValue(ctx, backgroundKey{}, true)
+}
+
+func isBackground(ctx context.Context) bool {
+	bg, _ := ctx.Value(backgroundKey{}).(bool)
+	return bg
+}
+
 // restore starts a machine from a snapshot record.
 func (b *Backend) restore(ctx context.Context, id, dir string, rec subjects.SnapshotRecord, network, snapshotReady bool) (vmpool.Machine, error) {
 	r, ok := b.cfg.Driver.(vmpool.Restorer)
@@ -422,7 +436,8 @@ func (b *Backend) restore(ctx context.Context, id, dir string, rec subjects.Snap
 	if err != nil {
 		return nil, err
 	}
-	m, err := r.Restore(ctx, vmpool.RestoreSpec{ID: id, Dir: dir, Snapshot: snap, Network: network, SnapshotReady: snapshotReady})
+	m, err := r.Restore(ctx, vmpool.RestoreSpec{ID: id, Dir: dir, Snapshot: snap, Network: network, SnapshotReady: snapshotReady,
+		Background: isBackground(ctx)})
 	if err != nil {
 		// The driver removed the machine's directory: measure its parent.
 		return nil, b.diskError(filepath.Dir(dir), err)

@@ -36,7 +36,14 @@ type Limits struct {
 	MemoryBytes int64 // memory (and memory+swap where accounted)
 	CPUs        int   // CPU time: CPUs × CPUPeriod per CPUPeriod
 	Pids        int64 // tasks (threads included)
+	// CPUWeight is the cgroup's share of contended CPU time, as cgroup
+	// v2's cpu.weight (1..10000; DefaultCPUWeight is the kernel's
+	// default); cgroup v1 gets the matching cpu.shares.
+	CPUWeight int
 }
+
+// DefaultCPUWeight is the kernel's default cpu.weight (cpu.shares 1024).
+const DefaultCPUWeight = 100
 
 // Cgroups makes the cgroups of one worker's machines, at
 // <hierarchy>/<group>/<name> in every hierarchy that has a controller in
@@ -193,6 +200,9 @@ func enableControllers(dir string, ctls []string) error {
 	return writeFile(filepath.Join(dir, "cgroup.subtree_control"), strings.Join(add, " "))
 }
 
+// setting is one value for a controller's file.
+type setting struct{ ctl, file, value string }
+
 // Cgroup is one machine's cgroup: a directory per hierarchy.
 type Cgroup struct {
 	version int
@@ -225,7 +235,6 @@ func (c *Cgroups) Create(name string, l Limits) (*Cgroup, error) {
 
 // setLimits writes l into the controller files.
 func (g *Cgroup) setLimits(l Limits) error {
-	type setting struct{ ctl, file, value string }
 	var s []setting
 	if l.MemoryBytes > 0 {
 		v := strconv.FormatInt(l.MemoryBytes, 10)
@@ -247,6 +256,9 @@ func (g *Cgroup) setLimits(l Limits) error {
 	if l.Pids > 0 {
 		s = append(s, setting{"pids", "pids.max", strconv.FormatInt(l.Pids, 10)})
 	}
+	if l.CPUWeight > 0 {
+		s = append(s, g.cpuWeightSetting(l.CPUWeight))
+	}
 	for _, x := range s {
 		dir, ok := g.dirs[x.ctl]
 		if !ok {
@@ -261,6 +273,30 @@ func (g *Cgroup) setLimits(l Limits) error {
 		if err := writeFile(p, x.value); err != nil {
 			return fmt.Errorf("jail: cgroup limit %s: %w", p, err)
 		}
+	}
+	return nil
+}
+
+// cpuWeightSetting is cpu.weight w (clamped to 1..10000), or for cgroup
+// v1 the cpu.shares of the same share (1024 for the default 100).
+func (g *Cgroup) cpuWeightSetting(w int) setting {
+	w = min(max(w, 1), 10000)
+	if g.version == 2 {
+		return setting{"cpu", "cpu.weight", strconv.Itoa(w)}
+	}
+	return setting{"cpu", "cpu.shares", strconv.Itoa(max(2, w*1024/DefaultCPUWeight))}
+}
+
+// SetCPUWeight changes the cgroup's share of contended CPU time (see
+// Limits.CPUWeight). A host without the cpu controller is left as it is.
+func (g *Cgroup) SetCPUWeight(w int) error {
+	x := g.cpuWeightSetting(w)
+	dir, ok := g.dirs[x.ctl]
+	if !ok {
+		return nil
+	}
+	if err := writeFile(filepath.Join(dir, x.file), x.value); err != nil {
+		return fmt.Errorf("jail: cgroup %s: %w", x.file, err)
 	}
 	return nil
 }

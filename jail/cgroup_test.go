@@ -64,6 +64,30 @@ func TestCgroupsOnHost(t *testing.T) {
 		t.Errorf("pids.max = %s", got)
 	}
 
+	// A machine started in the background gets a tenth of the CPU share,
+	// and the normal one back.
+	bg, err := cg.Create("m2", Limits{CPUWeight: 10})
+	if err != nil {
+		t.Fatalf("Create: %v", err)
+	}
+	t.Cleanup(func() { bg.Remove() })
+	file, low, normal := "cpu.weight", "10", "100"
+	if cg.Version() == 1 {
+		file, low, normal = "cpu.shares", "102", "1024"
+	}
+	if got := readTrim(t, filepath.Join(bg.Dir("cpu"), file)); got != low {
+		t.Errorf("%s = %s, want %s", file, got, low)
+	}
+	if err := bg.SetCPUWeight(DefaultCPUWeight); err != nil {
+		t.Fatal(err)
+	}
+	if got := readTrim(t, filepath.Join(bg.Dir("cpu"), file)); got != normal {
+		t.Errorf("%s = %s after SetCPUWeight, want %s", file, got, normal)
+	}
+	if err := bg.Remove(); err != nil {
+		t.Fatal(err)
+	}
+
 	// A process in the cgroup keeps it from a sweep; an empty one goes.
 	busy, err := cg.Create("busy", Limits{Pids: 8})
 	if err != nil {

@@ -151,6 +151,17 @@ type RestoreSpec struct {
 	// shared file (a copy of the snapshot's memory), so it can itself be saved
 	// as a template snapshot whose memory clones share (template builds).
 	SnapshotReady bool
+	// Background starts the machine with a small share of contended CPU
+	// time (warm pool fills), so that it yields to machines in use; the
+	// machine's Foreground gives it the normal share.
+	Background bool
+}
+
+// Foregrounder is implemented by machines that can be started in the
+// background (RestoreSpec.Background).
+type Foregrounder interface {
+	// Foreground gives the machine the normal share of CPU time.
+	Foreground() error
 }
 
 // Restorer is implemented by drivers that can restore a machine from a snapshot.

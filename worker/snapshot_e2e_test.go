@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -203,6 +204,22 @@ func TestWarmPool(t *testing.T) {
 	}
 	eventually(t, 2*time.Minute, "pool refilled", poolReady(2))
 
+	// Warm machines run with a tenth of the CPU share of the ones in use,
+	// so their fills do not slow the commands of handed-out machines.
+	if w, ok := cpuWeightOf(t, filepath.Base(sb.Dir)); ok && w != 100 {
+		t.Errorf("taken machine's CPU weight %d, want 100", w)
+	}
+	for _, p := range qemuProcesses(filepath.Join(e.state, "sandboxes", "warm-")) {
+		if strings.Contains(p, sb.Dir+"/") {
+			continue
+		}
+		i := strings.Index(p, "/sandboxes/warm-")
+		id := p[i+len("/sandboxes/") : i+len("/sandboxes/warm-")+12]
+		if w, ok := cpuWeightOf(t, id); ok && w != 10 {
+			t.Errorf("warm machine %s: CPU weight %d, want 10", id, w)
+		}
+	}
+
 	// Freeze both warm machines: their agents cannot answer, so a create
 	// must not get one of them.
 	var warm []string
@@ -252,6 +269,42 @@ func TestWarmPool(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// cpuWeightOf is the cpu.weight of machine id's cgroup (cgroup v1's
+// cpu.shares counted as weight: 1024 is 100), found under /sys/fs/cgroup
+// in a "firkin" group; false when the host gives machines no cgroup.
+func cpuWeightOf(t *testing.T, id string) (int, bool) {
+	t.Helper()
+	var found string
+	_ = filepath.WalkDir("/sys/fs/cgroup", func(p string, d os.DirEntry, err error) error {
+		switch {
+		case err != nil:
+			return filepath.SkipDir
+		case !d.IsDir():
+			return nil
+		case strings.Count(p, "/") > 10:
+			return filepath.SkipDir
+		}
+		if d.Name() == id && strings.Contains(p, "/firkin/") {
+			found = p
+			return filepath.SkipAll
+		}
+		return nil
+	})
+	if found == "" {
+		return 0, false
+	}
+	if b, err := os.ReadFile(filepath.Join(found, "cpu.weight")); err == nil {
+		w, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+		return w, true
+	}
+	b, err := os.ReadFile(filepath.Join(found, "cpu.shares"))
+	if err != nil {
+		return 0, false
+	}
+	shares, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	return (shares*100 + 512) / 1024, true
 }
 
 // TestTemplateBuild builds a template whose ready command succeeds and one

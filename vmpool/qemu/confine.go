@@ -220,7 +220,11 @@ func (d *Driver) command(m *Machine, l *launch, u *undo, bin string, args []stri
 		}
 	}
 	if c.cg != nil {
-		g, err := c.cg.Create(l.id, d.limits(l.cfg))
+		lim := d.limits(l.cfg)
+		if l.background {
+			lim.CPUWeight = backgroundCPUWeight
+		}
+		g, err := c.cg.Create(l.id, lim)
 		if err != nil {
 			return nil, err
 		}
@@ -245,6 +249,19 @@ func (d *Driver) command(m *Machine, l *launch, u *undo, bin string, args []stri
 		}
 	}
 	return jail.Command(spec)
+}
+
+// backgroundCPUWeight is the cpu.weight of a machine started in the
+// background: a tenth of a machine in use, whose commands then come first.
+const backgroundCPUWeight = 10
+
+// Foreground gives a machine started in the background the normal share
+// of CPU time. Without a cgroup (not root) there is nothing to change.
+func (m *Machine) Foreground() error {
+	if m.cgroup == nil {
+		return nil
+	}
+	return m.cgroup.SetCPUWeight(jail.DefaultCPUWeight)
 }
 
 // limits are a machine's cgroup limits: its RAM plus the overhead, its

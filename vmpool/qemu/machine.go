@@ -334,7 +334,8 @@ type launch struct {
 	// agentTimeout, when set, bounds the agent connection separately (probe).
 	agentTimeout time.Duration
 	diskSize     int64
-	depth        int // of cfg.Disk in the disk chain
+	depth        int  // of cfg.Disk in the disk chain
+	background   bool // a small CPU share until Foreground
 }
 
 // prepareDir creates the machine directory (which must not exist, or be

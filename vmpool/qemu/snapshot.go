@@ -645,7 +645,7 @@ func (d *Driver) restore(ctx context.Context, spec vmpool.RestoreSpec) (*Machine
 		return nil
 	}
 	return d.start(ctx, &launch{op: "restore", id: spec.ID, dir: spec.Dir, cfg: cfg, image: meta.Image,
-		setup: load, diskSize: meta.DiskSize, depth: depth}, u)
+		setup: load, diskSize: meta.DiskSize, depth: depth, background: spec.Background}, u)
 }
 
 // readSnapshotMeta reads config.json of the snapshot in dir.
