@@ -77,8 +77,8 @@ func (b *bench) poolCreate() (Result, error) {
 		}
 		samples = append(samples, ms(d))
 	}
-	return summarize("(c) pool create -> first stdout", "ms", samples, "p50 <= 25, p95 <= 60",
-		func(r Result) bool { return r.P50 <= 25 && r.P95 <= 60 }), nil
+	return summarize("(c) pool create -> first stdout", "ms", samples, "p50 <= 25, p95 <= 40",
+		func(r Result) bool { return r.P50 <= 25 && r.P95 <= 40 }), nil
 }
 
 func (b *bench) waitPool(tid string, ready int) error {
@@ -172,7 +172,7 @@ func (b *bench) snapshotSave() (Result, error) {
 		}
 		return nil
 	})
-	return summarize("(e) continuation snapshot save", "ms", samples, "p95 <= 150", func(r Result) bool { return r.P95 <= 150 }), err
+	return summarize("(e) continuation snapshot save", "ms", samples, "p95 <= 200", func(r Result) bool { return r.P95 <= 200 }), err
 }
 
 // idleRSS is (f): the host memory of idle sandboxes' QEMU processes, as PSS
@@ -215,7 +215,7 @@ func (b *bench) idleRSS() (Result, error) {
 		}
 		samples = append(samples, float64(pss)/1024)
 	}
-	return summarize("(f) host PSS per idle sandbox", "MiB", samples, "<= 64", func(r Result) bool { return r.P95 <= 64 }), nil
+	return summarize("(f) host PSS per idle sandbox", "MiB", samples, "<= 48", func(r Result) bool { return r.P95 <= 48 }), nil
 }
 
 // natsFloor is (g): a raw request round trip from the client connection to
