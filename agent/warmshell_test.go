@@ -126,6 +126,23 @@ func TestWarmShell(t *testing.T) {
 		}
 	})
 
+	t.Run("new sandbox id", func(t *testing.T) {
+		// Only the id changed (a warm machine handed out, a snapshot
+		// restored as another sandbox): the shells stay, the id is new.
+		if err := c.Init(context.Background(), InitRequest{SandboxID: "sb1", KeepEnv: true}); err != nil {
+			t.Fatal(err)
+		}
+		mustRun(t, c, ExecRequest{Command: "true"})
+		before := warmPIDs(t, srv, 2)
+		if err := c.Init(context.Background(), InitRequest{SandboxID: "sb-new", KeepEnv: true}); err != nil {
+			t.Fatal(err)
+		}
+		o, res := mustRun(t, c, ExecRequest{Command: `echo "$FIRKIN_SANDBOX_ID"; sh -c 'echo "$FIRKIN_SANDBOX_ID"'`})
+		if o.Stdout() != "sb-new\nsb-new\n" || !slices.Contains(before, res.PID) {
+			t.Errorf("stdout %q, pid %d, shells %v", o.Stdout(), res.PID, before)
+		}
+	})
+
 	t.Run("new env after init", func(t *testing.T) {
 		warmPIDs(t, srv, 2)
 		if err := c.Init(context.Background(), InitRequest{SandboxID: "sb2", Env: map[string]string{"A": "1"}}); err != nil {
@@ -191,10 +208,10 @@ func TestWarmShellsEndWithServer(t *testing.T) {
 }
 
 func TestWarmScript(t *testing.T) {
-	if got, want := warmScript("/", "echo hi"), "exec 3<&-\necho hi\n"; got != want {
+	if got, want := warmScript(nil, "/", "echo hi"), "exec 3<&-\necho hi\n"; got != want {
 		t.Errorf("warmScript = %q, want %q", got, want)
 	}
-	if got, want := warmScript("/a'b", "x"), "exec 3<&-\ncd -- '/a'\\''b' || exit 1\nx\n"; got != want {
+	if got, want := warmScript([]string{"A=1", "FIRKIN_SANDBOX_ID=s'1"}, "/a'b", "x"), "exec 3<&-\nexport FIRKIN_SANDBOX_ID='s'\\''1'\ncd -- '/a'\\''b' || exit 1\nx\n"; got != want {
 		t.Errorf("warmScript = %q, want %q", got, want)
 	}
 	for _, req := range []ExecRequest{

@@ -7,7 +7,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -54,9 +53,30 @@ type warmShells struct {
 	closed  bool // the server has stopped: no more shells
 }
 
+// sandboxIDVar is set by the script, not in a warm shell's environment:
+// a shell started before the machine was handed to another sandbox (a
+// warm pool machine, a restored snapshot) stays usable. It is the one
+// difference from a new /bin/sh -lc: the login profiles ran before it
+// was set.
+const sandboxIDVar = "FIRKIN_SANDBOX_ID"
+
+// splitSandboxID returns env without sandboxIDVar, and its value.
+func splitSandboxID(env []string) (rest []string, id string, ok bool) {
+	rest = make([]string, 0, len(env))
+	for _, kv := range env {
+		if v, found := strings.CutPrefix(kv, sandboxIDVar+"="); found {
+			id, ok = v, true
+			continue
+		}
+		rest = append(rest, kv)
+	}
+	return rest, id, ok
+}
+
 // shellKey is what decides whether a warm shell runs cmd as a new
-// /bin/sh -lc would: its environment, root and credential, and the login
-// profiles it read (a profile edited since it started makes it stale).
+// /bin/sh -lc would: its environment (but sandboxIDVar), root and
+// credential, and the login profiles it read (a profile edited since it
+// started makes it stale).
 func shellKey(cmd *exec.Cmd) string {
 	var b strings.Builder
 	root := "/"
@@ -77,7 +97,8 @@ func shellKey(cmd *exec.Cmd) string {
 		}
 		b.WriteByte(0)
 	}
-	for _, kv := range cmd.Env {
+	env, _, _ := splitSandboxID(cmd.Env)
+	for _, kv := range env {
 		b.WriteString(kv)
 		b.WriteByte(0)
 	}
@@ -99,10 +120,14 @@ func shellQuote(s string) string {
 }
 
 // warmScript is the script a warm shell runs for command in dir: close the
-// command pipe, change to dir, run command.
-func warmScript(dir, command string) string {
+// command pipe, set the sandbox id (env is the command's), change to dir,
+// run command.
+func warmScript(env []string, dir, command string) string {
 	var b strings.Builder
 	b.WriteString("exec 3<&-\n")
+	if _, id, ok := splitSandboxID(env); ok {
+		b.WriteString("export " + sandboxIDVar + "=" + shellQuote(id) + "\n")
+	}
 	if dir != "/" {
 		b.WriteString("cd -- " + shellQuote(dir) + " || exit 1\n")
 	}
@@ -145,7 +170,7 @@ func (s *Server) takeWarmShell(req ExecRequest, cmd *exec.Cmd) *warmShell {
 	// Back to the normal priority before the command runs, so that what it
 	// starts does not inherit the start-up's.
 	_ = unix.Setpriority(unix.PRIO_PROCESS, sh.pid, 0)
-	_, err := sh.ctl.WriteString(warmScript(cmd.Dir, req.Command))
+	_, err := sh.ctl.WriteString(warmScript(cmd.Env, cmd.Dir, req.Command))
 	cerr := sh.ctl.Close()
 	if err != nil || cerr != nil {
 		// The shell is gone (killed from inside the guest, say): start anew.
@@ -234,7 +259,7 @@ func (s *Server) startWarmShell(like *exec.Cmd, key string) (*warmShell, error) 
 	}
 	attr := *like.SysProcAttr
 	cmd := exec.Command("/bin/sh", "-lc", warmShellScript)
-	cmd.Env = slices.Clone(like.Env)
+	cmd.Env, _, _ = splitSandboxID(like.Env)
 	cmd.Dir = "/"
 	cmd.SysProcAttr = &attr
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = pipes.stdinR, pipes.outW, pipes.errW

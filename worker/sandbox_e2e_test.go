@@ -29,6 +29,19 @@ func TestSandboxLifecycle(t *testing.T) {
 	}
 	id := sb.SandboxID
 
+	t.Run("first command in a warm shell", func(t *testing.T) {
+		// The template snapshot (and a warm machine's fill) has the
+		// agent's warm shells: the first command does not start a shell,
+		// and sees this sandbox's id.
+		// (A sandbox with env of its own, like the one above, starts its
+		// own: its shells' env differs.)
+		plain := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny"})
+		defer e.c.Kill(context.Background(), plain.SandboxID)
+		r := e.exec(plain.SandboxID, `echo $FIRKIN_SANDBOX_ID; tr '\0' ' ' </proc/$$/cmdline`)
+		if r.Stdout != plain.SandboxID+"\n/bin/sh -lc . /proc/self/fd/3 " {
+			t.Fatalf("first command of a %s sandbox = %+v", plain.Source, r)
+		}
+	})
 	t.Run("echo", func(t *testing.T) {
 		r := e.exec(id, "echo hello")
 		if r.Stdout != "hello\n" || r.ExitCode != 0 || r.Stderr != "" {
