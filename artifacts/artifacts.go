@@ -38,6 +38,7 @@ import (
 	js "github.com/nats-io/nats.go/jetstream"
 
 	"github.com/firkin-dev/firkin-worker/errdefs"
+	"github.com/firkin-dev/firkin-worker/internal/lowprio"
 	"github.com/firkin-dev/firkin-worker/subjects"
 )
 
@@ -261,6 +262,9 @@ func (s *Store) put(ctx context.Context, name, path string, a subjects.Artifact)
 	cr := &checkedReader{r: io.TeeReader(io.LimitReader(f, a.SizeBytes+1), h), h: h, want: a}
 	pr, pw := io.Pipe()
 	go func() {
+		// Reading, hashing and compressing a snapshot yields to the work
+		// requests wait for (the next save's migration, guests).
+		defer lowprio.Thread()()
 		zw := s2.NewWriter(pw, s2.WriterConcurrency(1))
 		_, err := io.Copy(zw, cr)
 		if cerr := zw.Close(); err == nil {
