@@ -208,7 +208,8 @@ func (s *Server) procStart(st io.Writer, req ProcStartRequest) {
 		sendError(st, errdefs.Wrap(errdefs.ErrInvalidArgument, errors.New("proc_start: pty size must not be 0")))
 		return
 	}
-	cmd, err := s.command(ExecRequest{Command: req.Command, Args: req.Args, Direct: len(req.Args) > 0, Env: req.Env, Cwd: req.Cwd, User: req.User})
+	ereq := ExecRequest{Command: req.Command, Args: req.Args, Direct: len(req.Args) > 0, Env: req.Env, Cwd: req.Cwd, User: req.User}
+	cmd, err := s.command(ereq)
 	if err != nil {
 		sendError(st, err)
 		return
@@ -233,9 +234,9 @@ func (s *Server) procStart(st io.Writer, req ProcStartRequest) {
 	// The table lists p already: its fields are set under its locks.
 	p.stdinMu.Lock()
 	p.mu.Lock()
-	outputs, wait, err := s.startProc(cmd, p, req.PTY)
+	outputs, pid, wait, err := s.startProc(ereq, cmd, p, req.PTY)
 	if err == nil {
-		p.pid = cmd.Process.Pid
+		p.pid = pid
 		p.outputs = len(outputs)
 		for _, o := range outputs {
 			p.outs = append(p.outs, o.f)
@@ -255,6 +256,9 @@ func (s *Server) procStart(st io.Writer, req ProcStartRequest) {
 	}
 	go p.reap(wait, req.Timeout)
 	_ = writeJSONFrame(st, frameOK, startedMsg{PID: p.pid})
+	if req.PTY == nil {
+		s.refillWarmShells(ereq, cmd)
+	}
 	s.log().Debug("process started", "id", p.id, "pid", p.pid, "pty", p.isPTY)
 }
 
@@ -263,17 +267,18 @@ type procOutput struct {
 	typ byte
 }
 
-// startProc starts cmd with pipes or a PTY and returns its output ends.
-func (s *Server) startProc(cmd *exec.Cmd, p *guestProc, size *PTYSize) ([]procOutput, <-chan syscall.WaitStatus, error) {
+// startProc starts cmd (built for req) with a PTY, or with pipes (in a warm
+// shell when one fits), and returns its output ends and pid.
+func (s *Server) startProc(req ExecRequest, cmd *exec.Cmd, p *guestProc, size *PTYSize) ([]procOutput, int, <-chan syscall.WaitStatus, error) {
 	if size != nil {
 		ptmx, tty, err := pty.Open()
 		if err != nil {
-			return nil, nil, fmt.Errorf("open pty: %w", err)
+			return nil, 0, nil, fmt.Errorf("open pty: %w", err)
 		}
 		if err := pty.Setsize(ptmx, &pty.Winsize{Cols: size.Cols, Rows: size.Rows}); err != nil {
 			_ = ptmx.Close()
 			_ = tty.Close()
-			return nil, nil, fmt.Errorf("pty size: %w", err)
+			return nil, 0, nil, fmt.Errorf("pty size: %w", err)
 		}
 		cmd.Stdin, cmd.Stdout, cmd.Stderr = tty, tty, tty
 		cmd.SysProcAttr.Setpgid = false
@@ -284,27 +289,17 @@ func (s *Server) startProc(cmd *exec.Cmd, p *guestProc, size *PTYSize) ([]procOu
 		_ = tty.Close() // the child has its own
 		if err != nil {
 			_ = ptmx.Close()
-			return nil, nil, startError(err)
+			return nil, 0, nil, startError(err)
 		}
 		p.stdin, p.ptmx = ptmx, ptmx
-		return []procOutput{{ptmx, frameStdout}}, wait, nil
+		return []procOutput{{ptmx, frameStdout}}, cmd.Process.Pid, wait, nil
 	}
-	pipes, err := newStdio()
+	pid, wait, pipes, _, err := s.startExec(req, cmd)
 	if err != nil {
-		return nil, nil, err
+		return nil, 0, nil, err
 	}
-	closeAll, stdinR, stdinW, outR, outW, errR, errW := pipes.closeAll, pipes.stdinR, pipes.stdinW, pipes.outR, pipes.outW, pipes.errR, pipes.errW
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdinR, outW, errW
-	wait, err := s.start(cmd)
-	_ = stdinR.Close()
-	_ = outW.Close()
-	_ = errW.Close()
-	if err != nil {
-		closeAll()
-		return nil, nil, startError(err)
-	}
-	p.stdin = stdinW
-	return []procOutput{{outR, frameStdout}, {errR, frameStderr}}, wait, nil
+	p.stdin = pipes.stdinW
+	return []procOutput{{pipes.outR, frameStdout}, {pipes.errR, frameStderr}}, pid, wait, nil
 }
 
 // pump reads one output of p and hands it to the waiters, in order.

@@ -225,3 +225,41 @@ func TestWarmScript(t *testing.T) {
 		}
 	}
 }
+
+// TestWarmShellProc: a process started with proc_start (no PTY) runs in a
+// warm shell: stdin, output, exit, signals and the process list work as
+// for one started anew.
+func TestWarmShellProc(t *testing.T) {
+	t.Parallel()
+	c, _, srv := newTestClient(t)
+	killProcsAtEnd(t, srv)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	mustRun(t, c, ExecRequest{Command: "true"})
+	warm := warmPIDs(t, srv, 1)
+	pid, err := c.ProcStart(ctx, ProcStartRequest{ID: "p1", Command: "read a; echo got $a; echo err >&2; exit 3"})
+	if err != nil || !slices.Contains(warm, pid) {
+		t.Fatalf("ProcStart = %d, %v; warm shells %v", pid, err, warm)
+	}
+	if n, err := c.ProcStdin(ctx, "p1", []byte("hello\n"), false); err != nil || n != 6 {
+		t.Fatalf("ProcStdin: %d %v", n, err)
+	}
+	var out collector
+	res, err := c.ProcWait(ctx, "p1", out.fn)
+	if err != nil || res.ExitCode != 3 || res.PID != pid || !strings.Contains(out.String(), "got hello\n") || !strings.Contains(out.String(), "err\n") {
+		t.Fatalf("ProcWait = %+v, %v, output %q", res, err, out.String())
+	}
+
+	warm = warmPIDs(t, srv, 1)
+	pid, err = c.ProcStart(ctx, ProcStartRequest{ID: "p2", Command: "sleep 100 & wait"})
+	if err != nil || !slices.Contains(warm, pid) {
+		t.Fatalf("ProcStart = %d, %v; warm shells %v", pid, err, warm)
+	}
+	if err := c.ProcSignal(ctx, "p2", "TERM"); err != nil {
+		t.Fatal(err)
+	}
+	res, err = c.ProcWait(ctx, "p2", nil)
+	if err != nil || res.ExitCode != 128+15 || res.Signal == "" {
+		t.Fatalf("ProcWait after SIGTERM = %+v, %v", res, err)
+	}
+}
