@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -67,6 +68,8 @@ func TestWarmShell(t *testing.T) {
 		{name: "command pipe closed", req: ExecRequest{Command: "[ -e /proc/$$/fd/3 ] && echo open || echo closed"}, stdout: "closed\n", warm: true},
 		{name: "several lines", req: ExecRequest{Command: "a=1\nb=2\necho $((a+b))"}, stdout: "3\n", warm: true},
 		{name: "killed by signal", req: ExecRequest{Command: "kill -9 $$"}, exitCode: 137, signal: "killed", warm: true},
+		{name: "trailing backslash", req: ExecRequest{Command: `echo a\`}, stdout: "a\\\n", warm: true},
+		{name: "empty", req: ExecRequest{Command: ""}, warm: true},
 		{name: "own env", req: ExecRequest{Command: "echo $FOO", Env: map[string]string{"FOO": "x"}}, stdout: "x\n"},
 		{name: "other user", req: ExecRequest{Command: "id -u", User: "nobody"}, stdout: "65534\n"},
 		{name: "argv", req: ExecRequest{Command: "echo", Args: []string{"a"}, Direct: true}, stdout: "a\n"},
@@ -88,6 +91,20 @@ func TestWarmShell(t *testing.T) {
 			}
 		})
 	}
+
+	t.Run("shells killed from inside", func(t *testing.T) {
+		// Gone shells are not handed out, nor signalled again.
+		for _, pid := range warmPIDs(t, srv, 2) {
+			if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+				t.Fatal(err)
+			}
+			eventually(t, 5*time.Second, "the shell to be reaped", func() bool { return processGone(pid) })
+		}
+		o, res := mustRun(t, c, ExecRequest{Command: "echo again"})
+		if o.Stdout() != "again\n" || res.ExitCode != 0 {
+			t.Errorf("after the shells were killed: %q %+v", o.Stdout(), res)
+		}
+	})
 
 	t.Run("missing cwd", func(t *testing.T) {
 		// Left to a new process, whose start reports it.
@@ -208,10 +225,11 @@ func TestWarmShellsEndWithServer(t *testing.T) {
 }
 
 func TestWarmScript(t *testing.T) {
-	if got, want := warmScript(nil, "/", "echo hi"), "exec 3<&-\necho hi\n"; got != want {
+	const reseed = `if [ -n "${RANDOM+x}" ]; then RANDOM=7; fi` + "\n"
+	if got, want := warmScript(nil, "/", "echo hi", 7), "exec 3<&-\n"+reseed+"echo hi"; got != want {
 		t.Errorf("warmScript = %q, want %q", got, want)
 	}
-	if got, want := warmScript([]string{"A=1", "FIRKIN_SANDBOX_ID=s'1"}, "/a'b", "x"), "exec 3<&-\nexport FIRKIN_SANDBOX_ID='s'\\''1'\ncd -- '/a'\\''b' || exit 1\nx\n"; got != want {
+	if got, want := warmScript([]string{"A=1", "FIRKIN_SANDBOX_ID=s'1"}, "/a'b", "x", 7), "exec 3<&-\n"+reseed+"export FIRKIN_SANDBOX_ID='s'\\''1'\ncd -- '/a'\\''b' || exit 1\nx"; got != want {
 		t.Errorf("warmScript = %q, want %q", got, want)
 	}
 	for _, req := range []ExecRequest{

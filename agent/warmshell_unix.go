@@ -3,10 +3,12 @@
 package agent
 
 import (
+	"crypto/rand"
+	"encoding/binary"
 	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -38,11 +40,26 @@ const warmShellScript = ". /proc/self/fd/3"
 
 // warmShell is a login shell waiting for its command on ctl.
 type warmShell struct {
-	key   string // what it was started with (env, root, credential)
-	pid   int
-	wait  <-chan syscall.WaitStatus
-	pipes *stdio
-	ctl   *os.File // write end of the pipe the shell reads its script from
+	key    string // what it was started with (env, root, credential)
+	pid    int
+	wait   <-chan syscall.WaitStatus
+	pipes  *stdio
+	ctl    *os.File // write end of the pipe the shell reads its script from
+	exited bool     // its status was taken from wait: the pid is not its own any more
+}
+
+// gone says whether the shell has exited (killed from inside the guest,
+// say) and been reaped. Its pid may then belong to another process.
+func (w *warmShell) gone() bool {
+	if w.exited {
+		return true
+	}
+	select {
+	case <-w.wait:
+		w.exited = true
+	default:
+	}
+	return w.exited
 }
 
 // warmShells are the started shells of one Server.
@@ -83,10 +100,15 @@ func shellKey(cmd *exec.Cmd) string {
 	if cmd.SysProcAttr != nil && cmd.SysProcAttr.Chroot != "" {
 		root = cmd.SysProcAttr.Chroot
 	}
-	for _, p := range []string{"/etc/profile", envValue(cmd.Env, "HOME") + "/.profile"} {
-		if fi, err := os.Stat(filepath.Join(root, p)); err == nil {
-			fmt.Fprintf(&b, "%s %d %d;", p, fi.Size(), fi.ModTime().UnixNano())
+	// Through os.Root: a profile that is a symlink resolves inside the
+	// command's root, as the shell sees it.
+	if r, err := os.OpenRoot(root); err == nil {
+		for _, p := range []string{"etc/profile", strings.TrimPrefix(envValue(cmd.Env, "HOME")+"/.profile", "/")} {
+			if fi, err := r.Stat(p); err == nil {
+				fmt.Fprintf(&b, "%s %d %d;", p, fi.Size(), fi.ModTime().UnixNano())
+			}
 		}
+		_ = r.Close()
 	}
 	b.WriteByte(0)
 	if a := cmd.SysProcAttr; a != nil {
@@ -120,11 +142,15 @@ func shellQuote(s string) string {
 }
 
 // warmScript is the script a warm shell runs for command in dir: close the
-// command pipe, set the sandbox id (env is the command's), change to dir,
-// run command.
-func warmScript(env []string, dir, command string) string {
+// command pipe, reseed $RANDOM where the shell has one (it was seeded
+// before the machine got its own entropy: every sandbox restored from one
+// snapshot would draw the same numbers), set the sandbox id (env is the
+// command's), change to dir, run command. Nothing follows the command: a
+// trailing backslash or an open here-document ends as in sh -c.
+func warmScript(env []string, dir, command string, seed uint16) string {
 	var b strings.Builder
 	b.WriteString("exec 3<&-\n")
+	b.WriteString(`if [ -n "${RANDOM+x}" ]; then RANDOM=` + strconv.Itoa(int(seed)) + "; fi\n")
 	if _, id, ok := splitSandboxID(env); ok {
 		b.WriteString("export " + sandboxIDVar + "=" + shellQuote(id) + "\n")
 	}
@@ -132,8 +158,14 @@ func warmScript(env []string, dir, command string) string {
 		b.WriteString("cd -- " + shellQuote(dir) + " || exit 1\n")
 	}
 	b.WriteString(command)
-	b.WriteByte('\n')
 	return b.String()
+}
+
+// randomSeed is a seed for a warm shell's $RANDOM.
+func randomSeed() uint16 {
+	var b [2]byte
+	_, _ = rand.Read(b[:])
+	return binary.LittleEndian.Uint16(b[:])
 }
 
 // takeWarmShell hands cmd's command line to a warm shell started like cmd
@@ -146,17 +178,23 @@ func (s *Server) takeWarmShell(req ExecRequest, cmd *exec.Cmd) *warmShell {
 	key := shellKey(cmd)
 	var sh *warmShell
 	var stale []*warmShell
-	s.warm.mu.Lock()
-	for len(s.warm.idle) > 0 && sh == nil {
+	for sh == nil {
+		s.warm.mu.Lock()
+		if len(s.warm.idle) == 0 {
+			s.warm.mu.Unlock()
+			break
+		}
 		w := s.warm.idle[0]
 		s.warm.idle = s.warm.idle[1:]
-		if w.key == key {
+		s.warm.mu.Unlock()
+		// A shell killed from inside the guest is gone: a child of its
+		// profile may still hold its pipe, so the write would not tell.
+		if w.key == key && !w.gone() {
 			sh = w
 		} else {
 			stale = append(stale, w)
 		}
 	}
-	s.warm.mu.Unlock()
 	if len(stale) > 0 {
 		go func() {
 			for _, w := range stale {
@@ -170,7 +208,7 @@ func (s *Server) takeWarmShell(req ExecRequest, cmd *exec.Cmd) *warmShell {
 	// Back to the normal priority before the command runs, so that what it
 	// starts does not inherit the start-up's.
 	_ = unix.Setpriority(unix.PRIO_PROCESS, sh.pid, 0)
-	_, err := sh.ctl.WriteString(warmScript(cmd.Env, cmd.Dir, req.Command))
+	_, err := sh.ctl.WriteString(warmScript(cmd.Env, cmd.Dir, req.Command, randomSeed()))
 	cerr := sh.ctl.Close()
 	if err != nil || cerr != nil {
 		// The shell is gone (killed from inside the guest, say): start anew.
@@ -280,11 +318,15 @@ func (s *Server) startWarmShell(like *exec.Cmd, key string) (*warmShell, error) 
 	return &warmShell{key: key, pid: pid, wait: wait, pipes: pipes, ctl: ctlW}, nil
 }
 
-// stop ends an unused warm shell and releases its pipes.
+// stop ends an unused warm shell and releases its pipes. A shell that is
+// gone already is not signalled: its pid may be another's by now.
 func (w *warmShell) stop() {
 	_ = w.ctl.Close()
-	_ = syscall.Kill(-w.pid, syscall.SIGKILL)
-	<-w.wait
+	if !w.gone() {
+		_ = syscall.Kill(-w.pid, syscall.SIGKILL)
+		<-w.wait
+		w.exited = true
+	}
 	w.pipes.closeAll()
 }
 

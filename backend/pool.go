@@ -109,7 +109,13 @@ func (b *Backend) takeWarm(ctx context.Context, p createPlan) (vmpool.Machine, b
 	b.admission.Release(m.ID())
 	if fg, ok := m.(vmpool.Foregrounder); ok {
 		if err := fg.Foreground(); err != nil {
-			b.log.Warn("warm machine keeps its background CPU share", "machine", m.ID(), "err", err)
+			// It would run at a tenth of the CPU share for its life: the
+			// create restores a machine of its own instead.
+			b.log.Warn("warm machine not handed out: its CPU share cannot be raised", "machine", m.ID(), "err", err)
+			sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), warmStopTimeout)
+			_ = m.Stop(sctx)
+			cancel()
+			return nil, false
 		}
 	}
 	return m, true

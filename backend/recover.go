@@ -65,6 +65,13 @@ func (b *Backend) recover(ctx context.Context) error {
 			continue
 		}
 		rec.Dir = dir
+		// A worker that died between taking a warm machine and giving it
+		// the normal CPU share left it low.
+		if fg, ok := m.(vmpool.Foregrounder); ok {
+			if err := fg.Foreground(); err != nil {
+				b.log.Warn("reattached sandbox keeps a background CPU share", "sandbox", rec.SandboxID, "err", err)
+			}
+		}
 		if _, err := b.admission.Admit(rec.SandboxID, vmpool.Resources{VCPUs: rec.Resources.VCPUs, MemoryMB: rec.Resources.MemoryMB}); err != nil {
 			b.log.Warn("recovered sandbox over capacity", "sandbox", rec.SandboxID, "err", err)
 		}

@@ -35,11 +35,21 @@ func TestSandboxLifecycle(t *testing.T) {
 		// and sees this sandbox's id.
 		// (A sandbox with env of its own, like the one above, starts its
 		// own: its shells' env differs.)
-		plain := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny"})
-		defer e.c.Kill(context.Background(), plain.SandboxID)
-		r := e.exec(plain.SandboxID, `echo $FIRKIN_SANDBOX_ID; tr '\0' ' ' </proc/$$/cmdline`)
-		if r.Stdout != plain.SandboxID+"\n/bin/sh -lc . /proc/self/fd/3 " {
-			t.Fatalf("first command of a %s sandbox = %+v", plain.Source, r)
+		// Their $RANDOM is reseeded: sandboxes restored from one snapshot
+		// draw different numbers.
+		var randoms []string
+		for range 2 {
+			plain := e.create(subjects.CreateSandboxRequest{TemplateID: "tiny"})
+			defer e.c.Kill(context.Background(), plain.SandboxID)
+			r := e.exec(plain.SandboxID, `echo $FIRKIN_SANDBOX_ID; tr '\0' ' ' </proc/$$/cmdline; echo; echo $RANDOM`)
+			lines := strings.Split(r.Stdout, "\n")
+			if len(lines) != 4 || lines[0] != plain.SandboxID || lines[1] != "/bin/sh -lc . /proc/self/fd/3 " {
+				t.Fatalf("first command of a %s sandbox = %+v", plain.Source, r)
+			}
+			randoms = append(randoms, lines[2])
+		}
+		if randoms[0] == randoms[1] {
+			t.Errorf("two sandboxes' first $RANDOM are both %s", randoms[0])
 		}
 	})
 	t.Run("echo", func(t *testing.T) {
