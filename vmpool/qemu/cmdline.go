@@ -56,14 +56,10 @@ type vmConfig struct {
 	VCPUs    int    `json:"vcpus"`
 	MemoryMB int    `json:"memory_mb"`
 
-	Kernel string `json:"kernel"`
-	// KernelStub is what QEMU gets as -kernel on a restore (Incoming):
-	// the kernel's setup without its body (writeKernelStub). Kernel stays
-	// the real one, which a save links into the snapshot.
-	KernelStub string `json:"kernel_stub,omitempty"`
-	Initramfs  string `json:"initramfs"`
-	Append     string `json:"append"` // full kernel command line
-	BIOS       string `json:"bios,omitempty"`
+	Kernel    string `json:"kernel"`
+	Initramfs string `json:"initramfs"`
+	Append    string `json:"append"` // full kernel command line
+	BIOS      string `json:"bios,omitempty"`
 
 	// The root disk is a chain the worker names in full (QEMU never
 	// follows a backing file named in an image header): Base (raw), then
@@ -133,9 +129,6 @@ func (c *vmConfig) validate() error {
 	}
 	if c.BIOS != "" {
 		paths["bios"] = c.BIOS
-	}
-	if c.KernelStub != "" {
-		paths["kernel stub"] = c.KernelStub
 	}
 	switch c.Memory {
 	case MemoryRAM:
@@ -297,12 +290,8 @@ func (c *vmConfig) args() ([]string, error) {
 	if c.BIOS != "" {
 		a = append(a, "-bios", c.BIOS)
 	}
-	kernel := c.Kernel
-	if c.KernelStub != "" && c.Incoming {
-		kernel = c.KernelStub
-	}
 	a = append(a,
-		"-kernel", kernel,
+		"-kernel", c.Kernel,
 		"-initrd", c.Initramfs,
 		"-append", c.Append,
 		// QEMU connects to the worker's console socket and reconnects

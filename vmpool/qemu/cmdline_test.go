@@ -1,7 +1,6 @@
 package qemu
 
 import (
-	"bytes"
 	"errors"
 	"flag"
 	"os"
@@ -39,7 +38,6 @@ func TestCommandLineGolden(t *testing.T) {
 			c.Network, c.NetOff, c.MAC = true, true, "52:54:00:ab:cd:01"
 			c.Memory, c.MemPath = MemoryPrivate, "/snap/t,1/mem" // a comma is escaped
 			c.Incoming = true
-			c.KernelStub = "/m/a/kernel-stub" // QEMU gets the stub, a save links Kernel
 			// Two frozen layers below the overlay: each a descriptor,
 			// each qcow2 node with its backing given.
 			c.Layers = []string{"/m/a/layer-1.qcow2", "/m/a/layer-2.qcow2"}
@@ -199,43 +197,5 @@ func TestIdleKernelArgs(t *testing.T) {
 	m.cfg.Append = now
 	if why := m.OutdatedBoot(); why != "" {
 		t.Errorf("a machine booted now is outdated: %s", why)
-	}
-}
-
-// TestKernelStub: the stub keeps a bzImage's boot sector and setup, drops
-// its body, and is not made from what is not a bzImage.
-func TestKernelStub(t *testing.T) {
-	dir := t.TempDir()
-	img := make([]byte, 64<<10)
-	img[0x1f1] = 3 // setup sectors: the setup is 4 × 512 bytes
-	img[0x1fe], img[0x1ff] = 0x55, 0xaa
-	copy(img[0x202:], "HdrS")
-	for i := 0x210; i < len(img); i++ {
-		img[i] = byte(i)
-	}
-	kernel := filepath.Join(dir, "vmlinuz")
-	if err := os.WriteFile(kernel, img, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	stub, err := writeKernelStub(kernel, dir)
-	if err != nil || stub == "" {
-		t.Fatalf("stub %q, %v", stub, err)
-	}
-	got, err := os.ReadFile(stub)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(got) != 4*512+4096 || !bytes.Equal(got[:4*512], img[:4*512]) || bytes.Count(got[4*512:], []byte{0}) != 4096 {
-		t.Fatalf("stub of %d bytes does not hold the setup and an empty page", len(got))
-	}
-	// A raw arm64 Image, a truncated file: no stub, the kernel is used.
-	for name, data := range map[string][]byte{"image": make([]byte, 64<<10), "short": img[:0x100]} {
-		p := filepath.Join(dir, name)
-		if err := os.WriteFile(p, data, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		if stub, err := writeKernelStub(p, t.TempDir()); stub != "" || err != nil {
-			t.Errorf("%s: stub %q, %v", name, stub, err)
-		}
 	}
 }

@@ -597,11 +597,6 @@ func (d *Driver) restore(ctx context.Context, spec vmpool.RestoreSpec) (*Machine
 	if cfg.Kernel, cfg.Initramfs, err = linkBootFiles(kernel, initramfs, spec.Dir); err != nil {
 		return fail("link boot files", err)
 	}
-	if cfg.Arch == "amd64" {
-		if cfg.KernelStub, err = writeKernelStub(cfg.Kernel, spec.Dir); err != nil {
-			return fail("write kernel stub", err)
-		}
-	}
 	cfg.Disk, cfg.Node, cfg.Incoming = overlay, nodeName(depth), true
 	// The chain is the worker's: the template's base and the layers linked
 	// here, whatever their headers name.
