@@ -171,7 +171,11 @@ func (b *Backend) EnsureBuiltinTemplates(ctx context.Context) error {
 				errs = append(errs, fmt.Errorf("template %s: the cluster's template snapshot (saved by worker %s) does not run on this worker, and is not replaced: give the workers the same guest image and accelerator: %w", id, rec.WorkerID, err))
 				continue
 			}
-			b.log.Warn("built-in template snapshot cannot be restored; rebuilding it", "template", id, "err", err)
+			if errors.Is(err, errOutdatedBoot) {
+				b.log.Info("built-in template snapshot is outdated; rebuilding it", "template", id, "reason", err)
+			} else {
+				b.log.Warn("built-in template snapshot cannot be restored; rebuilding it", "template", id, "err", err)
+			}
 		}
 		if _, err := b.BuildTemplate(ctx, subjects.BuildTemplateRequest{TemplateID: id, From: id, Replace: true}); err != nil {
 			errs = append(errs, fmt.Errorf("template %s: %w", id, err))
@@ -240,8 +244,21 @@ func (b *Backend) tryRestore(ctx context.Context, rec subjects.SnapshotRecord) e
 	}
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
-	return m.Stop(sctx)
+	stopErr := m.Stop(sctx)
+	// A template whose guest booted with other kernel arguments than the
+	// driver's (an older worker's, before the idle settings) restores, but
+	// keeps them: rebuilt, it gets the current ones.
+	if o, ok := m.(interface{ OutdatedBoot() string }); ok {
+		if why := o.OutdatedBoot(); why != "" {
+			return fmt.Errorf("%w: %s", errOutdatedBoot, why)
+		}
+	}
+	return stopErr
 }
+
+// errOutdatedBoot: a template snapshot restores but its guest booted with
+// other kernel arguments than the driver uses now.
+var errOutdatedBoot = errors.New("template snapshot made with an older guest kernel command line")
 
 // BuildTemplate makes a template snapshot: it starts a machine from the
 // template `from` (restore, or boot of a built-in image), runs the steps,

@@ -39,6 +39,10 @@ type SandboxMetrics struct {
 	GuestDiskUsed   uint64  `json:"guest_disk_used_bytes"`
 	GuestNetRxBytes uint64  `json:"guest_net_rx_bytes"`
 	GuestNetTxBytes uint64  `json:"guest_net_tx_bytes"`
+	// GuestAt is when the guest_ figures were read from the guest: a
+	// quiet sandbox's guest is asked at most once a minute, and the
+	// samples between carry its last answer (zero when there is none).
+	GuestAt time.Time `json:"guest_at,omitzero"`
 	// Error says why the guest's part is missing (the agent did not answer
 	// in time).
 	Error string `json:"error,omitempty"`

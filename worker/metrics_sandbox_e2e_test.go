@@ -60,6 +60,22 @@ func TestSandboxMetricsE2E(t *testing.T) {
 		t.Fatal("no sample on the metrics subject")
 	}
 
+	// An idle sandbox is quiet: its guest is not asked at every sample,
+	// the samples between carry the last answer and say when it was read.
+	eventually(t, 30*time.Second, "a quiet sample carrying the guest's last answer", func() error {
+		r, err := e.c.Metrics(ctx, id)
+		if err != nil {
+			return err
+		}
+		for _, s := range r.History {
+			if !s.GuestAt.IsZero() && s.At.Sub(s.GuestAt) >= 900*time.Millisecond && s.GuestMemTotal == idle.GuestMemTotal &&
+				s.GuestCPUPercent >= 0 && s.GuestCPUPercent < 5 {
+				return nil
+			}
+		}
+		return fmt.Errorf("no quiet sample in %d", len(r.History))
+	})
+
 	// Burn the guest's CPU for a few seconds.
 	done := make(chan error, 1)
 	go func() {
@@ -74,6 +90,11 @@ func TestSandboxMetricsE2E(t *testing.T) {
 		}
 		if r.Latest.GuestCPUPercent < 80 || r.Latest.HostCPUPercent < 50 {
 			return fmt.Errorf("latest guest %.0f%% host %.0f%%", r.Latest.GuestCPUPercent, r.Latest.HostCPUPercent)
+		}
+		// A busy guest is asked at every sample (the answer comes
+		// after the sample's time, within the stats call's 2 s).
+		if d := r.Latest.GuestAt.Sub(r.Latest.At); d < 0 || d > 3*time.Second {
+			return fmt.Errorf("busy sample's guest figures read %v after it, want fresh", d)
 		}
 		busy = *r.Latest
 		if len(r.History) < 3 {

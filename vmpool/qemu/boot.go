@@ -132,7 +132,7 @@ func (d *Driver) baseConfig(id, arch, accel string, res vmpool.Resources, img vm
 	}
 	cfg := vmConfig{
 		Name: id, Arch: arch, Machine: machine, Accel: accel, VCPUs: res.VCPUs, MemoryMB: res.MemoryMB,
-		Kernel: img.Kernel, Initramfs: img.Initramfs, Append: kernelArgs(arch, network),
+		Kernel: img.Kernel, Initramfs: img.Initramfs, Append: kernelArgs(arch, accel, network),
 		Console: filepath.Join(dir, consoleFile), ConsoleSock: filepath.Join(sockDir, consoleSock),
 		Agent: filepath.Join(qemuSocks, agentSock), QMP: filepath.Join(qemuSocks, qmpSock),
 		Network: network, Memory: MemoryRAM,

@@ -5,6 +5,7 @@ import (
 	"flag"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -18,7 +19,7 @@ var update = flag.Bool("update", false, "rewrite the golden command lines in tes
 func goodConfig() vmConfig {
 	return vmConfig{
 		Name: "a", Arch: "amd64", Machine: "q35", Accel: "tcg", TBSizeMB: 64, VCPUs: 1, MemoryMB: 256,
-		Kernel: "/img/vmlinuz", Initramfs: "/img/initramfs.cpio", Append: kernelArgs("amd64", false),
+		Kernel: "/img/vmlinuz", Initramfs: "/img/initramfs.cpio", Append: kernelArgs("amd64", "tcg", false),
 		Base: "/img/rootfs.raw", Disk: "/m/a/overlay-1.qcow2", Node: "ov1", Console: "/m/a/console.log",
 		ConsoleSock: "/m/a/console.sock", Sandbox: true,
 		Agent: "/m/a/agent.sock", QMP: "/m/a/qmp.sock", Memory: MemoryRAM,
@@ -30,7 +31,7 @@ func TestCommandLineGolden(t *testing.T) {
 		"boot-amd64": func(c *vmConfig) {},
 		"boot-amd64-template-network": func(c *vmConfig) {
 			c.VCPUs, c.MemoryMB, c.Network, c.MAC = 2, 512, true, "52:54:00:AB:cd:01"
-			c.Append = kernelArgs("amd64", true)
+			c.Append = kernelArgs("amd64", "tcg", true)
 			c.Memory, c.MemPath = MemoryShared, "/m/a/mem"
 		},
 		"restore-clone-no-network": func(c *vmConfig) {
@@ -42,9 +43,12 @@ func TestCommandLineGolden(t *testing.T) {
 			c.Layers = []string{"/m/a/layer-1.qcow2", "/m/a/layer-2.qcow2"}
 			c.Disk, c.Node = "/m/a/overlay-3.qcow2", "ov3"
 		},
-		"boot-amd64-kvm": func(c *vmConfig) { c.Accel, c.TBSizeMB, c.Sandbox = "kvm", 0, false },
+		"boot-amd64-kvm": func(c *vmConfig) {
+			c.Accel, c.TBSizeMB, c.Sandbox = "kvm", 0, false
+			c.Append = kernelArgs("amd64", "kvm", false)
+		},
 		"boot-arm64": func(c *vmConfig) {
-			c.Arch, c.Machine, c.Append = "arm64", "virt", kernelArgs("arm64", false)
+			c.Arch, c.Machine, c.Append = "arm64", "virt", kernelArgs("arm64", "tcg", false)
 			c.Kernel = "/img/Image"
 		},
 	}
@@ -157,5 +161,41 @@ func TestIDsAndResources(t *testing.T) {
 func TestEscape(t *testing.T) {
 	if got := esc("/a,b"); got != "/a,,b" {
 		t.Errorf("esc: %s", got)
+	}
+}
+
+// TestIdleKernelArgs: the guest boots with the settings that keep an idle
+// machine asleep, and a machine whose guest booted with another command line
+// (a template from an older driver) says so.
+func TestIdleKernelArgs(t *testing.T) {
+	for _, arch := range []string{"amd64", "arm64"} {
+		args := strings.Fields(kernelArgs(arch, "tcg", true))
+		for _, want := range []string{"nowatchdog", "sysctl.vm.compaction_proactiveness=0", "psi=0"} {
+			if !slices.Contains(args, want) {
+				t.Errorf("%s: kernel args %q lack %s", arch, args, want)
+			}
+		}
+		if got := slices.Contains(args, "tsc=reliable"); got != (arch == "amd64") {
+			t.Errorf("%s: tsc=reliable present %v", arch, got)
+		}
+	}
+	if args := kernelArgs("amd64", "kvm", true); strings.Contains(args, "tsc=reliable") {
+		t.Errorf("kvm guest keeps its clocksource watchdog: %q", args)
+	}
+	now := kernelArgs("amd64", "tcg", true)
+	if why := outdatedBoot(now, now); why != "" {
+		t.Errorf("current command line reported outdated: %s", why)
+	}
+	old := "console=ttyS0 quiet panic=-1 cryptomgr.notests firkin.ip=10.0.2.15/24 firkin.gw=10.0.2.2 firkin.dns=10.0.2.3"
+	if why := outdatedBoot(old, now); !strings.Contains(why, "cryptomgr.notests firkin.ip") {
+		t.Errorf("older command line: %q", why)
+	}
+	m := &Machine{cfg: vmConfig{Arch: "amd64", Accel: "tcg", Network: true, Append: old}}
+	if m.OutdatedBoot() == "" {
+		t.Error("a machine booted with the older command line is not outdated")
+	}
+	m.cfg.Append = now
+	if why := m.OutdatedBoot(); why != "" {
+		t.Errorf("a machine booted now is outdated: %s", why)
 	}
 }

@@ -105,6 +105,23 @@ func (m *Machine) PID() int { return m.pid }
 // Accel returns the accelerator the machine runs on ("kvm" or "tcg").
 func (m *Machine) Accel() string { return m.cfg.Accel }
 
+// OutdatedBoot says why the machine's guest kernel runs with other arguments
+// than this driver boots with now ("" when it does not): a machine restored
+// from a snapshot keeps the command line its guest booted with, so a
+// template saved by an older driver misses newer settings (the idle ones in
+// idleArgs) until it is rebuilt. The worker rebuilds such built-in
+// templates at start.
+func (m *Machine) OutdatedBoot() string {
+	return outdatedBoot(m.cfg.Append, kernelArgs(m.cfg.Arch, m.cfg.Accel, m.cfg.Network))
+}
+
+func outdatedBoot(booted, now string) string {
+	if booted == now {
+		return ""
+	}
+	return fmt.Sprintf("guest kernel command line %q, this driver boots with %q", booted, now)
+}
+
 // Done is closed when the QEMU process has exited.
 func (m *Machine) Done() <-chan struct{} { return m.done }
 
