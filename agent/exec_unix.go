@@ -353,6 +353,12 @@ func (s *Server) exec(ctx context.Context, st io.ReadWriter, req ExecRequest) {
 	}
 	grace.Stop()
 
+	if req.WarmShells {
+		select {
+		case <-s.refillWarmShells(req, cmd):
+		case <-ctx.Done():
+		}
+	}
 	res := resultOf(ws)
 	res.PID = pid
 	res.TimedOut = timedOut.Load()

@@ -89,6 +89,10 @@ type ExecRequest struct {
 	// Detach starts the command in the background and returns as soon as it has
 	// started (template start commands). Its output is discarded.
 	Detach bool `json:"detach,omitempty"`
+	// WarmShells makes the guest start its warm login shells (see the
+	// agent's warm shells) before it answers, so that a snapshot saved
+	// right after has them (template builds).
+	WarmShells bool `json:"warm_shells,omitempty"`
 }
 
 // ExecResult is how a command ended. A command ended by a signal has

@@ -281,3 +281,17 @@ func TestWarmShellProc(t *testing.T) {
 		t.Fatalf("ProcWait after SIGTERM = %+v, %v", res, err)
 	}
 }
+
+// TestWarmShellsBeforeAnswer: with WarmShells the exec answers once the
+// shells have started (a template build saves right after).
+func TestWarmShellsBeforeAnswer(t *testing.T) {
+	t.Parallel()
+	c, _, srv := newTestClient(t)
+	mustRun(t, c, ExecRequest{Command: "true", WarmShells: true})
+	srv.warm.mu.Lock()
+	n := len(srv.warm.idle)
+	srv.warm.mu.Unlock()
+	if n != warmShellCount {
+		t.Fatalf("%d warm shells when the exec answered, want %d", n, warmShellCount)
+	}
+}

@@ -67,8 +67,12 @@ type warmShells struct {
 	mu      sync.Mutex
 	idle    []*warmShell
 	filling bool
-	closed  bool // the server has stopped: no more shells
+	filled  chan struct{} // closed when the running refill ends
+	closed  bool          // the server has stopped: no more shells
 }
+
+// closedChan is returned when there is nothing to wait for.
+var closedChan = func() chan struct{} { c := make(chan struct{}); close(c); return c }()
 
 // sandboxIDVar is set by the script, not in a warm shell's environment:
 // a shell started before the machine was handed to another sandbox (a
@@ -239,17 +243,24 @@ func (s *Server) dirExists(dir string) bool {
 }
 
 // refillWarmShells starts warm shells like cmd until there are
-// warmShellCount, unless a refill already runs.
-func (s *Server) refillWarmShells(req ExecRequest, cmd *exec.Cmd) {
+// warmShellCount, unless a refill already runs; the channel is closed when
+// the refill (this one or the running one) ends.
+func (s *Server) refillWarmShells(req ExecRequest, cmd *exec.Cmd) <-chan struct{} {
 	if !warmEligible(req) {
-		return
+		return closedChan
 	}
 	s.warm.mu.Lock()
-	if s.warm.closed || s.warm.filling || len(s.warm.idle) >= warmShellCount {
+	if s.warm.filling {
+		filled := s.warm.filled
 		s.warm.mu.Unlock()
-		return
+		return filled
 	}
-	s.warm.filling = true
+	if s.warm.closed || len(s.warm.idle) >= warmShellCount {
+		s.warm.mu.Unlock()
+		return closedChan
+	}
+	filled := make(chan struct{})
+	s.warm.filling, s.warm.filled = true, filled
 	s.warm.mu.Unlock()
 	key := shellKey(cmd)
 	go func() {
@@ -257,6 +268,7 @@ func (s *Server) refillWarmShells(req ExecRequest, cmd *exec.Cmd) {
 			s.warm.mu.Lock()
 			s.warm.filling = false
 			s.warm.mu.Unlock()
+			close(filled)
 		}()
 		for range warmShellCount {
 			s.warm.mu.Lock()
@@ -282,6 +294,7 @@ func (s *Server) refillWarmShells(req ExecRequest, cmd *exec.Cmd) {
 			}
 		}
 	}()
+	return filled
 }
 
 // startWarmShell starts a login shell like cmd that waits for its script.

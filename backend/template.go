@@ -184,33 +184,13 @@ func (b *Backend) EnsureBuiltinTemplates(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-// primeWarmShells runs a command so that the agent starts its warm shells
-// (see agent: a command line runs in a login shell started ahead), and
-// waits up to a second for them, so that the snapshot has them and the
-// first command of every machine restored from it skips a shell's start.
-// Best effort: without them the first command starts its own shell.
+// primeWarmShells runs a command that has the agent start its warm shells
+// (a command line runs in a login shell started ahead) before it answers,
+// so that the snapshot has them and the first command of every machine
+// restored from it skips a shell's start. Best effort: without them the
+// first command starts its own shell.
 func primeWarmShells(ctx context.Context, m vmpool.Machine) {
-	discard := func(agent.Stream, []byte) {}
-	if _, err := m.Exec(ctx, agent.ExecRequest{Command: "true", Timeout: 10 * time.Second}, discard); err != nil {
-		return
-	}
-	// Counted by a command with env of its own, which takes no warm shell;
-	// the pattern is built by printf so that this command's own command
-	// line does not match it.
-	count := agent.ExecRequest{
-		Command: `[ "$(grep -l -s -F "$(printf '. /proc/self/fd/%d' 3)" /proc/[0-9]*/cmdline | wc -l)" -ge 2 ]`,
-		Env:     map[string]string{"FIRKIN_PRIME": "1"}, Timeout: 10 * time.Second,
-	}
-	for range 10 {
-		if res, err := m.Exec(ctx, count, discard); err != nil || res.ExitCode == 0 {
-			return
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
+	_, _ = m.Exec(ctx, agent.ExecRequest{Command: "true", Timeout: 10 * time.Second, WarmShells: true}, func(agent.Stream, []byte) {})
 }
 
 // imageChanged says whether the template snapshot rec was saved from other
