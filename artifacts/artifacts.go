@@ -23,6 +23,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -352,7 +353,7 @@ func (s *Store) UploadLater(set Set, dir string) {
 			backoff.WithInitialInterval(2*time.Second), backoff.WithMaxInterval(30*time.Second)), 4), s.ctx)
 		err := backoff.Retry(func() error {
 			err := s.Upload(s.ctx, set, dir)
-			if errors.Is(err, errdefs.ErrIntegrity) || errors.Is(err, errdefs.ErrInvalidArgument) {
+			if errors.Is(err, errdefs.ErrIntegrity) || errors.Is(err, errdefs.ErrInvalidArgument) || errors.Is(err, fs.ErrNotExist) {
 				return backoff.Permanent(err)
 			}
 			if err != nil && s.ctx.Err() == nil {
@@ -360,6 +361,12 @@ func (s *Store) UploadLater(set Set, dir string) {
 			}
 			return err
 		}, bo)
+		if errors.Is(err, fs.ErrNotExist) {
+			// Deleted before its turn came (a pause snapshot once its
+			// sandbox resumed, say): nothing to upload.
+			s.log.Debug("snapshot gone before its upload", "snapshot", set.SnapshotID, "err", err)
+			return
+		}
 		if err != nil {
 			if s.ctx.Err() == nil {
 				s.log.Warn("snapshot artifacts not uploaded; other workers cannot restore it until they are", "snapshot", set.SnapshotID, "err", err)
