@@ -91,6 +91,11 @@ type machineState struct {
 	UID       uint32       `json:"uid,omitempty"`    // QEMU's uid when confined
 	GID       uint32       `json:"gid,omitempty"`    // and its group
 	Cgroup    []string     `json:"cgroup,omitempty"` // its cgroup directories
+	// Starting marks a machine whose start had not finished: written as
+	// soon as QEMU runs (when machines outlive the worker), so that a
+	// worker that died before the machine was up has the next one stop it
+	// rather than leave it running with nobody to answer for it.
+	Starting bool `json:"starting,omitempty"`
 }
 
 // ID returns the machine's id.
@@ -486,6 +491,13 @@ func (d *Driver) start(ctx context.Context, l *launch, u *undo) (*Machine, error
 		return nil
 	})
 	log.Debug("qemu started", "pid", m.pid, "args", strings.Join(args, " "))
+	if d.cfg.KeepOnExit {
+		st := m.state()
+		st.Starting = true
+		if err := writeJSON(filepath.Join(m.dir, stateFile), st); err != nil {
+			return fail("write machine.json", err)
+		}
+	}
 
 	q, err := dialQMP(ctx, l.cfg.QMP, m.pid, m.done)
 	if err != nil {

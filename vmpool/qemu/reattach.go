@@ -122,6 +122,10 @@ func (d *Driver) reattach(ctx context.Context, dir string) (*Machine, error) {
 		err = stepError("reattach", st.ID, step, err, st.Config.Console, filepath.Join(dir, qemuLogFile))
 		return nil, errdefs.Wrap(errdefs.ErrNotFound, err)
 	}
+	if st.Starting {
+		// Its worker stopped before the machine was up: nothing to adopt.
+		return fail("start", errors.New("the worker that started it stopped before the machine was up"))
+	}
 	// Listen on the console socket again: QEMU has been retrying it since
 	// the last worker let go.
 	if st.Config.ConsoleSock != "" {

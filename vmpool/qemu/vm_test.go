@@ -317,6 +317,42 @@ func TestReattach(t *testing.T) {
 	}
 }
 
+// A machine whose worker died while it was starting (machine.json still
+// says starting) is stopped by the next worker's Reattach, not adopted
+// and not left running.
+func TestReattachStopsMachineLeftStarting(t *testing.T) {
+	d1 := testDriver(t)
+	m := bootTest(t, d1, vmpool.BootSpec{ID: "re2"})
+	var st machineState
+	if err := readJSON(filepath.Join(m.Dir(), stateFile), &st); err != nil {
+		t.Fatal(err)
+	}
+	st.Starting = true
+	if err := writeJSON(filepath.Join(m.Dir(), stateFile), st); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Release(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if _, err := testDriver(t).Reattach(ctx, m.Dir()); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Fatalf("Reattach of a machine left starting: %v, want not found", err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for processAlive(m.PID()) && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if processAlive(m.PID()) {
+		t.Errorf("qemu %d still runs", m.PID())
+	}
+	for _, dir := range m.Cgroup() {
+		if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("cgroup %s left (%v)", dir, err)
+		}
+	}
+}
+
 // The arm64 image boots through the same driver (TCG).
 func TestBootArm64(t *testing.T) {
 	testenv.RequireQEMU(t, "arm64")
