@@ -144,36 +144,25 @@ func (b *Backend) EnsureBuiltinTemplates(ctx context.Context) error {
 	var errs []error
 	for id := range b.cfg.Images {
 		if rec, ok := b.templates.get(id); ok && rec.Driver == b.cfg.Driver.Name() {
-			changed, err := imageChanged(rec, b.cfg.Images[id])
+			why, err := b.templateOutdated(ctx, rec, b.cfg.Images[id])
 			switch {
-			case err != nil:
-				// The snapshot has boot files of its own: try it.
-				b.log.Warn("built-in template: cannot compare with the guest image", "template", id, "err", err)
-			case changed && rec.WorkerID == b.cfg.WorkerID:
-				// The snapshot resumes the agent it was saved with, not
-				// the one this worker brought: build it again.
-				b.log.Info("built-in template was made from another guest image; rebuilding it", "template", id)
-				if _, err := b.BuildTemplate(ctx, subjects.BuildTemplateRequest{TemplateID: id, From: id, Replace: true}); err != nil {
-					errs = append(errs, fmt.Errorf("template %s: %w", id, err))
-				}
+			case err == nil && why == "":
 				continue
-			case changed:
-				b.log.Warn("the cluster's built-in template was made from another guest image (another worker version); used as it is", "template", id, "saved_by", rec.WorkerID)
-			}
-			err = b.tryRestore(ctx, rec)
-			if err == nil {
+			case err == nil && rec.WorkerID != b.cfg.WorkerID:
+				// Rebuilding would replace the cluster's template for every
+				// worker, and a worker of the other version would replace
+				// it back: the worker that made it rebuilds it.
+				b.log.Warn("the cluster's built-in template is outdated for this worker; used as it is", "template", id, "saved_by", rec.WorkerID, "reason", why)
 				continue
-			}
-			if rec.WorkerID != b.cfg.WorkerID && errors.Is(err, errdefs.ErrUnsupported) {
+			case err == nil:
+				b.log.Info("built-in template snapshot is outdated; rebuilding it", "template", id, "reason", why)
+			case rec.WorkerID != b.cfg.WorkerID && errors.Is(err, errdefs.ErrUnsupported):
 				// Another worker's template this host cannot run (another
 				// build of the guest image, another accelerator): rebuilding
 				// would replace it for the whole cluster.
 				errs = append(errs, fmt.Errorf("template %s: the cluster's template snapshot (saved by worker %s) does not run on this worker, and is not replaced: give the workers the same guest image and accelerator: %w", id, rec.WorkerID, err))
 				continue
-			}
-			if errors.Is(err, errOutdatedBoot) {
-				b.log.Info("built-in template snapshot is outdated; rebuilding it", "template", id, "reason", err)
-			} else {
+			default:
 				b.log.Warn("built-in template snapshot cannot be restored; rebuilding it", "template", id, "err", err)
 			}
 		}
@@ -182,6 +171,24 @@ func (b *Backend) EnsureBuiltinTemplates(ctx context.Context) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// templateOutdated says why the built-in template snapshot rec is outdated
+// ("" when it is not), or that it does not restore (the error). A snapshot
+// resumes the agent it was saved with and keeps the kernel arguments its
+// guest booted with: one saved from other guest image files than img, or
+// whose guest booted with other arguments than the driver's, is outdated.
+// The image is compared first, which needs no restore.
+func (b *Backend) templateOutdated(ctx context.Context, rec subjects.SnapshotRecord, img vmpool.Image) (string, error) {
+	changed, err := imageChanged(rec, img)
+	switch {
+	case err != nil:
+		// The snapshot has boot files of its own: try it.
+		b.log.Warn("built-in template: cannot compare with the guest image", "template", rec.SnapshotID, "err", err)
+	case changed:
+		return "saved from another guest image (kernel or agent)", nil
+	}
+	return b.tryRestore(ctx, rec)
 }
 
 // primeWarmShells runs a command that has the agent start its warm shells
@@ -215,30 +222,21 @@ func imageChanged(rec subjects.SnapshotRecord, img vmpool.Image) (bool, error) {
 
 // tryRestore restores a template snapshot once and stops the machine: a
 // snapshot made by an older driver, or whose files were damaged, is found at
-// start rather than by every create.
-func (b *Backend) tryRestore(ctx context.Context, rec subjects.SnapshotRecord) error {
+// start rather than by every create. It also says why the machine's guest
+// booted with other kernel arguments than the driver's ("" when it did not).
+func (b *Backend) tryRestore(ctx context.Context, rec subjects.SnapshotRecord) (outdated string, err error) {
 	id := "check-" + NewID(12)
 	m, err := b.restore(ctx, id, filepath.Join(b.cfg.StateDir, "sandboxes", id), rec, true, false)
 	if err != nil {
-		return err
+		return "", err
+	}
+	if o, ok := m.(vmpool.BootChecker); ok {
+		outdated = o.OutdatedBoot()
 	}
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
-	stopErr := m.Stop(sctx)
-	// A template whose guest booted with other kernel arguments than the
-	// driver's (an older worker's, before the idle settings) restores, but
-	// keeps them: rebuilt, it gets the current ones.
-	if o, ok := m.(interface{ OutdatedBoot() string }); ok {
-		if why := o.OutdatedBoot(); why != "" {
-			return fmt.Errorf("%w: %s", errOutdatedBoot, why)
-		}
-	}
-	return stopErr
+	return outdated, m.Stop(sctx)
 }
-
-// errOutdatedBoot: a template snapshot restores but its guest booted with
-// other kernel arguments than the driver uses now.
-var errOutdatedBoot = errors.New("template snapshot made with an older guest kernel command line")
 
 // BuildTemplate makes a template snapshot: it starts a machine from the
 // template `from` (restore, or boot of a built-in image), runs the steps,

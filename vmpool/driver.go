@@ -164,6 +164,14 @@ type Foregrounder interface {
 	Foreground() error
 }
 
+// BootChecker is implemented by machines that can tell whether their guest
+// booted with other kernel arguments than the driver boots with now (a
+// machine restored from an older snapshot keeps the ones it booted with).
+type BootChecker interface {
+	// OutdatedBoot says how the arguments differ ("" when they do not).
+	OutdatedBoot() string
+}
+
 // Restorer is implemented by drivers that can restore a machine from a snapshot.
 type Restorer interface {
 	// Restore starts a machine from snap and returns it once a new agent session

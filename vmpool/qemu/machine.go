@@ -72,6 +72,12 @@ type Machine struct {
 	released bool
 }
 
+// Machines are started in the background and check their guest's boot.
+var _ interface {
+	vmpool.Foregrounder
+	vmpool.BootChecker
+} = (*Machine)(nil)
+
 // machineState is what machine.json holds: enough for Reattach.
 type machineState struct {
 	ID        string       `json:"id"`
