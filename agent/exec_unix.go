@@ -376,21 +376,31 @@ func (s *Server) startExec(req ExecRequest, cmd *exec.Cmd) (pid int, wait <-chan
 	if sh := s.takeWarmShell(req, cmd); sh != nil {
 		return sh.pid, sh.wait, sh.pipes, true, nil
 	}
-	pipes, err = newStdio()
+	wait, pipes, err = s.startPiped(cmd)
 	if err != nil {
 		return 0, nil, nil, false, err
 	}
+	return cmd.Process.Pid, wait, pipes, false, nil
+}
+
+// startPiped starts cmd with new pipes as its stdin, stdout and stderr and
+// returns the parent's ends; the child's are closed here.
+func (s *Server) startPiped(cmd *exec.Cmd) (<-chan syscall.WaitStatus, *stdio, error) {
+	pipes, err := newStdio()
+	if err != nil {
+		return nil, nil, err
+	}
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = pipes.stdinR, pipes.outW, pipes.errW
-	wait, err = s.start(cmd)
+	wait, err := s.start(cmd)
 	// The child has its own copies now.
 	_ = pipes.stdinR.Close()
 	_ = pipes.outW.Close()
 	_ = pipes.errW.Close()
 	if err != nil {
 		pipes.closeAll()
-		return 0, nil, nil, false, startError(err)
+		return nil, nil, startError(err)
 	}
-	return cmd.Process.Pid, wait, pipes, false, nil
+	return wait, pipes, nil
 }
 
 // execDetached starts cmd in the background with no stdio and reports its

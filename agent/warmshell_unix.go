@@ -94,25 +94,26 @@ func splitSandboxID(env []string) (rest []string, id string, ok bool) {
 	return rest, id, ok
 }
 
-// shellKey is what decides whether a warm shell runs cmd as a new
-// /bin/sh -lc would: its environment (but sandboxIDVar), root and
-// credential, and the login profiles it read (a profile edited since it
-// started makes it stale).
-func shellKey(cmd *exec.Cmd) string {
-	var b strings.Builder
+// openCommandRoot opens the root cmd runs in (its chroot, else "/"):
+// paths looked up through it resolve symlinks as the command sees them.
+func openCommandRoot(cmd *exec.Cmd) (*os.Root, error) {
 	root := "/"
 	if cmd.SysProcAttr != nil && cmd.SysProcAttr.Chroot != "" {
 		root = cmd.SysProcAttr.Chroot
 	}
-	// Through os.Root: a profile that is a symlink resolves inside the
-	// command's root, as the shell sees it.
-	if r, err := os.OpenRoot(root); err == nil {
-		for _, p := range []string{"etc/profile", strings.TrimPrefix(envValue(cmd.Env, "HOME")+"/.profile", "/")} {
-			if fi, err := r.Stat(p); err == nil {
-				fmt.Fprintf(&b, "%s %d %d;", p, fi.Size(), fi.ModTime().UnixNano())
-			}
+	return os.OpenRoot(root)
+}
+
+// shellKey is what decides whether a warm shell runs cmd as a new
+// /bin/sh -lc would: its environment (but sandboxIDVar), root and
+// credential, and the login profiles it read in root, cmd's root (a profile
+// edited since it started makes it stale).
+func shellKey(root *os.Root, cmd *exec.Cmd) string {
+	var b strings.Builder
+	for _, p := range []string{"etc/profile", strings.TrimPrefix(envValue(cmd.Env, "HOME")+"/.profile", "/")} {
+		if fi, err := root.Stat(p); err == nil {
+			fmt.Fprintf(&b, "%s %d %d;", p, fi.Size(), fi.ModTime().UnixNano())
 		}
-		_ = r.Close()
 	}
 	b.WriteByte(0)
 	if a := cmd.SysProcAttr; a != nil {
@@ -176,10 +177,26 @@ func randomSeed() uint16 {
 // and returns it, or nil when there is none (the caller starts cmd as
 // usual). Shells started for another environment are stopped.
 func (s *Server) takeWarmShell(req ExecRequest, cmd *exec.Cmd) *warmShell {
-	if !warmEligible(req) || !s.dirExists(cmd.Dir) {
+	s.warm.mu.Lock()
+	none := len(s.warm.idle) == 0
+	s.warm.mu.Unlock()
+	if none || !warmEligible(req) {
 		return nil
 	}
-	key := shellKey(cmd)
+	root, err := openCommandRoot(cmd)
+	if err != nil {
+		return nil
+	}
+	// A missing cwd is left to the normal start, which reports it as the
+	// error it is (the warm shell's cd would only print it).
+	if cmd.Dir != "/" {
+		if fi, err := root.Stat(strings.TrimPrefix(cmd.Dir, "/")); err != nil || !fi.IsDir() {
+			_ = root.Close()
+			return nil
+		}
+	}
+	key := shellKey(root, cmd)
+	_ = root.Close()
 	var sh *warmShell
 	var stale []*warmShell
 	for sh == nil {
@@ -212,7 +229,7 @@ func (s *Server) takeWarmShell(req ExecRequest, cmd *exec.Cmd) *warmShell {
 	// Back to the normal priority before the command runs, so that what it
 	// starts does not inherit the start-up's.
 	_ = unix.Setpriority(unix.PRIO_PROCESS, sh.pid, 0)
-	_, err := sh.ctl.WriteString(warmScript(cmd.Env, cmd.Dir, req.Command, randomSeed()))
+	_, err = sh.ctl.WriteString(warmScript(cmd.Env, cmd.Dir, req.Command, randomSeed()))
 	cerr := sh.ctl.Close()
 	if err != nil || cerr != nil {
 		// The shell is gone (killed from inside the guest, say): start anew.
@@ -220,26 +237,6 @@ func (s *Server) takeWarmShell(req ExecRequest, cmd *exec.Cmd) *warmShell {
 		return nil
 	}
 	return sh
-}
-
-// dirExists says whether dir is a directory inside the command root. A
-// warm shell changes to it with cd; one that is missing is left to the
-// normal start, which reports it as the error it is.
-func (s *Server) dirExists(dir string) bool {
-	if dir == "/" {
-		return true
-	}
-	root := s.Root
-	if root == "" {
-		root = "/"
-	}
-	r, err := os.OpenRoot(root)
-	if err != nil {
-		return false
-	}
-	defer r.Close()
-	fi, err := r.Stat(strings.TrimPrefix(dir, "/"))
-	return err == nil && fi.IsDir()
 }
 
 // refillWarmShells starts warm shells like cmd until there are
@@ -262,7 +259,6 @@ func (s *Server) refillWarmShells(req ExecRequest, cmd *exec.Cmd) <-chan struct{
 	filled := make(chan struct{})
 	s.warm.filling, s.warm.filled = true, filled
 	s.warm.mu.Unlock()
-	key := shellKey(cmd)
 	go func() {
 		defer func() {
 			s.warm.mu.Lock()
@@ -270,6 +266,12 @@ func (s *Server) refillWarmShells(req ExecRequest, cmd *exec.Cmd) <-chan struct{
 			s.warm.mu.Unlock()
 			close(filled)
 		}()
+		root, err := openCommandRoot(cmd)
+		if err != nil {
+			return
+		}
+		key := shellKey(root, cmd)
+		_ = root.Close()
 		for range warmShellCount {
 			s.warm.mu.Lock()
 			full := len(s.warm.idle) >= warmShellCount
@@ -299,13 +301,8 @@ func (s *Server) refillWarmShells(req ExecRequest, cmd *exec.Cmd) <-chan struct{
 
 // startWarmShell starts a login shell like cmd that waits for its script.
 func (s *Server) startWarmShell(like *exec.Cmd, key string) (*warmShell, error) {
-	pipes, err := newStdio()
-	if err != nil {
-		return nil, err
-	}
 	ctlR, ctlW, err := os.Pipe()
 	if err != nil {
-		pipes.closeAll()
 		return nil, fmt.Errorf("pipes: %w", err)
 	}
 	attr := *like.SysProcAttr
@@ -313,17 +310,12 @@ func (s *Server) startWarmShell(like *exec.Cmd, key string) (*warmShell, error) 
 	cmd.Env, _, _ = splitSandboxID(like.Env)
 	cmd.Dir = "/"
 	cmd.SysProcAttr = &attr
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = pipes.stdinR, pipes.outW, pipes.errW
 	cmd.ExtraFiles = []*os.File{ctlR}
-	wait, err := s.start(cmd)
+	wait, pipes, err := s.startPiped(cmd)
 	_ = ctlR.Close()
-	_ = pipes.stdinR.Close()
-	_ = pipes.outW.Close()
-	_ = pipes.errW.Close()
 	if err != nil {
 		_ = ctlW.Close()
-		pipes.closeAll()
-		return nil, startError(err)
+		return nil, err
 	}
 	pid := cmd.Process.Pid
 	// Its start-up (the profile) yields to everything else.
