@@ -51,15 +51,7 @@ func TestExecBasics(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
 			o, res := mustRun(t, c, tt.req)
-			if got := o.Stdout(); got != tt.stdout {
-				t.Errorf("stdout = %q, want %q", got, tt.stdout)
-			}
-			if got := o.Stderr(); got != tt.stderr {
-				t.Errorf("stderr = %q, want %q", got, tt.stderr)
-			}
-			if res.ExitCode != tt.exitCode || res.Signal != tt.wantSignal {
-				t.Errorf("result = %+v, want exit %d signal %q", res, tt.exitCode, tt.wantSignal)
-			}
+			checkRun(t, o, res, tt.stdout, tt.stderr, tt.exitCode, tt.wantSignal)
 			if res.PID <= 0 {
 				t.Errorf("result has no PID: %+v", res)
 			}

@@ -107,6 +107,21 @@ func mustRun(t *testing.T, c *Client, req ExecRequest) (*output, ExecResult) {
 	return o, res
 }
 
+// checkRun reports where o and res differ from the stdout, stderr, exit
+// code and signal wanted.
+func checkRun(t *testing.T, o *output, res ExecResult, stdout, stderr string, exitCode int, signal string) {
+	t.Helper()
+	if got := o.Stdout(); got != stdout {
+		t.Errorf("stdout = %q, want %q", got, stdout)
+	}
+	if got := o.Stderr(); got != stderr {
+		t.Errorf("stderr = %q, want %q", got, stderr)
+	}
+	if res.ExitCode != exitCode || res.Signal != signal {
+		t.Errorf("result = %+v, want exit %d signal %q", res, exitCode, signal)
+	}
+}
+
 // eventually polls cond until it holds or the deadline passes.
 func eventually(t *testing.T, d time.Duration, what string, cond func() bool) {
 	t.Helper()

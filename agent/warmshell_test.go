@@ -77,15 +77,7 @@ func TestWarmShell(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			o, res, warm := runWarm(t, c, srv, tt.req)
-			if got := o.Stdout(); got != tt.stdout {
-				t.Errorf("stdout = %q, want %q", got, tt.stdout)
-			}
-			if got := o.Stderr(); got != tt.stderr {
-				t.Errorf("stderr = %q, want %q", got, tt.stderr)
-			}
-			if res.ExitCode != tt.exitCode || res.Signal != tt.signal {
-				t.Errorf("result = %+v, want exit %d signal %q", res, tt.exitCode, tt.signal)
-			}
+			checkRun(t, o, res, tt.stdout, tt.stderr, tt.exitCode, tt.signal)
 			if warm != tt.warm {
 				t.Errorf("ran in a warm shell: %v, want %v", warm, tt.warm)
 			}
